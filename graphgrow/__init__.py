@@ -1,0 +1,27 @@
+"""graphgrow: function-preserving growth (Net2Net) of neural networks by graph rewriting."""
+
+from .errors import (GraphGrowError, InputMismatchError, InvalidArgumentError, ModelFileError, TraceError,
+                     UnsupportedModelError, VerificationError)
+
+__version__ = "0.1.0"
+
+
+def __getattr__(name):
+    # torch is imported lazily so that the ONNX path never pays for (or needs) it
+    if name in ("widen", "analyze"):
+        from . import api
+
+        return getattr(api, name)
+    if name == "check":
+        from .check import check
+
+        return check
+    if name in ("CheckReport", "OutputDiff"):
+        from . import compare
+
+        return getattr(compare, name)
+    raise AttributeError(f"module 'graphgrow' has no attribute {name!r}")
+
+
+__all__ = ["widen", "analyze", "check", "CheckReport", "GraphGrowError", "InputMismatchError",
+           "InvalidArgumentError", "ModelFileError", "TraceError", "UnsupportedModelError", "VerificationError"]

@@ -1,0 +1,74 @@
+"""Public Python API: :func:`widen` and :func:`analyze` on torch modules."""
+
+from __future__ import annotations
+
+import torch.nn as nn
+
+from .core.report import GrowthReport
+from .errors import InvalidArgumentError, VerificationError
+from .fx.engine import (Analysis, check_factor, count_params, plan_and_apply, rebuild, space_reports,
+                        _targets)
+from .fx.labeling import RunOptions
+from .core.plan import WidenPlan
+
+INITS = ("net2net", "random-pad")
+NOISE_MODES = ("exact", "paper")
+VERIFY = ("torch", "onnxruntime", "none")
+
+
+def analyze(model: nn.Module, example_inputs) -> GrowthReport:
+    """Channel spaces of ``model`` and, for each that cannot grow, the op and why."""
+    an = Analysis(model, example_inputs)
+    report = GrowthReport(space_reports(an, WidenPlan.identity(an.table)), params_before=count_params(model),
+                          params_after=count_params(model), opaque_leaves=list(an.leaves))
+    for s in report.spaces:
+        if s.frozen_reasons == ["the factor adds no channel at this width"]:
+            s.frozen_reasons = []
+    return report
+
+
+def widen(model: nn.Module, factor: float | None = 1.41, *, example_inputs, widths=None, only=None, exclude=None,
+          divisor: int = 1, init: str = "net2net", noise: float = 0.0, noise_mode: str = "exact", seed: int = 0,
+          verify: str = "torch", atol: float | None = None, rtol: float | None = None, progress=None) -> nn.Module:
+    """Net2WiderNet: a wider copy of ``model`` computing the same function.
+
+    The result has the original's submodule names and state_dict keys, with
+    layers resized; the original is never modified.  The report is attached as
+    ``result.graphgrow_report``.  ``verify="torch"`` (default) checks the result
+    eagerly, ``"onnxruntime"`` exports both and compares in onnxruntime; a
+    failed check raises :class:`VerificationError`.
+    """
+    factor = check_factor(factor, widths)
+    if init not in INITS:
+        raise InvalidArgumentError(f"init must be one of {INITS}, not {init!r}")
+    if noise_mode not in NOISE_MODES:
+        raise InvalidArgumentError(f"noise_mode must be one of {NOISE_MODES}, not {noise_mode!r}")
+    if not (isinstance(divisor, int) and divisor >= 1):
+        raise InvalidArgumentError(f"divisor must be a positive integer, not {divisor!r}")
+    if not (noise >= 0):
+        raise InvalidArgumentError(f"noise must be >= 0, not {noise!r}")
+    if verify not in VERIFY:
+        raise InvalidArgumentError(f"verify must be one of {VERIFY}, not {verify!r}")
+    an = Analysis(model, example_inputs)
+    targets = _targets(an, factor, widths, only, exclude, divisor)
+    options = RunOptions(noise=noise, noise_mode=noise_mode, init=init, seed=seed)
+    plan, run, rounds = plan_and_apply(an, targets, options, seed, progress)
+    result = rebuild(an, run)
+    preserving = init == "net2net" and not (noise > 0 and noise_mode == "paper")
+    report = GrowthReport(space_reports(an, plan), params_before=count_params(model),
+                          params_after=count_params(result), function_preserving=preserving,
+                          opaque_leaves=list(an.leaves), rounds=rounds)
+    if preserving and verify != "none":
+        from .check import check
+        from .compare import DEFAULT_ATOL, DEFAULT_RTOL
+
+        rep = check(model, result, an.inputs, backend=verify, atol=atol if atol is not None else DEFAULT_ATOL,
+                    rtol=rtol if rtol is not None else DEFAULT_RTOL, batches=3, seed=seed)
+        report.check = rep
+        if not rep.passed:
+            w = rep.worst
+            raise VerificationError(
+                f"widened model is not equivalent: output {w.name!r} differs by max_rel {w.max_rel:.3g} "
+                f"(max_abs {w.max_abs:.3g})", report=report)
+    result.graphgrow_report = report
+    return result

@@ -1,0 +1,100 @@
+"""Net2Net weight arithmetic on numpy arrays (frontend-neutral).
+
+* producers gather their output units by the mapping g (:func:`gather`);
+* consumers gather their input columns and divide each by the number of
+  copies of its content (:func:`consume`), so that the sum over copies
+  reproduces the original column exactly;
+* per-channel parameters (bias, BN statistics, PReLU slopes, depthwise
+  filters) are gathered, never divided.
+
+Symmetry breaking (GROWTH.md §3): ``noise_mode="exact"`` adds to the columns
+of the copies of one unit perturbations that sum to zero over the copies, so
+the consumer's output is unchanged; ``"paper"`` adds plain Gaussian noise.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .provenance import RowMatch
+
+
+def gather(arr: np.ndarray, axis: int, index: np.ndarray) -> np.ndarray:
+    return np.take(arr, index, axis=axis)
+
+
+def _expand(v: np.ndarray, ndim: int, axis: int) -> np.ndarray:
+    shape = [1] * ndim
+    shape[axis] = -1
+    return v.reshape(shape)
+
+
+def consume(
+    weight: np.ndarray,
+    axis: int,
+    match: RowMatch,
+    *,
+    noise: float = 0.0,
+    noise_mode: str = "exact",
+    rng: np.random.Generator | None = None,
+) -> np.ndarray:
+    """New weight whose input axis ``axis`` reads the widened channels of ``match``."""
+    axis = axis % weight.ndim
+    w = weight.astype(np.float64)
+    if match.unique_old:
+        summed = np.take(w, match.source(), axis=axis)
+    else:
+        # a channel the graph duplicated: its columns are summed, then split
+        per_content = np.stack([np.take(w, o, axis=axis).sum(axis=axis) for o in match.old_of_content], axis=axis)
+        summed = np.take(per_content, match.content, axis=axis)
+    divisor = match.copies[match.content].astype(np.float64)
+    out = summed / _expand(divisor, w.ndim, axis)
+    if noise > 0:
+        out = out + symmetry_noise(out.shape, axis, match, noise * float(weight.std()), noise_mode, rng)
+    return out.astype(weight.dtype)
+
+
+def symmetry_noise(shape, axis, match: RowMatch, sigma: float, mode: str, rng) -> np.ndarray:
+    """Noise on the columns of replicated units: zero-sum over copies in "exact" mode."""
+    rng = rng or np.random.default_rng(0)
+    eps = rng.normal(0.0, sigma, size=shape)
+    replicated = match.copies[match.content] > 1
+    eps = eps * _expand(replicated.astype(np.float64), len(shape), axis)
+    if mode == "exact":
+        moved = np.moveaxis(eps, axis, 0)
+        sums = np.zeros((len(match.copies),) + moved.shape[1:])
+        np.add.at(sums, match.content, moved)
+        mean = sums / match.copies.reshape((-1,) + (1,) * (moved.ndim - 1))
+        moved = moved - mean[match.content]
+        eps = np.moveaxis(moved, 0, axis)
+    elif mode != "paper":
+        raise ValueError(f"unknown noise mode {mode!r}")
+    return eps
+
+
+def random_pad_rows(new: np.ndarray, axis: int, mapping: np.ndarray, rng) -> np.ndarray:
+    """Baseline "random pad": units that are copies get fresh random weights instead."""
+    axis = axis % new.ndim
+    first = np.ones(len(mapping), dtype=bool)
+    first[1:] = mapping[1:] != mapping[:-1]
+    out = np.array(new, dtype=np.float64, copy=True)
+    moved = np.moveaxis(out, axis, 0)
+    std = float(np.std(moved[first])) if first.any() else 1.0
+    moved[~first] = rng.normal(0.0, std or 1.0, size=moved[~first].shape)
+    return np.moveaxis(moved, 0, axis).astype(new.dtype)
+
+
+def random_pad_columns(weight: np.ndarray, axis: int, match: RowMatch, rng) -> np.ndarray:
+    """Random-pad consumer: original columns kept undivided, columns of copies random."""
+    axis = axis % weight.ndim
+    src = np.take(weight.astype(np.float64), match.source(), axis=axis)
+    first = np.zeros(match.n_new, dtype=bool)
+    seen = set()
+    for j, k in enumerate(match.content.tolist()):
+        if k not in seen:
+            seen.add(k)
+            first[j] = True
+    moved = np.moveaxis(src, axis, 0)
+    std = float(weight.std()) or 1.0
+    moved[~first] = rng.normal(0.0, std, size=moved[~first].shape)
+    return np.moveaxis(moved, 0, axis).astype(weight.dtype)

@@ -1,0 +1,108 @@
+"""Provenance labels: how graphgrow learns what every op does to channels.
+
+Every tensor of the analysed graph is shadowed by an int64 array of the same
+shape, its *labels*.  A label packs three fields::
+
+    | channel id (23 bits) | salt (16 bits) | position (24 bits) |
+
+* the **channel id** names one channel of one :class:`ChannelSpace` (a global
+  id: space base + index in the space);
+* the **salt** names the op that created the content (every op that computes
+  new values gets its own salt, so ``x`` and ``relu(x)`` never compare equal);
+* the **position** numbers the element among the non-channel coordinates of
+  the tensor where the content was created.
+
+Data-movement ops (view, permute, cat, split, getitem, ...) are *run on the
+labels* by the frontend, so the index maps they induce are learned by
+execution instead of by per-op rules.  In the widened configuration a new
+channel carries the label of the old channel it copies, so comparing label
+rows of the old and the new configuration gives the exact gather maps that
+the weight arithmetic needs, and any inconsistency is detected, never guessed.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+CHAN_SHIFT = 40
+SALT_SHIFT = 24
+POS_MASK = (1 << SALT_SHIFT) - 1
+SALT_MASK = (1 << (CHAN_SHIFT - SALT_SHIFT)) - 1
+MAX_CHANNELS = 1 << 23
+MAX_POSITIONS = 1 << SALT_SHIFT
+
+
+class LabelOverflow(Exception):
+    """The example input is too large for the label encoding."""
+
+
+def channel_of(labels: np.ndarray) -> np.ndarray:
+    return labels >> CHAN_SHIFT
+
+
+def _salt_bits(salt: int) -> np.int64:
+    return np.int64((salt & SALT_MASK) << SALT_SHIFT)
+
+
+def channel_labels(shape, axis: int, chan_ids: np.ndarray, salt: int) -> np.ndarray:
+    """Labels of a freshly computed tensor whose channel axis is ``axis``.
+
+    Channel ``k`` gets ``chan_ids[k]``; the position field numbers the
+    coordinates of all other axes, identically for every channel, so that a
+    channel's label row depends only on its channel id and the salt.
+    """
+    shape = tuple(int(s) for s in shape)
+    axis = axis % len(shape)
+    if len(chan_ids) != shape[axis]:
+        raise ValueError(f"{len(chan_ids)} channel ids for an axis of size {shape[axis]}")
+    other = [s for i, s in enumerate(shape) if i != axis]
+    npos = int(np.prod(other)) if other else 1
+    if npos >= MAX_POSITIONS:
+        raise LabelOverflow(f"a tensor with {npos} positions per channel exceeds the label encoding")
+    pos = np.arange(npos, dtype=np.int64).reshape(other if other else ())
+    pos = np.expand_dims(pos, axis)
+    chan = np.asarray(chan_ids, dtype=np.int64).reshape([-1 if i == axis else 1 for i in range(len(shape))])
+    return (chan << CHAN_SHIFT) | _salt_bits(salt) | pos
+
+
+def element_labels(shape, chan_id: int, salt: int) -> np.ndarray:
+    """Labels of a tensor with no channel structure (model inputs, opaque results):
+    one channel id for the whole tensor, every element a distinct position."""
+    shape = tuple(int(s) for s in shape)
+    n = int(np.prod(shape)) if shape else 1
+    if n >= MAX_POSITIONS:
+        raise LabelOverflow(f"a tensor with {n} elements exceeds the label encoding")
+    pos = np.arange(n, dtype=np.int64).reshape(shape)
+    return (np.int64(chan_id) << CHAN_SHIFT) | _salt_bits(salt) | pos
+
+
+def resalt(labels: np.ndarray, salt: int) -> np.ndarray:
+    """Same channels and positions, new content (an elementwise op ran)."""
+    keep = ~np.int64(SALT_MASK << SALT_SHIFT)
+    return (labels & keep) | _salt_bits(salt)
+
+
+def varying_axes(labels: np.ndarray) -> list:
+    """Axes along which the channel id changes."""
+    chan = channel_of(labels)
+    out = []
+    for ax in range(chan.ndim):
+        if chan.shape[ax] > 1:
+            first = np.take(chan, [0], axis=ax)
+            if not np.array_equal(np.broadcast_to(first, chan.shape), chan):
+                out.append(ax)
+    return out
+
+
+def channel_sequence(labels: np.ndarray, axis: int) -> np.ndarray | None:
+    """Channel ids along ``axis`` if the channel id is constant along every other axis."""
+    chan = channel_of(labels)
+    axis = axis % chan.ndim
+    idx = [0] * chan.ndim
+    idx[axis] = slice(None)
+    seq = chan[tuple(idx)]
+    shape = [1] * chan.ndim
+    shape[axis] = -1
+    if not np.array_equal(np.broadcast_to(seq.reshape(shape), chan.shape), chan):
+        return None
+    return seq

@@ -1,0 +1,1 @@
+"""torch.fx frontend: tracing, label propagation over fx graphs, module rewriting."""

@@ -1,0 +1,245 @@
+"""The fx widening engine: trace, analyse, plan, apply, rebuild, verify."""
+
+from __future__ import annotations
+
+import copy
+import math
+import re
+from collections import namedtuple
+
+import numpy as np
+import torch
+import torch.fx as fx
+import torch.nn as nn
+from torch.utils._pytree import tree_flatten, tree_map
+
+from ..core.labels import LabelOverflow, channel_of
+from ..core.plan import WidenPlan, solve_plan, target_width
+from ..core.report import GrowthReport, SpaceReport
+from ..errors import GraphGrowError, InputMismatchError, InvalidArgumentError, UnsupportedModelError
+from .labeling import Conflict, LabelRun, RunOptions
+from .trace import trace_module
+
+TensorMeta = namedtuple("TensorMeta", ["shape", "dtype"])
+
+MAX_ROUNDS = 200
+
+
+class _MetaRecorder(fx.Interpreter):
+    """Run the original graph once, keeping shapes of tensors and values of everything else."""
+
+    def __init__(self, gm):
+        super().__init__(gm)
+        self.meta = {}
+
+    def run_node(self, n):
+        out = super().run_node(n)
+        self.meta[n] = tree_map(lambda v: TensorMeta(tuple(v.shape), v.dtype) if isinstance(v, torch.Tensor) else v,
+                                out)
+        if n.op == "get_attr" and isinstance(out, torch.Tensor):
+            self.meta[n] = TensorMeta(tuple(out.shape), out.dtype)
+        return out
+
+
+def as_input_tuple(example_inputs) -> tuple:
+    if example_inputs is None:
+        raise InvalidArgumentError("example_inputs are required: pass a tensor or a tuple of tensors the model accepts")
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, (list, tuple)):
+        return tuple(example_inputs)
+    raise InvalidArgumentError(f"example_inputs must be a tensor or a tuple of tensors, not {type(example_inputs).__name__}")
+
+
+class _TrainingFlags:
+    """Put a model in eval mode for the duration of a block and restore every flag."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __enter__(self):
+        self.flags = {m: m.training for m in self.model.modules()}
+        self.model.eval()
+
+    def __exit__(self, *exc):
+        for m, f in self.flags.items():
+            m.training = f
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+class Analysis:
+    """Traced graph + original-configuration label run of one model."""
+
+    def __init__(self, model: nn.Module, example_inputs):
+        if not isinstance(model, nn.Module):
+            raise InvalidArgumentError(f"model must be a torch.nn.Module, not {type(model).__name__}")
+        self.model = model
+        self.inputs = as_input_tuple(example_inputs)
+        self.gm, self.leaves = trace_module(model)
+        with _TrainingFlags(self.gm), torch.no_grad():
+            rec = _MetaRecorder(self.gm)
+            try:
+                rec.run(*self.inputs)
+            except Exception as exc:  # noqa: BLE001 - user input problem
+                msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise InputMismatchError(f"the example inputs do not fit the model: {msg}") from None
+        self.meta = rec.meta
+        try:
+            self.run = LabelRun(self.gm, self.meta).run(self.inputs)
+        except LabelOverflow as exc:
+            raise InvalidArgumentError(f"example inputs too large for the analysis ({exc}); use a smaller input") from None
+        self.table = self.run.table
+        self.constraints = self.run.constraints
+        for leaf in self.leaves:
+            for sp in self.table.spaces:
+                pass
+        self.produced = self.table.produced()
+
+
+def _compile(pattern, what):
+    if pattern is None:
+        return None
+    try:
+        return re.compile(pattern)
+    except re.error as exc:
+        raise InvalidArgumentError(f"{what} is not a valid regular expression: {exc}") from None
+
+
+def _targets(an: Analysis, factor, widths, only, exclude, divisor) -> dict:
+    produced = an.produced
+    names = {sp.name for sp in produced}
+    only_re, excl_re = _compile(only, "only"), _compile(exclude, "exclude")
+    if only_re is not None and not any(only_re.search(n) for n in names):
+        raise InvalidArgumentError(f"only={only!r} matches no producer module (producers are e.g. {sorted(names)[:3]})")
+    if excl_re is not None and not any(excl_re.search(n) for n in names):
+        raise InvalidArgumentError(f"exclude={exclude!r} matches no producer module")
+    widths = dict(widths or {})
+    for name, w in widths.items():
+        if name not in names:
+            raise InvalidArgumentError(f"widths names {name!r}, which is not a producer module of this model")
+        sp = next(s for s in produced if s.name == name)
+        if not isinstance(w, (int, np.integer)) or w < sp.size:
+            raise InvalidArgumentError(f"widths[{name!r}] = {w} is smaller than its current width {sp.size}")
+    targets = {}
+    for sp in produced:
+        if sp.name in widths:
+            targets[sp.id] = int(widths[sp.name])
+            continue
+        if only_re is not None and not only_re.search(sp.name):
+            an.constraints.freeze_space(sp, f"not selected by only={only!r}")
+            continue
+        if excl_re is not None and excl_re.search(sp.name):
+            an.constraints.freeze_space(sp, f"excluded by exclude={exclude!r}")
+            continue
+        if factor is not None:
+            targets[sp.id] = target_width(sp.size, factor, divisor)
+    return targets
+
+
+def _ancestor_chans(run: LabelRun, node, frozen) -> np.ndarray:
+    """Channels upstream of ``node`` that are still free (to escalate a conflict)."""
+    seen, todo = set(), list(node.all_input_nodes)
+    while todo:
+        n = todo.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        chans = []
+        for x in tree_flatten(run.old.get(n))[0]:
+            if hasattr(x, "np"):
+                chans.append(np.unique(channel_of(x.np)))
+        if chans:
+            c = np.unique(np.concatenate(chans))
+            free = c[~frozen[c]]
+            if len(free):
+                return free
+        todo.extend(n.all_input_nodes)
+    return np.zeros(0, np.int64)
+
+
+def plan_and_apply(an: Analysis, targets: dict, options: RunOptions, seed: int, progress=None):
+    rounds = 0
+    while True:
+        rounds += 1
+        if rounds > MAX_ROUNDS:
+            raise UnsupportedModelError(f"no consistent widening found after {MAX_ROUNDS} rounds")
+        plan = solve_plan(an.constraints, targets, seed=seed)
+        run = LabelRun(an.gm, an.meta, table=an.table, constraints=an.constraints, plan=plan, old=an.run.env,
+                       node_space=an.run.node_space, fixed_space=an.run.fixed_space,
+                       options=options)
+        try:
+            run.run(an.inputs)
+            return plan, run, rounds
+        except Conflict as c:
+            frozen = an.constraints.frozen
+            chans = c.chans[~frozen[c.chans]] if len(c.chans) else c.chans
+            if len(chans) == 0:
+                chans = _ancestor_chans(run, c.node, frozen)
+                if len(chans) == 0:
+                    raise UnsupportedModelError(f"cannot make {c.reason} consistent") from None
+            an.constraints.freeze(chans, c.reason)
+            if progress:
+                progress(f"round {rounds}: froze {len(chans)} channels at {c.reason}")
+
+
+def _set_tensor(mod: nn.Module, name: str, value: np.ndarray):
+    old = getattr(mod, name)
+    new = torch.from_numpy(np.ascontiguousarray(value)).to(dtype=old.dtype, device=old.device)
+    if isinstance(old, nn.Parameter):
+        setattr(mod, name, nn.Parameter(new, requires_grad=old.requires_grad))
+    else:
+        mod._buffers[name] = new
+
+
+def rebuild(an: Analysis, run: LabelRun) -> nn.Module:
+    """Deep copy of the user's model with resized layers (a GraphModule if constants changed)."""
+    memo = {}
+    new_model = copy.deepcopy(an.model, memo)
+    modules = dict(new_model.named_modules())
+    for name, upd in run.updates.items():
+        mod = modules[name]
+        for t, v in upd.tensors.items():
+            _set_tensor(mod, t, v)
+        for a, v in upd.attrs.items():
+            setattr(mod, a, v)
+        if hasattr(mod, "normalized_shape") and "weight" in upd.tensors:
+            pass
+    if not run.arg_updates:
+        return new_model
+    graph = copy.deepcopy(an.gm.graph, {})
+    by_name = {n.name: n for n in graph.nodes}
+    for node, (args, kwargs) in run.arg_updates.items():
+        target = by_name[node.name]
+        target.args = fx.node.map_arg(args, lambda n: by_name[n.name])
+        target.kwargs = fx.node.map_arg(kwargs, lambda n: by_name[n.name])
+    gm = fx.GraphModule(new_model, graph, type(an.model).__name__ + "Widened")
+    return gm
+
+
+def space_reports(an: Analysis, plan: WidenPlan) -> list:
+    out = []
+    for sp in an.produced:
+        new = plan.new_size(sp)
+        reasons = list(sp.frozen_reasons)
+        if new == sp.size and not reasons:
+            reasons = ["the factor adds no channel at this width"]
+        out.append(SpaceReport(sp.name, sp.size, new, list(sp.producers), list(sp.consumers), list(sp.carriers),
+                               reasons))
+    return out
+
+
+def check_factor(factor, widths):
+    if factor is None:
+        if not widths:
+            raise InvalidArgumentError("give a factor > 1 or explicit widths")
+        return None
+    try:
+        f = float(factor)
+    except (TypeError, ValueError):
+        raise InvalidArgumentError(f"factor must be a number > 1, not {factor!r}") from None
+    if not math.isfinite(f) or f <= 1.0:
+        raise InvalidArgumentError(f"factor must be a finite number > 1, got {factor!r}")
+    return f

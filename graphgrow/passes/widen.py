@@ -1,0 +1,30 @@
+"""``WidenPass``: Net2WiderNet as a torch.fx pass."""
+
+from __future__ import annotations
+
+import torch.fx as fx
+from torch.fx.passes.infra.pass_base import PassBase, PassResult
+
+
+class WidenPass(PassBase):
+    """GraphModule in, widened GraphModule out (verified before it is returned).
+
+    Takes the keyword arguments of :func:`graphgrow.widen`; the report of the
+    last call is kept as ``self.report``.
+    """
+
+    def __init__(self, factor=1.41, *, example_inputs, **options):
+        super().__init__()
+        self.factor = factor
+        self.example_inputs = example_inputs
+        self.options = options
+        self.report = None
+
+    def call(self, graph_module: fx.GraphModule) -> PassResult:
+        from ..api import widen
+
+        out = widen(graph_module, self.factor, example_inputs=self.example_inputs, **self.options)
+        self.report = out.graphgrow_report
+        if not isinstance(out, fx.GraphModule):
+            out = fx.symbolic_trace(out)
+        return PassResult(out, bool(self.report.widened))
