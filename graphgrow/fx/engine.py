@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import math
 import re
-from collections import namedtuple
 
 import numpy as np
 import torch
@@ -17,10 +16,9 @@ from ..core.labels import LabelOverflow, channel_of
 from ..core.plan import WidenPlan, solve_plan, target_width
 from ..core.report import GrowthReport, SpaceReport
 from ..errors import GraphGrowError, InputMismatchError, InvalidArgumentError, UnsupportedModelError
-from .labeling import Conflict, LabelRun, RunOptions
+from .labeling import Conflict, LabelRun, RunOptions, TensorMeta
 from .trace import trace_module
 
-TensorMeta = namedtuple("TensorMeta", ["shape", "dtype"])
 
 MAX_ROUNDS = 200
 

@@ -47,6 +47,16 @@ class Conflict(Exception):
         self.reason = reason
 
 
+class TensorMeta:
+    """Shape and dtype of a tensor of the original run (a pytree leaf, unlike a namedtuple)."""
+
+    __slots__ = ("shape", "dtype")
+
+    def __init__(self, shape, dtype):
+        self.shape = tuple(shape)
+        self.dtype = dtype
+
+
 class L:
     """A label tensor standing in for an activation (kept distinct from real tensors)."""
 
@@ -120,6 +130,9 @@ _POOL_FUNCS = {F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool
                F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.max_pool1d, F.max_pool2d, F.max_pool3d,
                F.interpolate, F.upsample, torch.nn.functional.pad}
 _SOFTMAX_FUNCS = {F.softmax, torch.softmax, F.log_softmax, torch.log_softmax}
+# functions of other libraries known to act the same on every channel, by qualified name
+# (torchvision's stochastic depth drops whole samples, never single channels)
+_ELEMENTWISE_BY_NAME = {"torchvision.ops.stochastic_depth.stochastic_depth"}
 _SHAPE_METHODS = {"size", "dim", "numel", "nelement", "ndimension"}
 
 
@@ -245,7 +258,7 @@ class LabelRun:
         counter = [0]
 
         def conv(x):
-            if isinstance(x, torch.Tensor) or hasattr(x, "shape") and hasattr(x, "dtype") and hasattr(x, "stride"):
+            if isinstance(x, (torch.Tensor, TensorMeta)):
                 k = counter[0]
                 counter[0] += 1
                 return self._fixed(node, tuple(x.shape), k)
@@ -341,6 +354,9 @@ class LabelRun:
             return first[args[1]]
         if target in _IDENTITY_FUNCS:
             return first
+        if _fname(target) in _ELEMENTWISE_BY_NAME and isinstance(first, L):
+            if not any(isinstance(x, L) for x in tree_flatten((args[1:], kwargs))[0]):
+                return self._elementwise(node, first)
         if target in _ELEMENTWISE_FUNCS:
             if isinstance(first, L) and not any(isinstance(x, L) for x in tree_flatten((args[1:], kwargs))[0]):
                 return self._elementwise(node, first)
@@ -380,8 +396,10 @@ class LabelRun:
         if cond is not None and isinstance(cond, L):
             return self._opaque(node, "torch.where with a tensor condition")
         if not isinstance(a, L) or not isinstance(b, L):
-            x = a if isinstance(a, L) else b
-            return self._elementwise(node, x)
+            other = b if isinstance(a, L) else a
+            if not isinstance(other, (int, float, bool)):
+                return self._opaque(node, f"operand of type {type(other).__name__} is not understood")
+            return self._elementwise(node, a if isinstance(a, L) else b)
         for p, q in ((a, b), (b, a)):
             if self._is_param_operand(node, p) and self._is_scalar_like(p, q):
                 if self.analysis:
@@ -524,7 +542,9 @@ class LabelRun:
             if len(vals) == 1 and isinstance(vals[0], (list, tuple)):
                 vals = list(vals[0])
             lits = [ax for ax in va if ax < len(raw) and isinstance(raw[ax], int) and raw[ax] != -1]
-            if lits and old_in.t.numel() != new_in.t.numel():
+            # a size computed in the graph (x.size(1) // g) or a -1 already follows the new width
+            adaptive = any(ax < len(raw) and (isinstance(raw[ax], fx.Node) or raw[ax] == -1) for ax in va)
+            if lits and not adaptive and old_in.t.numel() != new_in.t.numel():
                 ax = lits[-1]
                 num = raw[ax] * new_in.t.numel()
                 if num % old_in.t.numel():

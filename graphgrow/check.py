@@ -1,0 +1,240 @@
+"""Numerical equivalence check of two PyTorch modules (torch side of graphgrow's verification).
+
+:func:`check` runs a reference and a candidate module on the same inputs,
+either eagerly in torch or exported to ONNX and run in onnxruntime, and
+returns a :class:`~graphgrow.compare.CheckReport`.  The comparison itself
+lives in :mod:`graphgrow.compare`, which does not import torch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import tempfile
+import warnings
+
+import numpy as np
+import torch
+import torch.nn as nn
+from torch.utils._pytree import tree_flatten
+
+from .compare import DEFAULT_ATOL, DEFAULT_RTOL, CheckReport, OutputAccumulator, make_session, resolve_providers
+from .errors import InputMismatchError, InvalidArgumentError, UnsupportedModelError
+
+__all__ = ["check", "BACKENDS"]
+
+BACKENDS = ("torch", "onnxruntime")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0].strip() if text else type(exc).__name__
+
+
+def _as_inputs(inputs) -> tuple:
+    if inputs is None:
+        raise InvalidArgumentError("example inputs are required to check torch modules: pass a tensor or a tuple of "
+                                   "tensors the model accepts")
+    if isinstance(inputs, torch.Tensor):
+        return (inputs,)
+    if isinstance(inputs, (list, tuple)):
+        return tuple(inputs)
+    raise InvalidArgumentError(f"inputs must be a tensor or a tuple of tensors, not {type(inputs).__name__}")
+
+
+def _random_like(t: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """A random tensor with t's shape, dtype and device, drawn from ``gen`` (a CPU generator)."""
+    shape = tuple(t.shape)
+    if t.dtype == torch.bool:
+        out = torch.randint(0, 2, shape, generator=gen).bool()
+    elif t.dtype.is_floating_point:
+        draw_dtype = torch.float64 if t.dtype == torch.float64 else torch.float32
+        out = torch.randn(shape, generator=gen, dtype=draw_dtype).to(t.dtype)
+    elif t.dtype.is_complex:
+        out = torch.randn(shape, generator=gen, dtype=t.dtype)
+    else:
+        high = int(t.max().item()) + 1 if t.numel() else 1
+        out = torch.randint(0, max(high, 1), shape, generator=gen, dtype=torch.int64).to(t.dtype)
+    return out.to(t.device)
+
+
+def _make_batches(inputs: tuple, batches: int, seed: int) -> list:
+    """Batch 0 is ``inputs`` as given; batch b > 0 draws random tensors of the same shapes/dtypes (seed + b)."""
+    out = [inputs]
+    for b in range(1, batches):
+        gen = torch.Generator().manual_seed(int(seed) + b)
+        out.append(tuple(_random_like(x, gen) if isinstance(x, torch.Tensor) else x for x in inputs))
+    return out
+
+
+def _tensor_leaves(output) -> list:
+    leaves, _ = tree_flatten(output)
+    return [x for x in leaves if isinstance(x, torch.Tensor)]
+
+
+def _to_numpy(t: torch.Tensor) -> np.ndarray:
+    t = t.detach().cpu()
+    if t.dtype == torch.bfloat16:
+        t = t.float()
+    if t.is_conj():
+        t = t.resolve_conj()
+    return t.numpy()
+
+
+@contextlib.contextmanager
+def _eval_mode(*models: nn.Module):
+    """Put every module of ``models`` in eval mode; restore each module's own training flag afterwards."""
+    saved = []
+    seen = set()
+    for m in models:
+        for sub in m.modules():
+            if id(sub) not in seen:
+                seen.add(id(sub))
+                saved.append((sub, sub.training))
+    try:
+        for m in models:
+            m.eval()
+        yield
+    finally:
+        for sub, flag in saved:
+            sub.training = flag
+
+
+def _run_torch(model: nn.Module, args: tuple, which: str) -> list:
+    try:
+        with torch.no_grad():
+            out = model(*args)
+    except Exception as exc:
+        raise InputMismatchError(f"the inputs do not fit the {which} model: {_first_line(exc)}") from None
+    return [_to_numpy(t) for t in _tensor_leaves(out)]
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Silence the ONNX exporter's warnings, prints and log records."""
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")]
+    levels = [lg.level for lg in loggers]
+    sink = io.StringIO()
+    try:
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        with warnings.catch_warnings(), contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, lvl in zip(loggers, levels):
+            lg.setLevel(lvl)
+
+
+def _export(model: nn.Module, args: tuple, path: str, opset: int, n_outputs: int, which: str) -> list:
+    """Export ``model`` (fixed shapes) to ``path`` with the TorchScript exporter; returns the input names."""
+    input_names = [f"input{i}" for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
+    output_names = [f"output{i}" for i in range(n_outputs)]
+    try:
+        with _quiet(), torch.no_grad():
+            torch.onnx.export(model, args, path, dynamo=False, opset_version=int(opset), do_constant_folding=True,
+                              export_params=True, input_names=input_names, output_names=output_names)
+    except Exception as exc:
+        raise UnsupportedModelError(f"could not export {which} model to ONNX: {_first_line(exc)}") from None
+    return input_names
+
+
+def _feeds(session, args: tuple) -> dict:
+    wanted = {i.name for i in session.get_inputs()}
+    feeds = {}
+    for i, a in enumerate(args):
+        if not isinstance(a, torch.Tensor):
+            continue
+        name = f"input{i}"
+        if name in wanted:
+            if a.dtype == torch.bfloat16:
+                raise UnsupportedModelError("bfloat16 inputs cannot be fed to onnxruntime; use backend='torch'")
+            feeds[name] = _to_numpy(a)
+    return feeds
+
+
+def _run_ort(session, args: tuple) -> list:
+    return [np.asarray(o) for o in session.run(None, _feeds(session, args))]
+
+
+def check(reference: nn.Module, candidate: nn.Module, inputs=None, *, atol: float = DEFAULT_ATOL,
+          rtol: float = DEFAULT_RTOL, backend: str = "onnxruntime", providers=None, batches: int = 3, seed: int = 0,
+          opset: int = 17, floor: bool = False) -> CheckReport:
+    """Check that ``candidate`` computes the same function as ``reference``.
+
+    ``inputs`` (a tensor or tuple of tensors) is batch 0; batches 1.. are random
+    tensors of the same shapes and dtypes (floats: standard normal from a
+    generator seeded with ``seed + b``; integers: uniform in
+    ``[0, max(example) + 1)``; bools: coin flips).  Both models run in eval
+    mode under ``torch.no_grad`` (their training flags are restored after).
+
+    ``backend="torch"`` compares eager outputs; ``backend="onnxruntime"``
+    exports both models to ONNX (TorchScript exporter, opset ``opset``, fixed
+    shapes, constant folding) and compares their outputs in onnxruntime with
+    ``providers`` (None/"cpu", "cuda" or a list of provider names).  With
+    ``floor=True`` the report's ``floor`` is the worst max_rel between the
+    reference in torch and the reference in onnxruntime (the noise floor of
+    the two runtimes).  Outputs are the tensor leaves of the module's
+    (possibly nested) output, named ``output0``, ``output1``...
+    """
+    if not isinstance(reference, nn.Module) or not isinstance(candidate, nn.Module):
+        bad = reference if not isinstance(reference, nn.Module) else candidate
+        raise InvalidArgumentError(f"check compares torch nn.Modules, not {type(bad).__name__}")
+    if backend not in BACKENDS:
+        raise InvalidArgumentError(f"backend must be one of {BACKENDS}, not {backend!r}")
+    if isinstance(batches, bool) or not isinstance(batches, int) or batches < 1:
+        raise InvalidArgumentError(f"batches must be a positive integer, not {batches!r}")
+    if isinstance(opset, bool) or not isinstance(opset, int):
+        raise InvalidArgumentError(f"opset must be an integer, not {opset!r}")
+    args = _as_inputs(inputs)
+    acc = OutputAccumulator(None, atol, rtol)  # validates atol / rtol
+    use_ort = backend == "onnxruntime" or floor
+    provider_names = resolve_providers(providers) if use_ort else []
+    all_args = _make_batches(args, batches, seed)
+
+    with _eval_mode(reference, candidate):
+        ref_torch = [_run_torch(reference, all_args[0], "reference")]
+        same = candidate is reference
+        cand_torch0 = ref_torch[0] if same else _run_torch(candidate, all_args[0], "candidate")
+        if backend == "torch" or floor:
+            ref_torch += [_run_torch(reference, a, "reference") for a in all_args[1:]]
+
+        if backend == "torch":
+            cand_torch = [cand_torch0] + [ref_torch[b] if same else _run_torch(candidate, all_args[b], "candidate")
+                                          for b in range(1, batches)]
+            for r, c in zip(ref_torch, cand_torch):
+                acc.add(r, c)
+            report = acc.report("torch", [])
+        ref_ort = cand_ort = None
+        used_providers = provider_names
+        if use_ort:
+            with tempfile.TemporaryDirectory(prefix="graphgrow-check-") as tmp:
+                ref_path = os.path.join(tmp, "reference.onnx")
+                _export(reference, all_args[0], ref_path, opset, len(ref_torch[0]), "reference")
+                sess = make_session(ref_path, provider_names)
+                used_providers = list(sess.get_providers())
+                ref_ort = [_run_ort(sess, a) for a in all_args]
+                sess = None  # release the file before the directory goes
+                if backend == "onnxruntime":
+                    if same:
+                        cand_ort = ref_ort
+                    else:
+                        cand_path = os.path.join(tmp, "candidate.onnx")
+                        _export(candidate, all_args[0], cand_path, opset, len(cand_torch0), "candidate")
+                        sess = make_session(cand_path, provider_names)
+                        cand_ort = [_run_ort(sess, a) for a in all_args]
+                        sess = None
+
+    if backend == "onnxruntime":
+        for r, c in zip(ref_ort, cand_ort):
+            acc.add(r, c)
+        report = acc.report("onnxruntime", used_providers)
+    if floor:
+        fl = OutputAccumulator(None, atol, rtol)
+        for r, c in zip(ref_torch, ref_ort):
+            fl.add(r, c)
+        w = fl.report().worst
+        report.floor = float(w.max_rel) if w is not None else 0.0
+    return report
