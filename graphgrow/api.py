@@ -22,7 +22,7 @@ def analyze(model: nn.Module, example_inputs) -> GrowthReport:
     report = GrowthReport(space_reports(an, WidenPlan.identity(an.table)), params_before=count_params(model),
                           params_after=count_params(model), opaque_leaves=list(an.leaves))
     for s in report.spaces:
-        if s.frozen_reasons == ["the factor adds no channel at this width"]:
+        if s.frozen_reasons == ["not selected for widening"]:
             s.frozen_reasons = []
     return report
 
@@ -55,7 +55,7 @@ def widen(model: nn.Module, factor: float | None = 1.41, *, example_inputs, widt
     plan, run, rounds = plan_and_apply(an, targets, options, seed, progress)
     result = rebuild(an, run)
     preserving = init == "net2net" and not (noise > 0 and noise_mode == "paper")
-    report = GrowthReport(space_reports(an, plan), params_before=count_params(model),
+    report = GrowthReport(space_reports(an, plan, targets), params_before=count_params(model),
                           params_after=count_params(result), function_preserving=preserving,
                           opaque_leaves=list(an.leaves), rounds=rounds)
     if preserving and verify != "none":

@@ -12,6 +12,7 @@ import contextlib
 import io
 import logging
 import os
+import sys
 import tempfile
 import warnings
 
@@ -112,15 +113,53 @@ def _run_torch(model: nn.Module, args: tuple, which: str) -> list:
 
 
 @contextlib.contextmanager
+def _silence_fds():
+    """Send file descriptors 1 and 2 to a scratch file for the duration.
+
+    The TorchScript exporter logs from C++ straight to std::cerr (e.g. "Torch IR
+    graph at exception: ..." on failure; torch turns its ONNX log on whatever
+    the user set), which redirect_stdout/redirect_stderr cannot catch.
+    """
+    saved = []
+    try:
+        sink = tempfile.TemporaryFile()
+    except OSError:  # pragma: no cover - no temp space: stay noisy rather than fail
+        yield
+        return
+    try:
+        for fd in (1, 2):
+            try:
+                saved.append((fd, os.dup(fd)))
+            except OSError:
+                continue
+        for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+            try:
+                stream.flush()
+            except Exception:
+                pass
+        for fd, _ in saved:
+            os.dup2(sink.fileno(), fd)
+        yield
+    finally:
+        for fd, dup in saved:
+            try:
+                os.dup2(dup, fd)
+            finally:
+                os.close(dup)
+        sink.close()
+
+
+@contextlib.contextmanager
 def _quiet():
-    """Silence the ONNX exporter's warnings, prints and log records."""
+    """Silence the ONNX exporter's warnings, prints, log records and C++ log output."""
     loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")]
     levels = [lg.level for lg in loggers]
     sink = io.StringIO()
     try:
         for lg in loggers:
             lg.setLevel(logging.ERROR)
-        with warnings.catch_warnings(), contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+        with warnings.catch_warnings(), contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink), \
+                _silence_fds():
             warnings.simplefilter("ignore")
             yield
     finally:

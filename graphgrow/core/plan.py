@@ -90,6 +90,15 @@ class WidenPlan:
 
     table: SpaceTable
     counts: np.ndarray  # per global channel id, >= 1
+    classes: np.ndarray | None = None  # tie class of every channel (None: no ties)
+
+    def tied_spaces(self, space) -> list:
+        """Other spaces sharing a tie class with ``space``."""
+        if self.classes is None:
+            return []
+        mine = np.unique(self.classes[space.chan_ids])
+        others = np.nonzero(np.isin(self.classes, mine))[0]
+        return [s for s in self.table.spaces_of(others) if s.id != space.id]
 
     def replication_counts(self, space) -> np.ndarray:
         return self.counts[space.base : space.base + space.size]
@@ -159,4 +168,4 @@ def solve_plan(constraints: GrowthConstraints, targets: dict, seed: int = 0) -> 
             counts_cls[k] += 1
             for s2, m in mult(k):
                 width[s2] += m
-    return WidenPlan(table, counts_cls[cls])
+    return WidenPlan(table, counts_cls[cls], cls)

@@ -176,8 +176,11 @@ def plan_and_apply(an: Analysis, targets: dict, options: RunOptions, seed: int, 
             chans = c.chans[~frozen[c.chans]] if len(c.chans) else c.chans
             if len(chans) == 0:
                 chans = _ancestor_chans(run, c.node, frozen)
+            if len(chans) == 0:
+                # last resort: keep everything (the unchanged graph is consistent by construction)
+                chans = np.nonzero(~frozen[: an.table.num_chans])[0]
                 if len(chans) == 0:
-                    raise UnsupportedModelError(f"cannot make {c.reason} consistent") from None
+                    raise UnsupportedModelError(f"the label replay of {c.reason} fails even unchanged") from None
             an.constraints.freeze(chans, c.reason)
             if progress:
                 progress(f"round {rounds}: froze {len(chans)} channels at {c.reason}")
@@ -217,13 +220,19 @@ def rebuild(an: Analysis, run: LabelRun) -> nn.Module:
     return gm
 
 
-def space_reports(an: Analysis, plan: WidenPlan) -> list:
+def space_reports(an: Analysis, plan: WidenPlan, targets: dict | None = None) -> list:
     out = []
     for sp in an.produced:
         new = plan.new_size(sp)
         reasons = list(sp.frozen_reasons)
+        target = (targets or {}).get(sp.id, sp.size)
+        if new < target and not reasons:
+            for other in plan.tied_spaces(sp):
+                if other.frozen_reasons:
+                    reasons.append(f"tied to {other.name!r}, which stays: {other.frozen_reasons[0]}")
+                    break
         if new == sp.size and not reasons:
-            reasons = ["the factor adds no channel at this width"]
+            reasons = ["the factor adds no channel at this width" if targets else "not selected for widening"]
         out.append(SpaceReport(sp.name, sp.size, new, list(sp.producers), list(sp.consumers), list(sp.carriers),
                                reasons))
     return out

@@ -133,6 +133,8 @@ _SOFTMAX_FUNCS = {F.softmax, torch.softmax, F.log_softmax, torch.log_softmax}
 # functions of other libraries known to act the same on every channel, by qualified name
 # (torchvision's stochastic depth drops whole samples, never single channels)
 _ELEMENTWISE_BY_NAME = {"torchvision.ops.stochastic_depth.stochastic_depth"}
+_NORM_FUNCS = {F.layer_norm, F.group_norm, F.local_response_norm, F.normalize, F.rms_norm} if hasattr(F, "rms_norm") \
+    else {F.layer_norm, F.group_norm, F.local_response_norm, F.normalize}
 _SHAPE_METHODS = {"size", "dim", "numel", "nelement", "ndimension"}
 
 
@@ -286,8 +288,14 @@ class LabelRun:
                     x = node.args[0] if node.args else None
                 self.env[node] = self._fixed(node, tuple(x.shape)) if isinstance(x, torch.Tensor) else x
             elif node.op == "get_attr":
-                v = self.meta.get(node)
-                self.env[node] = self._fixed(node, tuple(v.shape)) if hasattr(v, "shape") else v
+                real = operator.attrgetter(node.target)(self.gm)
+                if isinstance(real, torch.Tensor) and (real.dtype == torch.bool or not real.is_floating_point()):
+                    # index tables and masks act on data as they are: keep their real values
+                    self.env[node] = real.detach().cpu()
+                elif isinstance(real, torch.Tensor):
+                    self.env[node] = self._fixed(node, tuple(real.shape))
+                else:
+                    self.env[node] = real
             elif node.op == "output":
                 self._output(node)
             else:
@@ -372,6 +380,8 @@ class LabelRun:
             return self._pool(node, first)
         if target in _SOFTMAX_FUNCS:
             return self._softmax(node, first, args[1:], kwargs)
+        if target in _NORM_FUNCS and isinstance(first, L):
+            return self._norm_function(node, target, first, args, kwargs)
         if target is torch.where and len(args) == 3:
             return self._binary(node, (args[1], args[2]), {}, cond=args[0])
         return self._opaque(node, "this function is not understood by the channel analysis")
@@ -473,6 +483,17 @@ class LabelRun:
         if dim % x.t.ndim in va:
             return self._mix(node, x, "softmax over the channel axis")
         return self._elementwise(node, x)
+
+    def _norm_function(self, node, target, x: L, args, kwargs):
+        """Functional norms: exact only if they do not normalize across channels."""
+        params = [v for v in tree_flatten((args[1:], kwargs))[0] if isinstance(v, L)]
+        if target is F.layer_norm and not params:
+            shape = args[1] if len(args) > 1 else kwargs.get("normalized_shape")
+            nd = len(shape) if isinstance(shape, (list, tuple)) else 1
+            va = varying_axes((self.old[node.args[0]] if not self.analysis else x).np)
+            if not any(ax >= x.t.ndim - nd for ax in va):
+                return self._elementwise(node, x)
+        return self._mix(node, x, f"{_fname(target).split('.')[-1]} normalizes across channels or has weights")
 
     def _pool(self, node, x: L):
         """Per-channel op that may change spatial shape (pooling, interpolation, padding)."""
