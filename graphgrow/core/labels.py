@@ -77,9 +77,15 @@ def element_labels(shape, chan_id: int, salt: int) -> np.ndarray:
 
 
 def resalt(labels: np.ndarray, salt: int) -> np.ndarray:
-    """Same channels and positions, new content (an elementwise op ran)."""
+    """Same channels and positions, new content (an elementwise op ran).
+
+    The new salt mixes the old one with the op's, so two slices that shared a
+    channel id but held different content (``cat([x, f(x)])``) stay apart.
+    """
     keep = ~np.int64(SALT_MASK << SALT_SHIFT)
-    return (labels & keep) | _salt_bits(salt)
+    old = (labels >> SALT_SHIFT) & SALT_MASK
+    mixed = (old * np.int64(40503) + np.int64(salt * 2654435761 % (SALT_MASK + 1)) + np.int64(1)) & SALT_MASK
+    return (labels & keep) | (mixed << SALT_SHIFT)
 
 
 def varying_axes(labels: np.ndarray) -> list:

@@ -495,14 +495,34 @@ class LabelRun:
                 return self._elementwise(node, x)
         return self._mix(node, x, f"{_fname(target).split('.')[-1]} normalizes across channels or has weights")
 
+    @staticmethod
+    def _channel_ids(x: L, axis: int = 1):
+        """Channel id of every slice along ``axis``, or None when ids do not tell slices apart.
+
+        Ops that rebuild labels from channel ids (pooling, depthwise conv) need two
+        slices with one id to hold the same content; tensors without channel structure
+        (model inputs, results of opaque ops) carry one id for all slices and fail this.
+        """
+        if x.t.ndim < 2:
+            return None
+        seq = channel_sequence(x.np, axis)
+        if seq is None:
+            return None
+        uniq, first = np.unique(seq, return_index=True)
+        if len(uniq) != len(seq):
+            rows = np.moveaxis(x.np, axis, 0)
+            if any(not np.array_equal(rows[i], rows[first[np.searchsorted(uniq, c)]]) for i, c in enumerate(seq)):
+                return None
+        return seq
+
     def _pool(self, node, x: L):
         """Per-channel op that may change spatial shape (pooling, interpolation, padding)."""
-        seq = channel_sequence(x.np, 1) if x.t.ndim >= 2 else None
+        seq = self._channel_ids(x)
         shape = self._meta_shape(node)
         if seq is None or shape is None or len(shape) != x.t.ndim or shape[1] != (
             self.old[node.args[0]].shape[1] if not self.analysis else x.shape[1]
         ):
-            return self._opaque(node, "channels do not lie on axis 1 of a per-channel op")
+            return self._opaque(node, "its input channels are not on axis 1, or one channel id holds different contents")
         out_shape = (shape[0], x.shape[1]) + tuple(shape[2:])
         return L(torch.from_numpy(channel_labels(out_shape, 1, seq, self.salts[node])))
 
@@ -789,7 +809,7 @@ class LabelRun:
 
     def _depthwise(self, node, mod, x: L):
         self._note_roles(x, "carrier", node.target)
-        seq = channel_sequence(x.np, 1)
+        seq = self._channel_ids(x)
         shape = self._meta_shape(node)
         if seq is None:
             return self._opaque(node, "channels of a depthwise conv input are not on axis 1")

@@ -1,0 +1,561 @@
+"""Coverage sweep: widen every torchvision classification model and verify it in onnxruntime.
+
+For each model of ``torchvision.models.list_models(module=torchvision.models)``
+(random init, eval mode, ``torch.manual_seed(0)``) this runs, in a separate
+subprocess per model (memory is released, a crash or a timeout does not stop
+the sweep)::
+
+    wide = graphgrow.widen(model, FACTOR, example_inputs=(x,), verify="none")   # timed: "widen_s"
+    rep  = graphgrow.check(model, wide, (x,), backend="onnxruntime", batches=3)  # timed: "check_s"
+
+which is what ``graphgrow.widen(..., verify="onnxruntime")`` does, split in two
+so that the rewrite and the check are timed separately.
+
+Statuses:
+
+* ``widened+equivalent``            check passed and at least one channel space grew
+* ``equivalent, nothing widened``   check passed, no space grew
+* ``refused: <error>``              a GraphGrowError other than VerificationError (in widen, or
+                                    ``[check]`` when the ONNX export / onnxruntime check could not run;
+                                    then a torch-eager check is run as a fallback and reported in ``note``)
+* ``WRONG: <msg>``                  VerificationError, or the onnxruntime check did not pass
+* ``error: <exc>``                  any other exception (an internal bug): type, message, and the last
+                                    traceback frame inside graphgrow
+* ``timeout``                       the worker ran longer than ``--timeout`` seconds
+* ``killed: ...``                   the worker went over ``--mem-limit-gb`` resident memory, or died
+* ``skipped: too large ...``        the widened model would not fit this machine (estimated params after
+                                    widening = params_before * factor**2 > ``--max-params``)
+
+Usage::
+
+    PYTHONPATH=. python benchmarks/coverage.py                       # full sweep (80 models)
+    PYTHONPATH=. python benchmarks/coverage.py --only 'resnet18|vit_b_16'
+    PYTHONPATH=. python benchmarks/coverage.py --resume              # skip models already in the json
+
+Results go to ``benchmarks/results/coverage.json`` and ``coverage.md`` and are
+rewritten after every model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import platform
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+RESULTS = os.path.join(HERE, "results")
+
+# image sizes that models need (everything else: 64, falling back to larger sizes if the forward fails)
+FIXED_SIZES = [(r"^vit_", 224), (r"^swin", 224), (r"^maxvit_t$", 224), (r"^inception_v3$", 96)]
+FALLBACK_SIZES = [64, 96, 128, 160, 224]
+MODEL_KWARGS = {"googlenet": {"aux_logits": False, "init_weights": True},
+                "inception_v3": {"aux_logits": False, "init_weights": True}}
+
+STATUS_ORDER = ["widened+equivalent", "equivalent, nothing widened", "refused", "WRONG", "error", "timeout",
+                "killed", "skipped"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# worker (one model, in its own process)
+# ----------------------------------------------------------------------------------------------------------------
+
+def _short(text: str, n: int = 300) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= n else text[: n - 3] + "..."
+
+
+def _graphgrow_frame(exc: BaseException) -> str | None:
+    """The last traceback frame inside the graphgrow package, as 'path:line in func: code'."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    inside = [f for f in frames if os.sep + "graphgrow" + os.sep in f.filename]
+    if not inside:
+        return None
+    f = inside[-1]
+    rel = os.path.relpath(f.filename, ROOT) if f.filename.startswith(ROOT) else f.filename
+    return f"{rel}:{f.lineno} in {f.name}: {(f.line or '').strip()}"
+
+
+def _exc_fields(exc: BaseException) -> dict:
+    return {"exc_type": type(exc).__name__, "exc_message": str(exc), "graphgrow_frame": _graphgrow_frame(exc),
+            "traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))[-6000:]}
+
+
+def _rss_peak_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _pick_size(name: str, model, torch) -> tuple:
+    """(size, notes): the image size the model runs at."""
+    for pat, size in FIXED_SIZES:
+        if re.search(pat, name):
+            return size, []
+    notes = []
+    for size in FALLBACK_SIZES:
+        x = torch.randn(1, 3, size, size)
+        try:
+            with torch.no_grad():
+                model(x)
+            return size, notes
+        except Exception as exc:  # noqa: BLE001 - try the next size
+            notes.append(f"forward at {size}x{size} failed: {_short(exc, 120)}")
+    raise RuntimeError("the model runs at none of the sizes " + ", ".join(map(str, FALLBACK_SIZES)) + ": "
+                       + "; ".join(notes))
+
+
+def _frozen_summary(report, top: int = 4) -> list:
+    """[[shortened reason, count], ...] for the most common freezing reasons."""
+    counts = sorted(report.frozen_reasons().items(), key=lambda kv: (-kv[1], kv[0]))
+    return [[_short(r, 90), c] for r, c in counts[:top]]
+
+
+def worker(name: str, factor: float, max_params: float, threads: int | None) -> dict:
+    import torch
+    import torchvision
+
+    import graphgrow
+    # note: import the function from its module; the package attribute graphgrow.check turns into the
+    # submodule graphgrow.check after its first (lazy) access, so a second graphgrow.check(...) call fails
+    from graphgrow.check import check as gg_check
+
+    if threads:
+        torch.set_num_threads(threads)
+    res: dict = {"model": name, "factor": factor, "threads": torch.get_num_threads()}
+    t0 = time.perf_counter()
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(name, **MODEL_KWARGS.get(name, {})).eval()
+    res["build_s"] = round(time.perf_counter() - t0, 3)
+    res["params_before"] = int(sum(p.numel() for p in model.parameters()))
+    est = res["params_before"] * factor * factor
+    if est > max_params:
+        res["status"] = (f"skipped: too large for this machine (estimated {est / 1e9:.2f}e9 params after widening "
+                         f"= params_before x {factor}^2 > limit {max_params / 1e9:.2f}e9)")
+        res["params_after_estimate"] = int(est)
+        return res
+
+    size, notes = _pick_size(name, model, torch)
+    res["input"] = [1, 3, size, size]
+    if notes:
+        res["note"] = "; ".join(notes)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 3, size, size, generator=gen)
+
+    # 1. analysis + rewrite
+    t0 = time.perf_counter()
+    try:
+        wide = graphgrow.widen(model, factor, example_inputs=(x,), verify="none")
+    except graphgrow.VerificationError as exc:  # not expected with verify="none", but never hide it
+        res.update(_exc_fields(exc), widen_s=round(time.perf_counter() - t0, 3))
+        res["status"] = f"WRONG: {_short(exc)}"
+        return res
+    except graphgrow.GraphGrowError as exc:
+        res.update(_exc_fields(exc), widen_s=round(time.perf_counter() - t0, 3))
+        res["status"] = f"refused: {type(exc).__name__}: {_short(exc)}"
+        return res
+    except Exception as exc:  # noqa: BLE001 - an internal bug: record it
+        res.update(_exc_fields(exc), widen_s=round(time.perf_counter() - t0, 3))
+        res["status"] = f"error: {type(exc).__name__}: {_short(exc)}"
+        return res
+    res["widen_s"] = round(time.perf_counter() - t0, 3)
+    rep = wide.graphgrow_report
+    res["params_after"] = int(rep.params_after)
+    res["ratio"] = round(rep.params_after / max(rep.params_before, 1), 4)
+    res["spaces"] = len(rep.spaces)
+    res["widened"] = len(rep.widened)
+    res["fully_frozen"] = sum(1 for s in rep.spaces if s.status == "frozen")
+    res["partly_frozen"] = sum(1 for s in rep.spaces if s.status == "partly frozen")
+    res["unchanged"] = sum(1 for s in rep.spaces if s.status == "unchanged")
+    res["rounds"] = rep.rounds
+    res["frozen_reasons_top"] = _frozen_summary(rep)
+    res["frozen_reasons"] = rep.frozen_reasons()
+    res["report_summary"] = rep.summary()
+    res["rss_after_widen_mb"] = round(_rss_peak_mb(), 1)
+
+    # 2. onnxruntime check (3 batches), as verify="onnxruntime" does
+    t0 = time.perf_counter()
+    try:
+        chk = gg_check(model, wide, (x,), backend="onnxruntime", batches=3)
+    except graphgrow.GraphGrowError as exc:
+        res.update(_exc_fields(exc), check_s=round(time.perf_counter() - t0, 3))
+        res["status"] = f"refused: [check] {type(exc).__name__}: {_short(exc)}"
+        extras = []
+        # workaround 1: nn.MultiheadAttention's eval fast path (aten::_native_multi_head_attention) has no ONNX
+        # export; with the fast path off, the same check can run in onnxruntime
+        if "_native_multi_head_attention" in str(exc) and hasattr(torch.backends, "mha"):
+            t1 = time.perf_counter()
+            prev = torch.backends.mha.get_fastpath_enabled()
+            try:
+                torch.backends.mha.set_fastpath_enabled(False)
+                wchk = gg_check(model, wide, (x,), backend="onnxruntime", batches=3)
+                w = wchk.worst
+                res["ort_check_mha_fastpath_off"] = {
+                    "passed": bool(wchk.passed), "max_rel": w.max_rel if w else None,
+                    "max_abs": w.max_abs if w else None, "s": round(time.perf_counter() - t1, 3)}
+                extras.append(f"onnxruntime check with torch.backends.mha fast path off: "
+                              f"{'passed' if wchk.passed else 'NOT PASSED'}, max_rel {w.max_rel:.2e}, max_abs "
+                              f"{w.max_abs:.2e} ({time.perf_counter() - t1:.1f} s)")
+                if not wchk.passed:
+                    res["status"] = (f"WRONG: onnxruntime check with the MHA fast path off failed: output "
+                                     f"{w.name!r} max_rel {w.max_rel:.3g}")
+            except Exception as exc2:  # noqa: BLE001
+                extras.append(f"onnxruntime check with the MHA fast path off raised {type(exc2).__name__}: "
+                              f"{_short(exc2, 150)}")
+            finally:
+                torch.backends.mha.set_fastpath_enabled(prev)
+        # fallback: an eager torch check, so that the widened model is still checked
+        t1 = time.perf_counter()
+        try:
+            tchk = gg_check(model, wide, (x,), backend="torch", batches=3)
+            w = tchk.worst
+            res["torch_check"] = {"passed": bool(tchk.passed), "max_rel": w.max_rel if w else None,
+                                  "max_abs": w.max_abs if w else None, "s": round(time.perf_counter() - t1, 3)}
+            extras.append(f"torch-eager check: {'passed' if tchk.passed else 'NOT PASSED'}, max_rel "
+                          f"{w.max_rel:.2e}, max_abs {w.max_abs:.2e}" if w else "torch-eager check: no outputs")
+            if not tchk.passed:
+                res["status"] = f"WRONG: torch-eager check failed (onnxruntime check unavailable: {_short(exc, 150)})"
+        except Exception as exc2:  # noqa: BLE001
+            extras.append(f"torch-eager check raised {type(exc2).__name__}: {_short(exc2, 150)}")
+        res["note"] = "; ".join(([res["note"]] if res.get("note") else []) + extras)
+        res["rss_peak_mb"] = round(_rss_peak_mb(), 1)
+        return res
+    except Exception as exc:  # noqa: BLE001
+        res.update(_exc_fields(exc), check_s=round(time.perf_counter() - t0, 3))
+        res["status"] = f"error: [check] {type(exc).__name__}: {_short(exc)}"
+        return res
+    res["check_s"] = round(time.perf_counter() - t0, 3)
+    res["rss_peak_mb"] = round(_rss_peak_mb(), 1)
+    w = chk.worst
+    res["passed"] = bool(chk.passed)
+    res["max_rel"] = None if w is None else float(w.max_rel)
+    res["max_abs"] = None if w is None else float(w.max_abs)
+    res["check"] = chk.to_dict()
+    if not chk.passed:
+        res["status"] = (f"WRONG: widened model is not equivalent in onnxruntime: output {w.name!r} max_rel "
+                         f"{w.max_rel:.3g} (max_abs {w.max_abs:.3g})" if w is not None
+                         else "WRONG: check did not pass (no outputs)")
+    elif res["widened"] > 0:
+        res["status"] = "widened+equivalent"
+    else:
+        res["status"] = "equivalent, nothing widened"
+    return res
+
+
+def worker_main(args) -> int:
+    try:
+        res = worker(args.worker, args.factor, args.max_params, args.threads)
+    except Exception as exc:  # noqa: BLE001 - setup failure (model build, input size): still report
+        res = {"model": args.worker, "factor": args.factor, **_exc_fields(exc),
+               "status": f"error: [setup] {type(exc).__name__}: {_short(exc)}"}
+    with open(args.out, "w") as f:
+        json.dump(res, f, indent=1, default=str)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# driver
+# ----------------------------------------------------------------------------------------------------------------
+
+def _rss_mb(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return 0.0
+
+
+def run_one(name: str, args) -> dict:
+    """Run the worker for ``name`` in a subprocess (own process group), with a timeout and an RSS limit."""
+    fd, out = tempfile.mkstemp(prefix=f"coverage-{name}-", suffix=".json")
+    os.close(fd)
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", name, "--out", out, "--factor", str(args.factor),
+           "--max-params", str(args.max_params)]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    env = dict(os.environ)
+    env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    t0 = time.perf_counter()
+    log = open(out + ".log", "w+")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+    peak = 0.0
+    killed = None
+    while True:
+        try:
+            proc.wait(timeout=1.0)
+            break
+        except subprocess.TimeoutExpired:
+            pass
+        rss = _rss_mb(proc.pid)
+        peak = max(peak, rss)
+        if time.perf_counter() - t0 > args.timeout:
+            killed = "timeout"
+        elif rss > args.mem_limit_gb * 1024:
+            killed = f"killed: resident memory {rss / 1024:.1f} GB went over --mem-limit-gb {args.mem_limit_gb}"
+        if killed:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)  # the worker's own process group (start_new_session)
+            except ProcessLookupError:
+                pass
+            proc.wait()
+            break
+    elapsed = time.perf_counter() - t0
+    log.seek(0)
+    tail = log.read()[-3000:]
+    log.close()
+    res = None
+    if not killed:
+        try:
+            with open(out) as f:
+                res = json.load(f)
+        except (OSError, ValueError):
+            res = None
+    for p in (out, out + ".log"):
+        try:
+            os.unlink(p)
+        except OSError:
+            pass
+    if res is None:
+        if killed == "timeout":
+            res = {"model": name, "status": "timeout", "note": f"worker killed after {args.timeout:.0f} s"}
+        elif killed:
+            res = {"model": name, "status": killed}
+        else:
+            res = {"model": name, "status": f"killed: worker exited with code {proc.returncode} and no result "
+                                            f"(crash / out of memory?)", "worker_output_tail": tail}
+    res["total_s"] = round(elapsed, 2)
+    res["worker_rss_peak_mb_sampled"] = round(peak, 1)
+    return res
+
+
+def status_class(status: str) -> str:
+    for s in STATUS_ORDER:
+        if status == s or status.startswith(s + ":") or status.startswith(s + " "):
+            return s
+    if status.startswith("skipped"):
+        return "skipped"
+    return status.split(":")[0]
+
+
+def _fmt(x, spec):
+    return "" if x is None else format(x, spec)
+
+
+def _params(n):
+    if n is None:
+        return ""
+    return f"{n / 1e6:.2f}M"
+
+
+def _status_cell(r: dict) -> str:
+    text = _short(r["status"], 160)
+    w = r.get("ort_check_mha_fastpath_off")
+    if w:
+        text += (f" -- with the MHA fast path off: onnxruntime check {'passed' if w['passed'] else 'NOT PASSED'}, "
+                 f"max_rel {_fmt(w.get('max_rel'), '.1e')}")
+    elif r.get("torch_check"):
+        t = r["torch_check"]
+        text += f" -- torch-eager check {'passed' if t['passed'] else 'NOT PASSED'}, max_rel {_fmt(t.get('max_rel'), '.1e')}"
+    return text.replace("|", "\\|")
+
+
+def metadata(args, all_models: list) -> dict:
+    import onnx
+    import onnxruntime
+    import torch
+    import torchvision
+
+    try:
+        with open("/proc/meminfo") as f:
+            mem = int(f.readline().split()[1]) / 1024 / 1024
+    except OSError:
+        mem = None
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                                timeout=10).stdout.strip() or None
+    except Exception:  # noqa: BLE001
+        commit = None
+    import graphgrow
+
+    return {
+        "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "command": "PYTHONPATH=/work/main " + " ".join(shlex.quote(a) for a in [sys.executable] + sys.argv),
+        "torch": torch.__version__, "torchvision": torchvision.__version__, "onnxruntime": onnxruntime.__version__,
+        "onnx": onnx.__version__, "python": platform.python_version(), "graphgrow": graphgrow.__version__,
+        "git_commit": commit,
+        "machine": {"platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(),
+                    "mem_gb": None if mem is None else round(mem, 1)},
+        "factor": args.factor, "timeout_s": args.timeout, "max_params": args.max_params,
+        "mem_limit_gb": args.mem_limit_gb, "threads": args.threads or "torch default",
+        "check": "graphgrow.check(model, wide, (x,), backend='onnxruntime', batches=3) after "
+                 "graphgrow.widen(model, factor, example_inputs=(x,), verify='none')",
+        "models_total": len(all_models),
+    }
+
+
+def write_outputs(meta: dict, results: dict, all_models: list, json_path: str, md_path: str) -> str:
+    ordered = [results[m] for m in all_models if m in results] + \
+              [r for m, r in results.items() if m not in all_models]
+    with open(json_path + ".tmp", "w") as f:
+        json.dump({"metadata": meta, "results": ordered}, f, indent=1, default=str)
+    os.replace(json_path + ".tmp", json_path)
+
+    total = len(all_models)
+    counts: dict = {}
+    for r in ordered:
+        c = status_class(r["status"])
+        counts[c] = counts.get(c, 0) + 1
+    ok = counts.get("widened+equivalent", 0)
+    summary = f"{ok}/{total} widened and equivalent"
+    seen, parts = set(), []
+    for k in STATUS_ORDER + sorted(counts):
+        if k in counts and k not in seen:
+            seen.add(k)
+            parts.append(f"{k}: {counts[k]}")
+    lines = [f"# graphgrow coverage: torchvision classification models, widen x{meta['factor']}", "",
+             f"**{summary}**" + ("" if len(ordered) >= total else f" ({len(ordered)}/{total} models run so far)"),
+             "", "Status counts: " + ", ".join(parts), ""]
+    lines += [
+        f"Command: `{meta['command']}`", "",
+        f"Date {meta['date']}; torch {meta['torch']}, torchvision {meta['torchvision']}, onnxruntime "
+        f"{meta['onnxruntime']}, onnx {meta['onnx']}, python {meta['python']}; git {meta.get('git_commit')}; "
+        f"machine: {meta['machine']['cpu']}, {meta['machine']['cpu_count']} CPUs, {meta['machine']['mem_gb']} GB; "
+        f"torch threads: {meta['threads']}.", "",
+        "Each model: random init (`torch.manual_seed(0)`), eval mode, one input of batch 1 (size in the table), "
+        "then `graphgrow.widen(model, factor, example_inputs=(x,), verify='none')` (column *widen s*: analysis + "
+        "rewrite) and `graphgrow.check(model, wide, (x,), backend='onnxruntime', batches=3)` (column *check s*: "
+        "ONNX export of both models + 3 batches in onnxruntime), each model in its own subprocess "
+        f"(timeout {meta['timeout_s']:.0f} s). *max_rel* / *max_abs* are the worst output differences of the "
+        "onnxruntime check. Spaces: *wid.* = widened (incl. partly frozen), *frz* = fully frozen, *part* = "
+        "widened but partly frozen.", "",
+        "| # | model | input | params before | params after | ratio | spaces | wid. | frz | part | max_rel | "
+        "max_abs | widen s | check s | peak RSS GB | status |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for i, r in enumerate(ordered, 1):
+        inp = "x".join(str(d) for d in r["input"][2:]) if r.get("input") else ""
+        rss = r.get("worker_rss_peak_mb_sampled") or r.get("rss_peak_mb")
+        lines.append("| " + " | ".join([
+            str(i), r["model"], inp, _params(r.get("params_before")), _params(r.get("params_after")),
+            _fmt(r.get("ratio"), ".3f"), str(r.get("spaces", "")), str(r.get("widened", "")),
+            str(r.get("fully_frozen", "")), str(r.get("partly_frozen", "")), _fmt(r.get("max_rel"), ".1e"),
+            _fmt(r.get("max_abs"), ".1e"), _fmt(r.get("widen_s"), ".1f"), _fmt(r.get("check_s"), ".1f"),
+            _fmt(None if not rss else rss / 1024, ".1f"), _status_cell(r)]) + " |")
+    # frozen reasons per model
+    lines += ["", "## Frozen channel spaces: top reasons per model", "",
+              "| model | frozen / partly frozen | top reasons (count) |", "|---|---|---|"]
+    for r in ordered:
+        if r.get("frozen_reasons_top"):
+            reasons = "; ".join(f"{t} ({c})" for t, c in r["frozen_reasons_top"]).replace("|", "\\|")
+            lines.append(f"| {r['model']} | {r.get('fully_frozen', 0)} / {r.get('partly_frozen', 0)} | {reasons} |")
+    # overall reasons
+    overall: dict = {}
+    for r in ordered:
+        for k, v in (r.get("frozen_reasons") or {}).items():
+            overall[k] = overall.get(k, 0) + v
+    if overall:
+        lines += ["", "## Frozen reasons over all models (spaces)", "", "| reason | spaces |", "|---|---|"]
+        for k, v in sorted(overall.items(), key=lambda kv: -kv[1])[:25]:
+            lines.append(f"| {_short(k, 200).replace('|', chr(92) + '|')} | {v} |")
+    # details of non-successes
+    bad = [r for r in ordered if status_class(r["status"]) not in ("widened+equivalent",)]
+    if bad:
+        lines += ["", "## Models that are not widened+equivalent", ""]
+        for r in bad:
+            lines.append(f"### {r['model']}: {status_class(r['status'])}")
+            lines.append("")
+            lines.append(f"- status: `{r['status']}`")
+            if r.get("note"):
+                lines.append(f"- note: {r['note']}")
+            if r.get("graphgrow_frame"):
+                lines.append(f"- last graphgrow frame: `{r['graphgrow_frame']}`")
+            if r.get("traceback") and status_class(r["status"]) in ("error", "WRONG"):
+                lines += ["", "```", r["traceback"].rstrip()[-3000:], "```"]
+            elif r.get("exc_message") and len(r["exc_message"]) > 300:
+                lines.append(f"- full message: {_short(r['exc_message'], 1500)}")
+            lines.append("")
+    with open(md_path + ".tmp", "w") as f:
+        f.write("\n".join(lines) + "\n")
+    os.replace(md_path + ".tmp", md_path)
+    return summary + " | " + ", ".join(parts)
+
+
+def driver(args) -> int:
+    import torchvision
+
+    all_models = list(torchvision.models.list_models(module=torchvision.models))
+    models = [m for m in all_models if not args.only or re.search(args.only, m)]
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    results: dict = {}
+    if os.path.exists(args.json):
+        try:
+            with open(args.json) as f:
+                old = json.load(f)
+            results = {r["model"]: r for r in old.get("results", [])}
+        except (OSError, ValueError):
+            results = {}
+    if not args.resume and not args.only:
+        results = {}  # a fresh full sweep
+    meta = metadata(args, all_models)
+    todo = [m for m in models if not (args.resume and m in results)]
+    print(f"[coverage] {len(todo)} model(s) to run ({len(models) - len(todo)} already done), factor {args.factor}, "
+          f"timeout {args.timeout:.0f} s", file=sys.stderr, flush=True)
+    for i, name in enumerate(todo, 1):
+        res = run_one(name, args)
+        results[name] = res
+        summary = write_outputs(meta, results, all_models, args.json, args.md)
+        mr = res.get("max_rel")
+        print(f"[coverage] {i}/{len(todo)} {name}: {_short(res['status'], 200)} | widen "
+              f"{_fmt(res.get('widen_s'), '.1f')} s, check {_fmt(res.get('check_s'), '.1f')} s, total "
+              f"{res['total_s']:.1f} s" + (f", max_rel {mr:.1e}" if mr is not None else "")
+              + f", peak RSS {res.get('worker_rss_peak_mb_sampled', 0) / 1024:.1f} GB", file=sys.stderr, flush=True)
+    summary = write_outputs(meta, results, all_models, args.json, args.md)
+    print(f"[coverage] {summary}", file=sys.stderr, flush=True)
+    print(f"[coverage] wrote {args.json} and {args.md}", file=sys.stderr, flush=True)
+    return 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--only", help="regex: run only the models whose name matches (re.search)")
+    p.add_argument("--resume", action="store_true", help="skip models already in the json")
+    p.add_argument("--factor", type=float, default=1.5)
+    p.add_argument("--timeout", type=float, default=900.0, help="seconds per model (default 900)")
+    p.add_argument("--max-params", type=float, default=1.2e9,
+                   help="skip models whose estimated params after widening exceed this (default 1.2e9)")
+    p.add_argument("--mem-limit-gb", type=float, default=18.0,
+                   help="kill a worker whose resident memory goes over this (default 18)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads in the worker (default: torch's)")
+    p.add_argument("--json", default=os.path.join(RESULTS, "coverage.json"))
+    p.add_argument("--md", default=os.path.join(RESULTS, "coverage.md"))
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--out", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        return worker_main(args)
+    return driver(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
