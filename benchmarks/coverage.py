@@ -9,7 +9,12 @@ the sweep)::
     rep  = graphgrow.check(model, wide, (x,), backend="onnxruntime", batches=3)  # timed: "check_s"
 
 which is what ``graphgrow.widen(..., verify="onnxruntime")`` does, split in two
-so that the rewrite and the check are timed separately.
+so that the rewrite and the check are timed separately.  Then the same is done
+on the model after :func:`desymmetrize` (all-constant tensors -- norm affine
+params, running stats, zero biases, layer scales, ViT's zero head -- replaced
+by random values), because default init makes the check blind to how those
+tensors are mapped (ViT's output is even all zero); ``--no-perturb`` skips it.
+A WRONG/error in that variant makes the model's status WRONG/error.
 
 Statuses:
 
@@ -121,37 +126,51 @@ def _frozen_summary(report, top: int = 4) -> list:
     return [[_short(r, 90), c] for r, c in counts[:top]]
 
 
-def worker(name: str, factor: float, max_params: float, threads: int | None) -> dict:
+def desymmetrize(model, seed: int = 1) -> list:
+    """Replace every floating parameter / buffer whose elements are all equal by random values; returns their names.
+
+    Default initialization leaves many tensors constant across channels (norm weights 1 and biases 0, running
+    stats 0 / 1, zero biases, ConvNeXt layer scales 1e-6, ViT's zero class token and zero head), which makes an
+    equivalence check blind to a wrong channel mapping of those tensors (and, for ViT, makes the output all zero).
+    New values: running_var -> U(0.5, 1.5); zeros -> N(0, 0.02) for tensors of dim >= 2 else N(0, 0.1);
+    tiny constants (|v| < 1e-3, layer scales) -> U(0.1, 1); any other constant v -> v * U(0.5, 1.5).
+    """
     import torch
-    import torchvision
+
+    g = torch.Generator().manual_seed(seed)
+    changed = []
+    with torch.no_grad():
+        for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+            if not t.is_floating_point() or t.numel() < 2:
+                continue
+            flat = t.detach().flatten()
+            if not bool((flat == flat[0]).all()):
+                continue
+            v = float(flat[0])
+            r = torch.rand(t.shape, generator=g)
+            if name.endswith("running_var"):
+                new = 0.5 + r
+            elif v == 0.0:
+                new = torch.randn(t.shape, generator=g) * (0.02 if t.dim() >= 2 else 0.1)
+            elif abs(v) < 1e-3:
+                new = 0.1 + 0.9 * r
+            else:
+                new = v * (0.5 + r)
+            t.copy_(new.to(t.dtype))
+            changed.append(name)
+    return changed
+
+
+def _widen_and_check(model, x, factor: float) -> dict:
+    """widen(verify="none") then the onnxruntime check; a dict of results with a "status"."""
+    import torch
 
     import graphgrow
     # note: import the function from its module; the package attribute graphgrow.check turns into the
     # submodule graphgrow.check after its first (lazy) access, so a second graphgrow.check(...) call fails
     from graphgrow.check import check as gg_check
 
-    if threads:
-        torch.set_num_threads(threads)
-    res: dict = {"model": name, "factor": factor, "threads": torch.get_num_threads()}
-    t0 = time.perf_counter()
-    torch.manual_seed(0)
-    model = torchvision.models.get_model(name, **MODEL_KWARGS.get(name, {})).eval()
-    res["build_s"] = round(time.perf_counter() - t0, 3)
-    res["params_before"] = int(sum(p.numel() for p in model.parameters()))
-    est = res["params_before"] * factor * factor
-    if est > max_params:
-        res["status"] = (f"skipped: too large for this machine (estimated {est / 1e9:.2f}e9 params after widening "
-                         f"= params_before x {factor}^2 > limit {max_params / 1e9:.2f}e9)")
-        res["params_after_estimate"] = int(est)
-        return res
-
-    size, notes = _pick_size(name, model, torch)
-    res["input"] = [1, 3, size, size]
-    if notes:
-        res["note"] = "; ".join(notes)
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(1, 3, size, size, generator=gen)
-
+    res: dict = {}
     # 1. analysis + rewrite
     t0 = time.perf_counter()
     try:
@@ -202,7 +221,8 @@ def worker(name: str, factor: float, max_params: float, threads: int | None) -> 
                 w = wchk.worst
                 res["ort_check_mha_fastpath_off"] = {
                     "passed": bool(wchk.passed), "max_rel": w.max_rel if w else None,
-                    "max_abs": w.max_abs if w else None, "s": round(time.perf_counter() - t1, 3)}
+                    "max_abs": w.max_abs if w else None, "ref_max": w.ref_max if w else None,
+                    "s": round(time.perf_counter() - t1, 3)}
                 extras.append(f"onnxruntime check with torch.backends.mha fast path off: "
                               f"{'passed' if wchk.passed else 'NOT PASSED'}, max_rel {w.max_rel:.2e}, max_abs "
                               f"{w.max_abs:.2e} ({time.perf_counter() - t1:.1f} s)")
@@ -220,7 +240,8 @@ def worker(name: str, factor: float, max_params: float, threads: int | None) -> 
             tchk = gg_check(model, wide, (x,), backend="torch", batches=3)
             w = tchk.worst
             res["torch_check"] = {"passed": bool(tchk.passed), "max_rel": w.max_rel if w else None,
-                                  "max_abs": w.max_abs if w else None, "s": round(time.perf_counter() - t1, 3)}
+                                  "max_abs": w.max_abs if w else None, "ref_max": w.ref_max if w else None,
+                                  "s": round(time.perf_counter() - t1, 3)}
             extras.append(f"torch-eager check: {'passed' if tchk.passed else 'NOT PASSED'}, max_rel "
                           f"{w.max_rel:.2e}, max_abs {w.max_abs:.2e}" if w else "torch-eager check: no outputs")
             if not tchk.passed:
@@ -240,6 +261,7 @@ def worker(name: str, factor: float, max_params: float, threads: int | None) -> 
     res["passed"] = bool(chk.passed)
     res["max_rel"] = None if w is None else float(w.max_rel)
     res["max_abs"] = None if w is None else float(w.max_abs)
+    res["ref_max"] = None if w is None else float(w.ref_max)
     res["check"] = chk.to_dict()
     if not chk.passed:
         res["status"] = (f"WRONG: widened model is not equivalent in onnxruntime: output {w.name!r} max_rel "
@@ -252,14 +274,84 @@ def worker(name: str, factor: float, max_params: float, threads: int | None) -> 
     return res
 
 
+def _dump(res: dict, path: str | None) -> None:
+    if path:
+        with open(path + ".tmp", "w") as f:
+            json.dump(res, f, indent=1, default=str)
+        os.replace(path + ".tmp", path)
+
+
+def worker(name: str, factor: float, max_params: float, threads: int | None, perturb: bool = True,
+           out: str | None = None) -> dict:
+    import torch
+    import torchvision
+
+    if threads:
+        torch.set_num_threads(threads)
+    res: dict = {"model": name, "factor": factor, "threads": torch.get_num_threads()}
+    t0 = time.perf_counter()
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(name, **MODEL_KWARGS.get(name, {})).eval()
+    res["build_s"] = round(time.perf_counter() - t0, 3)
+    res["params_before"] = int(sum(p.numel() for p in model.parameters()))
+    est = res["params_before"] * factor * factor
+    if est > max_params:
+        res["status"] = (f"skipped: too large for this machine (estimated {est / 1e9:.2f}e9 params after widening "
+                         f"= params_before x {factor}^2 > limit {max_params / 1e9:.2f}e9)")
+        res["params_after_estimate"] = int(est)
+        return res
+
+    size, notes = _pick_size(name, model, torch)
+    res["input"] = [1, 3, size, size]
+    if notes:
+        res["note"] = "; ".join(notes)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 3, size, size, generator=gen)
+
+    # 1. the model as torchvision initializes it
+    res.update(_widen_and_check(model, x, factor))
+    if notes and res.get("note") != "; ".join(notes):
+        res["note"] = "; ".join(notes + ([res["note"]] if res.get("note") else []))
+    if not perturb:
+        return res
+    res["perturbed"] = {"status": "not finished"}
+    _dump(res, out)  # partial result, in case the second variant times out or crashes
+    del res["perturbed"]
+
+    # 2. the same model with its constant tensors replaced by random values (see desymmetrize), so that the check
+    #    also sees norm affine params / running stats / layer scales / zero heads that default init leaves constant
+    del model
+    import gc
+
+    gc.collect()
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(name, **MODEL_KWARGS.get(name, {})).eval()
+    changed = desymmetrize(model, seed=1)
+    pert = _widen_and_check(model, x, factor)
+    pert["desymmetrized_tensors"] = len(changed)
+    pert["desymmetrized_examples"] = changed[:6]
+    keep = ("status", "widen_s", "check_s", "params_after", "widened", "fully_frozen", "partly_frozen", "passed",
+            "max_rel", "max_abs", "ref_max", "note", "exc_type", "exc_message", "graphgrow_frame", "traceback",
+            "ort_check_mha_fastpath_off", "torch_check", "desymmetrized_tensors", "desymmetrized_examples",
+            "rss_peak_mb")
+    res["perturbed"] = {k: pert[k] for k in keep if k in pert}
+    res["status_default_init"] = res["status"]
+    pc, dc = status_class(pert["status"]), status_class(res["status"])
+    if pc in ("WRONG", "error") and dc not in ("WRONG", "error"):
+        res["status"] = f"{pc}: [desymmetrized init] {pert['status'].split(':', 1)[1].strip()}"
+    elif dc in ("widened+equivalent", "equivalent, nothing widened") and pc != dc:
+        res["status"] = f"{res['status']} (desymmetrized init: {pert['status']})"
+    return res
+
+
 def worker_main(args) -> int:
     try:
-        res = worker(args.worker, args.factor, args.max_params, args.threads)
+        res = worker(args.worker, args.factor, args.max_params, args.threads, perturb=not args.no_perturb,
+                     out=args.out)
     except Exception as exc:  # noqa: BLE001 - setup failure (model build, input size): still report
         res = {"model": args.worker, "factor": args.factor, **_exc_fields(exc),
                "status": f"error: [setup] {type(exc).__name__}: {_short(exc)}"}
-    with open(args.out, "w") as f:
-        json.dump(res, f, indent=1, default=str)
+    _dump(res, args.out)
     return 0
 
 
@@ -286,6 +378,8 @@ def run_one(name: str, args) -> dict:
            "--max-params", str(args.max_params)]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
+    if args.no_perturb:
+        cmd += ["--no-perturb"]
     env = dict(os.environ)
     env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     t0 = time.perf_counter()
@@ -317,12 +411,21 @@ def run_one(name: str, args) -> dict:
     tail = log.read()[-3000:]
     log.close()
     res = None
-    if not killed:
-        try:
-            with open(out) as f:
-                res = json.load(f)
-        except (OSError, ValueError):
-            res = None
+    try:
+        with open(out) as f:
+            res = json.load(f)
+    except (OSError, ValueError):
+        res = None
+    if res is not None and killed:
+        # the worker finished the default-init variant before it was killed
+        why = "timeout" if killed == "timeout" else killed
+        res["perturbed"] = {"status": why}
+        res["status_default_init"] = res["status"]
+        if status_class(res["status"]) in ("widened+equivalent", "equivalent, nothing widened"):
+            res["status"] = f"{res['status']} (desymmetrized init: {why})"
+    elif res is not None and res.get("perturbed", {}).get("status") == "not finished":
+        res["perturbed"] = {"status": f"worker exited with code {proc.returncode} during this variant",
+                            "worker_output_tail": tail}
     for p in (out, out + ".log"):
         try:
             os.unlink(p)
@@ -358,6 +461,19 @@ def _params(n):
     if n is None:
         return ""
     return f"{n / 1e6:.2f}M"
+
+
+def _desym_cell(r: dict) -> str:
+    """The desymmetrized-init variant: its onnxruntime max_rel, or why there is none."""
+    p = r.get("perturbed")
+    if not p:
+        return ""
+    if p.get("max_rel") is not None:
+        return format(p["max_rel"], ".1e") + ("" if p.get("passed") else " FAIL")
+    w = p.get("ort_check_mha_fastpath_off")
+    if w and w.get("max_rel") is not None:
+        return format(w["max_rel"], ".1e") + "*" + ("" if w.get("passed") else " FAIL")
+    return _short(p.get("status", ""), 40).replace("|", "\\|")
 
 
 def _status_cell(r: dict) -> str:
@@ -448,11 +564,16 @@ def write_outputs(meta: dict, results: dict, all_models: list, json_path: str, m
         "rewrite) and `graphgrow.check(model, wide, (x,), backend='onnxruntime', batches=3)` (column *check s*: "
         "ONNX export of both models + 3 batches in onnxruntime), each model in its own subprocess "
         f"(timeout {meta['timeout_s']:.0f} s). *max_rel* / *max_abs* are the worst output differences of the "
-        "onnxruntime check. Spaces: *wid.* = widened (incl. partly frozen), *frz* = fully frozen, *part* = "
-        "widened but partly frozen.", "",
+        "onnxruntime check, *out max* the largest |output| of the reference (0 means the check is blind). "
+        "Spaces: *wid.* = widened (incl. partly frozen), *frz* = fully frozen, *part* = widened but partly frozen. "
+        "*desym. max_rel*: the same widen + onnxruntime check on the model after `desymmetrize()` (every "
+        "parameter/buffer whose elements are all equal -- norm weights/biases, running stats, zero biases, "
+        "ConvNeXt layer scales, ViT's zero class token and head -- replaced by random values, so that the check "
+        "also sees those tensors' channel mapping); `*` = measured with the MultiheadAttention fast path off. "
+        "A model counts as widened+equivalent only if neither variant is WRONG/error.", "",
         "| # | model | input | params before | params after | ratio | spaces | wid. | frz | part | max_rel | "
-        "max_abs | widen s | check s | peak RSS GB | status |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        "max_abs | out max | widen s | check s | desym. max_rel | peak RSS GB | status |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for i, r in enumerate(ordered, 1):
         inp = "x".join(str(d) for d in r["input"][2:]) if r.get("input") else ""
         rss = r.get("worker_rss_peak_mb_sampled") or r.get("rss_peak_mb")
@@ -460,7 +581,8 @@ def write_outputs(meta: dict, results: dict, all_models: list, json_path: str, m
             str(i), r["model"], inp, _params(r.get("params_before")), _params(r.get("params_after")),
             _fmt(r.get("ratio"), ".3f"), str(r.get("spaces", "")), str(r.get("widened", "")),
             str(r.get("fully_frozen", "")), str(r.get("partly_frozen", "")), _fmt(r.get("max_rel"), ".1e"),
-            _fmt(r.get("max_abs"), ".1e"), _fmt(r.get("widen_s"), ".1f"), _fmt(r.get("check_s"), ".1f"),
+            _fmt(r.get("max_abs"), ".1e"), _fmt(r.get("ref_max"), ".1e"), _fmt(r.get("widen_s"), ".1f"),
+            _fmt(r.get("check_s"), ".1f"), _desym_cell(r),
             _fmt(None if not rss else rss / 1024, ".1f"), _status_cell(r)]) + " |")
     # frozen reasons per model
     lines += ["", "## Frozen channel spaces: top reasons per model", "",
@@ -541,7 +663,10 @@ def main(argv=None) -> int:
     p.add_argument("--only", help="regex: run only the models whose name matches (re.search)")
     p.add_argument("--resume", action="store_true", help="skip models already in the json")
     p.add_argument("--factor", type=float, default=1.5)
-    p.add_argument("--timeout", type=float, default=900.0, help="seconds per model (default 900)")
+    p.add_argument("--timeout", type=float, default=1800.0,
+                   help="seconds per model, both variants together (default 1800)")
+    p.add_argument("--no-perturb", action="store_true",
+                   help="only the default-init variant (skip the desymmetrized-init widen + check)")
     p.add_argument("--max-params", type=float, default=1.2e9,
                    help="skip models whose estimated params after widening exceed this (default 1.2e9)")
     p.add_argument("--mem-limit-gb", type=float, default=18.0,
