@@ -1,0 +1,109 @@
+"""Unit tests of the frontend-neutral core (numpy only)."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from graphgrow.core import arithmetic as ar
+from graphgrow.core.labels import channel_labels, channel_of, element_labels, resalt, varying_axes
+from graphgrow.core.plan import GrowthConstraints, solve_plan, target_width
+from graphgrow.core.provenance import Mismatch, match_rows
+from graphgrow.core.spaces import SpaceTable
+
+
+def test_target_width():
+    assert target_width(10, 1.41) == 14
+    assert target_width(3, 1.1) == 3
+    assert target_width(10, 1.3, divisor=8) == 16
+
+
+def test_plan_counts_and_mapping():
+    t = SpaceTable()
+    a = t.new_space("a", 10, "produced")
+    b = t.new_space("b", 10, "produced")
+    c = GrowthConstraints(t)
+    c.tie(a.chan_ids, b.chan_ids)  # a residual add
+    plan = solve_plan(c, {a.id: 15, b.id: 15}, seed=0)
+    assert plan.new_size(a) == plan.new_size(b) == 15
+    assert np.array_equal(plan.replication_counts(a), plan.replication_counts(b))
+    g = plan.mapping(a)
+    assert len(g) == 15 and set(g.tolist()) == set(range(10))  # every old unit kept
+    assert np.all(np.diff(g) >= 0)  # each old unit followed by its copies
+
+
+def test_plan_blocks_and_freeze():
+    t = SpaceTable()
+    a = t.new_space("a", 12, "produced")
+    c = GrowthConstraints(t)
+    c.tie_blocks(a.chan_ids, 4)  # 4 groups of a grouped conv
+    plan = solve_plan(c, {a.id: 18}, seed=1)
+    per_group = plan.replication_counts(a).reshape(4, 3).sum(1)
+    assert len(set(per_group.tolist())) == 1
+    c.freeze(a.chan_ids[:1], "test")
+    plan = solve_plan(c, {a.id: 24}, seed=1)
+    assert plan.replication_counts(a).reshape(4, 3)[:, 0].tolist() == [1, 1, 1, 1]
+    assert a.frozen_reasons == ["test"]
+
+
+def test_labels_roundtrip_and_resalt_keeps_contents_apart():
+    lab = channel_labels((2, 3, 4, 4), 1, np.array([7, 8, 9]), salt=5)
+    assert channel_of(lab)[0, :, 0, 0].tolist() == [7, 8, 9]
+    assert varying_axes(lab) == [1]
+    x = element_labels((2, 3), 1, 2)
+    assert len(np.unique(x)) == 6
+    # cat([x, f(x)]) then another op: the two halves must never compare equal
+    both = np.concatenate([lab, resalt(lab, 11)], axis=1)
+    again = resalt(both, 12)
+    assert not np.array_equal(again[:, :3], again[:, 3:])
+
+
+def test_match_rows_and_mismatch():
+    old = channel_labels((1, 3, 2, 2), 1, np.array([0, 1, 2]), 1)
+    new = old[:, [0, 0, 1, 2, 2]]
+    m = match_rows(old, new, 1)
+    assert m.source().tolist() == [0, 0, 1, 2, 2]
+    assert m.copies.tolist() == [2, 1, 2]
+    with pytest.raises(Mismatch):
+        match_rows(old, old[:, [0, 1]], 1)  # channel 2 lost
+    with pytest.raises(Mismatch):
+        match_rows(old, channel_labels((1, 3, 2, 2), 1, np.array([0, 1, 5]), 1), 1)  # foreign content
+
+
+def test_consume_divides_and_exact_noise_sums_to_zero():
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(4, 3))
+    old = channel_labels((1, 3), 1, np.array([0, 1, 2]), 1)
+    m = match_rows(old, old[:, [0, 1, 1, 1, 2]], 1)
+    new = ar.consume(w, 1, m)
+    x = rng.normal(size=3)
+    assert np.allclose(new @ x[[0, 1, 1, 1, 2]], w @ x, atol=1e-12)
+    noisy = ar.consume(w, 1, m, noise=0.5, noise_mode="exact", rng=rng)
+    assert np.allclose(noisy @ x[[0, 1, 1, 1, 2]], w @ x, atol=1e-12)
+    assert not np.allclose(noisy, new)
+    paper = ar.consume(w, 1, m, noise=0.5, noise_mode="paper", rng=rng)
+    assert not np.allclose(paper @ x[[0, 1, 1, 1, 2]], w @ x, atol=1e-3)
+
+
+def test_consume_duplicated_channels_sums_columns():
+    w = np.arange(12.0).reshape(3, 4)
+    lab = channel_labels((1, 2), 1, np.array([0, 1]), 1)
+    old = np.concatenate([lab, lab], 1)  # cat([x, x])
+    new = np.concatenate([lab[:, [0, 0, 1]], lab[:, [0, 0, 1]]], 1)
+    m = match_rows(old, new, 1)
+    out = ar.consume(w, 1, m)
+    x = np.array([1.0, 2.0])
+    assert np.allclose(out @ x[[0, 0, 1, 0, 0, 1]], w @ x[[0, 1, 0, 1]])
+
+
+def test_core_does_not_import_torch():
+    code = ("import sys, importlib.util, types; pkg = types.ModuleType('graphgrow'); pkg.__path__ = ['graphgrow'];"
+            "sys.modules['graphgrow'] = pkg;"
+            "import graphgrow.core.plan, graphgrow.core.arithmetic, graphgrow.core.provenance, graphgrow.core.report;"
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    import os
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
