@@ -62,7 +62,10 @@ ROOT = os.path.dirname(HERE)
 RESULTS = os.path.join(HERE, "results")
 
 # image sizes that models need (everything else: 64, falling back to larger sizes if the forward fails)
-FIXED_SIZES = [(r"^vit_", 224), (r"^swin", 224), (r"^maxvit_t$", 224), (r"^inception_v3$", 96)]
+# alexnet / vgg*: their AdaptiveAvgPool2d((6, 6)) / ((7, 7)) only exports to ONNX when its input is a multiple
+# of the output size, i.e. at 224 (at 64 the TorchScript exporter refuses the reference model)
+FIXED_SIZES = [(r"^vit_", 224), (r"^swin", 224), (r"^maxvit_t$", 224), (r"^inception_v3$", 96), (r"^alexnet$", 224),
+               (r"^vgg", 224)]
 FALLBACK_SIZES = [64, 96, 128, 160, 224]
 MODEL_KWARGS = {"googlenet": {"aux_logits": False, "init_weights": True},
                 "inception_v3": {"aux_logits": False, "init_weights": True}}
@@ -554,7 +557,10 @@ def write_outputs(meta: dict, results: dict, all_models: list, json_path: str, m
              f"**{summary}**" + ("" if len(ordered) >= total else f" ({len(ordered)}/{total} models run so far)"),
              "", "Status counts: " + ", ".join(parts), ""]
     lines += [
-        f"Command: `{meta['command']}`", "",
+        f"Command: `{meta['command']}`", ""] + (
+        ["Earlier runs merged into these results (rows of models not re-run come from them):", ""]
+        + [f"- {c.get('date')}: `{c.get('command')}`" for c in meta.get("previous_commands", [])] + [""]
+        if meta.get("previous_commands") else []) + [
         f"Date {meta['date']}; torch {meta['torch']}, torchvision {meta['torchvision']}, onnxruntime "
         f"{meta['onnxruntime']}, onnx {meta['onnx']}, python {meta['python']}; git {meta.get('git_commit')}; "
         f"machine: {meta['machine']['cpu']}, {meta['machine']['cpu_count']} CPUs, {meta['machine']['mem_gb']} GB; "
@@ -630,16 +636,22 @@ def driver(args) -> int:
     models = [m for m in all_models if not args.only or re.search(args.only, m)]
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     results: dict = {}
+    old_meta: dict = {}
     if os.path.exists(args.json):
         try:
             with open(args.json) as f:
                 old = json.load(f)
             results = {r["model"]: r for r in old.get("results", [])}
+            old_meta = old.get("metadata", {})
         except (OSError, ValueError):
             results = {}
     if not args.resume and not args.only:
-        results = {}  # a fresh full sweep
+        results, old_meta = {}, {}  # a fresh full sweep
     meta = metadata(args, all_models)
+    if results and old_meta:
+        # this run adds to / replaces rows of an earlier run: keep the earlier commands
+        meta["previous_commands"] = old_meta.get("previous_commands", []) + [
+            {"command": old_meta.get("command"), "date": old_meta.get("date")}]
     todo = [m for m in models if not (args.resume and m in results)]
     print(f"[coverage] {len(todo)} model(s) to run ({len(models) - len(todo)} already done), factor {args.factor}, "
           f"timeout {args.timeout:.0f} s", file=sys.stderr, flush=True)

@@ -150,3 +150,39 @@ def test_verification_failure_raises(monkeypatch):
         graphgrow.widen(m, 1.5, example_inputs=X)
     assert "output0" in str(info.value) and "max_rel" in str(info.value)
     assert not math.isnan(info.value.report.check.worst.max_rel)
+
+
+class Tied(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(6, 8)
+        self.b = nn.Linear(8, 8)
+        self.c = nn.Linear(8, 8)
+        self.c.weight = self.b.weight  # tied weights
+        self.d = nn.Linear(8, 8)
+        self.out = nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.out(self.d(torch.relu(self.c(torch.relu(self.b(torch.relu(self.a(x))))))))
+
+
+def test_tied_weights_stay_tied():
+    m = Tied().eval()
+    x = (torch.randn(3, 6),)
+    wide = graphgrow.widen(m, 1.5, example_inputs=x)
+    assert wide.c.weight is wide.b.weight
+    rep = wide.graphgrow_report
+    a = next(s for s in rep.spaces if s.name == "a")
+    assert a.new_width == 8 and "tied weights" in a.frozen_reasons[0]
+    assert next(s for s in rep.spaces if s.name == "d").new_width == 12
+
+
+def test_analyze_reports_spaces_without_changing():
+    from helpers import space
+
+    m = SubUntraceable().eval()
+    rep = graphgrow.analyze(m, X)
+    assert {s.name for s in rep.spaces} == {"a", "b", "c", "out"}
+    assert all(s.new_width == s.old_width for s in rep.spaces)
+    assert space(rep, "a").frozen_reasons and not space(rep, "b").frozen_reasons
+    assert space(rep, "b").consumers == ["c"] and space(rep, "b").producers == ["b"]

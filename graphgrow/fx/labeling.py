@@ -31,10 +31,11 @@ import torch.nn.functional as F
 from torch.utils._pytree import tree_flatten, tree_map
 
 from ..core import arithmetic as ar
-from ..core.labels import channel_labels, channel_of, channel_sequence, element_labels, resalt, varying_axes
+from ..core.labels import LabelOverflow, channel_labels, channel_of, channel_sequence, element_labels, resalt, varying_axes
 from ..core.plan import GrowthConstraints, WidenPlan
 from ..core.provenance import Mismatch, RowMatch, match_rows, same_channels
 from ..core.spaces import SpaceTable
+from ..errors import GraphGrowError
 
 
 class Conflict(Exception):
@@ -193,6 +194,14 @@ class LabelRun:
             if n.op == "call_module":
                 calls[n.target] = calls.get(n.target, 0) + 1
         self.shared = {k for k, v in calls.items() if v > 1 and any(True for _ in self.modules[k].parameters())}
+        # tied weights: one Parameter held by several modules must stay one tensor
+        owners: dict = {}
+        for name, mod in self.modules.items():
+            for p in mod.parameters(recurse=False):
+                owners.setdefault(id(p), set()).add(name)
+        for names in owners.values():
+            if len(names) > 1:
+                self.shared |= names
 
     # ------------------------------------------------------------ helpers
     def _old_np(self, arg):
@@ -299,8 +308,20 @@ class LabelRun:
             elif node.op == "output":
                 self._output(node)
             else:
-                self.env[node] = self._call(node)
+                self.env[node] = self._call_guarded(node)
         return self
+
+    def _call_guarded(self, node):
+        """An op that fails on labels is an op the analysis does not understand: fail closed."""
+        try:
+            return self._call(node)
+        except (Conflict, GraphGrowError, LabelOverflow):
+            raise
+        except Exception as exc:  # noqa: BLE001
+            msg = f"could not be analysed ({type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''})"
+            if self.analysis:
+                return self._opaque(node, msg)
+            raise self._conflict(node, msg) from None
 
     def _output(self, node):
         outs = [x for x in tree_flatten(self.env[node.args[0]] if False else self._args(node)[0][0])[0] if isinstance(x, L)]
@@ -695,7 +716,7 @@ class LabelRun:
         if not isinstance(x, L) or len([a for a in args if isinstance(a, L)]) != 1 or kwargs:
             return self._opaque(node, "called with several tensors or keyword arguments")
         if node.target in self.shared:
-            return self._opaque(node, "the module is called more than once (tied weights)")
+            return self._opaque(node, "the module is called more than once or shares its weights (tied weights)")
         if isinstance(mod, _IDENTITY_MODULES):
             return x
         if isinstance(mod, _ELEMENTWISE_MODULES):
