@@ -105,6 +105,23 @@ def _rss_peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def graphgrow_src_hash() -> str:
+    """sha1 (12 hex) of graphgrow/**/*.py as it is now: other people edit graphgrow while a sweep runs."""
+    import hashlib
+
+    h = hashlib.sha1()
+    base = os.path.join(ROOT, "graphgrow")
+    for d, dirs, files in sorted(os.walk(base)):
+        dirs.sort()
+        for fn in sorted(files):
+            if fn.endswith(".py"):
+                path = os.path.join(d, fn)
+                h.update(os.path.relpath(path, base).encode())
+                with open(path, "rb") as f:
+                    h.update(f.read())
+    return h.hexdigest()[:12]
+
+
 def _pick_size(name: str, model, torch) -> tuple:
     """(size, notes): the image size the model runs at."""
     for pat, size in FIXED_SIZES:
@@ -291,7 +308,8 @@ def worker(name: str, factor: float, max_params: float, threads: int | None, per
 
     if threads:
         torch.set_num_threads(threads)
-    res: dict = {"model": name, "factor": factor, "threads": torch.get_num_threads()}
+    res: dict = {"model": name, "factor": factor, "threads": torch.get_num_threads(),
+                 "graphgrow_src_sha1": graphgrow_src_hash()}
     t0 = time.perf_counter()
     torch.manual_seed(0)
     model = torchvision.models.get_model(name, **MODEL_KWARGS.get(name, {})).eval()

@@ -34,6 +34,8 @@ from ..core import arithmetic as ar
 from ..core.labels import LabelOverflow, channel_labels, channel_of, channel_sequence, element_labels, resalt, varying_axes
 from ..core.plan import GrowthConstraints, WidenPlan
 from ..core.provenance import Mismatch, RowMatch, match_rows, same_channels
+from ..core.sites import GrowOptions as RunOptions
+from ..core import sites
 from ..core.spaces import SpaceTable
 from ..errors import GraphGrowError
 
@@ -152,14 +154,6 @@ def describe(node: fx.Node, modules) -> str:
     if node.op == "call_method":
         return f"method '.{node.target}()' at node '{node.name}'"
     return f"function '{_fname(node.target)}' at node '{node.name}'"
-
-
-@dataclass
-class RunOptions:
-    noise: float = 0.0
-    noise_mode: str = "exact"
-    init: str = "net2net"
-    seed: int = 0
 
 
 @dataclass
@@ -457,15 +451,8 @@ class LabelRun:
             olds = [self.old[n] for n in node.args[1:3]]
         if not all(isinstance(o, L) for o in olds):
             raise self._conflict(node, "operands are not both tensors in the original")
-        pair_old = np.stack(np.broadcast_arrays(olds[0].np, olds[1].np), axis=-1)
-        pair_new = np.stack(np.broadcast_arrays(a.np, b.np), axis=-1)
-        if pair_old.shape == pair_new.shape and np.array_equal(pair_old, pair_new):
-            return
-        va = varying_axes((olds[0] if a_full else olds[1]).np)
-        if len(va) != 1:
-            raise self._conflict(node, "operands widened along several axes")
         try:
-            match_rows(pair_old, pair_new, va[0], "operands")
+            sites.check_aligned(olds[0].np, olds[1].np, a.np, b.np, (olds[0] if a_full else olds[1]).np)
         except Mismatch as exc:
             raise self._conflict(node, f"its operands no longer align channel by channel ({exc})") from None
 
@@ -518,23 +505,7 @@ class LabelRun:
 
     @staticmethod
     def _channel_ids(x: L, axis: int = 1):
-        """Channel id of every slice along ``axis``, or None when ids do not tell slices apart.
-
-        Ops that rebuild labels from channel ids (pooling, depthwise conv) need two
-        slices with one id to hold the same content; tensors without channel structure
-        (model inputs, results of opaque ops) carry one id for all slices and fail this.
-        """
-        if x.t.ndim < 2:
-            return None
-        seq = channel_sequence(x.np, axis)
-        if seq is None:
-            return None
-        uniq, first = np.unique(seq, return_index=True)
-        if len(uniq) != len(seq):
-            rows = np.moveaxis(x.np, axis, 0)
-            if any(not np.array_equal(rows[i], rows[first[np.searchsorted(uniq, c)]]) for i, c in enumerate(seq)):
-                return None
-        return seq
+        return sites.channel_ids(x.np, axis)
 
     def _pool(self, node, x: L):
         """Per-channel op that may change spatial shape (pooling, interpolation, padding)."""
@@ -566,18 +537,9 @@ class LabelRun:
 
     def _move_ties(self, node, target, args, out):
         outs = [v for v in tree_flatten(out)[0] if isinstance(v, L)]
-        if target in _SPLITTING_MOVES and len(outs) == 1:
-            o = outs[0].np
-            va = varying_axes(o)
-            if len(va) >= 2:
-                src = args[0]
-                if isinstance(src, L) and len(varying_axes(src.np)) < len(va):
-                    chan = channel_of(o)
-                    idx = tuple(slice(None) if ax in va else 0 for ax in range(o.ndim))
-                    sub = chan[idx].reshape(-1, chan.shape[va[-1]])
-                    self.constraints.tie_blocks(sub, sub.shape[0]) if False else [
-                        self.constraints.tie(sub[0], sub[k]) for k in range(1, sub.shape[0])
-                    ]
+        if target in _SPLITTING_MOVES and len(outs) == 1 and isinstance(args[0], L):
+            for a, b in sites.split_axis_ties(args[0].np, outs[0].np):
+                self.constraints.tie(a, b)
         elif target in ("chunk", "split", torch.chunk, torch.split, "unbind", torch.unbind) and len(outs) > 1:
             shapes = {o.shape for o in outs}
             if len(shapes) == 1:
@@ -603,15 +565,13 @@ class LabelRun:
             vals = list(args[1:]) if target != torch.reshape else list(args[1])
             if len(vals) == 1 and isinstance(vals[0], (list, tuple)):
                 vals = list(vals[0])
-            lits = [ax for ax in va if ax < len(raw) and isinstance(raw[ax], int) and raw[ax] != -1]
-            # a size computed in the graph (x.size(1) // g) or a -1 already follows the new width
-            adaptive = any(ax < len(raw) and (isinstance(raw[ax], fx.Node) or raw[ax] == -1) for ax in va)
-            if lits and not adaptive and old_in.t.numel() != new_in.t.numel():
-                ax = lits[-1]
-                num = raw[ax] * new_in.t.numel()
-                if num % old_in.t.numel():
-                    raise self._conflict(node, "its literal shape cannot be rescaled to the new width")
-                vals[ax] = num // old_in.t.numel()
+            try:
+                dims = sites.rescale_shape([None if isinstance(r, fx.Node) else r for r in raw], va,
+                                           old_in.t.numel(), new_in.t.numel())
+            except Mismatch as exc:
+                raise self._conflict(node, str(exc)) from None
+            if dims is not None:
+                vals = [v if d is None else d for v, d in zip(vals, dims)]
                 changed = True
                 if target == torch.reshape:
                     new_args = [args[0], tuple(vals)]
@@ -653,11 +613,10 @@ class LabelRun:
             raise self._conflict(node, str(exc)) from None
 
     def _remap_bound(self, node, src: np.ndarray, b: int) -> int:
-        inside = src < b
-        nb = int(inside.sum())
-        if not inside[:nb].all():
-            raise self._conflict(node, "a channel slice boundary falls between copies")
-        return nb
+        try:
+            return sites.remap_bound(src, b)
+        except Mismatch as exc:
+            raise self._conflict(node, str(exc)) from None
 
     def _getitem(self, node, x: L, idx):
         if not self.analysis:
@@ -789,16 +748,7 @@ class LabelRun:
         new_out = len(mapping)
         if match is not None or new_out != n_out:
             upd = self._update(node)
-            w = self._np(weight)
-            if match is not None:
-                if self.options.init == "random-pad":
-                    w = ar.random_pad_columns(w, w_in, match, self.rng)
-                else:
-                    w = ar.consume(w, w_in, match, noise=self.options.noise, noise_mode=self.options.noise_mode,
-                                   rng=self.rng)
-            w = ar.gather(w, w_out, mapping)
-            if self.options.init == "random-pad" and new_out != n_out:
-                w = ar.random_pad_rows(w, w_out, mapping, self.rng)
+            w = sites.produce_weights(self._np(weight), w_in, w_out, match, mapping, self.options, self.rng)
             upd.tensors["weight"] = w
             if getattr(mod, "bias", None) is not None:
                 upd.tensors["bias"] = ar.gather(self._np(mod.bias), 0, mapping)
@@ -864,28 +814,15 @@ class LabelRun:
         old_x = self.old[node.args[0]]
         n_in_old, n_in_new = old_x.shape[1], x.shape[1]
         new_out = len(mapping)
-        if n_in_new % G or new_out % G:
-            raise self._conflict(node, f"widened channels are not divisible by groups={G}")
         changed = n_in_new != n_in_old or new_out != mod.out_channels or not torch.equal(old_x.t, x.t)
         if changed:
-            opg_old, opg_new = mod.out_channels // G, new_out // G
-            if not np.array_equal(mapping // opg_old, np.arange(new_out) // opg_new):
-                raise self._conflict(node, "an output copy left its group")
-            w = self._np(mod.weight)
-            ipg_old, ipg_new = n_in_old // G, n_in_new // G
-            blocks = []
-            for k in range(G):
-                o = old_x.t.narrow(1, k * ipg_old, ipg_old).numpy()
-                n = x.t.narrow(1, k * ipg_new, ipg_new).numpy()
-                try:
-                    m = match_rows(o, n, 1, f"group {k}")
-                except Mismatch as exc:
-                    raise self._conflict(node, str(exc)) from None
-                rows = w[mapping[k * opg_new:(k + 1) * opg_new]]
-                blocks.append(ar.consume(rows, 1, m, noise=self.options.noise, noise_mode=self.options.noise_mode,
-                                         rng=self.rng))
+            try:
+                w = sites.grouped_weights(self._np(mod.weight), G, old_x.np, x.np, 1, mod.out_channels, mapping,
+                                          self.options, self.rng)
+            except Mismatch as exc:
+                raise self._conflict(node, str(exc)) from None
             upd = self._update(node)
-            upd.tensors["weight"] = np.concatenate(blocks, axis=0)
+            upd.tensors["weight"] = w
             if mod.bias is not None:
                 upd.tensors["bias"] = ar.gather(self._np(mod.bias), 0, mapping)
             upd.attrs.update(in_channels=n_in_new, out_channels=new_out)

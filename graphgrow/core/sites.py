@@ -1,0 +1,137 @@
+"""Site rules shared by the frontends: what one reading site of the widened graph must satisfy
+and the new weights it gets.  Every function works on numpy label / weight arrays and raises
+:class:`~graphgrow.core.provenance.Mismatch` where the widened configuration is inconsistent.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import arithmetic as ar
+from .labels import channel_of, channel_sequence, varying_axes
+from .provenance import Mismatch, RowMatch, match_rows
+
+
+@dataclass
+class GrowOptions:
+    noise: float = 0.0
+    noise_mode: str = "exact"
+    init: str = "net2net"
+    seed: int = 0
+
+
+def channel_ids(labels: np.ndarray, axis: int = 1):
+    """Channel id of every slice along ``axis``, or None when ids do not tell slices apart.
+
+    Rules that rebuild labels from channel ids (pooling, depthwise conv) need two
+    slices with one id to hold the same content; tensors without channel structure
+    (model inputs, results of opaque ops) carry one id for all slices and fail this.
+    """
+    if labels.ndim < 2:
+        return None
+    seq = channel_sequence(labels, axis)
+    if seq is None:
+        return None
+    uniq, first = np.unique(seq, return_index=True)
+    if len(uniq) != len(seq):
+        rows = np.moveaxis(labels, axis, 0)
+        if any(not np.array_equal(rows[i], rows[first[np.searchsorted(uniq, c)]]) for i, c in enumerate(seq)):
+            return None
+    return seq
+
+
+def unify_pairs(a: np.ndarray, b: np.ndarray):
+    """Channel ids of two operands, broadcast against each other (to be tied)."""
+    return np.broadcast_arrays(channel_of(a), channel_of(b))
+
+
+def check_aligned(old_a, old_b, new_a, new_b, old_full) -> None:
+    """Both operands of an elementwise op must still read the same original channel pair."""
+    pair_old = np.stack(np.broadcast_arrays(old_a, old_b), axis=-1)
+    try:
+        pair_new = np.stack(np.broadcast_arrays(new_a, new_b), axis=-1)
+    except ValueError:
+        raise Mismatch("operands no longer broadcast") from None
+    if pair_old.shape == pair_new.shape and np.array_equal(pair_old, pair_new):
+        return
+    va = varying_axes(old_full)
+    if len(va) != 1:
+        raise Mismatch("operands widened along several axes")
+    match_rows(pair_old, pair_new, va[0], "operands")
+
+
+def split_axis_ties(in_labels: np.ndarray, out_labels: np.ndarray) -> list:
+    """A reshape that splits one channel axis into blocks: the blocks' channels, to tie positionwise."""
+    va = varying_axes(out_labels)
+    if len(va) < 2 or len(varying_axes(in_labels)) >= len(va):
+        return []
+    chan = channel_of(out_labels)
+    idx = tuple(slice(None) if ax in va else 0 for ax in range(out_labels.ndim))
+    sub = chan[idx].reshape(-1, chan.shape[va[-1]])
+    return [(sub[0], sub[k]) for k in range(1, sub.shape[0])]
+
+
+def produce_weights(weight: np.ndarray, w_in: int, w_out: int, match: RowMatch | None, mapping: np.ndarray,
+                    options: GrowOptions, rng) -> np.ndarray:
+    """A producer's new weight: input columns consumed by ``match``, output units gathered by ``mapping``."""
+    w = weight
+    if match is not None:
+        if options.init == "random-pad":
+            w = ar.random_pad_columns(w, w_in, match, rng)
+        else:
+            w = ar.consume(w, w_in, match, noise=options.noise, noise_mode=options.noise_mode, rng=rng)
+    w = ar.gather(w, w_out, mapping)
+    if options.init == "random-pad" and len(mapping) != weight.shape[w_out]:
+        w = ar.random_pad_rows(w, w_out, mapping, rng)
+    return w
+
+
+def grouped_weights(weight: np.ndarray, groups: int, old_in: np.ndarray, new_in: np.ndarray, in_axis: int,
+                    n_out_old: int, mapping: np.ndarray, options: GrowOptions, rng) -> np.ndarray:
+    """New weight (out, in/groups, ...) of a grouped conv: every group widens inside itself."""
+    n_in_old, n_in_new, new_out = old_in.shape[in_axis], new_in.shape[in_axis], len(mapping)
+    if n_in_new % groups or new_out % groups:
+        raise Mismatch(f"widened channels are not divisible by groups={groups}")
+    opg_old, opg_new = n_out_old // groups, new_out // groups
+    if not np.array_equal(mapping // opg_old, np.arange(new_out) // opg_new):
+        raise Mismatch("an output copy left its group")
+    ipg_old, ipg_new = n_in_old // groups, n_in_new // groups
+    blocks = []
+    for k in range(groups):
+        o = np.take(old_in, np.arange(k * ipg_old, (k + 1) * ipg_old), axis=in_axis)
+        n = np.take(new_in, np.arange(k * ipg_new, (k + 1) * ipg_new), axis=in_axis)
+        m = match_rows(o, n, in_axis, f"group {k}")
+        rows = weight[mapping[k * opg_new:(k + 1) * opg_new]]
+        blocks.append(ar.consume(rows, 1, m, noise=options.noise, noise_mode=options.noise_mode, rng=rng))
+    return np.concatenate(blocks, axis=0)
+
+
+def remap_bound(src: np.ndarray, b: int) -> int:
+    """Position in the widened axis of the old boundary ``b`` (all copies of channels < b come first)."""
+    inside = src < b
+    nb = int(inside.sum())
+    if not inside[:nb].all():
+        raise Mismatch("a channel slice boundary falls between copies")
+    return nb
+
+
+def rescale_shape(raw: list, va: list, old_numel: int, new_numel: int):
+    """New literal reshape dims after widening, or None when nothing needs to change.
+
+    ``raw``: the dims as written (ints, or None for dims computed in the graph),
+    ``va``: output axes that carry channels.  Only a literal channel dim is
+    rescaled, and only when no computed dim or -1 already follows the width.
+    """
+    lits = [ax for ax in va if ax < len(raw) and isinstance(raw[ax], (int, np.integer)) and raw[ax] not in (-1,)]
+    adaptive = any(ax < len(raw) and (raw[ax] is None or raw[ax] == -1) for ax in va)
+    if not lits or adaptive or old_numel == new_numel:
+        return None
+    ax = lits[-1]
+    num = int(raw[ax]) * new_numel
+    if num % old_numel:
+        raise Mismatch("a literal shape cannot be rescaled to the new width")
+    out = list(raw)
+    out[ax] = num // old_numel
+    return out
