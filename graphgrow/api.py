@@ -6,8 +6,8 @@ import torch.nn as nn
 
 from .core.report import GrowthReport
 from .errors import InvalidArgumentError, VerificationError
-from .fx.engine import (Analysis, check_factor, count_params, plan_and_apply, rebuild, space_reports,
-                        _targets)
+from .core.growth import check_factor, space_reports, widen_targets
+from .fx.engine import Analysis, count_params, plan_and_apply, rebuild
 from .fx.labeling import RunOptions
 from .core.plan import WidenPlan
 
@@ -19,7 +19,7 @@ VERIFY = ("torch", "onnxruntime", "none")
 def analyze(model: nn.Module, example_inputs) -> GrowthReport:
     """Channel spaces of ``model`` and, for each that cannot grow, the op and why."""
     an = Analysis(model, example_inputs)
-    report = GrowthReport(space_reports(an, WidenPlan.identity(an.table)), params_before=count_params(model),
+    report = GrowthReport(space_reports(an.produced, WidenPlan.identity(an.table)), params_before=count_params(model),
                           params_after=count_params(model), opaque_leaves=list(an.leaves))
     for s in report.spaces:
         if s.frozen_reasons == ["not selected for widening"]:
@@ -50,12 +50,12 @@ def widen(model: nn.Module, factor: float | None = 1.41, *, example_inputs, widt
     if verify not in VERIFY:
         raise InvalidArgumentError(f"verify must be one of {VERIFY}, not {verify!r}")
     an = Analysis(model, example_inputs)
-    targets = _targets(an, factor, widths, only, exclude, divisor)
+    targets = widen_targets(an.produced, an.constraints, factor, widths, only, exclude, divisor)
     options = RunOptions(noise=noise, noise_mode=noise_mode, init=init, seed=seed)
     plan, run, rounds = plan_and_apply(an, targets, options, seed, progress)
     result = rebuild(an, run)
     preserving = init == "net2net" and not (noise > 0 and noise_mode == "paper")
-    report = GrowthReport(space_reports(an, plan, targets), params_before=count_params(model),
+    report = GrowthReport(space_reports(an.produced, plan, targets), params_before=count_params(model),
                           params_after=count_params(result), function_preserving=preserving,
                           opaque_leaves=list(an.leaves), rounds=rounds)
     if preserving and verify != "none":

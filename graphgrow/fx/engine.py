@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import copy
-import math
-import re
 
 import numpy as np
 import torch
@@ -13,14 +11,11 @@ import torch.nn as nn
 from torch.utils._pytree import tree_flatten, tree_map
 
 from ..core.labels import LabelOverflow, channel_of
-from ..core.plan import WidenPlan, solve_plan, target_width
-from ..core.report import GrowthReport, SpaceReport
-from ..errors import GraphGrowError, InputMismatchError, InvalidArgumentError, UnsupportedModelError
-from .labeling import Conflict, LabelRun, RunOptions, TensorMeta
+from ..core.growth import grow
+from ..errors import InputMismatchError, InvalidArgumentError
+from .labeling import LabelRun, RunOptions, TensorMeta
 from .trace import trace_module
 
-
-MAX_ROUNDS = 200
 
 
 class _MetaRecorder(fx.Interpreter):
@@ -91,50 +86,7 @@ class Analysis:
             raise InvalidArgumentError(f"example inputs too large for the analysis ({exc}); use a smaller input") from None
         self.table = self.run.table
         self.constraints = self.run.constraints
-        for leaf in self.leaves:
-            for sp in self.table.spaces:
-                pass
         self.produced = self.table.produced()
-
-
-def _compile(pattern, what):
-    if pattern is None:
-        return None
-    try:
-        return re.compile(pattern)
-    except re.error as exc:
-        raise InvalidArgumentError(f"{what} is not a valid regular expression: {exc}") from None
-
-
-def _targets(an: Analysis, factor, widths, only, exclude, divisor) -> dict:
-    produced = an.produced
-    names = {sp.name for sp in produced}
-    only_re, excl_re = _compile(only, "only"), _compile(exclude, "exclude")
-    if only_re is not None and not any(only_re.search(n) for n in names):
-        raise InvalidArgumentError(f"only={only!r} matches no producer module (producers are e.g. {sorted(names)[:3]})")
-    if excl_re is not None and not any(excl_re.search(n) for n in names):
-        raise InvalidArgumentError(f"exclude={exclude!r} matches no producer module")
-    widths = dict(widths or {})
-    for name, w in widths.items():
-        if name not in names:
-            raise InvalidArgumentError(f"widths names {name!r}, which is not a producer module of this model")
-        sp = next(s for s in produced if s.name == name)
-        if not isinstance(w, (int, np.integer)) or w < sp.size:
-            raise InvalidArgumentError(f"widths[{name!r}] = {w} is smaller than its current width {sp.size}")
-    targets = {}
-    for sp in produced:
-        if sp.name in widths:
-            targets[sp.id] = int(widths[sp.name])
-            continue
-        if only_re is not None and not only_re.search(sp.name):
-            an.constraints.freeze_space(sp, f"not selected by only={only!r}")
-            continue
-        if excl_re is not None and excl_re.search(sp.name):
-            an.constraints.freeze_space(sp, f"excluded by exclude={exclude!r}")
-            continue
-        if factor is not None:
-            targets[sp.id] = target_width(sp.size, factor, divisor)
-    return targets
 
 
 def _ancestor_chans(run: LabelRun, node, frozen) -> np.ndarray:
@@ -159,31 +111,15 @@ def _ancestor_chans(run: LabelRun, node, frozen) -> np.ndarray:
 
 
 def plan_and_apply(an: Analysis, targets: dict, options: RunOptions, seed: int, progress=None):
-    rounds = 0
-    while True:
-        rounds += 1
-        if rounds > MAX_ROUNDS:
-            raise UnsupportedModelError(f"no consistent widening found after {MAX_ROUNDS} rounds")
-        plan = solve_plan(an.constraints, targets, seed=seed)
+    def attempt(plan):
         run = LabelRun(an.gm, an.meta, table=an.table, constraints=an.constraints, plan=plan, old=an.run.env,
-                       node_space=an.run.node_space, fixed_space=an.run.fixed_space,
-                       options=options)
-        try:
-            run.run(an.inputs)
-            return plan, run, rounds
-        except Conflict as c:
-            frozen = an.constraints.frozen
-            chans = c.chans[~frozen[c.chans]] if len(c.chans) else c.chans
-            if len(chans) == 0:
-                chans = _ancestor_chans(run, c.node, frozen)
-            if len(chans) == 0:
-                # last resort: keep everything (the unchanged graph is consistent by construction)
-                chans = np.nonzero(~frozen[: an.table.num_chans])[0]
-                if len(chans) == 0:
-                    raise UnsupportedModelError(f"the label replay of {c.reason} fails even unchanged") from None
-            an.constraints.freeze(chans, c.reason)
-            if progress:
-                progress(f"round {rounds}: froze {len(chans)} channels at {c.reason}")
+                       node_space=an.run.node_space, fixed_space=an.run.fixed_space, options=options)
+        return run.run(an.inputs)
+
+    def upstream(conflict, frozen):
+        return _ancestor_chans(an.run, conflict.node, frozen)
+
+    return grow(an.constraints, targets, seed, attempt, upstream, progress)
 
 
 def _set_tensor(mod: nn.Module, name: str, value: np.ndarray):
@@ -206,8 +142,6 @@ def rebuild(an: Analysis, run: LabelRun) -> nn.Module:
             _set_tensor(mod, t, v)
         for a, v in upd.attrs.items():
             setattr(mod, a, v)
-        if hasattr(mod, "normalized_shape") and "weight" in upd.tensors:
-            pass
     if not run.arg_updates:
         return new_model
     graph = copy.deepcopy(an.gm.graph, {})
@@ -220,33 +154,3 @@ def rebuild(an: Analysis, run: LabelRun) -> nn.Module:
     return gm
 
 
-def space_reports(an: Analysis, plan: WidenPlan, targets: dict | None = None) -> list:
-    out = []
-    for sp in an.produced:
-        new = plan.new_size(sp)
-        reasons = list(sp.frozen_reasons)
-        target = (targets or {}).get(sp.id, sp.size)
-        if new < target and not reasons:
-            for other in plan.tied_spaces(sp):
-                if other.frozen_reasons:
-                    reasons.append(f"tied to {other.name!r}, which stays: {other.frozen_reasons[0]}")
-                    break
-        if new == sp.size and not reasons:
-            reasons = ["the factor adds no channel at this width" if targets else "not selected for widening"]
-        out.append(SpaceReport(sp.name, sp.size, new, list(sp.producers), list(sp.consumers), list(sp.carriers),
-                               reasons))
-    return out
-
-
-def check_factor(factor, widths):
-    if factor is None:
-        if not widths:
-            raise InvalidArgumentError("give a factor > 1 or explicit widths")
-        return None
-    try:
-        f = float(factor)
-    except (TypeError, ValueError):
-        raise InvalidArgumentError(f"factor must be a number > 1, not {factor!r}") from None
-    if not math.isfinite(f) or f <= 1.0:
-        raise InvalidArgumentError(f"factor must be a finite number > 1, got {factor!r}")
-    return f

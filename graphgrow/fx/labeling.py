@@ -33,21 +33,12 @@ from torch.utils._pytree import tree_flatten, tree_map
 from ..core import arithmetic as ar
 from ..core.labels import LabelOverflow, channel_labels, channel_of, channel_sequence, element_labels, resalt, varying_axes
 from ..core.plan import GrowthConstraints, WidenPlan
-from ..core.provenance import Mismatch, RowMatch, match_rows, same_channels
+from ..core.provenance import Mismatch, RowMatch, match_rows
+from ..core.growth import Conflict
 from ..core.sites import GrowOptions as RunOptions
 from ..core import sites
 from ..core.spaces import SpaceTable
 from ..errors import GraphGrowError
-
-
-class Conflict(Exception):
-    """A site of the widened graph does not reproduce the original; freeze ``chans``."""
-
-    def __init__(self, node, chans, reason):
-        super().__init__(reason)
-        self.node = node
-        self.chans = chans
-        self.reason = reason
 
 
 class TensorMeta:

@@ -1,0 +1,129 @@
+"""The frontend-neutral widening loop: targets from user options, plan, apply, freeze on conflict."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import numpy as np
+
+from ..errors import InvalidArgumentError, UnsupportedModelError
+from .plan import GrowthConstraints, solve_plan, target_width
+from .report import SpaceReport
+
+MAX_ROUNDS = 200
+
+
+class Conflict(Exception):
+    """A site of the widened graph does not reproduce the original; freeze ``chans``."""
+
+    def __init__(self, node, chans, reason):
+        super().__init__(reason)
+        self.node = node
+        self.chans = chans
+        self.reason = reason
+
+
+def check_factor(factor, widths):
+    if factor is None:
+        if not widths:
+            raise InvalidArgumentError("give a factor > 1 or explicit widths")
+        return None
+    try:
+        f = float(factor)
+    except (TypeError, ValueError):
+        raise InvalidArgumentError(f"factor must be a number > 1, not {factor!r}") from None
+    if not math.isfinite(f) or f <= 1.0:
+        raise InvalidArgumentError(f"factor must be a finite number > 1, got {factor!r}")
+    return f
+
+
+def compile_regex(pattern, what):
+    if pattern is None:
+        return None
+    try:
+        return re.compile(pattern)
+    except re.error as exc:
+        raise InvalidArgumentError(f"{what} is not a valid regular expression: {exc}") from None
+
+
+def widen_targets(produced: list, constraints: GrowthConstraints, factor, widths, only, exclude, divisor,
+                  what: str = "producer module") -> dict:
+    """Target width of every producer space; spaces left out by only/exclude are frozen with that reason."""
+    names = {sp.name for sp in produced}
+    only_re, excl_re = compile_regex(only, "only"), compile_regex(exclude, "exclude")
+    if only_re is not None and not any(only_re.search(n) for n in names):
+        raise InvalidArgumentError(f"only={only!r} matches no {what} (e.g. {', '.join(sorted(names)[:3])})")
+    if excl_re is not None and not any(excl_re.search(n) for n in names):
+        raise InvalidArgumentError(f"exclude={exclude!r} matches no {what}")
+    widths = dict(widths or {})
+    for name, w in widths.items():
+        if name not in names:
+            raise InvalidArgumentError(f"widths names {name!r}, which is not a {what} of this model")
+        sp = next(s for s in produced if s.name == name)
+        if not isinstance(w, (int, np.integer)) or isinstance(w, bool) or w < sp.size:
+            raise InvalidArgumentError(f"widths[{name!r}] = {w} is smaller than its current width {sp.size}")
+    targets = {}
+    for sp in produced:
+        if sp.name in widths:
+            targets[sp.id] = int(widths[sp.name])
+            continue
+        if only_re is not None and not only_re.search(sp.name):
+            constraints.freeze_space(sp, f"not selected by only={only!r}")
+            continue
+        if excl_re is not None and excl_re.search(sp.name):
+            constraints.freeze_space(sp, f"excluded by exclude={exclude!r}")
+            continue
+        if factor is not None:
+            targets[sp.id] = target_width(sp.size, factor, divisor)
+    return targets
+
+
+def grow(constraints: GrowthConstraints, targets: dict, seed: int, attempt, upstream, progress=None):
+    """Plan, try, and freeze what conflicts until the widened graph is consistent.
+
+    ``attempt(plan)`` runs the frontend's apply pass and returns its result or
+    raises :class:`Conflict`; ``upstream(conflict, frozen)`` returns free
+    channels upstream of the conflict when its own channels are all frozen.
+    Returns ``(plan, result, rounds)``.
+    """
+    rounds = 0
+    table = constraints.table
+    while True:
+        rounds += 1
+        if rounds > MAX_ROUNDS:
+            raise UnsupportedModelError(f"no consistent widening found after {MAX_ROUNDS} rounds")
+        plan = solve_plan(constraints, targets, seed=seed)
+        try:
+            return plan, attempt(plan), rounds
+        except Conflict as c:
+            frozen = constraints.frozen
+            chans = c.chans[~frozen[c.chans]] if len(c.chans) else c.chans
+            if len(chans) == 0:
+                chans = upstream(c, frozen)
+            if len(chans) == 0:
+                # last resort: keep everything (the unchanged graph is consistent by construction)
+                chans = np.nonzero(~frozen[: table.num_chans])[0]
+                if len(chans) == 0:
+                    raise UnsupportedModelError(f"the label replay of {c.reason} fails even unchanged") from None
+            constraints.freeze(chans, c.reason)
+            if progress:
+                progress(f"round {rounds}: froze {len(chans)} channels at {c.reason}")
+
+
+def space_reports(produced: list, plan, targets: dict | None = None) -> list:
+    out = []
+    for sp in produced:
+        new = plan.new_size(sp)
+        reasons = list(sp.frozen_reasons)
+        target = (targets or {}).get(sp.id, sp.size)
+        if new < target and not reasons:
+            for other in plan.tied_spaces(sp):
+                if other.frozen_reasons:
+                    reasons.append(f"tied to {other.name!r}, which stays: {other.frozen_reasons[0]}")
+                    break
+        if new == sp.size and not reasons:
+            reasons = ["the factor adds no channel at this width" if targets else "not selected for widening"]
+        out.append(SpaceReport(sp.name, sp.size, new, list(sp.producers), list(sp.consumers), list(sp.carriers),
+                               reasons))
+    return out
