@@ -47,7 +47,8 @@ _DESCRIPTION = (
 
 _EPILOG = (
     "Dynamic dimensions (a dim_param or a missing dim_value) are 1 unless --shape gives the full shape of that "
-    "input (with --inputs, the .npz arrays' shapes are used for all batches instead). An output passes when "
+    "input (with --inputs, the .npz arrays' shapes are used for all batches instead); a named dimension set that "
+    "way for one input also applies to other inputs that use the same name. An output passes when "
     "max_abs <= atol or max_rel <= rtol (max_rel = max_abs / max|reference|), over all batches.")
 
 
@@ -208,12 +209,16 @@ def _load_npz(path: str, specs: list) -> dict:
     if not os.path.isfile(path):
         raise InvalidArgumentError(f"--inputs {path}: no such file")
     try:
-        with np.load(path, allow_pickle=False) as z:
-            if not hasattr(z, "files"):
-                raise ValueError("a single .npy array, not an .npz archive of arrays keyed by input name")
+        z = np.load(path, allow_pickle=False)
+    except Exception as exc:  # noqa: BLE001
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InvalidArgumentError(f"--inputs {path} is not a readable .npz file: {msg}") from None
+    if not hasattr(z, "files"):
+        raise InvalidArgumentError(f"--inputs {path} holds a single array; save the inputs with numpy.savez(path, "
+                                   f"NAME=array, ...) keyed by input name")
+    try:
+        with z:
             arrays = {k: np.asarray(z[k]) for k in z.files}
-    except GraphGrowError:
-        raise
     except Exception as exc:  # noqa: BLE001
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise InvalidArgumentError(f"--inputs {path} is not a readable .npz file: {msg}") from None
@@ -226,8 +231,8 @@ def _load_npz(path: str, specs: list) -> dict:
             parts.append("missing " + ", ".join(repr(n) for n in missing))
         if extra:
             parts.append("unknown " + ", ".join(repr(n) for n in extra))
-        raise InputMismatchError(f"--inputs {path} does not match the model inputs ({', '.join(repr(n) for n in names)}): "
-                                 f"{'; '.join(parts)}")
+        expected = ", ".join(repr(n) for n in names)
+        raise InputMismatchError(f"--inputs {path} does not match the model inputs ({expected}): {'; '.join(parts)}")
     for s in specs:
         a = arrays[s.name]
         want = _np_dtype(s.elem_type, s.name)
@@ -240,7 +245,8 @@ def _load_npz(path: str, specs: list) -> dict:
 
 
 def _resolve_shapes(specs: list, shape_args: Sequence[str], npz: Mapping | None) -> dict:
-    """Concrete shape of every input: --shape, else the .npz array's, else static dims with dynamic ones = 1."""
+    """Concrete shape of every input: --shape, else the .npz array's, else static dims with dynamic ones = 1
+    (or the value that another input's --shape / .npz array gave the same named dimension)."""
     by_name = {s.name: s for s in specs}
     given = {}
     for text in shape_args:
@@ -258,6 +264,14 @@ def _resolve_shapes(specs: list, shape_args: Sequence[str], npz: Mapping | None)
             raise InputMismatchError(f"--shape {text!r} disagrees with the fixed dimensions of input {name!r} "
                                      f"{_fmt_shape(s.shape)}")
         given[name] = shape
+    # a named dynamic dim fixed by one input (--shape or the .npz) applies to the other inputs that share the name
+    named = {}
+    for s in specs:
+        src = given.get(s.name, None if npz is None else tuple(npz[s.name].shape))
+        if src is not None and s.shape is not None and len(src) == len(s.shape):
+            for d, v in zip(s.shape, src):
+                if isinstance(d, str):
+                    named.setdefault(d, v)
     shapes = {}
     for s in specs:
         if s.name in given:
@@ -271,7 +285,7 @@ def _resolve_shapes(specs: list, shape_args: Sequence[str], npz: Mapping | None)
             raise InvalidArgumentError(f"input {s.name!r} has no shape in the model; give it with "
                                        f"--shape {s.name}=AxBxC")
         else:
-            shape = tuple(d if isinstance(d, int) else 1 for d in s.shape)
+            shape = tuple(d if isinstance(d, int) else named.get(d, 1) for d in s.shape)
         shapes[s.name] = shape
     return shapes
 
@@ -297,6 +311,14 @@ def _session(path: str, label: str, providers):
         raise type(exc)(f"{label} {path}: {exc}") from None
 
 
+def _quiet_run_options():
+    import onnxruntime
+
+    ro = onnxruntime.RunOptions()
+    ro.log_severity_level = 4  # the failure is reported once, as our own one-line error
+    return ro
+
+
 def _run(sess, feeds: dict, label: str, path: str, batch: int) -> list:
     wanted = [i.name for i in sess.get_inputs()]
     missing = [n for n in wanted if n not in feeds]
@@ -304,7 +326,7 @@ def _run(sess, feeds: dict, label: str, path: str, batch: int) -> list:
         raise InputMismatchError(f"onnxruntime expects input(s) {', '.join(repr(n) for n in missing)} of the "
                                  f"{label} {path} that its graph does not list as inputs")
     try:
-        out = sess.run(None, {n: feeds[n] for n in wanted})
+        out = sess.run(None, {n: feeds[n] for n in wanted}, _quiet_run_options())
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
         raise GraphGrowError(f"onnxruntime failed to run the {label} {path} on batch {batch}: {_first_line(exc)}") \
             from None
@@ -329,7 +351,10 @@ def check_onnx_files(reference: str, candidate: str, *, inputs: str | None = Non
     if isinstance(batches, bool) or not isinstance(batches, (int, np.integer)) or batches < 1:
         raise InvalidArgumentError(f"--batches must be a positive integer, not {batches!r}")
     acc = OutputAccumulator(None, atol, rtol)  # validates atol / rtol before any slow work
-    providers = resolve_providers(provider)
+    try:
+        providers = resolve_providers(provider)
+    except InvalidArgumentError as exc:  # say it in command-line terms
+        raise InvalidArgumentError(str(exc).replace("providers='cpu'", "--provider cpu")) from None
     shapes = list(shapes)
     for text in shapes:
         parse_shape(text)  # syntax errors before loading anything

@@ -1,0 +1,681 @@
+"""Label propagation over an ONNX graph (the ONNX adapter of the core analysis).
+
+The counterpart of :mod:`graphgrow.fx.labeling` for ``onnx.ModelProto``:
+numpy label arrays replace activations; data-movement ops (Reshape,
+Transpose, Concat, Split, Slice, Gather, Squeeze, Unsqueeze, Flatten,
+DepthToSpace, ...) and constant subgraphs run through onnx's reference
+evaluator, so their semantics (per opset) come from onnx itself.  No torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+from onnx.reference import ReferenceEvaluator
+
+from ..core import arithmetic as ar
+from ..core import sites
+from ..core.growth import Conflict
+from ..core.labels import LabelOverflow, channel_labels, channel_of, element_labels, resalt, varying_axes
+from ..core.plan import GrowthConstraints
+from ..core.provenance import Mismatch, RowMatch, match_rows
+from ..core.sites import GrowOptions
+from ..core.spaces import SpaceTable
+from ..errors import GraphGrowError
+
+
+class LN:
+    """Label array standing in for an activation."""
+
+    __slots__ = ("a",)
+
+    def __init__(self, a: np.ndarray):
+        self.a = np.ascontiguousarray(a)
+
+    @property
+    def shape(self):
+        return self.a.shape
+
+
+UNARY = {"Relu", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Elu", "Selu", "Celu", "Gelu",
+         "Softplus", "Softsign", "Mish", "Erf", "Exp", "Log", "Sqrt", "Neg", "Abs", "Reciprocal", "Floor", "Ceil",
+         "Round", "Sign", "ThresholdedRelu", "Sin", "Cos", "Clip", "Swish", "Shrink"}
+PASS = {"Identity", "Dropout", "Cast", "CastLike"}
+BINARY = {"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Mean"}
+MOVE = {"Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Concat", "Split", "Slice", "Gather",
+        "Expand", "DepthToSpace", "SpaceToDepth", "Tile"}
+POOL = {"MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool", "Resize",
+        "Upsample", "Pad"}
+REDUCE = {"ReduceMean", "ReduceMax", "ReduceMin", "ReduceSum", "ReduceL1", "ReduceL2", "ReduceLogSumExp",
+          "ReduceProd", "ReduceSumSquare", "ReduceLogSum"}
+MIX = {"GroupNormalization", "LRN", "LpNormalization", "MeanVarianceNormalization"}
+SOFTMAX = {"Softmax", "LogSoftmax", "Hardmax"}
+FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
+
+
+@dataclass
+class Updates:
+    """What the apply pass changes in the model."""
+
+    initializers: dict = field(default_factory=dict)  # (node index, input index) -> new array
+    shape_slots: set = field(default_factory=set)  # slots holding shape constants (node-specific copies)
+    weight_slots: set = field(default_factory=set)  # weight matrices / filters: tied when shared
+    attributes: dict = field(default_factory=dict)  # node index -> {name: value}
+
+
+def node_label(node, idx: int) -> str:
+    return node.name or f"{node.op_type}_{idx}:{node.output[0]}"
+
+
+class OnnxLabelRun:
+    def __init__(self, model: onnx.ModelProto, shapes: dict, *, table=None, constraints=None, plan=None, old=None,
+                 node_space=None, fixed_space=None, options=None):
+        self.model = model
+        self.graph = model.graph
+        self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
+        self.shapes = shapes  # value name -> shape in the original run (from onnxruntime)
+        self.plan = plan
+        self.analysis = plan is None
+        self.table = table if table is not None else SpaceTable()
+        self.constraints = constraints if constraints is not None else GrowthConstraints(self.table)
+        self.old = old if old is not None else {}
+        self.node_space = node_space if node_space is not None else {}
+        self.fixed_space = fixed_space if fixed_space is not None else {}
+        self.options = options or GrowOptions()
+        self.rng = np.random.default_rng(self.options.seed + 7919)
+        self.updates = Updates()
+        self.env: dict = {}
+        self.dynamic: set = set()  # constants computed from activation shapes (they follow the width)
+        self.consts = {t.name: numpy_helper.to_array(t) for t in self.graph.initializer}
+        self.users: dict = {}  # value name -> [(node index, input index)]
+        for i, n in enumerate(self.graph.node):
+            for k, name in enumerate(n.input):
+                if name:
+                    self.users.setdefault(name, []).append((i, k))
+
+    # ------------------------------------------------------------ helpers
+    def _fixed(self, key, shape):
+        if key not in self.fixed_space:
+            self.fixed_space[key] = self.table.new_space(str(key), 1, "fixed")
+        sp = self.fixed_space[key]
+        return LN(element_labels(shape, sp.base, (hash(key) & 0xFFFF)))
+
+    def _conflict(self, idx, node, reason):
+        chans = []
+        for name in node.input:
+            v = self.old.get(name)
+            if isinstance(v, LN):
+                chans.append(np.unique(channel_of(v.a)))
+        chans = np.unique(np.concatenate(chans)) if chans else np.zeros(0, np.int64)
+        return Conflict((idx, node), chans, f"{node.op_type} node '{node_label(node, idx)}': {reason}")
+
+    def _attrs(self, node):
+        return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+    def _salt(self, idx, k=0):
+        return (idx * 4 + k + 1) & 0xFFFF
+
+    def _label_inputs(self, node):
+        return [(n, self.env[n]) for n in node.input if n and isinstance(self.env.get(n), LN)]
+
+    def _require_unchanged(self, idx, node):
+        for name, v in self._label_inputs(node):
+            o = self.old.get(name)
+            if not isinstance(o, LN) or o.shape != v.shape or not np.array_equal(o.a, v.a):
+                raise self._conflict(idx, node, "its input changed but the op must keep it as it is")
+
+    def _opaque(self, idx, node, reason):
+        if self.analysis:
+            for _, v in self._label_inputs(node):
+                self.constraints.freeze(np.unique(channel_of(v.a)), f"{node.op_type} node '{node_label(node, idx)}': {reason}")
+            outs = []
+            for k, name in enumerate(node.output):
+                shape = self.shapes.get(name)
+                outs.append(self._fixed((idx, k), shape) if shape is not None else None)
+            return outs
+        self._require_unchanged(idx, node)
+        return [self.old.get(name) for name in node.output]
+
+    def _mix(self, idx, node, x: LN, why):
+        if self.analysis:
+            self.constraints.freeze(np.unique(channel_of(x.a)), f"{node.op_type} node '{node_label(node, idx)}': {why} (mixes channels)")
+            return [self._fixed((idx, k), self.shapes[n]) for k, n in enumerate(node.output)]
+        self._require_unchanged(idx, node)
+        return [self.old.get(name) for name in node.output]
+
+    def _match(self, idx, node, name, new: LN, axis) -> RowMatch | None:
+        old = self.old[name]
+        if old.shape == new.shape and np.array_equal(old.a, new.a):
+            return None
+        try:
+            return match_rows(old.a, new.a, axis)
+        except Mismatch as exc:
+            raise self._conflict(idx, node, str(exc)) from None
+
+    def _note_roles(self, x: LN, role, name):
+        if self.analysis:
+            for sp in self.table.spaces_of(np.unique(channel_of(x.a))):
+                sp.add_role(role, name)
+
+    def _set_const(self, idx, k, value, shape=False, weight=False):
+        self.updates.initializers[(idx, k)] = value
+        if shape:
+            self.updates.shape_slots.add((idx, k))
+        if weight:
+            self.updates.weight_slots.add((idx, k))
+
+    def _check_shared_weights(self):
+        """A weight shared by several nodes (tied weights) changes for all of them identically or not
+        at all: never half.  Shared per-channel vectors (biases, norm parameters: exporters deduplicate
+        equal ones) and shape constants get a copy per node instead."""
+        names = {self.graph.node[i].input[k] for (i, k) in self.updates.weight_slots}
+        for name in names:
+            users = self.users.get(name, [])
+            if len(users) < 2:
+                continue
+            vals = [self.updates.initializers.get(u) if u in self.updates.weight_slots or u not in
+                    self.updates.initializers else self.updates.initializers[u] for u in users]
+            first = vals[0]
+            same = all((v is None and first is None) or (v is not None and first is not None and v.shape == first.shape
+                                                         and np.array_equal(v, first)) for v in vals)
+            if not same:
+                i, _ = next(u for u, v in zip(users, vals) if v is not None)
+                chans = []
+                for j, _ in users:
+                    v = self.old.get(self.graph.node[j].input[0])
+                    if isinstance(v, LN):
+                        chans.append(np.unique(channel_of(v.a)))
+                raise Conflict((i, self.graph.node[i]), np.unique(np.concatenate(chans)) if chans else
+                               np.zeros(0, np.int64), f"constant '{name}' is shared by {len(users)} nodes that would "
+                               "need different widened values (tied weights)")
+
+    def _const(self, node, k):
+        name = node.input[k] if k < len(node.input) else ""
+        if not name:
+            return None
+        v = self.env.get(name)
+        return v if isinstance(v, np.ndarray) else None
+
+    def _weight_ok(self, idx, node, ks) -> bool:
+        """Weights must be constants (computed weights are not rewritten)."""
+        for k in ks:
+            name = node.input[k] if k < len(node.input) else ""
+            if name and self._const(node, k) is None:
+                return False
+        return True
+
+    # ------------------------------------------------------------ driver
+    def run(self, feeds_shapes: dict):
+        for inp in self.graph.input:
+            if inp.name in self.consts:
+                self.env[inp.name] = self.consts[inp.name]
+            else:
+                self.env[inp.name] = self._fixed(("input", inp.name), feeds_shapes[inp.name])
+        for name, arr in self.consts.items():
+            self.env.setdefault(name, arr)
+        for idx, node in enumerate(self.graph.node):
+            try:
+                outs = self._node(idx, node)
+            except (Conflict, GraphGrowError, LabelOverflow):
+                raise
+            except Exception as exc:  # noqa: BLE001 - fail closed on ops that break on labels
+                msg = f"could not be analysed ({type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''})"
+                if self.analysis:
+                    outs = self._opaque(idx, node, msg)
+                else:
+                    raise self._conflict(idx, node, msg) from None
+            for name, v in zip(node.output, outs):
+                if name:
+                    self.env[name] = v
+        if not self.analysis:
+            self._check_shared_weights()
+        for out in self.graph.output:
+            v = self.env.get(out.name)
+            if isinstance(v, LN):
+                if self.analysis:
+                    self.constraints.freeze(np.unique(channel_of(v.a)), "reaches a model output")
+                else:
+                    o = self.old.get(out.name)
+                    if o.shape != v.shape or not np.array_equal(o.a, v.a):
+                        raise Conflict(None, np.unique(channel_of(o.a)), f"model output '{out.name}' changed")
+        return self
+
+    def _evaluate(self, node, inputs, idx):
+        """Run one node with onnx's reference implementation (constants or label arrays)."""
+        ev = ReferenceEvaluator(node, opsets={"": self.opset})
+        feeds = {n: v for n, v in zip(node.input, inputs) if n}
+        return ev.run(None, feeds)
+
+    def _node(self, idx, node):
+        op = node.op_type
+        vals = [self.env.get(n) if n else None for n in node.input]
+        if node.domain not in ("", "ai.onnx"):
+            return self._opaque(idx, node, f"operator domain '{node.domain}' is not understood")
+        if not any(isinstance(v, LN) for v in vals):
+            if op in ("Shape", "Size"):
+                pass
+            else:
+                out = self._evaluate(node, vals, idx)
+                for n in node.output:
+                    if any(i in self.dynamic for i in node.input if i):
+                        self.dynamic.add(n)
+                return [np.asarray(o) for o in out]
+        x = vals[0] if vals else None
+        a = self._attrs(node)
+        if op == "Shape":
+            shape = np.array(x.shape, dtype=np.int64)
+            start, end = a.get("start", 0), a.get("end", None)
+            self.dynamic.add(node.output[0])
+            return [shape[start:end]]
+        if op == "Size":
+            self.dynamic.add(node.output[0])
+            return [np.array(x.a.size, dtype=np.int64)]
+        if op in PASS:
+            if op == "Cast" and a.get("to") not in FLOAT_TYPES:
+                return self._opaque(idx, node, "cast of an activation to a non-float type")
+            if op == "Dropout" and len(node.output) > 1 and node.output[1]:
+                return self._opaque(idx, node, "dropout mask is used")
+            return [x] + [None] * (len(node.output) - 1)
+        if op in UNARY or op == "PRelu" and self._const(node, 1) is not None and self._const(node, 1).size == 1:
+            if not isinstance(x, LN) or any(isinstance(v, LN) for v in vals[1:]):
+                return self._opaque(idx, node, "a parameter input is an activation")
+            return [LN(resalt(x.a, self._salt(idx)))]
+        if op == "PRelu":
+            return self._binary_const(idx, node, vals, order=(0, 1))
+        if op in BINARY:
+            return self._binary(idx, node, vals)
+        if op in ("Conv", "ConvTranspose"):
+            return self._conv(idx, node, x, a)
+        if op == "Gemm":
+            return self._gemm(idx, node, x, a)
+        if op == "MatMul":
+            if isinstance(x, LN) and not isinstance(vals[1], LN) and vals[1] is not None and vals[1].ndim == 2:
+                if not self._weight_ok(idx, node, [1]):
+                    return self._opaque(idx, node, "its weight is computed, not a constant")
+                return self._produce(idx, node, x, weight_k=1, bias_k=None, in_axis=-1, out_axis=-1, w_in=0, w_out=1)
+            return self._opaque(idx, node, "matrix product of two activations")
+        if op in ("BatchNormalization", "InstanceNormalization"):
+            if len([o for o in node.output if o]) > 1:
+                return self._opaque(idx, node, "training-mode outputs are used")
+            ks = [1, 2, 3, 4] if op == "BatchNormalization" else [1, 2]
+            if not self._weight_ok(idx, node, ks):
+                return self._opaque(idx, node, "its parameters are computed")
+            return self._carry_params(idx, node, x, ks)
+        if op == "LayerNormalization":
+            axis = a.get("axis", -1) % x.a.ndim
+            va = varying_axes((self.old[node.input[0]] if not self.analysis else x).a)
+            if any(ax >= axis for ax in va):
+                return self._mix(idx, node, x, "LayerNormalization normalizes over the channel axis")
+            return [LN(resalt(x.a, self._salt(idx)))] + [None] * (len(node.output) - 1)
+        if op in MIX:
+            return self._mix(idx, node, x, f"{op} normalizes across channels")
+        if op in SOFTMAX:
+            axis = a.get("axis", 1 if self.opset < 13 else -1) % x.a.ndim
+            va = varying_axes((self.old[node.input[0]] if not self.analysis else x).a)
+            covered = [ax for ax in va if ax >= axis] if self.opset < 13 else [ax for ax in va if ax == axis]
+            if covered:
+                return self._mix(idx, node, x, f"{op} over the channel axis")
+            return [LN(resalt(x.a, self._salt(idx)))]
+        if op in POOL:
+            return self._pool(idx, node, x, a)
+        if op in REDUCE:
+            return self._reduce(idx, node, x, a, vals)
+        if op in MOVE:
+            return self._move(idx, node, vals, a)
+        return self._opaque(idx, node, "this operator is not understood by the channel analysis")
+
+    # ------------------------------------------------------------ relations
+    def _binary(self, idx, node, vals):
+        labels = [v for v in vals if isinstance(v, LN)]
+        consts = [v for v in vals if not isinstance(v, LN)]
+        if consts:
+            if len(labels) != 1 or len(vals) != 2:
+                return self._opaque(idx, node, "mixes several activations with constants")
+            return self._binary_const(idx, node, vals, order=(0, 1) if isinstance(vals[0], LN) else (1, 0))
+        try:
+            out_shape = np.broadcast_shapes(*[v.shape for v in labels])
+        except ValueError:
+            if self.analysis:
+                return self._opaque(idx, node, "operands do not broadcast")
+            raise self._conflict(idx, node, "operands no longer broadcast") from None
+        full = next((v for v in labels if v.shape == tuple(out_shape)), None)
+        if full is None:
+            return self._opaque(idx, node, "no operand has the result's shape")
+        fk = next(k for k, v in enumerate(vals) if v is full)
+        if self.analysis:
+            for k, v in enumerate(labels):
+                if v is not full:
+                    ca, cb = sites.unify_pairs(full.a, v.a)
+                    self.constraints.tie(ca, cb)
+        else:
+            of = self.old[node.input[fk]]
+            for k, name in enumerate(node.input):
+                if k == fk:
+                    continue
+                try:
+                    sites.check_aligned(of.a, self.old[name].a, full.a, vals[k].a, of.a)
+                except Mismatch as exc:
+                    raise self._conflict(idx, node, f"its operands no longer align channel by channel ({exc})") \
+                        from None
+        return [LN(resalt(full.a, self._salt(idx)))]
+
+    def _binary_const(self, idx, node, vals, order):
+        """An activation combined with a constant: scalar-like, or one value per channel (gathered)."""
+        xk, ck = order
+        x, c = vals[xk], vals[ck]
+        if c is None:
+            return self._opaque(idx, node, "missing operand")
+        try:
+            out_shape = np.broadcast_shapes(x.shape, c.shape)
+        except ValueError:
+            return self._opaque(idx, node, "operands do not broadcast")
+        if tuple(out_shape) != x.shape:
+            return self._opaque(idx, node, "the constant broadcasts the activation")
+        old_x = self.old[node.input[xk]] if not self.analysis else x
+        va = varying_axes(old_x.a)
+        cb = (1,) * (x.a.ndim - c.ndim) + tuple(c.shape)
+        along = [ax for ax in va if cb[ax] != 1]
+        if not along:
+            return [LN(resalt(x.a, self._salt(idx)))]
+        if len(along) > 1 or len(va) > 1:
+            return self._opaque(idx, node, "a constant varies along several channel axes")
+        if not self._weight_ok(idx, node, [ck]):
+            return self._opaque(idx, node, "its per-channel constant is computed")
+        ax = along[0]
+        self._note_roles(x, "carrier", node_label(node, idx))
+        if not self.analysis:
+            match = self._match(idx, node, node.input[xk], x, ax)
+            if match is not None:
+                if not match.unique_old:
+                    raise self._conflict(idx, node, "per-channel constant on duplicated channels")
+                new = ar.gather(c.reshape(cb), ax, match.source())
+                self._set_const(idx, ck, new.reshape(_const_shape(c.shape, x.a.ndim, ax, match.n_new)))
+        return [LN(resalt(x.a, self._salt(idx)))]
+
+    def _carry_params(self, idx, node, x: LN, ks):
+        self._note_roles(x, "carrier", node_label(node, idx))
+        if not self.analysis:
+            match = self._match(idx, node, node.input[0], x, 1)
+            if match is not None:
+                if not match.unique_old:
+                    raise self._conflict(idx, node, "per-channel parameters on duplicated channels")
+                for k in ks:
+                    c = self._const(node, k)
+                    if c is not None and c.ndim >= 1 and c.shape[0] == match.n_old:
+                        self._set_const(idx, k, ar.gather(c, 0, match.source()))
+        return [LN(resalt(x.a, self._salt(idx)))] + [None] * (len(node.output) - 1)
+
+    def _pool(self, idx, node, x: LN, a):
+        if len([o for o in node.output if o]) > 1:
+            return self._opaque(idx, node, "pooling indices are used")
+        if node.op_type == "Pad":
+            pads = self._const(node, 1) if len(node.input) > 1 else np.array(a.get("pads", []))
+            if pads is None:
+                return self._opaque(idx, node, "pads are computed")
+            r = x.a.ndim
+            if len(pads) and (pads[1] != 0 or pads[1 + r] != 0):
+                return self._opaque(idx, node, "pads the channel axis")
+        seq = sites.channel_ids(x.a, 1)
+        shape = self.shapes.get(node.output[0])
+        old_c = (self.old[node.input[0]] if not self.analysis else x).shape[1]
+        if seq is None or shape is None or len(shape) != x.a.ndim or shape[1] != old_c:
+            return self._opaque(idx, node, "its input channels are not on axis 1, or one channel id holds different contents")
+        out_shape = (shape[0], x.shape[1]) + tuple(shape[2:])
+        return [LN(channel_labels(out_shape, 1, seq, self._salt(idx)))]
+
+    def _reduce(self, idx, node, x: LN, a, vals):
+        axes = a.get("axes")
+        if axes is None and len(vals) > 1 and vals[1] is not None:
+            axes = [int(v) for v in np.asarray(vals[1]).ravel()]
+        if axes is None or len(axes) == 0:
+            if a.get("noop_with_empty_axes", 0):
+                return [x]
+            return self._mix(idx, node, x, "reduces over all axes")
+        axes = sorted({int(ax) % x.a.ndim for ax in axes})
+        va = varying_axes((self.old[node.input[0]] if not self.analysis else x).a)
+        if set(axes) & set(va):
+            return self._mix(idx, node, x, "reduces over the channel axis")
+        out = x.a
+        keep = a.get("keepdims", 1)
+        for ax in reversed(axes):
+            out = np.take(out, [0], axis=ax)
+            if not keep:
+                out = np.squeeze(out, axis=ax)
+        return [LN(resalt(out, self._salt(idx)))]
+
+    def _move(self, idx, node, vals, a):
+        op = node.op_type
+        ins = []
+        for k, v in enumerate(vals):
+            if v is None:
+                ins.append(None)
+            elif isinstance(v, LN):
+                ins.append(v.a)
+            elif op == "Concat":
+                ins.append(self._fixed((idx, "const", k), v.shape).a)  # a constant joined to activations
+            else:
+                ins.append(v)
+        run_node = node
+        if not self.analysis:
+            ins, run_node = self._rewrite_move(idx, node, vals, ins, a)
+        try:
+            outs = self._evaluate(run_node, ins, idx)
+        except Exception as exc:  # noqa: BLE001
+            if self.analysis:
+                return self._opaque(idx, node, f"could not be replayed on channel labels ({type(exc).__name__})")
+            raise self._conflict(idx, node, "cannot be replayed on the widened tensors") from None
+        outs = [LN(np.asarray(o)) for o in outs]
+        if self.analysis and isinstance(vals[0], LN):
+            if op in ("Reshape",) and len(outs) == 1:
+                for p, q in sites.split_axis_ties(vals[0].a, outs[0].a):
+                    self.constraints.tie(p, q)
+            if op == "Split" and len(outs) > 1 and len({o.shape for o in outs}) == 1:
+                for o in outs[1:]:
+                    self.constraints.tie(channel_of(outs[0].a), channel_of(o.a))
+        return outs
+
+    def _rewrite_move(self, idx, node, vals, ins, a):
+        """Rewrite channel constants written as literals (reshape targets, split sizes, slice bounds)."""
+        op = node.op_type
+        x = vals[0]
+        if not isinstance(x, LN):
+            return ins, node
+        old_in = self.old[node.input[0]]
+        if old_in.shape == x.shape and np.array_equal(old_in.a, x.a):
+            return ins, node
+        if op == "Reshape" and len(node.input) > 1 and node.input[1] not in self.dynamic:
+            shape = np.asarray(vals[1])
+            old_out = self.old[node.output[0]]
+            allowzero = a.get("allowzero", 0)
+            raw = [None if (d == 0 and not allowzero) else int(d) for d in shape.tolist()]
+            try:
+                dims = sites.rescale_shape(raw, varying_axes(old_out.a), old_in.a.size, x.a.size)
+            except Mismatch as exc:
+                raise self._conflict(idx, node, str(exc)) from None
+            if dims is not None:
+                new = np.array([d if d is not None else 0 for d in dims], dtype=np.int64)
+                self._set_const(idx, 1, new, shape=True)
+                ins[1] = new
+        elif op == "Split":
+            axis = a.get("axis", 0) % x.a.ndim
+            sizes = a.get("split")
+            from_input = sizes is None and len(node.input) > 1 and node.input[1]
+            if from_input:
+                if node.input[1] in self.dynamic:
+                    return ins, node
+                sizes = [int(v) for v in np.asarray(vals[1]).ravel()]
+            if sizes is not None and old_in.shape[axis] != x.shape[axis]:
+                src = self._source(idx, node, old_in, x, axis)
+                bounds = np.cumsum([0] + list(sizes))
+                nb = [self._bound(idx, node, src, int(b)) for b in bounds]
+                new = [int(nb[i + 1] - nb[i]) for i in range(len(sizes))]
+                if from_input:
+                    self._set_const(idx, 1, np.array(new, dtype=np.int64), shape=True)
+                    ins[1] = np.array(new, dtype=np.int64)
+                else:
+                    self.updates.attributes.setdefault(idx, {})["split"] = new
+                    node = _with_attribute(node, "split", new)
+        elif op == "Slice" and self.opset >= 10:
+            starts, ends = np.asarray(vals[1]).copy(), np.asarray(vals[2]).copy()
+            axes = np.asarray(vals[3]) if len(vals) > 3 and vals[3] is not None else np.arange(len(starts))
+            steps = np.asarray(vals[4]) if len(vals) > 4 and vals[4] is not None else np.ones(len(starts), np.int64)
+            changed = False
+            for i, ax in enumerate(axes.tolist()):
+                ax = ax % x.a.ndim
+                if old_in.shape[ax] == x.shape[ax]:
+                    continue
+                if steps[i] != 1:
+                    raise self._conflict(idx, node, "strided slicing of a widened axis")
+                if any(n in self.dynamic for n in node.input[1:3]):
+                    continue
+                n_old = old_in.shape[ax]
+                s, e, _ = slice(int(starts[i]), int(ends[i])).indices(n_old)
+                src = self._source(idx, node, old_in, x, ax)
+                starts[i], ends[i] = self._bound(idx, node, src, s), self._bound(idx, node, src, e)
+                changed = True
+            if changed:
+                self._set_const(idx, 1, starts.astype(np.asarray(vals[1]).dtype), shape=True)
+                self._set_const(idx, 2, ends.astype(np.asarray(vals[2]).dtype), shape=True)
+                ins[1], ins[2] = starts, ends
+        elif op == "Gather":
+            axis = a.get("axis", 0) % x.a.ndim
+            if old_in.shape[axis] != x.shape[axis]:
+                raise self._conflict(idx, node, "gathers along a widened axis")
+        return ins, node
+
+    def _source(self, idx, node, old_in: LN, new_in: LN, axis):
+        try:
+            return match_rows(old_in.a, new_in.a, axis, "sliced input").source()
+        except Mismatch as exc:
+            raise self._conflict(idx, node, str(exc)) from None
+
+    def _bound(self, idx, node, src, b):
+        try:
+            return sites.remap_bound(src, b)
+        except Mismatch as exc:
+            raise self._conflict(idx, node, str(exc)) from None
+
+    # ------------------------------------------------------------ producers
+    def _out_space(self, idx, node, size):
+        if self.analysis:
+            name = node_label(node, idx)
+            sp = self.table.new_space(name, size, "produced")
+            sp.add_role("producer", name)
+            self.node_space[idx] = sp
+        return self.node_space[idx]
+
+    def _conv(self, idx, node, x: LN, a):
+        w = self._const(node, 1)
+        if not isinstance(x, LN) or w is None:
+            return self._opaque(idx, node, "its weight is not a constant")
+        if not self._weight_ok(idx, node, [1, 2]):
+            return self._opaque(idx, node, "its weight is computed, not a constant")
+        g = a.get("group", 1)
+        if node.op_type == "ConvTranspose":
+            if g != 1:
+                return self._opaque(idx, node, "grouped transposed convolution")
+            return self._produce(idx, node, x, weight_k=1, bias_k=2, in_axis=1, out_axis=1, w_in=0, w_out=1)
+        if g == 1:
+            return self._produce(idx, node, x, weight_k=1, bias_k=2, in_axis=1, out_axis=1, w_in=1, w_out=0)
+        c_in = (self.old[node.input[0]] if not self.analysis else x).shape[1]
+        if g == c_in == w.shape[0] or (not self.analysis and g == c_in and w.shape[0] == c_in):
+            return self._depthwise(idx, node, x, w)
+        return self._grouped(idx, node, x, w, g)
+
+    def _gemm(self, idx, node, x: LN, a):
+        if not isinstance(x, LN) or self._const(node, 1) is None or a.get("transA", 0):
+            return self._opaque(idx, node, "transposed or non-constant operands")
+        if not self._weight_ok(idx, node, [1, 2]):
+            return self._opaque(idx, node, "its weight is computed, not a constant")
+        tb = a.get("transB", 0)
+        return self._produce(idx, node, x, weight_k=1, bias_k=2, in_axis=1, out_axis=1, w_in=1 if tb else 0,
+                             w_out=0 if tb else 1)
+
+    def _produce(self, idx, node, x: LN, *, weight_k, bias_k, in_axis, out_axis, w_in, w_out):
+        weight = self._const(node, weight_k)
+        name = node_label(node, idx)
+        self._note_roles(x, "consumer", name)
+        n_out = weight.shape[w_out]
+        space = self._out_space(idx, node, n_out)
+        shape = self.shapes[node.output[0]]
+        if self.analysis:
+            return [LN(channel_labels(shape, out_axis, space.chan_ids, self._salt(idx)))]
+        match = self._match(idx, node, node.input[0], x, in_axis)
+        mapping = self.plan.mapping(space)
+        if match is not None or len(mapping) != n_out:
+            self._set_const(idx, weight_k, sites.produce_weights(weight, w_in, w_out, match, mapping, self.options,
+                                                                 self.rng), weight=True)
+            bias = self._const(node, bias_k) if bias_k is not None else None
+            if bias is not None:
+                if bias.ndim >= 1 and bias.shape[-1] == n_out:
+                    self._set_const(idx, bias_k, ar.gather(bias, bias.ndim - 1, mapping))
+                elif bias.size != 1:
+                    raise self._conflict(idx, node, "bias of an unexpected shape")
+        out_shape = list(shape)
+        out_shape[out_axis] = len(mapping)
+        return [LN(channel_labels(out_shape, out_axis, self.plan.new_chan_ids(space), self._salt(idx)))]
+
+    def _depthwise(self, idx, node, x: LN, w):
+        self._note_roles(x, "carrier", node_label(node, idx))
+        seq = sites.channel_ids(x.a, 1)
+        shape = self.shapes[node.output[0]]
+        if seq is None:
+            return self._opaque(idx, node, "channels of a depthwise conv input are not on axis 1")
+        if not self.analysis:
+            match = self._match(idx, node, node.input[0], x, 1)
+            if match is not None:
+                if not match.unique_old:
+                    raise self._conflict(idx, node, "depthwise filters on duplicated channels")
+                self._set_const(idx, 1, ar.gather(w, 0, match.source()), weight=True)
+                b = self._const(node, 2)
+                if b is not None:
+                    self._set_const(idx, 2, ar.gather(b, 0, match.source()))
+                self.updates.attributes.setdefault(idx, {})["group"] = match.n_new
+        out_shape = (shape[0], len(seq)) + tuple(shape[2:])
+        return [LN(channel_labels(out_shape, 1, seq, self._salt(idx)))]
+
+    def _grouped(self, idx, node, x: LN, w, g):
+        self._note_roles(x, "consumer", node_label(node, idx))
+        seq = sites.channel_ids(x.a, 1)
+        if seq is None:
+            return self._opaque(idx, node, "channels of a grouped conv input are not on axis 1")
+        space = self._out_space(idx, node, w.shape[0])
+        shape = self.shapes[node.output[0]]
+        if self.analysis:
+            self.constraints.tie_blocks(seq, g)
+            self.constraints.tie_blocks(space.chan_ids, g)
+            return [LN(channel_labels(shape, 1, space.chan_ids, self._salt(idx)))]
+        mapping = self.plan.mapping(space)
+        old_x = self.old[node.input[0]]
+        if len(mapping) != w.shape[0] or not (old_x.shape == x.shape and np.array_equal(old_x.a, x.a)):
+            try:
+                new_w = sites.grouped_weights(w, g, old_x.a, x.a, 1, w.shape[0], mapping, self.options, self.rng)
+            except Mismatch as exc:
+                raise self._conflict(idx, node, str(exc)) from None
+            self._set_const(idx, 1, new_w, weight=True)
+            b = self._const(node, 2)
+            if b is not None:
+                self._set_const(idx, 2, ar.gather(b, 0, mapping))
+        out_shape = (shape[0], len(mapping)) + tuple(shape[2:])
+        return [LN(channel_labels(out_shape, 1, self.plan.new_chan_ids(space), self._salt(idx)))]
+
+
+def _const_shape(shape, ndim, ax, n_new):
+    """Shape of a per-channel constant after its channel axis ``ax`` (of the activation) grows."""
+    lead = ndim - len(shape)
+    out = list(shape)
+    out[ax - lead] = n_new
+    return tuple(out)
+
+
+def _with_attribute(node, name, ints):
+    out = onnx.NodeProto()
+    out.CopyFrom(node)
+    for at in out.attribute:
+        if at.name == name:
+            del at.ints[:]
+            at.ints.extend(int(v) for v in ints)
+    return out
