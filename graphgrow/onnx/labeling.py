@@ -19,7 +19,8 @@ from onnx.reference import ReferenceEvaluator
 from ..core import arithmetic as ar
 from ..core import sites
 from ..core.growth import Conflict
-from ..core.labels import LabelOverflow, channel_labels, channel_of, element_labels, resalt, varying_axes
+from ..core.labels import (LabelOverflow, channel_labels, channel_of, channel_sequence, element_labels, resalt,
+                           varying_axes)
 from ..core.plan import GrowthConstraints
 from ..core.provenance import Mismatch, RowMatch, match_rows
 from ..core.sites import GrowOptions
@@ -472,10 +473,28 @@ class OnnxLabelRun:
             if op in ("Reshape",) and len(outs) == 1:
                 for p, q in sites.split_axis_ties(vals[0].a, outs[0].a):
                     self.constraints.tie(p, q)
+            if op == "Slice" and self.opset >= 10 and any(n in self.dynamic for n in node.input[1:3]):
+                self._chunk_ties(vals)
             if op == "Split" and len(outs) > 1 and len({o.shape for o in outs}) == 1:
                 for o in outs[1:]:
                     self.constraints.tie(channel_of(outs[0].a), channel_of(o.a))
         return outs
+
+    def _chunk_ties(self, vals):
+        """A slice whose bounds are computed from the input's size (torch's chunk exported as Slice):
+        in the widened graph it takes the same fraction, so the equal blocks it cuts must widen alike."""
+        x = vals[0]
+        starts, ends = np.asarray(vals[1]).ravel(), np.asarray(vals[2]).ravel()
+        axes = np.asarray(vals[3]).ravel() if len(vals) > 3 and vals[3] is not None else np.arange(len(starts))
+        for i, ax in enumerate(axes.tolist()):
+            ax = ax % x.a.ndim
+            n = x.shape[ax]
+            s, e, step = slice(int(starts[i]), int(ends[i])).indices(n)
+            length = e - s
+            seq = channel_sequence(x.a, ax)
+            if seq is None or length <= 0 or length == n or n % length or s % length:
+                continue
+            self.constraints.tie_blocks(seq, n // length)
 
     def _rewrite_move(self, idx, node, vals, ins, a):
         """Rewrite channel constants written as literals (reshape targets, split sizes, slice bounds)."""
