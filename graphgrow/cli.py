@@ -1,4 +1,7 @@
-"""Command line: ``graphgrow demo`` (and, with the ONNX frontend, widen/check/inspect)."""
+"""Command line: ``graphgrow widen|check|inspect`` on ONNX files, ``graphgrow demo`` on the zoo.
+
+The ONNX subcommands never import torch; ``demo`` does.
+"""
 
 from __future__ import annotations
 
@@ -79,6 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_demo)
     z = sub.add_parser("zoo", help="list the bundled reference models")
     z.set_defaults(func=cmd_zoo)
+    from .onnx.checkcmd import add_check_parser
+    from .onnx.commands import add_parsers
+
+    add_parsers(sub)
+    add_check_parser(sub)
     return p
 
 
