@@ -157,7 +157,7 @@ class LabelRun:
     def __init__(self, gm: fx.GraphModule, meta: dict, *, table: SpaceTable | None = None,
                  constraints: GrowthConstraints | None = None, plan: WidenPlan | None = None,
                  old: dict | None = None, node_space: dict | None = None, fixed_space: dict | None = None,
-                 options: RunOptions | None = None):
+                 options: RunOptions | None = None, opaque_nodes: set | None = None):
         self.gm = gm
         self.modules = dict(gm.named_modules())
         self.meta = meta  # node -> recorded real value / TensorMetadata from the original run
@@ -171,6 +171,7 @@ class LabelRun:
         self.rng = np.random.default_rng(self.options.seed + 7919)
         self.env: dict = {}
         self.updates: dict = {}  # module name -> ModuleUpdate
+        self.opaque_nodes: set = set() if opaque_nodes is None else opaque_nodes
         self.arg_updates: dict = {}  # node -> (args, kwargs)
         self.salts = {n: i + 1 for i, n in enumerate(gm.graph.nodes)}
         self.fixed_space: dict = fixed_space if fixed_space is not None else {}
@@ -244,6 +245,7 @@ class LabelRun:
 
     def _opaque(self, node, reason):
         if self.analysis:
+            self.opaque_nodes.add(node)
             self._freeze_inputs(node, f"{describe(node, self.modules)}: {reason}")
             return self._labels_from_meta(node)
         self._require_unchanged(node)
@@ -298,6 +300,8 @@ class LabelRun:
 
     def _call_guarded(self, node):
         """An op that fails on labels is an op the analysis does not understand: fail closed."""
+        if not self.analysis and node in self.opaque_nodes:
+            return self._opaque(node, "not understood")
         try:
             return self._call(node)
         except (Conflict, GraphGrowError, LabelOverflow):

@@ -148,7 +148,7 @@ class OnnxAnalysis:
     def attempt(self, plan, options):
         return OnnxLabelRun(self.model, self.shapes, table=self.table, constraints=self.constraints, plan=plan,
                             old=self.run.env, node_space=self.run.node_space, fixed_space=self.run.fixed_space,
-                            options=options).run({k: v[0] for k, v in self.specs.items()})
+                            options=options, opaque_nodes=self.run.opaque_nodes).run({k: v[0] for k, v in self.specs.items()})
 
     def upstream(self, conflict, frozen):
         """Free channels feeding the conflicting node, walking up the graph."""
@@ -213,6 +213,11 @@ def rebuild(model: onnx.ModelProto, run: OnnxLabelRun) -> onnx.ModelProto:
             tensor.name = f"{name}__graphgrow_{idx}_{k}"
             g.initializer.append(tensor)
             node.input[k] = tensor.name
+    if new.ir_version < 4:  # IR < 4: every initializer must also be a graph input
+        listed = {i.name for i in g.input}
+        for t in g.initializer:
+            if t.name not in listed:
+                g.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
     for idx, attrs in run.updates.attributes.items():
         node = g.node[idx]
         for at in node.attribute:

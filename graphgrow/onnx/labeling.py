@@ -28,6 +28,9 @@ from ..core.spaces import SpaceTable
 from ..errors import GraphGrowError
 
 
+_EVALUATORS: dict = {}
+
+
 class LN:
     """Label array standing in for an activation."""
 
@@ -73,7 +76,7 @@ def node_label(node, idx: int) -> str:
 
 class OnnxLabelRun:
     def __init__(self, model: onnx.ModelProto, shapes: dict, *, table=None, constraints=None, plan=None, old=None,
-                 node_space=None, fixed_space=None, options=None):
+                 node_space=None, fixed_space=None, options=None, opaque_nodes=None):
         self.model = model
         self.graph = model.graph
         self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
@@ -88,6 +91,7 @@ class OnnxLabelRun:
         self.options = options or GrowOptions()
         self.rng = np.random.default_rng(self.options.seed + 7919)
         self.updates = Updates()
+        self.opaque_nodes: set = set() if opaque_nodes is None else opaque_nodes
         self.env: dict = {}
         self.dynamic: set = set()  # constants computed from activation shapes (they follow the width)
         self.consts = {t.name: numpy_helper.to_array(t) for t in self.graph.initializer}
@@ -130,6 +134,7 @@ class OnnxLabelRun:
 
     def _opaque(self, idx, node, reason):
         if self.analysis:
+            self.opaque_nodes.add(idx)
             for _, v in self._label_inputs(node):
                 self.constraints.freeze(np.unique(channel_of(v.a)), f"{node.op_type} node '{node_label(node, idx)}': {reason}")
             outs = []
@@ -245,14 +250,31 @@ class OnnxLabelRun:
         return self
 
     def _evaluate(self, node, inputs, idx):
-        """Run one node with onnx's reference implementation (constants or label arrays)."""
-        ev = ReferenceEvaluator(node, opsets={"": self.opset})
+        """Run one node with onnx's reference implementation (constants or label arrays).
+
+        The node is wrapped in a one-node model importing the graph's opset, so the
+        operator version (Split, Squeeze, Slice, ... changed over time) is the model's.
+        """
+        key = node.SerializeToString()
+        ev = _EVALUATORS.get((key, self.opset))
+        if ev is None:
+            names = [n for n in node.input if n]
+            g = helper.make_graph([node], "one", [helper.make_value_info(n, onnx.TypeProto()) for n in dict.fromkeys(names)],
+                                  [helper.make_value_info(n, onnx.TypeProto()) for n in node.output if n])
+            m = helper.make_model(g, opset_imports=[helper.make_opsetid("", self.opset)])
+            ev = ReferenceEvaluator(m)
+            if len(_EVALUATORS) > 4096:
+                _EVALUATORS.clear()
+            _EVALUATORS[(key, self.opset)] = ev
         feeds = {n: v for n, v in zip(node.input, inputs) if n}
-        return ev.run(None, feeds)
+        outs = ev.run(None, feeds)
+        return outs + [None] * (len(node.output) - len(outs))
 
     def _node(self, idx, node):
         op = node.op_type
         vals = [self.env.get(n) if n else None for n in node.input]
+        if not self.analysis and idx in self.opaque_nodes:
+            return self._opaque(idx, node, "not understood")
         if node.domain not in ("", "ai.onnx"):
             return self._opaque(idx, node, f"operator domain '{node.domain}' is not understood")
         if not any(isinstance(v, LN) for v in vals):
@@ -369,13 +391,13 @@ class OnnxLabelRun:
         x, c = vals[xk], vals[ck]
         if c is None:
             return self._opaque(idx, node, "missing operand")
+        old_x = self.old[node.input[xk]] if not self.analysis else x
         try:
-            out_shape = np.broadcast_shapes(x.shape, c.shape)
+            out_shape = np.broadcast_shapes(old_x.shape, c.shape)
         except ValueError:
             return self._opaque(idx, node, "operands do not broadcast")
-        if tuple(out_shape) != x.shape:
+        if tuple(out_shape) != old_x.shape:
             return self._opaque(idx, node, "the constant broadcasts the activation")
-        old_x = self.old[node.input[xk]] if not self.analysis else x
         va = varying_axes(old_x.a)
         cb = (1,) * (x.a.ndim - c.ndim) + tuple(c.shape)
         along = [ax for ax in va if cb[ax] != 1]
