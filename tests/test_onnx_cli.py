@@ -153,3 +153,32 @@ def test_check_input_names_differ(model_file, tmp_path):
     other = tmp_path / "other.onnx"
     onnx.save(m, str(other))
     assert "input" in _bad(["check", str(model_file), str(other)], tmp_path)
+
+
+def test_external_data_model_widens(model_file, tmp_path):
+    m = onnx.load(str(model_file))
+    d = tmp_path / "ext"
+    d.mkdir()
+    onnx.save_model(m, str(d / "m.onnx"), save_as_external_data=True, location="m.weights", size_threshold=0)
+    r = cli("widen", str(d / "m.onnx"), "--factor", "1.5", "-o", str(d / "w.onnx"))
+    assert r.returncode == 0, r.stderr
+    r = cli("check", str(d / "m.onnx"), str(d / "w.onnx"))
+    assert r.returncode == 0, r.stderr
+
+
+def test_save_large_model_uses_external_data(tmp_path, monkeypatch):
+    """Models over the protobuf limit are written as model + .data beside it, atomically."""
+    from graphgrow.onnx import io as gio
+
+    monkeypatch.setattr(gio, "TWO_GB", 1000)  # pretend the small model is huge
+    src = models.ZOO["lenet"].build().eval()
+    f = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(src, models.example_inputs("lenet", batch=1), f, dynamo=False, opset_version=17)
+    m = onnx.load_from_string(f.getvalue())
+    written = gio.save_model(m, str(tmp_path / "big.onnx"))
+    assert written == [str(tmp_path / "big.onnx"), str(tmp_path / "big.onnx.data")]
+    assert sorted(os.listdir(tmp_path)) == ["big.onnx", "big.onnx.data"]
+    back = gio.load_model(str(tmp_path / "big.onnx"))
+    assert len(back.graph.initializer) == len(m.graph.initializer)
