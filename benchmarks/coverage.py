@@ -188,7 +188,7 @@ def _widen_and_check(model, x, factor: float) -> dict:
     import graphgrow
     # note: import the function from its module; the package attribute graphgrow.check turns into the
     # submodule graphgrow.check after its first (lazy) access, so a second graphgrow.check(...) call fails
-    from graphgrow.check import check as gg_check
+    from graphgrow.verify import check as gg_check
 
     res: dict = {}
     # 1. analysis + rewrite

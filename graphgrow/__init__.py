@@ -13,7 +13,7 @@ def __getattr__(name):
 
         return getattr(api, name)
     if name == "check":
-        from .check import check
+        from .verify import check
 
         return check
     if name in ("CheckReport", "OutputDiff"):

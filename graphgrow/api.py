@@ -59,7 +59,7 @@ def widen(model: nn.Module, factor: float | None = 1.41, *, example_inputs, widt
                           params_after=count_params(result), function_preserving=preserving,
                           opaque_leaves=list(an.leaves), rounds=rounds)
     if preserving and verify != "none":
-        from .check import check
+        from .verify import check
         from .compare import DEFAULT_ATOL, DEFAULT_RTOL
 
         rep = check(model, result, an.inputs, backend=verify, atol=atol if atol is not None else DEFAULT_ATOL,

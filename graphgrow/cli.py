@@ -28,7 +28,7 @@ def cmd_demo(args) -> int:
     except ImportError:
         raise GraphGrowError("the model zoo (package 'models') is not importable; run from the repository") from None
     from . import api
-    from .check import check
+    from .verify import check
 
     if args.model not in models.ZOO:
         raise GraphGrowError(f"unknown zoo model {args.model!r}; choose from {', '.join(models.ZOO)}")

@@ -18,7 +18,7 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
-from graphgrow.check import check  # noqa: E402
+from graphgrow.verify import check  # noqa: E402
 from graphgrow.compare import (DEFAULT_ATOL, DEFAULT_RTOL, CheckReport, OutputDiff, compare_outputs,  # noqa: E402
                                make_session, random_feeds, run_onnx)
 from graphgrow.errors import (GraphGrowError, InputMismatchError, InvalidArgumentError,  # noqa: E402

@@ -363,3 +363,27 @@ def test_pass_interface():
     with torch.no_grad():
         assert (res.graph_module(x) - gm(x)).abs().max() < 1e-5
     assert p.report.params_after > p.report.params_before
+
+
+class BatchNormAct(nn.BatchNorm2d):
+    """timm-style: the module calls F.batch_norm on its own attributes, then an activation."""
+
+    def forward(self, x):
+        x = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.1, self.eps)
+        return F.relu(x)
+
+
+def test_functional_batch_norm_on_module_attributes():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3, padding=1)
+            self.bn = BatchNormAct(8)
+            self.out = nn.Conv2d(8, 2, 1)
+
+        def forward(self, x):
+            return self.out(self.bn(self.conv(x))).mean((2, 3))
+
+    wide, rep, err = widen_and_compare(randomize_bn(Net()), (torch.randn(2, 3, 8, 8),), 1.5)
+    assert err < EXACT
+    assert space(rep, "conv").new_width == 12 and wide.bn.num_features == 12 and wide.bn.running_var.shape == (12,)

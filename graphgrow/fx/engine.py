@@ -142,7 +142,8 @@ def rebuild(an: Analysis, run: LabelRun) -> nn.Module:
         for t, v in upd.tensors.items():
             _set_tensor(mod, t, v)
         for a, v in upd.attrs.items():
-            setattr(mod, a, v)
+            if hasattr(mod, a):
+                setattr(mod, a, v)
     if not run.arg_updates:
         return new_model
     graph = copy.deepcopy(an.gm.graph, {})

@@ -172,6 +172,10 @@ class LabelRun:
         self.env: dict = {}
         self.updates: dict = {}  # module name -> ModuleUpdate
         self.opaque_nodes: set = set() if opaque_nodes is None else opaque_nodes
+        self._attr_uses: dict = {}
+        for n in gm.graph.nodes:
+            if n.op == "get_attr":
+                self._attr_uses[n.target] = self._attr_uses.get(n.target, 0) + len(n.users)
         self.arg_updates: dict = {}  # node -> (args, kwargs)
         self.salts = {n: i + 1 for i, n in enumerate(gm.graph.nodes)}
         self.fixed_space: dict = fixed_space if fixed_space is not None else {}
@@ -390,6 +394,8 @@ class LabelRun:
             return self._pool(node, first)
         if target in _SOFTMAX_FUNCS:
             return self._softmax(node, first, args[1:], kwargs)
+        if target in (F.batch_norm, F.instance_norm) and isinstance(first, L):
+            return self._functional_norm(node, first)
         if target in _NORM_FUNCS and isinstance(first, L):
             return self._norm_function(node, target, first, args, kwargs)
         if target is torch.where and len(args) == 3:
@@ -485,6 +491,34 @@ class LabelRun:
         va = varying_axes(x.np)
         if dim % x.t.ndim in va:
             return self._mix(node, x, "softmax over the channel axis")
+        return self._elementwise(node, x)
+
+    def _functional_norm(self, node, x: L):
+        """F.batch_norm / F.instance_norm reading module attributes (timm's BatchNormAct2d, ...):
+        per-channel parameters, gathered into the modules that own them."""
+        sig = ["input", "running_mean", "running_var", "weight", "bias"]
+        params = []
+        for i, name in enumerate(sig[1:], start=1):
+            a = node.args[i] if len(node.args) > i else node.kwargs.get(name)
+            if a is None:
+                continue
+            if not (isinstance(a, fx.Node) and a.op == "get_attr") or self._attr_uses.get(a.target, 0) > 1:
+                return self._opaque(node, "its parameters are not attributes used only here")
+            params.append(a.target)
+        if any(isinstance(v, L) for v in tree_flatten((node.args[5:], node.kwargs))[0]):
+            return self._opaque(node, "unexpected tensor arguments")
+        self._note_roles(x, "carrier", node.name)
+        if not self.analysis:
+            match = self._match(node, node.args[0], x, 1)
+            if match is not None:
+                if not match.unique_old:
+                    raise self._conflict(node, "per-channel parameters on duplicated channels")
+                for target in params:
+                    owner, _, attr = target.rpartition(".")
+                    t = operator.attrgetter(target)(self.gm)
+                    upd = self.updates.setdefault(owner, ModuleUpdate())
+                    upd.tensors[attr] = ar.gather(self._np(t), 0, match.source())
+                    upd.attrs["num_features"] = match.n_new  # set where the owning module has it
         return self._elementwise(node, x)
 
     def _norm_function(self, node, target, x: L, args, kwargs):

@@ -103,9 +103,22 @@ def _eval_mode(*models: nn.Module):
             sub.training = flag
 
 
+class _FullPrecision:
+    """Switch off TF32 (on by default for cuDNN convolutions on Ampere and newer GPUs) while checking:
+    its ~1e-3 rounding would hide, or fake, differences the check is there to find."""
+
+    def __enter__(self):
+        self.saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+
+    def __exit__(self, *exc):
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = self.saved
+
+
 def _run_torch(model: nn.Module, args: tuple, which: str) -> list:
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _FullPrecision():
             out = model(*args)
     except Exception as exc:
         raise InputMismatchError(f"the inputs do not fit the {which} model: {_first_line(exc)}") from None
