@@ -100,12 +100,47 @@ class _SessionSource:
             self.tmp.cleanup()
 
 
+def _static_shapes(inferred, model, feeds) -> dict | None:
+    """Shapes from onnx shape inference when every node output gets a static one (dim_params bound by
+    the feeds); None when some shape is unknown."""
+    bound = {}
+    for inp in graph_inputs(model):
+        if inp.name in feeds:
+            for d, v in zip(inp.type.tensor_type.shape.dim, feeds[inp.name].shape):
+                if d.HasField("dim_param"):
+                    bound[d.dim_param] = v
+    shapes = {}
+    for vi in list(inferred.graph.value_info) + list(inferred.graph.output):
+        if not vi.type.HasField("tensor_type") or not vi.type.tensor_type.HasField("shape"):
+            continue
+        dims = []
+        for d in vi.type.tensor_type.shape.dim:
+            if d.HasField("dim_value"):
+                dims.append(d.dim_value)
+            elif d.dim_param in bound:
+                dims.append(bound[d.dim_param])
+            else:
+                break
+        else:
+            shapes[vi.name] = tuple(dims)
+    for node in model.graph.node:
+        for name in node.output:
+            if name and name not in shapes:
+                return None
+    return shapes
+
+
 def record_shapes(model, feeds: dict) -> dict:
-    """Shapes of every value of the original model, from one onnxruntime run."""
+    """Shapes of every value of the original model: from onnx shape inference when it finds them all,
+    else from one onnxruntime run with every value exposed."""
     try:
-        inferred = onnx.shape_inference.infer_shapes(model)
+        inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
     except Exception:  # noqa: BLE001 - shape inference is a convenience here
         inferred = model
+    static = _static_shapes(inferred, model, feeds)
+    if static is not None:
+        static.update({name: tuple(v.shape) for name, v in feeds.items()})
+        return static
     types = {vi.name: vi.type.tensor_type.elem_type for vi in inferred.graph.value_info
              if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type}
     probe = onnx.ModelProto()
@@ -228,13 +263,8 @@ def rebuild(model: onnx.ModelProto, run: OnnxLabelRun) -> onnx.ModelProto:
                     at.ints.extend(int(x) for x in v)
                 else:
                     at.i = int(v)
-    # shapes recorded for the original no longer hold: let onnx infer them again
+    # shapes recorded for the original no longer hold (onnx.shape_inference can add them back)
     del g.value_info[:]
-    if new.ByteSize() < TWO_GB:
-        try:
-            new = onnx.shape_inference.infer_shapes(new)
-        except Exception:  # noqa: BLE001
-            pass
     return new
 
 
@@ -287,7 +317,7 @@ def widen_model(model: onnx.ModelProto, factor: float | None = 1.41, *, widths=N
                           params_after=count_params(out), function_preserving=preserving, rounds=rounds)
     try:
         if out.ByteSize() < TWO_GB:
-            onnx.checker.check_model(out)
+            onnx.checker.check_model(out)  # (no full check: shapes were verified by the label runs)
     except Exception as exc:  # noqa: BLE001
         raise UnsupportedModelError(f"the rewritten model fails the ONNX checker: {_first_line(exc)}") from None
     if check and preserving:

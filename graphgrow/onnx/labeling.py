@@ -255,7 +255,7 @@ class OnnxLabelRun:
         The node is wrapped in a one-node model importing the graph's opset, so the
         operator version (Split, Squeeze, Slice, ... changed over time) is the model's.
         """
-        key = node.SerializeToString()
+        key = (id(self.model), idx, node.op_type, tuple(node.output), _attr_key(node))
         ev = _EVALUATORS.get((key, self.opset))
         if ev is None:
             names = [n for n in node.input if n]
@@ -720,3 +720,8 @@ def _with_attribute(node, name, ints):
             del at.ints[:]
             at.ints.extend(int(v) for v in ints)
     return out
+
+
+def _attr_key(node):
+    """Attributes that can change between runs (split sizes); large tensor attributes are left out."""
+    return tuple((a.name, tuple(a.ints)) for a in node.attribute if a.ints)
