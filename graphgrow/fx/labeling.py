@@ -72,7 +72,7 @@ class L:
 _ELEMENTWISE_MODULES = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh,
     nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Mish, nn.Softplus, nn.Softsign, nn.Tanhshrink,
-    nn.LogSigmoid, nn.Threshold, nn.Hardshrink, nn.Softshrink, nn.GLU.__mro__[-1] if False else nn.ReLU,
+    nn.LogSigmoid, nn.Threshold, nn.Hardshrink, nn.Softshrink,
 )
 _IDENTITY_MODULES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
                      nn.FeatureAlphaDropout)
@@ -317,7 +317,7 @@ class LabelRun:
             raise self._conflict(node, msg) from None
 
     def _output(self, node):
-        outs = [x for x in tree_flatten(self.env[node.args[0]] if False else self._args(node)[0][0])[0] if isinstance(x, L)]
+        outs = [x for x in tree_flatten(self._args(node)[0][0])[0] if isinstance(x, L)]
         if self.analysis:
             for x in outs:
                 self.constraints.freeze(np.unique(channel_of(x.np)), "reaches a model output")
@@ -427,9 +427,7 @@ class LabelRun:
                 return self._opaque(node, f"operand of type {type(other).__name__} is not understood")
             return self._elementwise(node, a if isinstance(a, L) else b)
         for p, q in ((a, b), (b, a)):
-            if self._is_param_operand(node, p) and self._is_scalar_like(p, q):
-                if self.analysis:
-                    pass
+            if self._is_scalar_like(p, q):
                 return self._elementwise(node, q)
         try:
             out_shape = torch.broadcast_shapes(a.t.shape, b.t.shape)
@@ -456,9 +454,6 @@ class LabelRun:
             sites.check_aligned(olds[0].np, olds[1].np, a.np, b.np, (olds[0] if a_full else olds[1]).np)
         except Mismatch as exc:
             raise self._conflict(node, f"its operands no longer align channel by channel ({exc})") from None
-
-    def _is_param_operand(self, node, x: L) -> bool:
-        return True
 
     def _reduce(self, node, x: L, args, kwargs):
         dims = args[1] if len(args) > 1 else kwargs.get("dim")

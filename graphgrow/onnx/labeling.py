@@ -277,15 +277,12 @@ class OnnxLabelRun:
             return self._opaque(idx, node, "not understood")
         if node.domain not in ("", "ai.onnx"):
             return self._opaque(idx, node, f"operator domain '{node.domain}' is not understood")
-        if not any(isinstance(v, LN) for v in vals):
-            if op in ("Shape", "Size"):
-                pass
-            else:
-                out = self._evaluate(node, vals, idx)
-                for n in node.output:
-                    if any(i in self.dynamic for i in node.input if i):
-                        self.dynamic.add(n)
-                return [np.asarray(o) for o in out]
+        if not any(isinstance(v, LN) for v in vals) and op not in ("Shape", "Size"):
+            # constant subgraph (Constant, ConstantOfShape, Cast/Reshape of weights, shape arithmetic)
+            out = self._evaluate(node, vals, idx)
+            if any(i in self.dynamic for i in node.input if i):
+                self.dynamic.update(n for n in node.output if n)
+            return [None if o is None else np.asarray(o) for o in out]
         x = vals[0] if vals else None
         a = self._attrs(node)
         if op == "Shape":
