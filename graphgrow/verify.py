@@ -184,12 +184,20 @@ def _export(model: nn.Module, args: tuple, path: str, opset: int, n_outputs: int
     """Export ``model`` (fixed shapes) to ``path`` with the TorchScript exporter; returns the input names."""
     input_names = [f"input{i}" for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
     output_names = [f"output{i}" for i in range(n_outputs)]
+    mha = getattr(torch.backends, "mha", None)
+    fastpath = mha.get_fastpath_enabled() if mha is not None else None
     try:
+        # nn.MultiheadAttention's inference fast path (a fused op) has no ONNX export: trace the plain math
+        if mha is not None:
+            mha.set_fastpath_enabled(False)
         with _quiet(), torch.no_grad():
             torch.onnx.export(model, args, path, dynamo=False, opset_version=int(opset), do_constant_folding=True,
                               export_params=True, input_names=input_names, output_names=output_names)
     except Exception as exc:
         raise UnsupportedModelError(f"could not export {which} model to ONNX: {_first_line(exc)}") from None
+    finally:
+        if mha is not None:
+            mha.set_fastpath_enabled(fastpath)
     return input_names
 
 
