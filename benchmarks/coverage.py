@@ -186,8 +186,8 @@ def _widen_and_check(model, x, factor: float) -> dict:
     import torch
 
     import graphgrow
-    # note: import the function from its module; the package attribute graphgrow.check turns into the
-    # submodule graphgrow.check after its first (lazy) access, so a second graphgrow.check(...) call fails
+    # graphgrow.check (the function) lives in graphgrow.verify; import it from there directly (before the
+    # rename of graphgrow/check.py, the package attribute turned into the submodule after its first access)
     from graphgrow.verify import check as gg_check
 
     res: dict = {}

@@ -197,8 +197,8 @@ def main(argv=None) -> int:
              "`{k: v.clone() for k, v in wide.state_dict().items()}`; *deepcopy* = `copy.deepcopy(wide)`; "
              "*forward* = one `wide(x)` under no_grad. Peak RSS = `ru_maxrss` of the worker process.", "",
              "| model | params before -> after | widened spaces | widen (first call) | analyze | copy_state | deepcopy "
-             "| forward | widen / copy_state | widen / deepcopy | widen / forward | peak RSS |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| forward | copy_state GB/s | widen / copy_state | widen / deepcopy | widen / forward | peak RSS |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         if "error" in r:
             lines.append(f"| {r['model']} | error: {r['error'][:200]} |||||||||||")
@@ -207,9 +207,18 @@ def main(argv=None) -> int:
             f"| {r['model']} | {r['params_before'] / 1e6:.1f}M -> {r['params_after'] / 1e6:.1f}M | "
             f"{r['widened_spaces']} | {_fmt_s(r['widen_s'])} ({_fmt_s(r['first_call_s'])}) | "
             f"{_fmt_s(r['analyze_s'])} | {_fmt_s(r['copy_state_s'])} | {_fmt_s(r['deepcopy_s'])} | "
-            f"{_fmt_s(r['forward_s'])} | {r['widen_over_copy_state']:.0f}x | {r['widen_over_deepcopy']:.1f}x | "
+            f"{_fmt_s(r['forward_s'])} | {r['widened_state_mb'] / 1024 / r['copy_state_s']:.1f} | "
+            f"{r['widen_over_copy_state']:.0f}x | {r['widen_over_deepcopy']:.1f}x | "
             f"{r['widen_over_forward']:.1f}x | {r['peak_rss_mb'] / 1024:.2f} GB |")
-    lines += ["", f"torch threads: {', '.join(str(r.get('threads')) for r in results)}.", ""]
+    lines += ["", f"torch threads: {', '.join(str(r.get('threads')) for r in results)}. Individual runs (s):", ""]
+    for r in results:
+        if "error" not in r:
+            lines.append(f"- {r['model']}: widen {[round(t, 3) for t in r['widen_runs_s']]}, copy_state "
+                         f"{[round(t, 4) for t in r['copy_state_runs_s']]}, deepcopy "
+                         f"{[round(t, 4) for t in r['deepcopy_runs_s']]}; widened state {r['widened_state_mb']} MB")
+    lines += ["", "The copy baseline is memory-bound and depends on whether the allocator hands back already-mapped "
+              "pages or has to fault in fresh ones (see the GB/s column), and on other load on the machine: "
+              "the ratio widen / copy_state is only good to a factor of a few. The machine is shared (2 CPUs).", ""]
     with open(args.md, "w") as f:
         f.write("\n".join(lines) + "\n")
     print(f"[widen_time] wrote {args.json} and {args.md}", file=sys.stderr, flush=True)
