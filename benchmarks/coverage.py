@@ -497,6 +497,30 @@ def _desym_cell(r: dict) -> str:
     return _short(p.get("status", ""), 40).replace("|", "\\|")
 
 
+def reason_kind(reason: str) -> str:
+    """A freezing reason with module / node / function names blanked, so that reasons can be counted by kind."""
+    return re.sub(r"\b\d+\b", "N", re.sub(r"'[^']*'", "'*'", reason))
+
+
+def _reason_kinds(frozen_reasons: dict) -> list:
+    kinds: dict = {}
+    for k, v in (frozen_reasons or {}).items():
+        kinds[reason_kind(k)] = kinds.get(reason_kind(k), 0) + v
+    return sorted(kinds.items(), key=lambda kv: (-kv[1], kv[0]))
+
+
+def _versions_line(rows: list) -> str:
+    shas: dict = {}
+    for r in rows:
+        if r.get("graphgrow_src_sha1"):
+            shas.setdefault(r["graphgrow_src_sha1"], []).append(r["model"])
+    if len(shas) <= 1:
+        return f"graphgrow source (sha1 of graphgrow/**/*.py): {next(iter(shas), 'unknown')} for every row."
+    return (f"graphgrow's source changed while these rows were produced (other people edit it concurrently): "
+            f"{len(shas)} distinct versions (sha1 of graphgrow/**/*.py, per row in the json as graphgrow_src_sha1); "
+            f"the last rows ran on {rows[-1].get('graphgrow_src_sha1')}.")
+
+
 def _status_cell(r: dict) -> str:
     text = _short(r["status"], 160)
     w = r.get("ort_check_mha_fastpath_off")
@@ -583,6 +607,7 @@ def write_outputs(meta: dict, results: dict, all_models: list, json_path: str, m
         f"{meta['onnxruntime']}, onnx {meta['onnx']}, python {meta['python']}; git {meta.get('git_commit')}; "
         f"machine: {meta['machine']['cpu']}, {meta['machine']['cpu_count']} CPUs, {meta['machine']['mem_gb']} GB; "
         f"torch threads: {meta['threads']}.", "",
+        _versions_line(ordered), "",
         "Each model: random init (`torch.manual_seed(0)`), eval mode, one input of batch 1 (size in the table), "
         "then `graphgrow.widen(model, factor, example_inputs=(x,), verify='none')` (column *widen s*: analysis + "
         "rewrite) and `graphgrow.check(model, wide, (x,), backend='onnxruntime', batches=3)` (column *check s*: "
@@ -610,20 +635,26 @@ def write_outputs(meta: dict, results: dict, all_models: list, json_path: str, m
             _fmt(None if not rss else rss / 1024, ".1f"), _status_cell(r)]) + " |")
     # frozen reasons per model
     lines += ["", "## Frozen channel spaces: top reasons per model", "",
-              "| model | frozen / partly frozen | top reasons (count) |", "|---|---|---|"]
+              "Reasons by kind: names of modules / nodes / functions blanked as `'*'`, numbers as N; the json has "
+              "the full reasons (`frozen_reasons`). A space frozen by several reasons counts once per reason.", "",
+              "| model | frozen / partly frozen | top reasons (spaces) |", "|---|---|---|"]
     for r in ordered:
-        if r.get("frozen_reasons_top"):
-            reasons = "; ".join(f"{t} ({c})" for t, c in r["frozen_reasons_top"]).replace("|", "\\|")
+        kinds = _reason_kinds(r.get("frozen_reasons"))
+        if kinds:
+            reasons = "; ".join(f"{_short(t, 110)} ({c})" for t, c in kinds[:3]).replace("|", "\\|")
             lines.append(f"| {r['model']} | {r.get('fully_frozen', 0)} / {r.get('partly_frozen', 0)} | {reasons} |")
     # overall reasons
     overall: dict = {}
+    models_with: dict = {}
     for r in ordered:
-        for k, v in (r.get("frozen_reasons") or {}).items():
+        for k, v in _reason_kinds(r.get("frozen_reasons")):
             overall[k] = overall.get(k, 0) + v
+            models_with[k] = models_with.get(k, 0) + 1
     if overall:
-        lines += ["", "## Frozen reasons over all models (spaces)", "", "| reason | spaces |", "|---|---|"]
+        lines += ["", "## Frozen reasons over all models, by kind", "", "| reason | spaces | models |",
+                  "|---|---|---|"]
         for k, v in sorted(overall.items(), key=lambda kv: -kv[1])[:25]:
-            lines.append(f"| {_short(k, 200).replace('|', chr(92) + '|')} | {v} |")
+            lines.append(f"| {_short(k, 220).replace('|', chr(92) + '|')} | {v} | {models_with[k]} |")
     # details of non-successes
     bad = [r for r in ordered if status_class(r["status"]) not in ("widened+equivalent",)]
     if bad:
@@ -706,9 +737,19 @@ def main(argv=None) -> int:
     p.add_argument("--md", default=os.path.join(RESULTS, "coverage.md"))
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
+    p.add_argument("--report-only", action="store_true", help="rewrite the markdown from the json; run nothing")
     args = p.parse_args(argv)
     if args.worker:
         return worker_main(args)
+    if args.report_only:
+        import torchvision
+
+        with open(args.json) as f:
+            old = json.load(f)
+        all_models = list(torchvision.models.list_models(module=torchvision.models))
+        print(write_outputs(old["metadata"], {r["model"]: r for r in old["results"]}, all_models, args.json, args.md),
+              file=sys.stderr)
+        return 0
     return driver(args)
 
 
