@@ -6,13 +6,11 @@ import torch.nn as nn
 
 from .core.report import GrowthReport
 from .errors import InvalidArgumentError, VerificationError
-from .core.growth import check_factor, space_reports, widen_targets
+from .core.growth import check_factor, check_options, space_reports, widen_targets
 from .fx.engine import Analysis, count_params, plan_and_apply, rebuild
 from .fx.labeling import RunOptions
 from .core.plan import WidenPlan
 
-INITS = ("net2net", "random-pad")
-NOISE_MODES = ("exact", "paper")
 VERIFY = ("torch", "onnxruntime", "none")
 
 
@@ -39,14 +37,7 @@ def widen(model: nn.Module, factor: float | None = 1.41, *, example_inputs, widt
     failed check raises :class:`VerificationError`.
     """
     factor = check_factor(factor, widths)
-    if init not in INITS:
-        raise InvalidArgumentError(f"init must be one of {INITS}, not {init!r}")
-    if noise_mode not in NOISE_MODES:
-        raise InvalidArgumentError(f"noise_mode must be one of {NOISE_MODES}, not {noise_mode!r}")
-    if not (isinstance(divisor, int) and divisor >= 1):
-        raise InvalidArgumentError(f"divisor must be a positive integer, not {divisor!r}")
-    if not (noise >= 0):
-        raise InvalidArgumentError(f"noise must be >= 0, not {noise!r}")
+    check_options(init, noise_mode, divisor, noise)
     if verify not in VERIFY:
         raise InvalidArgumentError(f"verify must be one of {VERIFY}, not {verify!r}")
     an = Analysis(model, example_inputs)

@@ -96,8 +96,13 @@ def main(argv=None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return EXIT_BAD_INPUT
+    return run_guarded(args.func, args)
+
+
+def run_guarded(func, args) -> int:
+    """Run a subcommand: a GraphGrowError becomes one line on stderr and exit code 2."""
     try:
-        return args.func(args)
+        return func(args)
     except GraphGrowError as exc:
         print(f"graphgrow: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

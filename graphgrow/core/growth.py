@@ -38,6 +38,22 @@ def check_factor(factor, widths):
     return f
 
 
+INITS = ("net2net", "random-pad")
+NOISE_MODES = ("exact", "paper")
+
+
+def check_options(init, noise_mode, divisor, noise) -> None:
+    """Validate the growth options common to every frontend."""
+    if init not in INITS:
+        raise InvalidArgumentError(f"init must be one of {INITS}, not {init!r}")
+    if noise_mode not in NOISE_MODES:
+        raise InvalidArgumentError(f"noise_mode must be one of {NOISE_MODES}, not {noise_mode!r}")
+    if not (isinstance(divisor, int) and divisor >= 1):
+        raise InvalidArgumentError(f"divisor must be a positive integer, not {divisor!r}")
+    if not (noise >= 0):
+        raise InvalidArgumentError(f"noise must be >= 0, not {noise!r}")
+
+
 def compile_regex(pattern, what):
     if pattern is None:
         return None

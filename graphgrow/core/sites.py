@@ -22,6 +22,34 @@ class GrowOptions:
     seed: int = 0
 
 
+class LabelRunState:
+    """State of one label run of a graph, for any frontend.
+
+    The analysis run (``plan=None``) creates the space table, the constraints and
+    the record of what the original looked like; every apply run (with a plan)
+    shares them from ``analysis`` and keeps only its own environment.
+    """
+
+    def __init__(self, *, plan=None, analysis: "LabelRunState | None" = None, options: GrowOptions | None = None):
+        from .plan import GrowthConstraints
+        from .spaces import SpaceTable
+
+        self.plan = plan
+        self.analysis = plan is None
+        if analysis is None:
+            self.table = SpaceTable()
+            self.constraints = GrowthConstraints(self.table)
+            self.old, self.node_space, self.fixed_space, self.opaque_nodes = {}, {}, {}, set()
+        else:
+            self.table, self.constraints = analysis.table, analysis.constraints
+            self.old = analysis.env  # labels of the original configuration
+            self.node_space, self.fixed_space = analysis.node_space, analysis.fixed_space
+            self.opaque_nodes = analysis.opaque_nodes  # an op opaque in the analysis stays opaque
+        self.options = options or GrowOptions()
+        self.rng = np.random.default_rng(self.options.seed + 7919)
+        self.env: dict = {}
+
+
 def channel_ids(labels: np.ndarray, axis: int = 1):
     """Channel id of every slice along ``axis``, or None when ids do not tell slices apart.
 

@@ -112,9 +112,7 @@ def _ancestor_chans(run: LabelRun, node, frozen) -> np.ndarray:
 
 def plan_and_apply(an: Analysis, targets: dict, options: RunOptions, seed: int, progress=None):
     def attempt(plan):
-        run = LabelRun(an.gm, an.meta, table=an.table, constraints=an.constraints, plan=plan, old=an.run.env,
-                       node_space=an.run.node_space, fixed_space=an.run.fixed_space, options=options,
-                       opaque_nodes=an.run.opaque_nodes)
+        run = LabelRun(an.gm, an.meta, plan=plan, analysis=an.run, options=options)
         return run.run(an.inputs)
 
     def upstream(conflict, frozen):

@@ -32,12 +32,11 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from ..core import arithmetic as ar
 from ..core.labels import LabelOverflow, channel_labels, channel_of, channel_sequence, element_labels, resalt, varying_axes
-from ..core.plan import GrowthConstraints, WidenPlan
+from ..core.plan import WidenPlan
 from ..core.provenance import Mismatch, RowMatch, match_rows
 from ..core.growth import Conflict
 from ..core.sites import GrowOptions as RunOptions
 from ..core import sites
-from ..core.spaces import SpaceTable
 from ..errors import GraphGrowError
 
 
@@ -153,32 +152,20 @@ class ModuleUpdate:
     attrs: dict = field(default_factory=dict)
 
 
-class LabelRun:
-    def __init__(self, gm: fx.GraphModule, meta: dict, *, table: SpaceTable | None = None,
-                 constraints: GrowthConstraints | None = None, plan: WidenPlan | None = None,
-                 old: dict | None = None, node_space: dict | None = None, fixed_space: dict | None = None,
-                 options: RunOptions | None = None, opaque_nodes: set | None = None):
+class LabelRun(sites.LabelRunState):
+    def __init__(self, gm: fx.GraphModule, meta: dict, *, plan: WidenPlan | None = None,
+                 analysis: "LabelRun | None" = None, options: RunOptions | None = None):
+        super().__init__(plan=plan, analysis=analysis, options=options)
         self.gm = gm
         self.modules = dict(gm.named_modules())
         self.meta = meta  # node -> recorded real value / TensorMetadata from the original run
-        self.plan = plan
-        self.analysis = plan is None
-        self.table = table if table is not None else SpaceTable()
-        self.constraints = constraints if constraints is not None else GrowthConstraints(self.table)
-        self.old = old if old is not None else {}
-        self.node_space = node_space if node_space is not None else {}
-        self.options = options or RunOptions()
-        self.rng = np.random.default_rng(self.options.seed + 7919)
-        self.env: dict = {}
         self.updates: dict = {}  # module name -> ModuleUpdate
-        self.opaque_nodes: set = set() if opaque_nodes is None else opaque_nodes
         self._attr_uses: dict = {}
         for n in gm.graph.nodes:
             if n.op == "get_attr":
                 self._attr_uses[n.target] = self._attr_uses.get(n.target, 0) + len(n.users)
         self.arg_updates: dict = {}  # node -> (args, kwargs)
         self.salts = {n: i + 1 for i, n in enumerate(gm.graph.nodes)}
-        self.fixed_space: dict = fixed_space if fixed_space is not None else {}
         calls: dict = {}
         for n in gm.graph.nodes:
             if n.op == "call_module":

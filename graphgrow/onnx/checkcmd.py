@@ -428,15 +428,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     """``python -m graphgrow.onnx.checkcmd REF.onnx CAND.onnx [options]``; exit codes as ``graphgrow check``."""
-    args = build_parser().parse_args(argv)
-    try:
-        return run_check(args)
-    except GraphGrowError as exc:
-        print(f"graphgrow: error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except KeyboardInterrupt:
-        print("graphgrow: interrupted", file=sys.stderr)
-        return 130
+    from ..cli import run_guarded
+
+    return run_guarded(run_check, build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import onnx
 from onnx import numpy_helper
 
 from ..compare import DEFAULT_ATOL, DEFAULT_RTOL, OutputAccumulator, make_session, random_feeds
-from ..core.growth import check_factor, grow, space_reports, widen_targets
+from ..core.growth import check_factor, check_options, grow, space_reports, widen_targets
 from ..core.labels import LabelOverflow, channel_of
 from ..core.plan import WidenPlan
 from ..core.report import GrowthReport
@@ -181,9 +181,8 @@ class OnnxAnalysis:
         self.produced = self.table.produced()
 
     def attempt(self, plan, options):
-        return OnnxLabelRun(self.model, self.shapes, table=self.table, constraints=self.constraints, plan=plan,
-                            old=self.run.env, node_space=self.run.node_space, fixed_space=self.run.fixed_space,
-                            options=options, opaque_nodes=self.run.opaque_nodes).run({k: v[0] for k, v in self.specs.items()})
+        run = OnnxLabelRun(self.model, self.shapes, plan=plan, analysis=self.run, options=options)
+        return run.run({k: v[0] for k, v in self.specs.items()})
 
     def upstream(self, conflict, frozen):
         """Free channels feeding the conflicting node, walking up the graph."""
@@ -296,14 +295,7 @@ def widen_model(model: onnx.ModelProto, factor: float | None = 1.41, *, widths=N
                 providers=None, progress=None):
     """Net2WiderNet on an ONNX model; returns ``(widened ModelProto, GrowthReport)``."""
     factor = check_factor(factor, widths)
-    if init not in ("net2net", "random-pad"):
-        raise InvalidArgumentError(f"init must be net2net or random-pad, not {init!r}")
-    if noise_mode not in ("exact", "paper"):
-        raise InvalidArgumentError(f"noise mode must be exact or paper, not {noise_mode!r}")
-    if not (isinstance(divisor, int) and divisor >= 1):
-        raise InvalidArgumentError(f"divisor must be a positive integer, not {divisor!r}")
-    if not noise >= 0:
-        raise InvalidArgumentError(f"noise must be >= 0, not {noise!r}")
+    check_options(init, noise_mode, divisor, noise)
     say = progress or (lambda s: None)
     say("analysing channel spaces ...")
     an = OnnxAnalysis(model, shapes, seed)

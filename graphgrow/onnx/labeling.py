@@ -21,10 +21,7 @@ from ..core import sites
 from ..core.growth import Conflict
 from ..core.labels import (LabelOverflow, channel_labels, channel_of, channel_sequence, element_labels, resalt,
                            varying_axes)
-from ..core.plan import GrowthConstraints
 from ..core.provenance import Mismatch, RowMatch, match_rows
-from ..core.sites import GrowOptions
-from ..core.spaces import SpaceTable
 from ..errors import GraphGrowError
 
 
@@ -74,25 +71,14 @@ def node_label(node, idx: int) -> str:
     return node.name or f"{node.op_type}_{idx}:{node.output[0]}"
 
 
-class OnnxLabelRun:
-    def __init__(self, model: onnx.ModelProto, shapes: dict, *, table=None, constraints=None, plan=None, old=None,
-                 node_space=None, fixed_space=None, options=None, opaque_nodes=None):
+class OnnxLabelRun(sites.LabelRunState):
+    def __init__(self, model: onnx.ModelProto, shapes: dict, *, plan=None, analysis=None, options=None):
+        super().__init__(plan=plan, analysis=analysis, options=options)
         self.model = model
         self.graph = model.graph
         self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
-        self.shapes = shapes  # value name -> shape in the original run (from onnxruntime)
-        self.plan = plan
-        self.analysis = plan is None
-        self.table = table if table is not None else SpaceTable()
-        self.constraints = constraints if constraints is not None else GrowthConstraints(self.table)
-        self.old = old if old is not None else {}
-        self.node_space = node_space if node_space is not None else {}
-        self.fixed_space = fixed_space if fixed_space is not None else {}
-        self.options = options or GrowOptions()
-        self.rng = np.random.default_rng(self.options.seed + 7919)
+        self.shapes = shapes  # value name -> shape in the original run
         self.updates = Updates()
-        self.opaque_nodes: set = set() if opaque_nodes is None else opaque_nodes
-        self.env: dict = {}
         self.dynamic: set = set()  # constants computed from activation shapes (they follow the width)
         self.consts = {t.name: numpy_helper.to_array(t) for t in self.graph.initializer}
         self.users: dict = {}  # value name -> [(node index, input index)]
