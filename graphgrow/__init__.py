@@ -8,7 +8,7 @@ __version__ = "0.1.0"
 
 def __getattr__(name):
     # torch is imported lazily so that the ONNX path never pays for (or needs) it
-    if name in ("widen", "analyze"):
+    if name in ("widen", "deepen", "analyze"):
         from . import api
 
         return getattr(api, name)
@@ -23,5 +23,5 @@ def __getattr__(name):
     raise AttributeError(f"module 'graphgrow' has no attribute {name!r}")
 
 
-__all__ = ["widen", "analyze", "check", "CheckReport", "GraphGrowError", "InputMismatchError",
+__all__ = ["widen", "deepen", "analyze", "check", "CheckReport", "GraphGrowError", "InputMismatchError",
            "InvalidArgumentError", "ModelFileError", "TraceError", "UnsupportedModelError", "VerificationError"]

@@ -1,4 +1,4 @@
-"""Public Python API: :func:`widen` and :func:`analyze` on torch modules."""
+"""Public Python API: :func:`widen`, :func:`deepen` and :func:`analyze` on torch modules."""
 
 from __future__ import annotations
 
@@ -60,6 +60,49 @@ def widen(model: nn.Module, factor: float | None = 1.41, *, example_inputs, widt
             w = rep.worst
             raise VerificationError(
                 f"widened model is not equivalent: output {w.name!r} differs by max_rel {w.max_rel:.3g} "
+                f"(max_abs {w.max_abs:.3g})", report=report)
+    result.graphgrow_report = report
+    return result
+
+
+def deepen(model: nn.Module, *, after, block: str = "conv-bn-relu", kernel=3, calibrate=None, example_inputs,
+           seed: int = 0, verify: str = "torch", atol: float | None = None, rtol: float | None = None) -> nn.Module:
+    """Net2DeeperNet: a deeper copy of ``model`` computing the same function (in eval mode).
+
+    ``after`` picks where blocks go: a regular expression that must match a whole node name, module path
+    (e.g. ``"layer1.0"``, ``"blocks[.][0-9]+"``) or a list of such names; each block reads that output and every
+    former user reads the block.  ``block`` is ``"conv-bn-relu"`` (only where the input is provably
+    non-negative), ``"conv-bn"``, ``"linear"`` (a ReLU only where exact) or ``"residual"`` (x + body(x) with a
+    zero last layer).  ``kernel`` is an odd size or a factorized chain such as ``"1x3+3x1"`` (one identity
+    conv-BN(-ReLU) per stage).  ``calibrate``, an iterable of input batches, sets the new batch norms' statistics
+    from data so the blocks are close to the identity in training mode too; the training-mode deviation before
+    and after calibration is reported.  The result is a ``torch.fx.GraphModule`` (state_dict keys of the
+    original parameters kept) with the report as ``result.graphgrow_report``; it is verified like
+    :func:`widen` (``verify="torch"``, ``"onnxruntime"`` or ``"none"``).
+    """
+    from .fx.deepen import calibrate_blocks, deepen_module, train_mode_deviation
+
+    if verify not in VERIFY:
+        raise InvalidArgumentError(f"verify must be one of {VERIFY}, not {verify!r}")
+    result, report, paths, batches, inputs = deepen_module(model, after=after, block=block, kernel=kernel,
+                                                            calibrate=calibrate, example_inputs=example_inputs,
+                                                            seed=seed)
+    if batches is not None:
+        report.calibration_batches = len(batches)
+        report.train_deviation = train_mode_deviation(model, result, batches, seed)
+        calibrate_blocks(result, paths, batches, seed)
+        report.train_deviation_calibrated = train_mode_deviation(model, result, batches, seed)
+    if verify != "none":
+        from .verify import check
+        from .compare import DEFAULT_ATOL, DEFAULT_RTOL
+
+        rep = check(model, result, inputs, backend=verify, atol=atol if atol is not None else DEFAULT_ATOL,
+                    rtol=rtol if rtol is not None else DEFAULT_RTOL, batches=3, seed=seed)
+        report.check = rep
+        if not rep.passed:
+            w = rep.worst
+            raise VerificationError(
+                f"deepened model is not equivalent: output {w.name!r} differs by max_rel {w.max_rel:.3g} "
                 f"(max_abs {w.max_abs:.3g})", report=report)
     result.graphgrow_report = report
     return result

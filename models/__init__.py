@@ -18,7 +18,8 @@ import torch.nn as nn
 from .common import ConvBNReLU, scale_channels
 from .densenet import DenseNetSmall, densenet_small
 from .inception import (
-    InceptionBN, InceptionModule, ReductionModule, inception_bn, inception_bn_narrow,
+    PAPER_DEEPER_AFTER, PAPER_DEEPER_KERNEL, InceptionBN, InceptionModule, ReductionModule, inception_bn,
+    inception_bn_narrow,
 )
 from .lenet5 import LeNet, lenet
 from .mobilenetv2 import MobileNetV2Small, mobilenetv2_small
@@ -74,7 +75,7 @@ def example_inputs(name: str, batch: int = 2, seed: int = 0) -> Tuple[torch.Tens
 
 
 __all__ = [
-    "ZOO", "ZooEntry", "example_inputs",
+    "ZOO", "ZooEntry", "example_inputs", "PAPER_DEEPER_AFTER", "PAPER_DEEPER_KERNEL",
     "inception_bn", "inception_bn_narrow", "resnet_small", "densenet_small",
     "mobilenetv2_small", "senet_small", "lenet", "shufflenet_small",
     "grouped_resnext_small", "resnext_small",

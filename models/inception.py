@@ -108,6 +108,11 @@ class ReductionModule(nn.Module):
         return torch.cat([b1, b2, b3], 1)
 
 
+# Net2DeeperNet's configuration from the paper, for ``inception_bn(factorized=True)``: after the last
+# vertical-horizontal pair of every module's double branch, two more identity pairs.
+PAPER_DEEPER_AFTER = r"blocks\.\d+\.branch_dbl3x3\.2"
+PAPER_DEEPER_KERNEL = "3x1+1x3+3x1+1x3"
+
 # Channel configuration at width_mult=1.0.
 # Inception: (ch1x1, ch3x3red, ch3x3, dbl3x3red, dbl3x3, pool_proj, pool)
 # Reduction: (ch3x3red, ch3x3, dbl3x3red, dbl3x3)

@@ -1,0 +1,431 @@
+"""Net2DeeperNet on torch.fx graphs: insert identity blocks, calibrate their batch norms.
+
+The weights come from :mod:`graphgrow.core.deepen` (numpy); this module traces the model, proves inputs
+non-negative where a ReLU is wanted, builds the torch modules and rewires the graph.
+"""
+
+from __future__ import annotations
+
+import collections
+import copy
+import operator
+
+import numpy as np
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
+from torch.utils._pytree import tree_flatten
+
+from ..core import deepen as core
+from ..core.deepen import Insertion, Sign
+from ..errors import InputMismatchError, InvalidArgumentError
+from .engine import _TrainingFlags, as_input_tuple, count_params
+from .trace import trace_module
+
+
+class Residual(nn.Module):
+    """x + body(x); the body's last layer starts at zero, so the block starts as the identity."""
+
+    def __init__(self, body: nn.Module):
+        super().__init__()
+        self.body = body
+
+    def forward(self, x):
+        return x + self.body(x)
+
+
+# ------------------------------------------------------------------------------------------- non-negativity (fx)
+
+_SOURCE_MODULES = (nn.ReLU, nn.ReLU6, nn.Sigmoid, nn.Softmax, nn.Hardsigmoid, nn.Softplus)
+_MOVE_MODULES = (nn.Identity, nn.Flatten, nn.Unflatten, nn.ChannelShuffle, nn.Dropout, nn.Dropout1d, nn.Dropout2d,
+                 nn.Dropout3d, nn.AlphaDropout)
+_POOL_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+                 nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
+                 nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.Upsample, nn.PixelShuffle, nn.PixelUnshuffle)
+
+_SOURCE_FUNCS = {F.relu: "relu", torch.relu: "relu", F.relu6: "relu6", torch.sigmoid: "sigmoid",
+                 F.sigmoid: "sigmoid", F.softmax: "softmax", torch.softmax: "softmax", F.hardsigmoid: "hardsigmoid",
+                 F.softplus: "softplus", torch.exp: "exp", torch.abs: "abs", F.relu_: "relu", torch.relu_: "relu"}
+_KIND_FUNCS = {
+    operator.add: "add", torch.add: "add", operator.mul: "mul", torch.mul: "mul", operator.truediv: "div",
+    torch.div: "div", torch.cat: "concat", torch.concat: "concat", torch.stack: "concat", operator.getitem: "move",
+    torch.flatten: "move", torch.reshape: "move", torch.transpose: "move", torch.permute: "move",
+    torch.squeeze: "move", torch.unsqueeze: "move", torch.chunk: "move", torch.split: "move",
+    torch.channel_shuffle: "move", torch.max: "max", torch.maximum: "max", torch.minimum: "min", torch.min: "min",
+    torch.mean: "mean", torch.sum: "sum", torch.sqrt: "sqrt", F.max_pool1d: "pool", F.max_pool2d: "pool",
+    F.max_pool3d: "pool", F.avg_pool1d: "pool", F.avg_pool2d: "pool", F.avg_pool3d: "pool",
+    F.adaptive_avg_pool1d: "pool", F.adaptive_avg_pool2d: "pool", F.adaptive_avg_pool3d: "pool",
+    F.adaptive_max_pool1d: "pool", F.adaptive_max_pool2d: "pool", F.adaptive_max_pool3d: "pool",
+    F.interpolate: "resize", F.dropout: "identity", F.dropout2d: "identity", torch.clone: "identity",
+}
+_SOURCE_METHODS = {"relu": "relu", "relu_": "relu", "sigmoid": "sigmoid", "softmax": "softmax", "exp": "exp",
+                   "abs": "abs"}
+_KIND_METHODS = {
+    "view": "move", "reshape": "move", "flatten": "move", "permute": "move", "transpose": "move",
+    "contiguous": "identity", "squeeze": "move", "unsqueeze": "move", "chunk": "move", "split": "move",
+    "expand": "move", "repeat": "move", "__getitem__": "move", "add": "add", "mul": "mul", "div": "div",
+    "mean": "mean", "sum": "sum", "max": "max", "clone": "identity", "to": "identity", "float": "identity",
+    "type_as": "identity", "sqrt": "sqrt", "add_": "add", "mul_": "mul",
+}
+# ops whose non-tensor arguments are shapes, axes or sizes, not operands
+_SHAPE_ARG_KINDS = {"move", "pool", "resize", "concat", "mean", "sum", "identity", "sqrt"}
+
+
+def _clamp_sign(node: fx.Node) -> Sign | None:
+    """torch.clamp / .clamp / F.hardtanh / nn.Hardtanh with a lower bound ≥ 0 give x ≥ 0."""
+    lo = None
+    if node.op in ("call_function", "call_method") and node.target in (torch.clamp, torch.clip, "clamp", "clip",
+                                                                       "clamp_min", torch.clamp_min):
+        lo = node.kwargs.get("min", node.args[1] if len(node.args) > 1 else None)
+    elif node.op == "call_function" and node.target in (F.hardtanh, F.hardtanh_):
+        lo = node.kwargs.get("min_val", node.args[1] if len(node.args) > 1 else -1.0)
+    else:
+        return None
+    if isinstance(lo, (int, float)) and lo >= 0:
+        return Sign.yes()
+    return Sign.no(f"node '{node.name}' clamps at {lo!r}, which allows negative values")
+
+
+def nonneg_signs(gm: fx.GraphModule) -> dict:
+    """node → Sign for every node of ``gm`` (placeholders may be negative; constants are read)."""
+    modules = dict(gm.named_modules())
+    signs: dict = {}
+    sizes: set = set()  # nodes holding shapes and sizes (x.shape, x.size(1), arithmetic on them), not tensors
+
+    def operand(a) -> Sign | None:
+        if isinstance(a, fx.Node):
+            return signs.get(a, Sign.no(f"node '{a.name}'")) if a not in sizes else None
+        if isinstance(a, bool):
+            return None
+        if isinstance(a, (int, float)):
+            return Sign.yes() if a >= 0 else Sign.no(f"the constant {a}")
+        if isinstance(a, (list, tuple)):
+            parts = [operand(x) for x in a]
+            parts = [p for p in parts if p is not None]
+            bad = [p for p in parts if not p.nonneg]
+            return bad[0] if bad else (Sign.yes() if parts else None)
+        return None
+
+    for node in gm.graph.nodes:
+        what = f"node '{node.name}'"
+        if node.op == "placeholder":
+            signs[node] = Sign.no(f"the model input '{node.name}' may be negative")
+            continue
+        if node.op == "get_attr":
+            try:
+                val = operator.attrgetter(node.target)(gm)
+                signs[node] = core.constant_sign(val.detach().cpu().numpy(), f"the constant '{node.target}'")
+            except Exception:  # noqa: BLE001 - anything unreadable is unknown
+                signs[node] = Sign.no(f"the constant '{node.target}'")
+            continue
+        if node.op == "output":
+            continue
+        inputs = node.all_input_nodes
+        if (node.op == "call_function" and node.target is getattr) or \
+                (node.op == "call_method" and node.target in ("size", "dim", "numel")) or \
+                (inputs and all(a in sizes for a in inputs) and not isinstance(node.meta.get("tensor_meta"),
+                                                                              TensorMetadata)):
+            sizes.add(node)
+            continue
+        clamp = _clamp_sign(node)
+        if clamp is not None:
+            signs[node] = clamp
+            continue
+        kind = None
+        if node.op == "call_module":
+            mod = modules.get(node.target)
+            what = f"module '{node.target}' ({type(mod).__name__})"
+            if isinstance(mod, _SOURCE_MODULES):
+                kind = "relu"
+            elif isinstance(mod, nn.Hardtanh) and mod.min_val >= 0:
+                kind = "relu6"
+            elif isinstance(mod, _MOVE_MODULES):
+                kind = "move"
+            elif isinstance(mod, _POOL_MODULES):
+                kind = "pool"
+        elif node.op == "call_function":
+            kind = _SOURCE_FUNCS.get(node.target) or _KIND_FUNCS.get(node.target)
+            what = f"function '{getattr(node.target, '__name__', node.target)}' at node '{node.name}'"
+            if kind == "add" and node.kwargs.get("alpha", 1) < 0:
+                kind = None
+        elif node.op == "call_method":
+            kind = _SOURCE_METHODS.get(node.target) or _KIND_METHODS.get(node.target)
+            what = f"method '.{node.target}()' at node '{node.name}'"
+        if kind in _SHAPE_ARG_KINDS:
+            ops = [operand(a) for a in node.all_input_nodes]
+        else:
+            ops = [operand(a) for a in list(node.args) + list(node.kwargs.values())
+                   if not (isinstance(a, str) or a is None)]
+        ops = [o for o in ops if o is not None]
+        signs[node] = core.combine_sign(kind, ops, what)
+    return signs
+
+
+# ------------------------------------------------------------------------------------------------- block modules
+
+_CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+_BN = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
+
+
+def _tensor(a: np.ndarray, like: torch.Tensor) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(a)).to(dtype=like.dtype, device=like.device)
+
+
+def _set_bn(bn: nn.modules.batchnorm._BatchNorm, params: dict):
+    with torch.no_grad():
+        for k, v in params.items():
+            getattr(bn, k).copy_(_tensor(v, getattr(bn, k)))
+
+
+def _conv_stage(channels: int, kernel: tuple, spatial: int, rng, identity: bool) -> nn.Sequential:
+    conv = _CONV[spatial](channels, channels, kernel, padding=core.same_padding(kernel), bias=False)
+    bn = _BN[spatial](channels, eps=core.BN_EPS)
+    with torch.no_grad():
+        w = core.identity_conv_weight(channels, kernel) if identity else core.default_init(rng, tuple(conv.weight.shape))
+        conv.weight.copy_(_tensor(w, conv.weight))
+    if identity:
+        _set_bn(bn, core.identity_bn(np.zeros(channels), np.ones(channels)))
+    return nn.Sequential(collections.OrderedDict(conv=conv, bn=bn))
+
+
+def _linear(features: int, rng, identity: bool) -> nn.Linear:
+    lin = nn.Linear(features, features)
+    with torch.no_grad():
+        if identity:
+            lin.weight.copy_(_tensor(np.eye(features), lin.weight))
+            lin.bias.zero_()
+        else:
+            lin.weight.copy_(_tensor(core.default_init(rng, (features, features)), lin.weight))
+            lin.bias.copy_(_tensor(core.default_init(rng, (features,), fan_in=features), lin.bias))
+    return lin
+
+
+def build_block(spec: core.BlockSpec, form: str, shape: tuple, relu: bool, rng) -> nn.Module:
+    """The torch module of one block for an input of ``shape`` (identity at construction, eval mode)."""
+    if form == "linear":
+        d = shape[-1]
+        if spec.block == "residual":
+            last = nn.Linear(d, d)
+            with torch.no_grad():
+                last.weight.zero_()
+                last.bias.zero_()
+            return Residual(nn.Sequential(collections.OrderedDict(fc1=_linear(d, rng, False), act=nn.ReLU(), fc2=last)))
+        parts = collections.OrderedDict(fc=_linear(d, rng, True))
+        if relu:
+            parts["act"] = nn.ReLU()
+        return nn.Sequential(parts)
+    channels, spatial = shape[1], len(shape) - 2
+    kernels = spec.stage_kernels(spatial)
+    if spec.block == "residual":
+        if len(kernels) == 1:
+            kernels = kernels * 2
+        stages = []
+        for i, k in enumerate(kernels):
+            st = _conv_stage(channels, k, spatial, rng, identity=False)
+            if i < len(kernels) - 1:
+                st.add_module("act", nn.ReLU())
+            else:  # the zero γ/β that makes x + body(x) = x
+                with torch.no_grad():
+                    st.bn.weight.zero_()
+                    st.bn.bias.zero_()
+            stages.append(st)
+        return Residual(nn.Sequential(*stages))
+    stages = []
+    for k in kernels:
+        st = _conv_stage(channels, k, spatial, rng, identity=True)
+        if relu:
+            st.add_module("act", nn.ReLU())
+        stages.append(st)
+    return nn.Sequential(*stages)
+
+
+# ------------------------------------------------------------------------------------------------ insertion points
+
+def insertion_candidates(gm: fx.GraphModule) -> dict:
+    """name → nodes: module paths (a leaf module: every call; a container: its one output node), then node names."""
+    cands: dict = {}
+    scopes: dict = collections.defaultdict(set)
+    nodes = [n for n in gm.graph.nodes if n.op != "output"]
+    for n in nodes:
+        if n.op == "call_module":
+            cands.setdefault(n.target, []).append(n)
+        for path in (n.meta.get("nn_module_stack") or {}):
+            if path:
+                scopes[path].add(n)
+    for path, inside in scopes.items():
+        if path in cands:
+            continue
+        outs = [n for n in nodes if n in inside and any(u not in inside for u in n.users)]
+        if len(outs) == 1:
+            cands[path] = outs
+    for n in nodes:
+        cands.setdefault(n.name, []).append(n)
+    return cands
+
+
+def _unique_module_name(gm: fx.GraphModule, base: str) -> str:
+    taken = dict(gm.named_modules())
+    name, k = base, 2
+    while name in taken:
+        name, k = f"{base}_{k}", k + 1
+    return name
+
+
+def _block_base_name(name: str, node: fx.Node) -> str:
+    """New module path: beside the module the user named, else after the node name."""
+    if node.op == "call_module" or "." in name:
+        return f"{name}_deep"
+    return f"deep_{node.name}"
+
+
+# --------------------------------------------------------------------------------------------------- calibration
+
+def _calibration_batches(calibrate, n_inputs: int) -> list:
+    batches = []
+    try:
+        it = iter(calibrate)
+    except TypeError:
+        raise InvalidArgumentError(f"calibrate must be an iterable of input batches, not {type(calibrate).__name__}") \
+            from None
+    for b in it:
+        if isinstance(b, torch.Tensor):
+            b = (b,)
+        if not isinstance(b, (list, tuple)) or len(b) < n_inputs or not all(
+                isinstance(x, torch.Tensor) for x in b[:n_inputs]):
+            raise InvalidArgumentError("each calibrate batch must be a tensor or a tuple of tensors starting with the "
+                                       "model's inputs (a DataLoader's (inputs, labels) works)")
+        batches.append(tuple(b[:n_inputs]))
+    if not batches:
+        raise InvalidArgumentError("calibrate gave no batches")
+    return batches
+
+
+def _outputs(model, args) -> list:
+    leaves, _ = tree_flatten(model(*args))
+    return [x for x in leaves if isinstance(x, torch.Tensor)]
+
+
+def train_mode_deviation(reference: nn.Module, candidate: nn.Module, batches: list, seed: int) -> float:
+    """‖f_cand(x) − f_ref(x)‖ / ‖f_ref(x)‖ with both models in training mode, over ``batches``.
+
+    Both run on copies (training mode updates running statistics) with the same seed, so dropout masks agree.
+    """
+    ref, cand = copy.deepcopy(reference).train(), copy.deepcopy(candidate).train()
+    num = den = 0.0
+    with torch.no_grad():
+        for i, b in enumerate(batches):
+            torch.manual_seed(seed + i)
+            ya = _outputs(ref, b)
+            torch.manual_seed(seed + i)
+            yb = _outputs(cand, b)
+            for a, c in zip(ya, yb):
+                num += float(((c.double() - a.double()) ** 2).sum())
+                den += float((a.double() ** 2).sum())
+    return float(np.sqrt(num / den)) if den > 0 else float(np.sqrt(num))
+
+
+def calibrate_blocks(gm: fx.GraphModule, paths: list, batches: list, seed: int = 0):
+    """Set every new batch norm from the activations it sees on ``batches`` with the model in training mode.
+
+    Running statistics become the mean and (biased) variance of its input; in identity chains γ/β undo them
+    (γ = sqrt(var + eps), β = mean), so in training mode the block sees batches with about these statistics and
+    passes them through; eval mode stays exact.  Stage k's input depends on stages < k, so the stages are
+    calibrated one after the other, each on a training-mode copy of the model (which may update its own running
+    statistics freely).  Residual bodies keep their γ/β (zero on the last) and get only the statistics.
+    """
+    stages = []  # (module path of a new BN, identity?, depth within its block)
+    modules = dict(gm.named_modules())
+    for path in paths:
+        blk = modules[path]
+        bn_names = [n for n, m in blk.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        for depth, n in enumerate(bn_names):
+            stages.append((f"{path}.{n}", not isinstance(blk, Residual), depth))
+    for depth in range(max((d for _, _, d in stages), default=-1) + 1):
+        todo = [(p, ident) for p, ident, d in stages if d == depth]
+        probe = copy.deepcopy(gm).train()
+        probe_modules = dict(probe.named_modules())
+        seen: dict = {p: [] for p, _ in todo}
+
+        def keep(path):
+            return lambda m, a: seen[path].append(a[0].detach().cpu().numpy())
+
+        for p, _ in todo:
+            probe_modules[p].register_forward_pre_hook(keep(p))
+        with torch.no_grad():
+            for i, b in enumerate(batches):
+                torch.manual_seed(seed + i)
+                probe(*b)
+        del probe
+        for p, ident in todo:
+            bn = modules[p]
+            mean, var = core.activation_stats(seen.pop(p))
+            params = core.identity_bn(mean, var, bn.eps)
+            if not ident:
+                params = {"running_mean": params["running_mean"], "running_var": params["running_var"]}
+            _set_bn(bn, params)
+
+
+# ------------------------------------------------------------------------------------------------------- deepen
+
+def deepen_module(model: nn.Module, *, after, block: str = "conv-bn-relu", kernel=3, calibrate=None, example_inputs,
+                  seed: int = 0) -> tuple:
+    """Insert the blocks; returns ``(GraphModule, DeepenReport, new module paths, calibration batches or None,
+    example inputs)``, not yet calibrated nor verified."""
+    spec = core.block_spec(block, kernel)
+    if not isinstance(model, nn.Module):
+        raise InvalidArgumentError(f"model must be a torch.nn.Module, not {type(model).__name__}")
+    inputs = as_input_tuple(example_inputs)
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise InvalidArgumentError(f"seed must be an integer, not {seed!r}")
+    batches = _calibration_batches(calibrate, len(inputs)) if calibrate is not None else None
+    work = copy.deepcopy(model)
+    gm, _leaves = trace_module(work)
+    with _TrainingFlags(gm), torch.no_grad():
+        try:
+            ShapeProp(gm).propagate(*inputs)
+        except Exception as exc:  # noqa: BLE001 - user input problem
+            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise InputMismatchError(f"the example inputs do not fit the model: {msg}") from None
+    chosen = core.select_names(insertion_candidates(gm), after, "node or module")
+    signs = nonneg_signs(gm)
+    rng = np.random.default_rng(seed)
+    report = core.DeepenReport(params_before=count_params(model))
+    plans = []
+    for name, node in chosen:
+        meta = node.meta.get("tensor_meta")
+        where = f"the output of '{name}'"
+        if not isinstance(meta, TensorMetadata):
+            raise InvalidArgumentError(f"{where} is not a single tensor, so it has no channel axis")
+        if not meta.dtype.is_floating_point:
+            raise InvalidArgumentError(f"{where} is a {meta.dtype} tensor; blocks go on floating-point activations")
+        shape = tuple(meta.shape)
+        form = core.block_form(spec, len(shape), where)
+        sign = signs.get(node, Sign.no(f"node '{node.name}'"))
+        relu = spec.block == "conv-bn-relu" or (spec.block == "linear" and sign.nonneg)
+        if spec.block == "conv-bn-relu" and not sign.nonneg:
+            raise InvalidArgumentError(
+                f"block 'conv-bn-relu' after '{name}' would not be the identity: its input may be negative "
+                f"({sign.reason}); use block='conv-bn' or 'residual'")
+        plans.append((name, node, form, shape, relu, sign))
+    device = inputs[0].device if isinstance(inputs[0], torch.Tensor) else torch.device("cpu")
+    paths = []
+    for name, node, form, shape, relu, sign in plans:
+        mod = build_block(spec, form, shape, relu, rng)
+        mod = mod.to(device=device, dtype=node.meta["tensor_meta"].dtype).train(model.training)
+        path = _unique_module_name(gm, _block_base_name(name, node))
+        gm.add_submodule(path, mod)
+        with gm.graph.inserting_after(node):
+            new = gm.graph.call_module(path, (node,))
+        node.replace_all_uses_with(new, delete_user_cb=lambda user: user is not new)
+        paths.append(path)
+        kernels = [list(k) for k in spec.stage_kernels(len(shape) - 2)] if form == "conv" else []
+        report.insertions.append(Insertion(
+            after=name, name=path, block=spec.block, form=form, channels=int(shape[1] if form == "conv" else shape[-1]),
+            kernels=kernels, activation=relu,
+            nonneg_reason="input is non-negative" if sign.nonneg else f"input may be negative: {sign.reason}"))
+    gm.graph.lint()
+    gm.recompile()
+    report.params_after = count_params(gm)
+    return gm, report, paths, batches, inputs

@@ -1,0 +1,28 @@
+"""``DeepenPass``: Net2DeeperNet as a torch.fx pass."""
+
+from __future__ import annotations
+
+import torch.fx as fx
+from torch.fx.passes.infra.pass_base import PassBase, PassResult
+
+
+class DeepenPass(PassBase):
+    """GraphModule in, deepened GraphModule out (verified before it is returned).
+
+    Takes the keyword arguments of :func:`graphgrow.deepen`; the report of the last call is kept as
+    ``self.report``.
+    """
+
+    def __init__(self, *, after, example_inputs, **options):
+        super().__init__()
+        self.after = after
+        self.example_inputs = example_inputs
+        self.options = options
+        self.report = None
+
+    def call(self, graph_module: fx.GraphModule) -> PassResult:
+        from ..api import deepen
+
+        out = deepen(graph_module, after=self.after, example_inputs=self.example_inputs, **self.options)
+        self.report = out.graphgrow_report
+        return PassResult(out, bool(self.report.insertions))
