@@ -1,4 +1,4 @@
-"""Command line: ``graphgrow widen|check|inspect`` on ONNX files, ``graphgrow demo`` on the zoo.
+"""Command line: ``graphgrow widen|deepen|check|inspect`` on ONNX files, ``graphgrow demo`` on the zoo.
 
 The ONNX subcommands never import torch; ``demo`` does.
 """
@@ -84,8 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     z.set_defaults(func=cmd_zoo)
     from .onnx.checkcmd import add_check_parser
     from .onnx.commands import add_parsers
+    from .onnx.deepen import add_deepen_parser
 
     add_parsers(sub)
+    add_deepen_parser(sub)
     add_check_parser(sub)
     return p
 

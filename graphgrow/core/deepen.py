@@ -94,7 +94,7 @@ def block_form(spec: BlockSpec, ndim: int, where: str) -> str:
     if spec.block in CONV_BLOCKS:
         if ndim not in (3, 4, 5):
             raise InvalidArgumentError(f"{where} is a rank-{ndim} tensor: block {spec.block!r} needs N x C x spatial "
-                                       f"(rank 3 to 5); use block='linear' for features on the last axis")
+                                       f"(rank 3 to 5); use the linear block for features on the last axis")
         return "conv"
     if spec.block == "linear":
         if ndim not in (2, 3):
