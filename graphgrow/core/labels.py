@@ -22,6 +22,8 @@ the weight arithmetic needs, and any inconsistency is detected, never guessed.
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 
 CHAN_SHIFT = 40
@@ -51,6 +53,14 @@ def channel_labels(shape, axis: int, chan_ids: np.ndarray, salt: int) -> np.ndar
     coordinates of all other axes, identically for every channel, so that a
     channel's label row depends only on its channel id and the salt.
     """
+    part, grid, axis = channel_label_factors(shape, axis, chan_ids, salt)
+    return part.reshape([-1 if i == axis else 1 for i in range(grid.ndim)]) | grid
+
+
+def channel_label_factors(shape, axis: int, chan_ids: np.ndarray, salt: int):
+    """:func:`channel_labels` as two factors ``(part, grid, axis)``: ``part[k]`` holds channel k's id
+    and salt fields (position bits zero), ``grid`` (size 1 along ``axis``) the position field of every
+    other coordinate; the labels are ``part`` (along ``axis``) | ``grid``, the fields never overlap."""
     shape = tuple(int(s) for s in shape)
     axis = axis % len(shape)
     if len(chan_ids) != shape[axis]:
@@ -59,10 +69,9 @@ def channel_labels(shape, axis: int, chan_ids: np.ndarray, salt: int) -> np.ndar
     npos = int(np.prod(other)) if other else 1
     if npos >= MAX_POSITIONS:
         raise LabelOverflow(f"a tensor with {npos} positions per channel exceeds the label encoding")
-    pos = np.arange(npos, dtype=np.int64).reshape(other if other else ())
-    pos = np.expand_dims(pos, axis)
-    chan = np.asarray(chan_ids, dtype=np.int64).reshape([-1 if i == axis else 1 for i in range(len(shape))])
-    return (chan << CHAN_SHIFT) | _salt_bits(salt) | pos
+    grid = np.expand_dims(np.arange(npos, dtype=np.int64).reshape(other if other else ()), axis)
+    part = (np.asarray(chan_ids, dtype=np.int64).ravel() << CHAN_SHIFT) | _salt_bits(salt)
+    return part, grid, axis
 
 
 def element_labels(shape, chan_id: int, salt: int) -> np.ndarray:
@@ -76,16 +85,47 @@ def element_labels(shape, chan_id: int, salt: int) -> np.ndarray:
     return (np.int64(chan_id) << CHAN_SHIFT) | _salt_bits(salt) | pos
 
 
+_SALTS = np.arange(SALT_MASK + 1, dtype=np.int64)
+
+
+def _mix(old, salt: int):
+    return (old * np.int64(40503) + np.int64(salt * 2654435761 % (SALT_MASK + 1)) + np.int64(1)) & SALT_MASK
+
+
+def _salt_field(labels: np.ndarray) -> np.ndarray:
+    """The salt field of C-contiguous little-endian int64 labels as a writable uint16 view (bytes 3-4)."""
+    return np.ndarray(labels.shape, dtype="<u2", buffer=labels, offset=SALT_SHIFT // 8, strides=labels.strides)
+
+
 def resalt(labels: np.ndarray, salt: int) -> np.ndarray:
     """Same channels and positions, new content (an elementwise op ran).
 
     The new salt mixes the old one with the op's, so two slices that shared a
     channel id but held different content (``cat([x, f(x)])``) stay apart.
+    The mix is a bijection of the 16-bit salt (40503 is odd), applied as a
+    lookup table on the salt bytes of a copy (one gather instead of nine
+    full-size integer passes).
     """
+    out = np.array(labels, dtype=np.int64, copy=True, order="C")
+    if out.size and sys.byteorder == "little" and SALT_SHIFT % 8 == 0 and CHAN_SHIFT - SALT_SHIFT == 16:
+        field = _salt_field(out)
+        field[...] = _mix(_SALTS, salt).astype(np.uint16)[field]
+        return out
     keep = ~np.int64(SALT_MASK << SALT_SHIFT)
     old = (labels >> SALT_SHIFT) & SALT_MASK
-    mixed = (old * np.int64(40503) + np.int64(salt * 2654435761 % (SALT_MASK + 1)) + np.int64(1)) & SALT_MASK
-    return (labels & keep) | (mixed << SALT_SHIFT)
+    return (labels & keep) | (_mix(old, salt) << SALT_SHIFT)
+
+
+def unique_channels(labels: np.ndarray) -> np.ndarray:
+    """``np.unique(channel_of(labels))``, by counting when the ids span a range not much larger than
+    the array (the usual case: one space's consecutive ids), by hashing otherwise."""
+    chan = channel_of(np.asarray(labels)).ravel()
+    if chan.size == 0:
+        return np.zeros(0, np.int64)
+    lo, hi = int(chan.min()), int(chan.max())
+    if hi - lo > 4 * chan.size + 4096:
+        return np.unique(chan)
+    return np.flatnonzero(np.bincount(chan - lo, minlength=hi - lo + 1)) + np.int64(lo)
 
 
 def varying_axes(labels: np.ndarray) -> list:

@@ -4,7 +4,7 @@ The analysis of a graph yields *ties*: pairs of channels that must be
 replicated the same number of times (operands of an add share one mapping;
 the groups of a grouped conv, the chunks of a split and the blocks of a
 channel shuffle must keep equal widths).  Tied channels form classes
-(connected components, computed with networkx).  A plan assigns every class
+(connected components of the tie graph).  A plan assigns every class
 a replication count >= 1; classes touching a frozen channel keep count 1.
 
 Layout: in every widened space, each old channel is followed by its copies
@@ -19,7 +19,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import networkx as nx
 import numpy as np
 
 from .spaces import SpaceTable
@@ -77,14 +76,25 @@ class GrowthConstraints:
     def classes(self) -> np.ndarray:
         """Class id of every channel (connected components of the tie graph)."""
         n = self.table.num_chans
-        graph = nx.Graph()
-        graph.add_nodes_from(range(n))
-        for edges in self._tie_edges:
-            graph.add_edges_from(map(tuple, edges.tolist()))
-        cls = np.empty(n, dtype=np.int64)
-        for k, comp in enumerate(nx.connected_components(graph)):
-            cls[list(comp)] = k
-        return cls
+        edges = np.concatenate(self._tie_edges) if self._tie_edges else np.zeros((0, 2), np.int64)
+        # classes numbered by their smallest channel id, as networkx.connected_components numbers them
+        return np.unique(_component_roots(n, edges[:, 0], edges[:, 1]), return_inverse=True)[1].ravel()
+
+
+def _component_roots(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Smallest node id of every node's connected component (edges ``a[i]`` - ``b[i]``): union by
+    hooking roots under smaller roots, with pointer jumping, until every edge joins one tree."""
+    parent = np.arange(n, dtype=np.int64)
+    while True:
+        while True:  # pointer jumping: every node points at its root
+            grand = parent[parent]
+            if np.array_equal(grand, parent):
+                break
+            parent = grand
+        ra, rb = parent[a], parent[b]
+        if np.array_equal(ra, rb):
+            return parent
+        np.minimum.at(parent, np.maximum(ra, rb), np.minimum(ra, rb))
 
 
 @dataclass
@@ -140,15 +150,16 @@ def solve_plan(constraints: GrowthConstraints, targets: dict, seed: int = 0) -> 
     np.logical_or.at(class_frozen, cls, constraints.frozen)
     space_of = table.space_ids_of(np.arange(table.num_chans))
     # per class: spaces it touches and how many of its channels lie in each
-    order = np.argsort(cls, kind="stable")
-    bounds = np.searchsorted(cls[order], np.arange(ncls + 1))
     class_mult: list = [None] * ncls
+    nsp = len(table.spaces) + 1
+    codes, code_counts = np.unique(cls * nsp + space_of, return_counts=True)
+    code_bounds = np.searchsorted(codes // nsp, np.arange(ncls + 1))
+    code_sids, code_counts = (codes % nsp).tolist(), code_counts.tolist()
 
-    def mult(k):
+    def mult(k):  # (space id, channels of class k in it), by space id
         if class_mult[k] is None:
-            members = order[bounds[k] : bounds[k + 1]]
-            sids, cnt = np.unique(space_of[members], return_counts=True)
-            class_mult[k] = list(zip(sids.tolist(), cnt.tolist()))
+            lo, hi = code_bounds[k], code_bounds[k + 1]
+            class_mult[k] = list(zip(code_sids[lo:hi], code_counts[lo:hi]))
         return class_mult[k]
 
     counts_cls = np.ones(ncls, dtype=np.int64)

@@ -62,7 +62,7 @@ def default_output(path: str) -> str:
 
 
 def run_widen(args) -> int:
-    from .engine import widen_model
+    from .engine import widen_model_serialized
     from .io import check_output_path, load_model, save_model
 
     say = _progress(args)
@@ -72,10 +72,11 @@ def run_widen(args) -> int:
     widths = _widths(args)
     factor = args.factor if args.factor is not None else (None if widths else 1.41)
     try:
-        wide, report = widen_model(model, factor, widths=widths or None, only=args.only, exclude=args.exclude,
-                                   divisor=args.divisor, init=args.init, noise=args.noise, noise_mode=args.noise_mode,
-                                   seed=args.seed, shapes=_shapes(args), check=not args.no_check, atol=args.atol,
-                                   rtol=args.rtol, batches=args.batches, providers=args.provider, progress=say)
+        wide, report, data = widen_model_serialized(
+            model, factor, widths=widths or None, only=args.only, exclude=args.exclude, divisor=args.divisor,
+            init=args.init, noise=args.noise, noise_mode=args.noise_mode, seed=args.seed, shapes=_shapes(args),
+            check=not args.no_check, atol=args.atol, rtol=args.rtol, batches=args.batches, providers=args.provider,
+            progress=say)
     except VerificationError as exc:
         print(f"graphgrow: not equivalent, nothing written: {exc}", file=sys.stderr)
         if args.report and exc.report is not None:
@@ -86,7 +87,7 @@ def run_widen(args) -> int:
         top = max(reasons, key=reasons.get) if reasons else "the factor adds no channel"
         raise GraphGrowError(f"nothing can be widened in {args.input}: {top}")
     say(f"writing {out_path} ...")
-    written = save_model(wide, out_path)
+    written = save_model(wide, out_path, data)
     if args.report:
         _write_report(args.report, report)
     print(report.summary())

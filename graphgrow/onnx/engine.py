@@ -6,6 +6,7 @@ Imports onnx, onnxruntime and numpy only (never torch).
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 
 import numpy as np
@@ -14,13 +15,13 @@ from onnx import numpy_helper
 
 from ..compare import DEFAULT_ATOL, DEFAULT_RTOL, OutputAccumulator, make_session, random_feeds
 from ..core.growth import check_factor, check_options, grow, space_reports, widen_targets
-from ..core.labels import LabelOverflow, channel_of
+from ..core.labels import LabelOverflow
 from ..core.plan import WidenPlan
 from ..core.report import GrowthReport
 from ..core.sites import GrowOptions
 from ..errors import InputMismatchError, InvalidArgumentError, ModelFileError, UnsupportedModelError, VerificationError
-from .io import TWO_GB
-from .labeling import LN, OnnxLabelRun
+from . import io as _io
+from .labeling import FLOAT_TYPES, LN, OnnxLabelRun
 
 MIN_OPSET = 9
 
@@ -88,7 +89,7 @@ class _SessionSource:
         self.tmp = None
 
     def __enter__(self):
-        if self.model.ByteSize() < TWO_GB:
+        if isinstance(self.model, bytes) or _io.serialized_size_below(self.model):
             return self.model
         self.tmp = tempfile.TemporaryDirectory(prefix="graphgrow-")
         path = os.path.join(self.tmp.name, "model.onnx")
@@ -100,9 +101,72 @@ class _SessionSource:
             self.tmp.cleanup()
 
 
-def _static_shapes(inferred, model, feeds) -> dict | None:
-    """Shapes from onnx shape inference when every node output gets a static one (dim_params bound by
-    the feeds); None when some shape is unknown."""
+_LIGHT_MAX_ELEMENTS = 64
+
+
+def _copy_fields(dst, src, skip=()):
+    for fd, value in src.ListFields():
+        if fd.name in skip:
+            continue
+        if fd.is_repeated if hasattr(fd, "is_repeated") else fd.label == fd.LABEL_REPEATED:
+            getattr(dst, fd.name).extend(value)
+        elif fd.type == fd.TYPE_MESSAGE:
+            getattr(dst, fd.name).CopyFrom(value)
+        else:
+            setattr(dst, fd.name, value)
+
+
+def _light_model(model) -> onnx.ModelProto:
+    """The model without its large floating-point initializers, which become graph inputs of the same
+    type and shape: shape inference reads only their types (values matter to data propagation of shape
+    computations, which use small integer constants, kept).  Saves serializing the weights to onnx's C++
+    side and back.  A value whose shape would have needed a dropped tensor's data is left unknown, and
+    unknown shapes are taken from onnxruntime (see record_shapes)."""
+    light = onnx.ModelProto()
+    _copy_fields(light, model, skip=("graph",))
+    g = model.graph
+    _copy_fields(light.graph, g, skip=("initializer",))
+    declared = {i.name for i in g.input}
+    for t in g.initializer:
+        n = int(np.prod(t.dims)) if len(t.dims) else 1
+        if t.data_type in FLOAT_TYPES and n > _LIGHT_MAX_ELEMENTS:
+            if t.name not in declared:
+                light.graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+        else:
+            light.graph.initializer.append(t)
+    return light
+
+
+class RecordedShapes(dict):
+    """value name -> shape of the original model on the example inputs.
+
+    Filled from onnx shape inference; a value whose shape inference leaves unknown is asked of
+    onnxruntime (one run of the original with those values exposed) the first time a shape that is
+    missing is looked up; label runs that never need it never pay for that run."""
+
+    def __init__(self, static: dict, probe):
+        super().__init__(static)
+        self._probe = probe
+        self.probed = probe is None
+
+    def _fill(self):
+        if not self.probed:
+            self.probed = True
+            for name, shape in self._probe().items():
+                self.setdefault(name, shape)
+
+    def __missing__(self, key):
+        self._fill()
+        return dict.__getitem__(self, key) if dict.__contains__(self, key) else super().__missing__(key)
+
+    def get(self, key, default=None):
+        if not dict.__contains__(self, key):
+            self._fill()
+        return dict.get(self, key, default)
+
+
+def _inferred_shapes(inferred, model, feeds) -> dict:
+    """Static shapes found by onnx shape inference (dim_params bound by the feeds)."""
     bound = {}
     for inp in graph_inputs(model):
         if inp.name in feeds:
@@ -123,33 +187,18 @@ def _static_shapes(inferred, model, feeds) -> dict | None:
                 break
         else:
             shapes[vi.name] = tuple(dims)
-    for node in model.graph.node:
-        for name in node.output:
-            if name and name not in shapes:
-                return None
     return shapes
 
 
-def record_shapes(model, feeds: dict) -> dict:
-    """Shapes of every value of the original model: from onnx shape inference when it finds them all,
-    else from one onnxruntime run with every value exposed."""
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
-    except Exception:  # noqa: BLE001 - shape inference is a convenience here
-        inferred = model
-    static = _static_shapes(inferred, model, feeds)
-    if static is not None:
-        static.update({name: tuple(v.shape) for name, v in feeds.items()})
-        return static
-    types = {vi.name: vi.type.tensor_type.elem_type for vi in inferred.graph.value_info
-             if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type}
+def _probe_shapes(model, feeds, types: dict, wanted) -> dict:
+    """Shapes of ``wanted`` values from one onnxruntime run of the model with them exposed."""
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     outs = {o.name for o in probe.graph.output}
     for node in probe.graph.node:
         for name in node.output:
-            if name and name not in outs and name in types:
-                probe.graph.output.append(onnx.helper.make_tensor_value_info(name, types[name], None))
+            if name and name not in outs and name in wanted:
+                probe.graph.output.append(onnx.helper.make_tensor_value_info(name, types.get(name, 0), None))
                 outs.add(name)
     with _SessionSource(probe) as src:
         sess = make_session(src)
@@ -159,10 +208,26 @@ def record_shapes(model, feeds: dict) -> dict:
         except Exception as exc:  # noqa: BLE001
             raise InputMismatchError(f"onnxruntime cannot run the model on inputs of these shapes: {_first_line(exc)}") \
                 from None
-    shapes = {n: tuple(np.shape(v)) for n, v in zip(names, values)}
-    for name, v in feeds.items():
-        shapes[name] = tuple(v.shape)
-    return shapes
+    return {n: tuple(np.shape(v)) for n, v in zip(names, values)}
+
+
+def record_shapes(model, feeds: dict) -> RecordedShapes:
+    """Shapes of every value of the original model: from onnx shape inference (on the model without
+    its large weights), and from one onnxruntime run for the values whose shape it leaves unknown,
+    done only if one of them is looked up."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(_light_model(model), data_prop=True)
+    except Exception:  # noqa: BLE001 - shape inference is a convenience here
+        inferred = model
+    static = _inferred_shapes(inferred, model, feeds)
+    static.update({name: tuple(v.shape) for name, v in feeds.items()})
+    missing = {name for node in model.graph.node for name in node.output if name and name not in static}
+    if not missing:
+        return RecordedShapes(static, None)
+    types = {vi.name: vi.type.tensor_type.elem_type for vi in inferred.graph.value_info
+             if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type}
+    missing_types = {n for n in missing if n in types}  # values without a known type are not tensors we can expose
+    return RecordedShapes(static, lambda: _probe_shapes(model, feeds, types, missing_types))
 
 
 class OnnxAnalysis:
@@ -201,7 +266,7 @@ class OnnxAnalysis:
             seen.add(name)
             v = self.run.env.get(name)
             if isinstance(v, LN):
-                c = np.unique(channel_of(v.a))
+                c = v.chans
                 free = c[~frozen[c]]
                 if len(free):
                     return free
@@ -210,43 +275,76 @@ class OnnxAnalysis:
         return np.zeros(0, np.int64)
 
 
+_RAW_TYPES = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.DOUBLE: np.float64,
+              onnx.TensorProto.FLOAT16: np.float16, onnx.TensorProto.INT64: np.int64, onnx.TensorProto.INT32: np.int32,
+              onnx.TensorProto.INT16: np.int16, onnx.TensorProto.INT8: np.int8, onnx.TensorProto.UINT8: np.uint8,
+              onnx.TensorProto.UINT16: np.uint16, onnx.TensorProto.BOOL: np.bool_}
+
+
+def _fill_tensor(t, name: str, arr, old, orig) -> None:
+    """Write ``arr`` into the empty TensorProto ``t``, in the element type of the tensor it replaces."""
+    arr = np.asarray(arr)
+    if old is not None and old.data_type in _RAW_TYPES and sys.byteorder == "little":
+        # what numpy_helper.from_array writes, without its intermediate tensor and copy
+        t.name = name
+        t.data_type = old.data_type
+        t.dims.extend(arr.shape)
+        t.raw_data = np.ascontiguousarray(arr, dtype=_RAW_TYPES[old.data_type]).tobytes()
+        return
+    dtype = numpy_helper.to_array(old).dtype if old is not None else (orig.dtype if orig is not None else arr.dtype)
+    t.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(arr.astype(dtype)), name))
+
+
 def rebuild(model: onnx.ModelProto, run: OnnxLabelRun) -> onnx.ModelProto:
-    """Apply the new initializers and attributes; shared or folded constants get node-specific copies."""
-    new = onnx.ModelProto()
-    new.CopyFrom(model)
-    g = new.graph
-    inits = {t.name: t for t in g.initializer}
+    """Apply the new initializers and attributes; shared or folded constants get node-specific copies.
+
+    The new model is assembled field by field: initializers that change are written once, in place
+    of the old ones (never copied first and overwritten)."""
+    src = model.graph
+    inits = {t.name: t for t in src.initializer}
     uses = {}
-    for n in g.node:
+    for n in src.node:
         for i in n.input:
             uses[i] = uses.get(i, 0) + 1
-    declared = {i.name: i for i in g.input}
+    in_place: dict = {}  # initializer name -> (array, orig)
+    added: list = []  # (new name, array, old tensor, orig)
+    renamed: list = []  # (node index, input index, new name)
     shared_done: dict = {}
     for (idx, k), arr in sorted(run.updates.initializers.items()):
-        node = g.node[idx]
-        name = node.input[k]
+        name = src.node[idx].input[k]
         old = inits.get(name)
         orig = run.env.get(name) if isinstance(run.env.get(name), np.ndarray) else None
-        dtype = numpy_helper.to_array(old).dtype if old is not None else (orig.dtype if orig is not None else arr.dtype)
-        tensor = numpy_helper.from_array(np.ascontiguousarray(np.asarray(arr).astype(dtype)))
         node_specific = (idx, k) not in run.updates.weight_slots
         if old is not None and uses.get(name, 0) == 1:
-            tensor.name = name
-            old.CopyFrom(tensor)
-            if name in declared:  # old IR: the initializer is also a graph input
-                vi = onnx.helper.make_tensor_value_info(name, old.data_type, list(arr.shape))
-                declared[name].CopyFrom(vi)
+            in_place[name] = (arr, orig)
         elif not node_specific and uses.get(name, 0) > 1:
             # every user got the same new value (checked by the label run): one shared tensor again
             if name not in shared_done:
-                tensor.name = f"{name}__graphgrow"
-                g.initializer.append(tensor)
-                shared_done[name] = tensor.name
-            node.input[k] = shared_done[name]
+                shared_done[name] = f"{name}__graphgrow"
+                added.append((shared_done[name], arr, old, orig))
+            renamed.append((idx, k, shared_done[name]))
         else:
-            tensor.name = f"{name}__graphgrow_{idx}_{k}"
-            g.initializer.append(tensor)
-            node.input[k] = tensor.name
+            added.append((f"{name}__graphgrow_{idx}_{k}", arr, old, orig))
+            renamed.append((idx, k, added[-1][0]))
+    new = onnx.ModelProto()
+    _copy_fields(new, model, skip=("graph",))
+    g = new.graph
+    _copy_fields(g, src, skip=("initializer", "value_info"))  # recorded shapes no longer hold
+    for t in src.initializer:
+        if t.name in in_place:
+            arr, orig = in_place[t.name]
+            _fill_tensor(g.initializer.add(), t.name, arr, t, orig)
+        else:
+            g.initializer.append(t)
+    for name, arr, old, orig in added:
+        _fill_tensor(g.initializer.add(), name, arr, old, orig)
+    for idx, k, name in renamed:
+        g.node[idx].input[k] = name
+    declared = {i.name: i for i in g.input}
+    for name, (arr, _) in in_place.items():
+        if name in declared:  # old IR: the initializer is also a graph input
+            vi = onnx.helper.make_tensor_value_info(name, inits[name].data_type, list(np.shape(arr)))
+            declared[name].CopyFrom(vi)
     if new.ir_version < 4:  # IR < 4: every initializer must also be a graph input
         listed = {i.name for i in g.input}
         for t in g.initializer:
@@ -294,6 +392,20 @@ def widen_model(model: onnx.ModelProto, factor: float | None = 1.41, *, widths=N
                 shapes: dict | None = None, check: bool = True, atol=DEFAULT_ATOL, rtol=DEFAULT_RTOL, batches=3,
                 providers=None, progress=None):
     """Net2WiderNet on an ONNX model; returns ``(widened ModelProto, GrowthReport)``."""
+    out, report, _ = widen_model_serialized(
+        model, factor, widths=widths, only=only, exclude=exclude, divisor=divisor, init=init, noise=noise,
+        noise_mode=noise_mode, seed=seed, shapes=shapes, check=check, atol=atol, rtol=rtol, batches=batches,
+        providers=providers, progress=progress)
+    return out, report
+
+
+def widen_model_serialized(model: onnx.ModelProto, factor: float | None = 1.41, *, widths=None, only=None,
+                           exclude=None, divisor: int = 1, init: str = "net2net", noise: float = 0.0,
+                           noise_mode: str = "exact", seed: int = 0, shapes: dict | None = None, check: bool = True,
+                           atol=DEFAULT_ATOL, rtol=DEFAULT_RTOL, batches=3, providers=None, progress=None):
+    """:func:`widen_model`, also returning the widened model serialized (the bytes the ONNX checker
+    passed and onnxruntime verified; None for models over 2 GB), so that a caller writing it to a
+    file does not serialize it again."""
     factor = check_factor(factor, widths)
     check_options(init, noise_mode, divisor, noise)
     say = progress or (lambda s: None)
@@ -307,21 +419,22 @@ def widen_model(model: onnx.ModelProto, factor: float | None = 1.41, *, widths=N
     preserving = init == "net2net" and not (noise > 0 and noise_mode == "paper")
     report = GrowthReport(space_reports(an.produced, plan, targets), params_before=count_params(an.model),
                           params_after=count_params(out), function_preserving=preserving, rounds=rounds)
+    data = out.SerializeToString() if _io.serialized_size_below(out) else None
     try:
-        if out.ByteSize() < TWO_GB:
-            onnx.checker.check_model(out)  # (no full check: shapes were verified by the label runs)
+        if data is not None:
+            onnx.checker.check_model(data)  # (no full check: shapes were verified by the label runs)
     except Exception as exc:  # noqa: BLE001
         raise UnsupportedModelError(f"the rewritten model fails the ONNX checker: {_first_line(exc)}") from None
     if check and preserving:
         say("verifying in onnxruntime ...")
-        rep = verify(an.model, out, an.specs, batches=batches, seed=seed, atol=atol, rtol=rtol, providers=providers,
+        rep = verify(an.model, out if data is None else data, an.specs, batches=batches, seed=seed, atol=atol, rtol=rtol, providers=providers,
                      feeds=an.feeds)
         report.check = rep
         if not rep.passed:
             w = rep.worst
             raise VerificationError(f"widened model is not equivalent: output {w.name!r} differs by max_rel "
                                     f"{w.max_rel:.3g} (max_abs {w.max_abs:.3g})", report=report)
-    return out, report
+    return out, report, data
 
 
 def analyze_model(model: onnx.ModelProto, shapes: dict | None = None) -> tuple:

@@ -6,6 +6,7 @@ import os
 import tempfile
 
 import onnx
+from google.protobuf.unknown_fields import UnknownFieldSet
 from onnx import TensorProto
 
 from ..errors import InvalidArgumentError, ModelFileError
@@ -16,6 +17,42 @@ TWO_GB = 2**31 - 1024 * 1024
 def _first_line(exc) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+_TAG_LEN = 15  # a field's tag (<= 5 bytes) and length prefix (<= 10 bytes)
+
+
+def _size_bound(msg) -> int:
+    """An upper bound of ``msg``'s serialized size, without serializing it (``ByteSize`` encodes the whole
+    message, a second of work for a few hundred MB of weights): every set field counts its content plus
+    15 bytes of tag and length; scalars count 10 bytes each; a str 4 bytes per character (UTF-8's most).
+    Messages with fields this protobuf schema does not know are measured exactly."""
+    if len(UnknownFieldSet(msg)):
+        return msg.ByteSize()
+    total = 0
+    for fd, value in msg.ListFields():
+        repeated = fd.is_repeated if hasattr(fd, "is_repeated") else fd.label == fd.LABEL_REPEATED
+        if fd.type == fd.TYPE_MESSAGE:
+            if fd.message_type.GetOptions().map_entry:
+                return msg.ByteSize()
+            total += sum(_TAG_LEN + _size_bound(v) for v in value) if repeated else _TAG_LEN + _size_bound(value)
+        elif fd.type in (fd.TYPE_STRING, fd.TYPE_BYTES):
+            items = value if repeated else [value]
+            total += sum(_TAG_LEN + (len(v) if isinstance(v, bytes) else 4 * len(v)) for v in items)
+        else:
+            total += _TAG_LEN + 10 * (len(value) if repeated else 1)
+    return total
+
+
+def serialized_size_below(model, limit: int | None = None) -> bool:
+    """Whether ``model`` serializes to fewer than ``limit`` (default: the 2 GB protobuf limit) bytes.
+
+    Decided by a cheap upper bound when it is clearly below; only a model near or over the limit is
+    measured exactly (``ByteSize``)."""
+    limit = TWO_GB if limit is None else limit
+    if _size_bound(model) < limit:
+        return True
+    return model.ByteSize() < limit
 
 
 def _external_tensors(model):
@@ -32,15 +69,27 @@ def load_model(path: str, *, check: bool = True) -> onnx.ModelProto:
     if os.path.isdir(path):
         raise ModelFileError(f"{path} is a directory, not an ONNX file")
     try:
-        model = onnx.load(path, load_external_data=False)
+        with open(path, "rb") as f:
+            data = f.read()
+        model = onnx.ModelProto.FromString(data)
     except Exception as exc:  # noqa: BLE001 - protobuf raises several types
         raise ModelFileError(f"{path} is not a readable ONNX model (truncated or another format): {_first_line(exc)}") \
             from None
     if model.ir_version == 0 or not model.HasField("graph"):
         raise ModelFileError(f"{path} is not an ONNX model (no graph found)")
+    external = list(_external_tensors(model))
+    if not external:
+        if check:
+            try:
+                # the file's bytes are the serialized model: check them as they are (no re-serialization)
+                onnx.checker.check_model(path if len(data) > TWO_GB else data)
+            except Exception as exc:  # noqa: BLE001
+                raise ModelFileError(f"{path} fails the ONNX checker: {_first_line(exc)}") from None
+        return model
+    del data
     base = os.path.dirname(os.path.abspath(path))
     real_base = os.path.realpath(base)
-    for t in _external_tensors(model):
+    for t in external:
         loc = {e.key: e.value for e in t.external_data}.get("location", "")
         target = os.path.realpath(os.path.join(base, loc))
         if os.path.isabs(loc) or os.path.commonpath([real_base, target]) != real_base:
@@ -74,9 +123,10 @@ def check_output_path(out: str, inp: str | None = None) -> str:
     return out
 
 
-def save_model(model: onnx.ModelProto, path: str) -> list:
+def save_model(model: onnx.ModelProto, path: str, data: bytes | None = None) -> list:
     """Write atomically (temporary file + rename); models over 2 GB get a ``.data`` file beside them.
 
+    ``data``: ``model.SerializeToString()`` when the caller already has it (written as is).
     Returns the paths written.
     """
     path = check_output_path(path)
@@ -85,7 +135,10 @@ def save_model(model: onnx.ModelProto, path: str) -> list:
     os.close(fd)
     written = [path]
     try:
-        if model.ByteSize() > TWO_GB or any(True for _ in _external_tensors(model)):
+        if data is not None:
+            with open(tmp, "wb") as f:
+                f.write(data)
+        elif not serialized_size_below(model) or any(True for _ in _external_tensors(model)):
             data_name = os.path.basename(path) + ".data"
             tmp_data = tmp + ".data"
             onnx.save_model(model, tmp, save_as_external_data=True, all_tensors_to_one_file=True,

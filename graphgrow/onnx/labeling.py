@@ -19,8 +19,8 @@ from onnx.reference import ReferenceEvaluator
 from ..core import arithmetic as ar
 from ..core import sites
 from ..core.growth import Conflict
-from ..core.labels import (LabelOverflow, channel_labels, channel_of, channel_sequence, element_labels, resalt,
-                           varying_axes)
+from ..core.labels import (LabelOverflow, channel_label_factors, channel_of, channel_sequence, element_labels,
+                           resalt, unique_channels, varying_axes)
 from ..core.provenance import Mismatch, RowMatch, match_rows
 from ..errors import GraphGrowError
 
@@ -29,16 +29,127 @@ _EVALUATORS: dict = {}
 
 
 class LN:
-    """Label array standing in for an activation."""
+    """Label array standing in for an activation.
 
-    __slots__ = ("a",)
+    ``like``: an LN whose labels have the same channel field (an elementwise op's input): the channel
+    ids and the axes they vary along, computed once, are shared with it.
 
-    def __init__(self, a: np.ndarray):
-        self.a = np.ascontiguousarray(a)
+    An LN made by a producer (:meth:`factored`) keeps its labels as two factors, the per-channel
+    part along its channel axis and the position grid of the other axes (see
+    :func:`~graphgrow.core.labels.channel_label_factors`); the full array ``a`` is built on first use.
+    Elementwise ops, comparisons and row matching along the channel axis then work on the
+    per-channel part alone (see the module functions below), which is exact: the position grid is
+    the same for every channel and its bits never overlap the part's.
+    """
+
+    __slots__ = ("_a", "_shape", "_chans", "_vary", "_like", "part", "ax")
+
+    def __init__(self, a: np.ndarray, like: "LN | None" = None):
+        self._a = np.ascontiguousarray(a)
+        self._shape = self._a.shape
+        self._chans = self._vary = None
+        self._like = like if like is not None and like.shape == self._shape else None
+        self.part = self.ax = None
+
+    @classmethod
+    def factored(cls, shape, axis: int, part: np.ndarray) -> "LN":
+        """Labels ``part`` (along ``axis``) | the position grid of ``shape`` (non-empty shapes only)."""
+        self = cls.__new__(cls)
+        self._a, self._shape, self._chans, self._vary, self._like = None, tuple(shape), None, None, None
+        self.part, self.ax = part, axis
+        return self
+
+    @classmethod
+    def channels(cls, shape, axis: int, chan_ids, salt: int) -> "LN":
+        """``LN(channel_labels(shape, axis, chan_ids, salt))``, factored when the tensor is not empty."""
+        part, grid, axis = channel_label_factors(shape, axis, chan_ids, salt)
+        if grid.size == 0 or len(part) == 0:
+            return cls(part.reshape([-1 if i == axis else 1 for i in range(grid.ndim)]) | grid)
+        return cls.factored(shape, axis, part)
+
+    @property
+    def a(self) -> np.ndarray:
+        if self._a is None:
+            _, grid, _ = channel_label_factors(self._shape, self.ax, np.zeros(len(self.part), np.int64), 0)
+            bshape = [-1 if i == self.ax else 1 for i in range(len(self._shape))]
+            self._a = np.ascontiguousarray(self.part.reshape(bshape) | grid)
+        return self._a
 
     @property
     def shape(self):
-        return self.a.shape
+        return self._shape
+
+    @property
+    def ndim(self) -> int:
+        return len(self._shape)
+
+    def grid_key(self):
+        """Shape of the position grid (the shape with the channel axis left out) and that axis."""
+        return tuple(d for i, d in enumerate(self._shape) if i != self.ax), self.ax
+
+    def _shared(self, slot, compute):
+        node, chain = self, []
+        while getattr(node, slot) is None and node._like is not None:
+            chain.append(node)
+            node = node._like
+        if getattr(node, slot) is None:
+            setattr(node, slot, compute(node))
+        for n in chain:
+            setattr(n, slot, getattr(node, slot))
+        return getattr(self, slot)
+
+    @property
+    def chans(self) -> np.ndarray:
+        """Sorted distinct channel ids (``np.unique(channel_of(a))``)."""
+        return self._shared("_chans", lambda n: unique_channels(n.part if n.part is not None else n.a))
+
+    @property
+    def vary(self) -> list:
+        """Axes along which the channel id changes (``varying_axes(a)``)."""
+        def compute(n):
+            if n.part is not None:
+                c = channel_of(n.part)
+                return [n.ax] if len(c) > 1 and (c != c[0]).any() else []
+            return varying_axes(n.a)
+        return self._shared("_vary", compute)
+
+
+def _factored_alike(*lns) -> bool:
+    """All factored along one axis with one position grid (so labels compare as their parts do)."""
+    return all(v.part is not None for v in lns) and len({v.grid_key() for v in lns}) == 1
+
+
+def same_labels(o, v) -> bool:
+    """``o.a == v.a`` everywhere (same shape)."""
+    if not isinstance(o, LN) or not isinstance(v, LN) or o.shape != v.shape:
+        return False
+    if _factored_alike(o, v):
+        return bool(np.array_equal(o.part, v.part))
+    return bool(np.array_equal(o.a, v.a))
+
+
+def match_labels(old: "LN", new: "LN", axis: int, what: str = "input") -> RowMatch:
+    """``match_rows(old.a, new.a, axis, what)``; on the parts when both are factored along ``axis``."""
+    if _factored_alike(old, new) and axis % old.ndim == old.ax:
+        try:
+            return match_rows(old.part, new.part, 0, what)
+        except Mismatch:
+            pass  # the same question on the full arrays, for the same message
+    return match_rows(old.a, new.a, axis, what)
+
+
+def resalt_labels(x: "LN", salt: int) -> "LN":
+    """``LN(resalt(x.a, salt))`` (the salt lives in the factored part)."""
+    if x.part is not None:
+        return LN.factored(x.shape, x.ax, resalt(x.part, salt))
+    return LN(resalt(x.a, salt), like=x)
+
+
+def label_channel_ids(x: "LN", axis: int = 1):
+    """``sites.channel_ids(x.a, axis)``."""
+    if x.part is not None and x.ndim >= 2 and axis % x.ndim == x.ax:
+        return sites.channel_ids(x.part.reshape(1, -1), 1)
+    return sites.channel_ids(x.a, axis)
 
 
 UNARY = {"Relu", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Elu", "Selu", "Celu", "Gelu",
@@ -80,7 +191,11 @@ class OnnxLabelRun(sites.LabelRunState):
         self.shapes = shapes  # value name -> shape in the original run
         self.updates = Updates()
         self.dynamic: set = set()  # constants computed from activation shapes (they follow the width)
-        self.consts = {t.name: numpy_helper.to_array(t) for t in self.graph.initializer}
+        if analysis is not None and analysis.graph is self.graph:
+            # the initializers and their users are the analysis run's (read-only arrays)
+            self.consts, self.users = analysis.consts, analysis.users
+            return
+        self.consts = {t.name: _read_only(numpy_helper.to_array(t)) for t in self.graph.initializer}
         self.users: dict = {}  # value name -> [(node index, input index)]
         for i, n in enumerate(self.graph.node):
             for k, name in enumerate(n.input):
@@ -99,7 +214,7 @@ class OnnxLabelRun(sites.LabelRunState):
         for name in node.input:
             v = self.old.get(name)
             if isinstance(v, LN):
-                chans.append(np.unique(channel_of(v.a)))
+                chans.append(v.chans)
         chans = np.unique(np.concatenate(chans)) if chans else np.zeros(0, np.int64)
         return Conflict((idx, node), chans, f"{node.op_type} node '{node_label(node, idx)}': {reason}")
 
@@ -115,14 +230,14 @@ class OnnxLabelRun(sites.LabelRunState):
     def _require_unchanged(self, idx, node):
         for name, v in self._label_inputs(node):
             o = self.old.get(name)
-            if not isinstance(o, LN) or o.shape != v.shape or not np.array_equal(o.a, v.a):
+            if not same_labels(o, v):
                 raise self._conflict(idx, node, "its input changed but the op must keep it as it is")
 
     def _opaque(self, idx, node, reason):
         if self.analysis:
             self.opaque_nodes.add(idx)
             for _, v in self._label_inputs(node):
-                self.constraints.freeze(np.unique(channel_of(v.a)), f"{node.op_type} node '{node_label(node, idx)}': {reason}")
+                self.constraints.freeze(v.chans, f"{node.op_type} node '{node_label(node, idx)}': {reason}")
             outs = []
             for k, name in enumerate(node.output):
                 shape = self.shapes.get(name)
@@ -133,23 +248,23 @@ class OnnxLabelRun(sites.LabelRunState):
 
     def _mix(self, idx, node, x: LN, why):
         if self.analysis:
-            self.constraints.freeze(np.unique(channel_of(x.a)), f"{node.op_type} node '{node_label(node, idx)}': {why} (mixes channels)")
+            self.constraints.freeze(x.chans, f"{node.op_type} node '{node_label(node, idx)}': {why} (mixes channels)")
             return [self._fixed((idx, k), self.shapes[n]) for k, n in enumerate(node.output)]
         self._require_unchanged(idx, node)
         return [self.old.get(name) for name in node.output]
 
     def _match(self, idx, node, name, new: LN, axis) -> RowMatch | None:
         old = self.old[name]
-        if old.shape == new.shape and np.array_equal(old.a, new.a):
+        if same_labels(old, new):
             return None
         try:
-            return match_rows(old.a, new.a, axis)
+            return match_labels(old, new, axis)
         except Mismatch as exc:
             raise self._conflict(idx, node, str(exc)) from None
 
     def _note_roles(self, x: LN, role, name):
         if self.analysis:
-            for sp in self.table.spaces_of(np.unique(channel_of(x.a))):
+            for sp in self.table.spaces_of(x.chans):
                 sp.add_role(role, name)
 
     def _set_const(self, idx, k, value, shape=False, weight=False):
@@ -179,7 +294,7 @@ class OnnxLabelRun(sites.LabelRunState):
                 for j, _ in users:
                     v = self.old.get(self.graph.node[j].input[0])
                     if isinstance(v, LN):
-                        chans.append(np.unique(channel_of(v.a)))
+                        chans.append(v.chans)
                 raise Conflict((i, self.graph.node[i]), np.unique(np.concatenate(chans)) if chans else
                                np.zeros(0, np.int64), f"constant '{name}' is shared by {len(users)} nodes that would "
                                "need different widened values (tied weights)")
@@ -228,11 +343,11 @@ class OnnxLabelRun(sites.LabelRunState):
             v = self.env.get(out.name)
             if isinstance(v, LN):
                 if self.analysis:
-                    self.constraints.freeze(np.unique(channel_of(v.a)), "reaches a model output")
+                    self.constraints.freeze(v.chans, "reaches a model output")
                 else:
                     o = self.old.get(out.name)
-                    if o.shape != v.shape or not np.array_equal(o.a, v.a):
-                        raise Conflict(None, np.unique(channel_of(o.a)), f"model output '{out.name}' changed")
+                    if not same_labels(o, v):
+                        raise Conflict(None, o.chans, f"model output '{out.name}' changed")
         return self
 
     def _evaluate(self, node, inputs, idx):
@@ -265,7 +380,10 @@ class OnnxLabelRun(sites.LabelRunState):
             return self._opaque(idx, node, f"operator domain '{node.domain}' is not understood")
         if not any(isinstance(v, LN) for v in vals) and op not in ("Shape", "Size"):
             # constant subgraph (Constant, ConstantOfShape, Cast/Reshape of weights, shape arithmetic)
-            out = self._evaluate(node, vals, idx)
+            if op == "Identity" and len(vals) == 1 and isinstance(vals[0], np.ndarray):
+                out = [vals[0]]  # (no evaluator needed)
+            else:
+                out = self._evaluate(node, vals, idx)
             if any(i in self.dynamic for i in node.input if i):
                 self.dynamic.update(n for n in node.output if n)
             return [None if o is None else np.asarray(o) for o in out]
@@ -278,7 +396,7 @@ class OnnxLabelRun(sites.LabelRunState):
             return [shape[start:end]]
         if op == "Size":
             self.dynamic.add(node.output[0])
-            return [np.array(x.a.size, dtype=np.int64)]
+            return [np.array(int(np.prod(x.shape)), dtype=np.int64)]
         if op in PASS:
             if op == "Cast" and a.get("to") not in FLOAT_TYPES:
                 return self._opaque(idx, node, "cast of an activation to a non-float type")
@@ -288,7 +406,7 @@ class OnnxLabelRun(sites.LabelRunState):
         if op in UNARY or op == "PRelu" and self._const(node, 1) is not None and self._const(node, 1).size == 1:
             if not isinstance(x, LN) or any(isinstance(v, LN) for v in vals[1:]):
                 return self._opaque(idx, node, "a parameter input is an activation")
-            return [LN(resalt(x.a, self._salt(idx)))]
+            return [resalt_labels(x, self._salt(idx))]
         if op == "PRelu":
             return self._binary_const(idx, node, vals, order=(0, 1))
         if op in BINARY:
@@ -311,20 +429,20 @@ class OnnxLabelRun(sites.LabelRunState):
                 return self._opaque(idx, node, "its parameters are computed")
             return self._carry_params(idx, node, x, ks)
         if op == "LayerNormalization":
-            axis = a.get("axis", -1) % x.a.ndim
-            va = varying_axes((self.old[node.input[0]] if not self.analysis else x).a)
+            axis = a.get("axis", -1) % x.ndim
+            va = (self.old[node.input[0]] if not self.analysis else x).vary
             if any(ax >= axis for ax in va):
                 return self._mix(idx, node, x, "LayerNormalization normalizes over the channel axis")
-            return [LN(resalt(x.a, self._salt(idx)))] + [None] * (len(node.output) - 1)
+            return [resalt_labels(x, self._salt(idx))] + [None] * (len(node.output) - 1)
         if op in MIX:
             return self._mix(idx, node, x, f"{op} normalizes across channels")
         if op in SOFTMAX:
-            axis = a.get("axis", 1 if self.opset < 13 else -1) % x.a.ndim
-            va = varying_axes((self.old[node.input[0]] if not self.analysis else x).a)
+            axis = a.get("axis", 1 if self.opset < 13 else -1) % x.ndim
+            va = (self.old[node.input[0]] if not self.analysis else x).vary
             covered = [ax for ax in va if ax >= axis] if self.opset < 13 else [ax for ax in va if ax == axis]
             if covered:
                 return self._mix(idx, node, x, f"{op} over the channel axis")
-            return [LN(resalt(x.a, self._salt(idx)))]
+            return [resalt_labels(x, self._salt(idx))]
         if op in POOL:
             return self._pool(idx, node, x, a)
         if op in REDUCE:
@@ -354,19 +472,30 @@ class OnnxLabelRun(sites.LabelRunState):
         if self.analysis:
             for k, v in enumerate(labels):
                 if v is not full:
-                    ca, cb = sites.unify_pairs(full.a, v.a)
+                    if v.shape == full.shape and _factored_alike(full, v):
+                        # every position pairs the same two channels: the parts' pairs are all of them
+                        ca, cb = channel_of(full.part), channel_of(v.part)
+                    else:
+                        ca, cb = sites.unify_pairs(full.a, v.a)
                     self.constraints.tie(ca, cb)
         else:
             of = self.old[node.input[fk]]
             for k, name in enumerate(node.input):
                 if k == fk:
                     continue
+                ob, nb = self.old[name], vals[k]
+                if of.shape == ob.shape and full.shape == nb.shape and _factored_alike(of, ob, full, nb):
+                    try:  # operand pairs compare as the pairs of their parts (one position grid)
+                        sites.check_aligned(of.part, ob.part, full.part, nb.part, of.part)
+                        continue
+                    except Mismatch:
+                        pass  # the same check on the full arrays, for the same message
                 try:
-                    sites.check_aligned(of.a, self.old[name].a, full.a, vals[k].a, of.a)
+                    sites.check_aligned(of.a, ob.a, full.a, nb.a, of.a)
                 except Mismatch as exc:
                     raise self._conflict(idx, node, f"its operands no longer align channel by channel ({exc})") \
                         from None
-        return [LN(resalt(full.a, self._salt(idx)))]
+        return [resalt_labels(full, self._salt(idx))]
 
     def _binary_const(self, idx, node, vals, order):
         """An activation combined with a constant: scalar-like, or one value per channel (gathered)."""
@@ -381,11 +510,11 @@ class OnnxLabelRun(sites.LabelRunState):
             return self._opaque(idx, node, "operands do not broadcast")
         if tuple(out_shape) != old_x.shape:
             return self._opaque(idx, node, "the constant broadcasts the activation")
-        va = varying_axes(old_x.a)
-        cb = (1,) * (x.a.ndim - c.ndim) + tuple(c.shape)
+        va = old_x.vary
+        cb = (1,) * (x.ndim - c.ndim) + tuple(c.shape)
         along = [ax for ax in va if cb[ax] != 1]
         if not along:
-            return [LN(resalt(x.a, self._salt(idx)))]
+            return [resalt_labels(x, self._salt(idx))]
         if len(along) > 1 or len(va) > 1:
             return self._opaque(idx, node, "a constant varies along several channel axes")
         if not self._weight_ok(idx, node, [ck]):
@@ -398,8 +527,8 @@ class OnnxLabelRun(sites.LabelRunState):
                 if not match.unique_old:
                     raise self._conflict(idx, node, "per-channel constant on duplicated channels")
                 new = ar.gather(c.reshape(cb), ax, match.source())
-                self._set_const(idx, ck, new.reshape(_const_shape(c.shape, x.a.ndim, ax, match.n_new)))
-        return [LN(resalt(x.a, self._salt(idx)))]
+                self._set_const(idx, ck, new.reshape(_const_shape(c.shape, x.ndim, ax, match.n_new)))
+        return [resalt_labels(x, self._salt(idx))]
 
     def _carry_params(self, idx, node, x: LN, ks):
         self._note_roles(x, "carrier", node_label(node, idx))
@@ -412,7 +541,7 @@ class OnnxLabelRun(sites.LabelRunState):
                     c = self._const(node, k)
                     if c is not None and c.ndim >= 1 and c.shape[0] == match.n_old:
                         self._set_const(idx, k, ar.gather(c, 0, match.source()))
-        return [LN(resalt(x.a, self._salt(idx)))] + [None] * (len(node.output) - 1)
+        return [resalt_labels(x, self._salt(idx))] + [None] * (len(node.output) - 1)
 
     def _pool(self, idx, node, x: LN, a):
         if len([o for o in node.output if o]) > 1:
@@ -421,16 +550,16 @@ class OnnxLabelRun(sites.LabelRunState):
             pads = self._const(node, 1) if len(node.input) > 1 else np.array(a.get("pads", []))
             if pads is None:
                 return self._opaque(idx, node, "pads are computed")
-            r = x.a.ndim
+            r = x.ndim
             if len(pads) and (pads[1] != 0 or pads[1 + r] != 0):
                 return self._opaque(idx, node, "pads the channel axis")
-        seq = sites.channel_ids(x.a, 1)
+        seq = label_channel_ids(x, 1)
         shape = self.shapes.get(node.output[0])
         old_c = (self.old[node.input[0]] if not self.analysis else x).shape[1]
-        if seq is None or shape is None or len(shape) != x.a.ndim or shape[1] != old_c:
+        if seq is None or shape is None or len(shape) != x.ndim or shape[1] != old_c:
             return self._opaque(idx, node, "its input channels are not on axis 1, or one channel id holds different contents")
         out_shape = (shape[0], x.shape[1]) + tuple(shape[2:])
-        return [LN(channel_labels(out_shape, 1, seq, self._salt(idx)))]
+        return [LN.channels(out_shape, 1, seq, self._salt(idx))]
 
     def _reduce(self, idx, node, x: LN, a, vals):
         axes = a.get("axes")
@@ -440,8 +569,8 @@ class OnnxLabelRun(sites.LabelRunState):
             if a.get("noop_with_empty_axes", 0):
                 return [x]
             return self._mix(idx, node, x, "reduces over all axes")
-        axes = sorted({int(ax) % x.a.ndim for ax in axes})
-        va = varying_axes((self.old[node.input[0]] if not self.analysis else x).a)
+        axes = sorted({int(ax) % x.ndim for ax in axes})
+        va = (self.old[node.input[0]] if not self.analysis else x).vary
         if set(axes) & set(va):
             return self._mix(idx, node, x, "reduces over the channel axis")
         out = x.a
@@ -492,7 +621,7 @@ class OnnxLabelRun(sites.LabelRunState):
         starts, ends = np.asarray(vals[1]).ravel(), np.asarray(vals[2]).ravel()
         axes = np.asarray(vals[3]).ravel() if len(vals) > 3 and vals[3] is not None else np.arange(len(starts))
         for i, ax in enumerate(axes.tolist()):
-            ax = ax % x.a.ndim
+            ax = ax % x.ndim
             n = x.shape[ax]
             s, e, step = slice(int(starts[i]), int(ends[i])).indices(n)
             length = e - s
@@ -508,7 +637,7 @@ class OnnxLabelRun(sites.LabelRunState):
         if not isinstance(x, LN):
             return ins, node
         old_in = self.old[node.input[0]]
-        if old_in.shape == x.shape and np.array_equal(old_in.a, x.a):
+        if same_labels(old_in, x):
             return ins, node
         if op == "Reshape" and len(node.input) > 1 and node.input[1] not in self.dynamic:
             shape = np.asarray(vals[1])
@@ -516,7 +645,7 @@ class OnnxLabelRun(sites.LabelRunState):
             allowzero = a.get("allowzero", 0)
             raw = [None if (d == 0 and not allowzero) else int(d) for d in shape.tolist()]
             try:
-                dims = sites.rescale_shape(raw, varying_axes(old_out.a), old_in.a.size, x.a.size)
+                dims = sites.rescale_shape(raw, old_out.vary, int(np.prod(old_in.shape)), int(np.prod(x.shape)))
             except Mismatch as exc:
                 raise self._conflict(idx, node, str(exc)) from None
             if dims is not None:
@@ -524,7 +653,7 @@ class OnnxLabelRun(sites.LabelRunState):
                 self._set_const(idx, 1, new, shape=True)
                 ins[1] = new
         elif op == "Split":
-            axis = a.get("axis", 0) % x.a.ndim
+            axis = a.get("axis", 0) % x.ndim
             sizes = a.get("split")
             from_input = sizes is None and len(node.input) > 1 and node.input[1]
             if from_input:
@@ -548,7 +677,7 @@ class OnnxLabelRun(sites.LabelRunState):
             steps = np.asarray(vals[4]) if len(vals) > 4 and vals[4] is not None else np.ones(len(starts), np.int64)
             changed = False
             for i, ax in enumerate(axes.tolist()):
-                ax = ax % x.a.ndim
+                ax = ax % x.ndim
                 if old_in.shape[ax] == x.shape[ax]:
                     continue
                 if steps[i] != 1:
@@ -565,14 +694,14 @@ class OnnxLabelRun(sites.LabelRunState):
                 self._set_const(idx, 2, ends.astype(np.asarray(vals[2]).dtype), shape=True)
                 ins[1], ins[2] = starts, ends
         elif op == "Gather":
-            axis = a.get("axis", 0) % x.a.ndim
+            axis = a.get("axis", 0) % x.ndim
             if old_in.shape[axis] != x.shape[axis]:
                 raise self._conflict(idx, node, "gathers along a widened axis")
         return ins, node
 
     def _source(self, idx, node, old_in: LN, new_in: LN, axis):
         try:
-            return match_rows(old_in.a, new_in.a, axis, "sliced input").source()
+            return match_labels(old_in, new_in, axis, "sliced input").source()
         except Mismatch as exc:
             raise self._conflict(idx, node, str(exc)) from None
 
@@ -626,7 +755,7 @@ class OnnxLabelRun(sites.LabelRunState):
         space = self._out_space(idx, node, n_out)
         shape = self.shapes[node.output[0]]
         if self.analysis:
-            return [LN(channel_labels(shape, out_axis, space.chan_ids, self._salt(idx)))]
+            return [LN.channels(shape, out_axis, space.chan_ids, self._salt(idx))]
         match = self._match(idx, node, node.input[0], x, in_axis)
         mapping = self.plan.mapping(space)
         if match is not None or len(mapping) != n_out:
@@ -640,11 +769,11 @@ class OnnxLabelRun(sites.LabelRunState):
                     raise self._conflict(idx, node, "bias of an unexpected shape")
         out_shape = list(shape)
         out_shape[out_axis] = len(mapping)
-        return [LN(channel_labels(out_shape, out_axis, self.plan.new_chan_ids(space), self._salt(idx)))]
+        return [LN.channels(out_shape, out_axis, self.plan.new_chan_ids(space), self._salt(idx))]
 
     def _depthwise(self, idx, node, x: LN, w):
         self._note_roles(x, "carrier", node_label(node, idx))
-        seq = sites.channel_ids(x.a, 1)
+        seq = label_channel_ids(x, 1)
         shape = self.shapes[node.output[0]]
         if seq is None:
             return self._opaque(idx, node, "channels of a depthwise conv input are not on axis 1")
@@ -659,11 +788,11 @@ class OnnxLabelRun(sites.LabelRunState):
                     self._set_const(idx, 2, ar.gather(b, 0, match.source()))
                 self.updates.attributes.setdefault(idx, {})["group"] = match.n_new
         out_shape = (shape[0], len(seq)) + tuple(shape[2:])
-        return [LN(channel_labels(out_shape, 1, seq, self._salt(idx)))]
+        return [LN.channels(out_shape, 1, seq, self._salt(idx))]
 
     def _grouped(self, idx, node, x: LN, w, g):
         self._note_roles(x, "consumer", node_label(node, idx))
-        seq = sites.channel_ids(x.a, 1)
+        seq = label_channel_ids(x, 1)
         if seq is None:
             return self._opaque(idx, node, "channels of a grouped conv input are not on axis 1")
         space = self._out_space(idx, node, w.shape[0])
@@ -671,10 +800,10 @@ class OnnxLabelRun(sites.LabelRunState):
         if self.analysis:
             self.constraints.tie_blocks(seq, g)
             self.constraints.tie_blocks(space.chan_ids, g)
-            return [LN(channel_labels(shape, 1, space.chan_ids, self._salt(idx)))]
+            return [LN.channels(shape, 1, space.chan_ids, self._salt(idx))]
         mapping = self.plan.mapping(space)
         old_x = self.old[node.input[0]]
-        if len(mapping) != w.shape[0] or not (old_x.shape == x.shape and np.array_equal(old_x.a, x.a)):
+        if len(mapping) != w.shape[0] or not same_labels(old_x, x):
             try:
                 new_w = sites.grouped_weights(w, g, old_x.a, x.a, 1, w.shape[0], mapping, self.options, self.rng)
             except Mismatch as exc:
@@ -684,7 +813,12 @@ class OnnxLabelRun(sites.LabelRunState):
             if b is not None:
                 self._set_const(idx, 2, ar.gather(b, 0, mapping))
         out_shape = (shape[0], len(mapping)) + tuple(shape[2:])
-        return [LN(channel_labels(out_shape, 1, self.plan.new_chan_ids(space), self._salt(idx)))]
+        return [LN.channels(out_shape, 1, self.plan.new_chan_ids(space), self._salt(idx))]
+
+
+def _read_only(arr: np.ndarray) -> np.ndarray:
+    arr.setflags(write=False)
+    return arr
 
 
 def _const_shape(shape, ndim, ax, n_new):
