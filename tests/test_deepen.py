@@ -201,3 +201,25 @@ def test_deepen_pass_and_onnxruntime_verify():
     assert res.modified and isinstance(res.graph_module, torch.fx.GraphModule)
     assert len(p.report.insertions) == 3
     assert p.report.check.backend == "onnxruntime" and p.report.check.worst.max_rel <= 1e-4
+
+
+@pytest.mark.parametrize("name", list(models.ZOO))
+def test_zoo_models(name):
+    """Every zoo model: conv-bn-relu after its first two ReLU outputs, a residual block on the input of its
+    classifier's last Linear, and conv-bn on the model input itself."""
+    model = models.ZOO[name].build().eval()
+    x = models.example_inputs(name, batch=2)
+    gm, _ = trace_module(model)
+    mods = dict(gm.named_modules())
+    relus = [n.target if n.op == "call_module" else n.name for n in gm.graph.nodes
+             if (n.op == "call_module" and isinstance(mods[n.target], (nn.ReLU, nn.ReLU6)))
+             or (n.op == "call_function" and n.target in (torch.relu, nn.functional.relu))]
+    relus = list(dict.fromkeys(relus))[:2]
+    deep, rep = _deepen_checked(model, x, after=relus, kernel="1x3+3x1")
+    assert len(rep.insertions) >= 2 and all(i.activation for i in rep.insertions)
+    fc = [n for n in gm.graph.nodes if n.op == "call_module" and isinstance(mods[n.target], nn.Linear)][-1]
+    src = fc.args[0]
+    deep, rep = _deepen_checked(model, x, after=src.name, block="residual")
+    assert rep.insertions[0].form == "linear"
+    deep, rep = _deepen_checked(model, x, after=next(iter(gm.graph.nodes)).name, block="conv-bn")
+    assert "model input" in rep.insertions[0].nonneg_reason
