@@ -223,3 +223,24 @@ def test_zoo_models(name):
     assert rep.insertions[0].form == "linear"
     deep, rep = _deepen_checked(model, x, after=next(iter(gm.graph.nodes)).name, block="conv-bn")
     assert "model input" in rep.insertions[0].nonneg_reason
+
+
+class _TwoInputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x, y):
+        return torch.relu(self.a(x)) + self.b(y)
+
+
+def test_after_inputs_and_twice():
+    """Blocks on model inputs (several placeholders), then a second deepening of the result at the same point."""
+    model = _TwoInputs().eval()
+    x = (torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8))
+    deep, rep = _deepen_checked(model, x, after=["x", "y"], block="conv-bn", kernel=5)
+    assert [i.name for i in rep.insertions] == ["deep_x", "deep_y"]
+    again, rep2 = _deepen_checked(deep, x, after="relu", kernel=3)
+    assert rep2.insertions[0].activation
+    with torch.no_grad():
+        assert max_rel(model(*x), again(*x)) <= 1e-5

@@ -173,3 +173,15 @@ def test_deepen_does_not_import_torch(inception_file, tmp_path):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                        env=dict(os.environ, PYTHONPATH=ROOT))
     assert r.returncode == 0, r.stderr
+
+
+def test_widen_then_deepen_onnx():
+    src = export(models.resnet_small(), models.example_inputs("resnet_small", batch=1), False)
+    wide, _ = widen_model(src, 1.5)
+    relu = [n.name for n in wide.graph.node if n.op_type == "Relu"][3]
+    deep, rep = deepen_model(wide, after=relu, kernel="1x3+3x1")
+    assert rep.check.passed and rep.insertions[0].channels == 24  # 16 x 1.5
+    feeds = {src.graph.input[0].name: np.random.default_rng(1).standard_normal((1, 3, 32, 32)).astype(np.float32)}
+    a = make_session(src.SerializeToString()).run(None, feeds)[0]
+    b = make_session(deep.SerializeToString()).run(None, feeds)[0]
+    assert np.abs(a - b).max() / np.abs(a).max() <= 1e-4
