@@ -50,19 +50,23 @@ def widen(model: nn.Module, factor: float | None = 1.41, *, example_inputs, widt
                           params_after=count_params(result), function_preserving=preserving,
                           opaque_leaves=list(an.leaves), rounds=rounds)
     if preserving and verify != "none":
-        from .verify import check
-        from .compare import DEFAULT_ATOL, DEFAULT_RTOL
-
-        rep = check(model, result, an.inputs, backend=verify, atol=atol if atol is not None else DEFAULT_ATOL,
-                    rtol=rtol if rtol is not None else DEFAULT_RTOL, batches=3, seed=seed)
-        report.check = rep
-        if not rep.passed:
-            w = rep.worst
-            raise VerificationError(
-                f"widened model is not equivalent: output {w.name!r} differs by max_rel {w.max_rel:.3g} "
-                f"(max_abs {w.max_abs:.3g})", report=report)
+        _verify(model, result, an.inputs, report, "widened", verify, atol, rtol, seed)
     result.graphgrow_report = report
     return result
+
+
+def _verify(model, result, inputs, report, what: str, backend: str, atol, rtol, seed: int):
+    """Check ``result`` against ``model`` on 3 batches; the check goes into ``report``; VerificationError if not."""
+    from .compare import DEFAULT_ATOL, DEFAULT_RTOL
+    from .verify import check
+
+    rep = check(model, result, inputs, backend=backend, atol=atol if atol is not None else DEFAULT_ATOL,
+                rtol=rtol if rtol is not None else DEFAULT_RTOL, batches=3, seed=seed)
+    report.check = rep
+    if not rep.passed:
+        w = rep.worst
+        raise VerificationError(f"{what} model is not equivalent: output {w.name!r} differs by max_rel "
+                                f"{w.max_rel:.3g} (max_abs {w.max_abs:.3g})", report=report)
 
 
 def deepen(model: nn.Module, *, after, block: str = "conv-bn-relu", kernel=3, calibrate=None, example_inputs,
@@ -93,16 +97,6 @@ def deepen(model: nn.Module, *, after, block: str = "conv-bn-relu", kernel=3, ca
         calibrate_blocks(result, paths, batches, seed)
         report.train_deviation_calibrated = train_mode_deviation(model, result, batches, seed)
     if verify != "none":
-        from .verify import check
-        from .compare import DEFAULT_ATOL, DEFAULT_RTOL
-
-        rep = check(model, result, inputs, backend=verify, atol=atol if atol is not None else DEFAULT_ATOL,
-                    rtol=rtol if rtol is not None else DEFAULT_RTOL, batches=3, seed=seed)
-        report.check = rep
-        if not rep.passed:
-            w = rep.worst
-            raise VerificationError(
-                f"deepened model is not equivalent: output {w.name!r} differs by max_rel {w.max_rel:.3g} "
-                f"(max_abs {w.max_abs:.3g})", report=report)
+        _verify(model, result, inputs, report, "deepened", verify, atol, rtol, seed)
     result.graphgrow_report = report
     return result
