@@ -244,3 +244,17 @@ def test_after_inputs_and_twice():
     assert rep2.insertions[0].activation
     with torch.no_grad():
         assert max_rel(model(*x), again(*x)) <= 1e-5
+
+
+def test_verification_catches_a_wrong_block(monkeypatch):
+    """A block that is not the identity (its tap off-centre) is caught by the check and nothing is returned."""
+    import graphgrow.core.deepen as core
+
+    def shifted(channels, kernel, dtype=None):
+        w = identity_conv_weight(channels, kernel)
+        return __import__("numpy").roll(w, 1, axis=-1)
+
+    monkeypatch.setattr(core, "identity_conv_weight", shifted)
+    model = models.resnet_small().eval()
+    with pytest.raises(graphgrow.VerificationError, match="deepened model is not equivalent"):
+        graphgrow.deepen(model, after="layer1", example_inputs=models.example_inputs("resnet_small", batch=2))
