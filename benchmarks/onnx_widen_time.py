@@ -2,8 +2,9 @@
 
     python benchmarks/onnx_widen_time.py [--models resnet50,vit_b_16] [--repeats 3]
 
-Exports each torchvision model (random init, 1x3x224x224, TorchScript exporter) once, then in the same
-process measures (median of --repeats):
+Exports each torchvision model (random init, 1x3x224x224, TorchScript exporter) once, runs the widening
+once to warm up, then in the same process measures, interleaved (base, widen, widen+check per repeat, so
+that all three see the same load), the median of --repeats of:
   baseline  onnx.load(output) + onnx.save(output)
   widen     the CLI path in-process: load + analyse + rewrite + save, with --no-check
   widen+check  the same with the default onnxruntime verification (3 batches)
@@ -62,14 +63,19 @@ def main(argv=None):
             src, out = os.path.join(tmp, f"{name}.onnx"), os.path.join(tmp, f"{name}.wide.onnx")
             export(name, src)
             args = ["-q", "widen", src, "--factor", a.factor, "-o", out]
-            widen = median_time(lambda: cli(args + ["--no-check"]), a.repeats)
-            widen_check = median_time(lambda: cli(args), a.repeats)
 
             def load_save():
                 m = onnx.load(out)
                 onnx.save(m, os.path.join(tmp, "copy.onnx"))
 
-            base = median_time(load_save, a.repeats)
+            cli(args + ["--no-check"])  # warm-up (imports, first evaluators) and the output for load_save
+            # interleaved, so that the three medians see the same load on a shared machine
+            times: dict = {"base": [], "widen": [], "widen_check": []}
+            for _ in range(a.repeats):
+                times["base"].append(median_time(load_save, 1))
+                times["widen"].append(median_time(lambda: cli(args + ["--no-check"]), 1))
+                times["widen_check"].append(median_time(lambda: cli(args), 1))
+            base, widen, widen_check = (statistics.median(times[k]) for k in ("base", "widen", "widen_check"))
             rows.append({"model": name, "input_mb": round(os.path.getsize(src) / 2**20, 1),
                          "output_mb": round(os.path.getsize(out) / 2**20, 1), "load_save_s": round(base, 3),
                          "widen_s": round(widen, 3), "widen_check_s": round(widen_check, 3),

@@ -131,6 +131,8 @@ def unique_channels(labels: np.ndarray) -> np.ndarray:
 def varying_axes(labels: np.ndarray) -> list:
     """Axes along which the channel id changes."""
     chan = channel_of(labels)
+    if chan.size == 0 or chan.min() == chan.max():  # one channel id: it varies along no axis
+        return []
     out = []
     for ax in range(chan.ndim):
         if chan.shape[ax] > 1:

@@ -110,7 +110,7 @@ class LN:
             if n.part is not None:
                 c = channel_of(n.part)
                 return [n.ax] if len(c) > 1 and (c != c[0]).any() else []
-            return varying_axes(n.a)
+            return [] if n._chans is not None and len(n._chans) <= 1 else varying_axes(n.a)
         return self._shared("_vary", compute)
 
 
@@ -165,6 +165,9 @@ REDUCE = {"ReduceMean", "ReduceMax", "ReduceMin", "ReduceSum", "ReduceL1", "Redu
           "ReduceProd", "ReduceSumSquare", "ReduceLogSum"}
 MIX = {"GroupNormalization", "LRN", "LpNormalization", "MeanVarianceNormalization"}
 SOFTMAX = {"Softmax", "LogSoftmax", "Hardmax"}
+_PLAIN_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.INT64,
+                onnx.TensorProto.INT32, onnx.TensorProto.INT16, onnx.TensorProto.INT8, onnx.TensorProto.UINT8,
+                onnx.TensorProto.BOOL}
 FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
 
 
@@ -355,19 +358,33 @@ class OnnxLabelRun(sites.LabelRunState):
 
         The node is wrapped in a one-node model importing the graph's opset, so the
         operator version (Split, Squeeze, Slice, ... changed over time) is the model's.
+        Its inputs and outputs are renamed positionally, so that nodes alike in op, attributes
+        and opset share one evaluator (nodes with subgraph attributes, which may read outer
+        names, keep their own).
         """
-        key = (id(self.model), idx, node.op_type, tuple(node.output), _attr_key(node))
-        ev = _EVALUATORS.get((key, self.opset))
+        if any(at.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for at in node.attribute):
+            key = ("node", id(self.model), idx, node.op_type, tuple(node.output), _attr_key(node), self.opset)
+            run_node, names = node, list(node.input)
+        else:
+            key = ("op", self.opset, node.domain, node.op_type, tuple(at.SerializeToString() for at in node.attribute),
+                   tuple(bool(n) for n in node.input), tuple(bool(n) for n in node.output))
+            names = [f"i{k}" if n else "" for k, n in enumerate(node.input)]
+            run_node = None
+        ev = _EVALUATORS.get(key)
         if ev is None:
-            names = [n for n in node.input if n]
-            g = helper.make_graph([node], "one", [helper.make_value_info(n, onnx.TypeProto()) for n in dict.fromkeys(names)],
-                                  [helper.make_value_info(n, onnx.TypeProto()) for n in node.output if n])
+            if run_node is None:
+                run_node = helper.make_node(node.op_type, names, [f"o{k}" if n else "" for k, n in enumerate(node.output)],
+                                            domain=node.domain)
+                run_node.attribute.extend(node.attribute)
+            g = helper.make_graph([run_node], "one",
+                                  [helper.make_value_info(n, onnx.TypeProto()) for n in dict.fromkeys(n for n in names if n)],
+                                  [helper.make_value_info(n, onnx.TypeProto()) for n in run_node.output if n])
             m = helper.make_model(g, opset_imports=[helper.make_opsetid("", self.opset)])
             ev = ReferenceEvaluator(m)
             if len(_EVALUATORS) > 4096:
                 _EVALUATORS.clear()
-            _EVALUATORS[(key, self.opset)] = ev
-        feeds = {n: v for n, v in zip(node.input, inputs) if n}
+            _EVALUATORS[key] = ev
+        feeds = {n: v for n, v in zip(names, inputs) if n}
         outs = ev.run(None, feeds)
         return outs + [None] * (len(node.output) - len(outs))
 
@@ -382,6 +399,9 @@ class OnnxLabelRun(sites.LabelRunState):
             # constant subgraph (Constant, ConstantOfShape, Cast/Reshape of weights, shape arithmetic)
             if op == "Identity" and len(vals) == 1 and isinstance(vals[0], np.ndarray):
                 out = [vals[0]]  # (no evaluator needed)
+            elif (op == "Constant" and len(node.attribute) == 1 and node.attribute[0].name == "value"
+                  and node.attribute[0].t.data_type in _PLAIN_TYPES and not node.attribute[0].t.external_data):
+                out = [numpy_helper.to_array(node.attribute[0].t)]
             else:
                 out = self._evaluate(node, vals, idx)
             if any(i in self.dynamic for i in node.input if i):
@@ -475,6 +495,10 @@ class OnnxLabelRun(sites.LabelRunState):
                     if v.shape == full.shape and _factored_alike(full, v):
                         # every position pairs the same two channels: the parts' pairs are all of them
                         ca, cb = channel_of(full.part), channel_of(v.part)
+                    elif len(full.chans) == 1 or len(v.chans) == 1:
+                        # one side holds one channel: it pairs with every channel of the other
+                        # (broadcasting only repeats v's elements over full's shape)
+                        ca, cb = full.chans, v.chans
                     else:
                         ca, cb = sites.unify_pairs(full.a, v.a)
                     self.constraints.tie(ca, cb)
@@ -605,7 +629,7 @@ class OnnxLabelRun(sites.LabelRunState):
         outs = [LN(np.asarray(o)) for o in outs]
         if self.analysis and isinstance(vals[0], LN):
             if op in ("Reshape",) and len(outs) == 1:
-                for p, q in sites.split_axis_ties(vals[0].a, outs[0].a):
+                for p, q in _split_axis_ties(vals[0], outs[0]):
                     self.constraints.tie(p, q)
             if op == "Slice" and self.opset >= 10 and any(n in self.dynamic for n in node.input[1:3]):
                 self._chunk_ties(vals)
@@ -814,6 +838,17 @@ class OnnxLabelRun(sites.LabelRunState):
                 self._set_const(idx, 2, ar.gather(b, 0, mapping))
         out_shape = (shape[0], len(mapping)) + tuple(shape[2:])
         return [LN.channels(out_shape, 1, self.plan.new_chan_ids(space), self._salt(idx))]
+
+
+def _split_axis_ties(x: LN, out: LN) -> list:
+    """``sites.split_axis_ties(x.a, out.a)`` with the LNs' cached varying axes."""
+    va = out.vary
+    if len(va) < 2 or len(x.vary) >= len(va):
+        return []
+    chan = channel_of(out.a)
+    idx = tuple(slice(None) if ax in va else 0 for ax in range(out.ndim))
+    sub = chan[idx].reshape(-1, chan.shape[va[-1]])
+    return [(sub[0], sub[k]) for k in range(1, sub.shape[0])]
 
 
 def _read_only(arr: np.ndarray) -> np.ndarray:
