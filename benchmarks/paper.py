@@ -149,6 +149,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> Config:
             ("workers", int, "runs in parallel (CPU only), each with --threads threads")):
         p.add_argument("--" + name, type=typ, default=None, help=hlp)
     p.add_argument("--out", default=None, help="output folder (default benchmarks/results/paper)")
+    p.add_argument("--report-only", action="store_true",
+                   help="rewrite paper.md and the plots from OUT/paper.json without training")
     a = p.parse_args(argv)
     preset = "smoke" if a.smoke else "quick" if a.quick else "full"
     cfg = Config(preset=preset, **PRESETS[preset])
@@ -157,6 +159,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> Config:
         "deeper_pairs", "train_size", "val_size", "calibrate_batches", "threads", "workers", "out")
         if getattr(a, k) is not None}
     cfg = replace(cfg, device=a.device, arms=parse_arms(a.arms), **overrides)
+    if a.report_only:
+        cfg.preset = "report-only"
+        return cfg
     validate(cfg)
     return cfg
 
@@ -616,7 +621,8 @@ def speedups(summary: Dict, cfg: Dict) -> List[Dict]:
         with_teacher = b / (s + cfg["teacher_steps"])
         out.append(dict(group=group, student=student, baseline=base, student_steps=s, baseline_steps=b,
                         student_reached=s_exact, baseline_reached=b_exact, factor=factor,
-                        factor_is_lower_bound=(not b_exact) or (s < step <= b), factor_with_teacher=with_teacher))
+                        factor_is_lower_bound=s_exact and ((not b_exact) or s < step <= b),
+                        inconclusive=not s_exact, factor_with_teacher=with_teacher))
     return out
 
 
@@ -678,33 +684,42 @@ def write_markdown(results: Dict, path: str) -> str:
 
 
 def conclusion(results: Dict) -> str:
-    sp = results["summary"]["speedups"]
+    cfg, summary = results["config"], results["summary"]
+    sp = summary["speedups"]
     if not sp:
         return "No student/baseline pair was run."
+    n = cfg["seeds"]
     parts = []
     for s in sp:
-        name = f"{LABELS[s['student']]} vs {LABELS[s['baseline']].lower()}"
-        if not s["student_reached"] and not s["baseline_reached"]:
-            parts.append(f"{name}: neither stays at the target by step {results['config']['steps']} (no factor)")
-            continue
-        lb = "≥ " if s["factor_is_lower_bound"] else ""
-        parts.append(f"{name}: speed-up {lb}{s['factor']:.2f}× (steps to stay at the target "
-                     f"{s['student_steps']:.0f}{'' if s['student_reached'] else '+'} vs "
-                     f"{s['baseline_steps']:.0f}{'' if s['baseline_reached'] else '+'}; counting the teacher's "
-                     f"{results['config']['teacher_steps']} steps: {s['factor_with_teacher']:.2f}×)")
-    finals = []
+        g = summary[s["group"]]["arms"]
+        rs, rb = g[s["student"]]["reached"], g[s["baseline"]]["reached"]
+        lb = "≥ " if s["factor_is_lower_bound"] else "~" if s.get("inconclusive") else ""
+        parts.append(f"{LABELS[s['student']]} vs {LABELS[s['baseline']].lower()}: {lb}{s['factor']:.2f}× "
+                     f"(mean steps to stay at the target {s['student_steps']:.0f} vs {s['baseline_steps']:.0f}, "
+                     f"seeds there by the end: {rs}/{n} vs {rb}/{n}; counting the teacher's {cfg['teacher_steps']} steps: {s['factor_with_teacher']:.2f}×)")
+    notes = []
     for group in ("wider", "deeper"):
-        g = results["summary"].get(group)
-        if g:
-            finals.append(", ".join(f"{a['label']} {a['final_val_acc'][0]:.2f} %" for a in g["arms"].values()))
-    pres = [a for g in ("wider", "deeper") if g in results["summary"]
-            for arm, a in results["summary"][g]["arms"].items() if arm in PRESERVING]
-    ok = all(a["function_preserved"] for a in pres)
-    head = (f"At the `{results['config']['preset']}` setting ({results['config']['seeds']} seeds): "
-            + "; ".join(parts) + ". Final validation accuracy: " + "; ".join(finals) + ". ")
-    tail = ("Every function-preserving student started within 0.1 pp of its teacher."
+        g = summary.get(group)
+        if not g:
+            continue
+        arms = g["arms"]
+        pres = [a for arm, a in arms.items() if arm in PRESERVING]
+        base = arms.get(BASELINE[group])
+        if pres:
+            low = min(a["min_val_acc_after_0"][0] for a in pres)
+            fin = ", ".join(f"{a['label']} {a['final_val_acc'][0]:.2f} %" for a in arms.values())
+            notes.append(f"{'Wider' if group == 'wider' else 'Deeper'}: the students start at the teacher's "
+                         f"{g['teacher_val_acc']:.2f} % but drop to {low:.1f} % (mean lowest point) during the "
+                         f"warm-up at the common learning rate, then recover; final validation accuracy {fin}"
+                         + ("." if base else " (no baseline run)."))
+    pres_all = [a for g in ("wider", "deeper") if g in summary
+                for arm, a in summary[g]["arms"].items() if arm in PRESERVING]
+    ok = all(a["function_preserved"] for a in pres_all)
+    tail = ("Every function-preserving student started within 0.1 pp of its teacher (function preservation holds)."
             if ok else "A function-preserving student did NOT start at its teacher's accuracy (see the table).")
-    return head + tail
+    return (f"At the `{cfg['preset']}` setting ({n} seeds per arm), speed-up in steps to stay at the random-init "
+            f"final accuracy (a run not there by the end counts as {cfg['steps']}; `~` = inconclusive because the "
+            "student is not there in every seed, `≥` = lower bound): " + "; ".join(parts) + ".\n\n" + " ".join(notes) + " " + tail)
 
 
 def plot(results: Dict, out: str) -> List[str]:
@@ -722,7 +737,8 @@ def plot(results: Dict, out: str) -> List[str]:
             continue
         fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
         t = results["teachers"][group]
-        for ax, key, title in ((axes[0], "train_acc", "Training accuracy"), (axes[1], "val_acc", "Validation accuracy")):
+        for ax, key, title in ((axes[0], "train_acc", "Training accuracy (minibatch mean, train mode)"),
+                               (axes[1], "val_acc", "Validation accuracy (eval mode)")):
             for arm in arms:
                 rs = [r for r in runs if r["arm"] == arm]
                 if not rs:
@@ -827,11 +843,29 @@ def run(cfg: Config, command: str) -> Dict:
     return results
 
 
+def report_only(out: str) -> Dict:
+    path = os.path.join(out, "paper.json")
+    if not os.path.isfile(path):
+        raise SettingError(f"--report-only: no {path}")
+    with open(path) as f:
+        results = json.load(f)
+    results["summary"] = summarize(results)
+    with open(path, "w") as f:
+        json.dump(results, f, indent=1)
+    plot(results, out)
+    write_markdown(results, os.path.join(out, "paper.md"))
+    print(f"[paper] rewrote {out}/paper.md and the plots from paper.json", flush=True)
+    return results
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         cfg = parse_args(argv)
-        results = run(cfg, "python benchmarks/paper.py " + " ".join(argv))
+        if cfg.preset == "report-only":
+            results = report_only(cfg.out)
+        else:
+            results = run(cfg, "python benchmarks/paper.py " + " ".join(argv))
     except SettingError as exc:
         print(f"paper.py: error: {exc}", file=sys.stderr)
         return 2
