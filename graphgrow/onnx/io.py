@@ -69,16 +69,21 @@ def load_model(path: str, *, check: bool = True) -> onnx.ModelProto:
     if os.path.isdir(path):
         raise ModelFileError(f"{path} is a directory, not an ONNX file")
     try:
-        with open(path, "rb") as f:
-            data = f.read()
-        model = onnx.ModelProto.FromString(data)
+        fmt = onnx.serialization.registry.get_format_from_file_extension(os.path.splitext(path)[1])
+        if fmt in (None, "protobuf"):
+            with open(path, "rb") as f:
+                data = f.read()
+            model = onnx.ModelProto.FromString(data)
+        else:  # a text format onnx knows by the file's extension
+            data = None
+            model = onnx.load(path, load_external_data=False)
     except Exception as exc:  # noqa: BLE001 - protobuf raises several types
         raise ModelFileError(f"{path} is not a readable ONNX model (truncated or another format): {_first_line(exc)}") \
             from None
     if model.ir_version == 0 or not model.HasField("graph"):
         raise ModelFileError(f"{path} is not an ONNX model (no graph found)")
     external = list(_external_tensors(model))
-    if not external:
+    if not external and data is not None:
         if check:
             try:
                 # the file's bytes are the serialized model: check them as they are (no re-serialization)
@@ -86,7 +91,7 @@ def load_model(path: str, *, check: bool = True) -> onnx.ModelProto:
             except Exception as exc:  # noqa: BLE001
                 raise ModelFileError(f"{path} fails the ONNX checker: {_first_line(exc)}") from None
         return model
-    del data
+    data = None  # (the model's bytes without its external data: not needed further)
     base = os.path.dirname(os.path.abspath(path))
     real_base = os.path.realpath(base)
     for t in external:
@@ -102,7 +107,7 @@ def load_model(path: str, *, check: bool = True) -> onnx.ModelProto:
         raise ModelFileError(f"{path}: cannot read its external data: {_first_line(exc)}") from None
     if check:
         try:
-            if model.ByteSize() > TWO_GB:
+            if not serialized_size_below(model):
                 onnx.checker.check_model(path)
             else:
                 onnx.checker.check_model(model)
@@ -135,7 +140,7 @@ def save_model(model: onnx.ModelProto, path: str, data: bytes | None = None) -> 
     os.close(fd)
     written = [path]
     try:
-        if data is not None:
+        if data is not None and not any(True for _ in _external_tensors(model)):
             with open(tmp, "wb") as f:
                 f.write(data)
         elif not serialized_size_below(model) or any(True for _ in _external_tensors(model)):
