@@ -60,10 +60,8 @@ def test_split_is_fixed_and_balanced():
     assert (again[0] == xt).all() and (again[3] == yv).all()
 
 
-def test_smoke_run_student_starts_at_teacher_accuracy(tmp_path):
-    """A tiny run: the Net2WiderNet student's step-0 accuracy equals the teacher's (and shapes = standard net)."""
+def _smoke(tmp_path, arms):
     paper = _load()
-    arms = "wider-net2net,deeper-net2net" if paper.have_deepen() else "wider-net2net"
     threads = torch.get_num_threads()
     try:
         rc = paper.main(["--smoke", "--arms", arms, "--out", str(tmp_path)])
@@ -71,13 +69,30 @@ def test_smoke_run_student_starts_at_teacher_accuracy(tmp_path):
         torch.set_num_threads(threads)
     assert rc == 0
     res = json.loads((tmp_path / "paper.json").read_text())
-    for group in ("wider", "deeper") if "deeper" in arms else ("wider",):
-        teacher = res["teachers"][group]["final_val_acc"]
+    for group, teacher in res["teachers"].items():
         for run in (r for r in res["runs"] if r["arm"].startswith(group)):
-            assert abs(run["curve"]["val_acc"][0] - teacher) <= 0.1, (run["arm"], teacher)
+            assert abs(run["curve"]["val_acc"][0] - teacher["final_val_acc"]) <= 0.1, (run["arm"], teacher)
             assert run["curve"]["step"] == [0, 2]
+    md = (tmp_path / "paper.md").read_text()
+    assert "## Conclusion" in md and "function preservation holds" in md
+    return res
+
+
+def test_smoke_run_student_starts_at_teacher_accuracy(tmp_path):
+    """A tiny run: the Net2WiderNet student's step-0 accuracy equals the teacher's; shapes = the standard net's."""
+    res = _smoke(tmp_path, "wider-net2net")
     wide = next(r for r in res["runs"] if r["arm"] == "wider-net2net")
     assert wide["shapes_equal_standard"]
     assert (tmp_path / "wider.png").stat().st_size > 0
-    md = (tmp_path / "paper.md").read_text()
-    assert "Net2WiderNet (no noise)" in md and "## Conclusion" in md
+    assert "Net2WiderNet (no noise)" in (tmp_path / "paper.md").read_text()
+
+
+@pytest.mark.slow
+def test_smoke_run_deeper_student_starts_at_teacher_accuracy(tmp_path):
+    """The same for Net2DeeperNet (identity 1x3+3x1 pairs) and its random-init baseline (python -m pytest -m slow)."""
+    paper = _load()
+    if not paper.have_deepen():
+        pytest.skip("graphgrow.deepen is not available")
+    res = _smoke(tmp_path, "deeper")
+    assert {r["arm"] for r in res["runs"]} == {"deeper-net2net", "deeper-random-init"}
+    assert (tmp_path / "deeper.png").stat().st_size > 0
