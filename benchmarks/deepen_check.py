@@ -52,8 +52,8 @@ CASES = {
                            ("residual", "features.5", "/features/features.5/Add", "3"),
                            ("linear", "flatten", "/Flatten", "3")],
     ("vgg11_bn", 224): [("conv-bn-relu", "features.2", "/features/features.2/Relu", "3"),
-                        ("conv-bn", "features.9", "/features/features.9/Relu", "3"),
-                        ("residual", "features.10", "/features/features.10/MaxPool", "3"),
+                        ("conv-bn", "features.9", "/features/features.8/Conv", "3"),
+                        ("residual", "features.10", "/features/features.10/Relu", "3"),
                         ("linear", "classifier.1", "/classifier/classifier.1/Relu", "3")],
 }
 

@@ -75,8 +75,8 @@ TV = {
     "mobilenet_v2": (64, [("conv-bn-relu", "/features/features.1/conv/conv.0/conv.0.2/Clip", "3"),
                           ("conv-bn", "/features/features.3/Add", "3"), ("residual", "/features/features.5/Add", "3"),
                           ("linear", "/Flatten", "3")]),
-    "vgg11_bn": (224, [("conv-bn-relu", "/features/features.2/Relu", "3"), ("conv-bn", "/features/features.9/Relu", "3"),
-                       ("residual", "/features/features.10/MaxPool", "3"),
+    "vgg11_bn": (224, [("conv-bn-relu", "/features/features.2/Relu", "3"), ("conv-bn", "/features/features.8/Conv", "3"),
+                       ("residual", "/features/features.10/Relu", "3"),
                        ("linear", "/classifier/classifier.1/Relu", "3")]),
 }
 

@@ -132,32 +132,49 @@ def identity_bn(mean: np.ndarray, var: np.ndarray, eps: float = BN_EPS) -> dict:
             "running_var": var.copy()}
 
 
-def activation_stats(samples: list, channel_axis: int = 1) -> tuple:
-    """Per-channel mean and (biased) variance over every other axis of a list of arrays.
+class ChannelStats:
+    """Per-channel mean and (biased) variance, merged batch by batch (Chan et al.'s parallel update, float64).
 
     Biased, because that is what batch norm divides by in training mode: with γ² = var + eps and β = mean the
-    block is the identity on batches that have these statistics.  Accumulated in float64 (Chan's parallel update)
-    so that long calibration runs do not lose precision.
+    block is the identity on batches that have these statistics.  Each batch adds ``(count, mean, m2)`` where m2
+    is the sum of squared deviations from the batch mean, so a frontend can reduce on its own device and hand
+    over per-channel vectors only.
     """
-    n, mean, m2 = 0, None, None
+
+    def __init__(self):
+        self.n, self.mean, self.m2 = 0, None, None
+
+    def add(self, count: int, mean, m2):
+        mean, m2 = np.asarray(mean, dtype=np.float64), np.asarray(m2, dtype=np.float64)
+        if count == 0:
+            return
+        if self.mean is None:
+            self.n, self.mean, self.m2 = count, mean, m2
+            return
+        delta = mean - self.mean
+        total = self.n + count
+        self.mean = self.mean + delta * count / total
+        self.m2 = self.m2 + m2 + delta ** 2 * self.n * count / total
+        self.n = total
+
+    def add_array(self, a, channel_axis: int = 1):
+        a = np.moveaxis(np.asarray(a, dtype=np.float64), channel_axis, 0)
+        a = a.reshape(a.shape[0], -1)
+        m = a.mean(axis=1)
+        self.add(a.shape[1], m, ((a - m[:, None]) ** 2).sum(axis=1))
+
+    def result(self) -> tuple:
+        if self.mean is None:
+            raise InvalidArgumentError("calibrate gave no batches")
+        return self.mean, self.m2 / self.n
+
+
+def activation_stats(samples: list, channel_axis: int = 1) -> tuple:
+    """(mean, biased variance) per channel of a list of arrays, over every other axis."""
+    st = ChannelStats()
     for a in samples:
-        a = np.moveaxis(np.asarray(a, dtype=np.float64), channel_axis, 0).reshape(np.shape(a)[channel_axis], -1)
-        k = a.shape[1]
-        if k == 0:
-            continue
-        bm = a.mean(axis=1)
-        bm2 = ((a - bm[:, None]) ** 2).sum(axis=1)
-        if mean is None:
-            n, mean, m2 = k, bm, bm2
-        else:
-            delta = bm - mean
-            tot = n + k
-            mean = mean + delta * k / tot
-            m2 = m2 + bm2 + delta ** 2 * n * k / tot
-            n = tot
-    if mean is None:
-        raise InvalidArgumentError("calibrate gave no batches")
-    return mean, m2 / n
+        st.add_array(a, channel_axis)
+    return st.result()
 
 
 def default_init(rng: np.random.Generator, shape: tuple, dtype=np.float32, fan_in: int | None = None) -> np.ndarray:

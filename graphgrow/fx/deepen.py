@@ -346,10 +346,15 @@ def calibrate_blocks(gm: fx.GraphModule, paths: list, batches: list, seed: int =
         todo = [(p, ident) for p, ident, d in stages if d == depth]
         probe = copy.deepcopy(gm).train()
         probe_modules = dict(probe.named_modules())
-        seen: dict = {p: [] for p, _ in todo}
+        seen = {p: core.ChannelStats() for p, _ in todo}
 
         def keep(path):
-            return lambda m, a: seen[path].append(a[0].detach().cpu().numpy())
+            def hook(m, args):
+                # reduce on the model's device, in float64; only per-channel vectors leave it
+                x = args[0].detach().double().transpose(0, 1).reshape(args[0].shape[1], -1)
+                mean = x.mean(dim=1)
+                seen[path].add(x.shape[1], mean.cpu().numpy(), ((x - mean[:, None]) ** 2).sum(dim=1).cpu().numpy())
+            return hook
 
         for p, _ in todo:
             probe_modules[p].register_forward_pre_hook(keep(p))
@@ -360,7 +365,7 @@ def calibrate_blocks(gm: fx.GraphModule, paths: list, batches: list, seed: int =
         del probe
         for p, ident in todo:
             bn = modules[p]
-            mean, var = core.activation_stats(seen.pop(p))
+            mean, var = seen.pop(p).result()
             params = core.identity_bn(mean, var, bn.eps)
             if not ident:
                 params = {"running_mean": params["running_mean"], "running_var": params["running_var"]}
