@@ -353,6 +353,24 @@ class OnnxLabelRun(sites.LabelRunState):
                         raise Conflict(None, o.chans, f"model output '{out.name}' changed")
         return self
 
+    def _inputs_unchanged(self, node, vals) -> bool:
+        has_label = False
+        for name, v in zip(node.input, vals):
+            if not name:
+                continue
+            o = self.old.get(name)
+            if isinstance(v, LN):
+                has_label = True
+                if not same_labels(o, v):
+                    return False
+            elif v is None:
+                if o is not None:
+                    return False
+            elif not (o is v or (isinstance(o, np.ndarray) and isinstance(v, np.ndarray) and o.shape == v.shape
+                                 and o.dtype == v.dtype and np.array_equal(o, v))):
+                return False
+        return has_label
+
     def _evaluate(self, node, inputs, idx):
         """Run one node with onnx's reference implementation (constants or label arrays).
 
@@ -393,6 +411,11 @@ class OnnxLabelRun(sites.LabelRunState):
         vals = [self.env.get(n) if n else None for n in node.input]
         if not self.analysis and idx in self.opaque_nodes:
             return self._opaque(idx, node, "not understood")
+        if (not self.analysis and idx not in self.node_space and op not in ("Shape", "Size")
+                and self._inputs_unchanged(node, vals)):
+            # a non-producing op whose inputs are those of the original gives the original's outputs
+            # (no plan-dependent state is read and nothing is rewritten)
+            return [self.old.get(n) if n else None for n in node.output]
         if node.domain not in ("", "ai.onnx"):
             return self._opaque(idx, node, f"operator domain '{node.domain}' is not understood")
         if not any(isinstance(v, LN) for v in vals) and op not in ("Shape", "Size"):
