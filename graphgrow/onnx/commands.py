@@ -56,9 +56,17 @@ def _widths(args) -> dict:
     return widths
 
 
-def default_output(path: str) -> str:
+def default_output(path: str, tag: str = "wide") -> str:
     root, ext = os.path.splitext(path)
-    return f"{root}.wide{ext or '.onnx'}"
+    return f"{root}.{tag}{ext or '.onnx'}"
+
+
+def not_equivalent(args, exc: VerificationError) -> int:
+    """A failed verification: one line, the report if asked for, nothing else written, exit code 1."""
+    print(f"graphgrow: not equivalent, nothing written: {exc}", file=sys.stderr)
+    if args.report and exc.report is not None:
+        _write_report(args.report, exc.report)
+    return 1
 
 
 def run_widen(args) -> int:
@@ -78,10 +86,7 @@ def run_widen(args) -> int:
             check=not args.no_check, atol=args.atol, rtol=args.rtol, batches=args.batches, providers=args.provider,
             progress=say)
     except VerificationError as exc:
-        print(f"graphgrow: not equivalent, nothing written: {exc}", file=sys.stderr)
-        if args.report and exc.report is not None:
-            _write_report(args.report, exc.report)
-        return 1
+        return not_equivalent(args, exc)
     if not report.widened:
         reasons = report.frozen_reasons()
         top = max(reasons, key=reasons.get) if reasons else "the factor adds no channel"

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import re
-import sys
 import tempfile
 
 import numpy as np
@@ -336,19 +335,13 @@ def deepen_model(model: onnx.ModelProto, *, after, block: str = "conv-bn-relu", 
 
 # ------------------------------------------------------------------------------------------------------- the CLI
 
-def default_output(path: str) -> str:
-    root, ext = os.path.splitext(path)
-    return f"{root}.deep{ext or '.onnx'}"
-
-
 def run_deepen(args) -> int:
-    from .checkcmd import parse_shape
-    from .commands import _progress, _write_report
+    from .commands import _progress, _shapes, _write_report, default_output, not_equivalent
     from .io import check_output_path, load_model, save_model
 
     say = _progress(args)
-    out_path = check_output_path(args.output or default_output(args.input), args.input)
-    shapes = dict(parse_shape(s) for s in args.shape or [])
+    out_path = check_output_path(args.output or default_output(args.input, "deep"), args.input)
+    shapes = _shapes(args)
     kernel = int(args.kernel) if re.fullmatch(r"\s*-?\d+\s*", args.kernel) else args.kernel
     say(f"loading {args.input} ...")
     model = load_model(args.input)
@@ -357,10 +350,7 @@ def run_deepen(args) -> int:
                                     shapes=shapes, check=not args.no_check, atol=args.atol, rtol=args.rtol,
                                     batches=args.batches, providers=args.provider, progress=say)
     except VerificationError as exc:
-        print(f"graphgrow: not equivalent, nothing written: {exc}", file=sys.stderr)
-        if args.report and exc.report is not None:
-            _write_report(args.report, exc.report)
-        return 1
+        return not_equivalent(args, exc)
     say(f"writing {out_path} ...")
     written = save_model(deep, out_path)
     if args.report:
