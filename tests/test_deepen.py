@@ -93,7 +93,7 @@ TV_CASES = {
 }
 
 
-@pytest.mark.parametrize("name", list(TV_CASES))
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n == "vgg11_bn" else n for n in TV_CASES])
 def test_torchvision_block_kinds(name):
     size, cases = TV_CASES[name]
     kw = {"aux_logits": False, "init_weights": True} if name in ("googlenet", "inception_v3") else {}
