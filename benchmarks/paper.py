@@ -33,6 +33,8 @@ Usage (from the repository root; needs ``pip install -e ".[paper]"``)::
     python benchmarks/paper.py --quick                 # CPU, ~15 min on 2 cores
     python benchmarks/paper.py --device cuda           # full setting on a GPU
     python benchmarks/paper.py --smoke --out /tmp/p    # seconds; for tests
+    python benchmarks/paper.py --quick --lr 1e-4 --teacher-lr 1e-3 --out benchmarks/results/paper/lr_1e-4
+                                                       # lr sweep: same teachers, lower lr for every arm
 
 Writes ``paper.json`` (all curves), ``wider.png``, ``deeper.png`` and
 ``paper.md`` (table and conclusion) under ``--out``
@@ -89,7 +91,8 @@ class Config:
     steps: int = 2000
     eval_every: int = 100
     seeds: int = 3
-    lr: float = 1e-3              # RMSProp (decay 0.9); the teacher and every arm use the same settings
+    lr: float = 1e-3              # RMSProp (decay 0.9); every arm uses the same settings
+    teacher_lr: Optional[float] = None  # the teachers' peak lr; None: the same as lr
     eps: float = 1e-3
     momentum: float = 0.0
     warmup: float = 0.2           # fraction of a run's steps
@@ -136,7 +139,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> Config:
             ("steps", int, "training steps of every student / baseline run"),
             ("eval-every", int, "log train/val loss and accuracy every N steps"),
             ("seeds", int, "runs per arm"),
-            ("lr", float, "RMSProp learning rate (peak)"),
+            ("lr", float, "RMSProp learning rate (peak), every arm"),
+            ("teacher-lr", float, "the teachers' RMSProp learning rate (default: --lr)"),
             ("eps", float, "RMSProp epsilon"),
             ("momentum", float, "RMSProp momentum"),
             ("warmup", float, "linear warm-up, fraction of a run's steps"),
@@ -155,7 +159,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> Config:
     preset = "smoke" if a.smoke else "quick" if a.quick else "full"
     cfg = Config(preset=preset, **PRESETS[preset])
     overrides = {k: getattr(a, k) for k in (
-        "image_size", "batch_size", "teacher_steps", "steps", "eval_every", "seeds", "lr", "eps", "momentum", "warmup", "noise",
+        "image_size", "batch_size", "teacher_steps", "steps", "eval_every", "seeds", "lr", "teacher_lr", "eps", "momentum", "warmup", "noise",
         "deeper_pairs", "train_size", "val_size", "calibrate_batches", "threads", "workers", "out")
         if getattr(a, k) is not None}
     cfg = replace(cfg, device=a.device, arms=parse_arms(a.arms), **overrides)
@@ -193,6 +197,8 @@ def validate(cfg: Config) -> None:
             raise SettingError(f"--{name.replace('_', '-')} must be >= 0, not {getattr(cfg, name)}")
     if not (cfg.lr > 0 and math.isfinite(cfg.lr)):
         raise SettingError(f"--lr must be positive, not {cfg.lr}")
+    if cfg.teacher_lr is not None and not (cfg.teacher_lr > 0 and math.isfinite(cfg.teacher_lr)):
+        raise SettingError(f"--teacher-lr must be positive, not {cfg.teacher_lr}")
     if not (cfg.eps > 0 and math.isfinite(cfg.eps)):
         raise SettingError(f"--eps must be positive, not {cfg.eps}")
     if not 0 <= cfg.momentum < 1:
@@ -516,7 +522,8 @@ def train_teacher(job):
     kind, cfg = job
     torch.manual_seed(0)
     model = narrow_teacher() if kind == "wider" else standard_net()
-    curve = train(model, _DATA, cfg, cfg.teacher_steps, seed=0)
+    tcfg = replace(cfg, lr=cfg.teacher_lr) if cfg.teacher_lr is not None else cfg
+    curve = train(model, _DATA, tcfg, cfg.teacher_steps, seed=0)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     va = curve["val_acc"]
     tail = va[-4:]
@@ -633,6 +640,11 @@ def fmt_ms(m_sd, digits=1) -> str:
     return f"{m:.{digits}f} ± {sd:.{digits}f}"
 
 
+def _teacher_lr_note(cfg: Dict) -> str:
+    t = cfg.get("teacher_lr")
+    return f"; teachers lr {t:g}" if t is not None and t != cfg["lr"] else ""
+
+
 def write_markdown(results: Dict, path: str) -> str:
     cfg, summary = results["config"], results["summary"]
     L = ["# Net2Net paper experiments at laptop scale", ""]
@@ -640,7 +652,7 @@ def write_markdown(results: Dict, path: str) -> str:
     L.append(f"Data: {results['data']['source']}; {results['data']['train']} train / {results['data']['val']} "
              f"validation digits ({results['data']['split']}), resized to {cfg['image_size']}x{cfg['image_size']}.  ")
     L.append(f"Setting `{cfg['preset']}` on {results['machine']}: batch {cfg['batch_size']}, RMSProp "
-             f"(lr {cfg['lr']:g}, decay 0.9, momentum {cfg['momentum']:g}, eps {cfg['eps']:g}), {cfg['warmup']:.0%} linear warm-up then cosine decay, "
+             f"(lr {cfg['lr']:g}{_teacher_lr_note(cfg)}, decay 0.9, momentum {cfg['momentum']:g}, eps {cfg['eps']:g}), {cfg['warmup']:.0%} linear warm-up then cosine decay, "
              f"teacher {cfg['teacher_steps']} steps, every arm {cfg['steps']} steps, {cfg['seeds']} seeds per arm, "
              f"curve points every {cfg['eval_every']} steps. Total wall time {results['total_wall_s'] / 60:.1f} min "
              f"({cfg['workers']} worker(s) x {cfg['threads']} thread(s)).")
@@ -706,9 +718,11 @@ def conclusion(results: Dict) -> str:
         if pres:
             low = min(a["min_val_acc_after_0"][0] for a in pres)
             fin = ", ".join(f"{a['label']} {a['final_val_acc'][0]:.2f} %" for a in arms.values())
+            start = g['teacher_val_acc']
+            path = (f"but drop to {low:.1f} % (mean lowest point) in the first steps at the common learning rate, "
+                    "then recover" if low < start - 1.0 else f"and stay near it (mean lowest point {low:.1f} %)")
             notes.append(f"{'Wider' if group == 'wider' else 'Deeper'}: the students start at the teacher's "
-                         f"{g['teacher_val_acc']:.2f} % but drop to {low:.1f} % (mean lowest point) during the "
-                         f"warm-up at the common learning rate, then recover; final validation accuracy {fin}"
+                         f"{start:.2f} % {path}; final validation accuracy {fin}"
                          + ("." if base else " (no baseline run)."))
     pres_all = [a for g in ("wider", "deeper") if g in summary
                 for arm, a in summary[g]["arms"].items() if arm in PRESERVING]

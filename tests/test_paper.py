@@ -33,6 +33,7 @@ def _run(*args):
     (["--steps", "0"], "--steps must be positive, not 0"),
     (["--teacher-steps", "-3"], "--teacher-steps must be positive, not -3"),
     (["--seeds", "0"], "--seeds must be positive, not 0"),
+    (["--teacher-lr", "0"], "--teacher-lr must be positive, not 0.0"),
 ])
 def test_bad_settings_refused(args, message, tmp_path):
     r = _run(*args, "--out", str(tmp_path))
@@ -48,6 +49,14 @@ def test_absent_device_refused(tmp_path):
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "device 'cuda' is not present" in lines[0], r.stderr
+
+
+def test_teacher_lr_defaults_to_lr_and_can_differ():
+    paper = _load()
+    cfg = paper.parse_args(["--quick", "--lr", "3e-4"])
+    assert cfg.lr == 3e-4 and cfg.teacher_lr is None
+    cfg = paper.parse_args(["--quick", "--lr", "1e-4", "--teacher-lr", "1e-3", "--out", "/tmp/x"])
+    assert (cfg.lr, cfg.teacher_lr, cfg.out) == (1e-4, 1e-3, "/tmp/x")
 
 
 def test_split_is_fixed_and_balanced():
