@@ -194,6 +194,19 @@ def _write_dot(path, report, groups):
     os.replace(tmp, path)
 
 
+def add_rewrite_options(p) -> None:
+    """Options shared by the commands that rewrite a model (widen, deepen): seed, verification, shapes, report."""
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-check", action="store_true", help="skip the onnxruntime equivalence check")
+    p.add_argument("--atol", type=float, default=1e-5)
+    p.add_argument("--rtol", type=float, default=1e-4)
+    p.add_argument("--batches", type=int, default=3)
+    p.add_argument("--shape", action="append", metavar="NAME=AxBxC",
+                   help="size of dynamic input dimensions (default 1 for each)")
+    p.add_argument("--provider", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--report", metavar="FILE.json", help="write the report as JSON")
+
+
 def add_parsers(sub) -> None:
     w = sub.add_parser("widen", help="widen an ONNX model (Net2WiderNet), verify it in onnxruntime, write it")
     w.add_argument("input", metavar="IN.onnx")
@@ -207,15 +220,7 @@ def add_parsers(sub) -> None:
     w.add_argument("--init", choices=["net2net", "random-pad"], default="net2net")
     w.add_argument("--noise", type=float, default=0.0, help="symmetry-breaking noise, x weight std")
     w.add_argument("--noise-mode", choices=["exact", "paper"], default="exact")
-    w.add_argument("--seed", type=int, default=0)
-    w.add_argument("--no-check", action="store_true", help="skip the onnxruntime equivalence check")
-    w.add_argument("--atol", type=float, default=1e-5)
-    w.add_argument("--rtol", type=float, default=1e-4)
-    w.add_argument("--batches", type=int, default=3)
-    w.add_argument("--shape", action="append", metavar="NAME=AxBxC",
-                   help="size of dynamic input dimensions (default 1 for each)")
-    w.add_argument("--provider", choices=["cpu", "cuda"], default="cpu")
-    w.add_argument("--report", metavar="FILE.json", help="write the growth report as JSON")
+    add_rewrite_options(w)
     w.set_defaults(func=run_widen)
     i = sub.add_parser("inspect", help="show the channel spaces of an ONNX model and what couples them")
     i.add_argument("input", metavar="IN.onnx")

@@ -368,6 +368,8 @@ def run_deepen(args) -> int:
 
 
 def add_deepen_parser(sub) -> None:
+    from .commands import add_rewrite_options
+
     d = sub.add_parser("deepen", help="deepen an ONNX model (Net2DeeperNet), verify it in onnxruntime, write it")
     d.add_argument("input", metavar="IN.onnx")
     d.add_argument("--after", required=True, metavar="REGEX",
@@ -376,15 +378,7 @@ def add_deepen_parser(sub) -> None:
                    help="conv-bn-relu (only after provably non-negative values), conv-bn, linear, residual")
     d.add_argument("--kernel", default="3", help="odd kernel size or a factorized chain like 1x3+3x1 (default 3)")
     d.add_argument("-o", "--output", metavar="OUT.onnx", help="output path (default IN.deep.onnx)")
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--no-check", action="store_true", help="skip the onnxruntime equivalence check")
-    d.add_argument("--atol", type=float, default=1e-5)
-    d.add_argument("--rtol", type=float, default=1e-4)
-    d.add_argument("--batches", type=int, default=3)
-    d.add_argument("--shape", action="append", metavar="NAME=AxBxC",
-                   help="size of dynamic input dimensions (default 1 for each)")
-    d.add_argument("--provider", choices=["cpu", "cuda"], default="cpu")
-    d.add_argument("--report", metavar="FILE.json", help="write the report as JSON")
+    add_rewrite_options(d)
     d.set_defaults(func=run_deepen)
 
 
