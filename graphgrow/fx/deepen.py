@@ -54,7 +54,7 @@ _KIND_FUNCS = {
     torch.flatten: "move", torch.reshape: "move", torch.transpose: "move", torch.permute: "move",
     torch.squeeze: "move", torch.unsqueeze: "move", torch.chunk: "move", torch.split: "move",
     torch.channel_shuffle: "move", torch.max: "max", torch.maximum: "max", torch.minimum: "min", torch.min: "min",
-    torch.mean: "mean", torch.sum: "sum", torch.sqrt: "sqrt", F.max_pool1d: "pool", F.max_pool2d: "pool",
+    torch.mean: "mean", torch.sum: "sum", torch.sqrt: "sqrt", getattr: "move", F.max_pool1d: "pool", F.max_pool2d: "pool",
     F.max_pool3d: "pool", F.avg_pool1d: "pool", F.avg_pool2d: "pool", F.avg_pool3d: "pool",
     F.adaptive_avg_pool1d: "pool", F.adaptive_avg_pool2d: "pool", F.adaptive_avg_pool3d: "pool",
     F.adaptive_max_pool1d: "pool", F.adaptive_max_pool2d: "pool", F.adaptive_max_pool3d: "pool",
@@ -69,8 +69,11 @@ _KIND_METHODS = {
     "mean": "mean", "sum": "sum", "max": "max", "clone": "identity", "to": "identity", "float": "identity",
     "type_as": "identity", "sqrt": "sqrt", "add_": "add", "mul_": "mul",
 }
-# ops whose non-tensor arguments are shapes, axes or sizes, not operands
-_SHAPE_ARG_KINDS = {"move", "pool", "resize", "concat", "mean", "sum", "identity", "sqrt"}
+# ops whose non-tensor arguments are shapes, axes or sizes, not operands (torch.max(x, 1): 1 is a dim)
+_SHAPE_ARG_KINDS = {"move", "pool", "resize", "concat", "mean", "sum", "identity", "sqrt", "max", "min"}
+
+
+_SIZE_ATTRS = {"shape", "ndim", "dtype", "device", "is_cuda", "layout"}
 
 
 def _clamp_sign(node: fx.Node) -> Sign | None:
@@ -123,7 +126,7 @@ def nonneg_signs(gm: fx.GraphModule) -> dict:
         if node.op == "output":
             continue
         inputs = node.all_input_nodes
-        if (node.op == "call_function" and node.target is getattr) or \
+        if (node.op == "call_function" and node.target is getattr and node.args[1] in _SIZE_ATTRS) or \
                 (node.op == "call_method" and node.target in ("size", "dim", "numel")) or \
                 (inputs and all(a in sizes for a in inputs) and not isinstance(node.meta.get("tensor_meta"),
                                                                               TensorMetadata)):
