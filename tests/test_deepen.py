@@ -53,7 +53,9 @@ class _Signs(nn.Module):
         r = torch.relu(x)
         return (torch.max(x, r), r + torch.sigmoid(x), x - r, r * -1.0, torch.cat([r, r.softmax(1)], 1),
                 x.clamp(min=0.0), nn.functional.hardtanh(x), r.view(r.shape[0], -1).mean(1), r * 2,
-                torch.max(x, 1)[0], x.max(dim=1).values, torch.max(r, 1)[0])
+                torch.max(x, 1)[0], x.max(dim=1).values, torch.max(r, 1)[0],
+                nn.functional.interpolate(r, scale_factor=2, mode="bilinear"),
+                nn.functional.interpolate(r, scale_factor=2, mode="bicubic"))
 
 
 def test_nonneg_analysis():
@@ -61,7 +63,7 @@ def test_nonneg_analysis():
     signs = nonneg_signs(gm)
     out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
     got = [signs[n].nonneg for n in out]
-    assert got == [True, True, False, False, True, True, False, True, True, False, False, True]
+    assert got == [True, True, False, False, True, True, False, True, True, False, False, True, True, False]
 
 
 def test_paper_deeper_inception_fx():

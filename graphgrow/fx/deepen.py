@@ -147,11 +147,15 @@ def nonneg_signs(gm: fx.GraphModule) -> dict:
             elif isinstance(mod, _MOVE_MODULES):
                 kind = "move"
             elif isinstance(mod, _POOL_MODULES):
-                kind = "pool"
+                # bicubic interpolation overshoots: it can turn x ≥ 0 into small negatives
+                kind = None if "cubic" in str(getattr(mod, "mode", "")) else "pool"
         elif node.op == "call_function":
             kind = _SOURCE_FUNCS.get(node.target) or _KIND_FUNCS.get(node.target)
             what = f"function '{getattr(node.target, '__name__', node.target)}' at node '{node.name}'"
             if kind == "add" and node.kwargs.get("alpha", 1) < 0:
+                kind = None
+            if kind == "resize" and "cubic" in str(node.kwargs.get("mode", node.args[3] if len(node.args) > 3
+                                                                    else "nearest")):
                 kind = None
         elif node.op == "call_method":
             kind = _SOURCE_METHODS.get(node.target) or _KIND_METHODS.get(node.target)
