@@ -7,9 +7,7 @@ input the consumers are rewired instead.  The block's weights come from :mod:`gr
 
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 
 import numpy as np
 import onnx
@@ -19,8 +17,8 @@ from ..compare import DEFAULT_ATOL, DEFAULT_RTOL, make_session, random_feeds
 from ..core import deepen as core
 from ..core.deepen import Insertion, Sign
 from ..errors import InputMismatchError, InvalidArgumentError, UnsupportedModelError, VerificationError
-from .engine import graph_inputs, input_specs, prepare, verify
-from .io import TWO_GB
+from .engine import _SessionSource, graph_inputs, input_specs, prepare, verify
+from .io import serialized_size_below
 
 _FLOAT_TYPES = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.DOUBLE: np.float64,
                 onnx.TensorProto.FLOAT16: np.float16}
@@ -73,16 +71,13 @@ def nonneg_signs(model: onnx.ModelProto) -> dict:
         elif op in _SOURCE_OPS:
             out = Sign.yes()
         elif op == "Clip":
-            lo = _attr(node, "min") if len(node.input) < 2 else None
+            # Clip(x, lo) >= lo: non-negative when the lower bound is (an input from opset 11, an attribute before)
             if len(node.input) >= 2 and node.input[1]:
-                init = next((t for t in model.graph.initializer if t.name == node.input[1]), None)
-                const = next((n for n in model.graph.node if n.op_type == "Constant" and n.output[0] == node.input[1]),
-                             None)
-                if init is not None:
-                    lo = float(numpy_helper.to_array(init))
-                elif const is not None and _attr(const, "value") is not None:
-                    lo = float(numpy_helper.to_array(_attr(const, "value")))
-            out = Sign.yes() if lo is not None and lo >= 0 else Sign.no(f"{what} allows negative values")
+                bound = sign_of(node.input[1])
+            else:
+                lo = _attr(node, "min")
+                bound = Sign.yes() if lo is not None and lo >= 0 else Sign.no("")
+            out = Sign.yes() if bound.nonneg else Sign.no(f"{what} allows negative values")
         elif op in _DATA_OPS:
             kind = _DATA_OPS[op]
             if op in ("Resize", "Upsample") and _attr(node, "mode", b"nearest") in (b"cubic", "cubic"):
@@ -204,14 +199,6 @@ def insertion_candidates(model: onnx.ModelProto) -> dict:
     return cands
 
 
-def _session_source(model, tmp):
-    if model.ByteSize() < TWO_GB:
-        return model.SerializeToString()
-    path = os.path.join(tmp, "model.onnx")
-    onnx.save_model(model, path, save_as_external_data=True, location="model.onnx.data")
-    return path
-
-
 def probe_values(model: onnx.ModelProto, feeds: dict, names: list, providers=None) -> dict:
     """The values ``names`` take on ``feeds``, from one onnxruntime run with them exposed as outputs."""
     probe = onnx.ModelProto()
@@ -226,8 +213,8 @@ def probe_values(model: onnx.ModelProto, feeds: dict, names: list, providers=Non
         if name not in outs:
             probe.graph.output.append(helper.make_tensor_value_info(name, types.get(name, 0), None))
             outs.append(name)
-    with tempfile.TemporaryDirectory(prefix="graphgrow-") as tmp:
-        sess = make_session(_session_source(probe, tmp), providers)
+    with _SessionSource(probe) as src:
+        sess = make_session(src, providers)
         try:
             values = sess.run(names, feeds)
         except Exception as exc:  # noqa: BLE001
@@ -316,7 +303,7 @@ def deepen_model(model: onnx.ModelProto, *, after, block: str = "conv-bn-relu", 
     del g.value_info[:]
     report.params_after = count_params(out)
     try:
-        if out.ByteSize() < TWO_GB:
+        if serialized_size_below(out):
             onnx.checker.check_model(out)
     except Exception as exc:  # noqa: BLE001
         first = str(exc).strip().splitlines()[0]
