@@ -218,3 +218,32 @@ def test_bad_opset_domain_is_refused():
 
     with pytest.raises(graphgrow.GraphGrowError):
         widen_model(m, 1.5)
+
+
+def test_check_rewritten_checks_structure_without_the_weights():
+    from graphgrow.errors import UnsupportedModelError
+    from graphgrow.onnx.engine import check_rewritten
+
+    n = [conv("c1", "x", "w1", "b1", "a"), helper.make_node("Relu", ["a"], ["r"])]
+    hn, hi = head("r", 6, 17)
+    m = make(n + hn, [init("w1", W(6, 3, 3, 3)), init("b1", W(6))] + hi, 17)
+    check_rewritten(m)  # a valid model passes
+    broken = onnx.ModelProto()
+    broken.CopyFrom(m)
+    broken.graph.node[1].input[0] = "nowhere"  # a node reading a value nobody produces
+    with pytest.raises(UnsupportedModelError, match="rewritten model fails the ONNX checker"):
+        check_rewritten(broken)
+    # the large weights are left out: a weight whose bytes do not match its shape is not what it checks
+    # (written tensors are checked by size where they are made, see _fill_tensor)
+    bad_bytes = onnx.ModelProto()
+    bad_bytes.CopyFrom(m)
+    bad_bytes.graph.initializer[0].raw_data = b"\0" * 8
+    check_rewritten(bad_bytes)
+    with pytest.raises(onnx.checker.ValidationError):
+        onnx.checker.check_model(bad_bytes)
+    # an unknown attribute on a node is caught
+    odd = onnx.ModelProto()
+    odd.CopyFrom(m)
+    odd.graph.node[1].attribute.append(helper.make_attribute("bogus", 3))
+    with pytest.raises(UnsupportedModelError):
+        check_rewritten(odd)

@@ -110,7 +110,8 @@ def produce_weights(weight: np.ndarray, w_in: int, w_out: int, match: RowMatch |
             w = ar.random_pad_columns(w, w_in, match, rng)
         else:
             w = ar.consume(w, w_in, match, noise=options.noise, noise_mode=options.noise_mode, rng=rng)
-    w = ar.gather(w, w_out, mapping)
+    if len(mapping) != weight.shape[w_out]:  # (an unchanged output space keeps its order: no copy)
+        w = ar.gather(w, w_out, mapping)
     if options.init == "random-pad" and len(mapping) != weight.shape[w_out]:
         w = ar.random_pad_rows(w, w_out, mapping, rng)
     return w

@@ -16,9 +16,8 @@ from onnx import helper, numpy_helper
 from ..compare import DEFAULT_ATOL, DEFAULT_RTOL, make_session, random_feeds
 from ..core import deepen as core
 from ..core.deepen import Insertion, Sign
-from ..errors import InputMismatchError, InvalidArgumentError, UnsupportedModelError, VerificationError
-from .engine import _SessionSource, graph_inputs, input_specs, prepare, verify
-from .io import serialized_size_below
+from ..errors import InputMismatchError, InvalidArgumentError, VerificationError
+from .engine import _SessionSource, check_rewritten, graph_inputs, input_specs, prepare, verify
 
 _FLOAT_TYPES = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.DOUBLE: np.float64,
                 onnx.TensorProto.FLOAT16: np.float16}
@@ -302,12 +301,7 @@ def deepen_model(model: onnx.ModelProto, *, after, block: str = "conv-bn-relu", 
     # *_pre_deep lost its entry; drop them all and let consumers infer again
     del g.value_info[:]
     report.params_after = count_params(out)
-    try:
-        if serialized_size_below(out):
-            onnx.checker.check_model(out)
-    except Exception as exc:  # noqa: BLE001
-        first = str(exc).strip().splitlines()[0]
-        raise UnsupportedModelError(f"the deepened model fails the ONNX checker: {first}") from None
+    check_rewritten(out, "deepened")
     if check:
         say("verifying in onnxruntime ...")
         rep = verify(src, out, specs, batches=batches, seed=seed, atol=atol, rtol=rtol, providers=providers,

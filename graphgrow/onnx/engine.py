@@ -137,6 +137,19 @@ def _light_model(model) -> onnx.ModelProto:
     return light
 
 
+def check_rewritten(model: onnx.ModelProto, what: str = "rewritten") -> None:
+    """The ONNX checker on what a rewrite wrote: the graph, its nodes, attributes and small constants.
+
+    The large float weights are left out (:func:`_light_model`), which saves serializing and parsing
+    them once more on onnx's C++ side: the ones a rewrite wrote are complete by construction
+    (:func:`_fill_tensor` checks their byte size), the others are the input's, checked when it was
+    loaded.  Works for models over 2 GB too."""
+    try:
+        onnx.checker.check_model(_light_model(model))
+    except Exception as exc:  # noqa: BLE001
+        raise UnsupportedModelError(f"the {what} model fails the ONNX checker: {_first_line(exc)}") from None
+
+
 class RecordedShapes(dict):
     """value name -> shape of the original model on the example inputs.
 
@@ -286,10 +299,13 @@ def _fill_tensor(t, name: str, arr, old, orig) -> None:
     arr = np.asarray(arr)
     if old is not None and old.data_type in _RAW_TYPES and sys.byteorder == "little":
         # what numpy_helper.from_array writes, without its intermediate tensor and copy
+        raw = np.ascontiguousarray(arr, dtype=_RAW_TYPES[old.data_type]).tobytes()
+        if len(raw) != arr.size * np.dtype(_RAW_TYPES[old.data_type]).itemsize:  # (check_rewritten relies on it)
+            raise AssertionError(f"tensor {name!r}: {len(raw)} bytes for shape {arr.shape}")
         t.name = name
         t.data_type = old.data_type
         t.dims.extend(arr.shape)
-        t.raw_data = np.ascontiguousarray(arr, dtype=_RAW_TYPES[old.data_type]).tobytes()
+        t.raw_data = raw
         return
     dtype = numpy_helper.to_array(old).dtype if old is not None else (orig.dtype if orig is not None else arr.dtype)
     t.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(arr.astype(dtype)), name))
@@ -335,7 +351,7 @@ def rebuild(model: onnx.ModelProto, run: OnnxLabelRun) -> onnx.ModelProto:
             arr, orig = in_place[t.name]
             _fill_tensor(g.initializer.add(), t.name, arr, t, orig)
         else:
-            g.initializer.append(t)
+            g.initializer.add().CopyFrom(t)  # (faster than append in upb)
     for name, arr, old, orig in added:
         _fill_tensor(g.initializer.add(), name, arr, old, orig)
     for idx, k, name in renamed:
@@ -403,9 +419,9 @@ def widen_model_serialized(model: onnx.ModelProto, factor: float | None = 1.41, 
                            exclude=None, divisor: int = 1, init: str = "net2net", noise: float = 0.0,
                            noise_mode: str = "exact", seed: int = 0, shapes: dict | None = None, check: bool = True,
                            atol=DEFAULT_ATOL, rtol=DEFAULT_RTOL, batches=3, providers=None, progress=None):
-    """:func:`widen_model`, also returning the widened model serialized (the bytes the ONNX checker
-    passed and onnxruntime verified; None for models over 2 GB), so that a caller writing it to a
-    file does not serialize it again."""
+    """:func:`widen_model`, also returning the widened model serialized (the bytes onnxruntime
+    verified; None for models over 2 GB), so that a caller writing it to a file does not serialize
+    it again."""
     factor = check_factor(factor, widths)
     check_options(init, noise_mode, divisor, noise)
     say = progress or (lambda s: None)
@@ -419,12 +435,8 @@ def widen_model_serialized(model: onnx.ModelProto, factor: float | None = 1.41, 
     preserving = init == "net2net" and not (noise > 0 and noise_mode == "paper")
     report = GrowthReport(space_reports(an.produced, plan, targets), params_before=count_params(an.model),
                           params_after=count_params(out), function_preserving=preserving, rounds=rounds)
+    check_rewritten(out)  # (no full check: shapes were verified by the label runs)
     data = out.SerializeToString() if _io.serialized_size_below(out) else None
-    try:
-        if data is not None:
-            onnx.checker.check_model(data)  # (no full check: shapes were verified by the label runs)
-    except Exception as exc:  # noqa: BLE001
-        raise UnsupportedModelError(f"the rewritten model fails the ONNX checker: {_first_line(exc)}") from None
     if check and preserving:
         say("verifying in onnxruntime ...")
         rep = verify(an.model, out if data is None else data, an.specs, batches=batches, seed=seed, atol=atol, rtol=rtol, providers=providers,
