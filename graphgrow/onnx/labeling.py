@@ -19,8 +19,8 @@ from onnx.reference import ReferenceEvaluator
 from ..core import arithmetic as ar
 from ..core import sites
 from ..core.growth import Conflict
-from ..core.labels import (LabelOverflow, channel_label_factors, channel_of, channel_sequence, element_labels,
-                           resalt, unique_channels, varying_axes)
+from ..core.labels import (MAX_POSITIONS, SALT_MASK, LabelOverflow, _mix, channel_label_factors, channel_of,
+                           channel_sequence, element_labels, resalt, unique_channels, varying_axes)
 from ..core.provenance import Mismatch, RowMatch, match_rows
 from ..errors import GraphGrowError
 
@@ -40,23 +40,41 @@ class LN:
     Elementwise ops, comparisons and row matching along the channel axis then work on the
     per-channel part alone (see the module functions below), which is exact: the position grid is
     the same for every channel and its bits never overlap the part's.
+
+    An LN without channel structure (model inputs, results of opaque or channel-mixing ops:
+    :meth:`element`) is one channel id and one salt over every element, its positions numbering
+    the elements in C order (:func:`~graphgrow.core.labels.element_labels`); it is kept as those
+    two numbers (``elem``), so elementwise ops and reshapes on it cost nothing.
     """
 
-    __slots__ = ("_a", "_shape", "_chans", "_vary", "_like", "part", "ax")
+    __slots__ = ("_a", "_shape", "_chans", "_vary", "_like", "part", "ax", "elem")
 
     def __init__(self, a: np.ndarray, like: "LN | None" = None):
         self._a = np.ascontiguousarray(a)
         self._shape = self._a.shape
         self._chans = self._vary = None
         self._like = like if like is not None and like.shape == self._shape else None
-        self.part = self.ax = None
+        self.part = self.ax = self.elem = None
+
+    @classmethod
+    def element(cls, shape, chan_id: int, salt: int) -> "LN":
+        """``LN(element_labels(shape, chan_id, salt))`` (``salt``: the 16-bit salt field), built on first use."""
+        shape = tuple(int(d) for d in shape)
+        if (int(np.prod(shape)) if shape else 1) >= MAX_POSITIONS:
+            raise LabelOverflow(f"a tensor with {int(np.prod(shape))} elements exceeds the label encoding")
+        self = cls.__new__(cls)
+        self._a, self._shape, self._like, self.part, self.ax = None, shape, None, None, None
+        self.elem = (int(chan_id), int(salt) & SALT_MASK)
+        empty = bool(shape) and 0 in shape
+        self._chans, self._vary = np.array([] if empty else [chan_id], np.int64), []
+        return self
 
     @classmethod
     def factored(cls, shape, axis: int, part: np.ndarray) -> "LN":
         """Labels ``part`` (along ``axis``) | the position grid of ``shape`` (non-empty shapes only)."""
         self = cls.__new__(cls)
         self._a, self._shape, self._chans, self._vary, self._like = None, tuple(shape), None, None, None
-        self.part, self.ax = part, axis
+        self.part, self.ax, self.elem = part, axis, None
         return self
 
     @classmethod
@@ -69,6 +87,8 @@ class LN:
 
     @property
     def a(self) -> np.ndarray:
+        if self._a is None and self.elem is not None:
+            self._a = element_labels(self._shape, *self.elem)
         if self._a is None:
             _, grid, _ = channel_label_factors(self._shape, self.ax, np.zeros(len(self.part), np.int64), 0)
             bshape = [-1 if i == self.ax else 1 for i in range(len(self._shape))]
@@ -123,6 +143,8 @@ def same_labels(o, v) -> bool:
     """``o.a == v.a`` everywhere (same shape)."""
     if not isinstance(o, LN) or not isinstance(v, LN) or o.shape != v.shape:
         return False
+    if o.elem is not None and v.elem is not None:
+        return o.elem == v.elem
     if _factored_alike(o, v):
         return bool(np.array_equal(o.part, v.part))
     return bool(np.array_equal(o.a, v.a))
@@ -139,7 +161,9 @@ def match_labels(old: "LN", new: "LN", axis: int, what: str = "input") -> RowMat
 
 
 def resalt_labels(x: "LN", salt: int) -> "LN":
-    """``LN(resalt(x.a, salt))`` (the salt lives in the factored part)."""
+    """``LN(resalt(x.a, salt))`` (the salt lives in the factored part, or in ``elem``)."""
+    if x.elem is not None:
+        return LN.element(x.shape, x.elem[0], int(_mix(np.int64(x.elem[1]), salt)))
     if x.part is not None:
         return LN.factored(x.shape, x.ax, resalt(x.part, salt))
     return LN(resalt(x.a, salt), like=x)
@@ -157,6 +181,7 @@ UNARY = {"Relu", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "El
          "Round", "Sign", "ThresholdedRelu", "Sin", "Cos", "Clip", "Swish", "Shrink"}
 PASS = {"Identity", "Dropout", "Cast", "CastLike"}
 BINARY = {"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Mean"}
+RESHAPES = {"Reshape", "Flatten", "Squeeze", "Unsqueeze"}  # moves that keep the elements' C order
 MOVE = {"Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Concat", "Split", "Slice", "Gather",
         "Expand", "DepthToSpace", "SpaceToDepth", "Tile"}
 POOL = {"MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool", "Resize",
@@ -210,7 +235,7 @@ class OnnxLabelRun(sites.LabelRunState):
         if key not in self.fixed_space:
             self.fixed_space[key] = self.table.new_space(str(key), 1, "fixed")
         sp = self.fixed_space[key]
-        return LN(element_labels(shape, sp.base, (hash(key) & 0xFFFF)))
+        return LN.element(shape, sp.base, hash(key) & 0xFFFF)
 
     def _conflict(self, idx, node, reason):
         chans = []
@@ -630,12 +655,17 @@ class OnnxLabelRun(sites.LabelRunState):
 
     def _move(self, idx, node, vals, a):
         op = node.op_type
+        x0 = vals[0] if vals and isinstance(vals[0], LN) else None
+        # a reshape keeps the C order of the elements: it is replayed on a stand-in of the input's shape
+        # (one byte per element), and element labels stay element labels of the new shape
+        reshaping = ((op in RESHAPES or op == "Transpose" and _keeps_order(x0, a.get("perm")))
+                     and x0 is not None and (x0.elem is not None or x0.part is not None))
         ins = []
         for k, v in enumerate(vals):
             if v is None:
                 ins.append(None)
             elif isinstance(v, LN):
-                ins.append(v.a)
+                ins.append(np.zeros(v.shape, np.bool_) if k == 0 and reshaping else v.a)
             elif op == "Concat":
                 ins.append(self._fixed((idx, "const", k), v.shape).a)  # a constant joined to activations
             else:
@@ -649,6 +679,12 @@ class OnnxLabelRun(sites.LabelRunState):
             if self.analysis:
                 return self._opaque(idx, node, f"could not be replayed on channel labels ({type(exc).__name__})")
             raise self._conflict(idx, node, "cannot be replayed on the widened tensors") from None
+        if reshaping:
+            out = _reshaped(x0, np.shape(outs[0]), a.get("perm") if op == "Transpose" else None)
+            if out is not None:
+                return [out]
+            ins[0] = x0.a  # the channel axis was split or merged: replayed on the labels themselves
+            outs = self._evaluate(run_node, ins, idx)
         outs = [LN(np.asarray(o)) for o in outs]
         if self.analysis and isinstance(vals[0], LN):
             if op in ("Reshape",) and len(outs) == 1:
@@ -861,6 +897,35 @@ class OnnxLabelRun(sites.LabelRunState):
                 self._set_const(idx, 2, ar.gather(b, 0, mapping))
         out_shape = (shape[0], len(mapping)) + tuple(shape[2:])
         return [LN.channels(out_shape, 1, self.plan.new_chan_ids(space), self._salt(idx))]
+
+
+def _keeps_order(x: "LN | None", perm) -> bool:
+    """A transpose that moves only axes of size 1, and the channel axis of factored labels, keeps the order
+    of the elements (of the other coordinates, for factored labels): it is a reshape for the labels."""
+    if x is None or (x.elem is None and x.part is None):
+        return False
+    perm = list(range(x.ndim))[::-1] if perm is None else [int(p) % x.ndim for p in perm]
+    kept = [p for p in perm if x.shape[p] != 1 and (x.elem is not None or p != x.ax)]
+    return kept == sorted(kept)
+
+
+def _reshaped(x: LN, shape, perm=None) -> "LN | None":
+    """``x`` reshaped (C order) to ``shape`` without building its labels: element labels always; factored
+    labels when the channel axis survives as one axis with the same elements before and after it (the
+    position grid numbers the other coordinates in C order, so it is unchanged); else None.
+    ``perm``: a transpose that :func:`_keeps_order` (the channel axis goes where ``perm`` puts it)."""
+    shape = tuple(int(d) for d in shape)
+    if x.elem is not None:
+        return LN.element(shape, *x.elem)
+    if perm is not None:
+        perm = list(range(x.ndim))[::-1] if perm is None else [int(p) % x.ndim for p in perm]
+        return LN.factored(shape, perm.index(x.ax), x.part)
+    n = x.shape[x.ax]
+    before, after = int(np.prod(x.shape[:x.ax])), int(np.prod(x.shape[x.ax + 1:]))
+    for j, d in enumerate(shape):
+        if d == n and int(np.prod(shape[:j])) == before and int(np.prod(shape[j + 1:])) == after:
+            return LN.factored(shape, j, x.part)
+    return None
 
 
 def _split_axis_ties(x: LN, out: LN) -> list:

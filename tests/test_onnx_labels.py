@@ -1,0 +1,73 @@
+"""The compact label forms of the ONNX adapter (factored, element) against the full label arrays they stand
+for: every shortcut must give exactly the labels the full computation gives."""
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from graphgrow.core.labels import element_labels, resalt, varying_axes
+from graphgrow.onnx.labeling import LN, _keeps_order, _reshaped, resalt_labels, same_labels
+
+SHAPES = st.lists(st.sampled_from([1, 1, 2, 3, 4]), min_size=1, max_size=5).map(tuple)
+
+
+def _factored(shape, axis, seed=0):
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, 50, size=shape[axis])
+    return LN.channels(shape, axis, ids, 7)
+
+
+def _reshape_targets(shape, rng):
+    """Some C-order reshapes of ``shape``: merges and splits of neighbouring axes, size-1 axes added."""
+    out = [tuple(shape), (int(np.prod(shape)),), tuple(shape) + (1,), (1,) + tuple(shape)]
+    for i in range(len(shape) - 1):
+        out.append(tuple(shape[:i]) + (shape[i] * shape[i + 1],) + tuple(shape[i + 2:]))
+    for i, d in enumerate(shape):
+        for f in (2, 3):
+            if d % f == 0 and d > f:
+                out.append(tuple(shape[:i]) + (f, d // f) + tuple(shape[i + 1:]))
+    return out
+
+
+@settings(max_examples=150, deadline=None)
+@given(SHAPES, st.integers(0, 4), st.integers(0, 2**16), st.randoms(use_true_random=False))
+def test_compact_forms_match_full_labels(shape, axis, salt, rnd):
+    axis %= len(shape)
+    x = _factored(shape, axis, salt)
+    e = LN.element(shape, 3, salt)
+    assert np.array_equal(e.a, element_labels(shape, 3, salt))
+    for lab in (x, e):
+        full = np.array(lab.a)
+        # an elementwise op
+        r = resalt_labels(lab, salt + 1)
+        assert np.array_equal(r.a, resalt(full, salt + 1))
+        assert sorted(lab.vary) == varying_axes(full) and np.array_equal(lab.chans, np.unique(full >> 40))
+        assert same_labels(r, LN(resalt(full, salt + 1))) and not same_labels(r, lab)
+        # reshapes: the compact result, where there is one, is the reshaped full array
+        for target in _reshape_targets(shape, np.random.default_rng(salt)):
+            out = _reshaped(lab, target)
+            if out is not None:
+                assert out.shape == target and np.array_equal(out.a, full.reshape(target))
+                assert sorted(out.vary) == varying_axes(full.reshape(target))
+        # transposes that keep the order are reshapes too
+        perm = list(range(len(shape)))
+        rnd.shuffle(perm)
+        if _keeps_order(lab, perm):
+            want = np.transpose(full, perm)
+            out = _reshaped(lab, want.shape, perm)
+            assert np.array_equal(out.a, want) and sorted(out.vary) == varying_axes(want)
+
+
+def test_transposes_that_reorder_elements_are_not_shortcut():
+    x = _factored((2, 3, 4), 1)
+    assert _keeps_order(x, [1, 0, 2])  # the channel axis moves, the others keep their order
+    assert not _keeps_order(x, [2, 1, 0])  # the position axes swap
+    e = LN.element((2, 1, 4), 0, 0)
+    assert _keeps_order(e, [1, 0, 2]) and not _keeps_order(e, [2, 1, 0])
+    # splitting the channel axis leaves the factored form: the caller replays on the full labels
+    assert _reshaped(x, (2, 3, 2, 2)) is not None and _reshaped(x, (6, 4)) is None
+
+
+def test_element_labels_of_empty_tensors_hold_no_channel():
+    e = LN.element((0, 3), 5, 1)
+    assert len(e.chans) == 0 and e.a.shape == (0, 3)
