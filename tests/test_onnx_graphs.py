@@ -247,3 +247,25 @@ def test_check_rewritten_checks_structure_without_the_weights():
     odd.graph.node[1].attribute.append(helper.make_attribute("bogus", 3))
     with pytest.raises(UnsupportedModelError):
         check_rewritten(odd)
+
+
+def test_verification_reads_the_reference_file_when_given(tmp_path):
+    from graphgrow.errors import VerificationError
+    from graphgrow.onnx.engine import widen_model_serialized
+
+    def model(seed):
+        rng = np.random.default_rng(seed)
+        n = [conv("c1", "x", "w1", "b1", "a"), helper.make_node("Relu", ["a"], ["r"])]
+        hn, hi = head("r", 6, 17)
+        inits = [init("w1", rng.standard_normal((6, 3, 3, 3)).astype(np.float32)),
+                 init("b1", rng.standard_normal(6).astype(np.float32))]
+        return make(n + hn, inits + hi, 17)
+
+    m, other = model(1), model(2)
+    onnx.save(m, tmp_path / "m.onnx")
+    onnx.save(other, tmp_path / "other.onnx")
+    _, rep, _ = widen_model_serialized(m, 1.5, reference=str(tmp_path / "m.onnx"))
+    assert rep.check.passed and rep.check.worst.max_rel < 1e-5
+    # the file, not the in-memory model, is what the widened model is compared with
+    with pytest.raises(VerificationError):
+        widen_model_serialized(m, 1.5, reference=str(tmp_path / "other.onnx"))

@@ -71,7 +71,7 @@ def not_equivalent(args, exc: VerificationError) -> int:
 
 def run_widen(args) -> int:
     from .engine import widen_model_serialized
-    from .io import check_output_path, load_model, save_model
+    from .io import check_output_path, is_binary_onnx, load_model, save_model
 
     say = _progress(args)
     out_path = check_output_path(args.output or default_output(args.input), args.input)
@@ -84,7 +84,7 @@ def run_widen(args) -> int:
             model, factor, widths=widths or None, only=args.only, exclude=args.exclude, divisor=args.divisor,
             init=args.init, noise=args.noise, noise_mode=args.noise_mode, seed=args.seed, shapes=_shapes(args),
             check=not args.no_check, atol=args.atol, rtol=args.rtol, batches=args.batches, providers=args.provider,
-            progress=say)
+            progress=say, reference=args.input if is_binary_onnx(args.input) else None)
     except VerificationError as exc:
         return not_equivalent(args, exc)
     if not report.widened:

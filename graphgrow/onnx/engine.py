@@ -82,14 +82,15 @@ def input_specs(model, shapes: dict | None = None) -> dict:
 
 
 class _SessionSource:
-    """A model handed to onnxruntime: in memory, or through a temporary file when over 2 GB."""
+    """A model handed to onnxruntime: a file path or bytes as they are; a ModelProto in memory, or
+    through a temporary file when over 2 GB."""
 
     def __init__(self, model):
         self.model = model
         self.tmp = None
 
     def __enter__(self):
-        if isinstance(self.model, bytes) or _io.serialized_size_below(self.model):
+        if isinstance(self.model, (bytes, str, os.PathLike)) or _io.serialized_size_below(self.model):
             return self.model
         self.tmp = tempfile.TemporaryDirectory(prefix="graphgrow-")
         path = os.path.join(self.tmp.name, "model.onnx")
@@ -418,10 +419,15 @@ def widen_model(model: onnx.ModelProto, factor: float | None = 1.41, *, widths=N
 def widen_model_serialized(model: onnx.ModelProto, factor: float | None = 1.41, *, widths=None, only=None,
                            exclude=None, divisor: int = 1, init: str = "net2net", noise: float = 0.0,
                            noise_mode: str = "exact", seed: int = 0, shapes: dict | None = None, check: bool = True,
-                           atol=DEFAULT_ATOL, rtol=DEFAULT_RTOL, batches=3, providers=None, progress=None):
+                           atol=DEFAULT_ATOL, rtol=DEFAULT_RTOL, batches=3, providers=None, progress=None,
+                           reference=None):
     """:func:`widen_model`, also returning the widened model serialized (the bytes onnxruntime
     verified; None for models over 2 GB), so that a caller writing it to a file does not serialize
-    it again."""
+    it again.
+
+    ``reference``: the path of a binary ONNX file holding ``model`` (the file it was loaded from),
+    for onnxruntime to load the original from instead of serializing ``model`` again; ignored when
+    the model had to be converted to a newer opset first."""
     factor = check_factor(factor, widths)
     check_options(init, noise_mode, divisor, noise)
     say = progress or (lambda s: None)
@@ -439,7 +445,8 @@ def widen_model_serialized(model: onnx.ModelProto, factor: float | None = 1.41, 
     data = out.SerializeToString() if _io.serialized_size_below(out) else None
     if check and preserving:
         say("verifying in onnxruntime ...")
-        rep = verify(an.model, out if data is None else data, an.specs, batches=batches, seed=seed, atol=atol, rtol=rtol, providers=providers,
+        ref = reference if reference is not None and an.model is model else an.model
+        rep = verify(ref, out if data is None else data, an.specs, batches=batches, seed=seed, atol=atol, rtol=rtol, providers=providers,
                      feeds=an.feeds)
         report.check = rep
         if not rep.passed:

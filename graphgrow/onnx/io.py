@@ -61,6 +61,12 @@ def _external_tensors(model):
             yield t
 
 
+def is_binary_onnx(path: str) -> bool:
+    """Whether ``path`` names a binary (protobuf) ONNX file, the format onnxruntime reads, by its extension."""
+    fmt = onnx.serialization.registry.get_format_from_file_extension(os.path.splitext(os.fspath(path))[1])
+    return fmt in (None, "protobuf")
+
+
 def load_model(path: str, *, check: bool = True) -> onnx.ModelProto:
     """Load and validate an ONNX model (external data resolved inside the model's folder)."""
     path = os.fspath(path)
@@ -69,8 +75,7 @@ def load_model(path: str, *, check: bool = True) -> onnx.ModelProto:
     if os.path.isdir(path):
         raise ModelFileError(f"{path} is a directory, not an ONNX file")
     try:
-        fmt = onnx.serialization.registry.get_format_from_file_extension(os.path.splitext(path)[1])
-        if fmt in (None, "protobuf"):
+        if is_binary_onnx(path):
             with open(path, "rb") as f:
                 data = f.read()
             model = onnx.ModelProto.FromString(data)
