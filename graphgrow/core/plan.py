@@ -155,19 +155,21 @@ def solve_plan(constraints: GrowthConstraints, targets: dict, seed: int = 0) -> 
             class_mult[k] = list(zip(code_sids[lo:hi], code_counts[lo:hi]))
         return class_mult[k]
 
-    counts_cls = np.ones(ncls, dtype=np.int64)
-    width = np.array([sp.size for sp in table.spaces], dtype=np.int64)
+    # (Python ints and lists in the draw loop: one draw per new channel, numpy scalars cost more than the draw)
+    counts_cls = [1] * ncls
+    width = [sp.size for sp in table.spaces]
     for sid in sorted(targets):
         sp = table.spaces[sid]
-        target = targets[sid]
+        target = int(targets[sid])
         chans = sp.chan_ids
-        free = chans[~class_frozen[cls[chans]]]
-        if len(free) == 0:
+        free_cls = cls[chans[~class_frozen[cls[chans]]]].tolist()  # class of each free channel
+        n_free = len(free_cls)
+        if n_free == 0:
             continue
         guard = 0
         while width[sid] < target and guard < 4 * target + 16:
             guard += 1
-            k = cls[free[rng.integers(len(free))]]
+            k = free_cls[rng.integers(n_free)]
             step = dict(mult(k))[sid]
             # ties can make one draw add several channels: stop at the nearest width
             if target - width[sid] < step / 2:
@@ -175,4 +177,4 @@ def solve_plan(constraints: GrowthConstraints, targets: dict, seed: int = 0) -> 
             counts_cls[k] += 1
             for s2, m in mult(k):
                 width[s2] += m
-    return WidenPlan(table, counts_cls[cls], cls)
+    return WidenPlan(table, np.asarray(counts_cls, dtype=np.int64)[cls], cls)
