@@ -384,7 +384,7 @@ def make_session(model, providers=None):
     names = resolve_providers(providers)
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.log_severity_level = 3
+    so.log_severity_level = 4  # (errors come back as exceptions, reported in one line; no log lines)
     if isinstance(model, (str, os.PathLike)):
         path = os.fspath(model)
         if not os.path.isfile(path):

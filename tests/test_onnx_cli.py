@@ -182,3 +182,20 @@ def test_save_large_model_uses_external_data(tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path)) == ["big.onnx", "big.onnx.data"]
     back = gio.load_model(str(tmp_path / "big.onnx"))
     assert len(back.graph.initializer) == len(m.graph.initializer)
+
+
+def test_model_onnxruntime_cannot_run_is_refused_in_one_line(tmp_path):
+    from onnx import TensorProto, helper, numpy_helper
+    import numpy as np
+
+    # passes the checker, but its Reshape asks for the wrong number of elements
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 4, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 5, 16])
+    inits = [numpy_helper.from_array(np.ones((6, 3, 1, 1), np.float32), "w"),
+             numpy_helper.from_array(np.array([1, 5, 16], np.int64), "shape")]
+    g = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["c"]), helper.make_node("Relu", ["c"], ["r"]),
+                           helper.make_node("Reshape", ["r", "shape"], ["y"])], "g", [x], [y], inits)
+    bad = tmp_path / "cannot_run.onnx"
+    bad.write_bytes(helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)]).SerializeToString())
+    msg = _bad(["widen", str(bad), "-o", str(tmp_path / "o.onnx")], tmp_path, bad)
+    assert "onnxruntime cannot run the original model" in msg and "1x3x4x4" in msg

@@ -269,3 +269,29 @@ def test_verification_reads_the_reference_file_when_given(tmp_path):
     # the file, not the in-memory model, is what the widened model is compared with
     with pytest.raises(VerificationError):
         widen_model_serialized(m, 1.5, reference=str(tmp_path / "other.onnx"))
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_channels_last_transposes_and_token_streams(batch):
+    """tf2onnx-style NHWC graphs (Transpose around every conv, a per-channel scale on the last axis) and
+    a token stream (N, T, C) swapped to (T, N, C) and back: order-keeping transposes (batch 1) and
+    reordering ones (batch 2) both widen exactly."""
+    n = [helper.make_node("Transpose", ["x"], ["xc"], perm=[0, 3, 1, 2]),
+         conv("c1", "xc", "w1", "b1", "a", pads=[1, 1, 1, 1]), helper.make_node("Relu", ["a"], ["r"]),
+         helper.make_node("Transpose", ["r"], ["rl"], perm=[0, 2, 3, 1]),
+         helper.make_node("Mul", ["rl", "scale"], ["sl"]),  # per-channel scale, channels last
+         helper.make_node("Reshape", ["sl", "tok_shape"], ["tok"]),  # (N, T, C)
+         helper.make_node("Transpose", ["tok"], ["tn"], perm=[1, 0, 2]),  # (T, N, C)
+         helper.make_node("MatMul", ["tn", "wl"], ["lin"], name="lin"),
+         helper.make_node("Relu", ["lin"], ["lr"]),
+         helper.make_node("Transpose", ["lr"], ["nt"], perm=[1, 0, 2]),  # back to (N, T, C)
+         helper.make_node("ReduceMean", ["nt"], ["pooled"], axes=[1], keepdims=0),
+         helper.make_node("Gemm", ["pooled", "hw", "hb"], ["y"], transB=1, name="head")]
+    inits = [init("w1", W(6, 3, 3, 3)), init("b1", W(6)), init("scale", W(6)),
+             init("tok_shape", np.array([batch, 64, 6], np.int64)), init("wl", W(6, 5)),
+             init("hw", W(4, 5)), init("hb", W(4))]
+    m = make(n, inits, 13, inputs=(("x", [batch, 8, 8, 3]),), out=("y", [batch, 4]))
+    wide, rep = widen_model(m, 1.5)
+    assert rep.check.passed and rep.check.worst.max_rel < 1e-5
+    assert widths(rep)["c1"] == (6, 9) and widths(rep)["lin"] == (5, 8)
+    onnx.checker.check_model(wide)

@@ -17,10 +17,7 @@ from ..compare import DEFAULT_ATOL, DEFAULT_RTOL, make_session, random_feeds
 from ..core import deepen as core
 from ..core.deepen import Insertion, Sign
 from ..errors import InputMismatchError, InvalidArgumentError, VerificationError
-from .engine import _SessionSource, check_rewritten, graph_inputs, input_specs, prepare, verify
-
-_FLOAT_TYPES = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.DOUBLE: np.float64,
-                onnx.TensorProto.FLOAT16: np.float16}
+from .engine import _SessionSource, check_rewritten, count_params, graph_inputs, input_specs, prepare, verify
 
 # ------------------------------------------------------------------------------------------- non-negativity (ONNX)
 
@@ -221,10 +218,6 @@ def probe_values(model: onnx.ModelProto, feeds: dict, names: list, providers=Non
             raise InputMismatchError(f"onnxruntime cannot run the model on inputs of these shapes: {first}") from None
         sess = None
     return dict(zip(names, values))
-
-
-def count_params(model) -> int:
-    return int(sum(np.prod(t.dims) for t in model.graph.initializer if t.data_type in _FLOAT_TYPES))
 
 
 def deepen_model(model: onnx.ModelProto, *, after, block: str = "conv-bn-relu", kernel=3, seed: int = 0,

@@ -384,18 +384,38 @@ def rebuild(model: onnx.ModelProto, run: OnnxLabelRun) -> onnx.ModelProto:
 
 def verify(reference, candidate, specs: dict, *, batches=3, seed=0, atol=DEFAULT_ATOL, rtol=DEFAULT_RTOL,
            providers=None, feeds=None):
-    """Run both models in onnxruntime on the same random batches and compare every output."""
+    """Run both models in onnxruntime on the same random batches and compare every output.
+
+    The original failing to run is bad input (:class:`InputMismatchError`); the rewritten one failing
+    where the original runs is a failed verification (:class:`VerificationError`)."""
+    shapes = ", ".join(f"{name} {'x'.join(str(d) for d in shape)}" for name, (shape, _) in specs.items())
     with _SessionSource(reference) as a, _SessionSource(candidate) as b:
-        s_ref, s_cand = make_session(a, providers), make_session(b, providers)
+        s_ref = make_session(a, providers)
+        try:
+            s_cand = make_session(b, providers)
+        except ModelFileError as exc:
+            raise VerificationError(f"onnxruntime cannot load the rewritten model: {exc}") from None
         names = [o.name for o in s_ref.get_outputs()]
         acc = OutputAccumulator(names, atol, rtol)
         for k in range(batches):
             f = feeds if (k == 0 and feeds is not None) else random_feeds(specs, seed + 1000 + k)
-            acc.add(s_ref.run(None, f), s_cand.run(None, f))
+            try:
+                ref_out = s_ref.run(None, f)
+            except Exception as exc:  # noqa: BLE001 - onnxruntime raises several types
+                raise InputMismatchError(f"onnxruntime cannot run the original model on inputs of shape {shapes} "
+                                         f"(set them with --shape): {_first_line(exc)}") from None
+            try:
+                cand_out = s_cand.run(None, f)
+            except Exception as exc:  # noqa: BLE001
+                raise VerificationError(f"onnxruntime cannot run the rewritten model where the original runs: "
+                                        f"{_first_line(exc)}") from None
+            acc.add(ref_out, cand_out)
         return acc.report("onnxruntime", s_ref.get_providers())
 
 
 def count_params(model) -> int:
+    """Parameters of an ONNX model: the elements of the initializers that parameterized ops (conv, linear,
+    normalization, per-channel scale/shift, PRelu) read as weights; one definition for every report."""
     consts = set()
     for n in model.graph.node:
         if n.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul", "BatchNormalization", "InstanceNormalization",
