@@ -295,3 +295,24 @@ def test_channels_last_transposes_and_token_streams(batch):
     assert rep.check.passed and rep.check.worst.max_rel < 1e-5
     assert widths(rep)["c1"] == (6, 9) and widths(rep)["lin"] == (5, 8)
     onnx.checker.check_model(wide)
+
+
+def test_reference_run_overlaps_and_leaves_no_thread_behind(monkeypatch):
+    import threading
+
+    import graphgrow.onnx.engine as engine
+    from graphgrow.errors import UnsupportedModelError
+
+    n = [conv("c1", "x", "w1", "b1", "a"), helper.make_node("Relu", ["a"], ["r"])]
+    hn, hi = head("r", 6, 17)
+    m = make(n + hn, [init("w1", W(6, 3, 3, 3)), init("b1", W(6))] + hi, 17)
+    _, rep, _ = engine.widen_model_serialized(m, 1.5)
+    assert rep.check.passed and len(rep.check.outputs[0].name) and rep.check.worst.max_rel < 1e-5
+
+    def broken_rebuild(*a, **k):
+        raise UnsupportedModelError("rebuild refused")
+
+    monkeypatch.setattr(engine, "rebuild", broken_rebuild)
+    with pytest.raises(UnsupportedModelError, match="rebuild refused"):
+        engine.widen_model_serialized(m, 1.5)
+    assert not [t for t in threading.enumerate() if t.name == "graphgrow-reference"]

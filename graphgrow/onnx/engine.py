@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
+import threading
 
 import numpy as np
 import onnx
@@ -382,35 +383,79 @@ def rebuild(model: onnx.ModelProto, run: OnnxLabelRun) -> onnx.ModelProto:
     return new
 
 
+class ReferenceRun:
+    """The original model's outputs on the verification batches, computed by onnxruntime in a background
+    thread (onnxruntime releases the GIL while it builds a session and runs it), so that the rewrite and
+    the reference's session build and inference overlap.  :meth:`result` waits for it.
+
+    The batches are ``feeds`` (when given) and then ``random_feeds(specs, seed + 1000 + k)``."""
+
+    def __init__(self, reference, specs: dict, *, batches=3, seed=0, providers=None, feeds=None, background=True):
+        self.reference, self.providers_asked = reference, providers
+        self.batches = [feeds if (k == 0 and feeds is not None) else random_feeds(specs, seed + 1000 + k)
+                        for k in range(batches)]
+        self.shapes = ", ".join(f"{name} {'x'.join(str(d) for d in shape)}" for name, (shape, _) in specs.items())
+        self.names = self.outputs = self.providers = None
+        self._error = None
+        self._thread = threading.Thread(target=self._run, name="graphgrow-reference", daemon=True)
+        if background:
+            self._thread.start()
+        else:
+            self._run()
+
+    def _run(self):
+        try:
+            with _SessionSource(self.reference) as src:
+                sess = make_session(src, self.providers_asked)
+                self.names = [o.name for o in sess.get_outputs()]
+                self.providers = sess.get_providers()
+                outputs = []
+                for f in self.batches:
+                    try:
+                        outputs.append(sess.run(None, f))
+                    except Exception as exc:  # noqa: BLE001 - onnxruntime raises several types
+                        raise InputMismatchError(f"onnxruntime cannot run the original model on inputs of shape "
+                                                 f"{self.shapes} (set them with --shape): {_first_line(exc)}") from None
+                self.outputs = outputs
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller by result()
+            self._error = exc
+
+    def wait(self) -> None:
+        if self._thread.ident is not None:
+            self._thread.join()
+
+    def result(self) -> "ReferenceRun":
+        self.wait()
+        if self._error is not None:
+            raise self._error
+        return self
+
+
 def verify(reference, candidate, specs: dict, *, batches=3, seed=0, atol=DEFAULT_ATOL, rtol=DEFAULT_RTOL,
-           providers=None, feeds=None):
+           providers=None, feeds=None, reference_run: ReferenceRun | None = None):
     """Run both models in onnxruntime on the same random batches and compare every output.
 
-    The original failing to run is bad input (:class:`InputMismatchError`); the rewritten one failing
-    where the original runs is a failed verification (:class:`VerificationError`)."""
-    shapes = ", ".join(f"{name} {'x'.join(str(d) for d in shape)}" for name, (shape, _) in specs.items())
-    with _SessionSource(reference) as a, _SessionSource(candidate) as b:
-        s_ref = make_session(a, providers)
+    ``reference_run``: the reference's outputs already being computed (see :class:`ReferenceRun`; then
+    ``reference``, ``batches``, ``seed`` and ``feeds`` are its).  The original failing to run is bad
+    input (:class:`InputMismatchError`); the rewritten one failing where the original runs is a failed
+    verification (:class:`VerificationError`)."""
+    ref = reference_run or ReferenceRun(reference, specs, batches=batches, seed=seed, providers=providers,
+                                        feeds=feeds, background=False)
+    ref.result()
+    with _SessionSource(candidate) as b:
         try:
             s_cand = make_session(b, providers)
         except ModelFileError as exc:
             raise VerificationError(f"onnxruntime cannot load the rewritten model: {exc}") from None
-        names = [o.name for o in s_ref.get_outputs()]
-        acc = OutputAccumulator(names, atol, rtol)
-        for k in range(batches):
-            f = feeds if (k == 0 and feeds is not None) else random_feeds(specs, seed + 1000 + k)
-            try:
-                ref_out = s_ref.run(None, f)
-            except Exception as exc:  # noqa: BLE001 - onnxruntime raises several types
-                raise InputMismatchError(f"onnxruntime cannot run the original model on inputs of shape {shapes} "
-                                         f"(set them with --shape): {_first_line(exc)}") from None
+        acc = OutputAccumulator(ref.names, atol, rtol)
+        for f, ref_out in zip(ref.batches, ref.outputs):
             try:
                 cand_out = s_cand.run(None, f)
             except Exception as exc:  # noqa: BLE001
                 raise VerificationError(f"onnxruntime cannot run the rewritten model where the original runs: "
                                         f"{_first_line(exc)}") from None
             acc.add(ref_out, cand_out)
-        return acc.report("onnxruntime", s_ref.get_providers())
+        return acc.report("onnxruntime", ref.providers)
 
 
 def count_params(model) -> int:
@@ -455,19 +500,27 @@ def widen_model_serialized(model: onnx.ModelProto, factor: float | None = 1.41, 
     an = OnnxAnalysis(model, shapes, seed)
     targets = widen_targets(an.produced, an.constraints, factor, widths, only, exclude, divisor, what="producer node")
     options = GrowOptions(noise=noise, noise_mode=noise_mode, init=init, seed=seed)
-    say("planning and rewriting ...")
-    plan, run, rounds = grow(an.constraints, targets, seed, lambda p: an.attempt(p, options), an.upstream, say)
-    out = rebuild(an.model, run)
     preserving = init == "net2net" and not (noise > 0 and noise_mode == "paper")
-    report = GrowthReport(space_reports(an.produced, plan, targets), params_before=count_params(an.model),
-                          params_after=count_params(out), function_preserving=preserving, rounds=rounds)
-    check_rewritten(out)  # (no full check: shapes were verified by the label runs)
-    data = out.SerializeToString() if _io.serialized_size_below(out) else None
+    reference_run = None
+    if check and preserving:  # the original's outputs, computed while the rewrite runs
+        ref = reference if reference is not None and an.model is model else an.model
+        reference_run = ReferenceRun(ref, an.specs, batches=batches, seed=seed, providers=providers, feeds=an.feeds)
+    try:
+        say("planning and rewriting ...")
+        plan, run, rounds = grow(an.constraints, targets, seed, lambda p: an.attempt(p, options), an.upstream, say)
+        out = rebuild(an.model, run)
+        report = GrowthReport(space_reports(an.produced, plan, targets), params_before=count_params(an.model),
+                              params_after=count_params(out), function_preserving=preserving, rounds=rounds)
+        check_rewritten(out)  # (no full check: shapes were verified by the label runs)
+        data = out.SerializeToString() if _io.serialized_size_below(out) else None
+    except BaseException:
+        if reference_run is not None:  # no onnxruntime work left running behind a refusal
+            reference_run.wait()
+        raise
     if check and preserving:
         say("verifying in onnxruntime ...")
-        ref = reference if reference is not None and an.model is model else an.model
-        rep = verify(ref, out if data is None else data, an.specs, batches=batches, seed=seed, atol=atol, rtol=rtol, providers=providers,
-                     feeds=an.feeds)
+        rep = verify(None, out if data is None else data, an.specs, atol=atol, rtol=rtol, providers=providers,
+                     reference_run=reference_run)
         report.check = rep
         if not rep.passed:
             w = rep.worst
