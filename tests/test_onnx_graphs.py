@@ -316,3 +316,19 @@ def test_reference_run_overlaps_and_leaves_no_thread_behind(monkeypatch):
     with pytest.raises(UnsupportedModelError, match="rebuild refused"):
         engine.widen_model_serialized(m, 1.5)
     assert not [t for t in threading.enumerate() if t.name == "graphgrow-reference"]
+
+
+def test_transpose_with_the_default_perm():
+    """Transpose without a perm attribute reverses the axes: (1, F) -> (F, 1) -> (1, F) around a linear layer."""
+    n = [helper.make_node("Flatten", ["x"], ["f"]),
+         helper.make_node("Gemm", ["f", "w1", "b1"], ["h"], transB=1, name="fc1"),
+         helper.make_node("Relu", ["h"], ["r"]),
+         helper.make_node("Transpose", ["r"], ["rt"]),  # (1, 7) -> (7, 1)
+         helper.make_node("Mul", ["rt", "scale"], ["s"]),  # a per-feature scale, features on axis 0 here
+         helper.make_node("Transpose", ["s"], ["sb"]),
+         helper.make_node("Gemm", ["sb", "hw", "hb"], ["y"], transB=1, name="head")]
+    inits = [init("w1", W(7, 3 * 8 * 8)), init("b1", W(7)), init("scale", W(7, 1)), init("hw", W(4, 7)),
+             init("hb", W(4))]
+    m = make(n, inits, 13)
+    wide, rep = widen_model(m, 1.5)
+    assert rep.check.passed and rep.check.worst.max_rel < 1e-5 and widths(rep)["fc1"] == (7, 10)

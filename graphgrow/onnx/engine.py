@@ -385,8 +385,9 @@ def rebuild(model: onnx.ModelProto, run: OnnxLabelRun) -> onnx.ModelProto:
 
 class ReferenceRun:
     """The original model's outputs on the verification batches, computed by onnxruntime in a background
-    thread (onnxruntime releases the GIL while it builds a session and runs it), so that the rewrite and
-    the reference's session build and inference overlap.  :meth:`result` waits for it.
+    thread, so that the rewrite overlaps the reference's session build and inference (onnxruntime's C++
+    work runs without the GIL; vit_b_16 widen + check: 6.5 s sequential, 5.2-6.0 s overlapped).
+    :meth:`result` waits for it.
 
     The batches are ``feeds`` (when given) and then ``random_feeds(specs, seed + 1000 + k)``."""
 

@@ -680,7 +680,10 @@ class OnnxLabelRun(sites.LabelRunState):
                 return self._opaque(idx, node, f"could not be replayed on channel labels ({type(exc).__name__})")
             raise self._conflict(idx, node, "cannot be replayed on the widened tensors") from None
         if reshaping:
-            out = _reshaped(x0, np.shape(outs[0]), a.get("perm") if op == "Transpose" else None)
+            perm = None
+            if op == "Transpose":  # (onnx's default perm reverses the axes)
+                perm = a.get("perm") if a.get("perm") is not None else list(range(x0.ndim))[::-1]
+            out = _reshaped(x0, np.shape(outs[0]), perm)
             if out is not None:
                 return [out]
             ins[0] = x0.a  # the channel axis was split or merged: replayed on the labels themselves
@@ -918,8 +921,7 @@ def _reshaped(x: LN, shape, perm=None) -> "LN | None":
     if x.elem is not None:
         return LN.element(shape, *x.elem)
     if perm is not None:
-        perm = list(range(x.ndim))[::-1] if perm is None else [int(p) % x.ndim for p in perm]
-        return LN.factored(shape, perm.index(x.ax), x.part)
+        return LN.factored(shape, [int(p) % x.ndim for p in perm].index(x.ax), x.part)
     n = x.shape[x.ax]
     before, after = int(np.prod(x.shape[:x.ax])), int(np.prod(x.shape[x.ax + 1:]))
     for j, d in enumerate(shape):
