@@ -71,3 +71,54 @@ def test_transposes_that_reorder_elements_are_not_shortcut():
 def test_element_labels_of_empty_tensors_hold_no_channel():
     e = LN.element((0, 3), 5, 1)
     assert len(e.chans) == 0 and e.a.shape == (0, 3)
+
+
+def _check(lab: LN, full: np.ndarray):
+    assert lab.shape == full.shape and np.array_equal(lab.a, full)
+    assert sorted(lab.vary) == varying_axes(full) and np.array_equal(lab.chans, np.unique(full >> 40))
+
+
+CHAIN_SHAPES = st.lists(st.sampled_from([1, 2, 3, 4, 6, 8, 12]), min_size=1, max_size=4).map(tuple).filter(
+    lambda s: int(np.prod(s)) <= 4000)
+
+
+@settings(max_examples=300, deadline=None)
+@given(CHAIN_SHAPES, st.integers(0, 4), st.integers(0, 2**16), st.randoms(use_true_random=False))
+def test_chains_of_moves_on_factored_labels_match_full_labels(shape, axis, salt, rnd):
+    """Reshapes (splitting channel axes: several channel axes), order-keeping transposes and gathers along
+    channel axes, chained: every compact result equals the same moves on the full arrays."""
+    from graphgrow.onnx.labeling import _gathered
+
+    lab = _factored(shape, axis % len(shape), salt)
+    full = np.array(lab.a)
+    for _ in range(4):
+        if lab.ndim == 0:
+            break
+        move = rnd.choice(["reshape", "transpose", "gather", "resalt"])
+        if move == "reshape":
+            targets = _reshape_targets(lab.shape, None)
+            f = lab.factors()
+            splits = [tuple(lab.shape[:c]) + (k, lab.shape[c] // k) + tuple(lab.shape[c + 1:])
+                      for c in (f[0] if f else ()) for k in (2, 3) if lab.shape[c] % k == 0 and lab.shape[c] > k]
+            target = rnd.choice(splits if splits and rnd.random() < 0.5 else targets)  # channel axes split often
+            nxt, want = _reshaped(lab, target), full.reshape(target)
+        elif move == "transpose":
+            perm = list(range(lab.ndim))
+            rnd.shuffle(perm)
+            if not _keeps_order(lab, perm):
+                continue
+            want = np.transpose(full, perm)
+            nxt = _reshaped(lab, want.shape, perm)
+        elif move == "gather":
+            ax = rnd.randrange(lab.ndim)
+            index = np.array(rnd.randrange(-lab.shape[ax], lab.shape[ax])) if rnd.random() < 0.5 else \
+                np.array([rnd.randrange(lab.shape[ax]) for _ in range(rnd.randrange(1, 4))])
+            want = np.take(full, index, axis=ax)
+            nxt = _gathered(lab, ax, index, want.shape) if lab.factors() is not None else None
+        else:
+            s = rnd.randrange(2**16)
+            nxt, want = resalt_labels(lab, s), resalt(full, s)
+        if nxt is None:
+            break  # the adapter falls back to the full labels here
+        _check(nxt, want)
+        lab, full = nxt, want

@@ -19,8 +19,9 @@ from onnx.reference import ReferenceEvaluator
 from ..core import arithmetic as ar
 from ..core import sites
 from ..core.growth import Conflict
-from ..core.labels import (MAX_POSITIONS, SALT_MASK, LabelOverflow, _mix, channel_label_factors, channel_of,
-                           channel_sequence, element_labels, resalt, unique_channels, varying_axes)
+from ..core.labels import (CHAN_SHIFT, MAX_POSITIONS, SALT_MASK, SALT_SHIFT, LabelOverflow, _mix,
+                           channel_label_factors, channel_of, channel_sequence, element_labels, resalt,
+                           unique_channels, varying_axes)
 from ..core.provenance import Mismatch, RowMatch, match_rows
 from ..errors import GraphGrowError
 
@@ -45,16 +46,21 @@ class LN:
     :meth:`element`) is one channel id and one salt over every element, its positions numbering
     the elements in C order (:func:`~graphgrow.core.labels.element_labels`); it is kept as those
     two numbers (``elem``), so elementwise ops and reshapes on it cost nothing.
+
+    A reshape that splits a factored channel axis (attention heads: 3 x 768, 12 x 64) leaves labels
+    factored over several channel axes (:meth:`multi`): ``mpart`` holds the channel-and-salt part over
+    the axes ``cax``, the position grid numbers the other axes in C order. Only moves use this form
+    directly; every other op reads the full array ``a``.
     """
 
-    __slots__ = ("_a", "_shape", "_chans", "_vary", "_like", "part", "ax", "elem")
+    __slots__ = ("_a", "_shape", "_chans", "_vary", "_like", "part", "ax", "elem", "mpart", "cax")
 
     def __init__(self, a: np.ndarray, like: "LN | None" = None):
         self._a = np.ascontiguousarray(a)
         self._shape = self._a.shape
         self._chans = self._vary = None
         self._like = like if like is not None and like.shape == self._shape else None
-        self.part = self.ax = self.elem = None
+        self.part = self.ax = self.elem = self.mpart = self.cax = None
 
     @classmethod
     def element(cls, shape, chan_id: int, salt: int) -> "LN":
@@ -64,6 +70,7 @@ class LN:
             raise LabelOverflow(f"a tensor with {int(np.prod(shape))} elements exceeds the label encoding")
         self = cls.__new__(cls)
         self._a, self._shape, self._like, self.part, self.ax = None, shape, None, None, None
+        self.mpart = self.cax = None
         self.elem = (int(chan_id), int(salt) & SALT_MASK)
         empty = bool(shape) and 0 in shape
         self._chans, self._vary = np.array([] if empty else [chan_id], np.int64), []
@@ -74,8 +81,37 @@ class LN:
         """Labels ``part`` (along ``axis``) | the position grid of ``shape`` (non-empty shapes only)."""
         self = cls.__new__(cls)
         self._a, self._shape, self._chans, self._vary, self._like = None, tuple(shape), None, None, None
-        self.part, self.ax, self.elem = part, axis, None
+        self.part, self.ax, self.elem, self.mpart, self.cax = part, axis, None, None, None
         return self
+
+    @classmethod
+    def multi(cls, shape, cax, mpart: np.ndarray) -> "LN":
+        """Labels ``mpart`` (over the axes ``cax``, in order) | the position grid of the other axes of
+        ``shape``; one channel axis gives :meth:`factored`, none :meth:`element`."""
+        shape, cax = tuple(int(d) for d in shape), tuple(int(c) for c in cax)
+        if len(cax) == 1:
+            return cls.factored(shape, cax[0], np.ascontiguousarray(mpart).reshape(-1))
+        if len(cax) == 0:
+            v = int(np.asarray(mpart).reshape(-1)[0])
+            return cls.element(shape, v >> CHAN_SHIFT, (v >> SALT_SHIFT) & SALT_MASK)
+        self = cls.__new__(cls)
+        self._a, self._shape, self._chans, self._vary, self._like = None, shape, None, None, None
+        self.part = self.ax = self.elem = None
+        self.mpart, self.cax = np.ascontiguousarray(mpart), cax
+        return self
+
+    def factors(self):
+        """``(channel axes, their part)`` of a factored or multi-factored LN, else None."""
+        if self.part is not None:
+            return (self.ax,), self.part
+        if self.mpart is not None:
+            return self.cax, self.mpart
+        return None
+
+    def bpart(self) -> np.ndarray:
+        """The part broadcast to the tensor's rank (size 1 on the position axes)."""
+        cax, part = self.factors()
+        return part.reshape([self._shape[i] if i in cax else 1 for i in range(len(self._shape))])
 
     @classmethod
     def channels(cls, shape, axis: int, chan_ids, salt: int) -> "LN":
@@ -89,6 +125,11 @@ class LN:
     def a(self) -> np.ndarray:
         if self._a is None and self.elem is not None:
             self._a = element_labels(self._shape, *self.elem)
+        if self._a is None and self.mpart is not None:
+            other = [d for i, d in enumerate(self._shape) if i not in self.cax]
+            grid = np.arange(int(np.prod(other)) if other else 1, dtype=np.int64).reshape(
+                [1 if i in self.cax else d for i, d in enumerate(self._shape)])
+            self._a = np.ascontiguousarray(self.bpart() | grid)
         if self._a is None:
             _, grid, _ = channel_label_factors(self._shape, self.ax, np.zeros(len(self.part), np.int64), 0)
             bshape = [-1 if i == self.ax else 1 for i in range(len(self._shape))]
@@ -121,7 +162,8 @@ class LN:
     @property
     def chans(self) -> np.ndarray:
         """Sorted distinct channel ids (``np.unique(channel_of(a))``)."""
-        return self._shared("_chans", lambda n: unique_channels(n.part if n.part is not None else n.a))
+        return self._shared("_chans", lambda n: unique_channels(
+            n.part if n.part is not None else n.mpart if n.mpart is not None else n.a))
 
     @property
     def vary(self) -> list:
@@ -130,6 +172,8 @@ class LN:
             if n.part is not None:
                 c = channel_of(n.part)
                 return [n.ax] if len(c) > 1 and (c != c[0]).any() else []
+            if n.mpart is not None:
+                return [n.cax[k] for k in varying_axes(n.mpart)]
             return [] if n._chans is not None and len(n._chans) <= 1 else varying_axes(n.a)
         return self._shared("_vary", compute)
 
@@ -145,6 +189,8 @@ def same_labels(o, v) -> bool:
         return False
     if o.elem is not None and v.elem is not None:
         return o.elem == v.elem
+    if o.mpart is not None and v.mpart is not None and o.cax == v.cax:
+        return bool(np.array_equal(o.mpart, v.mpart))
     if _factored_alike(o, v):
         return bool(np.array_equal(o.part, v.part))
     return bool(np.array_equal(o.a, v.a))
@@ -166,6 +212,8 @@ def resalt_labels(x: "LN", salt: int) -> "LN":
         return LN.element(x.shape, x.elem[0], int(_mix(np.int64(x.elem[1]), salt)))
     if x.part is not None:
         return LN.factored(x.shape, x.ax, resalt(x.part, salt))
+    if x.mpart is not None:
+        return LN.multi(x.shape, x.cax, resalt(x.mpart, salt))
     return LN(resalt(x.a, salt), like=x)
 
 
@@ -658,14 +706,16 @@ class OnnxLabelRun(sites.LabelRunState):
         x0 = vals[0] if vals and isinstance(vals[0], LN) else None
         # a reshape keeps the C order of the elements: it is replayed on a stand-in of the input's shape
         # (one byte per element), and element labels stay element labels of the new shape
-        reshaping = ((op in RESHAPES or op == "Transpose" and _keeps_order(x0, a.get("perm")))
-                     and x0 is not None and (x0.elem is not None or x0.part is not None))
+        compact = x0 is not None and (x0.elem is not None or x0.factors() is not None)
+        reshaping = compact and (op in RESHAPES or op == "Transpose" and _keeps_order(x0, a.get("perm")))
+        gathering = (op == "Gather" and compact and x0.elem is None and len(vals) > 1
+                     and isinstance(vals[1], np.ndarray) and len(node.output) == 1)
         ins = []
         for k, v in enumerate(vals):
             if v is None:
                 ins.append(None)
             elif isinstance(v, LN):
-                ins.append(np.zeros(v.shape, np.bool_) if k == 0 and reshaping else v.a)
+                ins.append(np.zeros(v.shape, np.bool_) if k == 0 and (reshaping or gathering) else v.a)
             elif op == "Concat":
                 ins.append(self._fixed((idx, "const", k), v.shape).a)  # a constant joined to activations
             else:
@@ -684,11 +734,18 @@ class OnnxLabelRun(sites.LabelRunState):
             if op == "Transpose":  # (onnx's default perm reverses the axes)
                 perm = a.get("perm") if a.get("perm") is not None else list(range(x0.ndim))[::-1]
             out = _reshaped(x0, np.shape(outs[0]), perm)
-            if out is not None:
-                return [out]
-            ins[0] = x0.a  # the channel axis was split or merged: replayed on the labels themselves
-            outs = self._evaluate(run_node, ins, idx)
-        outs = [LN(np.asarray(o)) for o in outs]
+            if out is None:  # a channel axis merged with position axes: replayed on the labels themselves
+                ins[0] = x0.a
+                outs = self._evaluate(run_node, ins, idx)
+            outs = [out if out is not None else np.asarray(outs[0])]
+        elif gathering:
+            # a constant index along a channel axis picks parts; positions are untouched (else the full labels)
+            out = _gathered(x0, int(a.get("axis", 0)) % x0.ndim, ins[1], np.shape(outs[0]))
+            if out is None:
+                ins[0] = x0.a
+                outs = self._evaluate(run_node, ins, idx)
+            outs = [out if out is not None else np.asarray(outs[0])]
+        outs = [o if isinstance(o, LN) else LN(np.asarray(o)) for o in outs]
         if self.analysis and isinstance(vals[0], LN):
             if op in ("Reshape",) and len(outs) == 1:
                 for p, q in _split_axis_ties(vals[0], outs[0]):
@@ -903,31 +960,82 @@ class OnnxLabelRun(sites.LabelRunState):
 
 
 def _keeps_order(x: "LN | None", perm) -> bool:
-    """A transpose that moves only axes of size 1, and the channel axis of factored labels, keeps the order
+    """A transpose that moves only axes of size 1, and the channel axes of factored labels, keeps the order
     of the elements (of the other coordinates, for factored labels): it is a reshape for the labels."""
-    if x is None or (x.elem is None and x.part is None):
+    f = x.factors() if x is not None else None
+    if x is None or (x.elem is None and f is None):
         return False
+    cax = f[0] if f is not None else ()
     perm = list(range(x.ndim))[::-1] if perm is None else [int(p) % x.ndim for p in perm]
-    kept = [p for p in perm if x.shape[p] != 1 and (x.elem is not None or p != x.ax)]
+    kept = [p for p in perm if x.shape[p] != 1 and (x.elem is not None or p not in cax)]
     return kept == sorted(kept)
+
+
+def _blocks(src, dst):
+    """The finest pairing of ``src`` and ``dst`` axes (sizes > 1) into consecutive blocks of equal size
+    that a C-order reshape maps onto each other; None for shapes with a zero."""
+    if 0 in src or 0 in dst:
+        return None
+    si = [k for k, d in enumerate(src) if d != 1]
+    dj = [k for k, d in enumerate(dst) if d != 1]
+    i = j = 0
+    out = []
+    try:
+        while i < len(si) or j < len(dj):
+            a, b, pa, pb = [si[i]], [dj[j]], src[si[i]], dst[dj[j]]
+            i, j = i + 1, j + 1
+            while pa != pb:
+                if pa < pb:
+                    a.append(si[i])
+                    pa, i = pa * src[si[i]], i + 1
+                else:
+                    b.append(dj[j])
+                    pb, j = pb * dst[dj[j]], j + 1
+            out.append((a, b))
+    except IndexError:
+        return None
+    return out
 
 
 def _reshaped(x: LN, shape, perm=None) -> "LN | None":
     """``x`` reshaped (C order) to ``shape`` without building its labels: element labels always; factored
-    labels when the channel axis survives as one axis with the same elements before and after it (the
-    position grid numbers the other coordinates in C order, so it is unchanged); else None.
-    ``perm``: a transpose that :func:`_keeps_order` (the channel axis goes where ``perm`` puts it)."""
+    labels when no block of the reshape mixes channel axes with position axes (the parts reshape within
+    the channel blocks, the position grid within the others, so both keep their C order); else None.
+    ``perm``: a transpose that :func:`_keeps_order` (the channel axes go where ``perm`` puts them)."""
     shape = tuple(int(d) for d in shape)
     if x.elem is not None:
         return LN.element(shape, *x.elem)
+    cax, part = x.factors()
+    part = part.reshape([x.shape[c] for c in cax])
     if perm is not None:
-        return LN.factored(shape, [int(p) % x.ndim for p in perm].index(x.ax), x.part)
-    n = x.shape[x.ax]
-    before, after = int(np.prod(x.shape[:x.ax])), int(np.prod(x.shape[x.ax + 1:]))
-    for j, d in enumerate(shape):
-        if d == n and int(np.prod(shape[:j])) == before and int(np.prod(shape[j + 1:])) == after:
-            return LN.factored(shape, j, x.part)
-    return None
+        perm = [int(p) % x.ndim for p in perm]
+        new_cax = [o for o in range(len(perm)) if perm[o] in cax]
+        return LN.multi(shape, new_cax, np.transpose(part, [cax.index(perm[o]) for o in new_cax]))
+    blocks = _blocks(x.shape, shape)
+    if blocks is None:
+        return None
+    new_cax = []
+    for a, b in blocks:
+        kinds = {k in cax for k in a}
+        if len(kinds) > 1:
+            return None
+        if kinds == {True}:
+            new_cax += b
+    return LN.multi(shape, new_cax, part.reshape([shape[c] for c in new_cax]))
+
+
+def _gathered(x: LN, axis: int, index, shape) -> "LN | None":
+    """Gather of constant ``index`` along channel axis ``axis`` of factored labels: the part is gathered,
+    the position grid of the other axes is unchanged; None when ``axis`` holds positions."""
+    cax, part = x.factors()
+    index = np.asarray(index)
+    n = x.shape[axis]
+    if axis not in cax or index.dtype.kind not in "iu" or index.size == 0 or index.min() < -n or index.max() >= n:
+        return None
+    part = part.reshape([x.shape[c] for c in cax])
+    k, r = cax.index(axis), index.ndim
+    new_cax = [c for c in cax if c < axis] + list(range(axis, axis + r)) + [c + r - 1 for c in cax if c > axis]
+    return LN.multi(shape, new_cax, np.take(part, index.astype(np.int64), axis=k))
 
 
 def _split_axis_ties(x: LN, out: LN) -> list:
@@ -935,7 +1043,7 @@ def _split_axis_ties(x: LN, out: LN) -> list:
     va = out.vary
     if len(va) < 2 or len(x.vary) >= len(va):
         return []
-    chan = channel_of(out.a)
+    chan = channel_of(out.bpart() if out.factors() is not None else out.a)
     idx = tuple(slice(None) if ax in va else 0 for ax in range(out.ndim))
     sub = chan[idx].reshape(-1, chan.shape[va[-1]])
     return [(sub[0], sub[k]) for k in range(1, sub.shape[0])]
