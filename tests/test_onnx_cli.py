@@ -47,6 +47,10 @@ def test_widen_check_inspect_roundtrip(model_file, tmp_path):
     d = json.loads(rep.read_text())
     assert d["params_after"] > 2 * d["params_before"] and d["check"]["outputs"][0]["max_rel"] <= 1e-4
     onnx.checker.check_model(str(out))
+    # written with the permissions of any new file (the atomic write's temporary file is 0600)
+    mask = os.umask(0)
+    os.umask(mask)
+    assert os.stat(out).st_mode & 0o777 == 0o666 & ~mask
     r = cli("check", str(model_file), str(out), "--shape", "image=4x3x32x32")
     assert r.returncode == 0 and "equivalent" in r.stdout
     r = cli("inspect", str(model_file), "--json")

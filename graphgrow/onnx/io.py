@@ -133,6 +133,14 @@ def check_output_path(out: str, inp: str | None = None) -> str:
     return out
 
 
+def _new_file_mode() -> int:
+    """The permissions a plain ``open(path, "w")`` would give a new file (0666 less the umask): the
+    temporary file of an atomic write is created 0600."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def save_model(model: onnx.ModelProto, path: str, data: bytes | None = None) -> list:
     """Write atomically (temporary file + rename); models over 2 GB get a ``.data`` file beside them.
 
@@ -160,10 +168,12 @@ def save_model(model: onnx.ModelProto, path: str, data: bytes | None = None) -> 
                     if e.key == "location":
                         e.value = data_name
             onnx.save_model(m, tmp)
+            os.chmod(tmp_data, _new_file_mode())
             os.replace(tmp_data, os.path.join(folder, data_name))
             written.append(os.path.join(folder, data_name))
         else:
             onnx.save_model(model, tmp)
+        os.chmod(tmp, _new_file_mode())
         os.replace(tmp, path)
     except BaseException:
         for f in (tmp, tmp + ".data"):
