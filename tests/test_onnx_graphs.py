@@ -234,7 +234,7 @@ def test_check_rewritten_checks_structure_without_the_weights():
     with pytest.raises(UnsupportedModelError, match="rewritten model fails the ONNX checker"):
         check_rewritten(broken)
     # the large weights are left out: a weight whose bytes do not match its shape is not what it checks
-    # (written tensors are checked by size where they are made, see _fill_tensor)
+    # (written tensors are complete by construction: _fill_tensor takes dims and bytes from one array)
     bad_bytes = onnx.ModelProto()
     bad_bytes.CopyFrom(m)
     bad_bytes.graph.initializer[0].raw_data = b"\0" * 8

@@ -95,8 +95,13 @@ def split_axis_ties(in_labels: np.ndarray, out_labels: np.ndarray) -> list:
     va = varying_axes(out_labels)
     if len(va) < 2 or len(varying_axes(in_labels)) >= len(va):
         return []
-    chan = channel_of(out_labels)
-    idx = tuple(slice(None) if ax in va else 0 for ax in range(out_labels.ndim))
+    return block_ties(channel_of(out_labels), va)
+
+
+def block_ties(chan: np.ndarray, va: list) -> list:
+    """The blocks of a channel axis split over the axes ``va`` (channel ids ``chan``, any size along the
+    other axes, which are read at 0): the channels of each block, to tie positionwise with the first."""
+    idx = tuple(slice(None) if ax in va else 0 for ax in range(chan.ndim))
     sub = chan[idx].reshape(-1, chan.shape[va[-1]])
     return [(sub[0], sub[k]) for k in range(1, sub.shape[0])]
 

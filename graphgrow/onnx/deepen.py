@@ -13,11 +13,11 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ..compare import DEFAULT_ATOL, DEFAULT_RTOL, make_session, random_feeds
+from ..compare import DEFAULT_ATOL, DEFAULT_RTOL, random_feeds
 from ..core import deepen as core
 from ..core.deepen import Insertion, Sign
-from ..errors import InputMismatchError, InvalidArgumentError, VerificationError
-from .engine import _SessionSource, check_rewritten, count_params, graph_inputs, input_specs, prepare, verify
+from ..errors import InvalidArgumentError, VerificationError
+from .engine import check_rewritten, count_params, graph_inputs, input_specs, prepare, probe_values, verify
 
 # ------------------------------------------------------------------------------------------- non-negativity (ONNX)
 
@@ -195,31 +195,6 @@ def insertion_candidates(model: onnx.ModelProto) -> dict:
     return cands
 
 
-def probe_values(model: onnx.ModelProto, feeds: dict, names: list, providers=None) -> dict:
-    """The values ``names`` take on ``feeds``, from one onnxruntime run with them exposed as outputs."""
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    outs = [o.name for o in probe.graph.output]
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model)
-        types = {vi.name: vi.type.tensor_type.elem_type for vi in inferred.graph.value_info}
-    except Exception:  # noqa: BLE001 - types only help onnxruntime; it accepts undefined ones
-        types = {}
-    for name in names:
-        if name not in outs:
-            probe.graph.output.append(helper.make_tensor_value_info(name, types.get(name, 0), None))
-            outs.append(name)
-    with _SessionSource(probe) as src:
-        sess = make_session(src, providers)
-        try:
-            values = sess.run(names, feeds)
-        except Exception as exc:  # noqa: BLE001
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise InputMismatchError(f"onnxruntime cannot run the model on inputs of these shapes: {first}") from None
-        sess = None
-    return dict(zip(names, values))
-
-
 def deepen_model(model: onnx.ModelProto, *, after, block: str = "conv-bn-relu", kernel=3, seed: int = 0,
                  shapes: dict | None = None, check: bool = True, atol=DEFAULT_ATOL, rtol=DEFAULT_RTOL, batches=3,
                  providers=None, progress=None) -> tuple:
@@ -233,7 +208,7 @@ def deepen_model(model: onnx.ModelProto, *, after, block: str = "conv-bn-relu", 
     specs = input_specs(src, shapes)
     feeds = random_feeds(specs, seed)
     say("reading the shapes at the insertion points ...")
-    values = probe_values(src, feeds, [v for _, v in chosen], providers)
+    values = probe_values(src, feeds, [v for _, v in chosen], providers=providers)
     signs = nonneg_signs(src)
     outputs = {o.name for o in src.graph.output}
     inputs = {i.name for i in graph_inputs(src)}

@@ -22,7 +22,7 @@ from ..core.report import GrowthReport
 from ..core.sites import GrowOptions
 from ..errors import InputMismatchError, InvalidArgumentError, ModelFileError, UnsupportedModelError, VerificationError
 from . import io as _io
-from .labeling import FLOAT_TYPES, LN, OnnxLabelRun
+from .labeling import FLOAT_TYPES, LN, PLAIN_TYPES, OnnxLabelRun
 
 MIN_OPSET = 9
 
@@ -144,8 +144,8 @@ def check_rewritten(model: onnx.ModelProto, what: str = "rewritten") -> None:
 
     The large float weights are left out (:func:`_light_model`), which saves serializing and parsing
     them once more on onnx's C++ side: the ones a rewrite wrote are complete by construction
-    (:func:`_fill_tensor` checks their byte size), the others are the input's, checked when it was
-    loaded.  Works for models over 2 GB too."""
+    (:func:`_fill_tensor` takes their dims and bytes from one array), the others are the input's,
+    checked when it was loaded.  Works for models over 2 GB too."""
     try:
         onnx.checker.check_model(_light_model(model))
     except Exception as exc:  # noqa: BLE001
@@ -205,25 +205,36 @@ def _inferred_shapes(inferred, model, feeds) -> dict:
     return shapes
 
 
-def _probe_shapes(model, feeds, types: dict, wanted) -> dict:
-    """Shapes of ``wanted`` values from one onnxruntime run of the model with them exposed."""
+def _value_types(inferred) -> dict:
+    return {vi.name: vi.type.tensor_type.elem_type for vi in inferred.graph.value_info
+            if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type}
+
+
+def probe_values(model, feeds: dict, names, types: dict | None = None, providers=None) -> dict:
+    """name -> value of every output of one onnxruntime run of ``model`` on ``feeds`` with the values
+    ``names`` exposed as outputs too.  ``types``: their element types (else from onnx shape inference on
+    the model without its large weights; onnxruntime accepts undefined ones)."""
+    if types is None:
+        try:
+            types = _value_types(onnx.shape_inference.infer_shapes(_light_model(model)))
+        except Exception:  # noqa: BLE001 - types only help onnxruntime
+            types = {}
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     outs = {o.name for o in probe.graph.output}
-    for node in probe.graph.node:
-        for name in node.output:
-            if name and name not in outs and name in wanted:
-                probe.graph.output.append(onnx.helper.make_tensor_value_info(name, types.get(name, 0), None))
-                outs.add(name)
+    for name in names:
+        if name and name not in outs:
+            probe.graph.output.append(onnx.helper.make_tensor_value_info(name, types.get(name, 0), None))
+            outs.add(name)
     with _SessionSource(probe) as src:
-        sess = make_session(src)
-        names = [o.name for o in sess.get_outputs()]
+        sess = make_session(src, providers)
+        out_names = [o.name for o in sess.get_outputs()]
         try:
             values = sess.run(None, feeds)
         except Exception as exc:  # noqa: BLE001
             raise InputMismatchError(f"onnxruntime cannot run the model on inputs of these shapes: {_first_line(exc)}") \
                 from None
-    return {n: tuple(np.shape(v)) for n, v in zip(names, values)}
+    return dict(zip(out_names, values))
 
 
 def record_shapes(model, feeds: dict) -> RecordedShapes:
@@ -239,10 +250,11 @@ def record_shapes(model, feeds: dict) -> RecordedShapes:
     missing = {name for node in model.graph.node for name in node.output if name and name not in static}
     if not missing:
         return RecordedShapes(static, None)
-    types = {vi.name: vi.type.tensor_type.elem_type for vi in inferred.graph.value_info
-             if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type}
-    missing_types = {n for n in missing if n in types}  # values without a known type are not tensors we can expose
-    return RecordedShapes(static, lambda: _probe_shapes(model, feeds, types, missing_types))
+    types = _value_types(inferred)
+    # (values without a known type are not tensors we can expose)
+    exposed = [n for node in model.graph.node for n in node.output if n in missing and n in types]
+    return RecordedShapes(static, lambda: {n: tuple(np.shape(v))
+                                           for n, v in probe_values(model, feeds, exposed, types).items()})
 
 
 class OnnxAnalysis:
@@ -290,10 +302,8 @@ class OnnxAnalysis:
         return np.zeros(0, np.int64)
 
 
-_RAW_TYPES = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.DOUBLE: np.float64,
-              onnx.TensorProto.FLOAT16: np.float16, onnx.TensorProto.INT64: np.int64, onnx.TensorProto.INT32: np.int32,
-              onnx.TensorProto.INT16: np.int16, onnx.TensorProto.INT8: np.int8, onnx.TensorProto.UINT8: np.uint8,
-              onnx.TensorProto.UINT16: np.uint16, onnx.TensorProto.BOOL: np.bool_}
+# element types whose raw_data is the numpy array's bytes (little-endian)
+_RAW_TYPES = {t: onnx.helper.tensor_dtype_to_np_dtype(t) for t in PLAIN_TYPES}
 
 
 def _fill_tensor(t, name: str, arr, old, orig) -> None:
@@ -301,13 +311,10 @@ def _fill_tensor(t, name: str, arr, old, orig) -> None:
     arr = np.asarray(arr)
     if old is not None and old.data_type in _RAW_TYPES and sys.byteorder == "little":
         # what numpy_helper.from_array writes, without its intermediate tensor and copy
-        raw = np.ascontiguousarray(arr, dtype=_RAW_TYPES[old.data_type]).tobytes()
-        if len(raw) != arr.size * np.dtype(_RAW_TYPES[old.data_type]).itemsize:  # (check_rewritten relies on it)
-            raise AssertionError(f"tensor {name!r}: {len(raw)} bytes for shape {arr.shape}")
         t.name = name
         t.data_type = old.data_type
-        t.dims.extend(arr.shape)
-        t.raw_data = raw
+        t.dims.extend(arr.shape)  # (dims and bytes from one array: complete by construction)
+        t.raw_data = np.ascontiguousarray(arr, dtype=_RAW_TYPES[old.data_type]).tobytes()
         return
     dtype = numpy_helper.to_array(old).dtype if old is not None else (orig.dtype if orig is not None else arr.dtype)
     t.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(arr.astype(dtype)), name))
@@ -518,7 +525,7 @@ def widen_model_serialized(model: onnx.ModelProto, factor: float | None = 1.41, 
         if reference_run is not None:  # no onnxruntime work left running behind a refusal
             reference_run.wait()
         raise
-    if check and preserving:
+    if reference_run is not None:
         say("verifying in onnxruntime ...")
         rep = verify(None, out if data is None else data, an.specs, atol=atol, rtol=rtol, providers=providers,
                      reference_run=reference_run)

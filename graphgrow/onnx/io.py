@@ -153,10 +153,11 @@ def save_model(model: onnx.ModelProto, path: str, data: bytes | None = None) -> 
     os.close(fd)
     written = [path]
     try:
-        if data is not None and not any(True for _ in _external_tensors(model)):
+        external = any(True for _ in _external_tensors(model))
+        if data is not None and not external:
             with open(tmp, "wb") as f:
                 f.write(data)
-        elif not serialized_size_below(model) or any(True for _ in _external_tensors(model)):
+        elif external or not serialized_size_below(model):
             data_name = os.path.basename(path) + ".data"
             tmp_data = tmp + ".data"
             onnx.save_model(model, tmp, save_as_external_data=True, all_tensors_to_one_file=True,

@@ -56,32 +56,33 @@ class LN:
     __slots__ = ("_a", "_shape", "_chans", "_vary", "_like", "part", "ax", "elem", "mpart", "cax")
 
     def __init__(self, a: np.ndarray, like: "LN | None" = None):
+        self._blank(np.shape(a))
         self._a = np.ascontiguousarray(a)
-        self._shape = self._a.shape
-        self._chans = self._vary = None
         self._like = like if like is not None and like.shape == self._shape else None
+
+    def _blank(self, shape):
+        self._a = self._chans = self._vary = self._like = None
         self.part = self.ax = self.elem = self.mpart = self.cax = None
+        self._shape = tuple(int(d) for d in shape)
 
     @classmethod
     def element(cls, shape, chan_id: int, salt: int) -> "LN":
         """``LN(element_labels(shape, chan_id, salt))`` (``salt``: the 16-bit salt field), built on first use."""
-        shape = tuple(int(d) for d in shape)
-        if (int(np.prod(shape)) if shape else 1) >= MAX_POSITIONS:
-            raise LabelOverflow(f"a tensor with {int(np.prod(shape))} elements exceeds the label encoding")
         self = cls.__new__(cls)
-        self._a, self._shape, self._like, self.part, self.ax = None, shape, None, None, None
-        self.mpart = self.cax = None
+        self._blank(shape)
+        n = int(np.prod(self._shape)) if self._shape else 1
+        if n >= MAX_POSITIONS:
+            raise LabelOverflow(f"a tensor with {n} elements exceeds the label encoding")
         self.elem = (int(chan_id), int(salt) & SALT_MASK)
-        empty = bool(shape) and 0 in shape
-        self._chans, self._vary = np.array([] if empty else [chan_id], np.int64), []
+        self._chans, self._vary = np.array([chan_id] if n else [], np.int64), []
         return self
 
     @classmethod
     def factored(cls, shape, axis: int, part: np.ndarray) -> "LN":
         """Labels ``part`` (along ``axis``) | the position grid of ``shape`` (non-empty shapes only)."""
         self = cls.__new__(cls)
-        self._a, self._shape, self._chans, self._vary, self._like = None, tuple(shape), None, None, None
-        self.part, self.ax, self.elem, self.mpart, self.cax = part, axis, None, None, None
+        self._blank(shape)
+        self.part, self.ax = part, axis
         return self
 
     @classmethod
@@ -95,8 +96,7 @@ class LN:
             v = int(np.asarray(mpart).reshape(-1)[0])
             return cls.element(shape, v >> CHAN_SHIFT, (v >> SALT_SHIFT) & SALT_MASK)
         self = cls.__new__(cls)
-        self._a, self._shape, self._chans, self._vary, self._like = None, shape, None, None, None
-        self.part = self.ax = self.elem = None
+        self._blank(shape)
         self.mpart, self.cax = np.ascontiguousarray(mpart), cax
         return self
 
@@ -125,15 +125,12 @@ class LN:
     def a(self) -> np.ndarray:
         if self._a is None and self.elem is not None:
             self._a = element_labels(self._shape, *self.elem)
-        if self._a is None and self.mpart is not None:
-            other = [d for i, d in enumerate(self._shape) if i not in self.cax]
+        elif self._a is None:  # the part | the C-order position grid of the other axes
+            cax = self.factors()[0]
+            other = [d for i, d in enumerate(self._shape) if i not in cax]
             grid = np.arange(int(np.prod(other)) if other else 1, dtype=np.int64).reshape(
-                [1 if i in self.cax else d for i, d in enumerate(self._shape)])
+                [1 if i in cax else d for i, d in enumerate(self._shape)])
             self._a = np.ascontiguousarray(self.bpart() | grid)
-        if self._a is None:
-            _, grid, _ = channel_label_factors(self._shape, self.ax, np.zeros(len(self.part), np.int64), 0)
-            bshape = [-1 if i == self.ax else 1 for i in range(len(self._shape))]
-            self._a = np.ascontiguousarray(self.part.reshape(bshape) | grid)
         return self._a
 
     @property
@@ -162,18 +159,15 @@ class LN:
     @property
     def chans(self) -> np.ndarray:
         """Sorted distinct channel ids (``np.unique(channel_of(a))``)."""
-        return self._shared("_chans", lambda n: unique_channels(
-            n.part if n.part is not None else n.mpart if n.mpart is not None else n.a))
+        return self._shared("_chans", lambda n: unique_channels(n.factors()[1] if n.factors() else n.a))
 
     @property
     def vary(self) -> list:
         """Axes along which the channel id changes (``varying_axes(a)``)."""
         def compute(n):
-            if n.part is not None:
-                c = channel_of(n.part)
-                return [n.ax] if len(c) > 1 and (c != c[0]).any() else []
-            if n.mpart is not None:
-                return [n.cax[k] for k in varying_axes(n.mpart)]
+            f = n.factors()
+            if f is not None:  # the part's own axes are the channel axes, in order
+                return [f[0][k] for k in varying_axes(f[1])]
             return [] if n._chans is not None and len(n._chans) <= 1 else varying_axes(n.a)
         return self._shared("_vary", compute)
 
@@ -210,10 +204,9 @@ def resalt_labels(x: "LN", salt: int) -> "LN":
     """``LN(resalt(x.a, salt))`` (the salt lives in the factored part, or in ``elem``)."""
     if x.elem is not None:
         return LN.element(x.shape, x.elem[0], int(_mix(np.int64(x.elem[1]), salt)))
-    if x.part is not None:
-        return LN.factored(x.shape, x.ax, resalt(x.part, salt))
-    if x.mpart is not None:
-        return LN.multi(x.shape, x.cax, resalt(x.mpart, salt))
+    f = x.factors()
+    if f is not None:
+        return LN.multi(x.shape, f[0], resalt(f[1], salt))
     return LN(resalt(x.a, salt), like=x)
 
 
@@ -238,9 +231,10 @@ REDUCE = {"ReduceMean", "ReduceMax", "ReduceMin", "ReduceSum", "ReduceL1", "Redu
           "ReduceProd", "ReduceSumSquare", "ReduceLogSum"}
 MIX = {"GroupNormalization", "LRN", "LpNormalization", "MeanVarianceNormalization"}
 SOFTMAX = {"Softmax", "LogSoftmax", "Hardmax"}
-_PLAIN_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.INT64,
-                onnx.TensorProto.INT32, onnx.TensorProto.INT16, onnx.TensorProto.INT8, onnx.TensorProto.UINT8,
-                onnx.TensorProto.BOOL}
+# element types numpy holds as they are (no bfloat16, float8, 4-bit or string)
+PLAIN_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.INT64,
+               onnx.TensorProto.INT32, onnx.TensorProto.INT16, onnx.TensorProto.INT8, onnx.TensorProto.UINT16,
+               onnx.TensorProto.UINT8, onnx.TensorProto.BOOL}
 FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
 
 
@@ -496,7 +490,7 @@ class OnnxLabelRun(sites.LabelRunState):
             if op == "Identity" and len(vals) == 1 and isinstance(vals[0], np.ndarray):
                 out = [vals[0]]  # (no evaluator needed)
             elif (op == "Constant" and len(node.attribute) == 1 and node.attribute[0].name == "value"
-                  and node.attribute[0].t.data_type in _PLAIN_TYPES and not node.attribute[0].t.external_data):
+                  and node.attribute[0].t.data_type in PLAIN_TYPES and not node.attribute[0].t.external_data):
                 out = [numpy_helper.to_array(node.attribute[0].t)]
             else:
                 out = self._evaluate(node, vals, idx)
@@ -707,7 +701,10 @@ class OnnxLabelRun(sites.LabelRunState):
         # a reshape keeps the C order of the elements: it is replayed on a stand-in of the input's shape
         # (one byte per element), and element labels stay element labels of the new shape
         compact = x0 is not None and (x0.elem is not None or x0.factors() is not None)
-        reshaping = compact and (op in RESHAPES or op == "Transpose" and _keeps_order(x0, a.get("perm")))
+        perm = None
+        if op == "Transpose" and compact:  # (onnx's default perm reverses the axes)
+            perm = [int(p) % x0.ndim for p in a["perm"]] if a.get("perm") is not None else list(range(x0.ndim))[::-1]
+        reshaping = compact and (op in RESHAPES or perm is not None and _keeps_order(x0, perm))
         gathering = (op == "Gather" and compact and x0.elem is None and len(vals) > 1
                      and isinstance(vals[1], np.ndarray) and len(node.output) == 1)
         ins = []
@@ -729,22 +726,15 @@ class OnnxLabelRun(sites.LabelRunState):
             if self.analysis:
                 return self._opaque(idx, node, f"could not be replayed on channel labels ({type(exc).__name__})")
             raise self._conflict(idx, node, "cannot be replayed on the widened tensors") from None
-        if reshaping:
-            perm = None
-            if op == "Transpose":  # (onnx's default perm reverses the axes)
-                perm = a.get("perm") if a.get("perm") is not None else list(range(x0.ndim))[::-1]
-            out = _reshaped(x0, np.shape(outs[0]), perm)
-            if out is None:  # a channel axis merged with position axes: replayed on the labels themselves
+        if reshaping or gathering:
+            # the stand-in gave the output shape; a gather of constant indices along a channel axis picks parts
+            out = (_reshaped(x0, np.shape(outs[0]), perm) if reshaping
+                   else _gathered(x0, int(a.get("axis", 0)) % x0.ndim, ins[1], np.shape(outs[0])))
+            if out is None:  # the compact form does not survive (channel and position axes mix): full labels
                 ins[0] = x0.a
                 outs = self._evaluate(run_node, ins, idx)
-            outs = [out if out is not None else np.asarray(outs[0])]
-        elif gathering:
-            # a constant index along a channel axis picks parts; positions are untouched (else the full labels)
-            out = _gathered(x0, int(a.get("axis", 0)) % x0.ndim, ins[1], np.shape(outs[0]))
-            if out is None:
-                ins[0] = x0.a
-                outs = self._evaluate(run_node, ins, idx)
-            outs = [out if out is not None else np.asarray(outs[0])]
+            else:
+                outs = [out]
         outs = [o if isinstance(o, LN) else LN(np.asarray(o)) for o in outs]
         if self.analysis and isinstance(vals[0], LN):
             if op in ("Reshape",) and len(outs) == 1:
@@ -959,15 +949,12 @@ class OnnxLabelRun(sites.LabelRunState):
         return [LN.channels(out_shape, 1, self.plan.new_chan_ids(space), self._salt(idx))]
 
 
-def _keeps_order(x: "LN | None", perm) -> bool:
-    """A transpose that moves only axes of size 1, and the channel axes of factored labels, keeps the order
-    of the elements (of the other coordinates, for factored labels): it is a reshape for the labels."""
-    f = x.factors() if x is not None else None
-    if x is None or (x.elem is None and f is None):
-        return False
-    cax = f[0] if f is not None else ()
-    perm = list(range(x.ndim))[::-1] if perm is None else [int(p) % x.ndim for p in perm]
-    kept = [p for p in perm if x.shape[p] != 1 and (x.elem is not None or p not in cax)]
+def _keeps_order(x: LN, perm: list) -> bool:
+    """A transpose (``perm``: non-negative axes) of element or factored labels that moves only axes of size 1,
+    and the channel axes of factored labels, keeps the order of the elements (of the other coordinates, for
+    factored labels): it is a reshape for the labels."""
+    cax = x.factors()[0] if x.elem is None else ()
+    kept = [p for p in perm if x.shape[p] != 1 and p not in cax]
     return kept == sorted(kept)
 
 
@@ -1001,14 +988,14 @@ def _reshaped(x: LN, shape, perm=None) -> "LN | None":
     """``x`` reshaped (C order) to ``shape`` without building its labels: element labels always; factored
     labels when no block of the reshape mixes channel axes with position axes (the parts reshape within
     the channel blocks, the position grid within the others, so both keep their C order); else None.
-    ``perm``: a transpose that :func:`_keeps_order` (the channel axes go where ``perm`` puts them)."""
+    ``perm`` (non-negative axes): a transpose that :func:`_keeps_order` (the channel axes go where it puts
+    them)."""
     shape = tuple(int(d) for d in shape)
     if x.elem is not None:
         return LN.element(shape, *x.elem)
     cax, part = x.factors()
     part = part.reshape([x.shape[c] for c in cax])
     if perm is not None:
-        perm = [int(p) % x.ndim for p in perm]
         new_cax = [o for o in range(len(perm)) if perm[o] in cax]
         return LN.multi(shape, new_cax, np.transpose(part, [cax.index(perm[o]) for o in new_cax]))
     blocks = _blocks(x.shape, shape)
@@ -1043,10 +1030,7 @@ def _split_axis_ties(x: LN, out: LN) -> list:
     va = out.vary
     if len(va) < 2 or len(x.vary) >= len(va):
         return []
-    chan = channel_of(out.bpart() if out.factors() is not None else out.a)
-    idx = tuple(slice(None) if ax in va else 0 for ax in range(out.ndim))
-    sub = chan[idx].reshape(-1, chan.shape[va[-1]])
-    return [(sub[0], sub[k]) for k in range(1, sub.shape[0])]
+    return sites.block_ties(channel_of(out.bpart() if out.factors() is not None else out.a), va)
 
 
 def _read_only(arr: np.ndarray) -> np.ndarray:
