@@ -107,3 +107,17 @@ def test_core_does_not_import_torch():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     r = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+
+
+def test_resalt_never_keeps_a_salt():
+    """An op's result never compares equal to its input: the salt mix has no fixed point, for any op salt
+    (checked for every 16-bit input salt and 512 op salts, plus the salts hypothesis once found)."""
+    from graphgrow.core.labels import SALT_MASK, _mix
+
+    old = np.arange(SALT_MASK + 1, dtype=np.int64)
+    for salt in list(range(512)) + [277, 2**16 - 1, 2**16, 123457]:
+        new = _mix(old, salt)
+        assert not (new == old).any()
+        assert len(np.unique(new)) == SALT_MASK + 1  # still a bijection: distinct contents stay distinct
+    lab = element_labels((2, 3), 5, 276)
+    assert not np.array_equal(resalt(lab, 277), lab)

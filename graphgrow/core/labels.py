@@ -89,7 +89,10 @@ _SALTS = np.arange(SALT_MASK + 1, dtype=np.int64)
 
 
 def _mix(old, salt: int):
-    return (old * np.int64(40503) + np.int64(salt * 2654435761 % (SALT_MASK + 1)) + np.int64(1)) & SALT_MASK
+    # old * a + b (mod 2**16) with a odd, a bijection, and b odd: old * (a - 1) is even and b is not, so no
+    # salt is a fixed point and an op's result never carries its input's salt (with an even b, half of
+    # the op salts left two input salts unchanged)
+    return (old * np.int64(40503) + np.int64((salt * 2654435761 * 2 + 1) % (SALT_MASK + 1))) & SALT_MASK
 
 
 def _salt_field(labels: np.ndarray) -> np.ndarray:
