@@ -30,7 +30,7 @@ import onnx  # noqa: E402
 import torch  # noqa: E402
 
 import graphgrow  # noqa: E402
-import models  # noqa: E402
+from graphgrow import models  # noqa: E402
 from graphgrow.onnx.deepen import deepen_model  # noqa: E402
 
 # (model, input size): [(block, fx `after`, ONNX `after`, kernel)]

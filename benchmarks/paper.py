@@ -382,12 +382,12 @@ def train(model, data, cfg: Config, steps: int, seed: int) -> Dict:
 # --------------------------------------------------------------------------- models and growth
 
 def narrow_teacher():
-    from models import inception_bn
+    from graphgrow.models import inception_bn
     return inception_bn(width_mult=0.55, in_channels=1, num_classes=10)
 
 
 def standard_net():
-    from models import inception_bn
+    from graphgrow.models import inception_bn
     return inception_bn(width_mult=1.0, in_channels=1, num_classes=10)
 
 

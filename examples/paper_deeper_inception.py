@@ -20,7 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import graphgrow  # noqa: E402
-import models  # noqa: E402
+from graphgrow import models  # noqa: E402
 
 torch.manual_seed(0)
 teacher = models.inception_bn(factorized=True).eval()   # in real use: your trained teacher

@@ -23,10 +23,7 @@ def cmd_demo(args) -> int:
     """Widen a bundled zoo model and verify it in onnxruntime."""
     import torch
 
-    try:
-        import models
-    except ImportError:
-        raise GraphGrowError("the model zoo (package 'models') is not importable; run from the repository") from None
+    from . import models
     from . import api
     from .verify import check
 
@@ -60,7 +57,7 @@ def cmd_demo(args) -> int:
 
 
 def cmd_zoo(args) -> int:
-    import models
+    from . import models
 
     for name, e in models.ZOO.items():
         print(f"{name:22s} input {str(e.input_shape):18s} {e.description}")

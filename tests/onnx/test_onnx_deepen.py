@@ -8,16 +8,17 @@ import sys
 import numpy as np
 import onnx
 import pytest
-import torch
+
+torch = pytest.importorskip("torch", reason="exports its test models with torch")
 from onnx import TensorProto, helper, numpy_helper
 
-import models
+from graphgrow import models
 from graphgrow.compare import make_session
 from graphgrow.onnx.deepen import deepen_model, nonneg_signs
 from graphgrow.onnx.engine import widen_model
 from test_onnx_models import export
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _cli(*args):

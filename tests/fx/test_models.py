@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import graphgrow
-import models
+from graphgrow import models
 from helpers import widen_and_compare
 
 TV = ["resnet18", "resnext50_32x4d", "googlenet", "inception_v3", "densenet121", "mobilenet_v2",

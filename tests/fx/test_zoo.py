@@ -12,12 +12,12 @@ import torch
 import torch.fx
 import torch.nn as nn
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
-import models  # noqa: E402
-from models import ZOO, example_inputs  # noqa: E402
+from graphgrow import models  # noqa: E402
+from graphgrow.models import ZOO, example_inputs  # noqa: E402
 
 EXPECTED_KEYS = {
     "inception_bn", "inception_bn_narrow", "resnet_small", "densenet_small",

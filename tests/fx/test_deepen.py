@@ -9,7 +9,7 @@ import torch.nn as nn
 import torchvision
 
 import graphgrow
-import models
+from graphgrow import models
 from graphgrow.core.deepen import activation_stats, identity_bn, identity_conv_weight, parse_kernel
 from graphgrow.fx.deepen import nonneg_signs
 from graphgrow.fx.trace import trace_module

@@ -17,7 +17,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from graphgrow.onnx import checkcmd
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ pytest.importorskip("matplotlib", reason="needs the paper extra: pip install -e 
 
 import torch  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPT = os.path.join(ROOT, "benchmarks", "paper.py")
 
 
