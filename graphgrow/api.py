@@ -8,7 +8,7 @@ from .core.report import GrowthReport
 from .errors import InvalidArgumentError, VerificationError
 from .core.growth import check_factor, check_options, space_reports, widen_targets
 from .fx.engine import Analysis, count_params, plan_and_apply, rebuild
-from .fx.labeling import RunOptions
+from .core.sites import GrowOptions
 from .core.plan import WidenPlan
 
 VERIFY = ("torch", "onnxruntime", "none")
@@ -42,7 +42,7 @@ def widen(model: nn.Module, factor: float | None = 1.41, *, example_inputs, widt
         raise InvalidArgumentError(f"verify must be one of {VERIFY}, not {verify!r}")
     an = Analysis(model, example_inputs)
     targets = widen_targets(an.produced, an.constraints, factor, widths, only, exclude, divisor)
-    options = RunOptions(noise=noise, noise_mode=noise_mode, init=init, seed=seed)
+    options = GrowOptions(noise=noise, noise_mode=noise_mode, init=init, seed=seed)
     plan, run, rounds = plan_and_apply(an, targets, options, seed, progress)
     result = rebuild(an, run)
     preserving = init == "net2net" and not (noise > 0 and noise_mode == "paper")

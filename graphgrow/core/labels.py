@@ -88,7 +88,7 @@ def element_labels(shape, chan_id: int, salt: int) -> np.ndarray:
 _SALTS = np.arange(SALT_MASK + 1, dtype=np.int64)
 
 
-def _mix(old, salt: int):
+def mix_salt(old, salt: int):
     # old * a + b (mod 2**16) with a odd, a bijection, and b odd: old * (a - 1) is even and b is not, so no
     # salt is a fixed point and an op's result never carries its input's salt (with an even b, half of
     # the op salts left two input salts unchanged)
@@ -112,11 +112,11 @@ def resalt(labels: np.ndarray, salt: int) -> np.ndarray:
     out = np.array(labels, dtype=np.int64, copy=True, order="C")
     if out.size and sys.byteorder == "little" and SALT_SHIFT % 8 == 0 and CHAN_SHIFT - SALT_SHIFT == 16:
         field = _salt_field(out)
-        field[...] = _mix(_SALTS, salt).astype(np.uint16)[field]
+        field[...] = mix_salt(_SALTS, salt).astype(np.uint16)[field]
         return out
     keep = ~np.int64(SALT_MASK << SALT_SHIFT)
     old = (labels >> SALT_SHIFT) & SALT_MASK
-    return (labels & keep) | (_mix(old, salt) << SALT_SHIFT)
+    return (labels & keep) | (mix_salt(old, salt) << SALT_SHIFT)
 
 
 def unique_channels(labels: np.ndarray) -> np.ndarray:

@@ -10,10 +10,13 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.utils._pytree import tree_flatten, tree_map
 
-from ..core.labels import LabelOverflow, channel_of
+from ..core.labels import LabelOverflow
+from ..core.relations import free_upstream
+from ..core.sites import GrowOptions
 from ..core.growth import grow
+from ..core.label_tensor import LabelTensor
 from ..errors import InputMismatchError, InvalidArgumentError
-from .labeling import LabelRun, RunOptions, TensorMeta
+from .labeling import FxLabelRun, TensorMeta
 from .trace import trace_module
 
 
@@ -81,7 +84,7 @@ class Analysis:
                 raise InputMismatchError(f"the example inputs do not fit the model: {msg}") from None
         self.meta = rec.meta
         try:
-            self.run = LabelRun(self.gm, self.meta).run(self.inputs)
+            self.run = FxLabelRun(self.gm, self.meta).run(self.inputs)
         except LabelOverflow as exc:
             raise InvalidArgumentError(f"example inputs too large for the analysis ({exc}); use a smaller input") from None
         self.table = self.run.table
@@ -89,34 +92,16 @@ class Analysis:
         self.produced = self.table.produced()
 
 
-def _ancestor_chans(run: LabelRun, node, frozen) -> np.ndarray:
-    """Channels upstream of ``node`` that are still free (to escalate a conflict)."""
-    seen, todo = set(), list(node.all_input_nodes)
-    while todo:
-        n = todo.pop()
-        if n in seen:
-            continue
-        seen.add(n)
-        chans = []
-        for x in tree_flatten(run.old.get(n))[0]:
-            if hasattr(x, "np"):
-                chans.append(np.unique(channel_of(x.np)))
-        if chans:
-            c = np.unique(np.concatenate(chans))
-            free = c[~frozen[c]]
-            if len(free):
-                return free
-        todo.extend(n.all_input_nodes)
-    return np.zeros(0, np.int64)
-
-
-def plan_and_apply(an: Analysis, targets: dict, options: RunOptions, seed: int, progress=None):
+def plan_and_apply(an: Analysis, targets: dict, options: GrowOptions, seed: int, progress=None):
     def attempt(plan):
-        run = LabelRun(an.gm, an.meta, plan=plan, analysis=an.run, options=options)
+        run = FxLabelRun(an.gm, an.meta, plan=plan, analysis=an.run, options=options)
         return run.run(an.inputs)
 
     def upstream(conflict, frozen):
-        return _ancestor_chans(an.run, conflict.node, frozen)
+        def labels_of(n):
+            return [x for x in tree_flatten(an.run.env.get(n))[0] if isinstance(x, LabelTensor)]
+
+        return free_upstream(list(conflict.node.all_input_nodes), lambda n: n.all_input_nodes, labels_of, frozen)
 
     return grow(an.constraints, targets, seed, attempt, upstream, progress)
 
@@ -130,7 +115,7 @@ def _set_tensor(mod: nn.Module, name: str, value: np.ndarray):
         mod._buffers[name] = new
 
 
-def rebuild(an: Analysis, run: LabelRun) -> nn.Module:
+def rebuild(an: Analysis, run: FxLabelRun) -> nn.Module:
     """Deep copy of the user's model with resized layers (a GraphModule if constants changed)."""
     memo = {}
     new_model = copy.deepcopy(an.model, memo)

@@ -22,7 +22,10 @@ from ..core.report import GrowthReport
 from ..core.sites import GrowOptions
 from ..errors import InputMismatchError, InvalidArgumentError, ModelFileError, UnsupportedModelError, VerificationError
 from . import io as _io
-from .labeling import FLOAT_TYPES, LN, PLAIN_TYPES, OnnxLabelRun
+from ..core.label_tensor import LabelTensor
+from ..core.relations import free_upstream
+from .labeling import OnnxLabelRun
+from .ops import FLOAT_TYPES, PLAIN_TYPES
 
 MIN_OPSET = 9
 
@@ -280,26 +283,16 @@ class OnnxAnalysis:
         """Free channels feeding the conflicting node, walking up the graph."""
         if conflict.node is None:
             return np.zeros(0, np.int64)
-        idx, node = conflict.node
-        producers = {}
-        for i, n in enumerate(self.model.graph.node):
-            for o in n.output:
-                producers[o] = n
-        seen, todo = set(), list(node.input)
-        while todo:
-            name = todo.pop()
-            if name in seen or not name:
-                continue
-            seen.add(name)
-            v = self.run.env.get(name)
-            if isinstance(v, LN):
-                c = v.chans
-                free = c[~frozen[c]]
-                if len(free):
-                    return free
-            if name in producers:
-                todo.extend(producers[name].input)
-        return np.zeros(0, np.int64)
+        producers = {o: n for n in self.model.graph.node for o in n.output}
+
+        def parents(name):
+            return list(producers[name].input) if name in producers else []
+
+        def labels_of(name):
+            v = self.run.env.get(name) if name else None
+            return [v] if isinstance(v, LabelTensor) else []
+
+        return free_upstream(list(conflict.node[1].input), parents, labels_of, frozen)
 
 
 # element types whose raw_data is the numpy array's bytes (little-endian)

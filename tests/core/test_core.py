@@ -112,7 +112,7 @@ def test_core_does_not_import_torch():
 def test_resalt_never_keeps_a_salt():
     """An op's result never compares equal to its input: the salt mix has no fixed point, for any op salt
     (checked for every 16-bit input salt and 512 op salts, plus the salts hypothesis once found)."""
-    from graphgrow.core.labels import SALT_MASK, _mix
+    from graphgrow.core.labels import SALT_MASK, mix_salt as _mix
 
     old = np.arange(SALT_MASK + 1, dtype=np.int64)
     for salt in list(range(512)) + [277, 2**16 - 1, 2**16, 123457]:

@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from graphgrow.core.labels import element_labels, resalt, varying_axes
-from graphgrow.onnx.labeling import LN, _keeps_order, _reshaped, resalt_labels, same_labels
+from graphgrow.core.label_tensor import LabelTensor as LN, keeps_order as _keeps_order, reshaped as _reshaped, resalt_labels, same_labels
 
 SHAPES = st.lists(st.sampled_from([1, 1, 2, 3, 4]), min_size=1, max_size=5).map(tuple)
 
@@ -87,7 +87,7 @@ CHAIN_SHAPES = st.lists(st.sampled_from([1, 2, 3, 4, 6, 8, 12]), min_size=1, max
 def test_chains_of_moves_on_factored_labels_match_full_labels(shape, axis, salt, rnd):
     """Reshapes (splitting channel axes: several channel axes), order-keeping transposes and gathers along
     channel axes, chained: every compact result equals the same moves on the full arrays."""
-    from graphgrow.onnx.labeling import _gathered
+    from graphgrow.core.label_tensor import gathered as _gathered
 
     lab = _factored(shape, axis % len(shape), salt)
     full = np.array(lab.a)

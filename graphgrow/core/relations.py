@@ -1,0 +1,362 @@
+"""The relations of GROWTH.md §2, written once for every frontend.
+
+A frontend (torch.fx, ONNX) walks its graph with :class:`~graphgrow.core.label_tensor.LabelTensor`
+values in place of activations and, for each op, calls one relation of :class:`RelationRun`:
+
+* ``produce`` (conv, linear, matmul with a constant): a new channel space; the input is consumed;
+* ``carry`` / ``depthwise`` (BN, per-channel constants, depthwise conv): same channels, parameters
+  gathered;
+* ``grouped`` (grouped conv): groups widen inside themselves (tied blockwise);
+* ``unify`` (add, mul, max, ...): the operands' channels are tied elementwise;
+* ``pool`` / ``reduce``: per-channel ops that change the other axes;
+* ``mix`` (norms and reductions across channels) and ``opaque`` (anything not understood): the channels
+  freeze, with the op named;
+* moves are executed by the frontend on the labels; ``reshape_ties``, ``equal_piece_ties``,
+  ``axis_source`` and ``remap_bound`` are the rules they need.
+
+In the analysis run (no plan) relations create spaces, ties and freezes; in an apply run (with a plan)
+they check every reading site against the analysis and return the new weights, or raise
+:class:`~graphgrow.core.growth.Conflict`.  The frontend only reads and writes parameters, names sites and
+maps its ops to these relations (its ``ops`` module).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import arithmetic as ar
+from . import sites
+from .growth import Conflict
+from .label_tensor import LabelTensor, factored_alike, label_channel_ids, match_labels, resalt_labels, same_labels
+from .labels import channel_of
+from .provenance import Mismatch, RowMatch
+
+
+class NotUnderstood(Exception):
+    """A relation cannot be applied to this op as it is used here: the op is treated as opaque."""
+
+
+class RelationRun(sites.LabelRunState):
+    """One label run of a graph. Frontends subclass it and provide the five hooks below."""
+
+    # ------------------------------------------------------------ frontend hooks
+    def site(self, node) -> str:
+        """One phrase naming the op, for reports (``module 'layer1.0.conv1' (Conv2d)``)."""
+        raise NotImplementedError
+
+    def node_key(self, node):
+        """A hashable key of the node, stable between the analysis and the apply runs."""
+        raise NotImplementedError
+
+    def salt(self, node) -> int:
+        raise NotImplementedError
+
+    def input_pairs(self, node) -> list:
+        """``[(original labels or None, current labels)]`` of every label tensor the node reads."""
+        raise NotImplementedError
+
+    def fixed_outputs(self, node):
+        """Outputs without channel structure (element labels), in the frontend's form."""
+        raise NotImplementedError
+
+    def old_outputs(self, node):
+        """The node's outputs in the original run, in the frontend's form."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------ sites
+    def conflict(self, node, reason: str) -> Conflict:
+        chans = [old.chans for old, _ in self.input_pairs(node) if old is not None]
+        chans = np.unique(np.concatenate(chans)) if chans else np.zeros(0, np.int64)
+        return Conflict(node, chans, f"{self.site(node)}: {reason}")
+
+    def match(self, node, old: LabelTensor, new: LabelTensor, axis: int, what: str = "input") -> RowMatch | None:
+        """New rows matched to old along ``axis``; None when the input is unchanged."""
+        if same_labels(old, new):
+            return None
+        try:
+            return match_labels(old, new, axis, what)
+        except Mismatch as exc:
+            raise self.conflict(node, str(exc)) from None
+
+    def require_unchanged(self, node) -> None:
+        for old, new in self.input_pairs(node):
+            if not same_labels(old, new):
+                raise self.conflict(node, "its input changed but the op must keep it as it is")
+
+    def note_roles(self, x: LabelTensor, role: str, name: str) -> None:
+        if self.analysis:
+            for sp in self.table.spaces_of(x.chans):
+                sp.add_role(role, name)
+
+    def out_space(self, node, name: str, size: int):
+        key = self.node_key(node)
+        if self.analysis:
+            sp = self.table.new_space(name, size, "produced")
+            sp.add_role("producer", name)
+            self.node_space[key] = sp
+        return self.node_space[key]
+
+    # ------------------------------------------------------------ relations without weights
+    def elementwise(self, node, x: LabelTensor) -> LabelTensor:
+        return resalt_labels(x, self.salt(node))
+
+    def opaque(self, node, reason: str):
+        """Not understood: its input channels freeze (analysis); it must see the original (apply)."""
+        if self.analysis:
+            self.opaque_nodes.add(self.node_key(node))
+            for _, x in self.input_pairs(node):
+                self.constraints.freeze(x.chans, f"{self.site(node)}: {reason}")
+            return self.fixed_outputs(node)
+        self.require_unchanged(node)
+        return self.old_outputs(node)
+
+    def mix(self, node, x: LabelTensor, why: str):
+        """An op that mixes the channels of ``x`` (a norm or reduction across them): they freeze."""
+        if self.analysis:
+            self.constraints.freeze(x.chans, f"{self.site(node)}: {why} (mixes channels)")
+            return self.fixed_outputs(node)
+        self.require_unchanged(node)
+        return self.old_outputs(node)
+
+    def mixes(self, x: LabelTensor, old_x: LabelTensor, axes) -> bool:
+        """Whether an op acting along ``axes`` (non-negative) reads across channels."""
+        return bool(set(axes) & set((x if self.analysis else old_x).vary))
+
+    def pool(self, node, x: LabelTensor, old_x: LabelTensor, shape) -> LabelTensor:
+        """Per-channel op on axis 1 that may change the other axes (pooling, interpolation, padding)."""
+        seq = label_channel_ids(x, 1)
+        old_c = (x if self.analysis else old_x).shape[1]
+        if seq is None or shape is None or len(shape) != x.ndim or shape[1] != old_c:
+            raise NotUnderstood("its input channels are not on axis 1, or one channel id holds different contents")
+        return LabelTensor.channels((shape[0], x.shape[1]) + tuple(shape[2:]), 1, seq, self.salt(node))
+
+    def reduce(self, node, x: LabelTensor, old_x: LabelTensor, axes, keepdims: bool):
+        """A reduction over ``axes`` (non-negative): per channel when no channel axis is reduced."""
+        if self.mixes(x, old_x, axes):
+            return self.mix(node, x, "reduces over the channel axis")
+        f = x.factors()
+        if f is not None and not set(axes) & set(f[0]):
+            kept = [d for i, d in enumerate(x.shape) if i not in axes or keepdims]
+            shape = [1 if i in axes else d for i, d in enumerate(x.shape)] if keepdims else kept
+            cax = [c - sum(1 for a in axes if a < c) if not keepdims else c for c in f[0]]
+            return self.elementwise(node, LabelTensor.multi(shape, cax, f[1]))
+        out = x.a
+        for ax in sorted(axes, reverse=True):
+            out = np.take(out, [0], axis=ax)
+            if not keepdims:
+                out = np.squeeze(out, axis=ax)
+        return self.elementwise(node, LabelTensor(out))
+
+    def unify(self, node, operands: list, full: int) -> LabelTensor:
+        """An elementwise op of several activations (``operands``: ``[(old, new)]``, ``full``: the index of
+        one whose shape is the result's): tie their channels (analysis), or check that they still pair the
+        same original channels (apply)."""
+        old_full, new_full = operands[full]
+        if self.analysis:
+            for k, (_, v) in enumerate(operands):
+                if k == full:
+                    continue
+                if v.shape == new_full.shape and factored_alike(new_full, v):
+                    # every position pairs the same two channels: the parts' pairs are all of them
+                    ca, cb = channel_of(new_full.part), channel_of(v.part)
+                elif len(new_full.chans) == 1 or len(v.chans) == 1:
+                    # one side holds one channel: it pairs with every channel of the other
+                    ca, cb = new_full.chans, v.chans
+                else:
+                    ca, cb = sites.unify_pairs(new_full.a, v.a)
+                self.constraints.tie(ca, cb)
+        else:
+            for k, (ob, nb) in enumerate(operands):
+                if k == full:
+                    continue
+                if (old_full.shape == ob.shape and new_full.shape == nb.shape
+                        and factored_alike(old_full, ob, new_full, nb)):
+                    try:  # operand pairs compare as the pairs of their parts (one position grid)
+                        sites.check_aligned(old_full.part, ob.part, new_full.part, nb.part, old_full.part)
+                        continue
+                    except Mismatch:
+                        pass  # the same check on the full arrays, for the same message
+                try:
+                    sites.check_aligned(old_full.a, ob.a, new_full.a, nb.a, old_full.a)
+                except Mismatch as exc:
+                    raise self.conflict(node, f"its operands no longer align channel by channel ({exc})") from None
+        return self.elementwise(node, new_full)
+
+    # ------------------------------------------------------------ relations with weights
+    def produce(self, node, name: str, x: LabelTensor, old_x: LabelTensor, weight: np.ndarray, *, in_axis: int,
+                out_axis: int, w_in: int, w_out: int, shape):
+        """A producer (``weight``: its input channels on ``w_in``, its output units on ``w_out``).
+
+        Returns ``(labels, new weight or None, mapping or None)``: the new weight when the input or the
+        output changed, ``mapping`` (old unit of every new unit) in the apply run."""
+        n_out = weight.shape[w_out]
+        self.note_roles(x, "consumer", name)
+        space = self.out_space(node, name, n_out)
+        if self.analysis:
+            return LabelTensor.channels(shape, out_axis, space.chan_ids, self.salt(node)), None, None
+        match = self.match(node, old_x, x, in_axis)
+        mapping = self.plan.mapping(space)
+        new_w = None
+        if match is not None or len(mapping) != n_out:
+            new_w = sites.produce_weights(weight, w_in, w_out, match, mapping, self.options, self.rng)
+        out_shape = list(shape)
+        out_shape[out_axis] = len(mapping)
+        return LabelTensor.channels(out_shape, out_axis, self.plan.new_chan_ids(space), self.salt(node)), new_w, mapping
+
+    def carry(self, node, name: str, x: LabelTensor, old_x: LabelTensor, params: dict, axis: int = 1):
+        """Per-channel parameters along ``axis`` (BN, PReLU, a per-channel constant): ``params`` name ->
+        array whose axis 0 runs over the channels. Returns ``(labels, {name: gathered}, match)``."""
+        self.note_roles(x, "carrier", name)
+        new, match = {}, None
+        if not self.analysis:
+            match = self.match(node, old_x, x, axis)
+            if match is not None:
+                if not match.unique_old:
+                    raise self.conflict(node, "per-channel parameters on duplicated channels")
+                src = match.source()
+                for key, c in params.items():
+                    if c is not None and c.ndim >= 1 and c.shape[0] == match.n_old:
+                        new[key] = ar.gather(c, 0, src)
+        return self.elementwise(node, x), new, match
+
+    def depthwise(self, node, name: str, x: LabelTensor, old_x: LabelTensor, params: dict, shape):
+        """Depthwise conv: one filter per channel (``params``: weight and bias, axis 0 over channels).
+        Returns ``(labels, {name: gathered}, match)``."""
+        self.note_roles(x, "carrier", name)
+        seq = label_channel_ids(x, 1)
+        if seq is None:
+            raise NotUnderstood("channels of a depthwise conv input are not on axis 1")
+        new, match = {}, None
+        if not self.analysis:
+            match = self.match(node, old_x, x, 1)
+            if match is not None:
+                if not match.unique_old:
+                    raise self.conflict(node, "depthwise filters on duplicated channels")
+                for key, c in params.items():
+                    if c is not None:
+                        new[key] = ar.gather(c, 0, match.source())
+        out_shape = (shape[0], len(seq)) + tuple(shape[2:])
+        return LabelTensor.channels(out_shape, 1, seq, self.salt(node)), new, match
+
+    def grouped(self, node, name: str, x: LabelTensor, old_x: LabelTensor, weight: np.ndarray, groups: int, shape):
+        """Grouped conv (weight: out, in/groups, ...): every group widens inside itself.
+        Returns ``(labels, new weight or None, mapping or None)``."""
+        self.note_roles(x, "consumer", name)
+        seq = label_channel_ids(x, 1)
+        if seq is None:
+            raise NotUnderstood("channels of a grouped conv input are not on axis 1")
+        n_out = weight.shape[0]
+        space = self.out_space(node, name, n_out)
+        if self.analysis:
+            self.constraints.tie_blocks(seq, groups)
+            self.constraints.tie_blocks(space.chan_ids, groups)
+            return LabelTensor.channels(shape, 1, space.chan_ids, self.salt(node)), None, None
+        mapping = self.plan.mapping(space)
+        new_w = None
+        if len(mapping) != n_out or not same_labels(old_x, x):
+            try:
+                new_w = sites.grouped_weights(weight, groups, old_x.a, x.a, 1, n_out, mapping, self.options,
+                                              self.rng)
+            except Mismatch as exc:
+                raise self.conflict(node, str(exc)) from None
+        out_shape = (shape[0], len(mapping)) + tuple(shape[2:])
+        return LabelTensor.channels(out_shape, 1, self.plan.new_chan_ids(space), self.salt(node)), new_w, mapping
+
+    def per_channel_constant(self, node, name: str, x: LabelTensor, old_x: LabelTensor, c: np.ndarray,
+                             computed: bool = False):
+        """An activation combined elementwise with a constant ``c``: scalar-like, or one value per channel
+        along one channel axis (gathered; ``computed``: ``c`` is computed in the graph, so it cannot be
+        rewritten). Returns ``(labels, new constant or None)``."""
+        ref = x if self.analysis else old_x
+        try:
+            out_shape = np.broadcast_shapes(ref.shape, c.shape)
+        except ValueError:
+            raise NotUnderstood("operands do not broadcast") from None
+        if tuple(out_shape) != ref.shape:
+            raise NotUnderstood("the constant broadcasts the activation")
+        va = ref.vary
+        cb = (1,) * (x.ndim - c.ndim) + tuple(c.shape)
+        along = [ax for ax in va if cb[ax] != 1]
+        if not along:
+            return self.elementwise(node, x), None
+        if len(along) > 1 or len(va) > 1:
+            raise NotUnderstood("a constant varies along several channel axes")
+        if computed:
+            raise NotUnderstood("its per-channel constant is computed")
+        ax = along[0]
+        self.note_roles(x, "carrier", name)
+        new = None
+        if not self.analysis:
+            match = self.match(node, old_x, x, ax)
+            if match is not None:
+                if not match.unique_old:
+                    raise self.conflict(node, "per-channel constant on duplicated channels")
+                gathered = ar.gather(c.reshape(cb), ax, match.source())
+                lead = x.ndim - c.ndim
+                shape = list(c.shape)
+                shape[ax - lead] = match.n_new
+                new = gathered.reshape(shape)
+        return self.elementwise(node, x), new
+
+    # ------------------------------------------------------------ moves
+    def reshape_ties(self, x: LabelTensor, out: LabelTensor) -> None:
+        """A reshape that splits a channel axis into blocks ties the blocks positionwise."""
+        if self.analysis:
+            from .label_tensor import split_axis_ties
+
+            for a, b in split_axis_ties(x, out):
+                self.constraints.tie(a, b)
+
+    def equal_piece_ties(self, pieces: list) -> None:
+        """Equal pieces of a split or chunk take the same fraction of the new width: they widen alike."""
+        if self.analysis and len(pieces) > 1 and len({p.shape for p in pieces}) == 1:
+            for p in pieces[1:]:
+                self.constraints.tie(channel_of(pieces[0].a), channel_of(p.a))
+
+    def axis_source(self, node, old: LabelTensor, new: LabelTensor, axis: int) -> np.ndarray:
+        """The old index of every new slice along ``axis`` of a moved input."""
+        try:
+            return match_labels(old, new, axis, "sliced input").source()
+        except Mismatch as exc:
+            raise self.conflict(node, str(exc)) from None
+
+    def remap_bound(self, node, src: np.ndarray, bound: int) -> int:
+        try:
+            return sites.remap_bound(src, bound)
+        except Mismatch as exc:
+            raise self.conflict(node, str(exc)) from None
+
+    def rescale_shape(self, node, raw: list, old_out: LabelTensor, old_numel: int, new_numel: int):
+        try:
+            return sites.rescale_shape(raw, old_out.vary, old_numel, new_numel)
+        except Mismatch as exc:
+            raise self.conflict(node, str(exc)) from None
+
+    # ------------------------------------------------------------ outputs
+    def model_output(self, old: LabelTensor | None, new: LabelTensor, node=None, what: str = "a model output"):
+        """Channels reaching a model output keep their width (analysis); they must be unchanged (apply)."""
+        if self.analysis:
+            self.constraints.freeze(new.chans, "reaches a model output")
+        elif not same_labels(old, new):
+            chans = old.chans if old is not None else np.zeros(0, np.int64)
+            raise Conflict(node, chans, f"{what} changed")
+
+
+def free_upstream(start: list, parents, labels_of, frozen: np.ndarray) -> np.ndarray:
+    """Free channels upstream of a conflict whose own channels are all frozen (to escalate it): a
+    depth-first walk from ``start`` over ``parents(key)``; the first value whose labels
+    (``labels_of(key)``: label tensors) hold free channels gives them."""
+    seen, todo = set(), list(start)
+    while todo:
+        key = todo.pop()
+        if key in seen:
+            continue
+        seen.add(key)
+        chans = [x.chans for x in labels_of(key)]
+        if chans:
+            c = np.unique(np.concatenate(chans))
+            free = c[~frozen[c]]
+            if len(free):
+                return free
+        todo.extend(parents(key))
+    return np.zeros(0, np.int64)

@@ -1,0 +1,168 @@
+"""Data-movement ops of a torch.fx graph replayed on labels (a part of :class:`FxLabelRun`).
+
+torch executes every move (view, reshape, permute, cat, split, chunk, getitem, ...) on the label
+arrays; a reshape or an order-keeping permutation of compact labels runs on a stand-in on the meta
+device instead, which gives the output's shape (and axis order) without building the labels.  In the
+widened configuration the literal channel constants a move reads (view sizes, split sizes, slice
+bounds) are rewritten to the new width.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.fx as fx
+import torch.nn as nn
+from torch.utils._pytree import tree_flatten, tree_map
+
+from ..core.label_tensor import LabelTensor, keeps_order, reshaped, same_labels
+from ..core.relations import NotUnderstood
+from . import ops
+
+
+def label_leaves(tree) -> list:
+    return [x for x in tree_flatten(tree)[0] if isinstance(x, LabelTensor)]
+
+
+def as_torch(v):
+    return torch.from_numpy(v.a) if isinstance(v, LabelTensor) else v
+
+
+def as_labels(v):
+    return LabelTensor(v.contiguous().numpy()) if isinstance(v, torch.Tensor) else v
+
+
+class MoveReplay:
+    """The moves of :class:`~graphgrow.fx.labeling.FxLabelRun` (a mixin: it uses the run's state)."""
+
+    def _move(self, node, target, args, kwargs):
+        if isinstance(target, nn.Module):
+            fn, kind = target, ("reshape" if isinstance(target, (nn.Flatten, nn.Unflatten)) else None)
+        elif isinstance(target, str):
+            fn, kind = (lambda *a, **k: getattr(a[0], target)(*a[1:], **k)), ops.MOVE_KINDS.get(target)
+        else:
+            fn, kind = target, ops.MOVE_KINDS.get(target)
+        if not self.analysis:
+            args, kwargs = self._rewrite_move_args(node, target, args, kwargs)
+        try:
+            out = self._compact_move(fn, kind, args, kwargs)
+            if out is None:
+                out = tree_map(as_labels, fn(*tree_map(as_torch, args), **tree_map(as_torch, kwargs)))
+        except Exception as exc:  # noqa: BLE001 - a failing move in the new configuration is a conflict
+            if self.analysis:
+                raise NotUnderstood(f"could not be replayed on channel labels ({exc})") from None
+            raise self.conflict(node, f"cannot be replayed on the widened tensors ({str(exc).splitlines()[0]})") \
+                from None
+        outs = label_leaves(out)
+        if self.analysis and isinstance(args[0], LabelTensor):
+            if target in ops.SPLITTING_MOVES and len(outs) == 1:
+                self.reshape_ties(args[0], outs[0])
+            elif target in ops.PIECE_MOVES:
+                self.equal_piece_ties(outs)
+        return out
+
+    @staticmethod
+    def _compact_move(fn, kind, args, kwargs):
+        """A reshape or an order-keeping permutation of compact labels, without building them: the op runs
+        on a stand-in for the output's shape (and, for permutations, the axis order)."""
+        x = args[0] if args else None
+        if kind is None or not isinstance(x, LabelTensor) or x.elem is None and x.factors() is None \
+                or label_leaves((args[1:], kwargs)):
+            return None
+        if kind == "reshape":
+            out = fn(torch.empty(x.shape, device="meta"), *args[1:], **kwargs)
+            return reshaped(x, tuple(out.shape))
+        probe = fn(torch.empty(tuple(range(2, 2 + x.ndim)), device="meta"), *args[1:], **kwargs)
+        perm = [d - 2 for d in probe.shape]
+        if sorted(perm) != list(range(x.ndim)) or not keeps_order(x, perm):
+            return None
+        return reshaped(x, tuple(x.shape[p] for p in perm), perm)
+
+    def _rewrite_move_args(self, node, target, args, kwargs):
+        """Rewrite channel constants written as literals (view sizes, split sizes)."""
+        src = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+        old_in, new_in = self._old(src), args[0] if args else None
+        if old_in is None or not isinstance(new_in, LabelTensor) or same_labels(old_in, new_in):
+            return args, kwargs
+        new_args = list(args)
+        if target in ("view", "reshape", torch.reshape):
+            nested = target == torch.reshape or len(node.args) == 2 and isinstance(node.args[1], (list, tuple))
+            raw = list(node.args[1]) if nested else list(node.args[1:])
+            vals = list(args[1]) if nested else list(args[1:])
+            dims = self.rescale_shape(node, [None if isinstance(r, fx.Node) else r for r in raw], self.old[node],
+                                      int(np.prod(old_in.shape)), int(np.prod(new_in.shape)))
+            if dims is None:
+                return args, kwargs
+            vals = [v if d is None else d for v, d in zip(vals, dims)]
+            new_args = [args[0], tuple(vals)] if nested else [args[0]] + vals
+        elif target in ("split", torch.split):
+            size = args[1] if len(args) > 1 else kwargs.get("split_size_or_sections", kwargs.get("split_size"))
+            dim = args[2] if len(args) > 2 else kwargs.get("dim", 0)
+            if isinstance(size, (list, tuple)) and all(isinstance(s, int) for s in size):
+                src_idx = self.axis_source(node, old_in, new_in, dim)
+                nb = [self.remap_bound(node, src_idx, int(b)) for b in np.cumsum([0] + list(size))]
+                new_sizes = [int(nb[i + 1] - nb[i]) for i in range(len(size))]
+                if new_sizes == list(size):
+                    return args, kwargs
+                new_args[1] = new_sizes
+            elif isinstance(size, int) and old_in.shape[dim] != new_in.shape[dim]:
+                pieces = -(-old_in.shape[dim] // size)
+                if old_in.shape[dim] % size or new_in.shape[dim] % pieces:
+                    raise self.conflict(node, "its split size cannot follow the new width")
+                new_args[1] = new_in.shape[dim] // pieces
+            else:
+                return args, kwargs
+        else:
+            return args, kwargs
+        graph_args = [orig if isinstance(orig, fx.Node) else v for orig, v in zip(node.args, new_args)]
+        self.arg_updates[node] = (tuple(graph_args), node.kwargs)
+        return tuple(new_args), kwargs
+
+    def _getitem(self, node, x: LabelTensor, idx):
+        if not self.analysis:
+            idx = self._rewrite_index(node, x, idx)
+        try:
+            out = torch.from_numpy(x.a)[tree_map(as_torch, idx)]
+        except Exception as exc:  # noqa: BLE001
+            if self.analysis:
+                raise NotUnderstood(f"indexing could not be replayed ({exc})") from None
+            raise self.conflict(node, "indexing cannot be replayed on the widened tensor") from None
+        return as_labels(out)
+
+    def _rewrite_index(self, node, x: LabelTensor, idx):
+        old_in = self.old[node.args[0]]
+        if same_labels(old_in, x):
+            return idx
+        items = list(idx) if isinstance(idx, tuple) else [idx]
+        if any(isinstance(i, (LabelTensor, torch.Tensor, list)) for i in items):
+            raise self.conflict(node, "advanced indexing on a widened tensor")
+        n_real = sum(1 for i in items if i is not None and i is not Ellipsis)
+        axis, out, changed = 0, [], False
+        for i in items:  # the tensor axis each index item addresses
+            if i is Ellipsis:
+                axis += x.ndim - n_real
+                out.append(i)
+                continue
+            if i is None:
+                out.append(i)
+                continue
+            if old_in.shape[axis] != x.shape[axis] and not (isinstance(i, slice) and i == slice(None)):
+                src = self.axis_source(node, old_in, x, axis)
+                if isinstance(i, int):
+                    hits = np.nonzero(src == (i % old_in.shape[axis]))[0]
+                    if len(hits) == 0:
+                        raise self.conflict(node, "an indexed channel is missing")
+                    i = int(hits[0])
+                elif isinstance(i, slice) and i.step in (None, 1):
+                    start, stop, _ = i.indices(old_in.shape[axis])
+                    i = slice(self.remap_bound(node, src, start), self.remap_bound(node, src, stop))
+                else:
+                    raise self.conflict(node, "strided slicing of a widened axis")
+                changed = True
+            out.append(i)
+            axis += 1
+        if not changed:
+            return idx
+        new_idx = tuple(out) if isinstance(idx, tuple) else out[0]
+        self.arg_updates[node] = ((node.args[0], new_idx), node.kwargs)
+        return new_idx

@@ -1,0 +1,28 @@
+"""The ONNX op registry: which operators map to which relation (no torch).
+
+:mod:`graphgrow.onnx.labeling` (widening) reads these tables.
+"""
+
+from __future__ import annotations
+
+import onnx
+
+UNARY = {"Relu", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Elu", "Selu", "Celu", "Gelu",
+         "Softplus", "Softsign", "Mish", "Erf", "Exp", "Log", "Sqrt", "Neg", "Abs", "Reciprocal", "Floor", "Ceil",
+         "Round", "Sign", "ThresholdedRelu", "Sin", "Cos", "Clip", "Swish", "Shrink"}
+PASS = {"Identity", "Dropout", "Cast", "CastLike"}
+BINARY = {"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Mean"}
+RESHAPES = {"Reshape", "Flatten", "Squeeze", "Unsqueeze"}  # moves that keep the elements' C order
+MOVE = {"Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Concat", "Split", "Slice", "Gather",
+        "Expand", "DepthToSpace", "SpaceToDepth", "Tile"}
+POOL = {"MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool", "Resize",
+        "Upsample", "Pad"}
+REDUCE = {"ReduceMean", "ReduceMax", "ReduceMin", "ReduceSum", "ReduceL1", "ReduceL2", "ReduceLogSumExp",
+          "ReduceProd", "ReduceSumSquare", "ReduceLogSum"}
+MIX = {"GroupNormalization", "LRN", "LpNormalization", "MeanVarianceNormalization"}
+SOFTMAX = {"Softmax", "LogSoftmax", "Hardmax"}
+# element types numpy holds as they are (no bfloat16, float8, 4-bit or string)
+PLAIN_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.INT64,
+               onnx.TensorProto.INT32, onnx.TensorProto.INT16, onnx.TensorProto.INT8, onnx.TensorProto.UINT16,
+               onnx.TensorProto.UINT8, onnx.TensorProto.BOOL}
+FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
