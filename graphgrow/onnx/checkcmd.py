@@ -32,7 +32,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from ..compare import DEFAULT_ATOL, DEFAULT_RTOL, OutputAccumulator, make_session, random_feeds, resolve_providers
-from ..errors import GraphGrowError, InputMismatchError, InvalidArgumentError, UnsupportedModelError
+from ..errors import GraphGrowError, InputMismatchError, InvalidArgumentError, UnsupportedModelError, first_line
 
 EXIT_OK, EXIT_NOT_EQUIVALENT, EXIT_BAD_INPUT = 0, 1, 2
 DEFAULT_BATCHES = 3
@@ -211,8 +211,7 @@ def _load_npz(path: str, specs: list) -> dict:
     try:
         z = np.load(path, allow_pickle=False)
     except Exception as exc:  # noqa: BLE001
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InvalidArgumentError(f"--inputs {path} is not a readable .npz file: {msg}") from None
+        raise InvalidArgumentError(f"--inputs {path} is not a readable .npz file: {first_line(exc)}") from None
     if not hasattr(z, "files"):
         raise InvalidArgumentError(f"--inputs {path} holds a single array; save the inputs with numpy.savez(path, "
                                    f"NAME=array, ...) keyed by input name")
@@ -220,8 +219,7 @@ def _load_npz(path: str, specs: list) -> dict:
         with z:
             arrays = {k: np.asarray(z[k]) for k in z.files}
     except Exception as exc:  # noqa: BLE001
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InvalidArgumentError(f"--inputs {path} is not a readable .npz file: {msg}") from None
+        raise InvalidArgumentError(f"--inputs {path} is not a readable .npz file: {first_line(exc)}") from None
     names = [s.name for s in specs]
     missing = [n for n in names if n not in arrays]
     extra = [k for k in arrays if k not in names]
@@ -299,11 +297,6 @@ def _batch_seed(seed: int, i: int) -> int:
     return int(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(i)]).generate_state(1)[0])
 
 
-def _first_line(exc) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def _session(path: str, label: str, providers):
     try:
         return make_session(path, providers)
@@ -328,7 +321,7 @@ def _run(sess, feeds: dict, label: str, path: str, batch: int) -> list:
     try:
         out = sess.run(None, {n: feeds[n] for n in wanted}, _quiet_run_options())
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
-        raise GraphGrowError(f"onnxruntime failed to run the {label} {path} on batch {batch}: {_first_line(exc)}") \
+        raise GraphGrowError(f"onnxruntime failed to run the {label} {path} on batch {batch}: {first_line(exc)}") \
             from None
     return [np.asarray(o) for o in out]
 

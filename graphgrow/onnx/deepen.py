@@ -16,7 +16,7 @@ from onnx import helper, numpy_helper
 from ..compare import DEFAULT_ATOL, DEFAULT_RTOL, random_feeds
 from ..core import deepen as core
 from ..core.deepen import Insertion, Sign
-from ..errors import InvalidArgumentError, VerificationError
+from ..errors import InvalidArgumentError, VerificationError, require_equivalent
 from .engine import check_rewritten, count_params, graph_inputs, input_specs, prepare, probe_values, verify
 
 # ------------------------------------------------------------------------------------------- non-negativity (ONNX)
@@ -275,10 +275,7 @@ def deepen_model(model: onnx.ModelProto, *, after, block: str = "conv-bn-relu", 
         rep = verify(src, out, specs, batches=batches, seed=seed, atol=atol, rtol=rtol, providers=providers,
                      feeds=feeds)
         report.check = rep
-        if not rep.passed:
-            w = rep.worst
-            raise VerificationError(f"deepened model is not equivalent: output {w.name!r} differs by max_rel "
-                                    f"{w.max_rel:.3g} (max_abs {w.max_abs:.3g})", report=report)
+        require_equivalent(rep, "deepened", report)
     return out, report
 
 
