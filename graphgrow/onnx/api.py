@@ -18,7 +18,7 @@ import numpy as np
 from ..compare import DEFAULT_ATOL, DEFAULT_RTOL, CheckReport
 from ..core.deepen import DeepenReport
 from ..core.report import GrowthReport
-from .checking import DEFAULT_BATCHES, check_batches, check_models
+from .checking import DEFAULT_BATCHES, check_batches, check_models, shape_dict
 from .deepening import deepen_model
 from .engine import analyze_model, widen_model_serialized
 from .io import check_output_path, is_binary_onnx, save_model
@@ -36,6 +36,10 @@ def _load(model_or_path, say) -> tuple:
     if isinstance(model_or_path, (str, os.PathLike)):
         say(f"loading {os.fspath(model_or_path)} ...")
     return model_source(model_or_path)
+
+
+def _path_of(model_or_path) -> str | None:
+    return os.fspath(model_or_path) if isinstance(model_or_path, (str, os.PathLike)) else None
 
 
 def _quiet(msg: str) -> None:
@@ -176,7 +180,7 @@ def widen(model_or_path, factor: float | None = 1.41, *, widths=None, only=None,
     :class:`~graphgrow.errors.VerificationError`.  The input is never modified.  ``progress``: a callable
     receiving one-line status messages.
     """
-    batches = check_batches(batches)
+    batches, shapes = check_batches(batches), shape_dict(shapes)
     say = progress or _quiet
     model, path = _load(model_or_path, say)
     reference = path if path is not None and is_binary_onnx(path) else None
@@ -197,7 +201,7 @@ def deepen(model_or_path, *, after, block: str = "conv-bn-relu", kernel=3, seed:
     value name, so consumers and graph outputs are untouched.  Verification, ``shapes`` and ``progress`` as for
     :func:`widen`.
     """
-    batches = check_batches(batches)
+    batches, shapes = check_batches(batches), shape_dict(shapes)
     say = progress or _quiet
     model, path = _load(model_or_path, say)
     out, report = deepen_model(model, after=after, block=block, kernel=kernel, seed=seed, shapes=shapes, check=check,
@@ -208,6 +212,7 @@ def deepen(model_or_path, *, after, block: str = "conv-bn-relu", kernel=3, seed:
 def analyze(model_or_path, shapes=None, *, progress=None) -> AnalysisResult:
     """The channel spaces of an ONNX model, why each that cannot widen stays, and the coupled groups;
     nothing is changed."""
+    shapes = shape_dict(shapes)
     say = progress or _quiet
     model, _ = _load(model_or_path, say)
     say("analysing channel spaces ...")
@@ -228,6 +233,5 @@ def check(reference, candidate, *, inputs=None, batches: int = DEFAULT_BATCHES, 
     """
     report, concrete = check_models(reference, candidate, inputs=inputs, batches=batches, shapes=shapes, atol=atol,
                                     rtol=rtol, providers=providers, seed=seed, progress=progress)
-    name = (lambda m: os.fspath(m) if isinstance(m, (str, os.PathLike)) else None)
-    return _extended(CheckResult, report, reference=name(reference), candidate=name(candidate),
+    return _extended(CheckResult, report, reference=_path_of(reference), candidate=_path_of(candidate),
                      input_shapes=concrete)

@@ -24,7 +24,7 @@ from .source import model_source
 
 DEFAULT_BATCHES = 3
 
-__all__ = ["check_models", "check_batches", "DEFAULT_BATCHES"]
+__all__ = ["check_models", "check_batches", "shape_dict", "DEFAULT_BATCHES"]
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -175,23 +175,31 @@ def _input_arrays(inputs, specs: list) -> dict:
     return arrays
 
 
-def _shape_tuple(name, shape) -> tuple:
-    try:
-        dims = tuple(shape)
-        ok = all(isinstance(d, (int, np.integer)) and not isinstance(d, bool) and d >= 0 for d in dims)
-    except TypeError:
-        ok = False
-    if not isinstance(name, str) or not ok:
-        raise InvalidArgumentError(f"shapes must map input names to tuples of non-negative integers, not "
-                                   f"{name!r}: {shape!r}")
-    return tuple(int(d) for d in dims)
+def shape_dict(shapes) -> dict:
+    """``shapes`` (None or a mapping of input name to shape) as ``{name: tuple of ints}``; InvalidArgumentError
+    for anything else."""
+    if shapes is None:
+        return {}
+    if not isinstance(shapes, Mapping):
+        raise InvalidArgumentError(f"shapes must be a mapping of input name to shape, not {type(shapes).__name__}")
+    out = {}
+    for name, shape in shapes.items():
+        try:
+            dims = tuple(shape)
+            ok = all(isinstance(d, (int, np.integer)) and not isinstance(d, bool) and d >= 0 for d in dims)
+        except TypeError:
+            ok = False
+        if not isinstance(name, str) or not ok:
+            raise InvalidArgumentError(f"shapes must map input names to tuples of non-negative integers, not "
+                                       f"{name!r}: {shape!r}")
+        out[name] = tuple(int(d) for d in dims)
+    return out
 
 
 def _resolve_shapes(specs: list, given: Mapping, arrays: Mapping | None) -> dict:
     """Concrete shape of every input: ``given``, else the given array's, else static dims with dynamic ones = 1
     (or the value that another input's given shape / array gave the same named dimension)."""
     by_name = {s.name: s for s in specs}
-    given = {name: _shape_tuple(name, shape) for name, shape in given.items()}
     for name, shape in given.items():
         text = f"{name}={'x'.join(map(str, shape))}"
         if name not in by_name:
@@ -286,8 +294,7 @@ def check_models(reference, candidate, *, inputs=None, batches: int = DEFAULT_BA
     batches = check_batches(batches)
     acc = OutputAccumulator(None, atol, rtol)  # validates atol / rtol before any slow work
     providers = resolve_providers(providers)
-    if shapes is not None and not isinstance(shapes, Mapping):
-        raise InvalidArgumentError(f"shapes must be a mapping of input name to shape, not {type(shapes).__name__}")
+    shapes = shape_dict(shapes)
     say = progress or (lambda msg: None)
 
     say("loading the models ...")
@@ -303,7 +310,7 @@ def check_models(reference, candidate, *, inputs=None, batches: int = DEFAULT_BA
                                  f"({', '.join(ref_out)}), candidate {len(cand_out)} ({', '.join(cand_out)})")
 
     arrays = _input_arrays(inputs, specs) if inputs is not None else None
-    concrete = _resolve_shapes(specs, shapes or {}, arrays)
+    concrete = _resolve_shapes(specs, shapes, arrays)
     spec_list = [(s.name, concrete[s.name], _np_dtype(s.elem_type, s.name)) for s in specs]
 
     say(f"creating onnxruntime sessions ({', '.join(providers)}) ...")

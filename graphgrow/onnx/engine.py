@@ -60,7 +60,7 @@ def input_specs(model, shapes: dict | None = None) -> dict:
     known = {i.name for i in graph_inputs(model)}
     for name in shapes:
         if name not in known:
-            raise InvalidArgumentError(f"--shape names {name!r}, which is not an input of the model "
+            raise InvalidArgumentError(f"a shape is given for {name!r}, which is not an input of the model "
                                        f"(inputs: {', '.join(sorted(known))})")
     for inp in graph_inputs(model):
         tt = inp.type.tensor_type
