@@ -8,7 +8,7 @@ import sys
 import time
 
 from ..errors import GraphGrowError
-from . import exit_codes
+from . import exit_codes, options
 
 
 def _log(args, msg):
@@ -42,8 +42,7 @@ def run(args) -> int:
     if args.report:
         d = rep.to_dict()
         d["onnxruntime_check"] = chk.to_dict()
-        with open(args.report, "w") as f:
-            json.dump(d, f, indent=1)
+        options.write_text(args.report, json.dumps(d, indent=1))
     if args.verbose:
         print(rep.table())
     return exit_codes.OK if chk.passed else exit_codes.NOT_EQUIVALENT
