@@ -3,7 +3,7 @@
     python benchmarks/coverage_onnx.py [--workers N] [--only REGEX] [--factor 1.5] [--out DIR] [--max-params 3e8]
 
 Per model, in a worker process: random init, torch.onnx.export (TorchScript exporter, opset 17, batch 1),
-then graphgrow.onnx.engine.widen_model (the code behind `graphgrow widen`: analysis, rewrite, onnx.checker,
+then graphgrow.onnx.widen (the code behind `graphgrow widen`: analysis, rewrite, onnx.checker,
 onnxruntime comparison with the input over 3 batches). Writes coverage_onnx.{json,md} into --out.
 """
 
@@ -37,7 +37,7 @@ def one(args):
     import torchvision
 
     import graphgrow
-    from graphgrow.onnx.engine import widen_model
+    import graphgrow.onnx as gonnx
 
     torch.set_num_threads(2)
     out = {"model": name, "input": size_for(name)}
@@ -62,7 +62,7 @@ def one(args):
 
             model = load_model(path)
             t1 = time.perf_counter()
-            wide, rep = widen_model(model, factor)
+            rep = gonnx.widen(model, factor)
             out["widen_check_s"] = round(time.perf_counter() - t1, 1)
         out.update(params_before=rep.params_before, params_after=rep.params_after, spaces=len(rep.spaces),
                    widened=len(rep.widened), frozen=sum(1 for x in rep.spaces if x.status == "frozen"),
@@ -128,7 +128,7 @@ def write(a, argv, rows, total):
              f"**{meta['summary']}**", "", f"Status counts: {counts}", "",
              f"Command: `{meta['command']}` ({meta['date']}; torch {meta['torch']}, torchvision "
              f"{meta['torchvision']}, onnxruntime {meta['onnxruntime']}, {meta['cpus']} CPUs)", "",
-             "Each model: TorchScript exporter, opset 17, batch 1; `widen_model` = the code behind `graphgrow widen` "
+             "Each model: TorchScript exporter, opset 17, batch 1; `graphgrow.onnx.widen` = the code behind `graphgrow widen` "
              "(analysis, rewrite, onnx.checker, onnxruntime comparison with the input, 3 batches).", "",
              "| model | input | params before | params after | spaces | widened | frozen | max_rel | export s | "
              "widen+check s | status |", "|---|---|---|---|---|---|---|---|---|---|---|"]

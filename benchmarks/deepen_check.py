@@ -5,7 +5,7 @@ ONNX), and the training-mode deviation with and without batch-norm calibration.
 
 1. The paper's configuration on the zoo's ``inception_bn(factorized=True)``: after the last vertical-horizontal
    pair of every module, two more identity pairs (``models.PAPER_DEEPER_AFTER`` / ``PAPER_DEEPER_KERNEL``);
-   fx (checked in onnxruntime) and ONNX (``deepen_model`` on the TorchScript export, checked in onnxruntime).
+   fx (checked in onnxruntime) and ONNX (``graphgrow.onnx.deepen`` on the TorchScript export, checked in onnxruntime).
 2. With ``calibrate`` = 8 batches of 32 (seeded normal images), the relative deviation of the deepened model from
    the original, both in training mode, before and after calibration.
 3. Every block kind at one insertion point of resnet18, googlenet, inception_v3, vgg11_bn, mobilenet_v2.
@@ -31,7 +31,7 @@ import torch  # noqa: E402
 
 import graphgrow  # noqa: E402
 from graphgrow import models  # noqa: E402
-from graphgrow.onnx.deepen import deepen_model  # noqa: E402
+import graphgrow.onnx as gonnx  # noqa: E402
 
 # (model, input size): [(block, fx `after`, ONNX `after`, kernel)]
 CASES = {
@@ -85,7 +85,7 @@ def paper(rows: list, meta: dict):
     t = time.perf_counter()
     src = export(model, models.example_inputs("inception_bn", batch=1))
     onnx_after = r".*/branch_dbl3x3\.2\.1/act/Relu"
-    _, orep = deepen_model(src, after=onnx_after, kernel=models.PAPER_DEEPER_KERNEL)
+    orep = gonnx.deepen(src, after=onnx_after, kernel=models.PAPER_DEEPER_KERNEL)
     rows.append({"model": "inception_bn(factorized) paper config", "path": "onnx", "block": "conv-bn-relu",
                  "kernel": models.PAPER_DEEPER_KERNEL, "insertions": len(orep.insertions),
                  "params_before": orep.params_before, "params_after": orep.params_after,
@@ -121,7 +121,7 @@ def torchvision_cases(rows: list, skip_vgg: bool):
                          "params_after": rep.params_after, "max_rel": rep.check.worst.max_rel,
                          "seconds": round(time.perf_counter() - t, 2)})
             t = time.perf_counter()
-            _, orep = deepen_model(src, after=onnx_after, block=block, kernel=kernel_arg(kernel))
+            orep = gonnx.deepen(src, after=onnx_after, block=block, kernel=kernel_arg(kernel))
             rows.append({"model": name, "path": "onnx", "block": block, "kernel": kernel, "after": onnx_after,
                          "insertions": len(orep.insertions), "params_before": orep.params_before,
                          "params_after": orep.params_after, "max_rel": orep.check.worst.max_rel,
@@ -148,7 +148,7 @@ def main(argv=None):
     lines = ["# Net2DeeperNet: identity blocks verified in onnxruntime", "",
              f"Command: `{meta['command']}` ({meta['date']}, {meta['machine']}, torch {meta['torch']})", "",
              "fx rows: `graphgrow.deepen(..., verify='torch')` (the paper rows: `verify='onnxruntime'`); onnx rows: "
-             "`graphgrow.onnx.deepen.deepen_model` on the TorchScript export, checked in onnxruntime. "
+             "`graphgrow.onnx.deepen` on the TorchScript export, checked in onnxruntime. "
              "max_rel is the worst relative error over 3 batches.", "",
              "| model | path | block | kernel | blocks | params before | params after | max_rel | s |",
              "|---|---|---|---|---|---|---|---|---|"]

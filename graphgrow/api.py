@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch.nn as nn
 
 from .core.report import GrowthReport
-from .errors import InvalidArgumentError, VerificationError
+from .errors import InvalidArgumentError, require_equivalent
 from .core.growth import check_factor, check_options, space_reports, widen_targets
 from .fx.engine import Analysis, count_params, plan_and_apply, rebuild
 from .core.sites import GrowOptions
@@ -63,10 +63,7 @@ def _verify(model, result, inputs, report, what: str, backend: str, atol, rtol, 
     rep = check(model, result, inputs, backend=backend, atol=atol if atol is not None else DEFAULT_ATOL,
                 rtol=rtol if rtol is not None else DEFAULT_RTOL, batches=3, seed=seed)
     report.check = rep
-    if not rep.passed:
-        w = rep.worst
-        raise VerificationError(f"{what} model is not equivalent: output {w.name!r} differs by max_rel "
-                                f"{w.max_rel:.3g} (max_abs {w.max_abs:.3g})", report=report)
+    require_equivalent(rep, what, report)
 
 
 def deepen(model: nn.Module, *, after, block: str = "conv-bn-relu", kernel=3, calibrate=None, example_inputs,

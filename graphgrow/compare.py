@@ -41,7 +41,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from .errors import InputMismatchError, InvalidArgumentError, ModelFileError, UnsupportedModelError
+from .errors import InputMismatchError, InvalidArgumentError, ModelFileError, UnsupportedModelError, first_line
 
 DEFAULT_ATOL = 1e-5
 DEFAULT_RTOL = 1e-4
@@ -402,8 +402,7 @@ def make_session(model, providers=None):
     try:
         sess = ort.InferenceSession(source, so, providers=names)
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelFileError(f"onnxruntime could not load the model: {first}") from None
+        raise ModelFileError(f"onnxruntime could not load the model: {first_line(exc)}") from None
     got = sess.get_providers()
     for n in names:
         if n not in got:

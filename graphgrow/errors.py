@@ -38,3 +38,20 @@ class VerificationError(GraphGrowError):
 
 class ModelFileError(GraphGrowError):
     """A model file is missing, unreadable, truncated or not a valid model."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of ``exc``'s message (its type's name when the message is empty), for one-line errors
+    that quote what a library (onnx, onnxruntime, torch) said."""
+    text = str(exc).strip()
+    return text.splitlines()[0].strip() if text else type(exc).__name__
+
+
+def require_equivalent(check, what: str, report=None) -> None:
+    """Raise :class:`VerificationError` naming the worst output when ``check`` (a CheckReport) did not pass.
+
+    ``what`` names the model (``"widened"``, ``"deepened"``); ``report`` travels with the error."""
+    if not check.passed:
+        w = check.worst
+        raise VerificationError(f"{what} model is not equivalent: output {w.name!r} differs by max_rel "
+                                f"{w.max_rel:.3g} (max_abs {w.max_abs:.3g})", report=report)

@@ -22,16 +22,11 @@ import torch.nn as nn
 from torch.utils._pytree import tree_flatten
 
 from .compare import DEFAULT_ATOL, DEFAULT_RTOL, CheckReport, OutputAccumulator, make_session, resolve_providers
-from .errors import InputMismatchError, InvalidArgumentError, UnsupportedModelError
+from .errors import InputMismatchError, InvalidArgumentError, UnsupportedModelError, first_line
 
 __all__ = ["check", "BACKENDS"]
 
 BACKENDS = ("torch", "onnxruntime")
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0].strip() if text else type(exc).__name__
 
 
 def _as_inputs(inputs) -> tuple:
@@ -121,7 +116,7 @@ def _run_torch(model: nn.Module, args: tuple, which: str) -> list:
         with torch.no_grad(), _FullPrecision():
             out = model(*args)
     except Exception as exc:
-        raise InputMismatchError(f"the inputs do not fit the {which} model: {_first_line(exc)}") from None
+        raise InputMismatchError(f"the inputs do not fit the {which} model: {first_line(exc)}") from None
     return [_to_numpy(t) for t in _tensor_leaves(out)]
 
 
@@ -194,7 +189,7 @@ def _export(model: nn.Module, args: tuple, path: str, opset: int, n_outputs: int
             torch.onnx.export(model, args, path, dynamo=False, opset_version=int(opset), do_constant_folding=True,
                               export_params=True, input_names=input_names, output_names=output_names)
     except Exception as exc:
-        raise UnsupportedModelError(f"could not export {which} model to ONNX: {_first_line(exc)}") from None
+        raise UnsupportedModelError(f"could not export {which} model to ONNX: {first_line(exc)}") from None
     finally:
         if mha is not None:
             mha.set_fastpath_enabled(fastpath)

@@ -16,7 +16,7 @@ import traceback
 import torch
 import torch.fx as fx
 
-from ..errors import TraceError
+from ..errors import TraceError, first_line
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 
@@ -60,11 +60,10 @@ def trace_module(model: torch.nn.Module, max_leaves: int = 64) -> tuple:
         try:
             graph = tracer.trace(model)
         except Exception as exc:  # noqa: BLE001 - any tracing failure is reported
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             stack = tracer.failed_stack or []
             if not stack or stack[-1] in leaves:
                 raise TraceError(
-                    f"torch.fx cannot trace {type(model).__name__}.forward at {_user_line(exc)}: {first}"
+                    f"torch.fx cannot trace {type(model).__name__}.forward at {_user_line(exc)}: {first_line(exc)}"
                 ) from None
             leaves.append(stack[-1])
             continue

@@ -20,7 +20,8 @@ from ..core.labels import LabelOverflow
 from ..core.plan import WidenPlan
 from ..core.report import GrowthReport
 from ..core.sites import GrowOptions
-from ..errors import InputMismatchError, InvalidArgumentError, ModelFileError, UnsupportedModelError, VerificationError
+from ..errors import (InputMismatchError, InvalidArgumentError, ModelFileError, UnsupportedModelError, VerificationError,
+                      first_line, require_equivalent)
 from . import io as _io
 from ..core.label_tensor import LabelTensor
 from ..core.relations import free_upstream
@@ -28,11 +29,6 @@ from .labeling import OnnxLabelRun
 from .ops import FLOAT_TYPES, PLAIN_TYPES
 
 MIN_OPSET = 9
-
-
-def _first_line(exc) -> str:
-    t = str(exc).strip()
-    return t.splitlines()[0] if t else type(exc).__name__
 
 
 def prepare(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -45,7 +41,7 @@ def prepare(model: onnx.ModelProto) -> onnx.ModelProto:
             model = onnx.version_converter.convert_version(model, 13)
         except Exception as exc:  # noqa: BLE001
             raise UnsupportedModelError(f"opset {opset} is older than {MIN_OPSET} and onnx cannot convert it: "
-                                        f"{_first_line(exc)}") from None
+                                        f"{first_line(exc)}") from None
     return model
 
 
@@ -67,7 +63,7 @@ def input_specs(model, shapes: dict | None = None) -> dict:
     known = {i.name for i in graph_inputs(model)}
     for name in shapes:
         if name not in known:
-            raise InvalidArgumentError(f"--shape names {name!r}, which is not an input of the model "
+            raise InvalidArgumentError(f"a shape is given for {name!r}, which is not an input of the model "
                                        f"(inputs: {', '.join(sorted(known))})")
     for inp in graph_inputs(model):
         tt = inp.type.tensor_type
@@ -152,7 +148,7 @@ def check_rewritten(model: onnx.ModelProto, what: str = "rewritten") -> None:
     try:
         onnx.checker.check_model(_light_model(model))
     except Exception as exc:  # noqa: BLE001
-        raise UnsupportedModelError(f"the {what} model fails the ONNX checker: {_first_line(exc)}") from None
+        raise UnsupportedModelError(f"the {what} model fails the ONNX checker: {first_line(exc)}") from None
 
 
 class RecordedShapes(dict):
@@ -235,7 +231,7 @@ def probe_values(model, feeds: dict, names, types: dict | None = None, providers
         try:
             values = sess.run(None, feeds)
         except Exception as exc:  # noqa: BLE001
-            raise InputMismatchError(f"onnxruntime cannot run the model on inputs of these shapes: {_first_line(exc)}") \
+            raise InputMismatchError(f"onnxruntime cannot run the model on inputs of these shapes: {first_line(exc)}") \
                 from None
     return dict(zip(out_names, values))
 
@@ -416,7 +412,7 @@ class ReferenceRun:
                         outputs.append(sess.run(None, f))
                     except Exception as exc:  # noqa: BLE001 - onnxruntime raises several types
                         raise InputMismatchError(f"onnxruntime cannot run the original model on inputs of shape "
-                                                 f"{self.shapes} (set them with --shape): {_first_line(exc)}") from None
+                                                 f"{self.shapes} (set them with --shape): {first_line(exc)}") from None
                 self.outputs = outputs
         except BaseException as exc:  # noqa: BLE001 - handed to the caller by result()
             self._error = exc
@@ -454,7 +450,7 @@ def verify(reference, candidate, specs: dict, *, batches=3, seed=0, atol=DEFAULT
                 cand_out = s_cand.run(None, f)
             except Exception as exc:  # noqa: BLE001
                 raise VerificationError(f"onnxruntime cannot run the rewritten model where the original runs: "
-                                        f"{_first_line(exc)}") from None
+                                        f"{first_line(exc)}") from None
             acc.add(ref_out, cand_out)
         return acc.report("onnxruntime", ref.providers)
 
@@ -523,10 +519,7 @@ def widen_model_serialized(model: onnx.ModelProto, factor: float | None = 1.41, 
         rep = verify(None, out if data is None else data, an.specs, atol=atol, rtol=rtol, providers=providers,
                      reference_run=reference_run)
         report.check = rep
-        if not rep.passed:
-            w = rep.worst
-            raise VerificationError(f"widened model is not equivalent: output {w.name!r} differs by max_rel "
-                                    f"{w.max_rel:.3g} (max_abs {w.max_abs:.3g})", report=report)
+        require_equivalent(rep, "widened", report)
     return out, report, data
 
 

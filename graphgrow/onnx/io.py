@@ -9,14 +9,9 @@ import onnx
 from google.protobuf.unknown_fields import UnknownFieldSet
 from onnx import TensorProto
 
-from ..errors import InvalidArgumentError, ModelFileError
+from ..errors import InvalidArgumentError, ModelFileError, first_line
 
 TWO_GB = 2**31 - 1024 * 1024
-
-
-def _first_line(exc) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 _TAG_LEN = 15  # a field's tag (<= 5 bytes) and length prefix (<= 10 bytes)
@@ -83,7 +78,7 @@ def load_model(path: str, *, check: bool = True) -> onnx.ModelProto:
             data = None
             model = onnx.load(path, load_external_data=False)
     except Exception as exc:  # noqa: BLE001 - protobuf raises several types
-        raise ModelFileError(f"{path} is not a readable ONNX model (truncated or another format): {_first_line(exc)}") \
+        raise ModelFileError(f"{path} is not a readable ONNX model (truncated or another format): {first_line(exc)}") \
             from None
     if model.ir_version == 0 or not model.HasField("graph"):
         raise ModelFileError(f"{path} is not an ONNX model (no graph found)")
@@ -94,7 +89,7 @@ def load_model(path: str, *, check: bool = True) -> onnx.ModelProto:
                 # the file's bytes are the serialized model: check them as they are (no re-serialization)
                 onnx.checker.check_model(path if len(data) > TWO_GB else data)
             except Exception as exc:  # noqa: BLE001
-                raise ModelFileError(f"{path} fails the ONNX checker: {_first_line(exc)}") from None
+                raise ModelFileError(f"{path} fails the ONNX checker: {first_line(exc)}") from None
         return model
     data = None  # (the model's bytes without its external data: not needed further)
     base = os.path.dirname(os.path.abspath(path))
@@ -109,7 +104,7 @@ def load_model(path: str, *, check: bool = True) -> onnx.ModelProto:
     try:
         onnx.load_external_data_for_model(model, base)
     except Exception as exc:  # noqa: BLE001
-        raise ModelFileError(f"{path}: cannot read its external data: {_first_line(exc)}") from None
+        raise ModelFileError(f"{path}: cannot read its external data: {first_line(exc)}") from None
     if check:
         try:
             if not serialized_size_below(model):
@@ -117,7 +112,7 @@ def load_model(path: str, *, check: bool = True) -> onnx.ModelProto:
             else:
                 onnx.checker.check_model(model)
         except Exception as exc:  # noqa: BLE001
-            raise ModelFileError(f"{path} fails the ONNX checker: {_first_line(exc)}") from None
+            raise ModelFileError(f"{path} fails the ONNX checker: {first_line(exc)}") from None
     return model
 
 

@@ -1,7 +1,7 @@
 """`graphgrow check REF.onnx CAND.onnx`: exit codes, table / JSON output, input handling, no torch import.
 
-Models are built with onnx.helper (no torch).  Most cases call ``checkcmd.main`` in-process (fast); a few run
-``python -m graphgrow.onnx.checkcmd`` in a subprocess to see the real stderr / exit status and sys.modules.
+Models are built with onnx.helper (no torch).  Most cases call ``graphgrow.cli.main(["check", ...])`` in-process
+(fast); a few run ``python -m graphgrow check`` in a subprocess to see the real stderr / exit status and sys.modules.
 """
 
 import argparse
@@ -15,7 +15,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from graphgrow.onnx import checkcmd
+from graphgrow import cli
+from graphgrow.cli import check as check_command
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -86,9 +87,9 @@ def models(tmp_path_factory):
 
 
 def run_main(capsys, *argv):
-    """checkcmd.main in-process -> (exit code, stdout, stderr)."""
+    """``graphgrow check`` in-process -> (exit code, stdout, stderr)."""
     try:
-        code = checkcmd.main([str(a) for a in argv])
+        code = cli.main(["check"] + [str(a) for a in argv])
     except SystemExit as exc:  # argparse usage errors
         code = exc.code
     out, err = capsys.readouterr()
@@ -97,7 +98,7 @@ def run_main(capsys, *argv):
 
 def run_cli(*argv):
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    return subprocess.run([sys.executable, "-m", "graphgrow.onnx.checkcmd", *map(str, argv)], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "graphgrow", "check", *map(str, argv)], capture_output=True,
                           text=True, cwd=ROOT, env=env, timeout=120)
 
 
@@ -341,9 +342,9 @@ def test_onnxruntime_run_failure_exit_2(tmp_path):
 
 def test_add_check_parser_wires_subcommand(models, capsys):
     parser = argparse.ArgumentParser(prog="graphgrow")
-    checkcmd.add_check_parser(parser.add_subparsers(dest="command"))
+    check_command.add_parser(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["check", models["ref"], models["same"], "--batches", "1"])
-    assert args.func is checkcmd.run_check
+    assert args.func is check_command.run
     assert args.func(args) == 0
     assert "equivalent" in capsys.readouterr().out
     help_text = parser._subparsers._group_actions[0].choices["check"].format_help()
@@ -358,9 +359,9 @@ class _BlockTorch:
             raise ImportError("torch is blocked in this test")
         return None
 sys.meta_path.insert(0, _BlockTorch())
-sys.argv = ["graphgrow check"] + sys.argv[1:]
+sys.argv = ["graphgrow", "check"] + sys.argv[1:]
 try:
-    runpy.run_module("graphgrow.onnx.checkcmd", run_name="__main__", alter_sys=True)
+    runpy.run_module("graphgrow", run_name="__main__", alter_sys=True)
     code = 0
 except SystemExit as exc:
     code = exc.code

@@ -47,7 +47,7 @@ def _fresh(code):
 
 def test_onnx_path_imports_no_torch():
     code = ("import sys, graphgrow, graphgrow.onnx, graphgrow.cli, graphgrow.compare\n"
-            "import graphgrow.onnx.engine, graphgrow.onnx.deepen\n"
+            "import graphgrow.onnx.engine, graphgrow.onnx.deepening, graphgrow.onnx.api\n"
             "bad = sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.'))\n"
             "print(len(bad))")
     r = _fresh(code)

@@ -14,8 +14,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from graphgrow import models
 from graphgrow.compare import make_session
-from graphgrow.onnx.deepen import deepen_model, nonneg_signs
-from graphgrow.onnx.engine import widen_model
+import graphgrow.onnx as gonnx
+from graphgrow.onnx.deepening import nonneg_signs
 from test_onnx_models import export
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -55,7 +55,8 @@ def test_paper_deeper_inception_cli(inception_file, tmp_path):
     assert [tuple(map(tuple, i["kernels"])) for i in rep["insertions"]] == [((3, 1), (1, 3), (3, 1), (1, 3))] * 9
     assert _cli("check", inception_file, out).returncode == 0
     # the deepened file widens too (widen after deepen), and stays equivalent to the original
-    wide, wrep = widen_model(deep, 1.5)
+    wrep = gonnx.widen(deep, 1.5)
+    wide = wrep.model
     assert wrep.check.passed and len(wrep.widened) > 30
     feeds = {src.graph.input[0].name: np.random.default_rng(0).standard_normal(
         (1, 3, 32, 32)).astype(np.float32)}
@@ -90,7 +91,8 @@ def test_torchvision_block_kinds_onnx(name):
     src = export(torchvision.models.get_model(name, num_classes=10, **kw), (torch.randn(1, 3, size, size),), False)
     before = src.SerializeToString()
     for block, after, kernel in cases:
-        deep, rep = deepen_model(src, after=after, block=block, kernel=kernel)
+        rep = gonnx.deepen(src, after=after, block=block, kernel=kernel)
+        deep = rep.model
         assert rep.check.passed and rep.check.worst.max_rel <= 1e-4, (block, after)
         assert [i.block for i in rep.insertions] == [block] and rep.params_after > rep.params_before
         onnx.checker.check_model(deep)
@@ -103,14 +105,17 @@ def test_dynamo_export_and_graph_output():
     torchvision = pytest.importorskip("torchvision")
     src = export(torchvision.models.resnet18(num_classes=10), (torch.randn(1, 3, 32, 32),), True)
     relus = [n.name for n in src.graph.node if n.op_type == "Relu"]
-    deep, rep = deepen_model(src, after=[relus[0], relus[-1]], kernel="1x3+3x1")
+    rep = gonnx.deepen(src, after=[relus[0], relus[-1]], kernel="1x3+3x1")
+    deep = rep.model
     assert len(rep.insertions) == 2 and rep.check.passed
     # a block on the graph output itself: the output keeps its name
     out_name = src.graph.output[0].name
-    deep, rep = deepen_model(src, after=out_name, block="residual")
+    rep = gonnx.deepen(src, after=out_name, block="residual")
+    deep = rep.model
     assert deep.graph.output[0].name == out_name and rep.check.passed and rep.insertions[0].form == "linear"
     # and on the graph input: the consumers are rewired
-    deep, rep = deepen_model(src, after=src.graph.input[0].name, block="conv-bn")
+    rep = gonnx.deepen(src, after=src.graph.input[0].name, block="conv-bn")
+    deep = rep.model
     assert rep.check.passed and "may be negative" in rep.insertions[0].nonneg_reason
 
 
@@ -178,9 +183,10 @@ def test_deepen_does_not_import_torch(inception_file, tmp_path):
 
 def test_widen_then_deepen_onnx():
     src = export(models.resnet_small(), models.example_inputs("resnet_small", batch=1), False)
-    wide, _ = widen_model(src, 1.5)
+    wide = gonnx.widen(src, 1.5).model
     relu = [n.name for n in wide.graph.node if n.op_type == "Relu"][3]
-    deep, rep = deepen_model(wide, after=relu, kernel="1x3+3x1")
+    rep = gonnx.deepen(wide, after=relu, kernel="1x3+3x1")
+    deep = rep.model
     assert rep.check.passed and rep.insertions[0].channels == 24  # 16 x 1.5
     feeds = {src.graph.input[0].name: np.random.default_rng(1).standard_normal((1, 3, 32, 32)).astype(np.float32)}
     a = make_session(src.SerializeToString()).run(None, feeds)[0]

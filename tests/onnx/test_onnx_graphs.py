@@ -5,7 +5,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from graphgrow.onnx.engine import analyze_model, widen_model
+import graphgrow.onnx as gonnx
 
 RNG = np.random.default_rng(0)
 
@@ -60,7 +60,8 @@ def test_conv_bn_relu_residual_concat(opset):
     inits = [init("w1", W(6, 3, 1, 1)), init("b1", W(6)), init("s", W(6)), init("bb", W(6)), init("m", W(6)),
              init("v", np.abs(W(6)) + 0.5), init("w2", W(6, 6, 3, 3)), init("w3", W(5, 3, 1, 1)), init("b3", W(5))]
     m = make(n + hn, inits + hi, opset)
-    wide, rep = widen_model(m, 1.5)
+    rep = gonnx.widen(m, 1.5)
+    wide = rep.model
     assert rep.check.passed and rep.check.worst.max_rel < 1e-5
     assert widths(rep)["c1"] == (6, 9) and widths(rep)["c2"] == (6, 9) and widths(rep)["c3"] == (5, 8)
     onnx.checker.check_model(wide)
@@ -85,7 +86,7 @@ def test_split_variants(opset):
          conv("ca", "s0", "wa", None, "pa"), conv("cb", "s1", "wb", None, "pb"),
          helper.make_node("Add", ["pa", "pb"], ["z"])]
     hn, hi = head("z", 5, opset)
-    wide, rep = widen_model(make(n + hn, inits + hi, opset), 1.5)
+    rep = gonnx.widen(make(n + hn, inits + hi, opset), 1.5)
     assert rep.check.passed
     assert widths(rep)["c1"][1] > 12
 
@@ -102,7 +103,7 @@ def test_slice_variants(opset):
     n = [conv("c1", "x", "w1", "b1", "a")] + sl + [conv("c2", "s", "w2", None, "z")]
     hn, hi = head("z", 4, opset)
     inits += [init("w1", W(8, 3, 1, 1)), init("b1", W(8)), init("w2", W(4, 5, 1, 1))]
-    wide, rep = widen_model(make(n + hn, inits + hi, opset), 2.0)
+    rep = gonnx.widen(make(n + hn, inits + hi, opset), 2.0)
     assert rep.check.passed
     if opset >= 10:
         assert widths(rep)["c1"] == (8, 16)  # slice bounds rewritten
@@ -122,7 +123,7 @@ def test_gemm_matmul_add_flatten(trans_b):
          helper.make_node("MatMul", ["t", "w3"], ["y"], name="fc3")]
     inits = [init("w1", w1), init("b1", W(8)), init("w2", W(8, 6)), init("b2", W(6)), init("w3", W(6, 2))]
     m = make(n, inits, 13, inputs=(("x", [2, 3, 4, 4]),), out=("y", [2, 2]))
-    wide, rep = widen_model(m, 1.5)
+    rep = gonnx.widen(m, 1.5)
     assert rep.check.passed and widths(rep)["fc1"] == (8, 12) and widths(rep)["fc2"] == (6, 9)
 
 
@@ -141,7 +142,7 @@ def test_initializers_as_inputs_constant_nodes_and_folded_weights():
              init("w2shape", np.array([4, 6, 1, 1], np.int64))]
     extra = [helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in inits + hi]
     m = make(n + hn, inits + hi, 13, ir=3, extra_inputs=extra)
-    wide, rep = widen_model(m, 1.5)
+    rep = gonnx.widen(m, 1.5)
     assert rep.check.passed and widths(rep)["c1"] == (6, 9)
 
 
@@ -153,7 +154,7 @@ def test_names_with_slashes_colons_and_tied_weights():
     hn, hi = head("d", 4, 13)
     inits = [init("w/shared:0", W(4, 3, 1, 1)), init("w2", W(4, 4, 1, 1)), init("w3", W(4, 4, 1, 1)),
              init("b/zero", np.zeros(4, np.float32))]
-    wide, rep = widen_model(make(n + hn, inits + hi, 13), 1.5)
+    rep = gonnx.widen(make(n + hn, inits + hi, 13), 1.5)
     assert rep.check.passed
     assert all(w[1] == 6 for k, w in widths(rep).items() if k != "head")
 
@@ -164,7 +165,8 @@ def test_tied_weight_matrices_stay_consistent_or_frozen():
          conv("c3", "rb", "wt", None, "c")]  # one weight used by two convs: a real tie
     hn, hi = head("c", 4, 13)
     inits = [init("w1", W(4, 3, 1, 1)), init("wt", W(4, 4, 1, 1))]
-    wide, rep = widen_model(make(n + hn, inits + hi, 13), 1.5)
+    rep = gonnx.widen(make(n + hn, inits + hi, 13), 1.5)
+    wide = rep.model
     assert rep.check.passed
     users = [nd for nd in wide.graph.node if nd.op_type == "Conv" and nd.name in ("c2", "c3")]
     assert users[0].input[1] == users[1].input[1]  # still one tensor, never half-widened
@@ -188,7 +190,7 @@ def test_squeeze_unsqueeze_prelu_se_gate(opset):
     inits = [init("w1", W(6, 3, 3, 3)), init("slope", W(6, 1, 1)), init("fw", W(6, 6)), init("fb", W(6))]
     if opset >= 13:
         inits.append(init("axes", np.array([2, 3], np.int64)))
-    wide, rep = widen_model(make(n + hn, inits + hi, opset), 1.5)
+    rep = gonnx.widen(make(n + hn, inits + hi, opset), 1.5)
     assert rep.check.passed and widths(rep)["c1"] == (6, 9)
 
 
@@ -202,10 +204,10 @@ def test_unknown_op_on_channel_path_freezes_and_layernorm_mixes():
     inits = [init("w1", W(4, 3, 1, 1)), init("axis", np.array(1, np.int64)), init("w2", W(5, 4, 1, 1)),
              init("w3", W(4, 5, 1, 1))]
     m = make(n + hn, inits + hi, 17)
-    rep, _ = analyze_model(m)
+    rep = gonnx.analyze(m)
     c1 = next(s for s in rep.spaces if s.name == "c1")
     assert c1.frozen_reasons and "CumSum" in c1.frozen_reasons[0]
-    wide, rep = widen_model(m, 1.5)
+    rep = gonnx.widen(m, 1.5)
     assert rep.check.passed and widths(rep)["c1"] == (4, 4) and widths(rep)["c2"] == (5, 8)
 
 
@@ -217,7 +219,7 @@ def test_bad_opset_domain_is_refused():
     import graphgrow
 
     with pytest.raises(graphgrow.GraphGrowError):
-        widen_model(m, 1.5)
+        gonnx.widen(m, 1.5)
 
 
 def test_check_rewritten_checks_structure_without_the_weights():
@@ -291,7 +293,8 @@ def test_channels_last_transposes_and_token_streams(batch):
              init("tok_shape", np.array([batch, 64, 6], np.int64)), init("wl", W(6, 5)),
              init("hw", W(4, 5)), init("hb", W(4))]
     m = make(n, inits, 13, inputs=(("x", [batch, 8, 8, 3]),), out=("y", [batch, 4]))
-    wide, rep = widen_model(m, 1.5)
+    rep = gonnx.widen(m, 1.5)
+    wide = rep.model
     assert rep.check.passed and rep.check.worst.max_rel < 1e-5
     assert widths(rep)["c1"] == (6, 9) and widths(rep)["lin"] == (5, 8)
     onnx.checker.check_model(wide)
@@ -330,5 +333,5 @@ def test_transpose_with_the_default_perm():
     inits = [init("w1", W(7, 3 * 8 * 8)), init("b1", W(7)), init("scale", W(7, 1)), init("hw", W(4, 7)),
              init("hb", W(4))]
     m = make(n, inits, 13)
-    wide, rep = widen_model(m, 1.5)
+    rep = gonnx.widen(m, 1.5)
     assert rep.check.passed and rep.check.worst.max_rel < 1e-5 and widths(rep)["fc1"] == (7, 10)

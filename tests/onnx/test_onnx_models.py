@@ -9,7 +9,7 @@ import pytest
 torch = pytest.importorskip("torch", reason="exports its test models with torch")
 
 from graphgrow import models
-from graphgrow.onnx.engine import widen_model
+import graphgrow.onnx as gonnx
 
 TV = ["resnet18", "resnext50_32x4d", "googlenet", "inception_v3", "densenet121", "mobilenet_v2",
       "mobilenet_v3_small", "efficientnet_b0", "squeezenet1_1", "regnet_y_400mf", "shufflenet_v2_x0_5",
@@ -46,7 +46,8 @@ def _assert_exact_and_widened(rep, frozen_ok=None, max_frozen=0):
 @pytest.mark.parametrize("name", list(models.ZOO))
 def test_zoo_onnx(name, dynamo):
     m = models.ZOO[name].build()
-    wide, rep = widen_model(export(m, models.example_inputs(name, batch=1), dynamo), 1.5)
+    rep = gonnx.widen(export(m, models.example_inputs(name, batch=1), dynamo), 1.5)
+    wide = rep.model
     _assert_exact_and_widened(rep)
     assert rep.params_after > 1.9 * rep.params_before
     onnx.checker.check_model(wide)
@@ -62,6 +63,6 @@ def test_torchvision_onnx(name, dynamo):
     kw = dict(aux_logits=False, init_weights=True) if name in ("googlenet", "inception_v3") else {}
     m = torchvision.models.get_model(name, num_classes=10, **kw)
     s = SIZE.get(name, 64)
-    wide, rep = widen_model(export(m, (torch.randn(1, 3, s, s),), dynamo), 1.5)
+    rep = gonnx.widen(export(m, (torch.randn(1, 3, s, s),), dynamo), 1.5)
     shuffle = name.startswith("shufflenet")
     _assert_exact_and_widened(rep, _shuffle_limit if shuffle else None, max_frozen=9 if shuffle else 0)

@@ -1,4 +1,4 @@
-"""Net2DeeperNet on ONNX graphs and the ``graphgrow deepen`` command (no torch import).
+"""Net2DeeperNet on ONNX graphs (no torch import); the library behind ``graphgrow deepen``.
 
 A block goes on one value ``t``: its producer now writes ``t`` under a new name, the block reads that and writes
 ``t``, so every consumer (and a graph output of that name) reads the block without being touched.  On a graph
@@ -16,7 +16,7 @@ from onnx import helper, numpy_helper
 from ..compare import DEFAULT_ATOL, DEFAULT_RTOL, random_feeds
 from ..core import deepen as core
 from ..core.deepen import Insertion, Sign
-from ..errors import InvalidArgumentError, VerificationError
+from ..errors import InvalidArgumentError, require_equivalent
 from .engine import check_rewritten, count_params, graph_inputs, input_specs, prepare, probe_values, verify
 
 # ------------------------------------------------------------------------------------------- non-negativity (ONNX)
@@ -275,60 +275,8 @@ def deepen_model(model: onnx.ModelProto, *, after, block: str = "conv-bn-relu", 
         rep = verify(src, out, specs, batches=batches, seed=seed, atol=atol, rtol=rtol, providers=providers,
                      feeds=feeds)
         report.check = rep
-        if not rep.passed:
-            w = rep.worst
-            raise VerificationError(f"deepened model is not equivalent: output {w.name!r} differs by max_rel "
-                                    f"{w.max_rel:.3g} (max_abs {w.max_abs:.3g})", report=report)
+        require_equivalent(rep, "deepened", report)
     return out, report
 
 
-# ------------------------------------------------------------------------------------------------------- the CLI
-
-def run_deepen(args) -> int:
-    from .commands import _progress, _shapes, _write_report, default_output, not_equivalent
-    from .io import check_output_path, load_model, save_model
-
-    say = _progress(args)
-    out_path = check_output_path(args.output or default_output(args.input, "deep"), args.input)
-    shapes = _shapes(args)
-    kernel = int(args.kernel) if re.fullmatch(r"\s*-?\d+\s*", args.kernel) else args.kernel
-    say(f"loading {args.input} ...")
-    model = load_model(args.input)
-    try:
-        deep, report = deepen_model(model, after=args.after, block=args.block, kernel=kernel, seed=args.seed,
-                                    shapes=shapes, check=not args.no_check, atol=args.atol, rtol=args.rtol,
-                                    batches=args.batches, providers=args.provider, progress=say)
-    except VerificationError as exc:
-        return not_equivalent(args, exc)
-    say(f"writing {out_path} ...")
-    written = save_model(deep, out_path)
-    if args.report:
-        _write_report(args.report, report)
-    print(report.summary())
-    for ins in report.insertions[:20]:
-        k = "+".join("x".join(map(str, k)) for k in ins.kernels) if ins.kernels else "-"
-        print(f"  {ins.block:13s} kernel {k:12s} {ins.channels:5d} ch  after {ins.after}")
-    if len(report.insertions) > 20:
-        print(f"  ... and {len(report.insertions) - 20} more")
-    if report.check is None:
-        print("  not verified (--no-check)")
-    print(f"wrote {', '.join(written)}")
-    return 0
-
-
-def add_deepen_parser(sub) -> None:
-    from .commands import add_rewrite_options
-
-    d = sub.add_parser("deepen", help="deepen an ONNX model (Net2DeeperNet), verify it in onnxruntime, write it")
-    d.add_argument("input", metavar="IN.onnx")
-    d.add_argument("--after", required=True, metavar="REGEX",
-                   help="node or value names (the whole name must match) whose output gets a block")
-    d.add_argument("--block", choices=list(core.BLOCKS), default="conv-bn-relu",
-                   help="conv-bn-relu (only after provably non-negative values), conv-bn, linear, residual")
-    d.add_argument("--kernel", default="3", help="odd kernel size or a factorized chain like 1x3+3x1 (default 3)")
-    d.add_argument("-o", "--output", metavar="OUT.onnx", help="output path (default IN.deep.onnx)")
-    add_rewrite_options(d)
-    d.set_defaults(func=run_deepen)
-
-
-__all__ = ["deepen_model", "nonneg_signs", "add_deepen_parser"]
+__all__ = ["deepen_model", "nonneg_signs", "insertion_candidates"]

@@ -1,0 +1,49 @@
+"""``graphgrow deepen IN.onnx --after REGEX``: Net2DeeperNet on an ONNX file, verified, written atomically."""
+
+from __future__ import annotations
+
+import re
+
+from .. import onnx as gonnx
+from ..core.deepen import BLOCKS
+from ..errors import VerificationError
+from . import exit_codes, options
+
+
+def run(args) -> int:
+    say = options.progress(args)
+    out_path = options.output_paths(args, "deep")
+    kernel = int(args.kernel) if re.fullmatch(r"\s*-?\d+\s*", args.kernel) else args.kernel
+    try:
+        result = gonnx.deepen(args.input, after=args.after, block=args.block, kernel=kernel, seed=args.seed,
+                              shapes=options.shapes(args), check=not args.no_check, atol=args.atol, rtol=args.rtol,
+                              batches=options.batches(args.batches), providers=options.providers(args.provider), progress=say)
+    except VerificationError as exc:
+        return options.not_equivalent(args, exc)
+    say(f"writing {out_path} ...")
+    written = result.save(out_path)
+    if args.report:
+        options.write_report(args.report, result)
+    print(result.summary())
+    for ins in result.insertions[:20]:
+        k = "+".join("x".join(map(str, k)) for k in ins.kernels) if ins.kernels else "-"
+        print(f"  {ins.block:13s} kernel {k:12s} {ins.channels:5d} ch  after {ins.after}")
+    if len(result.insertions) > 20:
+        print(f"  ... and {len(result.insertions) - 20} more")
+    if result.check is None:
+        print("  not verified (--no-check)")
+    print(f"wrote {', '.join(written)}")
+    return exit_codes.OK
+
+
+def add_parser(sub) -> None:
+    d = sub.add_parser("deepen", help="deepen an ONNX model (Net2DeeperNet), verify it in onnxruntime, write it")
+    d.add_argument("input", metavar="IN.onnx")
+    d.add_argument("--after", required=True, metavar="REGEX",
+                   help="node or value names (the whole name must match) whose output gets a block")
+    d.add_argument("--block", choices=list(BLOCKS), default="conv-bn-relu",
+                   help="conv-bn-relu (only after provably non-negative values), conv-bn, linear, residual")
+    d.add_argument("--kernel", default="3", help="odd kernel size or a factorized chain like 1x3+3x1 (default 3)")
+    d.add_argument("-o", "--output", metavar="OUT.onnx", help="output path (default IN.deep.onnx)")
+    options.add_rewrite_options(d)
+    d.set_defaults(func=run)
