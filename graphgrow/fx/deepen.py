@@ -21,7 +21,8 @@ from torch.utils._pytree import tree_flatten
 from ..core import deepen as core
 from ..core.deepen import Insertion, Sign
 from ..errors import InputMismatchError, InvalidArgumentError
-from .engine import _TrainingFlags, as_input_tuple, count_params
+from .engine import as_input_tuple, count_params
+from .shapes import TrainingFlags
 from .trace import trace_module
 
 
@@ -394,7 +395,7 @@ def deepen_module(model: nn.Module, *, after, block: str = "conv-bn-relu", kerne
     batches = _calibration_batches(calibrate, len(inputs)) if calibrate is not None else None
     work = copy.deepcopy(model)
     gm, _leaves = trace_module(work)
-    with _TrainingFlags(gm), torch.no_grad():
+    with TrainingFlags(gm), torch.no_grad():
         try:
             ShapeProp(gm).propagate(*inputs)
         except Exception as exc:  # noqa: BLE001 - user input problem

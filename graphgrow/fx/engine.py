@@ -8,33 +8,18 @@ import numpy as np
 import torch
 import torch.fx as fx
 import torch.nn as nn
-from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils._pytree import tree_flatten
 
 from ..core.labels import LabelOverflow
 from ..core.relations import free_upstream
 from ..core.sites import GrowOptions
 from ..core.growth import grow
 from ..core.label_tensor import LabelTensor
-from ..errors import InputMismatchError, InvalidArgumentError
-from .labeling import FxLabelRun, TensorMeta
+from ..errors import InvalidArgumentError
+from .labeling import FxLabelRun
+from .shapes import record_shapes
 from .trace import trace_module
 
-
-
-class _MetaRecorder(fx.Interpreter):
-    """Run the original graph once, keeping shapes of tensors and values of everything else."""
-
-    def __init__(self, gm):
-        super().__init__(gm)
-        self.meta = {}
-
-    def run_node(self, n):
-        out = super().run_node(n)
-        self.meta[n] = tree_map(lambda v: TensorMeta(tuple(v.shape), v.dtype) if isinstance(v, torch.Tensor) else v,
-                                out)
-        if n.op == "get_attr" and isinstance(out, torch.Tensor):
-            self.meta[n] = TensorMeta(tuple(out.shape), out.dtype)
-        return out
 
 
 def as_input_tuple(example_inputs) -> tuple:
@@ -45,21 +30,6 @@ def as_input_tuple(example_inputs) -> tuple:
     if isinstance(example_inputs, (list, tuple)):
         return tuple(example_inputs)
     raise InvalidArgumentError(f"example_inputs must be a tensor or a tuple of tensors, not {type(example_inputs).__name__}")
-
-
-class _TrainingFlags:
-    """Put a model in eval mode for the duration of a block and restore every flag."""
-
-    def __init__(self, model):
-        self.model = model
-
-    def __enter__(self):
-        self.flags = {m: m.training for m in self.model.modules()}
-        self.model.eval()
-
-    def __exit__(self, *exc):
-        for m, f in self.flags.items():
-            m.training = f
 
 
 def count_params(model: nn.Module) -> int:
@@ -75,14 +45,7 @@ class Analysis:
         self.model = model
         self.inputs = as_input_tuple(example_inputs)
         self.gm, self.leaves = trace_module(model)
-        with _TrainingFlags(self.gm), torch.no_grad():
-            rec = _MetaRecorder(self.gm)
-            try:
-                rec.run(*self.inputs)
-            except Exception as exc:  # noqa: BLE001 - user input problem
-                msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                raise InputMismatchError(f"the example inputs do not fit the model: {msg}") from None
-        self.meta = rec.meta
+        self.meta = record_shapes(self.gm, self.inputs)
         try:
             self.run = FxLabelRun(self.gm, self.meta).run(self.inputs)
         except LabelOverflow as exc:
@@ -106,24 +69,25 @@ def plan_and_apply(an: Analysis, targets: dict, options: GrowOptions, seed: int,
     return grow(an.constraints, targets, seed, attempt, upstream, progress)
 
 
-def _set_tensor(mod: nn.Module, name: str, value: np.ndarray):
-    old = getattr(mod, name)
+def _new_tensor(old: torch.Tensor, value: np.ndarray) -> torch.Tensor:
     new = torch.from_numpy(np.ascontiguousarray(value)).to(dtype=old.dtype, device=old.device)
-    if isinstance(old, nn.Parameter):
-        setattr(mod, name, nn.Parameter(new, requires_grad=old.requires_grad))
-    else:
-        mod._buffers[name] = new
+    return nn.Parameter(new, requires_grad=old.requires_grad) if isinstance(old, nn.Parameter) else new
 
 
 def rebuild(an: Analysis, run: FxLabelRun) -> nn.Module:
     """Deep copy of the user's model with resized layers (a GraphModule if constants changed)."""
+    # the deep copy takes the new tensors in place of the ones they replace (never cloned: the memo
+    # maps each replaced tensor to its successor)
     memo = {}
+    originals = dict(an.model.named_modules())
+    for name, upd in run.updates.items():
+        for t, v in upd.tensors.items():
+            old = getattr(originals[name], t)
+            memo[id(old)] = _new_tensor(old, v)
     new_model = copy.deepcopy(an.model, memo)
     modules = dict(new_model.named_modules())
     for name, upd in run.updates.items():
         mod = modules[name]
-        for t, v in upd.tensors.items():
-            _set_tensor(mod, t, v)
         for a, v in upd.attrs.items():
             if hasattr(mod, a):
                 setattr(mod, a, v)

@@ -29,16 +29,7 @@ from ..errors import GraphGrowError
 from . import ops
 from .moves import MoveReplay, label_leaves
 from .ops import describe, qualified_name
-
-
-class TensorMeta:
-    """Shape and dtype of a tensor of the original run (a pytree leaf, unlike a namedtuple)."""
-
-    __slots__ = ("shape", "dtype")
-
-    def __init__(self, shape, dtype):
-        self.shape = tuple(shape)
-        self.dtype = dtype
+from .shapes import TensorMeta
 
 
 @dataclass

@@ -1,0 +1,87 @@
+"""Shapes of every node of a traced graph on the example inputs: torch.fx's ShapeProp, on the meta device.
+
+Widening and deepening need the shape (and dtype) of every tensor of the original run, and the Python
+values computed from them (``x.size(1)``, ``x.shape``).  :func:`record_shapes` runs torch.fx's
+:class:`~torch.fx.passes.shape_prop.ShapeProp` with the parameters, buffers and inputs swapped for
+meta tensors (no arithmetic, no memory), so recording costs a graph walk, not a forward pass; a graph
+that cannot run on meta tensors (data-dependent Python, ops without meta kernels, tensors held as plain
+attributes) runs once for real instead.  Either way ``node.meta["tensor_meta"]`` is set, as ShapeProp
+does, and the returned dict holds what the label run reads.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+from torch.fx.passes.shape_prop import ShapeProp
+from torch.nn.utils.stateless import _reparametrize_module
+from torch.utils._pytree import tree_map
+
+from ..errors import InputMismatchError, first_line
+
+
+class TensorMeta:
+    """Shape and dtype of a tensor of the original run (a pytree leaf, unlike a namedtuple)."""
+
+    __slots__ = ("shape", "dtype")
+
+    def __init__(self, shape, dtype):
+        self.shape = tuple(shape)
+        self.dtype = dtype
+
+
+def _tensor_meta(v):
+    return TensorMeta(tuple(v.shape), v.dtype) if isinstance(v, torch.Tensor) else v
+
+
+class _Recorder(ShapeProp):
+    def __init__(self, gm):
+        super().__init__(gm)
+        self.values: dict = {}
+
+    def run_node(self, n):
+        out = super().run_node(n)
+        self.values[n] = tree_map(_tensor_meta, out)
+        return out
+
+
+class TrainingFlags:
+    """Put a model in eval mode for the duration of a block and restore every flag."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __enter__(self):
+        self.flags = {m: m.training for m in self.model.modules()}
+        self.model.eval()
+
+    def __exit__(self, *exc):
+        for m, f in self.flags.items():
+            m.training = f
+
+
+def _on_meta(gm: fx.GraphModule, inputs: tuple) -> dict:
+    state = {k: torch.empty_like(v, device="meta")
+             for k, v in list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False))}
+    meta_inputs = tree_map(lambda v: v.to("meta") if isinstance(v, torch.Tensor) else v, inputs)
+    rec = _Recorder(gm)
+    with _reparametrize_module(gm, state, tie_weights=True):
+        rec.propagate(*meta_inputs)
+    return rec.values
+
+
+def record_shapes(gm: fx.GraphModule, inputs: tuple) -> dict:
+    """node -> :class:`TensorMeta` (tensors) or the value itself (anything else), in eval mode.
+
+    Raises :class:`InputMismatchError` when the inputs do not fit the model."""
+    with TrainingFlags(gm), torch.no_grad():
+        try:
+            return _on_meta(gm, inputs)
+        except Exception:  # noqa: BLE001 - not runnable on meta tensors: run it for real
+            pass
+        rec = _Recorder(gm)
+        try:
+            rec.propagate(*inputs)
+        except Exception as exc:  # noqa: BLE001 - user input problem
+            raise InputMismatchError(f"the example inputs do not fit the model: {first_line(exc)}") from None
+        return rec.values
