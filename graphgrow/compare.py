@@ -118,6 +118,7 @@ class CheckReport:
     float64: "CheckReport | None" = None  # the float64 re-check after a failed float32 one (it decides), if run
     floor32: float | None = None  # worst max_rel of the reference's float32 outputs against its float64 ones
     recheck_note: str = ""  # why a failed float32 check was not re-checked in float64
+    float64_cast: bool = False  # the float64 candidate is the float32 one cast (its weight rounding counts as error)
 
     @property
     def float32_passed(self) -> bool:
@@ -128,7 +129,10 @@ class CheckReport:
     def decided_by(self) -> str:
         """``"float64"`` when a float64 re-check decides the verdict, else ``"float32"``."""
         if self.float64 is not None and not any(o.note for o in self.outputs):
-            return "float64"
+            # a cast float32 candidate carries its weights' rounding: its float64 figure can pass a model
+            # (then nothing but arithmetic rounding is left) but cannot tell a failure from that rounding
+            if not self.float64_cast or self.float64.float32_passed:
+                return "float64"
         return "float32"
 
     @property
@@ -193,7 +197,8 @@ class CheckReport:
         if not self.float32_passed:
             if self.float64 is not None:
                 w64 = self.float64.worst
-                head += (f"; float64 re-check max_rel {w64.max_rel:.1e} (rtol {self.float64.rtol:.0e}, "
+                head += (f"; float64 re-check{' (float32 weights cast)' if self.float64_cast else ''} max_rel "
+                         f"{w64.max_rel:.1e} (rtol {self.float64.rtol:.0e}, "
                          f"{'within' if self.float64.float32_passed else 'over'})")
             if self.floor32 is not None:
                 head += f"; original's float32-vs-float64 max_rel {self.floor32:.1e}"
@@ -215,6 +220,8 @@ class CheckReport:
                 else _json_float(self.float64.worst.max_rel),
                 "float64": None if self.float64 is None else self.float64.to_dict(),
                 "float32_floor": None if self.floor32 is None else _json_float(self.floor32),
+                "float64_weights": None if self.float64 is None else ("float32 cast" if self.float64_cast
+                                                                      else "re-derived in float64"),
                 "recheck_note": self.recheck_note}
 
     def table(self) -> str:
@@ -373,12 +380,13 @@ class OutputAccumulator:
 
 
 def attach_float64(report: CheckReport, ref64: Sequence, cand64: Sequence | None, ref32: Sequence | None = None,
-                   rtol64: float = RTOL64) -> CheckReport:
+                   rtol64: float = RTOL64, cast: bool = False) -> CheckReport:
     """Attach a float64 re-check to ``report`` (a failed float32 comparison), in place; returns it.
 
     ``ref64`` / ``cand64``: per batch, the float64 outputs of the reference and of the candidate (None: the
     candidate could not be re-run, only the floor is measured); ``ref32``: per batch, the reference's float32
-    outputs on the same inputs, for ``floor32``."""
+    outputs on the same inputs, for ``floor32``; ``cast``: the float64 candidate is the float32 one cast."""
+    report.float64_cast = bool(cast)
     names = [o.name for o in report.outputs]
     if cand64 is not None:
         acc = OutputAccumulator(names, 0.0, rtol64)

@@ -268,7 +268,8 @@ def _recheck64(report: CheckReport, reference: nn.Module, candidate: nn.Module, 
         ref64 = copy.deepcopy(reference).double()
         if callable(candidate64) and not isinstance(candidate64, nn.Module):
             candidate64 = candidate64()
-        if candidate64 is None:  # both models as they are, cast: float32 weight rounding stays in the figure
+        cast = candidate64 is None
+        if cast:  # both models as they are, cast: float32 weight rounding stays in the figure
             cand64 = copy.deepcopy(candidate).double()
         else:
             cand64 = candidate64
@@ -280,7 +281,7 @@ def _recheck64(report: CheckReport, reference: nn.Module, candidate: nn.Module, 
     except Exception as exc:  # noqa: BLE001 - the float32 verdict stands
         report.recheck_note = f"the float64 re-run failed: {_first_line(exc)}"
         return
-    attach_float64(report, r64, c64, r32, rtol64)
+    attach_float64(report, r64, c64, r32, rtol64, cast=cast)
 
 
 def check(reference: nn.Module, candidate: nn.Module, inputs=None, *, atol: float = DEFAULT_ATOL,

@@ -379,6 +379,7 @@ def check_onnx_files(reference: str, candidate: str, *, inputs: str | None = Non
     cand_sess = _session(candidate, "candidate", providers)
 
     acc.names = ref_out
+    used = []
     for i in range(int(batches)):
         if i == 0 and npz is not None:
             feeds = {s.name: npz[s.name] for s in specs}
@@ -390,7 +391,13 @@ def check_onnx_files(reference: str, candidate: str, *, inputs: str | None = Non
         r = _run(ref_sess, feeds, "reference", reference, i + 1)
         c = _run(cand_sess, feeds, "candidate", candidate, i + 1)
         acc.add(r, c)
+        used.append((feeds, r))
     report = acc.report(backend="onnxruntime", providers=providers)
+    if not report.float32_passed:  # rounding or error: float64 copies of both files decide (graphgrow.onnx.precision)
+        from .precision import recheck
+
+        _progress(progress, "float32 outputs differ: re-checking in float64")
+        recheck(report, reference, candidate, [f for f, _ in used], [r for _, r in used], providers=providers)
     return report, concrete
 
 
