@@ -23,6 +23,22 @@ Over several batches the errors take the max over batches and the cosine the
 min.  An output passes when ``max_abs <= atol or max_rel <= rtol`` and it has
 no mismatch of the kinds above.
 
+Rounding or error: when a float32 comparison fails, the frontends may re-check
+in float64 (:attr:`CheckReport.float64`, a report of its own with tolerance
+``RTOL64``) and the float64 figure decides, provided the float32 outputs had no
+mismatch of the kinds above (a NaN or shape difference in float32 is a fault
+of the float32 model whatever float64 says).  ``RTOL64 = 1e-9``: float64
+rounds 2**29 (5.4e8) times finer than float32, so a float64 error of 1e-9
+relative to the output scale corresponds to a float32 rounding error of about
+0.5, an output without meaning; no model whose float32 outputs mean anything
+rounds that much in float64.  Measured: correct widenings in float64 sit at
+1e-15..1e-12 (timm regnetz_b16 with randomized BN statistics, x1.5 at
+1x3x64x64: float32 3.7e-4 against the original's own float32 error 3.0e-4,
+float64 3.6e-13), while scaling one consumer column by 1.001 moves the output
+by 3.5e-4..0.37 in the tests, the same in float32 and float64.  ``floor32`` is the
+reference's own float32 vs float64 difference (worst max_rel), the rounding a
+float32 run of the unchanged model already carries.
+
 onnxruntime sessions are built with ``ORT_ENABLE_ALL`` (onnxruntime's default
 graph optimizations, i.e. what a deployed model runs with).  Measured on
 torchvision resnet18 (random init, 1x3x64x64, 4 seeds x 3 batches, CPU) the
@@ -45,8 +61,9 @@ from .errors import InputMismatchError, InvalidArgumentError, ModelFileError, Un
 
 DEFAULT_ATOL = 1e-5
 DEFAULT_RTOL = 1e-4
+RTOL64 = 1e-9  # float64 re-check tolerance, relative to max|reference| (see the module docstring)
 
-__all__ = ["DEFAULT_ATOL", "DEFAULT_RTOL", "OutputDiff", "CheckReport", "OutputAccumulator", "compare_outputs",
+__all__ = ["DEFAULT_ATOL", "DEFAULT_RTOL", "RTOL64", "OutputDiff", "CheckReport", "OutputAccumulator", "compare_outputs", "attach_float64",
            "resolve_providers", "make_session", "run_onnx", "random_feeds"]
 
 
@@ -99,10 +116,60 @@ class CheckReport:
     providers: list = field(default_factory=list)
     batches: int = 0
     floor: float | None = None  # worst max_rel of the reference in two runtimes (torch vs onnxruntime), if measured
+    float64: "CheckReport | None" = None  # the float64 re-check after a failed float32 one (it decides), if run
+    floor32: float | None = None  # worst max_rel of the reference's float32 outputs against its float64 ones
+    recheck_note: str = ""  # why a failed float32 check was not re-checked in float64
+    float64_cast: bool = False  # the float64 candidate is the float32 one cast (its weight rounding counts as error)
+
+    @property
+    def float32_passed(self) -> bool:
+        """The verdict of the comparison itself (float32 for float32 models), before any float64 re-check."""
+        return all(o.passed for o in self.outputs)
+
+    @property
+    def decided_by(self) -> str:
+        """``"float64"`` when a float64 re-check decides the verdict, else ``"float32"``."""
+        if self.float64 is not None and not any(o.note for o in self.outputs):
+            # a cast float32 candidate carries its weights' rounding: its float64 figure can pass a model
+            # (then nothing but arithmetic rounding is left) but cannot tell a failure from that rounding
+            if not self.float64_cast or self.float64.float32_passed:
+                return "float64"
+        return "float32"
 
     @property
     def passed(self) -> bool:
-        return all(o.passed for o in self.outputs)
+        if self.decided_by == "float64":
+            return self.float64.float32_passed
+        return self.float32_passed
+
+    def precision_summary(self) -> str:
+        """The float32 and float64 figures and which decided, for messages ("" when float32 passed alone)."""
+        w = self.worst
+        if self.float32_passed or w is None:
+            return ""
+        text = f"float32 max_rel {w.max_rel:.2g} over rtol {self.rtol:.1g}"
+        if self.floor32 is not None:
+            text += f" (the original's own float32 error: {self.floor32:.2g})"
+        if self.float64 is not None:
+            w64 = self.float64.worst
+            text += (f"; float64 max_rel {w64.max_rel:.2g} {'within' if self.float64.float32_passed else 'over'} "
+                     f"{self.float64.rtol:.1g}")
+        text += f"; decided by {self.decided_by}"
+        if self.float64 is None and self.recheck_note:
+            text += f" ({self.recheck_note})"
+        return text
+
+    def failure_message(self, what: str) -> str:
+        """One sentence for a failed verification of a ``what`` (``"widened"``, ``"deepened"``) model."""
+        if self.decided_by == "float64":
+            w = self.float64.worst
+            return (f"{what} model is not equivalent: output {w.name!r} differs by max_rel {w.max_rel:.3g} in "
+                    f"float64 (max_abs {w.max_abs:.3g}; float32 max_rel {self.worst.max_rel:.3g})")
+        w = self.worst
+        msg = f"{what} model is not equivalent: output {w.name!r} differs by max_rel {w.max_rel:.3g} (max_abs " \
+              f"{w.max_abs:.3g})"
+        extra = self.precision_summary()
+        return msg + (f"; {extra}" if extra and (self.floor32 is not None or self.recheck_note) else "")
 
     @property
     def worst(self) -> OutputDiff | None:
@@ -124,10 +191,21 @@ class CheckReport:
             head += f", worst {w.name!r} max_rel {w.max_rel:.1e} (max_abs {w.max_abs:.1e}, cos {w.cosine:.6f})"
             if w.note:
                 head += f" [{w.note}]"
-        if not self.passed:
+        if not self.float32_passed and self.decided_by == "float32":
             head += f"; tolerance atol {self.atol:.1e} / rtol {self.rtol:.1e}"
         if self.floor is not None:
             head += f"; runtime floor max_rel {self.floor:.1e}"
+        if not self.float32_passed:
+            if self.float64 is not None:
+                w64 = self.float64.worst
+                head += (f"; float64 re-check{' (float32 weights cast)' if self.float64_cast else ''} max_rel "
+                         f"{w64.max_rel:.1e} (rtol {self.float64.rtol:.0e}, "
+                         f"{'within' if self.float64.float32_passed else 'over'})")
+            if self.floor32 is not None:
+                head += f"; original's float32-vs-float64 max_rel {self.floor32:.1e}"
+            head += f"; decided by {self.decided_by}"
+            if self.float64 is None and self.recheck_note:
+                head += f" ({self.recheck_note})"
         return head
 
     def to_dict(self) -> dict:
@@ -136,7 +214,16 @@ class CheckReport:
                 "providers": list(self.providers), "batches": int(self.batches),
                 "floor": None if self.floor is None else _json_float(self.floor),
                 "worst": None if w is None else w.name, "summary": self.summary(),
-                "outputs": [o.to_dict() for o in self.outputs]}
+                "outputs": [o.to_dict() for o in self.outputs],
+                "float32_passed": self.float32_passed, "decided_by": self.decided_by,
+                "float32_max_rel": None if w is None else _json_float(w.max_rel),
+                "float64_max_rel": None if self.float64 is None or self.float64.worst is None
+                else _json_float(self.float64.worst.max_rel),
+                "float64": None if self.float64 is None else self.float64.to_dict(),
+                "float32_floor": None if self.floor32 is None else _json_float(self.floor32),
+                "float64_weights": None if self.float64 is None else ("float32 cast" if self.float64_cast
+                                                                      else "re-derived in float64"),
+                "recheck_note": self.recheck_note}
 
     def table(self) -> str:
         rows = [(o.name, "x".join(str(d) for d in o.shape) or "scalar", f"{o.max_abs:.3e}", f"{o.max_rel:.3e}",
@@ -291,6 +378,29 @@ class OutputAccumulator:
     def report(self, backend: str = "", providers: Sequence[str] = ()) -> CheckReport:
         return CheckReport(outputs=self.diffs(), atol=self.atol, rtol=self.rtol, backend=backend,
                            providers=list(providers), batches=self.batches)
+
+
+def attach_float64(report: CheckReport, ref64: Sequence, cand64: Sequence | None, ref32: Sequence | None = None,
+                   rtol64: float = RTOL64, cast: bool = False) -> CheckReport:
+    """Attach a float64 re-check to ``report`` (a failed float32 comparison), in place; returns it.
+
+    ``ref64`` / ``cand64``: per batch, the float64 outputs of the reference and of the candidate (None: the
+    candidate could not be re-run, only the floor is measured); ``ref32``: per batch, the reference's float32
+    outputs on the same inputs, for ``floor32``; ``cast``: the float64 candidate is the float32 one cast."""
+    report.float64_cast = bool(cast)
+    names = [o.name for o in report.outputs]
+    if cand64 is not None:
+        acc = OutputAccumulator(names, 0.0, rtol64)
+        for r, c in zip(ref64, cand64):
+            acc.add(r, c)
+        report.float64 = acc.report(report.backend + " float64" if report.backend else "float64", report.providers)
+    if ref32 is not None:
+        fl = OutputAccumulator(names, 0.0, rtol64)
+        for r64, r32 in zip(ref64, ref32):
+            fl.add(r64, r32)
+        w = fl.report().worst
+        report.floor32 = float(w.max_rel) if w is not None else 0.0
+    return report
 
 
 def _is_batch_list(x) -> bool:

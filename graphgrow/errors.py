@@ -52,6 +52,4 @@ def require_equivalent(check, what: str, report=None) -> None:
 
     ``what`` names the model (``"widened"``, ``"deepened"``); ``report`` travels with the error."""
     if not check.passed:
-        w = check.worst
-        raise VerificationError(f"{what} model is not equivalent: output {w.name!r} differs by max_rel "
-                                f"{w.max_rel:.3g} (max_abs {w.max_abs:.3g})", report=report)
+        raise VerificationError(check.failure_message(what), report=report)

@@ -9,6 +9,7 @@ lives in :mod:`graphgrow.compare`, which does not import torch.
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import logging
 import os
@@ -21,7 +22,8 @@ import torch
 import torch.nn as nn
 from torch.utils._pytree import tree_flatten
 
-from .compare import DEFAULT_ATOL, DEFAULT_RTOL, CheckReport, OutputAccumulator, make_session, resolve_providers
+from .compare import (DEFAULT_ATOL, DEFAULT_RTOL, RTOL64, CheckReport, OutputAccumulator, attach_float64, make_session,
+                      resolve_providers)
 from .errors import InputMismatchError, InvalidArgumentError, UnsupportedModelError, first_line
 
 __all__ = ["check", "BACKENDS"]
@@ -214,9 +216,73 @@ def _run_ort(session, args: tuple) -> list:
     return [np.asarray(o) for o in session.run(None, _feeds(session, args))]
 
 
+def float32_rounding_of(state32: dict, state64: dict) -> str:
+    """"" when every tensor of ``state32`` is the one of ``state64`` rounded to its dtype (floating tensors within
+    eps x |value| of that dtype, i.e. a unit or two in the last place; others equal; same keys and shapes),
+    else what differs."""
+    if list(state32) != list(state64):
+        return "the state_dict keys differ"
+    for k, a in state32.items():
+        b = state64[k]
+        if tuple(a.shape) != tuple(b.shape):
+            return f"{k!r} has shape {tuple(a.shape)}, not {tuple(b.shape)}"
+        if not a.is_floating_point():
+            if not torch.equal(a, b.to(a.dtype)):
+                return f"{k!r} differs"
+            continue
+        finfo = torch.finfo(a.dtype)
+        a, b = a.detach().to(torch.float64).cpu(), b.detach().to(torch.float64).cpu()
+        ulp = (b.abs() * finfo.eps).clamp_min(finfo.tiny)  # one to two units in the last place of a's dtype
+        bad = (a - b).abs() > ulp
+        if bool(bad.any()):
+            i = int(bad.flatten().nonzero()[0])
+            return f"{k!r}[{i}] is {a.flatten()[i].item():.9g}, the float64 value {b.flatten()[i].item():.17g}"
+    return ""
+
+
+def _double_args(args: tuple) -> tuple:
+    return tuple(a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
+
+
+def _float_dtypes(model: nn.Module) -> set:
+    return {t.dtype for t in list(model.parameters()) + list(model.buffers()) if t.is_floating_point()}
+
+
+def _recheck64(report: CheckReport, reference: nn.Module, candidate: nn.Module, candidate64, all_args: list,
+               rtol64: float) -> None:
+    """Re-run both models in float64 (eagerly, on CPU-or-wherever copies) on the same batches and attach the
+    figures to ``report`` (see :func:`graphgrow.compare.attach_float64`)."""
+    if any(o.note for o in report.outputs):
+        report.recheck_note = "float32 outputs differ in shape or finiteness"
+        return
+    dtypes = _float_dtypes(reference) | _float_dtypes(candidate)
+    if not dtypes or dtypes == {torch.float64}:
+        report.recheck_note = "the models already compute in float64" if dtypes else "the models hold no floats"
+        return
+    try:
+        ref64 = copy.deepcopy(reference).double()
+        if callable(candidate64) and not isinstance(candidate64, nn.Module):
+            candidate64 = candidate64()
+        cast = candidate64 is None
+        if cast:  # both models as they are, cast: float32 weight rounding stays in the figure
+            cand64 = copy.deepcopy(candidate).double()
+        else:
+            cand64 = candidate64
+        args64 = [_double_args(a) for a in all_args]
+        with _eval_mode(ref64, cand64):
+            r64 = [_run_torch(ref64, a, "float64 reference") for a in args64]
+            c64 = [_run_torch(cand64, a, "float64 candidate") for a in args64]
+            r32 = [_run_torch(reference, a, "reference") for a in all_args]
+    except Exception as exc:  # noqa: BLE001 - the float32 verdict stands
+        report.recheck_note = f"the float64 re-run failed: {first_line(exc)}"
+        return
+    attach_float64(report, r64, c64, r32, rtol64, cast=cast)
+
+
 def check(reference: nn.Module, candidate: nn.Module, inputs=None, *, atol: float = DEFAULT_ATOL,
           rtol: float = DEFAULT_RTOL, backend: str = "onnxruntime", providers=None, batches: int = 3, seed: int = 0,
-          opset: int = 17, floor: bool = False) -> CheckReport:
+          opset: int = 17, floor: bool = False, float64: bool = True, candidate64=None,
+          rtol64: float = RTOL64) -> CheckReport:
     """Check that ``candidate`` computes the same function as ``reference``.
 
     ``inputs`` (a tensor or tuple of tensors) is batch 0; batches 1.. are random
@@ -233,6 +299,16 @@ def check(reference: nn.Module, candidate: nn.Module, inputs=None, *, atol: floa
     reference in torch and the reference in onnxruntime (the noise floor of
     the two runtimes).  Outputs are the tensor leaves of the module's
     (possibly nested) output, named ``output0``, ``output1``...
+
+    Rounding or error: when the comparison fails and ``float64`` is true,
+    float64 copies of the reference and of the candidate run eagerly in torch
+    on the same batches; the float64 comparison (tolerance ``rtol64``,
+    relative to max|reference|) then decides (``report.float64``,
+    ``report.decided_by``), and ``report.floor32`` is the reference's own
+    float32-vs-float64 difference.  ``candidate64`` is the candidate as
+    computed in float64 (a module or a function returning one, called only
+    when needed); by default a float64 cast of ``candidate``, whose float32
+    weight rounding then counts as error.
     """
     if not isinstance(reference, nn.Module) or not isinstance(candidate, nn.Module):
         bad = reference if not isinstance(reference, nn.Module) else candidate
@@ -292,4 +368,7 @@ def check(reference: nn.Module, candidate: nn.Module, inputs=None, *, atol: floa
             fl.add(r, c)
         w = fl.report().worst
         report.floor = float(w.max_rel) if w is not None else 0.0
+    if float64 and not report.float32_passed:
+        with _eval_mode(reference, candidate):
+            _recheck64(report, reference, candidate, candidate64, all_args, rtol64)
     return report

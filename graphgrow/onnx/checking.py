@@ -320,6 +320,7 @@ def check_models(reference, candidate, *, inputs=None, batches: int = DEFAULT_BA
     del ref_model, cand_model
 
     acc.names = ref_out
+    used = []
     for i in range(batches):
         if i == 0 and arrays is not None:
             feeds = {s.name: arrays[s.name] for s in specs}
@@ -331,5 +332,11 @@ def check_models(reference, candidate, *, inputs=None, batches: int = DEFAULT_BA
         r = _run(ref_sess, feeds, "reference", ref_name, i + 1)
         c = _run(cand_sess, feeds, "candidate", cand_name, i + 1)
         acc.add(r, c)
+        used.append((feeds, r))
     report = acc.report(backend="onnxruntime", providers=providers)
+    if not report.float32_passed:  # rounding or error: float64 copies of both models decide (onnx/precision.py)
+        from .precision import recheck
+
+        say("float32 outputs differ: re-checking in float64")
+        recheck(report, reference, candidate, [f for f, _ in used], [r for _, r in used], providers=providers)
     return report, concrete

@@ -16,7 +16,7 @@ from onnx import helper, numpy_helper
 from ..compare import DEFAULT_ATOL, DEFAULT_RTOL, random_feeds
 from ..core import deepen as core
 from ..core.deepen import Insertion, Sign
-from ..errors import InvalidArgumentError, require_equivalent
+from ..errors import InvalidArgumentError, VerificationError, require_equivalent
 from .engine import check_rewritten, count_params, graph_inputs, input_specs, prepare, probe_values, verify
 
 # ------------------------------------------------------------------------------------------- non-negativity (ONNX)
@@ -272,8 +272,18 @@ def deepen_model(model: onnx.ModelProto, *, after, block: str = "conv-bn-relu", 
     check_rewritten(out, "deepened")
     if check:
         say("verifying in onnxruntime ...")
+        def deepen64():  # the same blocks computed in float64, checked to be `out` up to rounding
+            from .precision import rounding_of, to_float64
+
+            out64, _ = deepen_model(to_float64(src), after=after, block=block, kernel=kernel, seed=seed,
+                                    shapes=shapes, check=False, providers=providers)
+            problem = rounding_of(out, out64)
+            if problem:
+                raise VerificationError(f"the float64 deepening is not the float32 one up to rounding: {problem}")
+            return out64
+
         rep = verify(src, out, specs, batches=batches, seed=seed, atol=atol, rtol=rtol, providers=providers,
-                     feeds=feeds)
+                     feeds=feeds, candidate64=deepen64)
         report.check = rep
         require_equivalent(rep, "deepened", report)
     return out, report

@@ -429,13 +429,16 @@ class ReferenceRun:
 
 
 def verify(reference, candidate, specs: dict, *, batches=3, seed=0, atol=DEFAULT_ATOL, rtol=DEFAULT_RTOL,
-           providers=None, feeds=None, reference_run: ReferenceRun | None = None):
+           providers=None, feeds=None, reference_run: ReferenceRun | None = None, float64: bool = True,
+           candidate64=None):
     """Run both models in onnxruntime on the same random batches and compare every output.
 
     ``reference_run``: the reference's outputs already being computed (see :class:`ReferenceRun`; then
     ``reference``, ``batches``, ``seed`` and ``feeds`` are its).  The original failing to run is bad
     input (:class:`InputMismatchError`); the rewritten one failing where the original runs is a failed
-    verification (:class:`VerificationError`)."""
+    verification (:class:`VerificationError`).  A failed float32 comparison is re-checked in float64 when
+    ``float64`` (see :mod:`graphgrow.onnx.precision`; ``candidate64``: the rewrite computed in float64, a
+    ModelProto or a function returning one)."""
     ref = reference_run or ReferenceRun(reference, specs, batches=batches, seed=seed, providers=providers,
                                         feeds=feeds, background=False)
     ref.result()
@@ -452,7 +455,13 @@ def verify(reference, candidate, specs: dict, *, batches=3, seed=0, atol=DEFAULT
                 raise VerificationError(f"onnxruntime cannot run the rewritten model where the original runs: "
                                         f"{first_line(exc)}") from None
             acc.add(ref_out, cand_out)
-        return acc.report("onnxruntime", ref.providers)
+        rep = acc.report("onnxruntime", ref.providers)
+    if float64 and not rep.float32_passed:
+        from .precision import recheck
+
+        recheck(rep, ref.reference, candidate, ref.batches, ref.outputs, candidate64=candidate64,
+                providers=ref.providers_asked)
+    return rep
 
 
 def count_params(model) -> int:
@@ -516,8 +525,19 @@ def widen_model_serialized(model: onnx.ModelProto, factor: float | None = 1.41, 
         raise
     if reference_run is not None:
         say("verifying in onnxruntime ...")
+        def widen64():  # the same widening computed in float64 (same plan, same draws), checked to be `out`
+            from .precision import rounding_of, to_float64
+
+            out64, _ = widen_model(to_float64(an.model), factor, widths=widths, only=only, exclude=exclude,
+                                   divisor=divisor, init=init, noise=noise, noise_mode=noise_mode, seed=seed,
+                                   shapes=shapes, check=False)
+            problem = rounding_of(out, out64)
+            if problem:
+                raise VerificationError(f"the float64 widening is not the float32 one up to rounding: {problem}")
+            return out64
+
         rep = verify(None, out if data is None else data, an.specs, atol=atol, rtol=rtol, providers=providers,
-                     reference_run=reference_run)
+                     reference_run=reference_run, candidate64=widen64)
         report.check = rep
         require_equivalent(rep, "widened", report)
     return out, report, data

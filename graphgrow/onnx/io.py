@@ -62,6 +62,156 @@ def is_binary_onnx(path: str) -> bool:
     return fmt in (None, "protobuf")
 
 
+# the typed repeated field that holds each element type's values when raw_data is not used, and how many
+# entries of it one element takes (complex numbers: two)
+_TYPED_FIELD = {
+    TensorProto.FLOAT: ("float_data", 1), TensorProto.COMPLEX64: ("float_data", 2),
+    TensorProto.DOUBLE: ("double_data", 1), TensorProto.COMPLEX128: ("double_data", 2),
+    TensorProto.INT64: ("int64_data", 1), TensorProto.UINT32: ("uint64_data", 1), TensorProto.UINT64: ("uint64_data", 1),
+    TensorProto.STRING: ("string_data", 1),
+}
+
+
+def _tensor_problem(t: TensorProto) -> str:
+    """"" when ``t``'s data fits its element type and dims (or it lives in an external file), else why not."""
+    if any(d < 0 for d in t.dims):
+        return f"has a negative dimension {list(t.dims)}"
+    n = 1
+    for d in t.dims:
+        n *= int(d)
+    try:
+        name = TensorProto.DataType.Name(t.data_type)
+    except ValueError:
+        return f"has an unknown element type {t.data_type}"
+    if t.data_type == TensorProto.UNDEFINED:
+        return "has no element type"
+    if t.HasField("data_location") and t.data_location == TensorProto.EXTERNAL:
+        return ""  # checked against its file when it is read
+    if t.HasField("segment"):
+        return "is segmented, which graphgrow does not read"
+    if t.raw_data:
+        if t.data_type == TensorProto.STRING:
+            return "holds raw_data, which a string tensor cannot"
+        try:
+            bits = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize * 8
+        except Exception:  # noqa: BLE001 - a type numpy has no dtype for
+            return f"has element type {name}, which graphgrow does not read"
+        if t.data_type in (TensorProto.INT4, TensorProto.UINT4) or "FLOAT4" in name:
+            bits = 4
+        want = (n * bits + 7) // 8
+        if len(t.raw_data) != want:
+            return f"holds {len(t.raw_data)} bytes of raw data, but {name} {list(t.dims)} takes {want}"
+        return ""
+    field, per = _TYPED_FIELD.get(t.data_type, ("int32_data", 1))
+    got = len(getattr(t, field))
+    if got != n * per:
+        return f"holds {got} values in {field}, but {name} {list(t.dims)} takes {n * per}"
+    return ""
+
+
+def _graphs(g):
+    yield g
+    for node in g.node:
+        for a in node.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                yield from _graphs(a.g)
+            elif a.type == onnx.AttributeProto.GRAPHS:
+                for sub in a.graphs:
+                    yield from _graphs(sub)
+
+
+def check_tensors(model: onnx.ModelProto, path: str) -> None:
+    """Every initializer and constant's data fits its dims and element type (the ONNX checker does not
+    look): ModelFileError naming the first that does not."""
+    for g in _graphs(model.graph):
+        tensors = [(t, "initializer") for t in g.initializer]
+        tensors += [(s.values, "sparse initializer") for s in g.sparse_initializer]
+        for node in g.node:
+            for a in node.attribute:
+                if a.type == onnx.AttributeProto.TENSOR:
+                    tensors.append((a.t, f"constant of node {node.name or node.op_type!r}"))
+        for t, what in tensors:
+            problem = _tensor_problem(t)
+            if problem:
+                raise ModelFileError(f"{path}: {what} {t.name!r} {problem}")
+
+
+def _text_problem(msg, where: str = "") -> str:
+    """"" when every string field of ``msg`` (names, op types, domains, ...) is text; protobuf hands a
+    string field with bytes that are not UTF-8 back as ``bytes``."""
+    for fd, value in msg.ListFields():
+        repeated = fd.is_repeated if hasattr(fd, "is_repeated") else fd.label == fd.LABEL_REPEATED
+        if fd.type == fd.TYPE_STRING:
+            for v in (value if repeated else [value]):
+                if not isinstance(v, str):
+                    return f"{where}{fd.name} {v[:40]!r}"
+        elif fd.type == fd.TYPE_MESSAGE and fd.message_type.name != "TensorProto":
+            for v in (value if repeated else [value]):
+                problem = _text_problem(v, where)
+                if problem:
+                    return problem
+        elif fd.type == fd.TYPE_MESSAGE:  # tensors: their names and external data entries only
+            for v in (value if repeated else [value]):
+                for name in [v.name, v.doc_string] + [x for e in v.external_data for x in (e.key, e.value)]:
+                    if not isinstance(name, str):
+                        return f"{where}tensor name {name[:40]!r}"
+    return ""
+
+
+def check_text(model: onnx.ModelProto, path: str) -> None:
+    """Names, op types and other text fields are UTF-8 text (a damaged file can hold other bytes there)."""
+    problem = _text_problem(model)
+    if problem:
+        raise ModelFileError(f"{path} is damaged: the text field {problem} is not UTF-8")
+
+
+def check_opsets(model: onnx.ModelProto, path: str) -> None:
+    """The default-domain opset is one this onnx knows (1 .. its newest)."""
+    newest = onnx.defs.onnx_opset_version()
+    for o in model.opset_import:
+        if o.domain in ("", "ai.onnx") and not 1 <= o.version <= newest:
+            raise ModelFileError(f"{path} imports opset {o.version} of the default domain; this onnx knows "
+                                 f"opsets 1 to {newest}")
+
+
+def _copy_fields(dst, src, skip=()):
+    for fd, value in src.ListFields():
+        if fd.name in skip:
+            continue
+        if fd.is_repeated if hasattr(fd, "is_repeated") else fd.label == fd.LABEL_REPEATED:
+            getattr(dst, fd.name).extend(value)
+        elif fd.type == fd.TYPE_MESSAGE:
+            getattr(dst, fd.name).CopyFrom(value)
+        else:
+            setattr(dst, fd.name, value)
+
+
+_FLOATS = (TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16)
+
+
+def _check_types(model: onnx.ModelProto, path: str) -> None:
+    """Strict type and shape inference on the model without its large weights (they become typed graph
+    inputs; small constants stay, shape computations read them): a node fed the wrong element type, or
+    declared shapes its computation contradicts, is refused."""
+    light = onnx.ModelProto()
+    _copy_fields(light, model, skip=("graph",))
+    g = model.graph
+    _copy_fields(light.graph, g, skip=("initializer",))
+    declared = {i.name for i in g.input}
+    for t in g.initializer:
+        n = 1
+        for d in t.dims:
+            n *= int(d)
+        if n <= 64 or t.data_type not in _FLOATS:
+            light.graph.initializer.append(t)
+        elif t.name not in declared:
+            light.graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    try:
+        onnx.shape_inference.infer_shapes(light, check_type=True, strict_mode=True)
+    except Exception as exc:  # noqa: BLE001
+        raise ModelFileError(f"{path} is inconsistent: {first_line(exc)}") from None
+
+
 def load_model(path: str, *, check: bool = True) -> onnx.ModelProto:
     """Load and validate an ONNX model (external data resolved inside the model's folder)."""
     path = os.fspath(path)
@@ -82,6 +232,10 @@ def load_model(path: str, *, check: bool = True) -> onnx.ModelProto:
             from None
     if model.ir_version == 0 or not model.HasField("graph"):
         raise ModelFileError(f"{path} is not an ONNX model (no graph found)")
+    if check:
+        check_text(model, path)
+        check_opsets(model, path)
+        check_tensors(model, path)
     external = list(_external_tensors(model))
     if not external and data is not None:
         if check:
@@ -90,6 +244,7 @@ def load_model(path: str, *, check: bool = True) -> onnx.ModelProto:
                 onnx.checker.check_model(path if len(data) > TWO_GB else data)
             except Exception as exc:  # noqa: BLE001
                 raise ModelFileError(f"{path} fails the ONNX checker: {first_line(exc)}") from None
+            _check_types(model, path)
         return model
     data = None  # (the model's bytes without its external data: not needed further)
     base = os.path.dirname(os.path.abspath(path))
@@ -99,7 +254,8 @@ def load_model(path: str, *, check: bool = True) -> onnx.ModelProto:
         target = os.path.realpath(os.path.join(base, loc))
         if os.path.isabs(loc) or os.path.commonpath([real_base, target]) != real_base:
             raise ModelFileError(f"{path}: external data of tensor {t.name!r} points outside the model's folder ({loc})")
-        if not os.path.isfile(target):
+        if not os.path.isfile(target) or not os.path.isfile(os.path.join(base, loc)):
+            # (the second: the path as the OS resolves it, which onnxruntime does: "sub/../w.bin" needs sub/)
             raise ModelFileError(f"{path}: external data file {loc!r} of tensor {t.name!r} is missing")
     try:
         onnx.load_external_data_for_model(model, base)
@@ -113,6 +269,8 @@ def load_model(path: str, *, check: bool = True) -> onnx.ModelProto:
                 onnx.checker.check_model(model)
         except Exception as exc:  # noqa: BLE001
             raise ModelFileError(f"{path} fails the ONNX checker: {first_line(exc)}") from None
+        check_tensors(model, path)  # (the external data is in the tensors now)
+        _check_types(model, path)
     return model
 
 
