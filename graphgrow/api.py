@@ -7,7 +7,7 @@ import torch.nn as nn
 from .core.report import GrowthReport
 from .errors import InvalidArgumentError, VerificationError, require_equivalent
 from .core.growth import check_factor, check_options, space_reports, widen_targets
-from .fx.engine import Analysis, count_params, plan_and_apply, rebuild
+from .fx.engine import FxAnalysis, count_params, plan_and_apply, rebuild
 from .core.sites import GrowOptions
 from .core.plan import WidenPlan
 
@@ -16,7 +16,7 @@ VERIFY = ("torch", "onnxruntime", "none")
 
 def analyze(model: nn.Module, example_inputs) -> GrowthReport:
     """Channel spaces of ``model`` and, for each that cannot grow, the op and why."""
-    an = Analysis(model, example_inputs)
+    an = FxAnalysis(model, example_inputs)
     report = GrowthReport(space_reports(an.produced, WidenPlan.identity(an.table)), params_before=count_params(model),
                           params_after=count_params(model), opaque_leaves=list(an.leaves))
     for s in report.spaces:
@@ -40,7 +40,7 @@ def widen(model: nn.Module, factor: float | None = 1.41, *, example_inputs, widt
     check_options(init, noise_mode, divisor, noise)
     if verify not in VERIFY:
         raise InvalidArgumentError(f"verify must be one of {VERIFY}, not {verify!r}")
-    an = Analysis(model, example_inputs)
+    an = FxAnalysis(model, example_inputs)
     targets = widen_targets(an.produced, an.constraints, factor, widths, only, exclude, divisor)
     options = GrowOptions(noise=noise, noise_mode=noise_mode, init=init, seed=seed)
     plan, run, rounds = plan_and_apply(an, targets, options, seed, progress)

@@ -291,3 +291,17 @@ def split_axis_ties(x: LabelTensor, out: LabelTensor) -> list:
     if len(va) < 2 or len(x.vary) >= len(va):
         return []
     return sites.block_ties(channel_of(out.bpart() if out.factors() is not None else out.a), va)
+
+
+def concatenated(xs: list, axis: int) -> "LabelTensor | None":
+    """``np.concatenate([x.a for x in xs], axis)`` without building the labels, when every piece is factored
+    along ``axis`` over one position grid (a concatenation of channel spaces: DenseNet, Inception); else
+    None. The parts are concatenated; the position grid is the pieces' own."""
+    if not xs or not all(isinstance(x, LabelTensor) and x.part is not None for x in xs):
+        return None
+    axis = axis % xs[0].ndim
+    if any(x.ax != axis for x in xs) or len({x.grid_key() for x in xs}) != 1:
+        return None
+    shape = list(xs[0].shape)
+    shape[axis] = sum(x.shape[axis] for x in xs)
+    return LabelTensor.factored(shape, axis, np.concatenate([x.part for x in xs]))

@@ -36,7 +36,7 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-class Analysis:
+class FxAnalysis:
     """Traced graph + original-configuration label run of one model."""
 
     def __init__(self, model: nn.Module, example_inputs):
@@ -55,7 +55,7 @@ class Analysis:
         self.produced = self.table.produced()
 
 
-def plan_and_apply(an: Analysis, targets: dict, options: GrowOptions, seed: int, progress=None):
+def plan_and_apply(an: FxAnalysis, targets: dict, options: GrowOptions, seed: int, progress=None):
     def attempt(plan):
         run = FxLabelRun(an.gm, an.meta, plan=plan, analysis=an.run, options=options)
         return run.run(an.inputs)
@@ -74,7 +74,7 @@ def _new_tensor(old: torch.Tensor, value: np.ndarray) -> torch.Tensor:
     return nn.Parameter(new, requires_grad=old.requires_grad) if isinstance(old, nn.Parameter) else new
 
 
-def rebuild(an: Analysis, run: FxLabelRun) -> nn.Module:
+def rebuild(an: FxAnalysis, run: FxLabelRun) -> nn.Module:
     """Deep copy of the user's model with resized layers (a GraphModule if constants changed)."""
     # the deep copy takes the new tensors in place of the ones they replace (never cloned: the memo
     # maps each replaced tensor to its successor)

@@ -15,7 +15,7 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.utils._pytree import tree_flatten, tree_map
 
-from ..core.label_tensor import LabelTensor, keeps_order, reshaped, same_labels
+from ..core.label_tensor import LabelTensor, concatenated, keeps_order, reshaped, same_labels
 from ..core.relations import NotUnderstood
 from . import ops
 
@@ -64,7 +64,14 @@ class MoveReplay:
     @staticmethod
     def _compact_move(fn, kind, args, kwargs):
         """A reshape or an order-keeping permutation of compact labels, without building them: the op runs
-        on a stand-in for the output's shape (and, for permutations, the axis order)."""
+        on a stand-in for the output's shape (and, for permutations, the axis order); a concatenation of
+        pieces factored along its axis concatenates their parts."""
+        if kind == "concat":
+            dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
+            pieces = args[0] if args else None
+            if isinstance(pieces, (list, tuple)) and isinstance(dim, int) and len(args) <= 2:
+                return concatenated(list(pieces), dim)
+            return None
         x = args[0] if args else None
         if kind is None or not isinstance(x, LabelTensor) or x.elem is None and x.factors() is None \
                 or label_leaves((args[1:], kwargs)):

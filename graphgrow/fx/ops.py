@@ -69,7 +69,8 @@ MOVE_KINDS = {**{t: "reshape" for t in ("view", "reshape", "flatten", "unflatten
                                         torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze,
                                         torch.unflatten)},
               **{t: "permute" for t in ("permute", "transpose", "movedim", "swapaxes", "t", torch.permute,
-                                        torch.transpose, torch.movedim, torch.swapaxes, torch.t)}}
+                                        torch.transpose, torch.movedim, torch.swapaxes, torch.t)},
+              **{t: "concat" for t in (torch.cat, torch.concat, torch.concatenate)}}
 REDUCE_FUNCS = {torch.mean, torch.sum, torch.amax, torch.amin}
 REDUCE_METHODS = {"mean", "sum", "amax", "amin"}
 POOL_FUNCS = {F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.adaptive_max_pool2d,

@@ -17,23 +17,10 @@ from ..compare import DEFAULT_ATOL, DEFAULT_RTOL, random_feeds
 from ..core import deepen as core
 from ..core.deepen import Insertion, Sign
 from ..errors import InvalidArgumentError, VerificationError, require_equivalent
+from . import ops
 from .engine import check_rewritten, count_params, graph_inputs, input_specs, prepare, probe_values, verify
 
 # ------------------------------------------------------------------------------------------- non-negativity (ONNX)
-
-_SOURCE_OPS = {"Relu": "relu", "Sigmoid": "sigmoid", "Softmax": "softmax", "HardSigmoid": "hardsigmoid",
-               "Softplus": "softplus", "Exp": "exp", "Abs": "abs"}
-# ops whose sign is their first (data) input's
-_DATA_OPS = {"Reshape": "move", "Flatten": "move", "Transpose": "move", "Squeeze": "move", "Unsqueeze": "move",
-             "Split": "move", "Slice": "move", "Gather": "move", "Identity": "identity", "Dropout": "identity",
-             "Expand": "move", "Tile": "move", "DepthToSpace": "move", "SpaceToDepth": "move", "Cast": "identity",
-             "MaxPool": "pool", "AveragePool": "pool", "GlobalAveragePool": "pool", "GlobalMaxPool": "pool",
-             "ReduceMean": "mean", "ReduceSum": "sum", "ReduceMax": "mean", "ReduceMin": "mean", "Sqrt": "sqrt",
-             "Resize": "resize", "Upsample": "resize"}
-# ops whose sign follows all of their inputs
-_ALL_OPS = {"Concat": "concat", "Add": "add", "Mul": "mul", "Div": "div", "Sum": "sum", "Mean": "mean",
-            "Min": "min", "Max": "max"}
-
 
 def _attr(node, name, default=None):
     for a in node.attribute:
@@ -64,7 +51,7 @@ def nonneg_signs(model: onnx.ModelProto) -> dict:
                 out = core.constant_sign(numpy_helper.to_array(_attr(node, "value")), f"the constant '{node.output[0]}'")
             except Exception:  # noqa: BLE001 - value_float(s)/sparse constants: unknown
                 out = Sign.no(f"the constant '{node.output[0]}'")
-        elif op in _SOURCE_OPS:
+        elif op in ops.NONNEG_SOURCES:
             out = Sign.yes()
         elif op == "Clip":
             # Clip(x, lo) >= lo: non-negative when the lower bound is (an input from opset 11, an attribute before)
@@ -74,8 +61,8 @@ def nonneg_signs(model: onnx.ModelProto) -> dict:
                 lo = _attr(node, "min")
                 bound = Sign.yes() if lo is not None and lo >= 0 else Sign.no("")
             out = Sign.yes() if bound.nonneg else Sign.no(f"{what} allows negative values")
-        elif op in _DATA_OPS:
-            kind = _DATA_OPS[op]
+        elif op in ops.SIGN_OF_DATA:
+            kind = ops.SIGN_OF_DATA[op]
             if op in ("Resize", "Upsample") and _attr(node, "mode", b"nearest") in (b"cubic", "cubic"):
                 kind = None
             out = core.combine_sign(kind, [sign_of(node.input[0])], what)
@@ -86,8 +73,8 @@ def nonneg_signs(model: onnx.ModelProto) -> dict:
             elif _attr(node, "value") is not None:
                 operands.append(core.constant_sign(np.asarray(_attr(node, "value")), f"{what}'s pad value"))
             out = core.combine_sign("pad_zero", operands, what)
-        elif op in _ALL_OPS:
-            out = core.combine_sign(_ALL_OPS[op], [s for s in map(sign_of, node.input) if s is not None], what)
+        elif op in ops.SIGN_OF_ALL:
+            out = core.combine_sign(ops.SIGN_OF_ALL[op], [s for s in map(sign_of, node.input) if s is not None], what)
         else:
             out = core.combine_sign(None, [], what)
         for name in node.output:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from ..core.label_tensor import LabelTensor, gathered, keeps_order, reshaped, same_labels
+from ..core.label_tensor import LabelTensor, concatenated, gathered, keeps_order, reshaped, same_labels
 from ..core.labels import channel_sequence
 from . import ops
 from .reference import evaluate
@@ -22,6 +22,10 @@ class MoveReplay:
 
     def _move(self, idx, node, vals, a):
         op = node.op_type
+        if op == "Concat" and "axis" in a:  # pieces factored along the axis: their parts are concatenated
+            out = concatenated(vals, int(a["axis"]))
+            if out is not None:
+                return [out]
         x0 = vals[0] if vals and isinstance(vals[0], LabelTensor) else None
         # a reshape keeps the C order of the elements: it is replayed on a stand-in of the input's shape
         # (one byte per element), and element labels stay element labels of the new shape

@@ -1,6 +1,7 @@
 """The ONNX op registry: which operators map to which relation (no torch).
 
-:mod:`graphgrow.onnx.labeling` (widening) reads these tables.
+:mod:`graphgrow.onnx.labeling` (widening) reads the relation tables, :mod:`graphgrow.onnx.deepening` the
+sign tables (which ops give non-negative outputs, for an identity block's ReLU).
 """
 
 from __future__ import annotations
@@ -26,3 +27,18 @@ PLAIN_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto
                onnx.TensorProto.INT32, onnx.TensorProto.INT16, onnx.TensorProto.INT8, onnx.TensorProto.UINT16,
                onnx.TensorProto.UINT8, onnx.TensorProto.BOOL}
 FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
+
+# ---------------------------------------------------------------- non-negativity (deepen)
+# ops whose output is non-negative for any input
+NONNEG_SOURCES = {"Relu": "relu", "Sigmoid": "sigmoid", "Softmax": "softmax", "HardSigmoid": "hardsigmoid",
+               "Softplus": "softplus", "Exp": "exp", "Abs": "abs"}
+# ops whose sign is their first (data) input's
+SIGN_OF_DATA = {"Reshape": "move", "Flatten": "move", "Transpose": "move", "Squeeze": "move", "Unsqueeze": "move",
+             "Split": "move", "Slice": "move", "Gather": "move", "Identity": "identity", "Dropout": "identity",
+             "Expand": "move", "Tile": "move", "DepthToSpace": "move", "SpaceToDepth": "move", "Cast": "identity",
+             "MaxPool": "pool", "AveragePool": "pool", "GlobalAveragePool": "pool", "GlobalMaxPool": "pool",
+             "ReduceMean": "mean", "ReduceSum": "sum", "ReduceMax": "mean", "ReduceMin": "mean", "Sqrt": "sqrt",
+             "Resize": "resize", "Upsample": "resize"}
+# ops whose sign follows all of their inputs
+SIGN_OF_ALL = {"Concat": "concat", "Add": "add", "Mul": "mul", "Div": "div", "Sum": "sum", "Mean": "mean",
+            "Min": "min", "Max": "max"}

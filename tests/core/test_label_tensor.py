@@ -122,3 +122,22 @@ def test_chains_of_moves_on_factored_labels_match_full_labels(shape, axis, salt,
             break  # the adapter falls back to the full labels here
         _check(nxt, want)
         lab, full = nxt, want
+
+
+def test_concatenated_matches_full_arrays():
+    """Concatenating pieces factored along the axis (DenseNet, Inception) equals np.concatenate of the full
+    labels; pieces factored along another axis, or over other grids, are left to the full path."""
+    from graphgrow.core.label_tensor import concatenated
+
+    a = LN.channels((2, 3, 4, 5), 1, np.arange(3), salt=7)
+    b = LN.channels((2, 6, 4, 5), 1, np.arange(10, 16), salt=9)
+    out = concatenated([a, b], 1)
+    assert out is not None and out.part is not None
+    np.testing.assert_array_equal(out.a, np.concatenate([a.a, b.a], axis=1))
+    assert concatenated([a, b], -3).shape == (2, 9, 4, 5)
+    c = LN.channels((2, 3, 4, 6), 1, np.arange(3), salt=7)  # another position grid
+    assert concatenated([a, c], 1) is None
+    d = LN.channels((2, 3, 4, 5), 3, np.arange(5), salt=7)  # factored along another axis
+    assert concatenated([a, d], 1) is None
+    e = LN.element((2, 3, 4, 5), 4, 1)
+    assert concatenated([a, e], 1) is None
