@@ -250,26 +250,100 @@ def build_block(spec: core.BlockSpec, form: str, shape: tuple, relu: bool, rng) 
 
 # ------------------------------------------------------------------------------------------------ insertion points
 
+class AmbiguousPoint:
+    """A container call from which several values leave: no single output to put a block on."""
+
+    def __init__(self, name: str, outs: list):
+        self.name, self.outs = name, outs
+
+    def message(self) -> str:
+        names = ", ".join(f"'{n.name}'" for n in self.outs)
+        return (f"after names the module '{self.name}', but {len(self.outs)} values leave it ({names}), so it has no "
+                f"single output; name one of these nodes instead")
+
+
+def _scope_calls(gm: fx.GraphModule) -> dict:
+    """module path -> {call key: nodes inside that call}, from ``node.meta["nn_module_stack"]``.
+
+    Symbolic tracing records, for every node, the stack of module calls it was traced in, outermost first, keyed
+    by call (``"layer1.0.relu"``, then ``"layer1.0.relu@1"`` for the second call of the same module); a copied or
+    rewritten GraphModule keeps that metadata, so container names of the original model still address points.
+    """
+    calls: dict = collections.defaultdict(lambda: collections.defaultdict(list))
+    for n in gm.graph.nodes:
+        if n.op == "output":
+            continue
+        for key, val in (n.meta.get("nn_module_stack") or {}).items():
+            path = val[0] if isinstance(val, tuple) and val and isinstance(val[0], str) else str(key).split("@")[0]
+            if path:
+                calls[path][key].append(n)
+    return calls
+
+
 def insertion_candidates(gm: fx.GraphModule) -> dict:
-    """name → nodes: module paths (a leaf module: every call; a container: its one output node), then node names."""
+    """name -> insertion points, in graph order.
+
+    * a module that the graph calls (a ``call_module`` node: a leaf module such as ``"layer1.0.relu"``): every
+      call is a point;
+    * a container (``"layer2"``, ``"layer1.0"``), from the ``nn_module_stack`` that tracing records: each call
+      of it is a point, namely the one node inside the call whose value is used by a node outside it (the
+      container's output); a call from which several values leave is an :class:`AmbiguousPoint`;
+    * then every node name (model inputs included).
+    """
     cands: dict = {}
-    scopes: dict = collections.defaultdict(set)
     nodes = [n for n in gm.graph.nodes if n.op != "output"]
     for n in nodes:
         if n.op == "call_module":
             cands.setdefault(n.target, []).append(n)
-        for path in (n.meta.get("nn_module_stack") or {}):
-            if path:
-                scopes[path].add(n)
-    for path, inside in scopes.items():
+    for path, calls in _scope_calls(gm).items():
         if path in cands:
             continue
-        outs = [n for n in nodes if n in inside and any(u not in inside for u in n.users)]
-        if len(outs) == 1:
-            cands[path] = outs
+        points = []
+        for inside in calls.values():
+            members = set(inside)
+            outs = [n for n in inside if any(u not in members for u in n.users)]
+            if len(outs) == 1:
+                points.append(outs[0])
+            elif len(outs) > 1:
+                points.append(AmbiguousPoint(path, outs))
+        if points:
+            cands[path] = points
     for n in nodes:
         cands.setdefault(n.name, []).append(n)
     return cands
+
+
+def module_names(gm: fx.GraphModule) -> set:
+    """Names of ``insertion_candidates`` that are module paths (called leaves and traced containers)."""
+    return {n.target for n in gm.graph.nodes if n.op == "call_module"} | set(_scope_calls(gm))
+
+
+def select_points(gm: fx.GraphModule, after) -> list:
+    """``(name, node)`` pairs chosen by ``after``; refuses a container with several outputs in one sentence."""
+    chosen = core.select_names(insertion_candidates(gm), after, "node or module")
+    for _, point in chosen:
+        if isinstance(point, AmbiguousPoint):
+            raise InvalidArgumentError(point.message())
+    return chosen
+
+
+def _block_scope(name: str, node: fx.Node, modules: set, path: str, block: nn.Module) -> dict:
+    """``nn_module_stack`` of a block put after ``node``: the scopes around the point, then the block itself.
+
+    After a module (leaf or container) the block sits beside that module, in its parent's scope; after a node
+    named by its node name it sits in the node's own scope.  So a container's output stays its one output, and
+    later passes resolve the same names.
+    """
+    stack = collections.OrderedDict()
+    stop = {name} if name in modules else set()
+    if node.op == "call_module":
+        stop.add(node.target)
+    for key, val in (node.meta.get("nn_module_stack") or {}).items():
+        if (val[0] if isinstance(val, tuple) and val else key) in stop:
+            break
+        stack[key] = val
+    stack[path] = (path, type(block))
+    return stack
 
 
 def _unique_module_name(gm: fx.GraphModule, base: str) -> str:
@@ -280,9 +354,9 @@ def _unique_module_name(gm: fx.GraphModule, base: str) -> str:
     return name
 
 
-def _block_base_name(name: str, node: fx.Node) -> str:
+def _block_base_name(name: str, node: fx.Node, modules: set) -> str:
     """New module path: beside the module the user named, else after the node name."""
-    if node.op == "call_module" or "." in name:
+    if node.op == "call_module" or "." in name or name in modules:
         return f"{name}_deep"
     return f"deep_{node.name}"
 
@@ -400,7 +474,8 @@ def deepen_module(model: nn.Module, *, after, block: str = "conv-bn-relu", kerne
         except Exception as exc:  # noqa: BLE001 - user input problem
             msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise InputMismatchError(f"the example inputs do not fit the model: {msg}") from None
-    chosen = core.select_names(insertion_candidates(gm), after, "node or module")
+    chosen = select_points(gm, after)
+    modules = module_names(gm)
     signs = nonneg_signs(gm)
     rng = np.random.default_rng(seed)
     report = core.DeepenReport(params_before=count_params(model))
@@ -426,10 +501,11 @@ def deepen_module(model: nn.Module, *, after, block: str = "conv-bn-relu", kerne
     for name, node, form, shape, relu, sign in plans:
         mod = build_block(spec, form, shape, relu, rng)
         mod = mod.to(device=device, dtype=node.meta["tensor_meta"].dtype).train(model.training)
-        path = _unique_module_name(gm, _block_base_name(name, node))
+        path = _unique_module_name(gm, _block_base_name(name, node, modules))
         gm.add_submodule(path, mod)
         with gm.graph.inserting_after(node):
             new = gm.graph.call_module(path, (node,))
+        new.meta["nn_module_stack"] = _block_scope(name, node, modules, path, mod)
         node.replace_all_uses_with(new, delete_user_cb=lambda user: user is not new)
         paths.append(path)
         kernels = [list(k) for k in spec.stage_kernels(len(shape) - 2)] if form == "conv" else []

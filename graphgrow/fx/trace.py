@@ -10,6 +10,7 @@ touches stay frozen.  When the model's own forward cannot be traced, a
 
 from __future__ import annotations
 
+import copy
 import os
 import traceback
 
@@ -53,7 +54,13 @@ def _user_line(exc: BaseException) -> str:
 
 
 def trace_module(model: torch.nn.Module, max_leaves: int = 64) -> tuple:
-    """Return ``(GraphModule, leaves)``; ``leaves`` lists submodules kept opaque."""
+    """Return ``(GraphModule, leaves)``; ``leaves`` lists submodules kept opaque.
+
+    A GraphModule is not traced again: its own graph is copied (node names and ``meta`` kept, notably
+    ``nn_module_stack``, which still says which container of the original model each node came from).
+    """
+    if isinstance(model, fx.GraphModule):
+        return fx.GraphModule(model, copy.deepcopy(model.graph), type(model).__name__), []
     leaves: list = []
     for _ in range(max_leaves + 1):
         tracer = _LeafRetryTracer(leaves)
