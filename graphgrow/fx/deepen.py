@@ -22,7 +22,7 @@ from ..core import deepen as core
 from ..core.deepen import Insertion, Sign
 from ..errors import InputMismatchError, InvalidArgumentError
 from .engine import _TrainingFlags, as_input_tuple, count_params
-from .trace import trace_module
+from .trace import inline_call, trace_module
 
 
 class Residual(nn.Module):
@@ -186,9 +186,9 @@ def _set_bn(bn: nn.modules.batchnorm._BatchNorm, params: dict):
             getattr(bn, k).copy_(_tensor(v, getattr(bn, k)))
 
 
-def _conv_stage(channels: int, kernel: tuple, spatial: int, rng, identity: bool) -> nn.Sequential:
-    conv = _CONV[spatial](channels, channels, kernel, padding=core.same_padding(kernel), bias=False)
-    bn = _BN[spatial](channels, eps=core.BN_EPS)
+def _conv_stage(channels: int, kernel: tuple, spatial: int, rng, identity: bool, dtype=None) -> nn.Sequential:
+    conv = _CONV[spatial](channels, channels, kernel, padding=core.same_padding(kernel), bias=False, dtype=dtype)
+    bn = _BN[spatial](channels, eps=core.BN_EPS, dtype=dtype)
     with torch.no_grad():
         w = core.identity_conv_weight(channels, kernel) if identity else core.default_init(rng, tuple(conv.weight.shape))
         conv.weight.copy_(_tensor(w, conv.weight))
@@ -197,8 +197,8 @@ def _conv_stage(channels: int, kernel: tuple, spatial: int, rng, identity: bool)
     return nn.Sequential(collections.OrderedDict(conv=conv, bn=bn))
 
 
-def _linear(features: int, rng, identity: bool) -> nn.Linear:
-    lin = nn.Linear(features, features)
+def _linear(features: int, rng, identity: bool, dtype=None) -> nn.Linear:
+    lin = nn.Linear(features, features, dtype=dtype)
     with torch.no_grad():
         if identity:
             lin.weight.copy_(_tensor(np.eye(features), lin.weight))
@@ -209,17 +209,22 @@ def _linear(features: int, rng, identity: bool) -> nn.Linear:
     return lin
 
 
-def build_block(spec: core.BlockSpec, form: str, shape: tuple, relu: bool, rng) -> nn.Module:
-    """The torch module of one block for an input of ``shape`` (identity at construction, eval mode)."""
+def build_block(spec: core.BlockSpec, form: str, shape: tuple, relu: bool, rng, dtype=None) -> nn.Module:
+    """The torch module of one block for an input of ``shape`` (identity at construction, eval mode).
+
+    Built in ``dtype`` (default: torch's default), so identity weights such as γ = sqrt(1 + eps) are rounded
+    once, in the model's own precision (float64 models stay exact to ~1e-16).
+    """
     if form == "linear":
         d = shape[-1]
         if spec.block == "residual":
-            last = nn.Linear(d, d)
+            last = nn.Linear(d, d, dtype=dtype)
             with torch.no_grad():
                 last.weight.zero_()
                 last.bias.zero_()
-            return Residual(nn.Sequential(collections.OrderedDict(fc1=_linear(d, rng, False), act=nn.ReLU(), fc2=last)))
-        parts = collections.OrderedDict(fc=_linear(d, rng, True))
+            return Residual(nn.Sequential(collections.OrderedDict(fc1=_linear(d, rng, False, dtype), act=nn.ReLU(),
+                                                                  fc2=last)))
+        parts = collections.OrderedDict(fc=_linear(d, rng, True, dtype))
         if relu:
             parts["act"] = nn.ReLU()
         return nn.Sequential(parts)
@@ -230,7 +235,7 @@ def build_block(spec: core.BlockSpec, form: str, shape: tuple, relu: bool, rng) 
             kernels = kernels * 2
         stages = []
         for i, k in enumerate(kernels):
-            st = _conv_stage(channels, k, spatial, rng, identity=False)
+            st = _conv_stage(channels, k, spatial, rng, identity=False, dtype=dtype)
             if i < len(kernels) - 1:
                 st.add_module("act", nn.ReLU())
             else:  # the zero γ/β that makes x + body(x) = x
@@ -241,7 +246,7 @@ def build_block(spec: core.BlockSpec, form: str, shape: tuple, relu: bool, rng) 
         return Residual(nn.Sequential(*stages))
     stages = []
     for k in kernels:
-        st = _conv_stage(channels, k, spatial, rng, identity=True)
+        st = _conv_stage(channels, k, spatial, rng, identity=True, dtype=dtype)
         if relu:
             st.add_module("act", nn.ReLU())
         stages.append(st)
@@ -331,8 +336,8 @@ def _block_scope(name: str, node: fx.Node, modules: set, path: str, block: nn.Mo
     """``nn_module_stack`` of a block put after ``node``: the scopes around the point, then the block itself.
 
     After a module (leaf or container) the block sits beside that module, in its parent's scope; after a node
-    named by its node name it sits in the node's own scope.  So a container's output stays its one output, and
-    later passes resolve the same names.
+    named by its node name it sits in the node's own scope.  So a container's output stays its one output, the
+    block is a container of its own (``"layer2_deep"``), and later passes resolve the same names.
     """
     stack = collections.OrderedDict()
     stop = {name} if name in modules else set()
@@ -499,7 +504,7 @@ def deepen_module(model: nn.Module, *, after, block: str = "conv-bn-relu", kerne
     device = inputs[0].device if isinstance(inputs[0], torch.Tensor) else torch.device("cpu")
     paths = []
     for name, node, form, shape, relu, sign in plans:
-        mod = build_block(spec, form, shape, relu, rng)
+        mod = build_block(spec, form, shape, relu, rng, dtype=node.meta["tensor_meta"].dtype)
         mod = mod.to(device=device, dtype=node.meta["tensor_meta"].dtype).train(model.training)
         path = _unique_module_name(gm, _block_base_name(name, node, modules))
         gm.add_submodule(path, mod)
@@ -507,6 +512,7 @@ def deepen_module(model: nn.Module, *, after, block: str = "conv-bn-relu", kerne
             new = gm.graph.call_module(path, (node,))
         new.meta["nn_module_stack"] = _block_scope(name, node, modules, path, mod)
         node.replace_all_uses_with(new, delete_user_cb=lambda user: user is not new)
+        inline_call(gm, new)  # the block's own layers as nodes, as a trace of the deeper model would give
         paths.append(path)
         kernels = [list(k) for k in spec.stage_kernels(len(shape) - 2)] if form == "conv" else []
         report.insertions.append(Insertion(
