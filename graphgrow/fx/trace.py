@@ -57,16 +57,15 @@ def trace_module(model: torch.nn.Module, max_leaves: int = 64) -> tuple:
     """Return ``(GraphModule, leaves)``; ``leaves`` lists submodules kept opaque.
 
     A GraphModule is not traced again: its own graph is copied (node names and ``meta`` kept, notably
-    ``nn_module_stack``, which still says which container of the original model each node came from).
+    ``nn_module_stack``, which still says which container of the original model each node came from), and only
+    its calls to modules that symbolic tracing would enter (a ``Sequential`` put there by a rewrite) are
+    inlined; those that do not inline into one graph stay leaves.
     """
     if isinstance(model, fx.GraphModule):
         gm = fx.GraphModule(model, copy.deepcopy(model.graph), type(model).__name__)
-        leaves = []
-        for node in list(gm.graph.nodes):
-            if node.op == "call_module" and not _STANDARD_LEAF.is_leaf_module(gm.get_submodule(node.target),
-                                                                              node.target):
-                if inline_call(gm, node) is None:
-                    leaves.append(node.target)
+        calls = [n for n in gm.graph.nodes if n.op == "call_module" and
+                 not _STANDARD_LEAF.is_leaf_module(gm.get_submodule(n.target), n.target)]
+        leaves = [n.target for n in calls if inline_call(gm, n) is None]
         gm.recompile()
         return gm, list(dict.fromkeys(leaves))
     leaves: list = []

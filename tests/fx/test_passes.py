@@ -200,3 +200,26 @@ def test_names_survive_widen_graph_module_result_and_deepen():
     assert [n.target for n in got.graph.nodes if str(n.target).startswith("stem_deep.")] == \
         ["stem_deep.0.conv", "stem_deep.0.bn", "stem_deep.0.act"]
     assert _points(got, "stem_deep") == ["stem_deep_0_act"]
+
+
+class _LeafTracer(fx.Tracer):
+    def is_leaf_module(self, m, qualname):
+        return qualname in ("stem", "pair") or super().is_leaf_module(m, qualname)
+
+
+def test_graph_module_calls_to_containers_are_inlined():
+    """A GraphModule that calls a container (here made a leaf by a custom tracer) is not retraced: the call is
+    inlined with the container's scope, so its layers and name resolve; a call returning a tuple stays a leaf."""
+    model = _Shared().eval()
+    gm = fx.GraphModule(model, _LeafTracer().trace(model))
+    assert [n.target for n in gm.graph.nodes if n.op == "call_module"][:2] == ["stem", "shared.conv"]
+    copy, leaves = trace_module(gm)
+    assert leaves == ["pair"]
+    assert [n.target for n in copy.graph.nodes if n.op == "call_module"][:3] == ["stem.0", "stem.1", "shared.conv"]
+    assert _points(copy, "stem") == ["stem_1"] and _points(copy, "stem.1") == ["stem_1"]
+    x = (torch.randn(2, 3, 8, 8),)
+    deep = graphgrow.deepen(gm, after="stem", example_inputs=x)  # conv-bn-relu: the ReLU inside stem is seen
+    rep = deep.graphgrow_report
+    assert [i.name for i in rep.insertions] == ["stem_deep"] and rep.insertions[0].activation
+    with torch.no_grad():
+        assert max_rel(model(*x), deep(*x)) <= 1e-6
