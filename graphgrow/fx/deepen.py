@@ -15,15 +15,15 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
+from torch.fx.passes.shape_prop import TensorMetadata
 from torch.utils._pytree import tree_flatten
 
 from ..core import deepen as core
 from ..core.deepen import Insertion, Sign
-from ..errors import InputMismatchError, InvalidArgumentError
+from ..errors import InvalidArgumentError
 from .engine import as_input_tuple, count_params
-from .shapes import TrainingFlags
-from .trace import trace_module
+from .shapes import record_shapes
+from .trace import inline_call, trace_module
 
 
 class Residual(nn.Module):
@@ -187,9 +187,9 @@ def _set_bn(bn: nn.modules.batchnorm._BatchNorm, params: dict):
             getattr(bn, k).copy_(_tensor(v, getattr(bn, k)))
 
 
-def _conv_stage(channels: int, kernel: tuple, spatial: int, rng, identity: bool) -> nn.Sequential:
-    conv = _CONV[spatial](channels, channels, kernel, padding=core.same_padding(kernel), bias=False)
-    bn = _BN[spatial](channels, eps=core.BN_EPS)
+def _conv_stage(channels: int, kernel: tuple, spatial: int, rng, identity: bool, dtype=None) -> nn.Sequential:
+    conv = _CONV[spatial](channels, channels, kernel, padding=core.same_padding(kernel), bias=False, dtype=dtype)
+    bn = _BN[spatial](channels, eps=core.BN_EPS, dtype=dtype)
     with torch.no_grad():
         w = core.identity_conv_weight(channels, kernel) if identity else core.default_init(rng, tuple(conv.weight.shape))
         conv.weight.copy_(_tensor(w, conv.weight))
@@ -198,8 +198,8 @@ def _conv_stage(channels: int, kernel: tuple, spatial: int, rng, identity: bool)
     return nn.Sequential(collections.OrderedDict(conv=conv, bn=bn))
 
 
-def _linear(features: int, rng, identity: bool) -> nn.Linear:
-    lin = nn.Linear(features, features)
+def _linear(features: int, rng, identity: bool, dtype=None) -> nn.Linear:
+    lin = nn.Linear(features, features, dtype=dtype)
     with torch.no_grad():
         if identity:
             lin.weight.copy_(_tensor(np.eye(features), lin.weight))
@@ -210,17 +210,22 @@ def _linear(features: int, rng, identity: bool) -> nn.Linear:
     return lin
 
 
-def build_block(spec: core.BlockSpec, form: str, shape: tuple, relu: bool, rng) -> nn.Module:
-    """The torch module of one block for an input of ``shape`` (identity at construction, eval mode)."""
+def build_block(spec: core.BlockSpec, form: str, shape: tuple, relu: bool, rng, dtype=None) -> nn.Module:
+    """The torch module of one block for an input of ``shape`` (identity at construction, eval mode).
+
+    Built in ``dtype`` (default: torch's default), so identity weights such as γ = sqrt(1 + eps) are rounded
+    once, in the model's own precision (float64 models stay exact to ~1e-16).
+    """
     if form == "linear":
         d = shape[-1]
         if spec.block == "residual":
-            last = nn.Linear(d, d)
+            last = nn.Linear(d, d, dtype=dtype)
             with torch.no_grad():
                 last.weight.zero_()
                 last.bias.zero_()
-            return Residual(nn.Sequential(collections.OrderedDict(fc1=_linear(d, rng, False), act=nn.ReLU(), fc2=last)))
-        parts = collections.OrderedDict(fc=_linear(d, rng, True))
+            return Residual(nn.Sequential(collections.OrderedDict(fc1=_linear(d, rng, False, dtype), act=nn.ReLU(),
+                                                                  fc2=last)))
+        parts = collections.OrderedDict(fc=_linear(d, rng, True, dtype))
         if relu:
             parts["act"] = nn.ReLU()
         return nn.Sequential(parts)
@@ -231,7 +236,7 @@ def build_block(spec: core.BlockSpec, form: str, shape: tuple, relu: bool, rng) 
             kernels = kernels * 2
         stages = []
         for i, k in enumerate(kernels):
-            st = _conv_stage(channels, k, spatial, rng, identity=False)
+            st = _conv_stage(channels, k, spatial, rng, identity=False, dtype=dtype)
             if i < len(kernels) - 1:
                 st.add_module("act", nn.ReLU())
             else:  # the zero γ/β that makes x + body(x) = x
@@ -242,7 +247,7 @@ def build_block(spec: core.BlockSpec, form: str, shape: tuple, relu: bool, rng) 
         return Residual(nn.Sequential(*stages))
     stages = []
     for k in kernels:
-        st = _conv_stage(channels, k, spatial, rng, identity=True)
+        st = _conv_stage(channels, k, spatial, rng, identity=True, dtype=dtype)
         if relu:
             st.add_module("act", nn.ReLU())
         stages.append(st)
@@ -251,26 +256,100 @@ def build_block(spec: core.BlockSpec, form: str, shape: tuple, relu: bool, rng) 
 
 # ------------------------------------------------------------------------------------------------ insertion points
 
+class AmbiguousPoint:
+    """A container call from which several values leave: no single output to put a block on."""
+
+    def __init__(self, name: str, outs: list):
+        self.name, self.outs = name, outs
+
+    def message(self) -> str:
+        names = ", ".join(f"'{n.name}'" for n in self.outs)
+        return (f"after names the module '{self.name}', but {len(self.outs)} values leave it ({names}), so it has no "
+                f"single output; name one of these nodes instead")
+
+
+def _scope_calls(gm: fx.GraphModule) -> dict:
+    """module path -> {call key: nodes inside that call}, from ``node.meta["nn_module_stack"]``.
+
+    Symbolic tracing records, for every node, the stack of module calls it was traced in, outermost first, keyed
+    by call (``"layer1.0.relu"``, then ``"layer1.0.relu@1"`` for the second call of the same module); a copied or
+    rewritten GraphModule keeps that metadata, so container names of the original model still address points.
+    """
+    calls: dict = collections.defaultdict(lambda: collections.defaultdict(list))
+    for n in gm.graph.nodes:
+        if n.op == "output":
+            continue
+        for key, val in (n.meta.get("nn_module_stack") or {}).items():
+            path = val[0] if isinstance(val, tuple) and val and isinstance(val[0], str) else str(key).split("@")[0]
+            if path:
+                calls[path][key].append(n)
+    return calls
+
+
 def insertion_candidates(gm: fx.GraphModule) -> dict:
-    """name → nodes: module paths (a leaf module: every call; a container: its one output node), then node names."""
+    """name -> insertion points, in graph order.
+
+    * a module that the graph calls (a ``call_module`` node: a leaf module such as ``"layer1.0.relu"``): every
+      call is a point;
+    * a container (``"layer2"``, ``"layer1.0"``), from the ``nn_module_stack`` that tracing records: each call
+      of it is a point, namely the one node inside the call whose value is used by a node outside it (the
+      container's output); a call from which several values leave is an :class:`AmbiguousPoint`;
+    * then every node name (model inputs included).
+    """
     cands: dict = {}
-    scopes: dict = collections.defaultdict(set)
     nodes = [n for n in gm.graph.nodes if n.op != "output"]
     for n in nodes:
         if n.op == "call_module":
             cands.setdefault(n.target, []).append(n)
-        for path in (n.meta.get("nn_module_stack") or {}):
-            if path:
-                scopes[path].add(n)
-    for path, inside in scopes.items():
+    for path, calls in _scope_calls(gm).items():
         if path in cands:
             continue
-        outs = [n for n in nodes if n in inside and any(u not in inside for u in n.users)]
-        if len(outs) == 1:
-            cands[path] = outs
+        points = []
+        for inside in calls.values():
+            members = set(inside)
+            outs = [n for n in inside if any(u not in members for u in n.users)]
+            if len(outs) == 1:
+                points.append(outs[0])
+            elif len(outs) > 1:
+                points.append(AmbiguousPoint(path, outs))
+        if points:
+            cands[path] = points
     for n in nodes:
         cands.setdefault(n.name, []).append(n)
     return cands
+
+
+def module_names(gm: fx.GraphModule) -> set:
+    """Names of ``insertion_candidates`` that are module paths (called leaves and traced containers)."""
+    return {n.target for n in gm.graph.nodes if n.op == "call_module"} | set(_scope_calls(gm))
+
+
+def select_points(gm: fx.GraphModule, after) -> list:
+    """``(name, node)`` pairs chosen by ``after``; refuses a container with several outputs in one sentence."""
+    chosen = core.select_names(insertion_candidates(gm), after, "node or module")
+    for _, point in chosen:
+        if isinstance(point, AmbiguousPoint):
+            raise InvalidArgumentError(point.message())
+    return chosen
+
+
+def _block_scope(name: str, node: fx.Node, modules: set, path: str, block: nn.Module) -> dict:
+    """``nn_module_stack`` of a block put after ``node``: the scopes around the point, then the block itself.
+
+    After a module (leaf or container) the block sits beside that module, in its parent's scope; after a node
+    named by its node name it sits in the node's own scope.  So a container's output stays its one output, the
+    block is a container of its own (``"layer2_deep"``), and later passes resolve the same names.
+    """
+    stack = collections.OrderedDict()
+    stop = {name} if name in modules else set()
+    if node.op == "call_module":
+        stop.add(node.target)
+    for key, val in (node.meta.get("nn_module_stack") or {}).items():
+        if (val[0] if isinstance(val, tuple) and val else key) in stop:
+            break
+        stack[key] = val
+    stack[path] = (path, type(block))
+    return stack
 
 
 def _unique_module_name(gm: fx.GraphModule, base: str) -> str:
@@ -281,9 +360,9 @@ def _unique_module_name(gm: fx.GraphModule, base: str) -> str:
     return name
 
 
-def _block_base_name(name: str, node: fx.Node) -> str:
+def _block_base_name(name: str, node: fx.Node, modules: set) -> str:
     """New module path: beside the module the user named, else after the node name."""
-    if node.op == "call_module" or "." in name:
+    if node.op == "call_module" or "." in name or name in modules:
         return f"{name}_deep"
     return f"deep_{node.name}"
 
@@ -395,13 +474,9 @@ def deepen_module(model: nn.Module, *, after, block: str = "conv-bn-relu", kerne
     batches = _calibration_batches(calibrate, len(inputs)) if calibrate is not None else None
     work = copy.deepcopy(model)
     gm, _leaves = trace_module(work)
-    with TrainingFlags(gm), torch.no_grad():
-        try:
-            ShapeProp(gm).propagate(*inputs)
-        except Exception as exc:  # noqa: BLE001 - user input problem
-            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise InputMismatchError(f"the example inputs do not fit the model: {msg}") from None
-    chosen = core.select_names(insertion_candidates(gm), after, "node or module")
+    record_shapes(gm, inputs)  # (sets node.meta["tensor_meta"], as torch.fx's ShapeProp does)
+    chosen = select_points(gm, after)
+    modules = module_names(gm)
     signs = nonneg_signs(gm)
     rng = np.random.default_rng(seed)
     report = core.DeepenReport(params_before=count_params(model))
@@ -425,13 +500,15 @@ def deepen_module(model: nn.Module, *, after, block: str = "conv-bn-relu", kerne
     device = inputs[0].device if isinstance(inputs[0], torch.Tensor) else torch.device("cpu")
     paths = []
     for name, node, form, shape, relu, sign in plans:
-        mod = build_block(spec, form, shape, relu, rng)
+        mod = build_block(spec, form, shape, relu, rng, dtype=node.meta["tensor_meta"].dtype)
         mod = mod.to(device=device, dtype=node.meta["tensor_meta"].dtype).train(model.training)
-        path = _unique_module_name(gm, _block_base_name(name, node))
+        path = _unique_module_name(gm, _block_base_name(name, node, modules))
         gm.add_submodule(path, mod)
         with gm.graph.inserting_after(node):
             new = gm.graph.call_module(path, (node,))
+        new.meta["nn_module_stack"] = _block_scope(name, node, modules, path, mod)
         node.replace_all_uses_with(new, delete_user_cb=lambda user: user is not new)
+        inline_call(gm, new)  # the block's own layers as nodes, as a trace of the deeper model would give
         paths.append(path)
         kernels = [list(k) for k in spec.stage_kernels(len(shape) - 2)] if form == "conv" else []
         report.insertions.append(Insertion(

@@ -10,7 +10,10 @@ class DeepenPass(PassBase):
     """GraphModule in, deepened GraphModule out (verified before it is returned).
 
     Takes the keyword arguments of :func:`graphgrow.deepen`; the report of the last call is kept as
-    ``self.report``.
+    ``self.report`` (and as ``graph_module.graphgrow_report``).  ``after`` names points as on the module the
+    graph was traced from: leaf modules (every call), containers such as ``"layer2"`` (their one output, read
+    from the nodes' ``nn_module_stack``) and node names; the result equals :func:`graphgrow.deepen` on that
+    module, and passes compose in a ``torch.fx`` ``PassManager``.
     """
 
     def __init__(self, *, after, example_inputs, **options):

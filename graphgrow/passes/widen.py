@@ -10,7 +10,12 @@ class WidenPass(PassBase):
     """GraphModule in, widened GraphModule out (verified before it is returned).
 
     Takes the keyword arguments of :func:`graphgrow.widen`; the report of the
-    last call is kept as ``self.report``.
+    last call is kept as ``self.report`` (and as ``graph_module.graphgrow_report``).
+    On a GraphModule the result is the same model as ``graphgrow.widen`` on the
+    module it was traced from (same state_dict, same seed), and its graph keeps
+    the nodes' ``nn_module_stack``, so module and container names such as
+    ``"layer2"`` still address the same points for a following
+    :class:`~graphgrow.passes.DeepenPass`.
     """
 
     def __init__(self, factor=1.41, *, example_inputs, **options):
@@ -22,9 +27,11 @@ class WidenPass(PassBase):
 
     def call(self, graph_module: fx.GraphModule) -> PassResult:
         from ..api import widen
+        from ..fx.trace import trace_module
 
         out = widen(graph_module, self.factor, example_inputs=self.example_inputs, **self.options)
         self.report = out.graphgrow_report
-        if not isinstance(out, fx.GraphModule):
-            out = fx.symbolic_trace(out)
+        if not isinstance(out, fx.GraphModule):  # a plain module came in: hand a graph on
+            out, _ = trace_module(out)
+            out.graphgrow_report = self.report
         return PassResult(out, bool(self.report.widened))

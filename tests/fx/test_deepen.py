@@ -198,7 +198,7 @@ def test_deepen_pass_and_onnxruntime_verify():
     model = models.resnet_small().eval()
     x = models.example_inputs("resnet_small", batch=2)
     gm = torch.fx.symbolic_trace(model)
-    # a GraphModule keeps leaf module paths (not containers): the last ReLU of every stage
+    # on a GraphModule leaf module paths name every call: the last ReLU of every stage
     p = DeepenPass(after=r"layer\d\.1\.relu2", block="conv-bn-relu", kernel="1x3+3x1", example_inputs=x, verify="onnxruntime")
     res = p(gm)
     assert res.modified and isinstance(res.graph_module, torch.fx.GraphModule)
