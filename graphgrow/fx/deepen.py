@@ -21,6 +21,7 @@ from torch.utils._pytree import tree_flatten
 from ..core import deepen as core
 from ..core.deepen import Insertion, Sign
 from ..errors import InvalidArgumentError
+from . import ops
 from .engine import as_input_tuple, count_params
 from .shapes import record_shapes
 from .trace import inline_call, trace_module
@@ -38,44 +39,6 @@ class Residual(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------- non-negativity (fx)
-
-_SOURCE_MODULES = (nn.ReLU, nn.ReLU6, nn.Sigmoid, nn.Softmax, nn.Hardsigmoid, nn.Softplus)
-_MOVE_MODULES = (nn.Identity, nn.Flatten, nn.Unflatten, nn.ChannelShuffle, nn.Dropout, nn.Dropout1d, nn.Dropout2d,
-                 nn.Dropout3d, nn.AlphaDropout)
-_POOL_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
-                 nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
-                 nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.Upsample, nn.PixelShuffle, nn.PixelUnshuffle)
-
-_SOURCE_FUNCS = {F.relu: "relu", torch.relu: "relu", F.relu6: "relu6", torch.sigmoid: "sigmoid",
-                 F.sigmoid: "sigmoid", F.softmax: "softmax", torch.softmax: "softmax", F.hardsigmoid: "hardsigmoid",
-                 F.softplus: "softplus", torch.exp: "exp", torch.abs: "abs", F.relu_: "relu", torch.relu_: "relu"}
-_KIND_FUNCS = {
-    operator.add: "add", torch.add: "add", operator.mul: "mul", torch.mul: "mul", operator.truediv: "div",
-    torch.div: "div", torch.cat: "concat", torch.concat: "concat", torch.stack: "concat", operator.getitem: "move",
-    torch.flatten: "move", torch.reshape: "move", torch.transpose: "move", torch.permute: "move",
-    torch.squeeze: "move", torch.unsqueeze: "move", torch.chunk: "move", torch.split: "move",
-    torch.channel_shuffle: "move", torch.max: "max", torch.maximum: "max", torch.minimum: "min", torch.min: "min",
-    torch.mean: "mean", torch.sum: "sum", torch.sqrt: "sqrt", getattr: "move", F.max_pool1d: "pool", F.max_pool2d: "pool",
-    F.max_pool3d: "pool", F.avg_pool1d: "pool", F.avg_pool2d: "pool", F.avg_pool3d: "pool",
-    F.adaptive_avg_pool1d: "pool", F.adaptive_avg_pool2d: "pool", F.adaptive_avg_pool3d: "pool",
-    F.adaptive_max_pool1d: "pool", F.adaptive_max_pool2d: "pool", F.adaptive_max_pool3d: "pool",
-    F.interpolate: "resize", F.dropout: "identity", F.dropout2d: "identity", torch.clone: "identity",
-}
-_SOURCE_METHODS = {"relu": "relu", "relu_": "relu", "sigmoid": "sigmoid", "softmax": "softmax", "exp": "exp",
-                   "abs": "abs"}
-_KIND_METHODS = {
-    "view": "move", "reshape": "move", "flatten": "move", "permute": "move", "transpose": "move",
-    "contiguous": "identity", "squeeze": "move", "unsqueeze": "move", "chunk": "move", "split": "move",
-    "expand": "move", "repeat": "move", "__getitem__": "move", "add": "add", "mul": "mul", "div": "div",
-    "mean": "mean", "sum": "sum", "max": "max", "clone": "identity", "to": "identity", "float": "identity",
-    "type_as": "identity", "sqrt": "sqrt", "add_": "add", "mul_": "mul",
-}
-# ops whose non-tensor arguments are shapes, axes or sizes, not operands (torch.max(x, 1): 1 is a dim)
-_SHAPE_ARG_KINDS = {"move", "pool", "resize", "concat", "mean", "sum", "identity", "sqrt", "max", "min"}
-
-
-_SIZE_ATTRS = {"shape", "ndim", "dtype", "device", "is_cuda", "layout"}
-
 
 def _clamp_sign(node: fx.Node) -> Sign | None:
     """torch.clamp / .clamp / F.hardtanh / nn.Hardtanh with a lower bound ≥ 0 give x ≥ 0."""
@@ -127,7 +90,7 @@ def nonneg_signs(gm: fx.GraphModule) -> dict:
         if node.op == "output":
             continue
         inputs = node.all_input_nodes
-        if (node.op == "call_function" and node.target is getattr and node.args[1] in _SIZE_ATTRS) or \
+        if (node.op == "call_function" and node.target is getattr and node.args[1] in ops.SIZE_ATTRS) or \
                 (node.op == "call_method" and node.target in ("size", "dim", "numel")) or \
                 (inputs and all(a in sizes for a in inputs) and not isinstance(node.meta.get("tensor_meta"),
                                                                               TensorMetadata)):
@@ -141,17 +104,17 @@ def nonneg_signs(gm: fx.GraphModule) -> dict:
         if node.op == "call_module":
             mod = modules.get(node.target)
             what = f"module '{node.target}' ({type(mod).__name__})"
-            if isinstance(mod, _SOURCE_MODULES):
+            if isinstance(mod, ops.NONNEG_SOURCE_MODULES):
                 kind = "relu"
             elif isinstance(mod, nn.Hardtanh) and mod.min_val >= 0:
                 kind = "relu6"
-            elif isinstance(mod, _MOVE_MODULES):
+            elif isinstance(mod, ops.SIGN_MOVE_MODULES):
                 kind = "move"
-            elif isinstance(mod, _POOL_MODULES):
+            elif isinstance(mod, ops.SIGN_POOL_MODULES):
                 # bicubic interpolation overshoots: it can turn x ≥ 0 into small negatives
                 kind = None if "cubic" in str(getattr(mod, "mode", "")) else "pool"
         elif node.op == "call_function":
-            kind = _SOURCE_FUNCS.get(node.target) or _KIND_FUNCS.get(node.target)
+            kind = ops.NONNEG_SOURCE_FUNCS.get(node.target) or ops.SIGN_KIND_FUNCS.get(node.target)
             what = f"function '{getattr(node.target, '__name__', node.target)}' at node '{node.name}'"
             if kind == "add" and node.kwargs.get("alpha", 1) < 0:
                 kind = None
@@ -159,15 +122,15 @@ def nonneg_signs(gm: fx.GraphModule) -> dict:
                                                                     else "nearest")):
                 kind = None
         elif node.op == "call_method":
-            kind = _SOURCE_METHODS.get(node.target) or _KIND_METHODS.get(node.target)
+            kind = ops.NONNEG_SOURCE_METHODS.get(node.target) or ops.SIGN_KIND_METHODS.get(node.target)
             what = f"method '.{node.target}()' at node '{node.name}'"
-        if kind in _SHAPE_ARG_KINDS:
-            ops = [operand(a) for a in node.all_input_nodes]
+        if kind in ops.SIGN_SHAPE_ARG_KINDS:
+            operands = [operand(a) for a in node.all_input_nodes]
         else:
-            ops = [operand(a) for a in list(node.args) + list(node.kwargs.values())
+            operands = [operand(a) for a in list(node.args) + list(node.kwargs.values())
                    if not (isinstance(a, str) or a is None)]
-        ops = [o for o in ops if o is not None]
-        signs[node] = core.combine_sign(kind, ops, what)
+        operands = [o for o in operands if o is not None]
+        signs[node] = core.combine_sign(kind, operands, what)
     return signs
 
 

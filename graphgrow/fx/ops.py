@@ -1,7 +1,8 @@
 """The fx op registry: which torch modules, functions and methods map to which relation.
 
-:mod:`graphgrow.fx.labeling` (widening) reads these tables; the names are torch's own objects, so a
-table lookup is an identity test, never a guess by name.
+:mod:`graphgrow.fx.labeling` (widening) reads the relation tables, :mod:`graphgrow.fx.deepen` the sign
+tables (which ops give non-negative outputs, for an identity block's ReLU); the names are torch's own
+objects, so a table lookup is an identity test, never a guess by name.
 """
 
 from __future__ import annotations
@@ -83,6 +84,45 @@ ELEMENTWISE_BY_NAME = {"torchvision.ops.stochastic_depth.stochastic_depth"}
 NORM_FUNCS = {F.layer_norm, F.group_norm, F.local_response_norm, F.normalize, F.rms_norm} if hasattr(F, "rms_norm") \
     else {F.layer_norm, F.group_norm, F.local_response_norm, F.normalize}
 SHAPE_METHODS = {"size", "dim", "numel", "nelement", "ndimension"}
+
+
+# ---------------------------------------------------------------- non-negativity (deepen)
+NONNEG_SOURCE_MODULES = (nn.ReLU, nn.ReLU6, nn.Sigmoid, nn.Softmax, nn.Hardsigmoid, nn.Softplus)
+SIGN_MOVE_MODULES = (nn.Identity, nn.Flatten, nn.Unflatten, nn.ChannelShuffle, nn.Dropout, nn.Dropout1d, nn.Dropout2d,
+                 nn.Dropout3d, nn.AlphaDropout)
+SIGN_POOL_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+                 nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
+                 nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.Upsample, nn.PixelShuffle, nn.PixelUnshuffle)
+
+NONNEG_SOURCE_FUNCS = {F.relu: "relu", torch.relu: "relu", F.relu6: "relu6", torch.sigmoid: "sigmoid",
+                 F.sigmoid: "sigmoid", F.softmax: "softmax", torch.softmax: "softmax", F.hardsigmoid: "hardsigmoid",
+                 F.softplus: "softplus", torch.exp: "exp", torch.abs: "abs", F.relu_: "relu", torch.relu_: "relu"}
+SIGN_KIND_FUNCS = {
+    operator.add: "add", torch.add: "add", operator.mul: "mul", torch.mul: "mul", operator.truediv: "div",
+    torch.div: "div", torch.cat: "concat", torch.concat: "concat", torch.stack: "concat", operator.getitem: "move",
+    torch.flatten: "move", torch.reshape: "move", torch.transpose: "move", torch.permute: "move",
+    torch.squeeze: "move", torch.unsqueeze: "move", torch.chunk: "move", torch.split: "move",
+    torch.channel_shuffle: "move", torch.max: "max", torch.maximum: "max", torch.minimum: "min", torch.min: "min",
+    torch.mean: "mean", torch.sum: "sum", torch.sqrt: "sqrt", getattr: "move", F.max_pool1d: "pool", F.max_pool2d: "pool",
+    F.max_pool3d: "pool", F.avg_pool1d: "pool", F.avg_pool2d: "pool", F.avg_pool3d: "pool",
+    F.adaptive_avg_pool1d: "pool", F.adaptive_avg_pool2d: "pool", F.adaptive_avg_pool3d: "pool",
+    F.adaptive_max_pool1d: "pool", F.adaptive_max_pool2d: "pool", F.adaptive_max_pool3d: "pool",
+    F.interpolate: "resize", F.dropout: "identity", F.dropout2d: "identity", torch.clone: "identity",
+}
+NONNEG_SOURCE_METHODS = {"relu": "relu", "relu_": "relu", "sigmoid": "sigmoid", "softmax": "softmax", "exp": "exp",
+                   "abs": "abs"}
+SIGN_KIND_METHODS = {
+    "view": "move", "reshape": "move", "flatten": "move", "permute": "move", "transpose": "move",
+    "contiguous": "identity", "squeeze": "move", "unsqueeze": "move", "chunk": "move", "split": "move",
+    "expand": "move", "repeat": "move", "__getitem__": "move", "add": "add", "mul": "mul", "div": "div",
+    "mean": "mean", "sum": "sum", "max": "max", "clone": "identity", "to": "identity", "float": "identity",
+    "type_as": "identity", "sqrt": "sqrt", "add_": "add", "mul_": "mul",
+}
+# ops whose non-tensor arguments are shapes, axes or sizes, not operands (torch.max(x, 1): 1 is a dim)
+SIGN_SHAPE_ARG_KINDS = {"move", "pool", "resize", "concat", "mean", "sum", "identity", "sqrt", "max", "min"}
+
+
+SIZE_ATTRS = {"shape", "ndim", "dtype", "device", "is_cuda", "layout"}
 
 
 def qualified_name(target) -> str:
