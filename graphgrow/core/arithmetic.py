@@ -7,7 +7,7 @@
 * per-channel parameters (bias, BN statistics, PReLU slopes, depthwise
   filters) are gathered, never divided.
 
-Symmetry breaking (GROWTH.md §3): ``noise_mode="exact"`` adds to the columns
+Symmetry breaking (docs/maths.md §3): ``noise_mode="exact"`` adds to the columns
 of the copies of one unit perturbations that sum to zero over the copies, so
 the consumer's output is unchanged; ``"paper"`` adds plain Gaussian noise.
 """

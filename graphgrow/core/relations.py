@@ -1,4 +1,4 @@
-"""The relations of GROWTH.md §2, written once for every frontend.
+"""The relations of docs/maths.md §2, written once for every frontend.
 
 A frontend (torch.fx, ONNX) walks its graph with :class:`~graphgrow.core.label_tensor.LabelTensor`
 values in place of activations and, for each op, calls one relation of :class:`RelationRun`:
