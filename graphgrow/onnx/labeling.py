@@ -187,12 +187,7 @@ class OnnxLabelRun(MoveReplay, RelationRun):
         for out in self.graph.output:
             v = self.env.get(out.name)
             if isinstance(v, LabelTensor):
-                if self.analysis:
-                    self.constraints.freeze(v.chans, "reaches a model output")
-                else:
-                    o = self.old.get(out.name)
-                    if not same_labels(o, v):
-                        raise Conflict(None, o.chans, f"model output '{out.name}' changed")
+                self.model_output(self.old.get(out.name), v, what=f"model output '{out.name}'")
         return self
 
     def _inputs_unchanged(self, node, vals) -> bool:
@@ -280,17 +275,15 @@ class OnnxLabelRun(MoveReplay, RelationRun):
             return self._carry_params(idx, node, x, ks)
         if op == "LayerNormalization":
             axis = a.get("axis", -1) % x.ndim
-            va = (self.old[node.input[0]] if not self.analysis else x).vary
-            if any(ax >= axis for ax in va):
+            if self.mixes(x, self._old_input(node, 0, x), range(axis, x.ndim)):
                 return self._mix(idx, node, x, "LayerNormalization normalizes over the channel axis")
             return [self.elementwise((idx, node), x)] + [None] * (len(node.output) - 1)
         if op in ops.MIX:
             return self._mix(idx, node, x, f"{op} normalizes across channels")
         if op in ops.SOFTMAX:
             axis = a.get("axis", 1 if self.opset < 13 else -1) % x.ndim
-            va = (self.old[node.input[0]] if not self.analysis else x).vary
-            covered = [ax for ax in va if ax >= axis] if self.opset < 13 else [ax for ax in va if ax == axis]
-            if covered:
+            # (before opset 13 softmax flattens the axes from `axis` on into one)
+            if self.mixes(x, self._old_input(node, 0, x), range(axis, x.ndim) if self.opset < 13 else [axis]):
                 return self._mix(idx, node, x, f"{op} over the channel axis")
             return [self.elementwise((idx, node), x)]
         if op in ops.POOL:
