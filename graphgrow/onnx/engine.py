@@ -23,10 +23,11 @@ from ..core.sites import GrowOptions
 from ..errors import (InputMismatchError, InvalidArgumentError, ModelFileError, UnsupportedModelError, VerificationError,
                       first_line, require_equivalent)
 from . import io as _io
+from .io import copy_fields, light_model
 from ..core.label_tensor import LabelTensor
 from ..core.relations import free_upstream
 from .labeling import OnnxLabelRun
-from .ops import FLOAT_TYPES, PLAIN_TYPES
+from .ops import PLAIN_TYPES
 
 MIN_OPSET = 9
 
@@ -102,51 +103,15 @@ class _SessionSource:
             self.tmp.cleanup()
 
 
-_LIGHT_MAX_ELEMENTS = 64
-
-
-def _copy_fields(dst, src, skip=()):
-    for fd, value in src.ListFields():
-        if fd.name in skip:
-            continue
-        if fd.is_repeated if hasattr(fd, "is_repeated") else fd.label == fd.LABEL_REPEATED:
-            getattr(dst, fd.name).extend(value)
-        elif fd.type == fd.TYPE_MESSAGE:
-            getattr(dst, fd.name).CopyFrom(value)
-        else:
-            setattr(dst, fd.name, value)
-
-
-def _light_model(model) -> onnx.ModelProto:
-    """The model without its large floating-point initializers, which become graph inputs of the same
-    type and shape: shape inference reads only their types (values matter to data propagation of shape
-    computations, which use small integer constants, kept).  Saves serializing the weights to onnx's C++
-    side and back.  A value whose shape would have needed a dropped tensor's data is left unknown, and
-    unknown shapes are taken from onnxruntime (see record_shapes)."""
-    light = onnx.ModelProto()
-    _copy_fields(light, model, skip=("graph",))
-    g = model.graph
-    _copy_fields(light.graph, g, skip=("initializer",))
-    declared = {i.name for i in g.input}
-    for t in g.initializer:
-        n = int(np.prod(t.dims)) if len(t.dims) else 1
-        if t.data_type in FLOAT_TYPES and n > _LIGHT_MAX_ELEMENTS:
-            if t.name not in declared:
-                light.graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
-        else:
-            light.graph.initializer.append(t)
-    return light
-
-
 def check_rewritten(model: onnx.ModelProto, what: str = "rewritten") -> None:
     """The ONNX checker on what a rewrite wrote: the graph, its nodes, attributes and small constants.
 
-    The large float weights are left out (:func:`_light_model`), which saves serializing and parsing
+    The large float weights are left out (:func:`~graphgrow.onnx.io.light_model`), which saves serializing and parsing
     them once more on onnx's C++ side: the ones a rewrite wrote are complete by construction
     (:func:`_fill_tensor` takes their dims and bytes from one array), the others are the input's,
     checked when it was loaded.  Works for models over 2 GB too."""
     try:
-        onnx.checker.check_model(_light_model(model))
+        onnx.checker.check_model(light_model(model))
     except Exception as exc:  # noqa: BLE001
         raise UnsupportedModelError(f"the {what} model fails the ONNX checker: {first_line(exc)}") from None
 
@@ -215,7 +180,7 @@ def probe_values(model, feeds: dict, names, types: dict | None = None, providers
     the model without its large weights; onnxruntime accepts undefined ones)."""
     if types is None:
         try:
-            types = _value_types(onnx.shape_inference.infer_shapes(_light_model(model)))
+            types = _value_types(onnx.shape_inference.infer_shapes(light_model(model)))
         except Exception:  # noqa: BLE001 - types only help onnxruntime
             types = {}
     probe = onnx.ModelProto()
@@ -241,7 +206,7 @@ def record_shapes(model, feeds: dict) -> RecordedShapes:
     its large weights), and from one onnxruntime run for the values whose shape it leaves unknown,
     done only if one of them is looked up."""
     try:
-        inferred = onnx.shape_inference.infer_shapes(_light_model(model), data_prop=True)
+        inferred = onnx.shape_inference.infer_shapes(light_model(model), data_prop=True)
     except Exception:  # noqa: BLE001 - shape inference is a convenience here
         inferred = model
     static = _inferred_shapes(inferred, model, feeds)
@@ -341,9 +306,9 @@ def rebuild(model: onnx.ModelProto, run: OnnxLabelRun) -> onnx.ModelProto:
             added.append((f"{name}__graphgrow_{idx}_{k}", arr, old, orig))
             renamed.append((idx, k, added[-1][0]))
     new = onnx.ModelProto()
-    _copy_fields(new, model, skip=("graph",))
+    copy_fields(new, model, skip=("graph",))
     g = new.graph
-    _copy_fields(g, src, skip=("initializer", "value_info"))  # recorded shapes no longer hold
+    copy_fields(g, src, skip=("initializer", "value_info"))  # recorded shapes no longer hold
     for t in src.initializer:
         if t.name in in_place:
             arr, orig = in_place[t.name]

@@ -174,7 +174,8 @@ def check_opsets(model: onnx.ModelProto, path: str) -> None:
                                  f"opsets 1 to {newest}")
 
 
-def _copy_fields(dst, src, skip=()):
+def copy_fields(dst, src, skip=()):
+    """Copy every set field of the protobuf message ``src`` into ``dst`` but those named in ``skip``."""
     for fd, value in src.ListFields():
         if fd.name in skip:
             continue
@@ -187,27 +188,38 @@ def _copy_fields(dst, src, skip=()):
 
 
 _FLOATS = (TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16)
+_LIGHT_MAX_ELEMENTS = 64
+
+
+def light_model(model) -> onnx.ModelProto:
+    """The model without its large floating-point initializers, which become graph inputs of the same
+    type and shape: shape inference and the checker read only their types (values matter to data
+    propagation of shape computations, which use small integer constants, kept).  Saves serializing the
+    weights to onnx's C++ side and back.  A value whose shape would have needed a dropped tensor's data is
+    left unknown (the engine asks onnxruntime for those)."""
+    light = onnx.ModelProto()
+    copy_fields(light, model, skip=("graph",))
+    g = model.graph
+    copy_fields(light.graph, g, skip=("initializer",))
+    declared = {i.name for i in g.input}
+    for t in g.initializer:
+        n = 1
+        for d in t.dims:
+            n *= int(d)
+        if t.data_type in _FLOATS and n > _LIGHT_MAX_ELEMENTS:
+            if t.name not in declared:
+                light.graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+        else:
+            light.graph.initializer.append(t)
+    return light
 
 
 def _check_types(model: onnx.ModelProto, path: str) -> None:
     """Strict type and shape inference on the model without its large weights (they become typed graph
     inputs; small constants stay, shape computations read them): a node fed the wrong element type, or
     declared shapes its computation contradicts, is refused."""
-    light = onnx.ModelProto()
-    _copy_fields(light, model, skip=("graph",))
-    g = model.graph
-    _copy_fields(light.graph, g, skip=("initializer",))
-    declared = {i.name for i in g.input}
-    for t in g.initializer:
-        n = 1
-        for d in t.dims:
-            n *= int(d)
-        if n <= 64 or t.data_type not in _FLOATS:
-            light.graph.initializer.append(t)
-        elif t.name not in declared:
-            light.graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
     try:
-        onnx.shape_inference.infer_shapes(light, check_type=True, strict_mode=True)
+        onnx.shape_inference.infer_shapes(light_model(model), check_type=True, strict_mode=True)
     except Exception as exc:  # noqa: BLE001
         raise ModelFileError(f"{path} is inconsistent: {first_line(exc)}") from None
 
