@@ -286,7 +286,7 @@ def gathered(x: LabelTensor, axis: int, index, shape) -> "LabelTensor | None":
 
 def split_axis_ties(x: LabelTensor, out: LabelTensor) -> list:
     """A reshape that splits one channel axis into blocks: the blocks' channels, to tie positionwise
-    (``sites.split_axis_ties(x.a, out.a)`` with the cached varying axes)."""
+    (none when the output varies along no more axes than the input)."""
     va = out.vary
     if len(va) < 2 or len(x.vary) >= len(va):
         return []

@@ -27,7 +27,8 @@ import numpy as np
 from . import arithmetic as ar
 from . import sites
 from .growth import Conflict
-from .label_tensor import LabelTensor, factored_alike, label_channel_ids, match_labels, resalt_labels, same_labels
+from .label_tensor import (LabelTensor, factored_alike, label_channel_ids, match_labels, resalt_labels, same_labels,
+                           split_axis_ties)
 from .labels import channel_of
 from .provenance import Mismatch, RowMatch
 
@@ -302,8 +303,6 @@ class RelationRun(sites.LabelRunState):
     def reshape_ties(self, x: LabelTensor, out: LabelTensor) -> None:
         """A reshape that splits a channel axis into blocks ties the blocks positionwise."""
         if self.analysis:
-            from .label_tensor import split_axis_ties
-
             for a, b in split_axis_ties(x, out):
                 self.constraints.tie(a, b)
 
@@ -325,6 +324,13 @@ class RelationRun(sites.LabelRunState):
             return sites.remap_bound(src, bound)
         except Mismatch as exc:
             raise self.conflict(node, str(exc)) from None
+
+    def remap_sizes(self, node, old: LabelTensor, new: LabelTensor, axis: int, sizes) -> list:
+        """Literal piece sizes (a split's) along ``axis`` of a moved input, in the widened configuration:
+        each piece takes every copy of its channels."""
+        src = self.axis_source(node, old, new, axis)
+        bounds = [self.remap_bound(node, src, int(b)) for b in np.cumsum([0] + list(sizes))]
+        return [int(bounds[i + 1] - bounds[i]) for i in range(len(sizes))]
 
     def rescale_shape(self, node, raw: list, old_out: LabelTensor, old_numel: int, new_numel: int):
         try:

@@ -90,14 +90,6 @@ def check_aligned(old_a, old_b, new_a, new_b, old_full) -> None:
     match_rows(pair_old, pair_new, va[0], "operands")
 
 
-def split_axis_ties(in_labels: np.ndarray, out_labels: np.ndarray) -> list:
-    """A reshape that splits one channel axis into blocks: the blocks' channels, to tie positionwise."""
-    va = varying_axes(out_labels)
-    if len(va) < 2 or len(varying_axes(in_labels)) >= len(va):
-        return []
-    return block_ties(channel_of(out_labels), va)
-
-
 def block_ties(chan: np.ndarray, va: list) -> list:
     """The blocks of a channel axis split over the axes ``va`` (channel ids ``chan``, any size along the
     other axes, which are read at 0): the channels of each block, to tie positionwise with the first."""

@@ -106,9 +106,7 @@ class MoveReplay:
             size = args[1] if len(args) > 1 else kwargs.get("split_size_or_sections", kwargs.get("split_size"))
             dim = args[2] if len(args) > 2 else kwargs.get("dim", 0)
             if isinstance(size, (list, tuple)) and all(isinstance(s, int) for s in size):
-                src_idx = self.axis_source(node, old_in, new_in, dim)
-                nb = [self.remap_bound(node, src_idx, int(b)) for b in np.cumsum([0] + list(size))]
-                new_sizes = [int(nb[i + 1] - nb[i]) for i in range(len(size))]
+                new_sizes = self.remap_sizes(node, old_in, new_in, dim, size)
                 if new_sizes == list(size):
                     return args, kwargs
                 new_args[1] = new_sizes

@@ -118,10 +118,7 @@ class MoveReplay:
                     return ins, node
                 sizes = [int(v) for v in np.asarray(vals[1]).ravel()]
             if sizes is not None and old_in.shape[axis] != x.shape[axis]:
-                src = self.axis_source((idx, node), old_in, x, axis)
-                bounds = np.cumsum([0] + list(sizes))
-                nb = [self.remap_bound((idx, node), src, int(b)) for b in bounds]
-                new = [int(nb[i + 1] - nb[i]) for i in range(len(sizes))]
+                new = self.remap_sizes((idx, node), old_in, x, axis, sizes)
                 if from_input:
                     self._set_const(idx, 1, np.array(new, dtype=np.int64), shape=True)
                     ins[1] = np.array(new, dtype=np.int64)
