@@ -136,10 +136,12 @@ class RelationRun(sites.LabelRunState):
         if self.mixes(x, old_x, axes):
             return self.mix(node, x, "reduces over the channel axis")
         f = x.factors()
-        if f is not None and not set(axes) & set(f[0]):
-            kept = [d for i, d in enumerate(x.shape) if i not in axes or keepdims]
-            shape = [1 if i in axes else d for i, d in enumerate(x.shape)] if keepdims else kept
-            cax = [c - sum(1 for a in axes if a < c) if not keepdims else c for c in f[0]]
+        if f is not None and not set(axes) & set(f[0]):  # only position axes go: the part stays
+            if keepdims:
+                shape, cax = [1 if i in axes else d for i, d in enumerate(x.shape)], f[0]
+            else:
+                shape = [d for i, d in enumerate(x.shape) if i not in axes]
+                cax = [c - sum(1 for a in axes if a < c) for c in f[0]]
             return self.elementwise(node, LabelTensor.multi(shape, cax, f[1]))
         out = x.a
         for ax in sorted(axes, reverse=True):
