@@ -138,6 +138,13 @@ def space_reports(produced: list, plan, targets: dict | None = None) -> list:
                 if other.frozen_reasons:
                     reasons.append(f"tied to {other.name!r}, which stays: {other.frozen_reasons[0]}")
                     break
+        if new < target and not reasons and sp.id in plan.notes:
+            reasons.append(plan.notes[sp.id])
+        if new < target and not reasons:
+            for other in plan.tied_spaces(sp):
+                if other.id in plan.notes:
+                    reasons.append(f"tied to {other.name!r}: {plan.notes[other.id]}")
+                    break
         if new == sp.size and not reasons:
             reasons = ["the factor adds no channel at this width" if targets else "not selected for widening"]
         out.append(SpaceReport(sp.name, sp.size, new, list(sp.producers), list(sp.consumers), list(sp.carriers),

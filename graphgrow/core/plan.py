@@ -17,7 +17,7 @@ data-movement ops do to it is checked, not assumed, by the frontend.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from scipy.sparse import coo_matrix
@@ -34,28 +34,97 @@ def target_width(old: int, factor: float, divisor: int = 1) -> int:
     return new
 
 
+def _edges(a_chans, b_chans):
+    a, b = np.broadcast_arrays(np.asarray(a_chans, np.int64), np.asarray(b_chans, np.int64))
+    a, b = a.ravel(), b.ravel()
+    keep = a != b
+    if not keep.any():
+        return None
+    # one int64 per pair (channel ids < 2**23): a 1-d unique is far cheaper than unique rows
+    codes = np.unique((a[keep] << 24) | b[keep])
+    return np.stack([codes >> 24, codes & ((1 << 24) - 1)], axis=1)
+
+
 class GrowthConstraints:
-    """Ties and freezes collected by a frontend while it analyses a graph."""
+    """Ties and freezes collected by a frontend while it analyses a graph.
+
+    Besides plain ties it records two structures of docs/maths.md §5:
+
+    * **uniform** channels (read by a norm or a mean across them): every channel of their class gets the
+      same number of copies, so a class of them grows only by whole integer factors;
+    * **units** (attention heads): a space cut into consecutive units of ``u`` channels grows by copying
+      whole units; the plan lays each unit's copies out after it (:meth:`WidenPlan.mapping`).  The
+      positionwise ties a reshape put between the blocks of a unit space (:meth:`tie_split`) are then
+      dropped: heads copy as units instead of widening inside.
+    """
 
     def __init__(self, table: SpaceTable):
         self.table = table
         self._tie_edges: list = []
+        self._split_edges: list = []
         self.frozen = np.zeros(0, dtype=bool)
+        self.uniform_mask = np.zeros(0, dtype=bool)
+        self.uniform_sites: dict = {}  # space id -> the first op that needs it uniform
+        self.unit_size: dict = {}  # space id -> channels per unit
+        self.unit_count: dict = {}  # space id -> heads (units tied to one query head class)
 
     def _grow(self):
-        if len(self.frozen) < self.table.num_chans:
-            self.frozen = np.concatenate([self.frozen, np.zeros(self.table.num_chans - len(self.frozen), bool)])
+        n = self.table.num_chans
+        if len(self.frozen) < n:
+            self.frozen = np.concatenate([self.frozen, np.zeros(n - len(self.frozen), bool)])
+        if len(self.uniform_mask) < n:
+            self.uniform_mask = np.concatenate([self.uniform_mask, np.zeros(n - len(self.uniform_mask), bool)])
 
     def tie(self, a_chans, b_chans) -> None:
         """Tie channels elementwise (arrays broadcast against each other)."""
-        a, b = np.broadcast_arrays(np.asarray(a_chans, np.int64), np.asarray(b_chans, np.int64))
-        a, b = a.ravel(), b.ravel()
-        keep = a != b
-        if not keep.any():
-            return
-        # one int64 per pair (channel ids < 2**23): a 1-d unique is far cheaper than unique rows
-        codes = np.unique((a[keep] << 24) | b[keep])
-        self._tie_edges.append(np.stack([codes >> 24, codes & ((1 << 24) - 1)], axis=1))
+        e = _edges(a_chans, b_chans)
+        if e is not None:
+            self._tie_edges.append(e)
+
+    def tie_split(self, a_chans, b_chans) -> None:
+        """A tie from a reshape that splits a channel axis into blocks: dropped if the space is cut into units."""
+        e = _edges(a_chans, b_chans)
+        if e is not None:
+            self._split_edges.append(e)
+
+    def uniform(self, rows, site: str) -> None:
+        """Every row (channel ids along a normalized axis) replicates uniformly: its channels are tied."""
+        rows = np.asarray(rows, np.int64)
+        rows = np.unique(rows.reshape(-1, rows.shape[-1]), axis=0)
+        self.tie(rows[:, :1], rows)
+        self._grow()
+        self.uniform_mask[rows.ravel()] = True
+        for sp in self.table.spaces_of(rows.ravel()):
+            self.uniform_sites.setdefault(sp.id, site)
+
+    def units(self, rows) -> str | None:
+        """Cut a space into units (``rows``: units x channels, channel ids of one space, each unit
+        consecutive and aligned); returns why it cannot be, or None."""
+        rows = np.unique(np.asarray(rows, np.int64).reshape(-1, np.shape(rows)[-1]), axis=0)
+        u = rows.shape[1]
+        spaces = self.table.spaces_of(rows.ravel())
+        if len(spaces) != 1:
+            return "a head's channels come from several channel spaces"
+        sp = spaces[0]
+        off = rows[:, 0] - sp.base
+        if not np.array_equal(rows, rows[:, :1] + np.arange(u)) or (off % u).any() or sp.size % u:
+            return f"the heads of {sp.name!r} are not consecutive blocks of {u} channels"
+        if self.unit_size.get(sp.id, u) != u:
+            return f"{sp.name!r} is cut into heads of {self.unit_size[sp.id]} and of {u} channels"
+        self.unit_size[sp.id] = u
+        self.tie(rows[:, :1], rows)
+        return None
+
+    def tie_edges(self) -> np.ndarray:
+        edges = list(self._tie_edges)
+        if self._split_edges:
+            split = np.concatenate(self._split_edges)
+            if self.unit_size:
+                units = np.asarray(sorted(self.unit_size), np.int64)
+                sid = self.table.space_ids_of(split.ravel()).reshape(split.shape)
+                split = split[~np.isin(sid, units).any(axis=1)]
+            edges.append(split)
+        return np.concatenate(edges) if edges else np.zeros((0, 2), np.int64)
 
     def tie_blocks(self, chans, blocks: int) -> None:
         """Split a channel sequence into ``blocks`` equal blocks and tie them positionwise."""
@@ -80,7 +149,7 @@ class GrowthConstraints:
         networkx's Python traversal took 2.2 s of an 11 s ONNX widening of vit_b_16, 85k channels), numbered
         in the order of each class's smallest channel id."""
         n = self.table.num_chans
-        edges = np.concatenate(self._tie_edges) if self._tie_edges else np.zeros((0, 2), np.int64)
+        edges = self.tie_edges()
         graph = coo_matrix((np.ones(len(edges), np.int8), (edges[:, 0], edges[:, 1])), shape=(n, n))
         k, labels = connected_components(graph, directed=False)
         smallest = np.full(k, n, dtype=np.int64)
@@ -97,6 +166,8 @@ class WidenPlan:
     table: SpaceTable
     counts: np.ndarray  # per global channel id, >= 1
     classes: np.ndarray | None = None  # tie class of every channel (None: no ties)
+    units: dict = field(default_factory=dict)  # space id -> channels per unit (heads)
+    notes: dict = field(default_factory=dict)  # space id -> why it grew less than its target
 
     def tied_spaces(self, space) -> list:
         """Other spaces sharing a tie class with ``space``."""
@@ -113,8 +184,14 @@ class WidenPlan:
         return int(self.replication_counts(space).sum())
 
     def mapping(self, space) -> np.ndarray:
-        """g: new index -> old index (each old channel followed by its copies)."""
-        return np.repeat(np.arange(space.size, dtype=np.int64), self.replication_counts(space))
+        """g: new index -> old index (each old channel followed by its copies; in a space cut into units,
+        each unit followed by its copies)."""
+        u = self.units.get(space.id, 1)
+        if u == 1:
+            return np.repeat(np.arange(space.size, dtype=np.int64), self.replication_counts(space))
+        unit_counts = self.replication_counts(space)[::u]
+        starts = np.repeat(np.arange(space.size // u, dtype=np.int64) * u, unit_counts)
+        return (starts[:, None] + np.arange(u)).ravel()
 
     def new_chan_ids(self, space) -> np.ndarray:
         """Labels of the widened space: each new channel carries its source's id."""
@@ -141,6 +218,9 @@ def solve_plan(constraints: GrowthConstraints, targets: dict, seed: int = 0) -> 
     ncls = int(cls.max()) + 1 if len(cls) else 0
     class_frozen = np.zeros(ncls, dtype=bool)
     np.logical_or.at(class_frozen, cls, constraints.frozen)
+    class_uniform = np.zeros(ncls, dtype=bool)
+    np.logical_or.at(class_uniform, cls, constraints.uniform_mask[: len(cls)])
+    notes = {}
     space_of = table.space_ids_of(np.arange(table.num_chans))
     # per class: spaces it touches and how many of its channels lie in each
     class_mult: list = [None] * ncls
@@ -171,10 +251,20 @@ def solve_plan(constraints: GrowthConstraints, targets: dict, seed: int = 0) -> 
             guard += 1
             k = free_cls[rng.integers(n_free)]
             step = dict(mult(k))[sid]
+            if class_uniform[k] and width[sid] + step > target:
+                # a uniform class grows by whole copies of itself only: never past the target
+                if sid in constraints.uniform_sites and width[sid] == sp.size:
+                    notes[sid] = (f"normalized by {constraints.uniform_sites[sid]}: its channels replicate "
+                                  "uniformly, by whole integer factors only")
+                free_cls = [c for c in free_cls if c != k]
+                n_free = len(free_cls)
+                if n_free == 0:
+                    break
+                continue
             # ties can make one draw add several channels: stop at the nearest width
             if target - width[sid] < step / 2:
                 break
             counts_cls[k] += 1
             for s2, m in mult(k):
                 width[s2] += m
-    return WidenPlan(table, np.asarray(counts_cls, dtype=np.int64)[cls], cls)
+    return WidenPlan(table, np.asarray(counts_cls, dtype=np.int64)[cls], cls, dict(constraints.unit_size), notes)

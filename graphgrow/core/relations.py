@@ -26,10 +26,19 @@ import numpy as np
 
 from . import arithmetic as ar
 from . import sites
+from .attention import AttentionRelations
 from .growth import Conflict
-from .label_tensor import (LabelTensor, factored_alike, label_channel_ids, match_labels, resalt_labels, same_labels,
-                           split_axis_ties)
+from .label_tensor import (
+    LabelTensor,
+    factored_alike,
+    label_channel_ids,
+    match_labels,
+    resalt_labels,
+    same_labels,
+    split_axis_ties,
+)
 from .labels import channel_of
+from .norms import NormRelations, row_match
 from .provenance import Mismatch, RowMatch
 
 
@@ -37,7 +46,7 @@ class NotUnderstood(Exception):
     """A relation cannot be applied to this op as it is used here: the op is treated as opaque."""
 
 
-class RelationRun(sites.LabelRunState):
+class RelationRun(NormRelations, AttentionRelations, sites.LabelRunState):
     """One label run of a graph. Frontends subclass it and provide the five hooks below."""
 
     # ------------------------------------------------------------ frontend hooks
@@ -89,8 +98,8 @@ class RelationRun(sites.LabelRunState):
             for sp in self.table.spaces_of(x.chans):
                 sp.add_role(role, name)
 
-    def out_space(self, node, name: str, size: int):
-        key = self.node_key(node)
+    def out_space(self, node, name: str, size: int, suffix: str | None = None):
+        key = self.node_key(node) if suffix is None else (self.node_key(node), suffix)
         if self.analysis:
             sp = self.table.new_space(name, size, "produced")
             sp.add_role("producer", name)
@@ -131,9 +140,12 @@ class RelationRun(sites.LabelRunState):
             raise NotUnderstood("its input channels are not on axis 1, or one channel id holds different contents")
         return LabelTensor.channels((shape[0], x.shape[1]) + tuple(shape[2:]), 1, seq, self.salt(node))
 
-    def reduce(self, node, x: LabelTensor, old_x: LabelTensor, axes, keepdims: bool):
-        """A reduction over ``axes`` (non-negative): per channel when no channel axis is reduced."""
+    def reduce(self, node, x: LabelTensor, old_x: LabelTensor, axes, keepdims: bool, mean: bool = False):
+        """A reduction over ``axes`` (non-negative): per channel when no channel axis is reduced; a mean
+        over one channel axis is unchanged by uniform replication (:meth:`uniform_mean`)."""
         if self.mixes(x, old_x, axes):
+            if mean:
+                return self.uniform_mean(node, x, old_x, axes, keepdims)
             return self.mix(node, x, "reduces over the channel axis")
         f = x.factors()
         if f is not None and not set(axes) & set(f[0]):  # only position axes go: the part stays
@@ -185,16 +197,32 @@ class RelationRun(sites.LabelRunState):
                     raise self.conflict(node, f"its operands no longer align channel by channel ({exc})") from None
         return self.elementwise(node, new_full)
 
+    def fixed_operand(self, node, x: LabelTensor, old_x: LabelTensor, c_shape) -> LabelTensor:
+        """``x`` combined elementwise with a tensor without channel structure (rotary cos/sin tables) that
+        varies along channel axes of ``x`` which never grow (head_dim): exact while every row of ``x``
+        along those axes is an original row; no tie."""
+        ref = x if self.analysis else old_x
+        cb = (1,) * (x.ndim - len(c_shape)) + tuple(c_shape)
+        along = [ax for ax in ref.vary if cb[ax] != 1]
+        if not self.analysis:
+            for ax in along:
+                try:
+                    if row_match(old_x, x, ax, "rows read with a constant") is not None:
+                        raise Mismatch("a constant varies along a widened axis")
+                except Mismatch as exc:
+                    raise self.conflict(node, str(exc)) from None
+        return self.elementwise(node, x)
+
     # ------------------------------------------------------------ relations with weights
     def produce(self, node, name: str, x: LabelTensor, old_x: LabelTensor, weight: np.ndarray, *, in_axis: int,
-                out_axis: int, w_in: int, w_out: int, shape):
+                out_axis: int, w_in: int, w_out: int, shape, suffix: str | None = None):
         """A producer (``weight``: its input channels on ``w_in``, its output units on ``w_out``).
 
         Returns ``(labels, new weight or None, mapping or None)``: the new weight when the input or the
         output changed, ``mapping`` (old unit of every new unit) in the apply run."""
         n_out = weight.shape[w_out]
         self.note_roles(x, "consumer", name)
-        space = self.out_space(node, name, n_out)
+        space = self.out_space(node, name, n_out, suffix)
         if self.analysis:
             return LabelTensor.channels(shape, out_axis, space.chan_ids, self.salt(node)), None, None
         match = self.match(node, old_x, x, in_axis)
@@ -306,13 +334,41 @@ class RelationRun(sites.LabelRunState):
         """A reshape that splits a channel axis into blocks ties the blocks positionwise."""
         if self.analysis:
             for a, b in split_axis_ties(x, out):
-                self.constraints.tie(a, b)
+                self.constraints.tie_split(a, b)
 
     def equal_piece_ties(self, pieces: list) -> None:
         """Equal pieces of a split or chunk take the same fraction of the new width: they widen alike."""
         if self.analysis and len(pieces) > 1 and len({p.shape for p in pieces}) == 1:
             for p in pieces[1:]:
                 self.constraints.tie(channel_of(pieces[0].a), channel_of(p.a))
+
+    def concat_positions(self, node, pieces: list, old_pieces: list, axis: int):
+        """A concatenation along a position axis of pieces whose channels lie along one common other axis
+        (a class token put before the patch tokens): the pieces' channels are tied position by position and
+        the result is labelled with the channels of the longest piece. None when it does not apply."""
+        refs = pieces if self.analysis else old_pieces
+        if len(pieces) < 2 or any(not isinstance(p, LabelTensor) for p in list(pieces) + list(refs)):
+            return None
+        vary = {tuple(p.vary) for p in refs}
+        if len(vary) != 1 or len(next(iter(vary))) != 1 or next(iter(vary))[0] == axis % refs[0].ndim:
+            return None
+        c = next(iter(vary))[0]
+        seqs = [label_channel_ids(p, c) for p in refs]
+        if any(s is None for s in seqs) or len({len(s) for s in seqs}) != 1:
+            return None
+        canon = max(range(len(refs)), key=lambda i: refs[i].shape[axis])
+        shape = list(refs[0].shape)
+        shape[axis] = sum(p.shape[axis] for p in refs)
+        if self.analysis:
+            for s in seqs[1:]:
+                self.constraints.tie(seqs[0], s)
+            return LabelTensor.channels(shape, c, seqs[canon], self.salt(node))
+        srcs = [self.axis_source(node, o, n, c) for o, n in zip(old_pieces, pieces)]
+        if any(not np.array_equal(srcs[0], s) for s in srcs[1:]):
+            raise self.conflict(node, "the concatenated pieces no longer pair their channels")
+        shape[c] = len(srcs[0])
+        shape[axis] = sum(p.shape[axis] for p in pieces)
+        return LabelTensor.channels(shape, c, seqs[canon][srcs[0]], self.salt(node))
 
     def axis_source(self, node, old: LabelTensor, new: LabelTensor, axis: int) -> np.ndarray:
         """The old index of every new slice along ``axis`` of a moved input."""
@@ -335,8 +391,11 @@ class RelationRun(sites.LabelRunState):
         return [int(bounds[i + 1] - bounds[i]) for i in range(len(sizes))]
 
     def rescale_shape(self, node, raw: list, old_out: LabelTensor, old_numel: int, new_numel: int):
+        spaces = self.table.spaces_of(old_out.chans) if old_out.elem is None else []
+        units = {self.constraints.unit_size.get(sp.id, 1) for sp in spaces}
         try:
-            return sites.rescale_shape(raw, old_out.vary, old_numel, new_numel)
+            return sites.rescale_shape(raw, old_out.vary, old_numel, new_numel, old_out.shape,
+                                       units.pop() if len(units) == 1 else 1)
         except Mismatch as exc:
             raise self.conflict(node, str(exc)) from None
 

@@ -84,7 +84,10 @@ def check_aligned(old_a, old_b, new_a, new_b, old_full) -> None:
         raise Mismatch("operands no longer broadcast") from None
     if pair_old.shape == pair_new.shape and np.array_equal(pair_old, pair_new):
         return
-    va = varying_axes(old_full)
+    if pair_old.ndim != pair_new.ndim:
+        raise Mismatch("operands changed rank")
+    grown = [ax for ax in range(pair_old.ndim - 1) if pair_old.shape[ax] != pair_new.shape[ax]]
+    va = grown if len(grown) == 1 else varying_axes(old_full)
     if len(va) != 1:
         raise Mismatch("operands widened along several axes")
     match_rows(pair_old, pair_new, va[0], "operands")
@@ -143,18 +146,23 @@ def remap_bound(src: np.ndarray, b: int) -> int:
     return nb
 
 
-def rescale_shape(raw: list, va: list, old_numel: int, new_numel: int):
+def rescale_shape(raw: list, va: list, old_numel: int, new_numel: int, old_shape=None, unit: int = 1):
     """New literal reshape dims after widening, or None when nothing needs to change.
 
     ``raw``: the dims as written (ints, or None for dims computed in the graph),
     ``va``: output axes that carry channels.  Only a literal channel dim is
-    rescaled, and only when no computed dim or -1 already follows the width.
+    rescaled, and only when no computed dim or -1 already follows the width; in a space cut into
+    units of ``unit`` channels (attention heads), the dim that counts the units.
     """
     lits = [ax for ax in va if ax < len(raw) and isinstance(raw[ax], (int, np.integer)) and raw[ax] not in (-1,)]
     adaptive = any(ax < len(raw) and (raw[ax] is None or raw[ax] == -1) for ax in va)
     if not lits or adaptive or old_numel == new_numel:
         return None
     ax = lits[-1]
+    if unit > 1 and old_shape is not None:
+        # a space cut into units (heads) grows by whole units: the axis whose inner channel axes hold one unit
+        inner = [ax for ax in lits if int(np.prod([old_shape[a] for a in va if a > ax])) == unit]
+        ax = inner[-1] if inner else ax
     num = int(raw[ax]) * new_numel
     if num % old_numel:
         raise Mismatch("a literal shape cannot be rescaled to the new width")

@@ -30,6 +30,7 @@ from . import ops
 from .moves import MoveReplay, label_leaves
 from .ops import describe, qualified_name
 from .shapes import TensorMeta
+from .transformer import MATMUL_FUNCS, RMS_NORM_MODULES, SDPA_FUNCS, FxTransformerOps
 
 
 @dataclass
@@ -45,7 +46,7 @@ def _param(t: torch.Tensor) -> np.ndarray:
     return t.numpy()
 
 
-class FxLabelRun(MoveReplay, RelationRun):
+class FxLabelRun(FxTransformerOps, MoveReplay, RelationRun):
     def __init__(self, gm: fx.GraphModule, meta: dict, *, plan=None, analysis: "FxLabelRun | None" = None,
                  options=None):
         super().__init__(plan=plan, analysis=analysis, options=options)
@@ -56,8 +57,11 @@ class FxLabelRun(MoveReplay, RelationRun):
         if analysis is not None:
             self.modules, self.salts, self.shared, self.attr_uses = (analysis.modules, analysis.salts, analysis.shared,
                                                                      analysis.attr_uses)
+            self.param_names, self.old_parts = analysis.param_names, analysis.old_parts
             return
         self.modules = dict(gm.named_modules())
+        self.param_names = {n for n, _ in gm.named_parameters()}
+        self.old_parts: dict = {}  # composite ops' internal labels in the original configuration
         self.salts = {n: i + 1 for i, n in enumerate(gm.graph.nodes)}
         self.attr_uses: dict = {}
         calls: dict = {}
@@ -143,7 +147,7 @@ class FxLabelRun(MoveReplay, RelationRun):
                 if isinstance(real, torch.Tensor) and (real.dtype == torch.bool or not real.is_floating_point()):
                     self.env[node] = real.detach().cpu()  # index tables and masks act on data as they are
                 elif isinstance(real, torch.Tensor):
-                    self.env[node] = self._fixed(node, tuple(real.shape))
+                    self.env[node] = self._param_labels(node, real) or self._fixed(node, tuple(real.shape))
                 else:
                     self.env[node] = real
             elif node.op == "output":
@@ -186,7 +190,10 @@ class FxLabelRun(MoveReplay, RelationRun):
     def _call(self, node):
         args, kwargs = self._args(node)
         if node.op == "call_module":
-            return self._module(node, self.modules[node.target], args, kwargs)
+            mod = self.modules[node.target]
+            if isinstance(mod, nn.MultiheadAttention) and node.target not in self.shared:
+                return self._mha(node, mod, args, kwargs)
+            return self._module(node, mod, args, kwargs)
         target = node.target
         first = args[0] if args else None
         if not label_leaves((args, kwargs)):  # pure python / shape arithmetic
@@ -209,6 +216,8 @@ class FxLabelRun(MoveReplay, RelationRun):
                 return self._reduce(node, first, args, kwargs)
             if target in ("softmax", "log_softmax"):
                 return self._softmax(node, first, args[1:], kwargs)
+            if target in ("matmul", "bmm", "__matmul__") and isinstance(args[1] if len(args) > 1 else None, LabelTensor):
+                return self._matmul(node, first, args[1])
             raise NotUnderstood("this method is not understood by the channel analysis")
         if target is getattr and isinstance(first, LabelTensor):
             attr = args[1]
@@ -239,10 +248,16 @@ class FxLabelRun(MoveReplay, RelationRun):
             return self.pool(node, first, self._old(node.args[0]), self._shape(node))
         if target in ops.SOFTMAX_FUNCS:
             return self._softmax(node, first, args[1:], kwargs)
+        if target in SDPA_FUNCS:
+            return self._sdpa(node, args, kwargs)
+        if target in MATMUL_FUNCS and len(args) == 2 and all(isinstance(a, LabelTensor) for a in args):
+            return self._matmul(node, args[0], args[1])
         if target in (F.batch_norm, F.instance_norm) and isinstance(first, LabelTensor):
             return self._functional_norm(node, first)
-        if target in ops.NORM_FUNCS and isinstance(first, LabelTensor):
+        if target in (F.layer_norm, F.group_norm, getattr(F, "rms_norm", None)) and isinstance(first, LabelTensor):
             return self._norm_function(node, target, first, args, kwargs)
+        if target in ops.NORM_FUNCS and isinstance(first, LabelTensor):
+            return self.mix(node, first, f"{qualified_name(target).split('.')[-1]} normalizes across channels")
         if target is torch.where and len(args) == 3:
             return self._binary(node, (args[1], args[2]), {}, cond=args[0])
         raise NotUnderstood("this function is not understood by the channel analysis")
@@ -258,6 +273,10 @@ class FxLabelRun(MoveReplay, RelationRun):
         shape = (1,) * (other.ndim - a.ndim) + a.shape
         return len(shape) == other.ndim and all(shape[ax] == 1 for ax in other.vary)
 
+    def _is_fixed(self, a: LabelTensor) -> bool:
+        sp = self.table.spaces_of(a.chans)
+        return len(sp) == 1 and sp[0].kind == "fixed" and not sp[0].producers
+
     def _binary(self, node, args, kwargs, cond=None):
         a, b = args[0], args[1] if len(args) > 1 else kwargs.get("other")
         if isinstance(cond, LabelTensor):
@@ -270,6 +289,21 @@ class FxLabelRun(MoveReplay, RelationRun):
         for p, q in ((a, b), (b, a)):
             if self._is_scalar_like(p, q):
                 return self.elementwise(node, q)
+        sources = node.args[1:3] if cond is not None else node.args[:2]
+        for (p, ps), (q, qs) in (((a, sources[0]), (b, sources[1])), ((b, sources[1]), (a, sources[0]))):
+            rq = q if self.analysis else self._old(qs)
+            if p.elem is None or not isinstance(rq, LabelTensor) or not rq.vary:
+                continue
+            try:
+                if tuple(np.broadcast_shapes(rq.shape, p.shape)) != rq.shape:
+                    continue
+            except ValueError:
+                continue
+            if isinstance(ps, fx.Node) and ps.op == "get_attr" and ps.target in self.param_names \
+                    and self.attr_uses.get(ps.target, 0) == 1:
+                return self._param_operand(node, q, ps, qs)  # a position embedding
+            if len(rq.vary) >= 2 and self._is_fixed(p):
+                return self.fixed_operand(node, q, self._old(qs), p.shape)  # rotary cos / sin
         try:
             out_shape = tuple(np.broadcast_shapes(a.shape, b.shape))
         except ValueError:
@@ -288,7 +322,8 @@ class FxLabelRun(MoveReplay, RelationRun):
             return self.mix(node, x, "reduces over all axes")
         dims = [d % x.ndim for d in ([dims] if isinstance(dims, int) else dims)]
         keep = kwargs.get("keepdim", args[2] if len(args) > 2 else False)
-        return self.reduce(node, x, self._old(node.args[0]), dims, bool(keep))
+        mean = node.target in (torch.mean, "mean")
+        return self.reduce(node, x, self._old(node.args[0]), dims, bool(keep), mean=mean)
 
     def _softmax(self, node, x: LabelTensor, args, kwargs):
         dim = args[0] if args else kwargs.get("dim")
@@ -297,15 +332,6 @@ class FxLabelRun(MoveReplay, RelationRun):
         if self.mixes(x, self._old(node.args[0]), {dim % x.ndim}):
             return self.mix(node, x, "softmax over the channel axis")
         return self.elementwise(node, x)
-
-    def _norm_function(self, node, target, x: LabelTensor, args, kwargs):
-        """Functional norms: exact only if they do not normalize across channels."""
-        if target is F.layer_norm and not label_leaves((args[1:], kwargs)):
-            shape = args[1] if len(args) > 1 else kwargs.get("normalized_shape")
-            nd = len(shape) if isinstance(shape, (list, tuple)) else 1
-            if not self.mixes(x, self._old(node.args[0]), range(x.ndim - nd, x.ndim)):
-                return self.elementwise(node, x)
-        return self.mix(node, x, f"{qualified_name(target).split('.')[-1]} normalizes across channels or has weights")
 
     def _functional_norm(self, node, x: LabelTensor):
         """F.batch_norm / F.instance_norm reading module attributes (timm's BatchNormAct2d, ...):
@@ -348,11 +374,10 @@ class FxLabelRun(MoveReplay, RelationRun):
         if isinstance(mod, ops.BN_MODULES):
             return self._carry_module(node, mod, x, old_x, ["weight", "bias", "running_mean", "running_var"],
                                       ["num_features"])
-        if isinstance(mod, nn.LayerNorm):
-            nd = len(mod.normalized_shape)
-            if self.mixes(x, old_x, range(x.ndim - nd, x.ndim)):
-                return self.mix(node, x, "LayerNorm normalizes over the channel axis")
-            return self.elementwise(node, x)
+        if isinstance(mod, (nn.LayerNorm, nn.GroupNorm) + RMS_NORM_MODULES):
+            return self._norm_module(node, mod, x, old_x)
+        if isinstance(mod, nn.Embedding) and mod.max_norm is None:
+            return self._embedding(node, mod, x, old_x)
         if isinstance(mod, ops.MIX_MODULES):
             return self.mix(node, x, f"{type(mod).__name__} normalizes across channels")
         if isinstance(mod, ops.POOL_MODULES):

@@ -44,6 +44,13 @@ class MoveReplay:
             fn, kind = target, ops.MOVE_KINDS.get(target)
         if not self.analysis:
             args, kwargs = self._rewrite_move_args(node, target, args, kwargs)
+        if kind == "concat" and args and isinstance(args[0], (list, tuple)) and len(args) <= 2 \
+                and set(kwargs) <= {"dim"}:
+            dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
+            olds = [self._old(a) for a in node.args[0]] if not self.analysis else list(args[0])
+            out = self.concat_positions(node, list(args[0]), olds, dim) if isinstance(dim, int) else None
+            if out is not None:
+                return out
         try:
             out = self._compact_move(fn, kind, args, kwargs)
             if out is None:

@@ -241,13 +241,29 @@ class MixNorm(nn.Module):
         return self.out(F.relu(self.conv2(self.norm(self.conv(x))))).mean((2, 3))
 
 
-@pytest.mark.parametrize("norm", [nn.GroupNorm(2, 8), nn.LocalResponseNorm(3)])
+@pytest.mark.parametrize("norm", [nn.LocalResponseNorm(3)])
 def test_mixing_norm_freezes_its_space_only(norm):
     wide, rep, err = widen_and_compare(MixNorm(norm), (torch.randn(2, 3, 8, 8),), 1.5)
     conv = space(rep, "conv")
     assert conv.new_width == 8 and "mixes channels" in conv.frozen_reasons[0]
     assert type(norm).__name__ in conv.frozen_reasons[0]
     assert space(rep, "conv2").new_width == 12
+    assert err < EXACT
+
+
+@pytest.mark.parametrize("factor, width", [(1.5, 8), (2, 16), (3, 24)])
+def test_group_norm_replicates_uniformly_at_integer_factors(factor, width):
+    """GroupNorm keeps its statistics when every channel is copied k times (groups stay contiguous)."""
+    model = MixNorm(nn.GroupNorm(2, 8))
+    with torch.no_grad():
+        model.norm.weight.uniform_(0.5, 1.5)
+        model.norm.bias.uniform_(-1, 1)
+    wide, rep, err = widen_and_compare(model, (torch.randn(2, 3, 8, 8),), factor)
+    conv = space(rep, "conv")
+    assert conv.new_width == width and wide.norm.num_channels == width and wide.norm.num_groups == 2
+    if width == 8:
+        assert "integer factors" in conv.frozen_reasons[0] and "GroupNorm" in conv.frozen_reasons[0]
+    assert space(rep, "conv2").new_width == int(8 * factor)
     assert err < EXACT
 
 

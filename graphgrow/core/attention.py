@@ -1,0 +1,212 @@
+"""Attention relations (docs/maths.md §5): heads are units.
+
+Attention contracts the channels of one head (q · k over head_dim) and mixes positions (softmax,
+the weighted sum of v).  Widening it exactly means adding heads, never head_dim: whole heads are
+copied, so the softmax scale 1/sqrt(head_dim) and rotary embeddings stay valid, and the output
+projection reads each copy divided by the copy count (an ordinary consumer of the head channels).
+
+* :meth:`AttentionRelations.scores` (``q @ k^T``): q's heads and the key heads they read are cut into
+  units (:meth:`~graphgrow.core.plan.GrowthConstraints.units`) and tied channel by channel, query head
+  ``h`` with key head ``h // G`` (grouped-query attention: copies of a key head take their query group
+  with them).  The scores get one channel per query head (a derived space).
+* :meth:`AttentionRelations.values` (``p @ v``): the value head a query head reads is tied to it; the
+  output gets the query head's identity and v's channels (a derived space cut into units).
+
+In the apply run both check, head by head, that every new (query, key) or (scores, value) pair is an
+original pair, which is what exactness needs: a copied query head still reads a copy of its own key
+head.  Heads are found on the tensors, never from a model's attributes: the head axis is the batch
+axis along which q's channel ids change, the inner axis the one the product contracts.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .label_tensor import LabelTensor, same_labels
+from .labels import CHAN_SHIFT, SALT_MASK, SALT_SHIFT, channel_of
+from .provenance import Mismatch, match_rows
+
+
+def head_grid(x: LabelTensor, head_axis, inner_axis) -> np.ndarray:
+    """The labels at position zero over ``(head_axis, inner_axis)`` (heads x inner; a missing head axis
+    gives one head)."""
+    keep = [a for a in (head_axis, inner_axis) if a is not None]
+    f = x.factors()
+    if f is not None and set(f[0]) <= set(keep):
+        g = np.broadcast_to(x.bpart(), [x.shape[a] if a in keep else 1 for a in range(x.ndim)])
+    else:
+        g = x.a
+    g = g[tuple(slice(None) if a in keep else 0 for a in range(x.ndim))]
+    if head_axis is None:
+        return g.reshape(1, -1)
+    return g if head_axis < inner_axis else g.T
+
+
+def _parts(ids: np.ndarray, salt: int) -> np.ndarray:
+    return (np.asarray(ids, np.int64) << CHAN_SHIFT) | np.int64((salt & SALT_MASK) << SALT_SHIFT)
+
+
+class AttentionRelations:
+    """The attention relations of :class:`~graphgrow.core.relations.RelationRun` (a mixin)."""
+
+    def derived_space(self, node, suffix: str, name: str, size: int):
+        """A channel space computed without weights (attention scores and outputs): no target of its own,
+        it grows through its ties."""
+        key = (self.node_key(node), suffix)
+        if self.analysis:
+            self.node_space[key] = self.table.new_space(name, size, "derived")
+        return self.node_space[key]
+
+    def fixed_labels(self, node, suffix: str, shape, salt: int) -> LabelTensor:
+        key = (self.node_key(node), suffix)
+        if key not in self.fixed_space:
+            self.fixed_space[key] = self.table.new_space(f"{suffix}", 1, "fixed")
+        return LabelTensor.element(shape, self.fixed_space[key].base, salt)
+
+    def _check_axes(self, x: LabelTensor, allowed, what: str) -> None:
+        from .relations import NotUnderstood
+
+        if not set(x.vary) <= {a for a in allowed if a is not None}:
+            raise NotUnderstood(f"the channels of its {what} are not on its head and head_dim axes")
+
+    def _freeze_heads(self, node, tensors, reason: str) -> None:
+        for x in tensors:
+            self.constraints.freeze(x.chans, f"{self.site(node)}: {reason}")
+
+    # ------------------------------------------------------------ q @ k^T
+    def scores(self, node, name: str, q: LabelTensor, k: LabelTensor, old_q, old_k, *, q_axes, k_axes,
+               out_shape, out_axis: int, suffix: str = "scores"):
+        """Attention scores ``q @ k^T`` contracting q's ``q_axes[1]`` with k's ``k_axes[1]``; heads on
+        ``q_axes[0]`` / ``k_axes[0]`` (None: no head axis). ``out_shape``: the original result's shape,
+        its heads on ``out_axis``. Returns the scores' labels."""
+        salt = self.salt(node)
+        ref_q, ref_k = (q, k) if self.analysis else (old_q, old_k)
+        self._check_axes(ref_q, q_axes, "query")
+        self._check_axes(ref_k, k_axes, "key")
+        shape = list(out_shape)
+        if q_axes[0] is None or q_axes[0] not in ref_q.vary:
+            # one head (or none visible): the product contracts the channels of a whole space
+            if self.analysis:
+                self._freeze_heads(node, (q, k), "attention over one head contracts its channels: head_dim "
+                                                 "cannot change")
+            elif not (same_labels(old_q, q) and same_labels(old_k, k)):
+                raise self.conflict(node, "the channels of a single attention head changed")
+            return self.fixed_labels(node, suffix, shape, salt)
+        qg, kg = head_grid(ref_q, *q_axes), head_grid(ref_k, *k_axes)
+        n_heads, n_kv = len(qg), len(kg)
+        if qg.shape[1] != kg.shape[1] or n_heads % n_kv:
+            from .relations import NotUnderstood
+
+            raise NotUnderstood(f"{n_heads} query heads of {qg.shape[1]} cannot read {n_kv} key heads of "
+                                f"{kg.shape[1]}")
+        space = self.derived_space(node, suffix, f"{name} (scores)", n_heads)
+        if self.analysis:
+            cq, ck = channel_of(qg), channel_of(kg)[np.arange(n_heads) // (n_heads // n_kv)]
+            reason = self.constraints.units(cq) or self.constraints.units(channel_of(kg))
+            if reason:
+                self._freeze_heads(node, (q, k), reason)
+            else:
+                self.constraints.tie(cq, ck)
+                self.constraints.tie(space.chan_ids, cq[:, 0])
+            return LabelTensor.channels(shape, out_axis, space.chan_ids, salt)
+        if same_labels(old_q, q) and same_labels(old_k, k):
+            return LabelTensor.channels(shape, out_axis, space.chan_ids, salt)
+        self._check_axes(q, q_axes, "query")
+        self._check_axes(k, k_axes, "key")
+        nqg, nkg = head_grid(q, *q_axes), head_grid(k, *k_axes)
+        src = self._pair_heads(node, qg, kg, nqg, nkg, "query head and its key head")
+        shape[out_axis] = len(src)
+        return LabelTensor.channels(shape, out_axis, space.base + src, salt)
+
+    def _pair_heads(self, node, a_old, b_old, a_new, b_new, what: str) -> np.ndarray:
+        """Original head of every new head: each new (a, b) pair (b's heads repeated over a's groups) must
+        be an original pair."""
+        if len(a_new) % len(b_new):
+            raise self.conflict(node, f"{len(a_new)} heads no longer divide into {len(b_new)} groups")
+        old = np.concatenate([a_old, b_old[np.arange(len(a_old)) // (len(a_old) // len(b_old))]], axis=1)
+        new = np.concatenate([a_new, b_new[np.arange(len(a_new)) // (len(a_new) // len(b_new))]], axis=1)
+        try:
+            return match_rows(old, new, 0, what).source()
+        except Mismatch as exc:
+            raise self.conflict(node, str(exc)) from None
+
+    # ------------------------------------------------------------ p @ v
+    def values(self, node, name: str, p: LabelTensor, v: LabelTensor, old_p, old_v, *, p_axis, v_axes,
+               out_shape, out_axes, suffix: str = "values"):
+        """The weighted sum ``p @ v`` over positions: ``p`` (scores after softmax) with heads on ``p_axis``,
+        ``v`` with heads and channels on ``v_axes``; ``out_axes``: the result's head and channel axes,
+        ``out_shape`` the original result's shape. Returns the output's labels."""
+        from .relations import NotUnderstood
+
+        salt = self.salt(node)
+        ref_p, ref_v = (p, v) if self.analysis else (old_p, old_v)
+        self._check_axes(ref_p, (p_axis,), "attention weights")
+        self._check_axes(ref_v, v_axes, "values")
+        if p_axis is None or p_axis not in ref_p.vary:
+            if p_axis is not None and ref_p.shape[p_axis] != 1:
+                raise NotUnderstood("attention weights without channel structure over several heads")
+            # one set of weights for every channel: each channel of v is averaged on its own
+            f = v.factors()
+            if v.elem is not None:
+                return self.fixed_labels(node, suffix, out_shape if self.analysis else self._new_shape(v, out_shape,
+                                                                                                      v_axes), salt)
+            if f is None:
+                raise NotUnderstood("its values' labels are not in a compact form")
+            shape = self._new_shape(v, out_shape, v_axes)
+            return self.elementwise(node, LabelTensor.multi(shape, f[0], f[1]))
+        pg, vg = head_grid(ref_p, None, p_axis).T, head_grid(ref_v, *v_axes)
+        n_heads, n_kv, n_ch = len(pg), len(vg), vg.shape[1]
+        if n_heads % n_kv:
+            raise NotUnderstood(f"{n_heads} heads of attention weights cannot read {n_kv} value heads")
+        space = self.derived_space(node, suffix, f"{name} (heads)", n_heads * n_ch)
+        shape = list(out_shape)
+        cax = tuple(sorted(out_axes))
+        if self.analysis:
+            cp, cv = channel_of(pg)[:, 0], channel_of(vg)
+            reason = self.constraints.units(cv)
+            if reason:
+                self._freeze_heads(node, (p, v), reason)
+            else:
+                self.constraints.tie(cv[np.arange(n_heads) // (n_heads // n_kv), 0], cp)
+                ids = space.chan_ids.reshape(n_heads, n_ch)
+                self.constraints.units(ids)
+                self.constraints.tie(ids[:, 0], cp)
+            src = np.arange(n_heads)
+        elif same_labels(old_p, p) and same_labels(old_v, v):
+            src = np.arange(n_heads)
+        else:
+            self._check_axes(p, (p_axis,), "attention weights")
+            self._check_axes(v, v_axes, "values")
+            npg, nvg = head_grid(p, None, p_axis).T, head_grid(v, *v_axes)
+            src = self._pair_heads(node, pg, vg, npg, nvg, "attention head and its value head")
+            shape[out_axes[0]] = len(src)
+        ids = space.base + (src[:, None] * n_ch + np.arange(n_ch))
+        part = _parts(ids if out_axes[0] < out_axes[1] else ids.T, salt)
+        return LabelTensor.multi(shape, cax, part)
+
+    # ------------------------------------------------------------ softmax(q @ k^T) @ v
+    def attention(self, node, name: str, q, k, v, old_q, old_k, old_v, *, out_shape):
+        """Fused attention on (..., heads, positions, head_dim) tensors (F.scaled_dot_product_attention,
+        ONNX Attention): :meth:`scores` then :meth:`values`; ``out_shape``: the original output's shape."""
+        nd = len(out_shape)
+        head = nd - 3 if nd >= 4 else None
+        ref_q, ref_k = (q, k) if self.analysis else (old_q, old_k)
+        s_shape = list(ref_q.shape[:-1]) + [ref_k.shape[-2]]
+        p = self.scores(node, name, q, k, old_q, old_k, q_axes=(head, nd - 1), k_axes=(head, nd - 1),
+                        out_shape=s_shape, out_axis=head if head is not None else nd - 2)
+        old_p = p
+        if not self.analysis:
+            space = self.node_space.get((self.node_key(node), "scores"))
+            old_p = self.fixed_labels(node, "scores", s_shape, self.salt(node)) if space is None else \
+                LabelTensor.channels(s_shape, head, space.chan_ids, self.salt(node))
+        return self.values(node, name, p, v, old_p, old_v, p_axis=head, v_axes=(head, nd - 1),
+                           out_shape=out_shape, out_axes=(head, nd - 1))
+
+    @staticmethod
+    def _new_shape(v: LabelTensor, out_shape, v_axes) -> list:
+        """The output shape with v's (possibly widened) head and channel sizes."""
+        shape = list(out_shape)
+        for a in v_axes:
+            if a is not None:
+                shape[a] = v.shape[a]
+        return shape

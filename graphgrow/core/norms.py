@@ -1,0 +1,118 @@
+"""Norm relations (docs/maths.md §5): LayerNorm, RMSNorm, GroupNorm and means across channels.
+
+A norm reads statistics across its channel axis.  Copying every channel the same number of times
+(*uniform replication*) keeps the mean, the variance and the mean square of every row, so the norm's
+output is the old output with its channels copied: γ and β are gathered, ε stays.  The analysis ties
+the channels of every normalized row together (:meth:`~graphgrow.core.plan.GrowthConstraints.uniform`);
+the apply run checks that the widened row is a uniform copy of the original and gathers the parameters.
+
+A mean across channels is the same relation without parameters: its value is unchanged under uniform
+replication, so decomposed norms (``x * rsqrt(mean(x**2, -1) + eps)``, ONNX's ReduceMean/Sub/Pow/Sqrt/Div)
+need no pattern matching.  Where a row keeps its length (the channels of one attention head) the
+norm must see the same rows as before, in any number.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import arithmetic as ar
+from .label_tensor import LabelTensor, match_labels, same_labels
+from .labels import channel_of
+from .provenance import Mismatch, match_rows
+
+
+def channel_rows(x: LabelTensor, axis: int) -> np.ndarray:
+    """Channel ids of every row along ``axis`` (distinct rows, rows x axis length)."""
+    f = x.factors()
+    if f is not None and axis in f[0]:
+        cax, part = f
+        grid = channel_of(part.reshape([x.shape[c] for c in cax]))
+        rows = np.moveaxis(grid, cax.index(axis), -1)
+    else:
+        rows = np.moveaxis(channel_of(x.a), axis, -1)
+    return np.unique(rows.reshape(-1, x.shape[axis]), axis=0)
+
+
+def fibers(a: np.ndarray, axis: int) -> np.ndarray:
+    m = np.moveaxis(a, axis, -1)
+    return m.reshape(-1, m.shape[-1])
+
+
+def row_match(old: LabelTensor, new: LabelTensor, axis: int, what: str):
+    """How the rows along ``axis`` changed: None (the same rows, in any number: the axis itself is
+    unchanged), or the :class:`RowMatch` of a uniform replication along it.  Raises Mismatch otherwise."""
+    if same_labels(old, new):
+        return None
+    if old.shape[axis] == new.shape[axis]:
+        # the other channel axes may have grown (heads copied): every new row must be an old row
+        match_rows(fibers(old.a, axis), fibers(new.a, axis), 0, what)
+        return None
+    m = match_labels(old, new, axis, what)
+    if not m.unique_old or len(set(m.copies.tolist())) != 1:
+        raise Mismatch(f"{what}: channels are not replicated uniformly ({sorted(set(m.copies.tolist()))} copies)")
+    return m
+
+
+class NormRelations:
+    """The norm relations of :class:`~graphgrow.core.relations.RelationRun` (a mixin)."""
+
+    def _norm_axis(self, x: LabelTensor, old_x: LabelTensor, axes) -> int | None:
+        """The one channel axis among the normalized ``axes``; None when they hold only positions."""
+        inside = [a for a in (x if self.analysis else old_x).vary if a in set(axes)]
+        if len(inside) > 1:
+            from .relations import NotUnderstood
+
+            raise NotUnderstood("it normalizes across several channel axes at once")
+        return inside[0] if inside else None
+
+    def norm(self, node, name: str, x: LabelTensor, old_x: LabelTensor, axes, params: dict, param_axis: int,
+             groups: int = 1):
+        """A norm over ``axes`` (non-negative) with per-element parameters ``params`` (their axis
+        ``param_axis`` runs along the channel axis); ``groups``: GroupNorm's groups along that axis.
+        Returns ``(labels, {name: gathered}, match or None)``."""
+        ax = self._norm_axis(x, old_x, axes)
+        if ax is None:
+            return self.elementwise(node, x), {}, None
+        self.note_roles(x, "carrier", name)
+        if self.analysis:
+            self.constraints.uniform(channel_rows(x, ax), self.site(node))
+            return self.elementwise(node, x), {}, None
+        try:
+            m = row_match(old_x, x, ax, "normalized channels")
+            if m is not None and groups > 1:
+                per_old, per_new = m.n_old // groups, m.n_new // groups
+                if not np.array_equal(m.source() // per_old, np.arange(m.n_new) // per_new):
+                    raise Mismatch("a copy left its group")
+        except Mismatch as exc:
+            raise self.conflict(node, str(exc)) from None
+        new = {}
+        if m is not None:
+            for key, c in params.items():
+                if c is not None and c.ndim > param_axis and c.shape[param_axis] == m.n_old:
+                    new[key] = ar.gather(c, param_axis, m.source())
+        return self.elementwise(node, x), new, m
+
+    def uniform_mean(self, node, x: LabelTensor, old_x: LabelTensor, axes, keepdims: bool):
+        """A mean over ``axes`` that include one channel axis: unchanged under uniform replication, so its
+        result has no channel structure (a fresh fixed tensor) and must stay as it was."""
+        ax = self._norm_axis(x, old_x, axes)
+        per_row = [a for a in (x if self.analysis else old_x).vary if a != ax]
+        if self.analysis:
+            self.constraints.uniform(channel_rows(x, ax), self.site(node))
+            if not per_row:
+                return self.fixed_outputs(node)
+        else:
+            try:
+                row_match(old_x, x, ax, "averaged channels")
+            except Mismatch as exc:
+                raise self.conflict(node, str(exc)) from None
+            if not per_row:
+                return self.old_outputs(node)
+        # one mean per row (per attention head): the row's first channel names it
+        out = x.a
+        for a in sorted(axes, reverse=True):
+            out = np.take(out, [0], axis=a)
+            if not keepdims:
+                out = np.squeeze(out, axis=a)
+        return self.elementwise(node, LabelTensor(out))

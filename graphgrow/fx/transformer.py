@@ -1,0 +1,270 @@
+"""Transformer ops of a torch.fx graph mapped to the core's norm and attention relations (a part of
+:class:`~graphgrow.fx.labeling.FxLabelRun`): norm modules and functions, scaled dot-product attention,
+matmul between activations, nn.MultiheadAttention, embeddings and bare parameters (class tokens, layer
+scales, position embeddings) that join the residual stream.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import numpy as np
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..core import arithmetic as ar
+from ..core.growth import Conflict
+from ..core.label_tensor import LabelTensor
+from ..core.relations import NotUnderstood
+
+RMS_NORM_MODULES = (nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()
+MATMUL_FUNCS = {torch.matmul, operator.matmul, torch.bmm}
+SDPA_FUNCS = {F.scaled_dot_product_attention}
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    t = t.detach().cpu()
+    return (t if t.dtype in (torch.float32, torch.float64) else t.float()).numpy()
+
+
+def _arg(node_args, args, kwargs, i, name, default=None):
+    if len(args) > i:
+        return args[i]
+    return kwargs.get(name, default)
+
+
+class FxTransformerOps:
+    """Mixin of :class:`~graphgrow.fx.labeling.FxLabelRun`."""
+
+    # ------------------------------------------------------------ norms
+    def _norm_module(self, node, mod, x: LabelTensor, old_x):
+        if isinstance(mod, nn.GroupNorm):
+            axes, names, pax, groups = list(range(1, x.ndim)), ["weight", "bias"], 0, mod.num_groups
+            ref = x if self.analysis else old_x
+            if 1 not in ref.vary and ref.vary:
+                raise NotUnderstood("GroupNorm's channels are not on axis 1")
+        else:
+            nd = len(mod.normalized_shape)
+            axes, names, groups = list(range(x.ndim - nd, x.ndim)), ["weight", "bias"], 1
+            pax = None
+        ax = self._norm_axis(x, old_x, axes)
+        if pax is None and ax is not None:
+            pax = ax - (x.ndim - len(mod.normalized_shape))
+        params = {} if self.analysis else {n: _np(t) for n in names
+                                           if isinstance(t := getattr(mod, n, None), torch.Tensor)}
+        out, new, match = self.norm(node, node.target, x, old_x, axes, params, pax or 0, groups)
+        if match is not None:
+            upd = self._update(node.target)
+            upd.tensors.update(new)
+            if isinstance(mod, nn.GroupNorm):
+                upd.attrs["num_channels"] = match.n_new
+            else:
+                shape = list(mod.normalized_shape)
+                shape[pax] = match.n_new
+                upd.attrs["normalized_shape"] = tuple(shape)
+        return out
+
+    def _norm_function(self, node, target, x: LabelTensor, args, kwargs):
+        """F.layer_norm / F.rms_norm / F.group_norm with parameters read from module attributes."""
+        old_x = self._old(node.args[0])
+        if target is F.group_norm:
+            groups = _arg(node.args, args, kwargs, 1, "num_groups")
+            axes, pos, pax = list(range(1, x.ndim)), {"weight": 2, "bias": 3}, 0
+            shape_pos = None
+        else:
+            groups = 1
+            shape = _arg(node.args, args, kwargs, 1, "normalized_shape")
+            if not isinstance(shape, (list, tuple, torch.Size, int)):
+                raise NotUnderstood("its normalized shape is computed")
+            shape = [shape] if isinstance(shape, int) else list(shape)
+            axes = list(range(x.ndim - len(shape), x.ndim))
+            pos = {"weight": 2, "bias": 3} if target is F.layer_norm else {"weight": 2}
+            shape_pos = 1
+        if not isinstance(groups, int):
+            raise NotUnderstood("its number of groups is computed")
+        ax = self._norm_axis(x, old_x, axes)
+        if ax is None:
+            return self.elementwise(node, x)
+        if target is not F.group_norm:
+            pax = ax - axes[0]
+        owners = {}
+        for name, i in pos.items():
+            a = node.args[i] if len(node.args) > i else node.kwargs.get(name)
+            if a is None:
+                continue
+            if not (isinstance(a, fx.Node) and a.op == "get_attr") or self.attr_uses.get(a.target, 0) > 1:
+                raise NotUnderstood("its parameters are not module attributes used only here")
+            owners[name] = a.target
+        params = {} if self.analysis else {t: _np(operator.attrgetter(t)(self.gm)) for t in owners.values()}
+        out, new, match = self.norm(node, node.name, x, old_x, axes, params, pax, groups)
+        if match is None:
+            return out
+        for target_name, arr in new.items():
+            owner, _, attr = target_name.rpartition(".")
+            self._update(owner).tensors[attr] = arr
+        if shape_pos is not None:
+            raw = node.args[shape_pos] if len(node.args) > shape_pos else node.kwargs["normalized_shape"]
+            new_shape = [raw] if isinstance(raw, int) else list(raw)
+            new_shape[pax] = match.n_new
+            graph_args = list(node.args)
+            if len(graph_args) > shape_pos:
+                graph_args[shape_pos] = tuple(new_shape) if not isinstance(raw, int) else match.n_new
+                self.arg_updates[node] = (tuple(graph_args), node.kwargs)
+            else:
+                self.arg_updates[node] = (node.args, {**node.kwargs, "normalized_shape": tuple(new_shape)})
+        return out
+
+    # ------------------------------------------------------------ attention
+    def _sdpa(self, node, args, kwargs):
+        q, k, v = (_arg(node.args, args, kwargs, i, n) for i, n in enumerate(("query", "key", "value")))
+        mask = _arg(node.args, args, kwargs, 3, "attn_mask")
+        if not all(isinstance(t, LabelTensor) for t in (q, k, v)):
+            raise NotUnderstood("query, key and value are not all tensors")
+        srcs = [node.args[i] if len(node.args) > i else node.kwargs.get(n)
+                for i, n in enumerate(("query", "key", "value"))]
+        olds = [self._old(s) for s in srcs]
+        if isinstance(mask, LabelTensor):
+            if mask.vary:
+                raise NotUnderstood("its attention mask has channel structure")
+            if not self.analysis and mask.ndim >= 3 and mask.shape[-3] > 1 and q.shape[-3] != olds[0].shape[-3]:
+                raise self.conflict(node, "a per-head attention mask cannot follow new heads")
+        out_shape = list(self._shape(node)) if self.analysis else \
+            list(olds[0].shape[:-1]) + [olds[2].shape[-1]]
+        return self.attention(node, node.name, q, k, v, *olds, out_shape=out_shape)
+
+    def _matmul(self, node, a: LabelTensor, b: LabelTensor):
+        """A product of two activations: attention scores (it contracts head channels) or the weighted sum
+        of values (it contracts positions)."""
+        if a.ndim < 3 or a.ndim != b.ndim:
+            raise NotUnderstood("a product of two activations that is not a batched attention product")
+        oa, ob = self._old(node.args[0]), self._old(node.args[1])
+        ra, rb = (a, b) if self.analysis else (oa, ob)
+        nd = a.ndim
+        head = nd - 3 if nd >= 4 else None
+        out_shape = list(ra.shape[:-1]) + [rb.shape[-1]]
+        if (nd - 1) in ra.vary or (nd - 2) in rb.vary:
+            return self.scores(node, node.name, a, b, oa, ob, q_axes=(head, nd - 1), k_axes=(head, nd - 2),
+                               out_shape=out_shape, out_axis=head if head is not None else nd - 2)
+        return self.values(node, node.name, a, b, oa, ob, p_axis=head, v_axes=(head, nd - 1),
+                           out_shape=out_shape, out_axes=(head, nd - 1))
+
+    def _mha(self, node, mod: nn.MultiheadAttention, args, kwargs):
+        """nn.MultiheadAttention (self-attention, packed in_proj): in_proj produces q, k and v heads; the
+        heads attend; out_proj reads them."""
+        srcs = [node.args[i] if len(node.args) > i else node.kwargs.get(n) for i, n in
+                enumerate(("query", "key", "value"))]
+        if not (srcs[0] is srcs[1] is srcs[2]) or not mod._qkv_same_embed_dim or mod.in_proj_weight is None \
+                or mod.bias_k is not None or mod.add_zero_attn:
+            raise NotUnderstood("only self-attention with a packed in_proj and no extra key/value bias is understood")
+        for name in ("key_padding_mask", "attn_mask"):
+            m = kwargs.get(name)
+            if isinstance(m, LabelTensor) and m.vary:
+                raise NotUnderstood(f"its {name} has channel structure")
+        need_weights = kwargs.get("need_weights", args[4] if len(args) > 4 else True)
+        if need_weights and any(u.target is operator.getitem and u.args[1] == 1 for u in node.users):
+            raise NotUnderstood("its head-averaged attention weights are read")
+        x, old_x = args[0], self._old(srcs[0])
+        ref = x if self.analysis else old_x
+        if x.ndim != 3 or (ref.vary and ref.vary != [2]):
+            raise NotUnderstood("its input's channels are not on the last axis")
+        tb = 0 if mod.batch_first else 1  # the batch axis; the other non-channel axis holds positions
+        e_old = mod.embed_dim
+        hd = e_old // mod.num_heads
+        shape = list(x.shape[:2]) + [3 * e_old]
+        qkv, w_new, mapping = self.produce(node, f"{node.target}.in_proj", x, old_x, _np(mod.in_proj_weight),
+                                           in_axis=-1, out_axis=-1, w_in=1, w_out=0, shape=shape, suffix="in_proj")
+        part = qkv.part
+        e_new = len(part) // 3
+        if len(part) % (3 * hd):
+            raise self.conflict(node, "its packed q, k, v no longer split into whole heads")
+        batch, seq = x.shape[tb], x.shape[1 - tb]
+
+        def heads(i, e):
+            p = part[i * e:(i + 1) * e].reshape(e // hd, hd)
+            return LabelTensor.multi((batch, e // hd, seq, hd), (1, 3), p)
+
+        q, k, v = (heads(i, e_new) for i in range(3))
+        olds = (None,) * 3
+        if not self.analysis:
+            old_part = self.old_parts[node]
+            olds = tuple(LabelTensor.multi((batch, e_old // hd, seq, hd), (1, 3),
+                                           old_part[i * e_old:(i + 1) * e_old].reshape(-1, hd)) for i in range(3))
+            if e_new != x.shape[-1]:
+                # its head width is read from its input width: keep the heads, not the whole stream
+                space = self.node_space[(node, "in_proj")]
+                raise Conflict(node, space.chan_ids, f"{self.site(node)}: nn.MultiheadAttention needs its heads "
+                                                     f"({e_new} channels) exactly as wide as its input "
+                                                     f"({x.shape[-1]})")
+        else:
+            self.old_parts[node] = part
+        att = self.attention(node, f"{node.target}.heads", q, k, v, *olds,
+                             out_shape=[batch, mod.num_heads, seq, hd])
+        heads_part = att.factors()[1].reshape(-1)
+        merged_shape = [x.shape[0], x.shape[1], len(heads_part)]
+        merged = LabelTensor.factored(merged_shape, 2, heads_part)
+        old_merged = merged
+        if not self.analysis:
+            old_merged = self.old_parts[(node, "heads")]
+        else:
+            self.old_parts[(node, "heads")] = merged
+        ow = _np(mod.out_proj.weight)
+        out, w_out, map_out = self.produce(node, f"{node.target}.out_proj", merged, old_merged, ow, in_axis=-1,
+                                           out_axis=-1, w_in=1, w_out=0, shape=list(x.shape[:2]) + [ow.shape[0]],
+                                           suffix="out_proj")
+        if w_new is not None:
+            upd = self._update(node.target)
+            upd.tensors["in_proj_weight"] = w_new
+            if mod.in_proj_bias is not None:
+                upd.tensors["in_proj_bias"] = ar.gather(_np(mod.in_proj_bias), 0, mapping)
+            upd.attrs.update(embed_dim=e_new, kdim=e_new, vdim=e_new, num_heads=e_new // hd)
+        if w_out is not None:
+            upd = self._update(f"{node.target}.out_proj")
+            upd.tensors["weight"] = w_out
+            if mod.out_proj.bias is not None:
+                upd.tensors["bias"] = ar.gather(_np(mod.out_proj.bias), 0, map_out)
+            upd.attrs.update(in_features=len(heads_part), out_features=len(map_out))
+        second = self.fixed_labels(node, "weights", (batch, seq, seq), self.salt(node)) if need_weights else None
+        return (out, second)
+
+    # ------------------------------------------------------------ embeddings and bare parameters
+    def _embedding(self, node, mod: nn.Embedding, x: LabelTensor, old_x):
+        if x.vary:
+            raise NotUnderstood("its indices carry channels")
+        out, w, mapping = self.produce(node, node.target, x, old_x, _np(mod.weight), in_axis=-1, out_axis=-1,
+                                       w_in=0, w_out=1, shape=self._shape(node))
+        if w is not None:
+            upd = self._update(node.target)
+            upd.tensors["weight"] = w
+            upd.attrs["embedding_dim"] = len(mapping)
+        return out
+
+    def _param_labels(self, node, real: torch.Tensor):
+        """A parameter with one axis longer than 1 (class token, layer scale, a bias) read once: its own
+        channel space along that axis, which grows with whatever it is added to, multiplied with or
+        concatenated to. Returns None for other parameters."""
+        long_axes = [i for i, d in enumerate(real.shape) if d > 1]
+        if len(long_axes) != 1 or self.attr_uses.get(node.target, 0) != 1 or node.target not in self.param_names:
+            return None
+        ax = long_axes[0]
+        space = self.out_space(node, node.target, real.shape[ax])
+        if self.analysis:
+            return LabelTensor.channels(tuple(real.shape), ax, space.chan_ids, self.salt(node))
+        mapping = self.plan.mapping(space)
+        shape = list(real.shape)
+        shape[ax] = len(mapping)
+        if len(mapping) != real.shape[ax]:
+            owner, _, attr = node.target.rpartition(".")
+            self._update(owner).tensors[attr] = ar.gather(_np(real), ax, mapping)
+        return LabelTensor.channels(tuple(shape), ax, self.plan.new_chan_ids(space), self.salt(node))
+
+    def _param_operand(self, node, x: LabelTensor, param_node, x_node):
+        """``x`` combined elementwise with a parameter of several long axes read only here (a position
+        embedding): its values along x's channel axis are gathered."""
+        real = operator.attrgetter(param_node.target)(self.gm)
+        out, new = self.per_channel_constant(node, param_node.target, x, self._old(x_node), _np(real))
+        if new is not None:
+            owner, _, attr = param_node.target.rpartition(".")
+            self._update(owner).tensors[attr] = new
+        return out
