@@ -27,6 +27,7 @@ from .resnet import ResNetSmall, resnet_small
 from .resnext import ResNeXtSmall, grouped_resnext_small, resnext_small
 from .senet import SENetSmall, senet_small
 from .shufflenet import ShuffleNetSmall, channel_shuffle, shufflenet_small
+from .transformer import RMSNorm, TinyLM, TinyViT, tiny_lm, tiny_vit
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,7 @@ class ZooEntry:
     build: Callable[[], nn.Module]
     input_shape: Tuple[int, ...]
     description: str
+    vocab: int = 0  # > 0: the input is token ids below it
 
 
 def _entries() -> Dict[str, ZooEntry]:
@@ -59,6 +61,10 @@ def _entries() -> Dict[str, ZooEntry]:
                  cifar, "ShuffleNetV2 units: chunk(2) split, concat, size()-based channel shuffle"),
         ZooEntry("resnext_small", lambda: grouped_resnext_small(),
                  cifar, "ResNeXt bottlenecks with grouped (groups=8) 3x3 convs, residual adds"),
+        ZooEntry("tiny_lm", lambda: tiny_lm(),
+                 (1, 32), "decoder LM: pre-RMSNorm, rotary, GQA 4/2 heads, SwiGLU, tied embeddings", vocab=256),
+        ZooEntry("tiny_vit", lambda: tiny_vit(),
+                 cifar, "ViT: 8x8 patches, class token, pre-LayerNorm, 4 blocks x 4 heads, fused attention"),
     ]
     return {e.name: e for e in items}
 
@@ -71,6 +77,8 @@ def example_inputs(name: str, batch: int = 2, seed: int = 0) -> Tuple[torch.Tens
     entry = ZOO[name]
     g = torch.Generator().manual_seed(seed)
     shape = (batch,) + tuple(entry.input_shape[1:])
+    if entry.vocab:
+        return (torch.randint(0, entry.vocab, shape, generator=g),)
     return (torch.randn(shape, generator=g),)
 
 
@@ -81,5 +89,5 @@ __all__ = [
     "grouped_resnext_small", "resnext_small",
     "InceptionBN", "InceptionModule", "ReductionModule", "ResNetSmall", "DenseNetSmall",
     "MobileNetV2Small", "SENetSmall", "LeNet", "ShuffleNetSmall", "ResNeXtSmall",
-    "ConvBNReLU", "scale_channels", "channel_shuffle",
+    "ConvBNReLU", "scale_channels", "channel_shuffle", "TinyLM", "TinyViT", "RMSNorm", "tiny_lm", "tiny_vit",
 ]

@@ -162,7 +162,13 @@ def rescale_shape(raw: list, va: list, old_numel: int, new_numel: int, old_shape
     if unit > 1 and old_shape is not None:
         # a space cut into units (heads) grows by whole units: the axis whose inner channel axes hold one unit
         inner = [ax for ax in lits if int(np.prod([old_shape[a] for a in va if a > ax])) == unit]
-        ax = inner[-1] if inner else ax
+        if inner:
+            ax = inner[-1]
+        elif int(np.prod([old_shape[a] for a in va if a >= ax])) == unit:
+            # the literal is the unit itself (head_dim): the heads live on a size-1 or computed axis
+            if any(r is None or r == -1 for r in raw):
+                return None
+            raise Mismatch("no literal dim counts the heads")
     num = int(raw[ax]) * new_numel
     if num % old_numel:
         raise Mismatch("a literal shape cannot be rescaled to the new width")

@@ -58,6 +58,7 @@ class FxLabelRun(FxTransformerOps, MoveReplay, RelationRun):
             self.modules, self.salts, self.shared, self.attr_uses = (analysis.modules, analysis.salts, analysis.shared,
                                                                      analysis.attr_uses)
             self.param_names, self.old_parts = analysis.param_names, analysis.old_parts
+            self.tied_heads = analysis.tied_heads
             return
         self.modules = dict(gm.named_modules())
         self.param_names = {n for n, _ in gm.named_parameters()}
@@ -76,9 +77,17 @@ class FxLabelRun(FxTransformerOps, MoveReplay, RelationRun):
         for name, mod in self.modules.items():
             for p in mod.parameters(recurse=False):
                 owners.setdefault(id(p), set()).add(name)
+        self.tied_heads = {}  # output head (Linear) -> the embedding whose weight it shares
         for names in owners.values():
             if len(names) > 1:
                 self.shared |= names
+        for names in owners.values():
+            pair = sorted(names, key=lambda n: not isinstance(self.modules[n], nn.Embedding))
+            if len(pair) == 2 and isinstance(self.modules[pair[0]], nn.Embedding) \
+                    and type(self.modules[pair[1]]) is nn.Linear and calls.get(pair[0]) == calls.get(pair[1]) == 1 \
+                    and sum(1 for ns in owners.values() if ns & set(pair)) == 1 + (self.modules[pair[1]].bias is not None):
+                self.tied_heads[pair[1]] = pair[0]
+                self.shared -= set(pair)
 
     # ------------------------------------------------------------ hooks of the core run
     def site(self, node) -> str:
@@ -279,6 +288,9 @@ class FxLabelRun(FxTransformerOps, MoveReplay, RelationRun):
 
     def _binary(self, node, args, kwargs, cond=None):
         a, b = args[0], args[1] if len(args) > 1 else kwargs.get("other")
+        # a tensor computed in the graph from no input (rotary tables from arange): a constant
+        a, b = ((self._fixed(node, tuple(t.shape), 7 + i) if isinstance(t, torch.Tensor) else t)
+                for i, t in enumerate((a, b)))
         if isinstance(cond, LabelTensor):
             raise NotUnderstood("torch.where with a tensor condition")
         if not isinstance(a, LabelTensor) or not isinstance(b, LabelTensor):
@@ -392,6 +404,8 @@ class FxLabelRun(FxTransformerOps, MoveReplay, RelationRun):
             return self._grouped(node, mod, x, old_x)
         if isinstance(mod, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)) and mod.groups == 1:
             return self._produce(node, mod, x, old_x, in_axis=1, out_axis=1, w_in=0, w_out=1)
+        if isinstance(mod, nn.Linear) and node.target in self.tied_heads:
+            return self._tied_head(node, mod, x, old_x)
         if isinstance(mod, nn.Linear):
             return self._produce(node, mod, x, old_x, in_axis=-1, out_axis=-1, w_in=1, w_out=0)
         raise NotUnderstood("this module type is not understood by the channel analysis")

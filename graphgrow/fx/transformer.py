@@ -268,3 +268,76 @@ class FxTransformerOps:
             owner, _, attr = param_node.target.rpartition(".")
             self._update(owner).tensors[attr] = new
         return out
+
+    # ------------------------------------------------------------ tied output heads
+    def _tied_head(self, node, mod: nn.Linear, x: LabelTensor, old_x):
+        """An output head sharing its weight with the token embedding: the shared weight is the embedding's
+        (columns copied, not divided), so under k-fold replication the head would return k x the logits;
+        the 1/k is folded into the affine norm before it (docs/maths.md §5)."""
+        emb = self.tied_heads[node.target]
+        n_out = mod.weight.shape[0]
+        self.note_roles(x, "consumer", node.target)
+        space = self.out_space(node, node.target, n_out)
+        shape = list(self._shape(node))
+        if self.analysis:
+            return LabelTensor.channels(shape, -1, space.chan_ids, self.salt(node))
+        match = self.match(node, old_x, x, -1)
+        if len(self.plan.mapping(space)) != n_out:
+            raise self.conflict(node, "a tied output head keeps its output width")
+        labels = LabelTensor.channels(shape, -1, space.chan_ids, self.salt(node))
+        if match is None:
+            return labels
+        copies = set(match.copies.tolist())
+        if not match.unique_old or len(copies) != 1:
+            raise self.conflict(node, "an output head tied to the embedding reads only uniformly copied channels")
+        gathered = ar.gather(_np(mod.weight), 1, match.source())
+        emb_new = self.updates.get(emb)
+        if emb_new is None or not np.array_equal(emb_new.tensors.get("weight"), gathered):
+            raise self.conflict(node, f"the output head and the embedding {emb!r} it is tied to would need different "
+                                      "columns")
+        k = copies.pop()
+        if k > 1:
+            self._fold_scale(node, node.args[0], 1.0 / k)
+        self._update(node.target).attrs["in_features"] = match.n_new
+        return labels
+
+    def _fold_scale(self, head, start, scale: float) -> None:
+        """Multiply the affine parameters of the norm that computes ``start`` (through moves) by ``scale``."""
+        n = start
+        while isinstance(n, fx.Node) and len(n.users) == 1 and (
+                n.target is operator.getitem or n.op == "call_method" and n.target in ("view", "reshape",
+                                                                                      "contiguous", "to")
+                or n.op == "call_module" and isinstance(self.modules[n.target], (nn.Identity, nn.Dropout))):
+            n = n.args[0]
+        scaled = []
+        if isinstance(n, fx.Node) and len(n.users) == 1 and n.op == "call_module" \
+                and isinstance(self.modules[n.target], (nn.LayerNorm,) + RMS_NORM_MODULES):
+            upd = self.updates.get(n.target)
+            scaled = [(upd, a) for a in ("weight", "bias") if upd is not None and a in upd.tensors]
+        else:
+            scaled = self._written_out_affine(n)
+        if not scaled:
+            raise self.conflict(head, "its input does not come from an affine norm to fold the width factor into")
+        for upd, attr in scaled:
+            upd.tensors[attr] = upd.tensors[attr] * np.asarray(scale, upd.tensors[attr].dtype)
+
+    def _written_out_affine(self, n) -> list:
+        """``normalized * gamma (+ beta)`` ending at ``n``, with gamma and beta parameters read only there:
+        their updates, or [] when ``n`` is not of that form."""
+        found = []
+        for _ in range(2):
+            if not (isinstance(n, fx.Node) and len(n.users) == 1
+                    and n.target in (operator.mul, operator.add, torch.mul, torch.add)):
+                return []
+            params = [a for a in n.args if isinstance(a, fx.Node) and a.op == "get_attr"]
+            if len(params) != 1:
+                return []
+            owner, _, attr = params[0].target.rpartition(".")
+            upd = self.updates.get(owner)
+            if upd is None or attr not in upd.tensors:
+                return []
+            found.append((upd, attr))
+            if n.target in (operator.mul, torch.mul):
+                return found
+            n = next(a for a in n.args if isinstance(a, fx.Node) and a is not params[0])
+        return []

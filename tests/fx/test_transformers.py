@@ -1,0 +1,139 @@
+"""Transformer relations on torch.fx graphs (docs/maths.md §5): norms replicate uniformly, heads are units,
+embeddings and tied heads grow with the residual stream. Every case is widened in float64 and compared."""
+
+import pytest
+import torch
+import torch.nn as nn
+
+import graphgrow
+from graphgrow.models import ZOO, example_inputs
+
+from helpers import space, widen_and_compare
+from transformer_stacks import Stack, tokens
+
+EXACT = 1e-10  # float64
+
+CASES = {
+    "layernorm": dict(),
+    "rmsnorm": dict(norm="rms"),
+    "rmsnorm_written": dict(norm="rms_written"),
+    "layernorm_written": dict(norm="layer_written"),
+    "post_norm": dict(post=True),
+    "matmul_attention": dict(attention="matmul"),
+    "multihead_attention": dict(attention="mha"),
+    "gqa_rotary": dict(kv_heads=2, rotary=True),
+    "gqa_one_kv_head": dict(attention="matmul", kv_heads=1),
+    "qk_norm": dict(qk_norm=True),
+    "swiglu_tied_rms": dict(mlp="swiglu", tie=True, norm="rms"),
+    "tied_layernorm": dict(tie=True),
+    "tied_post_norm": dict(post=True, tie=True),
+}
+
+
+def _all_widened(rep, factor):
+    for s in rep.spaces:
+        if s.name == "head":
+            assert s.new_width == s.old_width
+        else:
+            assert s.new_width == s.old_width * factor, (s.name, s.old_width, s.new_width, s.frozen_reasons)
+
+
+@pytest.mark.parametrize("factor", [2, 3])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_integer_factor_widens_every_space_exactly(case, factor):
+    torch.manual_seed(0)
+    model = Stack(**CASES[case])
+    wide, rep, err = widen_and_compare(model, tokens(), factor)
+    assert err < EXACT
+    _all_widened(rep, factor)
+    if CASES[case].get("tie"):
+        assert wide.head.weight is wide.embed.weight
+    if CASES[case].get("attention") != "mha":
+        attn = wide.blocks[0].attn
+        assert attn.q.out_features // 8 == 4 * factor  # heads copied, head_dim 8 kept
+        assert attn.k.out_features // 8 == CASES[case].get("kv_heads", 4) * factor
+
+
+def test_heads_grow_at_any_factor_with_head_dim_kept():
+    torch.manual_seed(0)
+    model = Stack(heads=12, head_dim=4, kv_heads=12, hidden=48)
+    wide, rep, err = widen_and_compare(model, tokens(), 1.41)
+    assert err < EXACT
+    q = space(rep, "blocks.0.attn.q")
+    assert q.new_width == 17 * 4  # 12 -> 17 heads of 4
+    assert space(rep, "blocks.0.mlp.up").new_width == round(48 * 1.41)
+
+
+def test_gqa_grows_key_value_heads_with_their_query_groups():
+    torch.manual_seed(1)
+    model = Stack(heads=8, kv_heads=2, head_dim=4, dim=32)
+    wide, rep, err = widen_and_compare(model, tokens(), 1.5)
+    assert err < EXACT
+    q, k = space(rep, "blocks.0.attn.q").new_width // 4, space(rep, "blocks.0.attn.k").new_width // 4
+    assert q == 12 and k == 3 and q // k == 4  # the group size stays 4
+
+
+@pytest.mark.parametrize("norm", ["layer", "rms", "rms_written"])
+def test_non_integer_factor_on_a_normalized_stream_is_refused_with_the_rule(norm):
+    torch.manual_seed(0)
+    wide, rep, err = widen_and_compare(Stack(norm=norm, post=True), tokens(), 1.5)
+    assert err < EXACT
+    emb = space(rep, "embed")
+    assert emb.new_width == emb.old_width and "integer factors" in emb.frozen_reasons[0]
+    assert space(rep, "blocks.0.mlp.up").new_width == 60
+
+
+def test_zoo_lm_tied_and_exact():
+    model = ZOO["tiny_lm"].build().double().eval()
+    x = example_inputs("tiny_lm")
+    wide, rep, err = widen_and_compare(model, x, 2)
+    assert err < 1e-10
+    assert wide.lm_head.weight is wide.embed.weight and wide.embed.embedding_dim == 128
+    attn = wide.layers[0].attn
+    assert (attn.q_proj.out_features, attn.k_proj.out_features) == (128, 64)  # 8 / 4 heads of 16
+    model32 = ZOO["tiny_lm"].build().eval()
+    wide32 = graphgrow.widen(model32, 2, example_inputs=x)
+    with torch.no_grad():
+        ref = model32(*x)
+        assert ((wide32(*x) - ref).abs().max() / ref.abs().max()).item() < 1e-5
+
+
+def test_zoo_vit_every_space_widened():
+    model = ZOO["tiny_vit"].build()
+    wide, rep, err = widen_and_compare(model, example_inputs("tiny_vit"), 2)
+    assert err < EXACT
+    for s in rep.spaces:
+        assert s.new_width == (s.old_width if s.name == "head" else 2 * s.old_width), s.name
+
+
+def test_torchvision_vit_matches_the_twice_wider_config():
+    tv = pytest.importorskip("torchvision.models.vision_transformer")
+    torch.manual_seed(0)
+    cfg = dict(image_size=32, patch_size=8, num_layers=2, num_classes=10)
+    model = tv.VisionTransformer(num_heads=4, hidden_dim=32, mlp_dim=64, **cfg)
+    wide, rep, err = widen_and_compare(model, (torch.randn(2, 3, 32, 32),), 2)
+    assert err < EXACT
+    ref = tv.VisionTransformer(num_heads=8, hidden_dim=64, mlp_dim=128, **cfg)
+    assert sum(p.numel() for p in wide.parameters()) == sum(p.numel() for p in ref.parameters())
+    attn = wide.encoder.layers.encoder_layer_0.self_attention
+    assert attn.num_heads == 8 and attn.head_dim == 8 and attn.embed_dim == 64
+
+
+def test_per_head_mask_is_kept_and_bad_operands_freeze():
+    """A mean over heads of the attention scores would need every head: those channels freeze."""
+
+    class HeadMean(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.k, self.o = nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(7, 3)
+
+        def forward(self, x):
+            b, t, _ = x.shape
+            q = self.q(x).view(b, t, 4, 4).transpose(1, 2)
+            k = self.k(x).view(b, t, 4, 4).transpose(1, 2)
+            s = (q @ k.transpose(-2, -1)).sum(1)  # sums over heads: mixes them
+            return self.o(s)
+
+    wide, rep, err = widen_and_compare(HeadMean(), (torch.randn(2, 7, 16),), 2)
+    assert err < EXACT
+    assert space(rep, "q").new_width == 16 and space(rep, "q").frozen_reasons
