@@ -37,6 +37,7 @@ class ZooEntry:
     input_shape: Tuple[int, ...]
     description: str
     vocab: int = 0  # > 0: the input is token ids below it
+    kind: str = "cnn"  # or "transformer"
 
 
 def _entries() -> Dict[str, ZooEntry]:
@@ -62,9 +63,11 @@ def _entries() -> Dict[str, ZooEntry]:
         ZooEntry("resnext_small", lambda: grouped_resnext_small(),
                  cifar, "ResNeXt bottlenecks with grouped (groups=8) 3x3 convs, residual adds"),
         ZooEntry("tiny_lm", lambda: tiny_lm(),
-                 (1, 32), "decoder LM: pre-RMSNorm, rotary, GQA 4/2 heads, SwiGLU, tied embeddings", vocab=256),
+                 (1, 32), "decoder LM: pre-RMSNorm, rotary, GQA 4/2 heads, SwiGLU, tied embeddings", vocab=256,
+                 kind="transformer"),
         ZooEntry("tiny_vit", lambda: tiny_vit(),
-                 cifar, "ViT: 8x8 patches, class token, pre-LayerNorm, 4 blocks x 4 heads, fused attention"),
+                 cifar, "ViT: 8x8 patches, class token, pre-LayerNorm, 4 blocks x 4 heads, fused attention",
+                 kind="transformer"),
     ]
     return {e.name: e for e in items}
 

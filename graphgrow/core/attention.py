@@ -184,6 +184,24 @@ class AttentionRelations:
         part = _parts(ids if out_axes[0] < out_axes[1] else ids.T, salt)
         return LabelTensor.multi(shape, cax, part)
 
+    # ------------------------------------------------------------ a product of two activations
+    def batched_product(self, node, name: str, a: LabelTensor, b: LabelTensor, old_a, old_b):
+        """``a @ b`` of two activations (..., M, K) x (..., K, N): attention scores when it contracts head
+        channels, the weighted sum of values when it contracts positions."""
+        from .relations import NotUnderstood
+
+        if a.ndim < 3 or a.ndim != b.ndim:
+            raise NotUnderstood("a product of two activations that is not a batched attention product")
+        ra, rb = (a, b) if self.analysis else (old_a, old_b)
+        nd = a.ndim
+        head = nd - 3 if nd >= 4 else None
+        out_shape = list(ra.shape[:-1]) + [rb.shape[-1]]
+        if (nd - 1) in ra.vary or (nd - 2) in rb.vary:
+            return self.scores(node, name, a, b, old_a, old_b, q_axes=(head, nd - 1), k_axes=(head, nd - 2),
+                               out_shape=out_shape, out_axis=head if head is not None else nd - 2)
+        return self.values(node, name, a, b, old_a, old_b, p_axis=head, v_axes=(head, nd - 1),
+                           out_shape=out_shape, out_axes=(head, nd - 1))
+
     # ------------------------------------------------------------ softmax(q @ k^T) @ v
     def attention(self, node, name: str, q, k, v, old_q, old_k, old_v, *, out_shape):
         """Fused attention on (..., heads, positions, head_dim) tensors (F.scaled_dot_product_attention,

@@ -135,20 +135,7 @@ class FxTransformerOps:
         return self.attention(node, node.name, q, k, v, *olds, out_shape=out_shape)
 
     def _matmul(self, node, a: LabelTensor, b: LabelTensor):
-        """A product of two activations: attention scores (it contracts head channels) or the weighted sum
-        of values (it contracts positions)."""
-        if a.ndim < 3 or a.ndim != b.ndim:
-            raise NotUnderstood("a product of two activations that is not a batched attention product")
-        oa, ob = self._old(node.args[0]), self._old(node.args[1])
-        ra, rb = (a, b) if self.analysis else (oa, ob)
-        nd = a.ndim
-        head = nd - 3 if nd >= 4 else None
-        out_shape = list(ra.shape[:-1]) + [rb.shape[-1]]
-        if (nd - 1) in ra.vary or (nd - 2) in rb.vary:
-            return self.scores(node, node.name, a, b, oa, ob, q_axes=(head, nd - 1), k_axes=(head, nd - 2),
-                               out_shape=out_shape, out_axis=head if head is not None else nd - 2)
-        return self.values(node, node.name, a, b, oa, ob, p_axis=head, v_axes=(head, nd - 1),
-                           out_shape=out_shape, out_axes=(head, nd - 1))
+        return self.batched_product(node, node.name, a, b, self._old(node.args[0]), self._old(node.args[1]))
 
     def _mha(self, node, mod: nn.MultiheadAttention, args, kwargs):
         """nn.MultiheadAttention (self-attention, packed in_proj): in_proj produces q, k and v heads; the

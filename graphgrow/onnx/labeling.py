@@ -52,14 +52,17 @@ class OnnxLabelRun(MoveReplay, RelationRun):
         self.dynamic: set = set()  # constants computed from activation shapes (they follow the width)
         if analysis is not None and analysis.graph is self.graph:
             # the initializers and their users are the analysis run's (read-only arrays)
-            self.consts, self.users = analysis.consts, analysis.users
+            self.consts, self.users, self.producer = analysis.consts, analysis.users, analysis.producer
             return
         self.consts = {t.name: _read_only(numpy_helper.to_array(t)) for t in self.graph.initializer}
         self.users: dict = {}  # value name -> [(node index, input index)]
+        self.producer: dict = {}  # value name -> node index
         for i, n in enumerate(self.graph.node):
             for k, name in enumerate(n.input):
                 if name:
                     self.users.setdefault(name, []).append((i, k))
+            for name in n.output:
+                self.producer[name] = i
 
     # ------------------------------------------------------------ hooks of the core run
     def site(self, site) -> str:
@@ -260,12 +263,17 @@ class OnnxLabelRun(MoveReplay, RelationRun):
             return self._conv(idx, node, x, a)
         if op == "Gemm":
             return self._gemm(idx, node, x, a)
+        if op == "MatMul" and isinstance(x, LabelTensor) and self._tied_table(node) is not None:
+            return self._tied_head(idx, node, x)
         if op == "MatMul":
             if isinstance(x, LabelTensor) and not isinstance(vals[1], LabelTensor) and vals[1] is not None and vals[1].ndim == 2:
                 if not self._weight_ok(idx, node, [1]):
                     return self._opaque(idx, node, "its weight is computed, not a constant")
                 return self._produce(idx, node, x, weight_k=1, bias_k=None, in_axis=-1, out_axis=-1, w_in=0, w_out=1)
-            return self._opaque(idx, node, "matrix product of two activations")
+            if isinstance(x, LabelTensor) and isinstance(vals[1], LabelTensor):
+                return [self.batched_product((idx, node), node_label(node, idx), x, vals[1],
+                                             self._old_input(node, 0, x), self._old_input(node, 1, vals[1]))]
+            return self._opaque(idx, node, "matrix product of an activation with a computed or batched constant")
         if op in ("BatchNormalization", "InstanceNormalization"):
             if len([o for o in node.output if o]) > 1:
                 return self._opaque(idx, node, "training-mode outputs are used")
@@ -273,11 +281,8 @@ class OnnxLabelRun(MoveReplay, RelationRun):
             if not self._weight_ok(idx, node, ks):
                 return self._opaque(idx, node, "its parameters are computed")
             return self._carry_params(idx, node, x, ks)
-        if op == "LayerNormalization":
-            axis = a.get("axis", -1) % x.ndim
-            if self.mixes(x, self._old_input(node, 0, x), range(axis, x.ndim)):
-                return self._mix(idx, node, x, "LayerNormalization normalizes over the channel axis")
-            return [self.elementwise((idx, node), x)] + [None] * (len(node.output) - 1)
+        if op in ("LayerNormalization", "RMSNormalization"):
+            return self._norm(idx, node, x, a)
         if op in ops.MIX:
             return self._mix(idx, node, x, f"{op} normalizes across channels")
         if op in ops.SOFTMAX:
@@ -290,6 +295,14 @@ class OnnxLabelRun(MoveReplay, RelationRun):
             return self._pool(idx, node, x, a)
         if op in ops.REDUCE:
             return self._reduce(idx, node, x, a, vals)
+        if op == "Gather" and isinstance(vals[0], np.ndarray) and isinstance(vals[1], LabelTensor) \
+                and a.get("axis", 0) == 0 and vals[0].ndim == 2 and self._weight_ok(idx, node, [0]):
+            return self._embedding(idx, node, vals[1], vals[0])
+        if op == "Concat" and any(isinstance(v, LabelTensor) for v in vals) \
+                and any(isinstance(v, np.ndarray) for v in vals):
+            out = self._concat_parameters(idx, node, vals, a)
+            if out is not None:
+                return out
         if op in ops.MOVE:
             return self._move(idx, node, vals, a)
         return self._opaque(idx, node, "this operator is not understood by the channel analysis")
@@ -347,6 +360,13 @@ class OnnxLabelRun(MoveReplay, RelationRun):
         x, c = vals[xk], vals[ck]
         if c is None:
             return self._opaque(idx, node, "missing operand")
+        ref = self._old_input(node, xk, x)
+        if isinstance(x, LabelTensor) and len(ref.vary) >= 2 and isinstance(c, np.ndarray):
+            try:
+                if tuple(np.broadcast_shapes(ref.shape, c.shape)) == ref.shape:
+                    return [self.fixed_operand((idx, node), x, ref, c.shape)]  # rotary cos / sin on heads
+            except ValueError:
+                pass
         try:
             out, new = self.per_channel_constant((idx, node), node_label(node, idx), x,
                                                  self._old_input(node, xk, x), c,
@@ -363,6 +383,152 @@ class OnnxLabelRun(MoveReplay, RelationRun):
         for k, arr in new.items():
             self._set_const(idx, k, arr)
         return [out] + [None] * (len(node.output) - 1)
+
+    def _norm(self, idx, node, x: LabelTensor, a):
+        """LayerNormalization / RMSNormalization over the axes from ``axis`` on (uniform replication)."""
+        if not isinstance(x, LabelTensor) or len([o for o in node.output if o]) > 1:
+            return self._opaque(idx, node, "its mean / inverse standard deviation outputs are used")
+        ks = [k for k in (1, 2) if k < len(node.input) and node.input[k]]
+        if not self._weight_ok(idx, node, ks):
+            return self._opaque(idx, node, "its scale or bias is computed")
+        axis = a.get("axis", -1) % x.ndim
+        axes = list(range(axis, x.ndim))
+        ax = self._norm_axis(x, self._old_input(node, 0, x), axes)
+        params = {} if self.analysis else {k: self._const(node, k) for k in ks}
+        out, new, match = self.norm((idx, node), node_label(node, idx), x, self._old_input(node, 0, x), axes, params,
+                                    (ax - axis) if ax is not None else 0)
+        for k, arr in new.items():
+            self._set_const(idx, k, arr)
+        return [out] + [None] * (len(node.output) - 1)
+
+    def _embedding(self, idx, node, ids: LabelTensor, table: np.ndarray):
+        """Gather of rows of a constant table by token ids: a producer whose units are the table's columns."""
+        if ids.vary:
+            return self._opaque(idx, node, "its indices carry channels")
+        out, new_w, mapping = self.produce((idx, node), node_label(node, idx), ids, self._old_input(node, 1, ids),
+                                           table, in_axis=-1, out_axis=-1, w_in=0, w_out=1,
+                                           shape=self.shapes[node.output[0]])
+        if new_w is not None:
+            self._set_const(idx, 0, new_w, weight=True)
+        return [out]
+
+    def _tied_table(self, node):
+        """``(transpose node index, table name)`` when a MatMul reads the transpose of a table an embedding
+        Gather also reads (a tied output head), else None."""
+        i = self.producer.get(node.input[1])
+        if i is None or self.graph.node[i].op_type != "Transpose":
+            return None
+        t = self.graph.node[i]
+        perm = self._attrs(t).get("perm")
+        name = t.input[0]
+        users = self.users.get(name, [])
+        if name not in self.consts or self.consts[name].ndim != 2 or list(perm or [1, 0]) != [1, 0] \
+                or len(users) != 2 or len(self.users.get(node.input[1], [])) != 1:
+            return None
+        others = [self.graph.node[j] for j, k in users if j != i]
+        if len(others) != 1 or others[0].op_type != "Gather" or self._attrs(others[0]).get("axis", 0) != 0:
+            return None
+        return i, name
+
+    def _tied_head(self, idx, node, x: LabelTensor):
+        """An output head reading the transposed embedding table: the shared table is the embedding's (columns
+        copied, not divided), and the 1/k of a k-fold replication is folded into the norm before it."""
+        t_idx, name = self._tied_table(node)
+        table = self.consts[name]
+        site = (idx, node)
+        self.note_roles(x, "consumer", node_label(node, idx))
+        space = self.out_space(site, node_label(node, idx), table.shape[0])
+        shape = self.shapes[node.output[0]]
+        labels = LabelTensor.channels(shape, -1, space.chan_ids, self.salt(site))
+        if self.analysis:
+            return [labels]
+        match = self.match(site, self.old[node.input[0]], x, -1)
+        if len(self.plan.mapping(space)) != table.shape[0]:
+            raise self._conflict(idx, node, "a tied output head keeps its output width")
+        if match is None:
+            return [labels]
+        copies = set(match.copies.tolist())
+        if not match.unique_old or len(copies) != 1:
+            raise self._conflict(idx, node, "an output head tied to the embedding reads only uniformly copied channels")
+        self._set_const(t_idx, 0, ar.gather(table, 1, match.source()), weight=True)
+        k = copies.pop()
+        if k > 1:
+            self._fold_scale(idx, node, 1.0 / k)
+        return [labels]
+
+    def _fold_scale(self, idx, node, scale: float) -> None:
+        """Multiply the affine parameters of the norm computing the head's input (through moves) by ``scale``."""
+        name = node.input[0]
+        while True:
+            j = self.producer.get(name)
+            if j is None or len(self.users.get(name, [])) != 1:
+                break
+            n = self.graph.node[j]
+            if n.op_type in ("Identity", "Reshape", "Squeeze", "Unsqueeze", "Cast", "Gather", "Slice", "Flatten"):
+                name = n.input[0]
+                continue
+            slots = []
+            if n.op_type in ("LayerNormalization", "RMSNormalization"):
+                slots = [(j, k) for k in (1, 2) if (j, k) in self.updates.initializers]
+            elif n.op_type == "Add":  # ... * gamma + beta
+                beta = [(j, k) for k in (0, 1) if (j, k) in self.updates.initializers]
+                mul = [self.producer.get(v) for v in n.input]
+                mul = [m for m in mul if m is not None and self.graph.node[m].op_type == "Mul"
+                       and len(self.users.get(self.graph.node[m].output[0], [])) == 1]
+                gamma = [(mul[0], k) for k in (0, 1) if mul and (mul[0], k) in self.updates.initializers]
+                slots = beta + gamma if len(beta) == 1 and len(gamma) == 1 else []
+            elif n.op_type == "Mul":
+                slots = [(j, k) for k in (0, 1) if (j, k) in self.updates.initializers][:1]
+            if slots:
+                for slot in slots:
+                    arr = self.updates.initializers[slot]
+                    self.updates.initializers[slot] = arr * np.asarray(scale, arr.dtype)
+                return
+            break
+        raise self._conflict(idx, node, "its input does not come from an affine norm to fold the width factor into")
+
+    def _parameter_piece(self, site, name: str, shape):
+        """Labels of a constant joined to activations when it is a float initializer with one axis longer than 1
+        (a class token), possibly broadcast by an Expand: its own channel space along that axis, gathered where
+        it is read. None otherwise."""
+        src, i = name, self.producer.get(name)
+        if src not in self.consts:
+            if i is None or self.graph.node[i].op_type != "Expand":
+                return None
+            src = self.graph.node[i].input[0]
+        arr = self.consts.get(src)
+        long_axes = [k for k, d in enumerate(arr.shape) if d > 1] if arr is not None else []
+        if arr is None or arr.dtype.kind != "f" or len(long_axes) != 1 or len(self.users.get(src, [])) != 1:
+            return None
+        axis = long_axes[0] + len(shape) - arr.ndim
+        if shape[axis] != arr.shape[long_axes[0]]:
+            return None
+        space = self.out_space(site, src, arr.shape[long_axes[0]], suffix=f"param:{src}")
+        if self.analysis:
+            return LabelTensor.channels(shape, axis, space.chan_ids, self.salt(site)), None
+        old = LabelTensor.channels(shape, axis, space.chan_ids, self.salt(site))
+        mapping = self.plan.mapping(space)
+        new_shape = list(shape)
+        new_shape[axis] = len(mapping)
+        if len(mapping) != len(space.chan_ids):
+            self._set_const(*self.users[src][0], ar.gather(arr, long_axes[0], mapping))
+        return LabelTensor.channels(new_shape, axis, self.plan.new_chan_ids(space), self.salt(site)), old
+
+    def _concat_parameters(self, idx, node, vals, a):
+        """A concatenation of activations with parameters along a position axis (class token + patches)."""
+        pieces, olds = [], []
+        for name, v in zip(node.input, vals):
+            if isinstance(v, LabelTensor):
+                pieces.append(v)
+                olds.append(self._old_input(node, list(node.input).index(name), v))
+                continue
+            got = self._parameter_piece((idx, node), name, v.shape) if isinstance(v, np.ndarray) else None
+            if got is None:
+                return None
+            pieces.append(got[0])
+            olds.append(got[1] if got[1] is not None else got[0])
+        out = self.concat_positions((idx, node), pieces, olds, int(a.get("axis", 0)))
+        return None if out is None else [out]
 
     def _pool(self, idx, node, x: LabelTensor, a):
         if len([o for o in node.output if o]) > 1:
@@ -388,7 +554,8 @@ class OnnxLabelRun(MoveReplay, RelationRun):
                 return [x]
             return self._mix(idx, node, x, "reduces over all axes")
         axes = sorted({int(ax) % x.ndim for ax in axes})
-        out = self.reduce((idx, node), x, self._old_input(node, 0, x), axes, bool(a.get("keepdims", 1)))
+        out = self.reduce((idx, node), x, self._old_input(node, 0, x), axes, bool(a.get("keepdims", 1)),
+                          mean=node.op_type == "ReduceMean")
         return out if isinstance(out, list) else [out]
 
     def _produce(self, idx, node, x: LabelTensor, *, weight_k, bias_k, in_axis, out_axis, w_in, w_out):

@@ -147,6 +147,21 @@ class MoveReplay:
                 self._set_const(idx, 1, starts.astype(np.asarray(vals[1]).dtype), shape=True)
                 self._set_const(idx, 2, ends.astype(np.asarray(vals[2]).dtype), shape=True)
                 ins[1], ins[2] = starts, ends
+        elif op == "Expand" and len(node.input) > 1 and node.input[1] not in self.dynamic:
+            # a broadcast target written as literals (repeat_kv's [b, kv_heads, groups, t, head_dim])
+            shape = np.asarray(vals[1]).astype(np.int64).copy()
+            off = len(shape) - x.ndim
+            changed = False
+            for ax in range(x.ndim):
+                if old_in.shape[ax] == x.shape[ax] or ax + off < 0:
+                    continue
+                if int(shape[ax + off]) == old_in.shape[ax]:
+                    shape[ax + off], changed = x.shape[ax], True
+                elif int(shape[ax + off]) not in (1, -1):
+                    raise self._conflict(idx, node, "its broadcast target cannot follow the new width")
+            if changed:
+                self._set_const(idx, 1, shape, shape=True)
+                ins[1] = shape
         elif op == "Gather":
             axis = a.get("axis", 0) % x.ndim
             if old_in.shape[axis] != x.shape[axis]:

@@ -21,7 +21,7 @@ from graphgrow.models import ZOO, example_inputs  # noqa: E402
 
 EXPECTED_KEYS = {
     "inception_bn", "inception_bn_narrow", "resnet_small", "densenet_small",
-    "mobilenetv2_small", "senet_small", "lenet", "shufflenet_small", "resnext_small",
+    "mobilenetv2_small", "senet_small", "lenet", "shufflenet_small", "resnext_small", "tiny_lm", "tiny_vit",
 }
 NUM_CLASSES = 10
 BATCH = 2
@@ -48,6 +48,18 @@ def test_zoo_keys_and_entries():
     assert torch.equal(a, b)
 
 
+def test_transformer_entries():
+    lm, vit = ZOO["tiny_lm"], ZOO["tiny_vit"]
+    assert lm.kind == vit.kind == "transformer" and lm.vocab == 256
+    (tok,) = example_inputs("tiny_lm", batch=2)
+    assert tok.dtype == torch.int64 and int(tok.max()) < 256
+    model = _build("tiny_lm")
+    assert model.lm_head.weight is model.embed.weight
+    attn = model.layers[0].attn
+    assert (attn.heads, attn.kv_heads, attn.head_dim) == (4, 2, 16)
+    assert model(tok).shape == (2, 32, 256) and _build("tiny_vit")(example_inputs("tiny_vit")[0]).shape == (2, 10)
+
+
 def test_builders_exported():
     for fn in ("inception_bn", "resnet_small", "densenet_small", "mobilenetv2_small",
                "senet_small", "lenet", "shufflenet_small", "grouped_resnext_small"):
@@ -60,7 +72,7 @@ def test_forward_and_fx_trace(name):
     inputs = example_inputs(name, batch=BATCH)
     with torch.no_grad():
         out = model(*inputs)
-    assert out.shape == (BATCH, NUM_CLASSES)
+    assert out.shape == ((BATCH, 32, 256) if name == "tiny_lm" else (BATCH, NUM_CLASSES))
     assert torch.isfinite(out).all()
 
     gm = torch.fx.symbolic_trace(model)
@@ -88,7 +100,7 @@ def test_onnx_export(name):
     (ort_out,) = sess.run(None, {"input": inputs[0].numpy()})
     with torch.no_grad():
         ref = model(*inputs)
-    assert ort_out.shape == (BATCH, NUM_CLASSES)
+    assert ort_out.shape == tuple(ref.shape)
     assert (torch.from_numpy(ort_out) - ref).abs().max().item() < 1e-4
 
 
