@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch.nn as nn
 
 from .core.report import GrowthReport
-from .errors import InvalidArgumentError, VerificationError, require_equivalent
-from .core.growth import check_factor, check_options, space_reports, widen_targets
+from .errors import InvalidArgumentError, VerificationError, first_line, require_equivalent
+from .core.growth import check_factor, check_options, require_reachable, space_reports, widen_targets
 from .fx.engine import FxAnalysis, count_params, plan_and_apply, rebuild
 from .core.sites import GrowOptions
 from .core.plan import WidenPlan
@@ -27,7 +27,8 @@ def analyze(model: nn.Module, example_inputs) -> GrowthReport:
 
 def widen(model: nn.Module, factor: float | None = 1.41, *, example_inputs, widths=None, only=None, exclude=None,
           divisor: int = 1, init: str = "net2net", noise: float = 0.0, noise_mode: str = "exact", seed: int = 0,
-          verify: str = "torch", atol: float | None = None, rtol: float | None = None, progress=None) -> nn.Module:
+          verify: str = "torch", atol: float | None = None, rtol: float | None = None, fill: bool = True,
+          strict: bool = False, progress=None) -> nn.Module:
     """Net2WiderNet: a wider copy of ``model`` computing the same function.
 
     The result has the original's submodule names and state_dict keys, with
@@ -35,15 +36,22 @@ def widen(model: nn.Module, factor: float | None = 1.41, *, example_inputs, widt
     ``result.graphgrow_report``.  ``verify="torch"`` (default) checks the result
     eagerly, ``"onnxruntime"`` exports both and compares in onnxruntime; a
     failed check raises :class:`VerificationError`.
+
+    Normalized residual streams (LayerNorm, RMSNorm) grow by uniform replication at integer factors and by
+    fill + rescale otherwise (``fill=False``: they stay); ``strict=True`` raises instead of leaving a space
+    narrower than asked because a norm allows only integer factors there.
     """
     factor = check_factor(factor, widths)
     check_options(init, noise_mode, divisor, noise)
     if verify not in VERIFY:
         raise InvalidArgumentError(f"verify must be one of {VERIFY}, not {verify!r}")
+    fill = bool(fill) and init == "net2net"
     an = FxAnalysis(model, example_inputs)
     targets = widen_targets(an.produced, an.constraints, factor, widths, only, exclude, divisor)
     options = GrowOptions(noise=noise, noise_mode=noise_mode, init=init, seed=seed)
-    plan, run, rounds = plan_and_apply(an, targets, options, seed, progress)
+    plan, run, rounds = plan_and_apply(an, targets, options, seed, progress, fill=fill)
+    if strict:
+        require_reachable(an.produced, plan, targets)
     result = rebuild(an, run)
     preserving = init == "net2net" and not (noise > 0 and noise_mode == "paper")
     report = GrowthReport(space_reports(an.produced, plan, targets), params_before=count_params(model),
@@ -53,9 +61,22 @@ def widen(model: nn.Module, factor: float | None = 1.41, *, example_inputs, widt
         def widen64():  # the same widening computed in float64 (same plan, same draws): the exact reference
             return widen(_double_copy(model), factor, example_inputs=_double_inputs(an.inputs), widths=widths,
                          only=only, exclude=exclude, divisor=divisor, init=init, noise=noise, noise_mode=noise_mode,
-                         seed=seed, verify="none")
+                         seed=seed, verify="none", fill=fill)
 
-        _verify(model, result, an.inputs, report, "widened", verify, atol, rtol, seed, widen64)
+        try:
+            _verify(model, result, an.inputs, report, "widened", verify, atol, rtol, seed, widen64)
+        except VerificationError as exc:
+            if not plan.fills:
+                raise
+            # fill + rescale assumed what the stream's new channels hold; where the numbers disagree (an op
+            # the label analysis cannot see into), the normalized streams stay instead
+            result = widen(model, factor, example_inputs=example_inputs, widths=widths, only=only,
+                           exclude=exclude, divisor=divisor, init=init, noise=noise, noise_mode=noise_mode,
+                           seed=seed, verify=verify, atol=atol, rtol=rtol, fill=False, strict=strict,
+                           progress=progress)
+            result.graphgrow_report.notes.append(f"fill + rescale did not verify ({first_line(exc)}); "
+                                                 "normalized streams kept their width")
+            return result
     result.graphgrow_report = report
     return result
 

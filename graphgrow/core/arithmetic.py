@@ -20,7 +20,30 @@ from .provenance import RowMatch
 
 
 def gather(arr: np.ndarray, axis: int, index: np.ndarray) -> np.ndarray:
+    index = np.asarray(index)
+    if index.size and index.min() < 0:  # a filled channel (-1) reached a site that does not know fills
+        raise ValueError("a channel added by fill + rescale reached a site that cannot take it")
     return np.take(arr, index, axis=axis)
+
+
+def gather_fill(arr: np.ndarray, axis: int, mapping: np.ndarray, kind: str | None, value: float | None = None):
+    """:func:`gather` where ``mapping`` may hold -1 (channels added by fill + rescale): those get ``value``,
+    or 0 ("zero" streams) / the mean of the old entries along ``axis`` ("mean" streams)."""
+    mapping = np.asarray(mapping)
+    fill = mapping < 0
+    if not fill.any():
+        return gather(arr, axis, mapping)
+    out = np.take(arr, np.where(fill, 0, mapping), axis=axis)
+    moved = np.moveaxis(out, axis, 0)
+    if value is not None:
+        moved[fill] = value
+    elif kind == "zero":
+        moved[fill] = 0
+    elif kind == "mean":
+        moved[fill] = np.moveaxis(arr, axis, 0).astype(np.float64).mean(axis=0).astype(arr.dtype)
+    else:
+        raise ValueError(f"unknown fill kind {kind!r}")
+    return np.moveaxis(moved, 0, axis)
 
 
 def _expand(v: np.ndarray, ndim: int, axis: int) -> np.ndarray:
@@ -40,6 +63,18 @@ def consume(
 ) -> np.ndarray:
     """New weight whose input axis ``axis`` reads the widened channels of ``match``."""
     axis = axis % weight.ndim
+    if match.fills is not None:
+        # channels added by fill + rescale: zero columns (they read 0, or a mean the other columns already see)
+        keep = np.flatnonzero(~match.fills)
+        sub = RowMatch(match.content[keep], match.old_of_content, match.copies, match.n_old)
+        part = consume(weight, axis, sub, noise=noise, noise_mode=noise_mode, rng=rng)
+        shape = list(part.shape)
+        shape[axis] = match.n_new
+        out = np.zeros(shape, part.dtype)
+        idx = [slice(None)] * len(shape)
+        idx[axis] = keep
+        out[tuple(idx)] = part
+        return out
     if match.unique_old and noise == 0 and weight.dtype == np.float32:
         # float32 quotients directly: IEEE division is correctly rounded, and rounding the float64
         # quotient to float32 gives the same value (53 >= 2 * 24 + 2 bits: double rounding is innocuous)

@@ -95,7 +95,8 @@ def widen_targets(produced: list, constraints: GrowthConstraints, factor, widths
     return targets
 
 
-def grow(constraints: GrowthConstraints, targets: dict, seed: int, attempt, upstream, progress=None):
+def grow(constraints: GrowthConstraints, targets: dict, seed: int, attempt, upstream, progress=None,
+         fill: bool = True):
     """Plan, try, and freeze what conflicts until the widened graph is consistent.
 
     ``attempt(plan)`` runs the frontend's apply pass and returns its result or
@@ -109,7 +110,7 @@ def grow(constraints: GrowthConstraints, targets: dict, seed: int, attempt, upst
         rounds += 1
         if rounds > MAX_ROUNDS:
             raise UnsupportedModelError(f"no consistent widening found after {MAX_ROUNDS} rounds")
-        plan = solve_plan(constraints, targets, seed=seed)
+        plan = solve_plan(constraints, targets, seed=seed, fill=fill)
         try:
             return plan, attempt(plan), rounds
         except Conflict as c:
@@ -150,3 +151,11 @@ def space_reports(produced: list, plan, targets: dict | None = None) -> list:
         out.append(SpaceReport(sp.name, sp.size, new, list(sp.producers), list(sp.consumers), list(sp.carriers),
                                reasons))
     return out
+
+
+def require_reachable(produced: list, plan, targets: dict) -> None:
+    """``strict``: every space reaches its target, or one sentence names the first that cannot and the rule."""
+    for sp in produced:
+        if plan.new_size(sp) < targets.get(sp.id, sp.size) and sp.id in plan.notes:
+            raise InvalidArgumentError(f"{sp.name!r} cannot grow from {sp.size} to {targets[sp.id]}: "
+                                       f"{plan.notes[sp.id]}")

@@ -19,6 +19,7 @@ import numpy as np
 from . import arithmetic as ar
 from .label_tensor import LabelTensor, match_labels, same_labels
 from .labels import channel_of
+from .fill import filled_slices, match_with_fills, norm_rescale
 from .provenance import Mismatch, match_rows
 
 
@@ -67,17 +68,26 @@ class NormRelations:
         return inside[0] if inside else None
 
     def norm(self, node, name: str, x: LabelTensor, old_x: LabelTensor, axes, params: dict, param_axis: int,
-             groups: int = 1):
+             groups: int = 1, kind: str | None = None, eps: float | None = None):
         """A norm over ``axes`` (non-negative) with per-element parameters ``params`` (their axis
-        ``param_axis`` runs along the channel axis); ``groups``: GroupNorm's groups along that axis.
-        Returns ``(labels, {name: gathered}, match or None)``."""
+        ``param_axis`` runs along the channel axis); ``groups``: GroupNorm's groups along that axis; ``kind``
+        ("rms" or "layer", with its ``eps``): the norm can be rescaled for channels fill + rescale adds.
+        Returns ``(labels, {name: new}, match or None, new eps or None)``."""
         ax = self._norm_axis(x, old_x, axes)
         if ax is None:
-            return self.elementwise(node, x), {}, None
+            return self.elementwise(node, x), {}, None, None
         self.note_roles(x, "carrier", name)
         if self.analysis:
-            self.constraints.uniform(channel_rows(x, ax), self.site(node))
-            return self.elementwise(node, x), {}, None
+            self.constraints.uniform(channel_rows(x, ax), self.site(node), kind if groups == 1 else None)
+            out = self.elementwise(node, x)
+            self.norm_outputs.add(id(out))
+            return out, {}, None, None
+        if self.plan.fills and (fills := self._fill_match(node, old_x, x, ax)) is not None:
+            try:
+                new, new_eps = norm_rescale(fills, params, param_axis, eps, kind, self._stream_fill_kind(x))
+            except Mismatch as exc:
+                raise self.conflict(node, str(exc)) from None
+            return self.elementwise(node, x), new, fills, new_eps
         try:
             m = row_match(old_x, x, ax, "normalized channels")
             if m is not None and groups > 1:
@@ -91,17 +101,40 @@ class NormRelations:
             for key, c in params.items():
                 if c is not None and c.ndim > param_axis and c.shape[param_axis] == m.n_old:
                     new[key] = ar.gather(c, param_axis, m.source())
-        return self.elementwise(node, x), new, m
+        return self.elementwise(node, x), new, m, None
 
-    def uniform_mean(self, node, x: LabelTensor, old_x: LabelTensor, axes, keepdims: bool):
+    def _fill_match(self, node, old_x, x, ax):
+        """The match of a norm's input that holds channels added by fill + rescale, or None."""
+        try:
+            if filled_slices(x, ax, self.plan.fill_start) is None:
+                return None
+            return match_with_fills(old_x, x, ax, "normalized channels", self.plan.fill_start)
+        except Mismatch as exc:
+            raise self.conflict(node, str(exc)) from None
+
+    def uniform_mean(self, node, x: LabelTensor, old_x: LabelTensor, axes, keepdims: bool, kind: str | None = None):
         """A mean over ``axes`` that include one channel axis: unchanged under uniform replication, so its
-        result has no channel structure (a fresh fixed tensor) and must stay as it was."""
+        result has no channel structure (a fresh fixed tensor) and must stay as it was. ``kind`` (what it
+        averages: "mean_x" the stream, "mean_sq" its squares, "mean_centered" its centred squares) lets
+        fill + rescale correct it: over ``d'`` channels the mean of 0-filled terms is ``d / d'`` times the old
+        one, so the frontend multiplies it by ``d' / d`` (:attr:`mean_scales`)."""
         ax = self._norm_axis(x, old_x, axes)
         per_row = [a for a in (x if self.analysis else old_x).vary if a != ax]
         if self.analysis:
-            self.constraints.uniform(channel_rows(x, ax), self.site(node))
+            self.constraints.uniform(channel_rows(x, ax), self.site(node), kind if not per_row else None)
             if not per_row:
                 return self.fixed_outputs(node)
+        elif self.plan.fills and (fills := self._fill_match(node, old_x, x, ax)) is not None:
+            fill_kind = self._stream_fill_kind(x)
+            zero_terms = {"zero": ("mean_x", "mean_sq"), "mean": ("mean_centered",)}[fill_kind]
+            if kind not in zero_terms + (("mean_x",) if fill_kind == "mean" else ()):
+                raise self.conflict(node, f"a mean of {kind or 'unknown terms'} over a stream filled with its "
+                                          f"{fill_kind} cannot be corrected")
+            if not np.array_equal(fills.source()[:fills.n_old], np.arange(fills.n_old)):
+                raise self.conflict(node, "filled channels are not appended after the original ones")
+            if kind in zero_terms:
+                self.mean_scales[self.node_key(node)] = fills.n_new / fills.n_old
+            return self.old_outputs(node)
         else:
             try:
                 row_match(old_x, x, ax, "averaged channels")

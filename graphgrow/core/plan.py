@@ -66,7 +66,9 @@ class GrowthConstraints:
         self.uniform_mask = np.zeros(0, dtype=bool)
         self.uniform_sites: dict = {}  # space id -> the first op that needs it uniform
         self.unit_size: dict = {}  # space id -> channels per unit
-        self.unit_count: dict = {}  # space id -> heads (units tied to one query head class)
+        self.fill_kinds: dict = {}  # space id -> the norm kinds reading it (for fill + rescale)
+        self.no_fill: dict = {}  # space id -> why fill + rescale cannot serve it
+        self.width_links: list = []  # (stream space id, unit space id, ratio): new stream width = ratio x unit width
 
     def _grow(self):
         n = self.table.num_chans
@@ -87,8 +89,10 @@ class GrowthConstraints:
         if e is not None:
             self._split_edges.append(e)
 
-    def uniform(self, rows, site: str) -> None:
-        """Every row (channel ids along a normalized axis) replicates uniformly: its channels are tied."""
+    def uniform(self, rows, site: str, kind: str | None = None) -> None:
+        """Every row (channel ids along a normalized axis) replicates uniformly: its channels are tied.
+        ``kind``: what reads them ("rms", "layer", "mean_x", "mean_sq", "mean_centered"; None: no fill + rescale),
+        which decides whether a non-integer width can be reached by fill + rescale (docs/maths.md §5)."""
         rows = np.asarray(rows, np.int64)
         rows = np.unique(rows.reshape(-1, rows.shape[-1]), axis=0)
         self.tie(rows[:, :1], rows)
@@ -96,6 +100,26 @@ class GrowthConstraints:
         self.uniform_mask[rows.ravel()] = True
         for sp in self.table.spaces_of(rows.ravel()):
             self.uniform_sites.setdefault(sp.id, site)
+            self.fill_kinds.setdefault(sp.id, set()).add(kind)
+            if kind is None:
+                self.no_fill.setdefault(sp.id, f"{site} cannot be rescaled for new channels")
+
+    def forbid_fill(self, chans, reason: str) -> None:
+        for sp in self.table.spaces_of(np.asarray(chans, np.int64).ravel()):
+            self.no_fill.setdefault(sp.id, reason)
+
+    def fill_kind(self, space_ids) -> tuple:
+        """``("zero" | "mean", None)`` for the fill a group of spaces can take, or ``(None, reason)``."""
+        kinds = set()
+        for sid in space_ids:
+            if sid in self.no_fill:
+                return None, self.no_fill[sid]
+            kinds |= self.fill_kinds.get(sid, set())
+        if kinds and kinds <= {"rms", "mean_sq"}:
+            return "zero", None
+        if kinds and kinds <= {"layer", "mean_x", "mean_centered"}:
+            return "mean", None
+        return None, "read both by RMS-type and LayerNorm-type statistics"
 
     def units(self, rows) -> str | None:
         """Cut a space into units (``rows``: units x channels, channel ids of one space, each unit
@@ -168,6 +192,10 @@ class WidenPlan:
     classes: np.ndarray | None = None  # tie class of every channel (None: no ties)
     units: dict = field(default_factory=dict)  # space id -> channels per unit (heads)
     notes: dict = field(default_factory=dict)  # space id -> why it grew less than its target
+    fills: dict = field(default_factory=dict)  # space id -> new channels appended by fill + rescale
+    fill_kind: dict = field(default_factory=dict)  # space id -> "zero" (RMS streams) or "mean" (LayerNorm streams)
+    fill_base: dict = field(default_factory=dict)  # space id -> first label id of its new channels
+    fill_start: int = 1 << 62  # label ids from here on name filled channels (above every space's)
 
     def tied_spaces(self, space) -> list:
         """Other spaces sharing a tie class with ``space``."""
@@ -181,28 +209,37 @@ class WidenPlan:
         return self.counts[space.base : space.base + space.size]
 
     def new_size(self, space) -> int:
-        return int(self.replication_counts(space).sum())
+        return int(self.replication_counts(space).sum()) + self.fills.get(space.id, 0)
 
     def mapping(self, space) -> np.ndarray:
         """g: new index -> old index (each old channel followed by its copies; in a space cut into units,
-        each unit followed by its copies)."""
+        each unit followed by its copies); -1 for the channels fill + rescale appends."""
         u = self.units.get(space.id, 1)
         if u == 1:
-            return np.repeat(np.arange(space.size, dtype=np.int64), self.replication_counts(space))
-        unit_counts = self.replication_counts(space)[::u]
-        starts = np.repeat(np.arange(space.size // u, dtype=np.int64) * u, unit_counts)
-        return (starts[:, None] + np.arange(u)).ravel()
+            g = np.repeat(np.arange(space.size, dtype=np.int64), self.replication_counts(space))
+        else:
+            unit_counts = self.replication_counts(space)[::u]
+            starts = np.repeat(np.arange(space.size // u, dtype=np.int64) * u, unit_counts)
+            g = (starts[:, None] + np.arange(u)).ravel()
+        n_fill = self.fills.get(space.id, 0)
+        return np.concatenate([g, np.full(n_fill, -1, np.int64)]) if n_fill else g
 
     def new_chan_ids(self, space) -> np.ndarray:
-        """Labels of the widened space: each new channel carries its source's id."""
-        return space.base + self.mapping(space)
+        """Labels of the widened space: each new channel carries its source's id; filled channels carry
+        ids of their own, shared by the spaces of one stream (so operands of a residual add still pair)."""
+        g = self.mapping(space)
+        ids = space.base + g
+        if space.id in self.fills:
+            fill = g < 0
+            ids[fill] = self.fill_base[space.id] + np.arange(int(fill.sum()))
+        return ids
 
     @classmethod
     def identity(cls, table: SpaceTable) -> "WidenPlan":
         return cls(table, np.ones(table.num_chans, dtype=np.int64))
 
 
-def solve_plan(constraints: GrowthConstraints, targets: dict, seed: int = 0) -> WidenPlan:
+def solve_plan(constraints: GrowthConstraints, targets: dict, seed: int = 0, fill: bool = True) -> WidenPlan:
     """Assign replication counts so each space reaches (about) its target width.
 
     ``targets`` maps space id -> desired new width.  Extra copies go to old
@@ -220,7 +257,7 @@ def solve_plan(constraints: GrowthConstraints, targets: dict, seed: int = 0) -> 
     np.logical_or.at(class_frozen, cls, constraints.frozen)
     class_uniform = np.zeros(ncls, dtype=bool)
     np.logical_or.at(class_uniform, cls, constraints.uniform_mask[: len(cls)])
-    notes = {}
+    notes, fill_candidates = {}, {}
     space_of = table.space_ids_of(np.arange(table.num_chans))
     # per class: spaces it touches and how many of its channels lie in each
     class_mult: list = [None] * ncls
@@ -256,6 +293,8 @@ def solve_plan(constraints: GrowthConstraints, targets: dict, seed: int = 0) -> 
                 if sid in constraints.uniform_sites and width[sid] == sp.size:
                     notes[sid] = (f"normalized by {constraints.uniform_sites[sid]}: its channels replicate "
                                   "uniformly, by whole integer factors only")
+                    if width[sid] + step > target >= width[sid] + 1 and fill:
+                        fill_candidates.setdefault(k, sid)
                 free_cls = [c for c in free_cls if c != k]
                 n_free = len(free_cls)
                 if n_free == 0:
@@ -267,4 +306,42 @@ def solve_plan(constraints: GrowthConstraints, targets: dict, seed: int = 0) -> 
             counts_cls[k] += 1
             for s2, m in mult(k):
                 width[s2] += m
-    return WidenPlan(table, np.asarray(counts_cls, dtype=np.int64)[cls], cls, dict(constraints.unit_size), notes)
+    plan = WidenPlan(table, np.asarray(counts_cls, dtype=np.int64)[cls], cls, dict(constraints.unit_size), notes)
+    _plan_fills(plan, constraints, targets, fill_candidates, mult, width)
+    return plan
+
+
+def _plan_fills(plan, constraints, targets: dict, candidates: dict, mult, width) -> None:
+    """Fill + rescale (docs/maths.md §5) for the uniform classes that could not reach their target by whole
+    copies: every space of the class gets the same number of new channels (same ids), read as 0 or as the
+    mean of the old channels by the norms, which are rescaled to match."""
+    table = constraints.table
+    links: dict = {}
+    for stream, unit, ratio in constraints.width_links:
+        links.setdefault(stream, []).append((unit, ratio))
+    next_id = plan.fill_start = int(table.num_chans)
+    for k, reason_sid in candidates.items():
+        # (constants broadcast against the stream join its class through one fixed channel: they hold no width)
+        spaces = [(sid, m) for sid, m in mult(k) if table.spaces[sid].kind != "fixed"]
+        sids = [sid for sid, _ in spaces]
+        size = table.spaces[sids[0]].size
+        if any(m != table.spaces[sid].size or table.spaces[sid].size != size or width[sid] != size
+               for sid, m in spaces):
+            continue
+        kind, why = constraints.fill_kind(sids)
+        if kind is None:
+            plan.notes[reason_sid] += f"; no fill + rescale: {why}"
+            continue
+        wanted = {int(targets[sid]) for sid in sids if sid in targets}
+        linked = {int(round(plan.new_size(table.spaces[u]) * ratio)) for sid in sids for u, ratio in links.get(sid, [])}
+        if linked:
+            wanted = linked
+        if len(wanted) != 1 or next(iter(wanted)) <= size:
+            if len(wanted) > 1:
+                plan.notes[reason_sid] += "; no fill + rescale: the spaces it joins ask for different widths"
+            continue
+        n_fill = next(iter(wanted)) - size
+        for sid in sids:
+            plan.fills[sid], plan.fill_kind[sid], plan.fill_base[sid] = n_fill, kind, next_id
+            plan.notes.pop(sid, None)
+        next_id += n_fill

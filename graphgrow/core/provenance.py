@@ -33,6 +33,7 @@ class RowMatch:
     old_of_content: list
     copies: np.ndarray
     n_old: int
+    fills: np.ndarray | None = None  # new slices that fill + rescale appended (no old twin; content unused)
 
     @property
     def n_new(self) -> int:
@@ -45,7 +46,10 @@ class RowMatch:
     def source(self) -> np.ndarray:
         """One old index per new slice (the first holder of its content)."""
         first = np.array([o[0] for o in self.old_of_content], dtype=np.int64)
-        return first[self.content]
+        src = first[self.content]
+        if self.fills is not None:
+            src = np.where(self.fills, -1, src)
+        return src
 
     def is_identity(self) -> bool:
         return self.n_new == self.n_old and np.array_equal(self.source(), np.arange(self.n_old))

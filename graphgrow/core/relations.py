@@ -27,6 +27,7 @@ import numpy as np
 from . import arithmetic as ar
 from . import sites
 from .attention import AttentionRelations
+from .fill import filled_slices, match_with_fills
 from .growth import Conflict
 from .label_tensor import (
     LabelTensor,
@@ -79,14 +80,27 @@ class RelationRun(NormRelations, AttentionRelations, sites.LabelRunState):
         chans = np.unique(np.concatenate(chans)) if chans else np.zeros(0, np.int64)
         return Conflict(node, chans, f"{self.site(node)}: {reason}")
 
-    def match(self, node, old: LabelTensor, new: LabelTensor, axis: int, what: str = "input") -> RowMatch | None:
-        """New rows matched to old along ``axis``; None when the input is unchanged."""
+    def match(self, node, old: LabelTensor, new: LabelTensor, axis: int, what: str = "input",
+              fills_ok: bool = False) -> RowMatch | None:
+        """New rows matched to old along ``axis``; None when the input is unchanged. Channels added by fill +
+        rescale are accepted only where ``fills_ok`` (the site knows what to do with them)."""
         if same_labels(old, new):
             return None
         try:
+            if self.plan.fills:
+                m = match_with_fills(old, new, axis, what, self.plan.fill_start)
+                if m.fills is not None and not fills_ok:
+                    raise Mismatch("channels added by fill + rescale reach it, and it cannot take them")
+                return m
             return match_labels(old, new, axis, what)
         except Mismatch as exc:
             raise self.conflict(node, str(exc)) from None
+
+    def fill_kind_of(self, node, suffix: str | None = None) -> str | None:
+        """How the channels fill + rescale adds to the node's output space are filled ("zero"/"mean")."""
+        key = self.node_key(node) if suffix is None else (self.node_key(node), suffix)
+        sp = self.node_space.get(key)
+        return None if sp is None or self.plan is None else self.plan.fill_kind.get(sp.id)
 
     def require_unchanged(self, node) -> None:
         for old, new in self.input_pairs(node):
@@ -140,12 +154,13 @@ class RelationRun(NormRelations, AttentionRelations, sites.LabelRunState):
             raise NotUnderstood("its input channels are not on axis 1, or one channel id holds different contents")
         return LabelTensor.channels((shape[0], x.shape[1]) + tuple(shape[2:]), 1, seq, self.salt(node))
 
-    def reduce(self, node, x: LabelTensor, old_x: LabelTensor, axes, keepdims: bool, mean: bool = False):
+    def reduce(self, node, x: LabelTensor, old_x: LabelTensor, axes, keepdims: bool, mean: bool = False,
+               mean_kind: str | None = None):
         """A reduction over ``axes`` (non-negative): per channel when no channel axis is reduced; a mean
         over one channel axis is unchanged by uniform replication (:meth:`uniform_mean`)."""
         if self.mixes(x, old_x, axes):
             if mean:
-                return self.uniform_mean(node, x, old_x, axes, keepdims)
+                return self.uniform_mean(node, x, old_x, axes, keepdims, mean_kind)
             return self.mix(node, x, "reduces over the channel axis")
         f = x.factors()
         if f is not None and not set(axes) & set(f[0]):  # only position axes go: the part stays
@@ -168,6 +183,11 @@ class RelationRun(NormRelations, AttentionRelations, sites.LabelRunState):
         same original channels (apply)."""
         old_full, new_full = operands[full]
         if self.analysis:
+            if any(id(v) in self.norm_outputs for _, v in operands):
+                # post-norm: a norm's output is the stream itself, it cannot carry filled channels
+                for _, v in operands:
+                    self.constraints.forbid_fill(v.chans, f"{self.site(node)} adds a norm's output to the stream "
+                                                          "(post-norm): only integer factors are exact")
             for k, (_, v) in enumerate(operands):
                 if k == full:
                     continue
@@ -181,6 +201,8 @@ class RelationRun(NormRelations, AttentionRelations, sites.LabelRunState):
                     ca, cb = sites.unify_pairs(new_full.a, v.a)
                 self.constraints.tie(ca, cb)
         else:
+            result = new_full
+            operands, old_full, new_full = self._drop_fills(node, operands, full)
             for k, (ob, nb) in enumerate(operands):
                 if k == full:
                     continue
@@ -195,7 +217,39 @@ class RelationRun(NormRelations, AttentionRelations, sites.LabelRunState):
                     sites.check_aligned(old_full.a, ob.a, new_full.a, nb.a, old_full.a)
                 except Mismatch as exc:
                     raise self.conflict(node, f"its operands no longer align channel by channel ({exc})") from None
+            new_full = result
         return self.elementwise(node, new_full)
+
+    def _drop_fills(self, node, operands: list, full: int):
+        """Operands of an elementwise op whose filled channels (fill + rescale) pair up exactly: the same fill
+        ids at the same places in every operand that has the channel axis. Returns the operands without those
+        slices (for the usual check) and the full operand's pair."""
+        old_full, new_full = operands[full]
+        if not self.plan.fills:
+            return operands, old_full, new_full
+        va = [a for a in range(new_full.ndim) if new_full.shape[a] != old_full.shape[a]]
+        if len(va) != 1:
+            return operands, old_full, new_full
+        ax = va[0]
+        try:
+            mask = filled_slices(new_full, ax, self.plan.fill_start)
+        except Mismatch as exc:
+            raise self.conflict(node, str(exc)) from None
+        if mask is None:
+            return operands, old_full, new_full
+        keep = np.flatnonzero(~mask)
+        ids = np.moveaxis(channel_of(new_full.a), ax, 0)[mask]
+        out = []
+        for ob, nb in operands:
+            a = ax - (new_full.ndim - nb.ndim)  # (operands broadcast from the right)
+            if a >= 0 and nb.shape[a] == new_full.shape[ax]:
+                other = np.moveaxis(channel_of(nb.a), a, 0)[mask]
+                lead = ids.shape[:1] + (1,) * (ids.ndim - other.ndim) + other.shape[1:]
+                if not np.array_equal(np.broadcast_to(other.reshape(lead), ids.shape), ids):
+                    raise self.conflict(node, "its operands' channels added by fill + rescale do not pair")
+                nb = LabelTensor(np.take(nb.a, keep, axis=a))
+            out.append((ob, nb))
+        return out, out[full][0], out[full][1]
 
     def fixed_operand(self, node, x: LabelTensor, old_x: LabelTensor, c_shape) -> LabelTensor:
         """``x`` combined elementwise with a tensor without channel structure (rotary cos/sin tables) that
@@ -225,11 +279,12 @@ class RelationRun(NormRelations, AttentionRelations, sites.LabelRunState):
         space = self.out_space(node, name, n_out, suffix)
         if self.analysis:
             return LabelTensor.channels(shape, out_axis, space.chan_ids, self.salt(node)), None, None
-        match = self.match(node, old_x, x, in_axis)
+        match = self.match(node, old_x, x, in_axis, fills_ok=True)
         mapping = self.plan.mapping(space)
         new_w = None
         if match is not None or len(mapping) != n_out:
-            new_w = sites.produce_weights(weight, w_in, w_out, match, mapping, self.options, self.rng)
+            new_w = sites.produce_weights(weight, w_in, w_out, match, mapping, self.options, self.rng,
+                                          self.plan.fill_kind.get(space.id))
         out_shape = list(shape)
         out_shape[out_axis] = len(mapping)
         return LabelTensor.channels(out_shape, out_axis, self.plan.new_chan_ids(space), self.salt(node)), new_w, mapping
@@ -294,10 +349,10 @@ class RelationRun(NormRelations, AttentionRelations, sites.LabelRunState):
         return LabelTensor.channels(out_shape, 1, self.plan.new_chan_ids(space), self.salt(node)), new_w, mapping
 
     def per_channel_constant(self, node, name: str, x: LabelTensor, old_x: LabelTensor, c: np.ndarray,
-                             computed: bool = False):
+                             computed: bool = False, combine: str | None = None):
         """An activation combined elementwise with a constant ``c``: scalar-like, or one value per channel
         along one channel axis (gathered; ``computed``: ``c`` is computed in the graph, so it cannot be
-        rewritten). Returns ``(labels, new constant or None)``."""
+        rewritten; ``combine``: "add" or "mul", how it meets ``x``). Returns ``(labels, new constant or None)``."""
         ref = x if self.analysis else old_x
         try:
             out_shape = np.broadcast_shapes(ref.shape, c.shape)
@@ -318,16 +373,29 @@ class RelationRun(NormRelations, AttentionRelations, sites.LabelRunState):
         self.note_roles(x, "carrier", name)
         new = None
         if not self.analysis:
-            match = self.match(node, old_x, x, ax)
+            # channels added by fill + rescale: an added constant gets the stream's fill value (0 or the mean), a
+            # multiplied one 1 (exact on normalized channels, which are 0 there; the numeric check sees the rest)
+            match = self.match(node, old_x, x, ax, fills_ok=combine in ("add", "mul"))
             if match is not None:
                 if not match.unique_old:
                     raise self.conflict(node, "per-channel constant on duplicated channels")
-                gathered = ar.gather(c.reshape(cb), ax, match.source())
+                gathered = ar.gather_fill(c.reshape(cb), ax, match.source(), self._stream_fill_kind(x),
+                                          1.0 if combine == "mul" else None)
                 lead = x.ndim - c.ndim
                 shape = list(c.shape)
                 shape[ax - lead] = match.n_new
                 new = gathered.reshape(shape)
         return self.elementwise(node, x), new
+
+    def _stream_fill_kind(self, x: LabelTensor) -> str | None:
+        """The fill kind of the stream whose filled channels ``x`` carries (None without fills)."""
+        if not self.plan or not self.plan.fills or not len(x.chans) or int(x.chans.max()) < self.plan.fill_start:
+            return None
+        fill_id = int(x.chans[x.chans >= self.plan.fill_start][0])
+        for sid, base in self.plan.fill_base.items():
+            if base <= fill_id < base + self.plan.fills[sid]:
+                return self.plan.fill_kind[sid]
+        return None
 
     # ------------------------------------------------------------ moves
     def reshape_ties(self, x: LabelTensor, out: LabelTensor) -> None:
@@ -363,12 +431,19 @@ class RelationRun(NormRelations, AttentionRelations, sites.LabelRunState):
             for s in seqs[1:]:
                 self.constraints.tie(seqs[0], s)
             return LabelTensor.channels(shape, c, seqs[canon], self.salt(node))
-        srcs = [self.axis_source(node, o, n, c) for o, n in zip(old_pieces, pieces)]
-        if any(not np.array_equal(srcs[0], s) for s in srcs[1:]):
+        try:
+            srcs = [match_with_fills(o, n, c, "concatenated piece", self.plan.fill_start).source()
+                    for o, n in zip(old_pieces, pieces)]
+        except Mismatch as exc:
+            raise self.conflict(node, str(exc)) from None
+        new_seqs = [label_channel_ids(p, c) for p in pieces]
+        fill = srcs[0] < 0
+        if any(s is None or not np.array_equal(srcs[0], t) or not np.array_equal(s[fill], new_seqs[0][fill])
+               for s, t in zip(new_seqs, srcs)):
             raise self.conflict(node, "the concatenated pieces no longer pair their channels")
         shape[c] = len(srcs[0])
         shape[axis] = sum(p.shape[axis] for p in pieces)
-        return LabelTensor.channels(shape, c, seqs[canon][srcs[0]], self.salt(node))
+        return LabelTensor.channels(shape, c, new_seqs[canon], self.salt(node))
 
     def axis_source(self, node, old: LabelTensor, new: LabelTensor, axis: int) -> np.ndarray:
         """The old index of every new slice along ``axis`` of a moved input."""

@@ -45,6 +45,8 @@ class LabelRunState:
             self.old = analysis.env  # labels of the original configuration
             self.node_space, self.fixed_space = analysis.node_space, analysis.fixed_space
             self.opaque_nodes = analysis.opaque_nodes  # an op opaque in the analysis stays opaque
+        self.norm_outputs: set = set()  # ids of norm results (analysis: a residual add of one is post-norm)
+        self.mean_scales: dict = {}  # node key -> factor a mean over filled channels is multiplied by
         self.options = options or GrowOptions()
         self.rng = np.random.default_rng(self.options.seed + 7919)
         self.env: dict = {}
@@ -102,8 +104,9 @@ def block_ties(chan: np.ndarray, va: list) -> list:
 
 
 def produce_weights(weight: np.ndarray, w_in: int, w_out: int, match: RowMatch | None, mapping: np.ndarray,
-                    options: GrowOptions, rng) -> np.ndarray:
-    """A producer's new weight: input columns consumed by ``match``, output units gathered by ``mapping``."""
+                    options: GrowOptions, rng, fill_kind: str | None = None) -> np.ndarray:
+    """A producer's new weight: input columns consumed by ``match``, output units gathered by ``mapping``
+    (units added by fill + rescale: 0 or the mean of the old units, per ``fill_kind``)."""
     w = weight
     if match is not None:
         if options.init == "random-pad":
@@ -111,7 +114,7 @@ def produce_weights(weight: np.ndarray, w_in: int, w_out: int, match: RowMatch |
         else:
             w = ar.consume(w, w_in, match, noise=options.noise, noise_mode=options.noise_mode, rng=rng)
     if len(mapping) != weight.shape[w_out]:  # (an unchanged output space keeps its order: no copy)
-        w = ar.gather(w, w_out, mapping)
+        w = ar.gather_fill(w, w_out, mapping, fill_kind)
     if options.init == "random-pad" and len(mapping) != weight.shape[w_out]:
         w = ar.random_pad_rows(w, w_out, mapping, rng)
     return w

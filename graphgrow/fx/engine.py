@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import operator
 
 import numpy as np
 import torch
@@ -55,7 +56,7 @@ class FxAnalysis:
         self.produced = self.table.produced()
 
 
-def plan_and_apply(an: FxAnalysis, targets: dict, options: GrowOptions, seed: int, progress=None):
+def plan_and_apply(an: FxAnalysis, targets: dict, options: GrowOptions, seed: int, progress=None, fill: bool = True):
     def attempt(plan):
         run = FxLabelRun(an.gm, an.meta, plan=plan, analysis=an.run, options=options)
         return run.run(an.inputs)
@@ -66,7 +67,7 @@ def plan_and_apply(an: FxAnalysis, targets: dict, options: GrowOptions, seed: in
 
         return free_upstream(list(conflict.node.all_input_nodes), lambda n: n.all_input_nodes, labels_of, frozen)
 
-    return grow(an.constraints, targets, seed, attempt, upstream, progress)
+    return grow(an.constraints, targets, seed, attempt, upstream, progress, fill=fill)
 
 
 def _new_tensor(old: torch.Tensor, value: np.ndarray) -> torch.Tensor:
@@ -91,7 +92,7 @@ def rebuild(an: FxAnalysis, run: FxLabelRun) -> nn.Module:
         for a, v in upd.attrs.items():
             if hasattr(mod, a):
                 setattr(mod, a, v)
-    if not run.arg_updates:
+    if not run.arg_updates and not run.mean_scales:
         return new_model
     graph = copy.deepcopy(an.gm.graph, {})
     by_name = {n.name: n for n in graph.nodes}
@@ -99,6 +100,12 @@ def rebuild(an: FxAnalysis, run: FxLabelRun) -> nn.Module:
         target = by_name[node.name]
         target.args = fx.node.map_arg(args, lambda n: by_name[n.name])
         target.kwargs = fx.node.map_arg(kwargs, lambda n: by_name[n.name])
+    for node, scale in run.mean_scales.items():
+        # a mean over a stream that fill + rescale widened: back to the mean over the original channels
+        mean = by_name[node.name]
+        with graph.inserting_after(mean):
+            scaled = graph.call_function(operator.mul, (mean, float(scale)))
+        mean.replace_all_uses_with(scaled, delete_user_cb=lambda user: user is not scaled)
     gm = fx.GraphModule(new_model, graph, type(an.model).__name__ + "Widened")
     return gm
 

@@ -30,7 +30,7 @@ from . import ops
 from .moves import MoveReplay, label_leaves
 from .ops import describe, qualified_name
 from .shapes import TensorMeta
-from .transformer import MATMUL_FUNCS, RMS_NORM_MODULES, SDPA_FUNCS, FxTransformerOps
+from .transformer import MATMUL_FUNCS, RMS_NORM_MODULES, SDPA_FUNCS, FxTransformerOps, mean_terms
 
 
 @dataclass
@@ -335,7 +335,8 @@ class FxLabelRun(FxTransformerOps, MoveReplay, RelationRun):
         dims = [d % x.ndim for d in ([dims] if isinstance(dims, int) else dims)]
         keep = kwargs.get("keepdim", args[2] if len(args) > 2 else False)
         mean = node.target in (torch.mean, "mean")
-        return self.reduce(node, x, self._old(node.args[0]), dims, bool(keep), mean=mean)
+        return self.reduce(node, x, self._old(node.args[0]), dims, bool(keep), mean=mean,
+                           mean_kind=mean_terms(node) if mean else None)
 
     def _softmax(self, node, x: LabelTensor, args, kwargs):
         dim = args[0] if args else kwargs.get("dim")
@@ -427,7 +428,7 @@ class FxLabelRun(FxTransformerOps, MoveReplay, RelationRun):
             upd = self._update(node.target)
             upd.tensors["weight"] = w
             if getattr(mod, "bias", None) is not None:
-                upd.tensors["bias"] = ar.gather(_param(mod.bias), 0, mapping)
+                upd.tensors["bias"] = ar.gather_fill(_param(mod.bias), 0, mapping, self.fill_kind_of(node))
             n_in, n_out = x.shape[in_axis], len(mapping)
             if isinstance(mod, nn.Linear):
                 upd.attrs.update(in_features=n_in, out_features=n_out)

@@ -35,6 +35,43 @@ def _arg(node_args, args, kwargs, i, name, default=None):
     return kwargs.get(name, default)
 
 
+_PASS_METHODS = ("to", "float", "double", "type_as", "contiguous")
+
+
+def _skip_casts(n):
+    while isinstance(n, fx.Node) and n.op == "call_method" and n.target in _PASS_METHODS:
+        n = n.args[0]
+    return n
+
+
+def _square_of(n):
+    """``a`` when ``n`` computes ``a ** 2`` (pow, square, a * a), else None."""
+    n = _skip_casts(n)
+    if not isinstance(n, fx.Node):
+        return None
+    if n.target in ("pow", torch.pow, operator.pow) and len(n.args) > 1 and n.args[1] == 2:
+        return n.args[0]
+    if n.target in ("square", torch.square):
+        return n.args[0]
+    if n.target in (operator.mul, torch.mul, "mul") and len(n.args) > 1 and n.args[0] is n.args[1]:
+        return n.args[0]
+    return None
+
+
+def mean_terms(node) -> str:
+    """What a mean averages, for fill + rescale: "mean_sq" (squares: RMSNorm written out), "mean_centered"
+    (squares of x minus its mean: LayerNorm's variance written out) or "mean_x"."""
+    a = _square_of(node.args[0])
+    if a is None:
+        return "mean_x"
+    a = _skip_casts(a)
+    if isinstance(a, fx.Node) and a.target in (operator.sub, torch.sub, "sub") and len(a.args) > 1:
+        m = _skip_casts(a.args[1])
+        if isinstance(m, fx.Node) and m.target in (torch.mean, "mean") and _skip_casts(m.args[0]) is _skip_casts(a.args[0]):
+            return "mean_centered"
+    return "mean_sq"
+
+
 class FxTransformerOps:
     """Mixin of :class:`~graphgrow.fx.labeling.FxLabelRun`."""
 
@@ -54,10 +91,15 @@ class FxTransformerOps:
             pax = ax - (x.ndim - len(mod.normalized_shape))
         params = {} if self.analysis else {n: _np(t) for n in names
                                            if isinstance(t := getattr(mod, n, None), torch.Tensor)}
-        out, new, match = self.norm(node, node.target, x, old_x, axes, params, pax or 0, groups)
+        kind = None if isinstance(mod, nn.GroupNorm) else "rms" if isinstance(mod, RMS_NORM_MODULES) else "layer"
+        eps = getattr(mod, "eps", None)
+        out, new, match, new_eps = self.norm(node, node.target, x, old_x, axes, params, pax or 0, groups,
+                                             kind if eps is not None else None, eps)
         if match is not None:
             upd = self._update(node.target)
             upd.tensors.update(new)
+            if new_eps is not None:
+                upd.attrs["eps"] = new_eps
             if isinstance(mod, nn.GroupNorm):
                 upd.attrs["num_channels"] = match.n_new
             else:
@@ -98,22 +140,32 @@ class FxTransformerOps:
                 raise NotUnderstood("its parameters are not module attributes used only here")
             owners[name] = a.target
         params = {} if self.analysis else {t: _np(operator.attrgetter(t)(self.gm)) for t in owners.values()}
-        out, new, match = self.norm(node, node.name, x, old_x, axes, params, pax, groups)
+        eps_pos = {F.layer_norm: 4, F.group_norm: 4}.get(target, 3)
+        eps = node.args[eps_pos] if len(node.args) > eps_pos else node.kwargs.get("eps")
+        kind = None if target is F.group_norm or not isinstance(eps, float) else \
+            "layer" if target is F.layer_norm else "rms"
+        out, new, match, new_eps = self.norm(node, node.name, x, old_x, axes, params, pax, groups, kind, eps)
         if match is None:
             return out
         for target_name, arr in new.items():
             owner, _, attr = target_name.rpartition(".")
             self._update(owner).tensors[attr] = arr
+        graph_args, graph_kwargs = list(node.args), dict(node.kwargs)
         if shape_pos is not None:
             raw = node.args[shape_pos] if len(node.args) > shape_pos else node.kwargs["normalized_shape"]
             new_shape = [raw] if isinstance(raw, int) else list(raw)
             new_shape[pax] = match.n_new
-            graph_args = list(node.args)
+            value = tuple(new_shape) if not isinstance(raw, int) else match.n_new
             if len(graph_args) > shape_pos:
-                graph_args[shape_pos] = tuple(new_shape) if not isinstance(raw, int) else match.n_new
-                self.arg_updates[node] = (tuple(graph_args), node.kwargs)
+                graph_args[shape_pos] = value
             else:
-                self.arg_updates[node] = (node.args, {**node.kwargs, "normalized_shape": tuple(new_shape)})
+                graph_kwargs["normalized_shape"] = value
+        if new_eps is not None:
+            if len(graph_args) > eps_pos:
+                graph_args[eps_pos] = new_eps
+            else:
+                graph_kwargs["eps"] = new_eps
+        self.arg_updates[node] = (tuple(graph_args), graph_kwargs)
         return out
 
     # ------------------------------------------------------------ attention
@@ -186,6 +238,9 @@ class FxTransformerOps:
                                                      f"({x.shape[-1]})")
         else:
             self.old_parts[node] = part
+            in_space = self.node_space[(node, "in_proj")]
+            for sp in self.table.spaces_of(x.chans):  # its heads are exactly as wide as its input
+                self.constraints.width_links.append((sp.id, in_space.id, 1 / 3))
         att = self.attention(node, f"{node.target}.heads", q, k, v, *olds,
                              out_shape=[batch, mod.num_heads, seq, hd])
         heads_part = att.factors()[1].reshape(-1)
@@ -210,7 +265,8 @@ class FxTransformerOps:
             upd = self._update(f"{node.target}.out_proj")
             upd.tensors["weight"] = w_out
             if mod.out_proj.bias is not None:
-                upd.tensors["bias"] = ar.gather(_np(mod.out_proj.bias), 0, map_out)
+                upd.tensors["bias"] = ar.gather_fill(_np(mod.out_proj.bias), 0, map_out,
+                                                     self.fill_kind_of(node, "out_proj"))
             upd.attrs.update(in_features=len(heads_part), out_features=len(map_out))
         second = self.fixed_labels(node, "weights", (batch, seq, seq), self.salt(node)) if need_weights else None
         return (out, second)
@@ -243,14 +299,20 @@ class FxTransformerOps:
         shape[ax] = len(mapping)
         if len(mapping) != real.shape[ax]:
             owner, _, attr = node.target.rpartition(".")
-            self._update(owner).tensors[attr] = ar.gather(_np(real), ax, mapping)
+            # a gain (multiplied in) of a filled channel: 1, which keeps the new channel trainable
+            gain = all(u.target in (operator.mul, torch.mul, "mul") for u in node.users)
+            self._update(owner).tensors[attr] = ar.gather_fill(_np(real), ax, mapping, self.plan.fill_kind.get(space.id),
+                                                               1.0 if gain else None)
         return LabelTensor.channels(tuple(shape), ax, self.plan.new_chan_ids(space), self.salt(node))
 
     def _param_operand(self, node, x: LabelTensor, param_node, x_node):
         """``x`` combined elementwise with a parameter of several long axes read only here (a position
         embedding): its values along x's channel axis are gathered."""
         real = operator.attrgetter(param_node.target)(self.gm)
-        out, new = self.per_channel_constant(node, param_node.target, x, self._old(x_node), _np(real))
+        combine = "add" if node.target in (operator.add, operator.sub, torch.add, torch.sub, "add", "sub") else \
+            "mul" if node.target in (operator.mul, operator.truediv, torch.mul, torch.div, "mul", "div") else None
+        out, new = self.per_channel_constant(node, param_node.target, x, self._old(x_node), _np(real),
+                                             combine=combine)
         if new is not None:
             owner, _, attr = param_node.target.rpartition(".")
             self._update(owner).tensors[attr] = new
@@ -268,7 +330,7 @@ class FxTransformerOps:
         shape = list(self._shape(node))
         if self.analysis:
             return LabelTensor.channels(shape, -1, space.chan_ids, self.salt(node))
-        match = self.match(node, old_x, x, -1)
+        match = self.match(node, old_x, x, -1, fills_ok=True)
         if len(self.plan.mapping(space)) != n_out:
             raise self.conflict(node, "a tied output head keeps its output width")
         labels = LabelTensor.channels(shape, -1, space.chan_ids, self.salt(node))
@@ -277,7 +339,7 @@ class FxTransformerOps:
         copies = set(match.copies.tolist())
         if not match.unique_old or len(copies) != 1:
             raise self.conflict(node, "an output head tied to the embedding reads only uniformly copied channels")
-        gathered = ar.gather(_np(mod.weight), 1, match.source())
+        gathered = ar.gather_fill(_np(mod.weight), 1, match.source(), self._stream_fill_kind(x))
         emb_new = self.updates.get(emb)
         if emb_new is None or not np.array_equal(emb_new.tensors.get("weight"), gathered):
             raise self.conflict(node, f"the output head and the embedding {emb!r} it is tied to would need different "

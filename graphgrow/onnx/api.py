@@ -169,11 +169,11 @@ def _coupled_groups(an) -> list:
 def widen(model_or_path, factor: float | None = 1.41, *, widths=None, only=None, exclude=None, divisor: int = 1,
           init: str = "net2net", noise: float = 0.0, noise_mode: str = "exact", seed: int = 0, shapes=None,
           check: bool = True, atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RTOL, batches: int = DEFAULT_BATCHES,
-          providers=None, progress=None) -> WidenResult:
+          providers=None, progress=None, fill: bool = True, strict: bool = False) -> WidenResult:
     """Net2WiderNet on an ONNX model: a wider model computing the same function.
 
     ``factor``, ``widths`` (``{producer node name: width}``), ``only`` / ``exclude`` (regexes over producer node
-    names), ``divisor``, ``init``, ``noise`` and ``noise_mode`` mean what they mean for
+    names), ``divisor``, ``init``, ``noise``, ``noise_mode``, ``fill`` and ``strict`` mean what they mean for
     :func:`graphgrow.widen`.  ``shapes``: ``{input name: shape}`` for dynamic dimensions (default 1).  With
     ``check`` the result is compared with the input in onnxruntime on ``batches`` random batches (``providers``:
     None/``"cpu"``, ``"cuda"`` or onnxruntime provider names) and a difference beyond ``atol``/``rtol`` raises
@@ -187,7 +187,7 @@ def widen(model_or_path, factor: float | None = 1.41, *, widths=None, only=None,
     out, report, data = widen_model_serialized(
         model, factor, widths=widths, only=only, exclude=exclude, divisor=divisor, init=init, noise=noise,
         noise_mode=noise_mode, seed=seed, shapes=shapes, check=check, atol=atol, rtol=rtol, batches=batches,
-        providers=providers, progress=say, reference=reference)
+        providers=providers, progress=say, reference=reference, fill=fill, strict=strict)
     return _extended(WidenResult, report, model=out, source=path, serialized=data)
 
 

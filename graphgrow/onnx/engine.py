@@ -15,7 +15,7 @@ import onnx
 from onnx import numpy_helper
 
 from ..compare import DEFAULT_ATOL, DEFAULT_RTOL, OutputAccumulator, make_session, random_feeds
-from ..core.growth import check_factor, check_options, grow, space_reports, widen_targets
+from ..core.growth import check_factor, check_options, grow, require_reachable, space_reports, widen_targets
 from ..core.labels import LabelOverflow
 from ..core.plan import WidenPlan
 from ..core.report import GrowthReport
@@ -331,17 +331,43 @@ def rebuild(model: onnx.ModelProto, run: OnnxLabelRun) -> onnx.ModelProto:
                 g.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
     for idx, attrs in run.updates.attributes.items():
         node = g.node[idx]
-        for at in node.attribute:
-            if at.name in attrs:
-                v = attrs[at.name]
-                if isinstance(v, (list, tuple)):
-                    del at.ints[:]
-                    at.ints.extend(int(x) for x in v)
-                else:
-                    at.i = int(v)
+        for name, v in attrs.items():
+            at = next((a for a in node.attribute if a.name == name), None)
+            if at is None:
+                node.attribute.append(onnx.helper.make_attribute(name, v))
+            elif isinstance(v, (list, tuple)):
+                del at.ints[:]
+                at.ints.extend(int(x) for x in v)
+            elif isinstance(v, float):
+                at.f = v
+            else:
+                at.i = int(v)
+    if run.mean_scales:
+        _scale_means(model, g, run.mean_scales)
     # shapes recorded for the original no longer hold (onnx.shape_inference can add them back)
     del g.value_info[:]
     return new
+
+
+def _scale_means(model: onnx.ModelProto, g, scales: dict) -> None:
+    """Multiply the outputs of the ReduceMean nodes ``scales`` names (node index -> factor): a mean over a stream
+    fill + rescale widened, back to the mean over the original channels (docs/maths.md §5)."""
+    types = {v.name: v.type.tensor_type.elem_type
+             for v in onnx.shape_inference.infer_shapes(light_model(model)).graph.value_info}
+    nodes = list(g.node)
+    out = []
+    for idx, node in enumerate(nodes):
+        out.append(node)
+        if idx not in scales:
+            continue
+        name = node.output[0]
+        node.output[0] = f"{name}__graphgrow_unscaled"
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(types.get(name, onnx.TensorProto.FLOAT))
+        const = f"{name}__graphgrow_scale"
+        g.initializer.append(numpy_helper.from_array(np.asarray(scales[idx], dtype=dtype), const))
+        out.append(onnx.helper.make_node("Mul", [node.output[0], const], [name], name=f"{node.name}__graphgrow_scale"))
+    del g.node[:]
+    g.node.extend(out)
 
 
 class ReferenceRun:
@@ -443,12 +469,12 @@ def count_params(model) -> int:
 def widen_model(model: onnx.ModelProto, factor: float | None = 1.41, *, widths=None, only=None, exclude=None,
                 divisor: int = 1, init: str = "net2net", noise: float = 0.0, noise_mode: str = "exact", seed: int = 0,
                 shapes: dict | None = None, check: bool = True, atol=DEFAULT_ATOL, rtol=DEFAULT_RTOL, batches=3,
-                providers=None, progress=None):
+                providers=None, progress=None, fill: bool = True, strict: bool = False):
     """Net2WiderNet on an ONNX model; returns ``(widened ModelProto, GrowthReport)``."""
     out, report, _ = widen_model_serialized(
         model, factor, widths=widths, only=only, exclude=exclude, divisor=divisor, init=init, noise=noise,
         noise_mode=noise_mode, seed=seed, shapes=shapes, check=check, atol=atol, rtol=rtol, batches=batches,
-        providers=providers, progress=progress)
+        providers=providers, progress=progress, fill=fill, strict=strict)
     return out, report
 
 
@@ -456,7 +482,7 @@ def widen_model_serialized(model: onnx.ModelProto, factor: float | None = 1.41, 
                            exclude=None, divisor: int = 1, init: str = "net2net", noise: float = 0.0,
                            noise_mode: str = "exact", seed: int = 0, shapes: dict | None = None, check: bool = True,
                            atol=DEFAULT_ATOL, rtol=DEFAULT_RTOL, batches=3, providers=None, progress=None,
-                           reference=None):
+                           reference=None, fill: bool = True, strict: bool = False):
     """:func:`widen_model`, also returning the widened model serialized (the bytes onnxruntime
     verified; None for models over 2 GB), so that a caller writing it to a file does not serialize
     it again.
@@ -478,7 +504,11 @@ def widen_model_serialized(model: onnx.ModelProto, factor: float | None = 1.41, 
         reference_run = ReferenceRun(ref, an.specs, batches=batches, seed=seed, providers=providers, feeds=an.feeds)
     try:
         say("planning and rewriting ...")
-        plan, run, rounds = grow(an.constraints, targets, seed, lambda p: an.attempt(p, options), an.upstream, say)
+        fill = bool(fill) and init == "net2net"
+        plan, run, rounds = grow(an.constraints, targets, seed, lambda p: an.attempt(p, options), an.upstream, say,
+                                 fill=fill)
+        if strict:
+            require_reachable(an.produced, plan, targets)
         out = rebuild(an.model, run)
         report = GrowthReport(space_reports(an.produced, plan, targets), params_before=count_params(an.model),
                               params_after=count_params(out), function_preserving=preserving, rounds=rounds)
@@ -495,7 +525,7 @@ def widen_model_serialized(model: onnx.ModelProto, factor: float | None = 1.41, 
 
             out64, _ = widen_model(to_float64(an.model), factor, widths=widths, only=only, exclude=exclude,
                                    divisor=divisor, init=init, noise=noise, noise_mode=noise_mode, seed=seed,
-                                   shapes=shapes, check=False)
+                                   shapes=shapes, check=False, fill=fill)
             problem = rounding_of(out, out64)
             if problem:
                 raise VerificationError(f"the float64 widening is not the float32 one up to rounding: {problem}")
@@ -504,7 +534,18 @@ def widen_model_serialized(model: onnx.ModelProto, factor: float | None = 1.41, 
         rep = verify(None, out if data is None else data, an.specs, atol=atol, rtol=rtol, providers=providers,
                      reference_run=reference_run, candidate64=widen64)
         report.check = rep
-        require_equivalent(rep, "widened", report)
+        try:
+            require_equivalent(rep, "widened", report)
+        except VerificationError as exc:
+            if not plan.fills:
+                raise
+            # fill + rescale assumed what the new channels hold; where the numbers disagree, keep those streams
+            out, report, data = widen_model_serialized(
+                model, factor, widths=widths, only=only, exclude=exclude, divisor=divisor, init=init, noise=noise,
+                noise_mode=noise_mode, seed=seed, shapes=shapes, check=check, atol=atol, rtol=rtol, batches=batches,
+                providers=providers, progress=progress, reference=reference, fill=False, strict=strict)
+            report.notes.append(f"fill + rescale did not verify ({first_line(exc)}); normalized streams kept "
+                                "their width")
     return out, report, data
 
 

@@ -370,7 +370,9 @@ class OnnxLabelRun(MoveReplay, RelationRun):
         try:
             out, new = self.per_channel_constant((idx, node), node_label(node, idx), x,
                                                  self._old_input(node, xk, x), c,
-                                                 computed=not self._weight_ok(idx, node, [ck]))
+                                                 computed=not self._weight_ok(idx, node, [ck]),
+                                                 combine={"Add": "add", "Sub": "add", "Mul": "mul",
+                                                          "Div": "mul"}.get(node.op_type))
         except NotUnderstood as exc:
             return self._opaque(idx, node, str(exc))
         if new is not None:
@@ -395,10 +397,14 @@ class OnnxLabelRun(MoveReplay, RelationRun):
         axes = list(range(axis, x.ndim))
         ax = self._norm_axis(x, self._old_input(node, 0, x), axes)
         params = {} if self.analysis else {k: self._const(node, k) for k in ks}
-        out, new, match = self.norm((idx, node), node_label(node, idx), x, self._old_input(node, 0, x), axes, params,
-                                    (ax - axis) if ax is not None else 0)
+        kind = "layer" if node.op_type == "LayerNormalization" else "rms"
+        eps = float(a.get("epsilon", 1e-5))
+        out, new, match, new_eps = self.norm((idx, node), node_label(node, idx), x, self._old_input(node, 0, x), axes,
+                                             params, (ax - axis) if ax is not None else 0, kind=kind, eps=eps)
         for k, arr in new.items():
             self._set_const(idx, k, arr)
+        if new_eps is not None:
+            self.updates.attributes.setdefault(idx, {})["epsilon"] = float(new_eps)
         return [out] + [None] * (len(node.output) - 1)
 
     def _embedding(self, idx, node, ids: LabelTensor, table: np.ndarray):
@@ -442,7 +448,7 @@ class OnnxLabelRun(MoveReplay, RelationRun):
         labels = LabelTensor.channels(shape, -1, space.chan_ids, self.salt(site))
         if self.analysis:
             return [labels]
-        match = self.match(site, self.old[node.input[0]], x, -1)
+        match = self.match(site, self.old[node.input[0]], x, -1, fills_ok=True)
         if len(self.plan.mapping(space)) != table.shape[0]:
             raise self._conflict(idx, node, "a tied output head keeps its output width")
         if match is None:
@@ -450,7 +456,7 @@ class OnnxLabelRun(MoveReplay, RelationRun):
         copies = set(match.copies.tolist())
         if not match.unique_old or len(copies) != 1:
             raise self._conflict(idx, node, "an output head tied to the embedding reads only uniformly copied channels")
-        self._set_const(t_idx, 0, ar.gather(table, 1, match.source()), weight=True)
+        self._set_const(t_idx, 0, ar.gather_fill(table, 1, match.source(), self._stream_fill_kind(x)), weight=True)
         k = copies.pop()
         if k > 1:
             self._fold_scale(idx, node, 1.0 / k)
@@ -511,7 +517,8 @@ class OnnxLabelRun(MoveReplay, RelationRun):
         new_shape = list(shape)
         new_shape[axis] = len(mapping)
         if len(mapping) != len(space.chan_ids):
-            self._set_const(*self.users[src][0], ar.gather(arr, long_axes[0], mapping))
+            self._set_const(*self.users[src][0], ar.gather_fill(arr, long_axes[0], mapping,
+                                                                self.plan.fill_kind.get(space.id)))
         return LabelTensor.channels(new_shape, axis, self.plan.new_chan_ids(space), self.salt(site)), old
 
     def _concat_parameters(self, idx, node, vals, a):
@@ -554,9 +561,38 @@ class OnnxLabelRun(MoveReplay, RelationRun):
                 return [x]
             return self._mix(idx, node, x, "reduces over all axes")
         axes = sorted({int(ax) % x.ndim for ax in axes})
+        mean = node.op_type == "ReduceMean"
         out = self.reduce((idx, node), x, self._old_input(node, 0, x), axes, bool(a.get("keepdims", 1)),
-                          mean=node.op_type == "ReduceMean")
+                          mean=mean, mean_kind=self._mean_terms(node) if mean else None)
         return out if isinstance(out, list) else [out]
+
+    def _source(self, name: str) -> str:
+        """The value ``name`` with casts and identities looked through."""
+        while (i := self.producer.get(name)) is not None and self.graph.node[i].op_type in ("Cast", "Identity"):
+            name = self.graph.node[i].input[0]
+        return name
+
+    def _mean_terms(self, node) -> str:
+        """What a ReduceMean averages, for fill + rescale: "mean_sq", "mean_centered" or "mean_x"."""
+        i = self.producer.get(self._source(node.input[0]))
+        n = self.graph.node[i] if i is not None else None
+        if n is None:
+            return "mean_x"
+        if n.op_type == "Pow":
+            e = self.env.get(n.input[1])
+            squared = isinstance(e, np.ndarray) and e.size == 1 and float(e.ravel()[0]) == 2.0
+        else:
+            squared = n.op_type == "Mul" and n.input[0] == n.input[1]
+        if not squared:
+            return "mean_x"
+        j = self.producer.get(self._source(n.input[0]))
+        sub = self.graph.node[j] if j is not None else None
+        if sub is not None and sub.op_type == "Sub":
+            m = self.producer.get(self._source(sub.input[1]))
+            if m is not None and self.graph.node[m].op_type == "ReduceMean" \
+                    and self._source(self.graph.node[m].input[0]) == self._source(sub.input[0]):
+                return "mean_centered"
+        return "mean_sq"
 
     def _produce(self, idx, node, x: LabelTensor, *, weight_k, bias_k, in_axis, out_axis, w_in, w_out):
         weight = self._const(node, weight_k)
@@ -568,7 +604,8 @@ class OnnxLabelRun(MoveReplay, RelationRun):
             bias = self._const(node, bias_k) if bias_k is not None else None
             if bias is not None:
                 if bias.ndim >= 1 and bias.shape[-1] == weight.shape[w_out]:
-                    self._set_const(idx, bias_k, ar.gather(bias, bias.ndim - 1, mapping))
+                    self._set_const(idx, bias_k, ar.gather_fill(bias, bias.ndim - 1, mapping,
+                                                                self.fill_kind_of((idx, node))))
                 elif bias.size != 1:
                     raise self._conflict(idx, node, "bias of an unexpected shape")
         return [out]

@@ -287,7 +287,7 @@ def test_unknown_op_freezes_and_is_named():
     assert err < EXACT
 
 
-def test_layernorm_over_channels_frozen_in_mlp():
+def test_layernorm_stream_in_mlp_widens_by_fill_and_rescale():
     class MLP(nn.Module):
         def __init__(self):
             super().__init__()
@@ -304,8 +304,12 @@ def test_layernorm_over_channels_frozen_in_mlp():
 
     wide, rep, err = widen_and_compare(MLP(), (torch.randn(4, 5, 6),), 1.5)
     assert space(rep, "up").new_width == 24
-    assert space(rep, "inp").new_width == 8 and space(rep, "down").new_width == 8
+    assert space(rep, "inp").new_width == 12 and space(rep, "down").new_width == 12  # fill + rescale
+    assert wide.ln.eps == pytest.approx(1e-5 * 8 / 12)
     assert err < EXACT
+    wide, rep, err = widen_and_compare(MLP(), (torch.randn(4, 5, 6),), 1.5, fill=False)
+    assert space(rep, "inp").new_width == 8 and "integer factors" in space(rep, "inp").frozen_reasons[0]
+    assert space(rep, "up").new_width == 24 and err < EXACT
 
 
 def test_noise_exact_keeps_function_and_breaks_symmetry():

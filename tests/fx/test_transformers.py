@@ -73,14 +73,35 @@ def test_gqa_grows_key_value_heads_with_their_query_groups():
     assert q == 12 and k == 3 and q // k == 4  # the group size stays 4
 
 
-@pytest.mark.parametrize("norm", ["layer", "rms", "rms_written"])
-def test_non_integer_factor_on_a_normalized_stream_is_refused_with_the_rule(norm):
+@pytest.mark.parametrize("norm", ["layer", "rms"])
+def test_post_norm_stream_keeps_its_width_at_non_integer_factors(norm):
     torch.manual_seed(0)
     wide, rep, err = widen_and_compare(Stack(norm=norm, post=True), tokens(), 1.5)
     assert err < EXACT
     emb = space(rep, "embed")
-    assert emb.new_width == emb.old_width and "integer factors" in emb.frozen_reasons[0]
+    assert emb.new_width == emb.old_width
+    assert "integer factors" in emb.frozen_reasons[0] and "post-norm" in emb.frozen_reasons[0]
     assert space(rep, "blocks.0.mlp.up").new_width == 60
+    with pytest.raises(graphgrow.InvalidArgumentError, match="'embed' cannot grow from 32 to 48: .*post-norm"):
+        graphgrow.widen(Stack(norm=norm, post=True), 1.5, example_inputs=tokens(), strict=True)
+
+
+@pytest.mark.parametrize("factor", [1.41, 1.5])
+@pytest.mark.parametrize("case", ["layernorm", "rmsnorm", "rmsnorm_written", "layernorm_written", "matmul_attention",
+                                  "multihead_attention", "gqa_rotary", "qk_norm", "swiglu_tied_rms", "tied_layernorm"])
+def test_fill_and_rescale_widens_pre_norm_streams_at_any_factor(case, factor):
+    torch.manual_seed(0)
+    model = Stack(**CASES[case])
+    wide, rep, err = widen_and_compare(model, tokens(), factor)
+    assert err < EXACT
+    emb = space(rep, "embed")
+    heads_width = space(rep, "blocks.0.attn.mha.in_proj").new_width // 3 if case == "multihead_attention" else None
+    assert emb.new_width == (heads_width or round(32 * factor)), emb.frozen_reasons
+    assert all(s.new_width > s.old_width for s in rep.spaces if s.name != "head"), \
+        [(s.name, s.frozen_reasons) for s in rep.spaces if s.new_width == s.old_width]
+    if "written" not in case and case not in ("matmul_attention", "gqa_rotary", "qk_norm", "multihead_attention"):
+        norm = wide.blocks[0].n1
+        assert norm.eps == pytest.approx(model.blocks[0].n1.eps * 32 / emb.new_width)
 
 
 def test_zoo_lm_tied_and_exact():
