@@ -99,7 +99,9 @@ class MoveReplay:
         old_in = self.old[node.input[0]]
         if same_labels(old_in, x):
             return ins, node
-        if op == "Reshape" and len(node.input) > 1 and node.input[1] not in self.dynamic:
+        if op == "Reshape" and len(node.input) > 1 and node.input[1] in self.dynamic:
+            self._rewrite_concat_shape(idx, node, vals, ins, a, old_in, x)
+        elif op == "Reshape" and len(node.input) > 1 and node.input[1] not in self.dynamic:
             shape = np.asarray(vals[1])
             old_out = self.old[node.output[0]]
             allowzero = a.get("allowzero", 0)
@@ -167,6 +169,33 @@ class MoveReplay:
             if old_in.shape[axis] != x.shape[axis]:
                 raise self._conflict(idx, node, "gathers along a widened axis")
         return ins, node
+
+
+    def _rewrite_concat_shape(self, idx, node, vals, ins, a, old_in, x):
+        """A reshape target concatenated from sizes read off the input (dynamic) and literal sizes (torch's
+        unflatten(-1, (3, embed_dim)) exported): the literal piece that counts channels is rewritten."""
+        j = self.producer.get(node.input[1])
+        cat = self.graph.node[j] if j is not None else None
+        if cat is None or cat.op_type != "Concat" or a.get("allowzero", 0):
+            return
+        pieces, raw = [], []
+        for k, name in enumerate(cat.input):
+            v = np.asarray(self.env.get(name)).reshape(-1)
+            dynamic = name in self.dynamic
+            pieces.append((k, name, dynamic, v))
+            raw += [None] * len(v) if dynamic else [None if d == 0 else int(d) for d in v.tolist()]
+        old_out = self.old[node.output[0]]
+        dims = self.rescale_shape((idx, node), raw, old_out, int(np.prod(old_in.shape)), int(np.prod(x.shape)))
+        if dims is None:
+            return
+        pos, out = 0, []
+        for k, name, dynamic, v in pieces:
+            if not dynamic and dims[pos:pos + len(v)] != raw[pos:pos + len(v)]:
+                v = np.array([d if d is not None else 0 for d in dims[pos:pos + len(v)]], dtype=v.dtype)
+                self._set_const(j, k, v, shape=True)
+            out.append(v)
+            pos += len(v)
+        ins[1] = np.concatenate(out).astype(np.int64)
 
 
 def with_attribute(node, name, ints):

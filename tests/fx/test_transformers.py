@@ -127,11 +127,37 @@ def test_zoo_vit_every_space_widened():
         assert s.new_width == (s.old_width if s.name == "head" else 2 * s.old_width), s.name
 
 
+def randomize_vit(model):
+    """torchvision zero-initializes the classifier and sets norms to the identity: nothing to compare then."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.LayerNorm):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+            elif isinstance(m, nn.Linear):
+                m.weight.normal_(0, 0.2)
+                m.bias.uniform_(-0.1, 0.1)
+    return model
+
+
+def test_torchvision_vit_heads_grow_with_a_filled_stream():
+    tv = pytest.importorskip("torchvision.models.vision_transformer")
+    torch.manual_seed(0)
+    model = randomize_vit(tv.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_classes=10,
+                                               num_heads=12, hidden_dim=48, mlp_dim=64))
+    wide, rep, err = widen_and_compare(model, (torch.randn(2, 3, 32, 32),), 1.41)
+    assert err < EXACT and err > 0
+    attn = wide.encoder.layers.encoder_layer_0.self_attention
+    assert attn.num_heads == 17 and attn.head_dim == 4 and attn.embed_dim == 68
+    assert space(rep, "conv_proj").new_width == 68  # the stream follows the heads (fill + rescale)
+    assert wide.encoder.layers.encoder_layer_0.ln_1.eps == pytest.approx(1e-6 * 48 / 68)
+
+
 def test_torchvision_vit_matches_the_twice_wider_config():
     tv = pytest.importorskip("torchvision.models.vision_transformer")
     torch.manual_seed(0)
     cfg = dict(image_size=32, patch_size=8, num_layers=2, num_classes=10)
-    model = tv.VisionTransformer(num_heads=4, hidden_dim=32, mlp_dim=64, **cfg)
+    model = randomize_vit(tv.VisionTransformer(num_heads=4, hidden_dim=32, mlp_dim=64, **cfg))
     wide, rep, err = widen_and_compare(model, (torch.randn(2, 3, 32, 32),), 2)
     assert err < EXACT
     ref = tv.VisionTransformer(num_heads=8, hidden_dim=64, mlp_dim=128, **cfg)
