@@ -6,7 +6,8 @@ import torch.nn as nn
 
 from .core.report import GrowthReport
 from .errors import InvalidArgumentError, VerificationError, first_line, require_equivalent
-from .core.growth import check_factor, check_options, require_reachable, space_reports, widen_targets
+from .core.growth import (check_factor, check_options, require_head_widths, require_reachable, space_reports,
+                          widen_targets)
 from .fx.engine import FxAnalysis, count_params, plan_and_apply, rebuild
 from .core.sites import GrowOptions
 from .core.plan import WidenPlan
@@ -17,7 +18,7 @@ VERIFY = ("torch", "onnxruntime", "none")
 def analyze(model: nn.Module, example_inputs) -> GrowthReport:
     """Channel spaces of ``model`` and, for each that cannot grow, the op and why."""
     an = FxAnalysis(model, example_inputs)
-    report = GrowthReport(space_reports(an.produced, WidenPlan.identity(an.table)), params_before=count_params(model),
+    report = GrowthReport(space_reports(an.produced, WidenPlan.identity(an.table, an.constraints)), params_before=count_params(model),
                           params_after=count_params(model), opaque_leaves=list(an.leaves))
     for s in report.spaces:
         if s.frozen_reasons == ["not selected for widening"]:
@@ -52,6 +53,7 @@ def widen(model: nn.Module, factor: float | None = 1.41, *, example_inputs, widt
     plan, run, rounds = plan_and_apply(an, targets, options, seed, progress, fill=fill)
     if strict:
         require_reachable(an.produced, plan, targets)
+    require_head_widths(an.produced, plan, an.constraints, widths)
     result = rebuild(an, run)
     preserving = init == "net2net" and not (noise > 0 and noise_mode == "paper")
     report = GrowthReport(space_reports(an.produced, plan, targets), params_before=count_params(model),

@@ -108,6 +108,11 @@ class AttentionRelations:
             else:
                 self.constraints.tie(cq, ck)
                 self.constraints.tie(space.chan_ids, cq[:, 0])
+                kv_rows = len(np.unique(channel_of(kg), axis=0))  # (repeat_kv repeats them)
+                for ids, count in ((cq, n_heads), (channel_of(kg), kv_rows)):
+                    sp = self.table.spaces_of(ids[:, 0])[0]
+                    self.constraints.heads_of.setdefault(sp.id, count)
+                    self.constraints.head_groups[sp.id] = max(1, n_heads // kv_rows)
             return LabelTensor.channels(shape, out_axis, space.chan_ids, salt)
         if same_labels(old_q, q) and same_labels(old_k, k):
             return LabelTensor.channels(shape, out_axis, space.chan_ids, salt)

@@ -73,10 +73,12 @@ def widen_targets(produced: list, constraints: GrowthConstraints, factor, widths
     if excl_re is not None and not any(excl_re.search(n) for n in names):
         raise InvalidArgumentError(f"exclude={exclude!r} matches no {what}")
     widths = dict(widths or {})
-    for name, w in widths.items():
+    for name, w in list(widths.items()):
         if name not in names:
             raise InvalidArgumentError(f"widths names {name!r}, which is not a {what} of this model")
         sp = next(s for s in produced if s.name == name)
+        if isinstance(w, dict):
+            widths[name] = w = heads_width(sp, w, constraints)
         if not isinstance(w, (int, np.integer)) or isinstance(w, bool) or w < sp.size:
             raise InvalidArgumentError(f"widths[{name!r}] = {w} is smaller than its current width {sp.size}")
     targets = {}
@@ -149,7 +151,7 @@ def space_reports(produced: list, plan, targets: dict | None = None) -> list:
         if new == sp.size and not reasons:
             reasons = ["the factor adds no channel at this width" if targets else "not selected for widening"]
         out.append(SpaceReport(sp.name, sp.size, new, list(sp.producers), list(sp.consumers), list(sp.carriers),
-                               reasons))
+                               reasons, normalized=sp.id in plan.normalized, head_dim=plan.units.get(sp.id, 1)))
     return out
 
 
@@ -159,3 +161,36 @@ def require_reachable(produced: list, plan, targets: dict) -> None:
         if plan.new_size(sp) < targets.get(sp.id, sp.size) and sp.id in plan.notes:
             raise InvalidArgumentError(f"{sp.name!r} cannot grow from {sp.size} to {targets[sp.id]}: "
                                        f"{plan.notes[sp.id]}")
+
+
+def heads_width(sp, spec: dict, constraints: GrowthConstraints) -> int:
+    """``{"heads": n}`` for an attention projection: the width holding ``n`` heads (head_dim kept)."""
+    heads = constraints.heads_of.get(sp.id)
+    if set(spec) != {"heads"} or not isinstance(spec["heads"], int) or isinstance(spec["heads"], bool):
+        raise InvalidArgumentError(f"widths[{sp.name!r}] must be a width or {{'heads': n}}, not {spec!r}")
+    if heads is None:
+        raise InvalidArgumentError(f"widths[{sp.name!r}] asks for heads, but {sp.name!r} is not cut into "
+                                   "attention heads")
+    n = spec["heads"]
+    if n < heads:
+        raise InvalidArgumentError(f"widths[{sp.name!r}] asks for {n} heads, fewer than its {heads}")
+    return sp.size * n // heads
+
+
+def require_head_widths(produced: list, plan, constraints: GrowthConstraints, widths: dict) -> None:
+    """Explicit widths of attention projections must be met exactly: heads are copied whole, and key/value
+    heads grow with their query groups (one sentence naming the space and the rule otherwise)."""
+    for sp in produced:
+        if sp.name not in (widths or {}) or sp.id not in constraints.unit_size:
+            continue
+        want = widths[sp.name]
+        want = heads_width(sp, want, constraints) if isinstance(want, dict) else int(want)
+        got = plan.new_size(sp)
+        if got != want:
+            u = constraints.unit_size[sp.id]
+            group = constraints.head_groups.get(sp.id, 1)
+            rule = (f"its heads ({u} channels each) are copied whole" if want % u else
+                    f"its heads grow in steps of {group} (each key/value head with its query group of {group})"
+                    if group > 1 else "tied spaces pin it")
+            raise InvalidArgumentError(f"widths[{sp.name!r}] = {want} cannot be met ({got} is the nearest "
+                                       f"exact width): {rule}")

@@ -66,6 +66,8 @@ class GrowthConstraints:
         self.uniform_mask = np.zeros(0, dtype=bool)
         self.uniform_sites: dict = {}  # space id -> the first op that needs it uniform
         self.unit_size: dict = {}  # space id -> channels per unit
+        self.heads_of: dict = {}  # space id -> how many heads (of the attention reading it) it holds
+        self.head_groups: dict = {}  # space id -> query heads per key/value head (GQA) of its attention
         self.fill_kinds: dict = {}  # space id -> the norm kinds reading it (for fill + rescale)
         self.no_fill: dict = {}  # space id -> why fill + rescale cannot serve it
         self.width_links: list = []  # (stream space id, unit space id, ratio): new stream width = ratio x unit width
@@ -196,6 +198,7 @@ class WidenPlan:
     fill_kind: dict = field(default_factory=dict)  # space id -> "zero" (RMS streams) or "mean" (LayerNorm streams)
     fill_base: dict = field(default_factory=dict)  # space id -> first label id of its new channels
     fill_start: int = 1 << 62  # label ids from here on name filled channels (above every space's)
+    normalized: set = field(default_factory=set)  # spaces read by a norm across channels (residual streams)
 
     def tied_spaces(self, space) -> list:
         """Other spaces sharing a tie class with ``space``."""
@@ -235,8 +238,11 @@ class WidenPlan:
         return ids
 
     @classmethod
-    def identity(cls, table: SpaceTable) -> "WidenPlan":
-        return cls(table, np.ones(table.num_chans, dtype=np.int64))
+    def identity(cls, table: SpaceTable, constraints: "GrowthConstraints | None" = None) -> "WidenPlan":
+        plan = cls(table, np.ones(table.num_chans, dtype=np.int64))
+        if constraints is not None:
+            plan.units, plan.normalized = dict(constraints.unit_size), set(constraints.uniform_sites)
+        return plan
 
 
 def solve_plan(constraints: GrowthConstraints, targets: dict, seed: int = 0, fill: bool = True) -> WidenPlan:
@@ -306,7 +312,8 @@ def solve_plan(constraints: GrowthConstraints, targets: dict, seed: int = 0, fil
             counts_cls[k] += 1
             for s2, m in mult(k):
                 width[s2] += m
-    plan = WidenPlan(table, np.asarray(counts_cls, dtype=np.int64)[cls], cls, dict(constraints.unit_size), notes)
+    plan = WidenPlan(table, np.asarray(counts_cls, dtype=np.int64)[cls], cls, dict(constraints.unit_size), notes,
+                     normalized=set(constraints.uniform_sites))
     _plan_fills(plan, constraints, targets, fill_candidates, mult, width)
     return plan
 

@@ -14,6 +14,8 @@ class SpaceReport:
     consumers: list
     carriers: list
     frozen_reasons: list = field(default_factory=list)
+    normalized: bool = False  # read by a norm across its channels (a residual stream): uniform or fill + rescale
+    head_dim: int = 1  # > 1: cut into attention heads of this many channels, grown head by head
 
     @property
     def status(self) -> str:
@@ -71,7 +73,9 @@ class GrowthReport:
         rows = [f"{'space':40s} {'old':>6s} {'new':>6s}  status / reason"]
         for s in self.spaces:
             reason = "; ".join(s.frozen_reasons)
-            rows.append(f"{s.name[:40]:40s} {s.old_width:6d} {s.new_width:6d}  {s.status}"
+            shape = (f" (heads {s.old_width // s.head_dim} -> {s.new_width // s.head_dim} of {s.head_dim})"
+                     if s.head_dim > 1 else " (residual stream)" if s.normalized else "")
+            rows.append(f"{s.name[:40]:40s} {s.old_width:6d} {s.new_width:6d}  {s.status}{shape}"
                         + (f": {reason}" if reason else ""))
         return "\n".join(rows)
 

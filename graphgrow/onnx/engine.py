@@ -15,7 +15,8 @@ import onnx
 from onnx import numpy_helper
 
 from ..compare import DEFAULT_ATOL, DEFAULT_RTOL, OutputAccumulator, make_session, random_feeds
-from ..core.growth import check_factor, check_options, grow, require_reachable, space_reports, widen_targets
+from ..core.growth import (check_factor, check_options, grow, require_head_widths, require_reachable, space_reports,
+                           widen_targets)
 from ..core.labels import LabelOverflow
 from ..core.plan import WidenPlan
 from ..core.report import GrowthReport
@@ -509,6 +510,7 @@ def widen_model_serialized(model: onnx.ModelProto, factor: float | None = 1.41, 
                                  fill=fill)
         if strict:
             require_reachable(an.produced, plan, targets)
+        require_head_widths(an.produced, plan, an.constraints, widths)
         out = rebuild(an.model, run)
         report = GrowthReport(space_reports(an.produced, plan, targets), params_before=count_params(an.model),
                               params_after=count_params(out), function_preserving=preserving, rounds=rounds)
@@ -552,7 +554,7 @@ def widen_model_serialized(model: onnx.ModelProto, factor: float | None = 1.41, 
 def analyze_model(model: onnx.ModelProto, shapes: dict | None = None) -> tuple:
     """``(GrowthReport, OnnxAnalysis)`` without changing anything."""
     an = OnnxAnalysis(model, shapes)
-    report = GrowthReport(space_reports(an.produced, WidenPlan.identity(an.table)),
+    report = GrowthReport(space_reports(an.produced, WidenPlan.identity(an.table, an.constraints)),
                           params_before=count_params(an.model), params_after=count_params(an.model))
     for s in report.spaces:
         if s.frozen_reasons == ["not selected for widening"]:

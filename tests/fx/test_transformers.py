@@ -184,3 +184,42 @@ def test_per_head_mask_is_kept_and_bad_operands_freeze():
     wide, rep, err = widen_and_compare(HeadMean(), (torch.randn(2, 7, 16),), 2)
     assert err < EXACT
     assert space(rep, "q").new_width == 16 and space(rep, "q").frozen_reasons
+
+
+def test_widths_name_heads_and_bad_head_widths_are_one_sentence():
+    torch.manual_seed(0)
+    model = Stack(heads=8, kv_heads=2, head_dim=4, dim=32).double().eval()
+    wide = graphgrow.widen(model, None, example_inputs=tokens(), widths={"blocks.0.attn.q": {"heads": 12}})
+    attn = wide.blocks[0].attn
+    assert (attn.q.out_features, attn.k.out_features) == (48, 12)  # 12 query heads, 3 key/value heads
+    rep = wide.graphgrow_report
+    assert space(rep, "blocks.0.attn.q").head_dim == 4 and "heads 8 -> 12 of 4" in rep.table()
+    with pytest.raises(graphgrow.InvalidArgumentError, match=r"= 40 cannot be met .*query group of 4"):
+        graphgrow.widen(model, None, example_inputs=tokens(), widths={"blocks.0.attn.q": {"heads": 10}})
+    with pytest.raises(graphgrow.InvalidArgumentError, match=r"= 34 cannot be met .*copied whole"):
+        graphgrow.widen(model, None, example_inputs=tokens(), widths={"blocks.0.attn.q": 34})
+    with pytest.raises(graphgrow.InvalidArgumentError, match="not cut into attention heads"):
+        graphgrow.widen(model, None, example_inputs=tokens(), widths={"blocks.0.mlp.up": {"heads": 3}})
+
+
+def test_fill_falls_back_when_the_numbers_disagree():
+    """A layer scale multiplies the branch before the residual add: the mean-filled channels of a LayerNorm
+    stream are then not the mean of the scaled branch. The numeric check sees it and the stream stays."""
+
+    class LayerScaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp, self.ln, self.fc, self.out = nn.Linear(5, 8), nn.LayerNorm(8), nn.Linear(8, 8), nn.Linear(8, 3)
+            self.ln2 = nn.LayerNorm(8)
+            self.gamma = nn.Parameter(torch.rand(8) + 0.5)
+
+        def forward(self, x):
+            h = self.inp(x)
+            h = h + self.gamma * self.fc(self.ln(h))
+            return self.out(self.ln2(h))
+
+    torch.manual_seed(0)
+    wide, rep, err = widen_and_compare(LayerScaled(), (torch.randn(3, 4, 5),), 1.5)
+    assert err < EXACT
+    assert space(rep, "inp").new_width == 8 and space(rep, "fc").new_width == 8
+    assert any("fill + rescale did not verify" in n for n in rep.notes)
