@@ -56,7 +56,7 @@ def shapes(args) -> dict:
 
 
 def widths(args) -> dict:
-    """``--widths FILE.json`` and ``--width NAME=N ...`` as ``{producer name: width}``."""
+    """``--widths FILE.json`` and ``--width NAME=N ...`` (or ``NAME=heads:N``) as ``{producer name: width}``."""
     out = {}
     if args.widths:
         try:
@@ -64,17 +64,18 @@ def widths(args) -> dict:
                 data = json.load(f)
         except (OSError, ValueError) as exc:
             raise InvalidArgumentError(f"cannot read widths file {args.widths}: {exc}") from None
-        if not isinstance(data, dict) or not all(isinstance(v, int) for v in data.values()):
-            raise InvalidArgumentError(f"widths file {args.widths} must hold a JSON object of name: integer width")
+        if not isinstance(data, dict) or not all(isinstance(v, int) or isinstance(v, dict) for v in data.values()):
+            raise InvalidArgumentError(f"widths file {args.widths} must hold a JSON object of name: integer width "
+                                       "or {\"heads\": n}")
         out.update(data)
     for item in args.width or []:
         name, sep, value = item.rpartition("=")
         if not sep or not name:
             raise InvalidArgumentError(f"--width expects NAME=N, got {item!r}")
         try:
-            out[name] = int(value)
+            out[name] = {"heads": int(value[6:])} if value.startswith("heads:") else int(value)
         except ValueError:
-            raise InvalidArgumentError(f"--width {item!r}: {value!r} is not an integer") from None
+            raise InvalidArgumentError(f"--width {item!r}: {value!r} is not an integer or heads:N") from None
     return out
 
 

@@ -17,7 +17,7 @@ def run(args) -> int:
                              divisor=args.divisor, init=args.init, noise=args.noise, noise_mode=args.noise_mode,
                              seed=args.seed, shapes=options.shapes(args), check=not args.no_check, atol=args.atol,
                              rtol=args.rtol, batches=options.batches(args.batches), providers=options.providers(args.provider),
-                             progress=say)
+                             progress=say, fill=not args.no_fill, strict=args.strict)
     except VerificationError as exc:
         return options.not_equivalent(args, exc)
     reasons = result.frozen_reasons()
@@ -43,12 +43,18 @@ def add_parser(sub) -> None:
     w.add_argument("--factor", type=float, default=None, help="new width = round(old x factor) (default 1.41)")
     w.add_argument("-o", "--output", metavar="OUT.onnx", help="output path (default IN.wide.onnx)")
     w.add_argument("--widths", metavar="FILE.json", help="explicit widths {producer node name: width}")
-    w.add_argument("--width", action="append", metavar="NAME=N", help="explicit width of one producer node")
+    w.add_argument("--width", action="append", metavar="NAME=N",
+                   help="explicit width of one producer node (NAME=heads:N: N attention heads)")
     w.add_argument("--only", metavar="REGEX", help="widen only producer nodes matching REGEX")
     w.add_argument("--exclude", metavar="REGEX", help="do not widen producer nodes matching REGEX")
     w.add_argument("--divisor", type=int, default=1, help="round new widths up to a multiple of N")
     w.add_argument("--init", choices=["net2net", "random-pad"], default="net2net")
     w.add_argument("--noise", type=float, default=0.0, help="symmetry-breaking noise, x weight std")
     w.add_argument("--noise-mode", choices=["exact", "paper"], default="exact")
+    w.add_argument("--no-fill", action="store_true",
+                   help="normalized residual streams grow by whole factors only (no fill + rescale)")
+    w.add_argument("--strict", action="store_true",
+                   help="fail (exit 2) instead of leaving a space narrower than asked because its norms allow only "
+                        "whole factors")
     options.add_rewrite_options(w)
     w.set_defaults(func=run)

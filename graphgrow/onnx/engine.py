@@ -290,12 +290,17 @@ def rebuild(model: onnx.ModelProto, run: OnnxLabelRun) -> onnx.ModelProto:
     added: list = []  # (new name, array, old tensor, orig)
     renamed: list = []  # (node index, input index, new name)
     shared_done: dict = {}
+    weight_users: dict = {}  # initializer name -> how many of its uses are rewritten weight slots
+    for (idx, k) in run.updates.weight_slots:
+        name = src.node[idx].input[k]
+        weight_users[name] = weight_users.get(name, 0) + 1
     for (idx, k), arr in sorted(run.updates.initializers.items()):
         name = src.node[idx].input[k]
         old = inits.get(name)
         orig = run.env.get(name) if isinstance(run.env.get(name), np.ndarray) else None
         node_specific = (idx, k) not in run.updates.weight_slots
-        if old is not None and uses.get(name, 0) == 1:
+        if old is not None and (uses.get(name, 0) == 1 or not node_specific and weight_users.get(name) == uses[name]):
+            # its only use, or every use a weight that got this same value (a tied weight): rewritten in place
             in_place[name] = (arr, orig)
         elif not node_specific and uses.get(name, 0) > 1:
             # every user got the same new value (checked by the label run): one shared tensor again
