@@ -20,6 +20,9 @@ from ..core.label_tensor import LabelTensor
 from ..core.relations import NotUnderstood
 
 RMS_NORM_MODULES = (nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()
+# ops through which a bare parameter joins the activations it meets (class tokens, layer scales, biases)
+JOINING_OPS = {operator.add, operator.sub, operator.mul, operator.truediv, torch.add, torch.sub, torch.mul, torch.div,
+               torch.cat, torch.concat, "add", "sub", "mul", "div", "expand", "expand_as"}
 MATMUL_FUNCS = {torch.matmul, operator.matmul, torch.bmm}
 SDPA_FUNCS = {F.scaled_dot_product_attention}
 
@@ -290,6 +293,8 @@ class FxTransformerOps:
         long_axes = [i for i, d in enumerate(real.shape) if d > 1]
         if len(long_axes) != 1 or self.attr_uses.get(node.target, 0) != 1 or node.target not in self.param_names:
             return None
+        if not all(u.target in JOINING_OPS for u in node.users):
+            return None  # read by a norm function, a linear map, ...: a parameter of that op, not of the stream
         ax = long_axes[0]
         space = self.out_space(node, node.target, real.shape[ax])
         if self.analysis:
