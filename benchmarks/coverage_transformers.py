@@ -122,10 +122,13 @@ def _m(n):
     return f"{n / 1e6:.2f}M" if n else ""
 
 
-def write(rows: list, command: str) -> None:
+def write(rows: list, commands: list) -> None:
     os.makedirs(RESULTS, exist_ok=True)
+    order = {n: i for i, n in enumerate([f"tv:{n}" for n in TORCHVISION] + [f"timm:{n}" for n in TIMM])}
+    rows.sort(key=lambda r: (order.get(r["model"], len(order)), -r["factor"]))
     with open(os.path.join(RESULTS, "coverage_transformers.json"), "w") as f:
-        json.dump({"command": command, "rows": rows}, f, indent=1)
+        json.dump({"commands": commands, "rows": rows}, f, indent=1)
+    command = "`, then `".join(commands)
     import torch
 
     exact = sum(1 for r in rows if r["status"] == "exact")
@@ -157,6 +160,7 @@ def main(argv=None) -> int:
     p.add_argument("--timeout", type=int, default=1200)
     p.add_argument("--max-params", type=float, default=700e6, help="skip when params x factor^2 exceed this")
     p.add_argument("--resume", action="store_true", help="keep rows already in the json")
+    p.add_argument("--report-only", action="store_true", help="rewrite the markdown from the json")
     a = p.parse_args(argv)
     if a.worker:
         print(json.dumps(worker(a.worker[0], float(a.worker[1]))))
@@ -165,10 +169,15 @@ def main(argv=None) -> int:
     if a.only:
         names = [n for n in names if re.search(a.only, n)]
     command = "PYTHONPATH=. python benchmarks/coverage_transformers.py " + " ".join(argv or sys.argv[1:])
-    rows = []
+    rows, commands = [], [command]
     path = os.path.join(RESULTS, "coverage_transformers.json")
-    if a.resume and os.path.exists(path):
-        rows = json.load(open(path))["rows"]
+    if (a.resume or a.report_only) and os.path.exists(path):
+        old = json.load(open(path))
+        rows = old["rows"]
+        commands = old.get("commands", [old.get("command")]) + ([] if a.report_only else [command])
+    if a.report_only:
+        write(rows, commands)
+        return 0
     done = {(r["model"], r["factor"]) for r in rows}
     for name in names:
         for factor in [float(f) for f in a.factors.split(",")]:
@@ -183,7 +192,7 @@ def main(argv=None) -> int:
             rows.append(row)
             print(f"{name} x{factor}: {row['status']} stream={row.get('stream')} heads={row.get('heads')}",
                   flush=True)
-            write(rows, command)
+            write(rows, commands)
     return 0
 
 
