@@ -7,7 +7,8 @@
 * ``post``: post-norm (BERT: ``norm(x + f(x))``) instead of pre-norm;
 * ``attention``: "sdpa", "matmul" (explicit ``softmax(q @ k^T * s) @ v``), "mha" (nn.MultiheadAttention, no GQA);
 * ``heads`` / ``kv_heads`` (GQA through ``repeat_kv``), ``head_dim``, ``rotary``, ``qk_norm`` (per-head RMSNorm);
-* ``mlp``: "gelu" or "swiglu"; ``tie``: output head tied to the embedding.
+* ``mlp``: "gelu", "swiglu" or "moe" (dense mixture of SwiGLU experts, ``top_k`` gates kept);
+* ``tie``: output head tied to the embedding; ``embed_scale``: Gemma's sqrt(hidden) embedding scale.
 """
 
 from __future__ import annotations
@@ -107,6 +108,24 @@ class Attention(nn.Module):
         return self.o(out.transpose(1, 2).reshape(b, t, -1))
 
 
+class MoE(nn.Module):
+    """Dense mixture of experts: a router reads the stream, every expert is an MLP, outputs mixed by the gates."""
+
+    def __init__(self, dim, hidden, experts=3, top_k=None):
+        super().__init__()
+        self.router = nn.Linear(dim, experts, bias=False)
+        self.experts = nn.ModuleList(MLP(dim, hidden, "swiglu") for _ in range(experts))
+        self.top_k = top_k
+
+    def forward(self, x):
+        gates = self.router(x).softmax(-1)
+        if self.top_k is not None:  # keep the top-k gates (sparse routing written densely)
+            kth = gates.topk(self.top_k, dim=-1).values[..., -1:]
+            gates = gates * (gates >= kth)
+        out = torch.stack([e(x) for e in self.experts], dim=-2)  # (..., experts, dim)
+        return (gates.unsqueeze(-1) * out).sum(-2)
+
+
 class MLP(nn.Module):
     def __init__(self, dim, hidden, kind):
         super().__init__()
@@ -127,7 +146,7 @@ class Block(nn.Module):
         self.n1, self.n2 = make_norm(o["norm"], dim), make_norm(o["norm"], dim)
         self.attn = Attention(dim, o["heads"], o["kv_heads"], o["head_dim"], o["attention"], o["rotary"],
                               o["qk_norm"])
-        self.mlp = MLP(dim, o["hidden"], o["mlp"])
+        self.mlp = MoE(dim, o["hidden"], top_k=o.get("top_k")) if o["mlp"] == "moe" else MLP(dim, o["hidden"], o["mlp"])
 
     def forward(self, x):
         if self.post:
@@ -150,11 +169,14 @@ class Stack(nn.Module):
         self.blocks = nn.ModuleList(Block(dim, o) for _ in range(o["layers"]))
         self.norm = make_norm(o["norm"], dim) if not o["post"] else nn.Identity()
         self.head = nn.Linear(dim, o["vocab"], bias=False)
+        self.embed_scale = dim ** 0.5 if o.get("embed_scale") else None
         if o["tie"]:
             self.head.weight = self.embed.weight
 
     def forward(self, tokens):
         x = self.embed(tokens)
+        if self.embed_scale is not None:  # Gemma: embeddings times sqrt(hidden size), a literal in the graph
+            x = x * self.embed_scale
         for b in self.blocks:
             x = b(x)
         return self.head(self.norm(x))

@@ -40,14 +40,18 @@ def fibers(a: np.ndarray, axis: int) -> np.ndarray:
     return m.reshape(-1, m.shape[-1])
 
 
-def row_match(old: LabelTensor, new: LabelTensor, axis: int, what: str):
+def row_match(old: LabelTensor, new: LabelTensor, axis: int, what: str, fill_start: int | None = None):
     """How the rows along ``axis`` changed: None (the same rows, in any number: the axis itself is
-    unchanged), or the :class:`RowMatch` of a uniform replication along it.  Raises Mismatch otherwise."""
+    unchanged), or the :class:`RowMatch` of a uniform replication along it.  Raises Mismatch otherwise.
+    ``fill_start``: rows made only of channels fill + rescale added are not compared (they are new)."""
     if same_labels(old, new):
         return None
     if old.shape[axis] == new.shape[axis]:
         # the other channel axes may have grown (heads copied): every new row must be an old row
-        match_rows(fibers(old.a, axis), fibers(new.a, axis), 0, what)
+        rows = fibers(new.a, axis)
+        if fill_start is not None:
+            rows = rows[~(channel_of(rows) >= fill_start).all(axis=1)]
+        match_rows(fibers(old.a, axis), rows, 0, what)
         return None
     m = match_labels(old, new, axis, what)
     if not m.unique_old or len(set(m.copies.tolist())) != 1:

@@ -159,6 +159,9 @@ class RelationRun(NormRelations, AttentionRelations, sites.LabelRunState):
         """A reduction over ``axes`` (non-negative): per channel when no channel axis is reduced; a mean
         over one channel axis is unchanged by uniform replication (:meth:`uniform_mean`)."""
         if self.mixes(x, old_x, axes):
+            stacked = self.stacked_sum(node, x, old_x, axes, keepdims)
+            if stacked is not None:
+                return stacked
             if mean:
                 return self.uniform_mean(node, x, old_x, axes, keepdims, mean_kind)
             return self.mix(node, x, "reduces over the channel axis")
@@ -176,6 +179,45 @@ class RelationRun(NormRelations, AttentionRelations, sites.LabelRunState):
             if not keepdims:
                 out = np.squeeze(out, axis=ax)
         return self.elementwise(node, LabelTensor(out))
+
+    def stacked_sum(self, node, x: LabelTensor, old_x: LabelTensor, axes, keepdims: bool):
+        """A sum or mean over a stacking axis: tensors of several spaces stacked along ``axes[0]`` (expert outputs
+        of a mixture of experts), each with its channels along one other axis, added slice to slice: their
+        channels are tied like the operands of an add. None when the tensor is not of that form."""
+        ref = x if self.analysis else old_x
+        if len(axes) != 1 or len(ref.vary) != 2 or axes[0] not in ref.vary:
+            return None
+        a = axes[0]
+        c = next(v for v in ref.vary if v != a)
+        chan = np.moveaxis(channel_of(ref.a), (a, c), (0, 1))
+        rows = chan.reshape(chan.shape[0], chan.shape[1], -1)
+        if not (rows == rows[:, :, :1]).all():
+            return None  # a slice's channels are not constant over the positions
+        seqs = rows[:, :, 0]
+        if len(np.unique(seqs[:, 0])) < 2 or len({tuple(sp.id for sp in self.table.spaces_of(s)) for s in seqs}) \
+                != len(seqs):
+            return None  # (the slices must be distinct spaces, each whole)
+        c_out = c if keepdims or c < a else c - 1
+        shape = [d for i, d in enumerate(x.shape) if i != a or keepdims]
+        if keepdims:
+            shape[a] = 1
+        if self.analysis:
+            for s in seqs[1:]:
+                self.constraints.tie(seqs[0], s)
+            return LabelTensor.channels(shape, c_out, seqs[0], self.salt(node))
+        try:
+            new_chan = np.moveaxis(channel_of(x.a), (a, c), (0, 1)).reshape(x.shape[a], x.shape[c], -1)[:, :, 0]
+        except ValueError:
+            raise self.conflict(node, "its stacked tensors changed shape") from None
+        if new_chan.shape[0] != seqs.shape[0] or any(not np.array_equal(self._stack_source(s, o), self._stack_source(
+                new_chan[0], seqs[0])) for s, o in zip(new_chan[1:], seqs[1:])):
+            raise self.conflict(node, "the stacked tensors no longer pair their channels")
+        return LabelTensor.channels(shape, c_out, new_chan[0], self.salt(node))
+
+    def _stack_source(self, new_seq, old_seq) -> np.ndarray:
+        """Old index of every new channel of one stacked slice (-1 + fill id for channels fill + rescale adds)."""
+        pos = {int(v): i for i, v in enumerate(old_seq)}
+        return np.array([pos.get(int(v), -1 - int(v)) for v in new_seq])
 
     def unify(self, node, operands: list, full: int) -> LabelTensor:
         """An elementwise op of several activations (``operands``: ``[(old, new)]``, ``full``: the index of
@@ -261,7 +303,8 @@ class RelationRun(NormRelations, AttentionRelations, sites.LabelRunState):
         if not self.analysis:
             for ax in along:
                 try:
-                    if row_match(old_x, x, ax, "rows read with a constant") is not None:
+                    if row_match(old_x, x, ax, "rows read with a constant",
+                                 self.plan.fill_start if self.plan.fills else None) is not None:
                         raise Mismatch("a constant varies along a widened axis")
                 except Mismatch as exc:
                     raise self.conflict(node, str(exc)) from None

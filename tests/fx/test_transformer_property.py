@@ -25,7 +25,7 @@ def stacks(draw):
         head_dim=draw(st.sampled_from([2, 4])),
         rotary=attention != "mha" and draw(st.booleans()),
         qk_norm=attention != "mha" and draw(st.booleans()),
-        mlp=draw(st.sampled_from(["gelu", "swiglu"])),
+        mlp=draw(st.sampled_from(["gelu", "swiglu", "moe"])),
         tie=draw(st.booleans()),
         layers=draw(st.integers(1, 2)),
         hidden=draw(st.sampled_from([6, 10])),

@@ -27,12 +27,15 @@ CASES = {
     "swiglu_tied_rms": dict(mlp="swiglu", tie=True, norm="rms"),
     "tied_layernorm": dict(tie=True),
     "tied_post_norm": dict(post=True, tie=True),
+    "gemma_scale_tied": dict(norm="rms_written", tie=True, embed_scale=True, mlp="swiglu"),
+    "moe_dense": dict(mlp="moe"),
+    "moe_top2": dict(mlp="moe", top_k=2, norm="rms"),
 }
 
 
 def _all_widened(rep, factor):
     for s in rep.spaces:
-        if s.name == "head":
+        if s.name == "head" or "router" in s.name:  # (the expert count stays: the router's softmax mixes it)
             assert s.new_width == s.old_width
         else:
             assert s.new_width == s.old_width * factor, (s.name, s.old_width, s.new_width, s.frozen_reasons)
@@ -88,7 +91,8 @@ def test_post_norm_stream_keeps_its_width_at_non_integer_factors(norm):
 
 @pytest.mark.parametrize("factor", [1.41, 1.5])
 @pytest.mark.parametrize("case", ["layernorm", "rmsnorm", "rmsnorm_written", "layernorm_written", "matmul_attention",
-                                  "multihead_attention", "gqa_rotary", "qk_norm", "swiglu_tied_rms", "tied_layernorm"])
+                                  "multihead_attention", "gqa_rotary", "qk_norm", "swiglu_tied_rms", "tied_layernorm",
+                                  "gemma_scale_tied", "moe_top2"])
 def test_fill_and_rescale_widens_pre_norm_streams_at_any_factor(case, factor):
     torch.manual_seed(0)
     model = Stack(**CASES[case])
@@ -97,9 +101,10 @@ def test_fill_and_rescale_widens_pre_norm_streams_at_any_factor(case, factor):
     emb = space(rep, "embed")
     heads_width = space(rep, "blocks.0.attn.mha.in_proj").new_width // 3 if case == "multihead_attention" else None
     assert emb.new_width == (heads_width or round(32 * factor)), emb.frozen_reasons
-    assert all(s.new_width > s.old_width for s in rep.spaces if s.name != "head"), \
+    assert all(s.new_width > s.old_width for s in rep.spaces if s.name != "head" and "router" not in s.name), \
         [(s.name, s.frozen_reasons) for s in rep.spaces if s.new_width == s.old_width]
-    if "written" not in case and case not in ("matmul_attention", "gqa_rotary", "qk_norm", "multihead_attention"):
+    if CASES[case].get("norm", "layer") in ("layer", "rms") and case not in ("matmul_attention", "gqa_rotary",
+                                                                              "qk_norm", "multihead_attention"):
         norm = wide.blocks[0].n1
         assert norm.eps == pytest.approx(model.blocks[0].n1.eps * 32 / emb.new_width)
 

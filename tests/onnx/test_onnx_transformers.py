@@ -20,6 +20,7 @@ CASES = {
     "gqa_rotary_tied": dict(kv_heads=2, rotary=True, tie=True, norm="rms_written"),
     "matmul_attention": dict(attention="matmul"),
     "post_norm": dict(post=True),
+    "moe": dict(mlp="moe", norm="rms_written"),
 }
 
 
@@ -42,6 +43,7 @@ def test_stack_exports_widen_exactly(case, factor):
         else:
             assert s.new_width == round(s.old_width * factor), (s.name, s.frozen_reasons)
     heads = [s for s in rep.spaces if s.head_dim > 1]
+    assert all(s.new_width > s.old_width for s in rep.spaces if s.head_dim == 1 and not s.frozen_reasons)
     assert heads and all(s.new_width > s.old_width for s in heads)
 
 
