@@ -140,6 +140,18 @@ def _pick_size(name: str, model, torch) -> tuple:
                        + "; ".join(notes))
 
 
+def stream_cell(report) -> str:
+    """"residual stream widened": "yes" when every space a norm reads across channels grew, "no (n/m)" with the
+    first reason otherwise, "-" when the model has none (a pure CNN)."""
+    stream = [s for s in report.spaces if getattr(s, "normalized", False)]
+    stayed = [s for s in stream if s.new_width == s.old_width]
+    if not stream:
+        return "-"
+    if not stayed:
+        return "yes"
+    return f"no ({len(stayed)}/{len(stream)} stay: {(stayed[0].frozen_reasons or ['?'])[0][:80]})"
+
+
 def _frozen_summary(report, top: int = 4) -> list:
     """[[shortened reason, count], ...] for the most common freezing reasons."""
     counts = sorted(report.frozen_reasons().items(), key=lambda kv: (-kv[1], kv[0]))
@@ -218,6 +230,7 @@ def _widen_and_check(model, x, factor: float) -> dict:
     res["unchanged"] = sum(1 for s in rep.spaces if s.status == "unchanged")
     res["rounds"] = rep.rounds
     res["frozen_reasons_top"] = _frozen_summary(rep)
+    res["stream"] = stream_cell(rep)
     res["frozen_reasons"] = rep.frozen_reasons()
     res["report_summary"] = rep.summary()
     res["rss_after_widen_mb"] = round(_rss_peak_mb(), 1)
@@ -620,16 +633,17 @@ def write_outputs(meta: dict, results: dict, all_models: list, json_path: str, m
         "ConvNeXt layer scales, ViT's zero class token and head -- replaced by random values, so that the check "
         "also sees those tensors' channel mapping); `*` = measured with the MultiheadAttention fast path off. "
         "A model counts as widened+equivalent only if neither variant is WRONG/error.", "",
-        "| # | model | input | params before | params after | ratio | spaces | wid. | frz | part | max_rel | "
-        "max_abs | out max | widen s | check s | desym. max_rel | peak RSS GB | status |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        "| # | model | input | params before | params after | ratio | spaces | wid. | frz | part | residual stream "
+        "widened | max_rel | max_abs | out max | widen s | check s | desym. max_rel | peak RSS GB | status |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for i, r in enumerate(ordered, 1):
         inp = "x".join(str(d) for d in r["input"][2:]) if r.get("input") else ""
         rss = r.get("worker_rss_peak_mb_sampled") or r.get("rss_peak_mb")
         lines.append("| " + " | ".join([
             str(i), r["model"], inp, _params(r.get("params_before")), _params(r.get("params_after")),
             _fmt(r.get("ratio"), ".3f"), str(r.get("spaces", "")), str(r.get("widened", "")),
-            str(r.get("fully_frozen", "")), str(r.get("partly_frozen", "")), _fmt(r.get("max_rel"), ".1e"),
+            str(r.get("fully_frozen", "")), str(r.get("partly_frozen", "")),
+            r.get("stream", "(not measured)").replace("|", "/"), _fmt(r.get("max_rel"), ".1e"),
             _fmt(r.get("max_abs"), ".1e"), _fmt(r.get("ref_max"), ".1e"), _fmt(r.get("widen_s"), ".1f"),
             _fmt(r.get("check_s"), ".1f"), _desym_cell(r),
             _fmt(None if not rss else rss / 1024, ".1f"), _status_cell(r)]) + " |")

@@ -64,6 +64,9 @@ def one(args):
             t1 = time.perf_counter()
             rep = gonnx.widen(model, factor)
             out["widen_check_s"] = round(time.perf_counter() - t1, 1)
+        from coverage import stream_cell
+
+        out["stream"] = stream_cell(rep)
         out.update(params_before=rep.params_before, params_after=rep.params_after, spaces=len(rep.spaces),
                    widened=len(rep.widened), frozen=sum(1 for x in rep.spaces if x.status == "frozen"),
                    max_rel=rep.check.worst.max_rel, max_abs=rep.check.worst.max_abs,
@@ -130,13 +133,13 @@ def write(a, argv, rows, total):
              f"{meta['torchvision']}, onnxruntime {meta['onnxruntime']}, {meta['cpus']} CPUs)", "",
              "Each model: TorchScript exporter, opset 17, batch 1; `graphgrow.onnx.widen` = the code behind `graphgrow widen` "
              "(analysis, rewrite, onnx.checker, onnxruntime comparison with the input, 3 batches).", "",
-             "| model | input | params before | params after | spaces | widened | frozen | max_rel | export s | "
-             "widen+check s | status |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| model | input | params before | params after | spaces | widened | frozen | residual stream widened | "
+             "max_rel | export s | widen+check s | status |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         mr = r.get("max_rel")
         lines.append(f"| {r['model']} | {r['input']} | {r.get('params_before', '')} | {r.get('params_after', '')} | "
                      f"{r.get('spaces', '')} | {r.get('widened', '')} | {r.get('frozen', '')} | "
-                     f"{'' if mr is None else '%.1e' % mr} | {r.get('export_s', '')} | {r.get('widen_check_s', '')} | "
+                     f"{r.get('stream', '(not measured)').replace('|', '/')} | {'' if mr is None else '%.1e' % mr} | {r.get('export_s', '')} | {r.get('widen_check_s', '')} | "
                      f"{r['status'][:160]} |")
     with open(os.path.join(a.out, "coverage_onnx.md"), "w") as f:
         f.write("\n".join(lines) + "\n")

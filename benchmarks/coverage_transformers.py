@@ -59,7 +59,24 @@ def build(name: str):
     return timm.create_model(name[5:], pretrained=False, num_classes=10)
 
 
-def worker(name: str, factor: float) -> dict:
+def _widen_onnx(model, x, factor):
+    """The ONNX frontend on the model's TorchScript export (opset 17), checked in onnxruntime."""
+    import io
+    import warnings
+
+    import onnx
+    import torch
+
+    import graphgrow.onnx as gonnx
+
+    buf = io.BytesIO()
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (x[:1],), buf, dynamo=False, opset_version=17)
+    return gonnx.widen(onnx.load_from_string(buf.getvalue()), factor)
+
+
+def worker(name: str, factor: float, frontend: str = "fx") -> dict:
     import torch
 
     sys.path.insert(0, HERE)
@@ -75,7 +92,11 @@ def worker(name: str, factor: float) -> dict:
     row = {"model": name, "factor": factor, "input": f"{size}x{size}", "params_before": before}
     t = time.time()
     try:
-        wide = graphgrow.widen(model, factor, example_inputs=(x,), verify="torch")
+        if frontend == "onnx":
+            rep = _widen_onnx(model, x, factor)
+        else:
+            wide = graphgrow.widen(model, factor, example_inputs=(x,), verify="torch")
+            rep = wide.graphgrow_report
     except graphgrow.VerificationError as exc:
         row["status"] = f"WRONG: {str(exc).splitlines()[0][:300]}"
         return row
@@ -85,7 +106,6 @@ def worker(name: str, factor: float) -> dict:
     except Exception as exc:  # noqa: BLE001 - any other failure is a bug to report
         row["status"] = f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
         return row
-    rep = wide.graphgrow_report
     row["seconds"] = round(time.time() - t, 1)
     row["params_after"] = rep.params_after
     row["max_rel"] = rep.check.worst.max_rel if rep.check is not None and rep.check.worst is not None else None
@@ -104,8 +124,8 @@ def worker(name: str, factor: float) -> dict:
     return row
 
 
-def run_one(name: str, factor: float, timeout: int) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", name, str(factor)]
+def run_one(name: str, factor: float, timeout: int, frontend: str) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", name, str(factor), "--frontend", frontend]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
@@ -122,25 +142,29 @@ def _m(n):
     return f"{n / 1e6:.2f}M" if n else ""
 
 
-def write(rows: list, commands: list) -> None:
+def write(rows: list, commands: list, frontend: str = "fx") -> None:
     os.makedirs(RESULTS, exist_ok=True)
     order = {n: i for i, n in enumerate([f"tv:{n}" for n in TORCHVISION] + [f"timm:{n}" for n in TIMM])}
     rows.sort(key=lambda r: (order.get(r["model"], len(order)), -r["factor"]))
-    with open(os.path.join(RESULTS, "coverage_transformers.json"), "w") as f:
+    stem = "coverage_transformers" + ("_onnx" if frontend == "onnx" else "")
+    with open(os.path.join(RESULTS, stem + ".json"), "w") as f:
         json.dump({"commands": commands, "rows": rows}, f, indent=1)
     command = "`, then `".join(commands)
     import torch
 
     exact = sum(1 for r in rows if r["status"] == "exact")
-    lines = ["# graphgrow transformer coverage (fx frontend)", "",
+    how = ("the TorchScript export (opset 17, batch 1) widened by `graphgrow.onnx.widen(model, factor)` and checked "
+           "in onnxruntime" if frontend == "onnx" else
+           "`graphgrow.widen(model, factor, example_inputs=(x,), verify='torch')`")
+    lines = [f"# graphgrow transformer coverage ({frontend} frontend)", "",
              f"**{exact}/{len(rows)} runs exact**, none wrong: "
              f"{sum(1 for r in rows if r['status'].startswith('WRONG'))} WRONG, "
              f"{sum(1 for r in rows if r['status'].startswith('error'))} errors.", "",
              f"Command: `{command}`", "",
              f"torch {torch.__version__}, python {platform.python_version()}, {os.cpu_count()} CPUs. Every model: "
-             "random init, all-constant tensors made random (`coverage.desymmetrize`), batch of 2, "
-             "`graphgrow.widen(model, factor, example_inputs=(x,), verify='torch')`. *stream*: the spaces a norm reads "
-             "across channels (the residual stream); *heads*: projections cut into attention heads that grew / all.",
+             f"random init, all-constant tensors made random (`coverage.desymmetrize`), batch of 2, {how}. *stream*: "
+             "the spaces a norm reads across channels (the residual stream); *heads*: projections cut into attention "
+             "heads that grew / all.",
              "", "| model | factor | params before | params after | spaces widened | stream | heads | max_rel | s "
              "| status |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -148,7 +172,7 @@ def write(rows: list, commands: list) -> None:
         lines.append(f"| {r['model']} | {r['factor']} | {_m(r.get('params_before'))} | {_m(r.get('params_after'))} | "
                      f"{r.get('widened', '')}/{r.get('spaces', '')} | {r.get('stream', '')} | {r.get('heads', '')} | "
                      f"{mr} | {r.get('seconds', '')} | {r['status']} |")
-    with open(os.path.join(RESULTS, "coverage_transformers.md"), "w") as f:
+    with open(os.path.join(RESULTS, stem + ".md"), "w") as f:
         f.write("\n".join(lines) + "\n")
 
 
@@ -161,22 +185,24 @@ def main(argv=None) -> int:
     p.add_argument("--max-params", type=float, default=700e6, help="skip when params x factor^2 exceed this")
     p.add_argument("--resume", action="store_true", help="keep rows already in the json")
     p.add_argument("--report-only", action="store_true", help="rewrite the markdown from the json")
+    p.add_argument("--frontend", choices=["fx", "onnx"], default="fx",
+                   help="onnx: the TorchScript export (opset 17) widened by graphgrow.onnx, checked in onnxruntime")
     a = p.parse_args(argv)
     if a.worker:
-        print(json.dumps(worker(a.worker[0], float(a.worker[1]))))
+        print(json.dumps(worker(a.worker[0], float(a.worker[1]), a.frontend)))
         return 0
     names = [f"tv:{n}" for n in TORCHVISION] + [f"timm:{n}" for n in TIMM]
     if a.only:
         names = [n for n in names if re.search(a.only, n)]
     command = "PYTHONPATH=. python benchmarks/coverage_transformers.py " + " ".join(argv or sys.argv[1:])
     rows, commands = [], [command]
-    path = os.path.join(RESULTS, "coverage_transformers.json")
+    path = os.path.join(RESULTS, "coverage_transformers" + ("_onnx" if a.frontend == "onnx" else "") + ".json")
     if (a.resume or a.report_only) and os.path.exists(path):
         old = json.load(open(path))
         rows = old["rows"]
         commands = old.get("commands", [old.get("command")]) + ([] if a.report_only else [command])
     if a.report_only:
-        write(rows, commands)
+        write(rows, commands, a.frontend)
         return 0
     done = {(r["model"], r["factor"]) for r in rows}
     for name in names:
@@ -188,11 +214,11 @@ def main(argv=None) -> int:
                 row = {"model": name, "factor": factor, "params_before": params,
                        "status": f"skipped: too large for this machine (~{params * factor ** 2 / 1e6:.0f}M after)"}
             else:
-                row = run_one(name, factor, a.timeout)
+                row = run_one(name, factor, a.timeout, a.frontend)
             rows.append(row)
             print(f"{name} x{factor}: {row['status']} stream={row.get('stream')} heads={row.get('heads')}",
                   flush=True)
-            write(rows, commands)
+            write(rows, commands, a.frontend)
     return 0
 
 

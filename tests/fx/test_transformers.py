@@ -109,16 +109,19 @@ def test_fill_and_rescale_widens_pre_norm_streams_at_any_factor(case, factor):
         assert norm.eps == pytest.approx(model.blocks[0].n1.eps * 32 / emb.new_width)
 
 
-def test_zoo_lm_tied_and_exact():
+@pytest.mark.parametrize("factor, width, heads", [(2, 128, (8, 4)), (1.5, 96, (6, 3))])
+def test_zoo_lm_tied_and_exact(factor, width, heads):
     model = ZOO["tiny_lm"].build().double().eval()
     x = example_inputs("tiny_lm")
-    wide, rep, err = widen_and_compare(model, x, 2)
+    wide, rep, err = widen_and_compare(model, x, factor)
     assert err < 1e-10
-    assert wide.lm_head.weight is wide.embed.weight and wide.embed.embedding_dim == 128
-    attn = wide.layers[0].attn
-    assert (attn.q_proj.out_features, attn.k_proj.out_features) == (128, 64)  # 8 / 4 heads of 16
+    assert wide.lm_head.weight is wide.embed.weight and wide.lm_head.weight.shape == (256, width)
+    assert all(s.new_width > s.old_width for s in rep.spaces if s.name != "lm_head")
+    q = space(rep, "layers.0.attn.q_proj")
+    k = space(rep, "layers.0.attn.k_proj")
+    assert (q.new_width // 16, k.new_width // 16) == heads  # heads of 16, GQA groups of 2 kept
     model32 = ZOO["tiny_lm"].build().eval()
-    wide32 = graphgrow.widen(model32, 2, example_inputs=x)
+    wide32 = graphgrow.widen(model32, factor, example_inputs=x)
     with torch.no_grad():
         ref = model32(*x)
         assert ((wide32(*x) - ref).abs().max() / ref.abs().max()).item() < 1e-5
