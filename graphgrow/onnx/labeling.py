@@ -283,6 +283,8 @@ class OnnxLabelRun(MoveReplay, RelationRun):
             return self._carry_params(idx, node, x, ks)
         if op in ("LayerNormalization", "RMSNormalization"):
             return self._norm(idx, node, x, a)
+        if op == "Attention":
+            return self._attention(idx, node, vals, a)
         if op in ops.MIX:
             return self._mix(idx, node, x, f"{op} normalizes across channels")
         if op in ops.SOFTMAX:
@@ -406,6 +408,24 @@ class OnnxLabelRun(MoveReplay, RelationRun):
         if new_eps is not None:
             self.updates.attributes.setdefault(idx, {})["epsilon"] = float(new_eps)
         return [out] + [None] * (len(node.output) - 1)
+
+    def _attention(self, idx, node, vals, a):
+        """ONNX Attention (opset 23) on 4-d (batch, heads, positions, head_dim) inputs without a KV cache: the core's
+        fused attention (heads copied whole, GQA groups kept)."""
+        q, k, v = (vals + [None] * 3)[:3]
+        extra = [n for n in node.input[3:] if n]
+        if not all(isinstance(t, LabelTensor) and t.ndim == 4 for t in (q, k, v)) or len(node.input) > 4 \
+                or any(o for o in node.output[1:]) or a.get("softcap", 0.0):
+            return self._opaque(idx, node, "Attention with 3-d inputs, a KV cache or softcap is not understood")
+        if extra and isinstance(self.env.get(extra[0]), LabelTensor) and self.env[extra[0]].vary:
+            return self._opaque(idx, node, "its attention mask has channel structure")
+        olds = [self._old_input(node, i, t) for i, t in enumerate((q, k, v))]
+        out_shape = list(olds[0].shape[:-1]) + [olds[2].shape[-1]] if not self.analysis else \
+            list(self.shapes[node.output[0]])
+        try:
+            return [self.attention((idx, node), node_label(node, idx), q, k, v, *olds, out_shape=out_shape)]
+        except NotUnderstood as exc:
+            return self._opaque(idx, node, str(exc))
 
     def _embedding(self, idx, node, ids: LabelTensor, table: np.ndarray):
         """Gather of rows of a constant table by token ids: a producer whose units are the table's columns."""
