@@ -70,7 +70,7 @@ def _widen_onnx(model, x, factor):
     import graphgrow.onnx as gonnx
 
     buf = io.BytesIO()
-    with warnings.catch_warnings(), torch.no_grad():
+    with warnings.catch_warnings():  # (not under no_grad: nn.MultiheadAttention's fast path does not export)
         warnings.simplefilter("ignore")
         torch.onnx.export(model, (x[:1],), buf, dynamo=False, opset_version=17)
     return gonnx.widen(onnx.load_from_string(buf.getvalue()), factor)
