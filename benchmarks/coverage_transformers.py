@@ -72,8 +72,15 @@ def _widen_onnx(model, x, factor):
     buf = io.BytesIO()
     with warnings.catch_warnings():  # (not under no_grad: nn.MultiheadAttention's fast path does not export)
         warnings.simplefilter("ignore")
-        torch.onnx.export(model, (x[:1],), buf, dynamo=False, opset_version=17)
+        try:
+            torch.onnx.export(model, (x[:1],), buf, dynamo=False, opset_version=17)
+        except Exception as exc:  # noqa: BLE001 - the exporter's failure, not graphgrow's
+            raise ExportFailed(f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from None
     return gonnx.widen(onnx.load_from_string(buf.getvalue()), factor)
+
+
+class ExportFailed(Exception):
+    """torch.onnx could not export the model (the ONNX frontend has nothing to read)."""
 
 
 def worker(name: str, factor: float, frontend: str = "fx") -> dict:
@@ -100,11 +107,18 @@ def worker(name: str, factor: float, frontend: str = "fx") -> dict:
     except graphgrow.VerificationError as exc:
         row["status"] = f"WRONG: {str(exc).splitlines()[0][:300]}"
         return row
+    except ExportFailed as exc:
+        row["status"] = f"export failed: {exc}"
+        return row
     except graphgrow.GraphGrowError as exc:
         row["status"] = f"refused: {str(exc).splitlines()[0][:300]}"
         return row
     except Exception as exc:  # noqa: BLE001 - any other failure is a bug to report
-        row["status"] = f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+        import traceback
+
+        frames = [f for f in traceback.extract_tb(exc.__traceback__) if "graphgrow" in f.filename]
+        where = f" at {frames[-1].filename.split('graphgrow/')[-1]}:{frames[-1].lineno}" if frames else ""
+        row["status"] = f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}{where}"
         return row
     row["seconds"] = round(time.time() - t, 1)
     row["params_after"] = rep.params_after
@@ -156,10 +170,12 @@ def write(rows: list, commands: list, frontend: str = "fx") -> None:
     how = ("the TorchScript export (opset 17, batch 1) widened by `graphgrow.onnx.widen(model, factor)` and checked "
            "in onnxruntime" if frontend == "onnx" else
            "`graphgrow.widen(model, factor, example_inputs=(x,), verify='torch')`")
+    wrong = sum(1 for r in rows if r["status"].startswith("WRONG"))
+    others = {k: sum(1 for r in rows if r["status"].startswith(k))
+              for k in ("refused", "export failed", "skipped", "error", "timeout")}
     lines = [f"# graphgrow transformer coverage ({frontend} frontend)", "",
-             f"**{exact}/{len(rows)} runs exact**, none wrong: "
-             f"{sum(1 for r in rows if r['status'].startswith('WRONG'))} WRONG, "
-             f"{sum(1 for r in rows if r['status'].startswith('error'))} errors.", "",
+             f"**{exact}/{len(rows)} runs exact, {wrong} wrong**; "
+             + ", ".join(f"{n} {k}" for k, n in others.items() if n) + ".", "",
              f"Command: `{command}`", "",
              f"torch {torch.__version__}, python {platform.python_version()}, {os.cpu_count()} CPUs. Every model: "
              f"random init, all-constant tensors made random (`coverage.desymmetrize`), batch of 2, {how}. *stream*: "

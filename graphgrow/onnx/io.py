@@ -47,7 +47,10 @@ def serialized_size_below(model, limit: int | None = None) -> bool:
     limit = TWO_GB if limit is None else limit
     if _size_bound(model) < limit:
         return True
-    return model.ByteSize() < limit
+    try:
+        return model.ByteSize() < limit
+    except Exception:  # noqa: BLE001 - upb refuses to size a message over 2 GB at all
+        return False
 
 
 def _external_tensors(model):
