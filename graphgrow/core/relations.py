@@ -146,13 +146,16 @@ class RelationRun(NormRelations, AttentionRelations, sites.LabelRunState):
         """Whether an op acting along ``axes`` (non-negative) reads across channels."""
         return bool(set(axes) & set((x if self.analysis else old_x).vary))
 
-    def pool(self, node, x: LabelTensor, old_x: LabelTensor, shape) -> LabelTensor:
-        """Per-channel op on axis 1 that may change the other axes (pooling, interpolation, padding)."""
-        seq = label_channel_ids(x, 1)
-        old_c = (x if self.analysis else old_x).shape[1]
-        if seq is None or shape is None or len(shape) != x.ndim or shape[1] != old_c:
-            raise NotUnderstood("its input channels are not on axis 1, or one channel id holds different contents")
-        return LabelTensor.channels((shape[0], x.shape[1]) + tuple(shape[2:]), 1, seq, self.salt(node))
+    def pool(self, node, x: LabelTensor, old_x: LabelTensor, shape, axis: int = 1) -> LabelTensor:
+        """Per-channel op on ``axis`` (1: NCHW) that may change the other axes (pooling, interpolation, padding)."""
+        seq = label_channel_ids(x, axis)
+        old_c = (x if self.analysis else old_x).shape[axis]
+        if seq is None or shape is None or len(shape) != x.ndim or shape[axis] != old_c:
+            raise NotUnderstood(f"its input channels are not on axis {axis}, or one channel id holds different "
+                                "contents")
+        new_shape = list(shape)
+        new_shape[axis] = x.shape[axis]
+        return LabelTensor.channels(tuple(new_shape), axis, seq, self.salt(node))
 
     def reduce(self, node, x: LabelTensor, old_x: LabelTensor, axes, keepdims: bool, mean: bool = False,
                mean_kind: str | None = None):

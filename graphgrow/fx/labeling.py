@@ -253,6 +253,8 @@ class FxLabelRun(FxTransformerOps, MoveReplay, RelationRun):
             return self._move(node, target, args, kwargs)
         if target in ops.REDUCE_FUNCS:
             return self._reduce(node, first, args, kwargs)
+        if target is F.pad and isinstance(first, LabelTensor):
+            return self._pad(node, first, args, kwargs)
         if target in ops.POOL_FUNCS:
             return self.pool(node, first, self._old(node.args[0]), self._shape(node))
         if target in ops.SOFTMAX_FUNCS:
@@ -327,6 +329,20 @@ class FxLabelRun(FxTransformerOps, MoveReplay, RelationRun):
         if not self.analysis and not all(isinstance(o, LabelTensor) for o in olds):
             raise self.conflict(node, "operands are not both tensors in the original")
         return self.unify(node, [(olds[0], a), (olds[1], b)], 0 if a.shape == out_shape else 1)
+
+    def _pad(self, node, x: LabelTensor, args, kwargs):
+        """F.pad with constant padding: per channel on the one channel axis it leaves unpadded (NCHW or
+        channels-last, as in Swin's window padding)."""
+        pads = args[1] if len(args) > 1 else kwargs.get("pad")
+        mode = args[2] if len(args) > 2 else kwargs.get("mode", "constant")
+        ref = x if self.analysis else self._old(node.args[0])
+        if not isinstance(pads, (list, tuple)) or not all(isinstance(p, int) for p in pads) or len(ref.vary) > 1:
+            raise NotUnderstood("padding amounts are computed, or channels lie on several axes")
+        padded = {x.ndim - 1 - i // 2 for i, p in enumerate(pads) if p}
+        axis = ref.vary[0] if ref.vary else 1
+        if axis in padded or mode != "constant" and axis == x.ndim - 1:
+            raise NotUnderstood("it pads the channel axis")
+        return self.pool(node, x, ref, self._shape(node), axis=axis)
 
     def _reduce(self, node, x: LabelTensor, args, kwargs):
         dims = args[1] if len(args) > 1 else kwargs.get("dim")

@@ -58,10 +58,10 @@ BINARY_METHODS = {"add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "m
 MOVE_FUNCS = {torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.squeeze, torch.unsqueeze,
                torch.cat, torch.concat, torch.concatenate, torch.stack, torch.chunk, torch.split, torch.movedim,
                torch.swapaxes, torch.t, torch.unflatten, torch.channel_shuffle, F.pixel_shuffle,
-               F.pixel_unshuffle, torch.narrow, torch.unbind}
+               F.pixel_unshuffle, torch.narrow, torch.unbind, torch.roll}
 MOVE_METHODS = {"view", "reshape", "flatten", "permute", "transpose", "squeeze", "unsqueeze", "chunk", "split",
                  "movedim", "swapaxes", "t", "unflatten", "expand", "expand_as", "view_as", "reshape_as",
-                 "narrow", "unbind", "repeat"}
+                 "narrow", "unbind", "repeat", "roll"}
 SPLITTING_MOVES = {"view", "reshape", "unflatten", torch.reshape, torch.unflatten}
 # moves whose equal pieces take the same fraction of a widened axis (tied)
 PIECE_MOVES = {"chunk", "split", "unbind", torch.chunk, torch.split, torch.unbind}

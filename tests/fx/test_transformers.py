@@ -231,3 +231,24 @@ def test_fill_falls_back_when_the_numbers_disagree():
     assert err < EXACT
     assert space(rep, "inp").new_width == 8 and space(rep, "fc").new_width == 8
     assert any("fill + rescale did not verify" in n for n in rep.notes)
+
+
+def test_channels_last_pad_and_roll_keep_the_stream():
+    """Swin's window padding and cyclic shift on a channels-last stream are per-channel moves."""
+
+    class Shifted(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp, self.norm, self.fc, self.out = nn.Linear(3, 8), nn.LayerNorm(8), nn.Linear(8, 8), nn.Linear(8, 2)
+
+        def forward(self, x):  # x: (B, H, W, 3)
+            h = self.inp(x)
+            y = torch.nn.functional.pad(self.norm(h), (0, 0, 1, 1, 1, 1))
+            y = torch.roll(y, shifts=(1, -1), dims=(1, 2))[:, 1:-1, 1:-1, :]
+            return self.out(h + self.fc(y)).mean((1, 2))
+
+    torch.manual_seed(0)
+    for factor in (2, 1.5):
+        wide, rep, err = widen_and_compare(Shifted(), (torch.randn(2, 5, 5, 3),), factor)
+        assert err < EXACT
+        assert space(rep, "inp").new_width == int(8 * factor) and space(rep, "fc").new_width == int(8 * factor)
