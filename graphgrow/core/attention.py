@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .growth import NotUnderstood
 from .label_tensor import LabelTensor, same_labels
 from .labels import CHAN_SHIFT, SALT_MASK, SALT_SHIFT, channel_of
 from .provenance import Mismatch, match_rows
@@ -64,8 +65,6 @@ class AttentionRelations:
         return LabelTensor.element(shape, self.fixed_space[key].base, salt)
 
     def _check_axes(self, x: LabelTensor, allowed, what: str) -> None:
-        from .relations import NotUnderstood
-
         if not set(x.vary) <= {a for a in allowed if a is not None}:
             raise NotUnderstood(f"the channels of its {what} are not on its head and head_dim axes")
 
@@ -95,8 +94,6 @@ class AttentionRelations:
         qg, kg = head_grid(ref_q, *q_axes), head_grid(ref_k, *k_axes)
         n_heads, n_kv = len(qg), len(kg)
         if qg.shape[1] != kg.shape[1] or n_heads % n_kv:
-            from .relations import NotUnderstood
-
             raise NotUnderstood(f"{n_heads} query heads of {qg.shape[1]} cannot read {n_kv} key heads of "
                                 f"{kg.shape[1]}")
         space = self.derived_space(node, suffix, f"{name} (scores)", n_heads)
@@ -141,8 +138,6 @@ class AttentionRelations:
         """The weighted sum ``p @ v`` over positions: ``p`` (scores after softmax) with heads on ``p_axis``,
         ``v`` with heads and channels on ``v_axes``; ``out_axes``: the result's head and channel axes,
         ``out_shape`` the original result's shape. Returns the output's labels."""
-        from .relations import NotUnderstood
-
         salt = self.salt(node)
         ref_p, ref_v = (p, v) if self.analysis else (old_p, old_v)
         self._check_axes(ref_p, (p_axis,), "attention weights")
@@ -151,13 +146,12 @@ class AttentionRelations:
             if p_axis is not None and ref_p.shape[p_axis] != 1:
                 raise NotUnderstood("attention weights without channel structure over several heads")
             # one set of weights for every channel: each channel of v is averaged on its own
-            f = v.factors()
+            shape = self._new_shape(v, out_shape, v_axes)
             if v.elem is not None:
-                return self.fixed_labels(node, suffix, out_shape if self.analysis else self._new_shape(v, out_shape,
-                                                                                                      v_axes), salt)
+                return self.fixed_labels(node, suffix, shape, salt)
+            f = v.factors()
             if f is None:
                 raise NotUnderstood("its values' labels are not in a compact form")
-            shape = self._new_shape(v, out_shape, v_axes)
             return self.elementwise(node, LabelTensor.multi(shape, f[0], f[1]))
         pg, vg = head_grid(ref_p, None, p_axis).T, head_grid(ref_v, *v_axes)
         n_heads, n_kv, n_ch = len(pg), len(vg), vg.shape[1]
@@ -193,8 +187,6 @@ class AttentionRelations:
     def batched_product(self, node, name: str, a: LabelTensor, b: LabelTensor, old_a, old_b):
         """``a @ b`` of two activations (..., M, K) x (..., K, N): attention scores when it contracts head
         channels, the weighted sum of values when it contracts positions."""
-        from .relations import NotUnderstood
-
         if a.ndim < 3 or a.ndim != b.ndim:
             raise NotUnderstood("a product of two activations that is not a batched attention product")
         ra, rb = (a, b) if self.analysis else (old_a, old_b)

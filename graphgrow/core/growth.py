@@ -14,6 +14,10 @@ from .report import SpaceReport
 MAX_ROUNDS = 200
 
 
+class NotUnderstood(Exception):
+    """A relation cannot be applied to this op as it is used here: the op is treated as opaque."""
+
+
 class Conflict(Exception):
     """A site of the widened graph does not reproduce the original; freeze ``chans``."""
 

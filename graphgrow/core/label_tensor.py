@@ -208,6 +208,17 @@ def label_channel_ids(x: "LabelTensor", axis: int = 1):
     return sites.channel_ids(x.a, axis)
 
 
+def reduced_labels(x: LabelTensor, axes, keepdims: bool) -> LabelTensor:
+    """The labels of a reduction of ``x`` over ``axes`` (non-negative) that keeps its other channels: each result
+    element carries the label of the first element it reduces."""
+    out = x.a
+    for ax in sorted(axes, reverse=True):
+        out = np.take(out, [0], axis=ax)
+        if not keepdims:
+            out = np.squeeze(out, axis=ax)
+    return LabelTensor(out)
+
+
 def keeps_order(x: LabelTensor, perm: list) -> bool:
     """A transpose (``perm``: non-negative axes) of element or factored labels that moves only axes of size 1,
     and the channel axes of factored labels, keeps the order of the elements (of the other coordinates, for

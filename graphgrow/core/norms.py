@@ -17,7 +17,8 @@ from __future__ import annotations
 import numpy as np
 
 from . import arithmetic as ar
-from .label_tensor import LabelTensor, match_labels, same_labels
+from .growth import NotUnderstood
+from .label_tensor import LabelTensor, match_labels, reduced_labels, same_labels
 from .labels import channel_of
 from .fill import filled_slices, match_with_fills, norm_rescale
 from .provenance import Mismatch, match_rows
@@ -66,8 +67,6 @@ class NormRelations:
         """The one channel axis among the normalized ``axes``; None when they hold only positions."""
         inside = [a for a in (x if self.analysis else old_x).vary if a in set(axes)]
         if len(inside) > 1:
-            from .relations import NotUnderstood
-
             raise NotUnderstood("it normalizes across several channel axes at once")
         return inside[0] if inside else None
 
@@ -147,9 +146,4 @@ class NormRelations:
             if not per_row:
                 return self.old_outputs(node)
         # one mean per row (per attention head): the row's first channel names it
-        out = x.a
-        for a in sorted(axes, reverse=True):
-            out = np.take(out, [0], axis=a)
-            if not keepdims:
-                out = np.squeeze(out, axis=a)
-        return self.elementwise(node, LabelTensor(out))
+        return self.elementwise(node, reduced_labels(x, axes, keepdims))

@@ -28,12 +28,13 @@ from . import arithmetic as ar
 from . import sites
 from .attention import AttentionRelations
 from .fill import filled_slices, match_with_fills
-from .growth import Conflict
+from .growth import Conflict, NotUnderstood
 from .label_tensor import (
     LabelTensor,
     factored_alike,
     label_channel_ids,
     match_labels,
+    reduced_labels,
     resalt_labels,
     same_labels,
     split_axis_ties,
@@ -41,10 +42,6 @@ from .label_tensor import (
 from .labels import channel_of
 from .norms import NormRelations, row_match
 from .provenance import Mismatch, RowMatch
-
-
-class NotUnderstood(Exception):
-    """A relation cannot be applied to this op as it is used here: the op is treated as opaque."""
 
 
 class RelationRun(NormRelations, AttentionRelations, sites.LabelRunState):
@@ -176,12 +173,7 @@ class RelationRun(NormRelations, AttentionRelations, sites.LabelRunState):
                 shape = [d for i, d in enumerate(x.shape) if i not in axes]
                 cax = [c - sum(1 for a in axes if a < c) for c in f[0]]
             return self.elementwise(node, LabelTensor.multi(shape, cax, f[1]))
-        out = x.a
-        for ax in sorted(axes, reverse=True):
-            out = np.take(out, [0], axis=ax)
-            if not keepdims:
-                out = np.squeeze(out, axis=ax)
-        return self.elementwise(node, LabelTensor(out))
+        return self.elementwise(node, reduced_labels(x, axes, keepdims))
 
     def stacked_sum(self, node, x: LabelTensor, old_x: LabelTensor, axes, keepdims: bool):
         """A sum or mean over a stacking axis: tensors of several spaces stacked along ``axes[0]`` (expert outputs
@@ -442,6 +434,45 @@ class RelationRun(NormRelations, AttentionRelations, sites.LabelRunState):
             if base <= fill_id < base + self.plan.fills[sid]:
                 return self.plan.fill_kind[sid]
         return None
+
+    def bare_parameter(self, node, name: str, arr: np.ndarray, axis: int, shape, label_axis: int, *,
+                       gain: bool = False, suffix: str | None = None):
+        """A parameter with one axis longer than 1 that joins the stream (class token, layer scale, a bias): its
+        own channel space along ``axis``, tied to whatever it meets; ``shape`` / ``label_axis``: the labels it
+        enters the graph with (broadcast, an Expand). Channels fill + rescale adds take the stream's fill, or 1
+        for a ``gain`` (it multiplies 0 there, and 1 keeps the new channel trainable).
+        Returns ``(labels, original labels, new array or None)``."""
+        space = self.out_space(node, name, arr.shape[axis], suffix)
+        old = LabelTensor.channels(shape, label_axis, space.chan_ids, self.salt(node))
+        if self.analysis:
+            return old, old, None
+        mapping = self.plan.mapping(space)
+        new = None
+        if len(mapping) != arr.shape[axis]:
+            new = ar.gather_fill(arr, axis, mapping, self.plan.fill_kind.get(space.id), 1.0 if gain else None)
+        new_shape = list(shape)
+        new_shape[label_axis] = len(mapping)
+        return LabelTensor.channels(new_shape, label_axis, self.plan.new_chan_ids(space), self.salt(node)), old, new
+
+    def tied_head(self, node, name: str, x: LabelTensor, old_x: LabelTensor, table: np.ndarray, shape):
+        """An output head reading the embedding table (vocab x width) it is tied to. The shared table is the
+        embedding's (columns copied, never divided), so under ``k`` copies the head would return ``k`` x the
+        logits: the frontend folds ``1/k`` into the norm before the head (docs/maths.md §5).
+        Returns ``(labels, the table's new value or None, k)``."""
+        self.note_roles(x, "consumer", name)
+        space = self.out_space(node, name, table.shape[0])
+        labels = LabelTensor.channels(shape, -1, space.chan_ids, self.salt(node))
+        if self.analysis:
+            return labels, None, 1
+        if len(self.plan.mapping(space)) != table.shape[0]:
+            raise self.conflict(node, "a tied output head keeps its output width")
+        match = self.match(node, old_x, x, -1, fills_ok=True)
+        if match is None:
+            return labels, None, 1
+        copies = set(match.copies.tolist())
+        if not match.unique_old or len(copies) != 1:
+            raise self.conflict(node, "an output head tied to the embedding reads only uniformly copied channels")
+        return labels, ar.gather_fill(table, 1, match.source(), self._stream_fill_kind(x)), copies.pop()
 
     # ------------------------------------------------------------ moves
     def reshape_ties(self, x: LabelTensor, out: LabelTensor) -> None:

@@ -32,7 +32,7 @@ def _np(t: torch.Tensor) -> np.ndarray:
     return (t if t.dtype in (torch.float32, torch.float64) else t.float()).numpy()
 
 
-def _arg(node_args, args, kwargs, i, name, default=None):
+def _arg(args, kwargs, i, name, default=None):
     if len(args) > i:
         return args[i]
     return kwargs.get(name, default)
@@ -115,12 +115,12 @@ class FxTransformerOps:
         """F.layer_norm / F.rms_norm / F.group_norm with parameters read from module attributes."""
         old_x = self._old(node.args[0])
         if target is F.group_norm:
-            groups = _arg(node.args, args, kwargs, 1, "num_groups")
+            groups = _arg(args, kwargs, 1, "num_groups")
             axes, pos, pax = list(range(1, x.ndim)), {"weight": 2, "bias": 3}, 0
             shape_pos = None
         else:
             groups = 1
-            shape = _arg(node.args, args, kwargs, 1, "normalized_shape")
+            shape = _arg(args, kwargs, 1, "normalized_shape")
             if not isinstance(shape, (list, tuple, torch.Size, int)):
                 raise NotUnderstood("its normalized shape is computed")
             shape = [shape] if isinstance(shape, int) else list(shape)
@@ -173,8 +173,8 @@ class FxTransformerOps:
 
     # ------------------------------------------------------------ attention
     def _sdpa(self, node, args, kwargs):
-        q, k, v = (_arg(node.args, args, kwargs, i, n) for i, n in enumerate(("query", "key", "value")))
-        mask = _arg(node.args, args, kwargs, 3, "attn_mask")
+        q, k, v = (_arg(args, kwargs, i, n) for i, n in enumerate(("query", "key", "value")))
+        mask = _arg(args, kwargs, 3, "attn_mask")
         if not all(isinstance(t, LabelTensor) for t in (q, k, v)):
             raise NotUnderstood("query, key and value are not all tensors")
         srcs = [node.args[i] if len(node.args) > i else node.kwargs.get(n)
@@ -296,19 +296,13 @@ class FxTransformerOps:
         if not all(u.target in JOINING_OPS for u in node.users):
             return None  # read by a norm function, a linear map, ...: a parameter of that op, not of the stream
         ax = long_axes[0]
-        space = self.out_space(node, node.target, real.shape[ax])
-        if self.analysis:
-            return LabelTensor.channels(tuple(real.shape), ax, space.chan_ids, self.salt(node))
-        mapping = self.plan.mapping(space)
-        shape = list(real.shape)
-        shape[ax] = len(mapping)
-        if len(mapping) != real.shape[ax]:
+        # a gain (multiplied in): its filled channels get 1
+        gain = all(u.target in (operator.mul, torch.mul, "mul") for u in node.users)
+        labels, _, new = self.bare_parameter(node, node.target, _np(real), ax, tuple(real.shape), ax, gain=gain)
+        if new is not None:
             owner, _, attr = node.target.rpartition(".")
-            # a gain (multiplied in) of a filled channel: 1, which keeps the new channel trainable
-            gain = all(u.target in (operator.mul, torch.mul, "mul") for u in node.users)
-            self._update(owner).tensors[attr] = ar.gather_fill(_np(real), ax, mapping, self.plan.fill_kind.get(space.id),
-                                                               1.0 if gain else None)
-        return LabelTensor.channels(tuple(shape), ax, self.plan.new_chan_ids(space), self.salt(node))
+            self._update(owner).tensors[attr] = new
+        return labels
 
     def _param_operand(self, node, x: LabelTensor, param_node, x_node):
         """``x`` combined elementwise with a parameter of several long axes read only here (a position
@@ -329,30 +323,16 @@ class FxTransformerOps:
         (columns copied, not divided), so under k-fold replication the head would return k x the logits;
         the 1/k is folded into the affine norm before it (docs/maths.md §5)."""
         emb = self.tied_heads[node.target]
-        n_out = mod.weight.shape[0]
-        self.note_roles(x, "consumer", node.target)
-        space = self.out_space(node, node.target, n_out)
-        shape = list(self._shape(node))
-        if self.analysis:
-            return LabelTensor.channels(shape, -1, space.chan_ids, self.salt(node))
-        match = self.match(node, old_x, x, -1, fills_ok=True)
-        if len(self.plan.mapping(space)) != n_out:
-            raise self.conflict(node, "a tied output head keeps its output width")
-        labels = LabelTensor.channels(shape, -1, space.chan_ids, self.salt(node))
-        if match is None:
+        labels, gathered, k = self.tied_head(node, node.target, x, old_x, _np(mod.weight), list(self._shape(node)))
+        if gathered is None:
             return labels
-        copies = set(match.copies.tolist())
-        if not match.unique_old or len(copies) != 1:
-            raise self.conflict(node, "an output head tied to the embedding reads only uniformly copied channels")
-        gathered = ar.gather_fill(_np(mod.weight), 1, match.source(), self._stream_fill_kind(x))
         emb_new = self.updates.get(emb)
         if emb_new is None or not np.array_equal(emb_new.tensors.get("weight"), gathered):
             raise self.conflict(node, f"the output head and the embedding {emb!r} it is tied to would need different "
                                       "columns")
-        k = copies.pop()
         if k > 1:
             self._fold_scale(node, node.args[0], 1.0 / k)
-        self._update(node.target).attrs["in_features"] = match.n_new
+        self._update(node.target).attrs["in_features"] = x.shape[-1]
         return labels
 
     def _fold_scale(self, head, start, scale: float) -> None:

@@ -460,24 +460,10 @@ class OnnxLabelRun(MoveReplay, RelationRun):
         """An output head reading the transposed embedding table: the shared table is the embedding's (columns
         copied, not divided), and the 1/k of a k-fold replication is folded into the norm before it."""
         t_idx, name = self._tied_table(node)
-        table = self.consts[name]
-        site = (idx, node)
-        self.note_roles(x, "consumer", node_label(node, idx))
-        space = self.out_space(site, node_label(node, idx), table.shape[0])
-        shape = self.shapes[node.output[0]]
-        labels = LabelTensor.channels(shape, -1, space.chan_ids, self.salt(site))
-        if self.analysis:
-            return [labels]
-        match = self.match(site, self.old[node.input[0]], x, -1, fills_ok=True)
-        if len(self.plan.mapping(space)) != table.shape[0]:
-            raise self._conflict(idx, node, "a tied output head keeps its output width")
-        if match is None:
-            return [labels]
-        copies = set(match.copies.tolist())
-        if not match.unique_old or len(copies) != 1:
-            raise self._conflict(idx, node, "an output head tied to the embedding reads only uniformly copied channels")
-        self._set_const(t_idx, 0, ar.gather_fill(table, 1, match.source(), self._stream_fill_kind(x)), weight=True)
-        k = copies.pop()
+        labels, gathered, k = self.tied_head((idx, node), node_label(node, idx), x, self.old.get(node.input[0]),
+                                             self.consts[name], self.shapes[node.output[0]])
+        if gathered is not None:
+            self._set_const(t_idx, 0, gathered, weight=True)  # (the embedding's Gather writes the same value)
         if k > 1:
             self._fold_scale(idx, node, 1.0 / k)
         return [labels]
@@ -515,8 +501,8 @@ class OnnxLabelRun(MoveReplay, RelationRun):
 
     def _parameter_piece(self, site, name: str, shape):
         """Labels of a constant joined to activations when it is a float initializer with one axis longer than 1
-        (a class token), possibly broadcast by an Expand: its own channel space along that axis, gathered where
-        it is read. None otherwise."""
+        (a class token), possibly broadcast by an Expand: ``(labels, original labels)`` of its own channel space
+        along that axis (:meth:`~graphgrow.core.relations.RelationRun.bare_parameter`), or None."""
         src, i = name, self.producer.get(name)
         if src not in self.consts:
             if i is None or self.graph.node[i].op_type != "Expand":
@@ -529,17 +515,10 @@ class OnnxLabelRun(MoveReplay, RelationRun):
         axis = long_axes[0] + len(shape) - arr.ndim
         if shape[axis] != arr.shape[long_axes[0]]:
             return None
-        space = self.out_space(site, src, arr.shape[long_axes[0]], suffix=f"param:{src}")
-        if self.analysis:
-            return LabelTensor.channels(shape, axis, space.chan_ids, self.salt(site)), None
-        old = LabelTensor.channels(shape, axis, space.chan_ids, self.salt(site))
-        mapping = self.plan.mapping(space)
-        new_shape = list(shape)
-        new_shape[axis] = len(mapping)
-        if len(mapping) != len(space.chan_ids):
-            self._set_const(*self.users[src][0], ar.gather_fill(arr, long_axes[0], mapping,
-                                                                self.plan.fill_kind.get(space.id)))
-        return LabelTensor.channels(new_shape, axis, self.plan.new_chan_ids(space), self.salt(site)), old
+        labels, old, new = self.bare_parameter(site, src, arr, long_axes[0], shape, axis, suffix=f"param:{src}")
+        if new is not None:
+            self._set_const(*self.users[src][0], new)
+        return labels, old
 
     def _concat_parameters(self, idx, node, vals, a):
         """A concatenation of activations with parameters along a position axis (class token + patches)."""
@@ -553,7 +532,7 @@ class OnnxLabelRun(MoveReplay, RelationRun):
             if got is None:
                 return None
             pieces.append(got[0])
-            olds.append(got[1] if got[1] is not None else got[0])
+            olds.append(got[1])
         out = self.concat_positions((idx, node), pieces, olds, int(a.get("axis", 0)))
         return None if out is None else [out]
 
