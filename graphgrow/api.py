@@ -11,6 +11,7 @@ from .core.growth import (check_factor, check_options, require_head_widths, requ
 from .fx.engine import FxAnalysis, count_params, plan_and_apply, rebuild
 from .core.sites import GrowOptions
 from .core.plan import WidenPlan
+from .hf.capture import is_pretrained
 
 VERIFY = ("torch", "onnxruntime", "none")
 
@@ -42,10 +43,17 @@ def widen(model: nn.Module, factor: float | None = 1.41, *, example_inputs, widt
     fill + rescale otherwise (``fill=False``: they stay); ``strict=True`` raises instead of leaving a space
     narrower than asked because a norm allows only integer factors there.
     """
-    factor = check_factor(factor, widths)
-    check_options(init, noise_mode, divisor, noise)
     if verify not in VERIFY:
         raise InvalidArgumentError(f"verify must be one of {VERIFY}, not {verify!r}")
+    if is_pretrained(model):  # a transformers model: captured by torch.export, rebuilt from its new config
+        from .hf.widen import widen_pretrained
+
+        return widen_pretrained(model, factor, example_inputs=example_inputs, widths=widths, only=only,
+                                exclude=exclude, divisor=divisor, init=init, noise=noise, noise_mode=noise_mode,
+                                seed=seed, verify=verify, atol=atol, rtol=rtol, fill=fill, strict=strict,
+                                progress=progress)
+    factor = check_factor(factor, widths)
+    check_options(init, noise_mode, divisor, noise)
     fill = bool(fill) and init == "net2net"
     an = FxAnalysis(model, example_inputs)
     targets = widen_targets(an.produced, an.constraints, factor, widths, only, exclude, divisor)
@@ -66,7 +74,7 @@ def widen(model: nn.Module, factor: float | None = 1.41, *, example_inputs, widt
                          seed=seed, verify="none", fill=fill)
 
         try:
-            _verify(model, result, an.inputs, report, "widened", verify, atol, rtol, seed, widen64)
+            verify_growth(model, result, an.inputs, report, "widened", verify, atol, rtol, seed, widen64)
         except VerificationError as exc:
             if not plan.fills:
                 raise
@@ -115,7 +123,7 @@ def _linked(result: nn.Module, redo):
     return run
 
 
-def _verify(model, result, inputs, report, what: str, backend: str, atol, rtol, seed: int, redo64=None):
+def verify_growth(model, result, inputs, report, what: str, backend: str, atol, rtol, seed: int, redo64=None):
     """Check ``result`` against ``model`` on 3 batches; the check goes into ``report``; VerificationError if not.
 
     ``redo64``: a function computing the same rewrite in float64; when the float32 check fails, its result
@@ -149,6 +157,11 @@ def deepen(model: nn.Module, *, after, block: str = "conv-bn-relu", kernel=3, ca
 
     if verify not in VERIFY:
         raise InvalidArgumentError(f"verify must be one of {VERIFY}, not {verify!r}")
+    if is_pretrained(model):  # block expansion, stated by the config's num_hidden_layers
+        from .hf.deepen import deepen_pretrained
+
+        return deepen_pretrained(model, after=after, block=block if block != "conv-bn-relu" else "copy",
+                                 example_inputs=example_inputs, seed=seed, verify=verify, atol=atol, rtol=rtol)
     result, report, paths, batches, inputs = deepen_module(model, after=after, block=block, kernel=kernel,
                                                             calibrate=calibrate, example_inputs=example_inputs,
                                                             seed=seed)
@@ -164,6 +177,6 @@ def deepen(model: nn.Module, *, after, block: str = "conv-bn-relu", kernel=3, ca
             return deepen(_double_copy(model), after=after, block=block, kernel=kernel,
                           example_inputs=_double_inputs(inputs), seed=seed, verify="none")
 
-        _verify(model, result, inputs, report, "deepened", verify, atol, rtol, seed, deepen64)
+        verify_growth(model, result, inputs, report, "deepened", verify, atol, rtol, seed, deepen64)
     result.graphgrow_report = report
     return result

@@ -6,16 +6,21 @@ import re
 
 from .. import onnx as gonnx
 from ..core.deepen import BLOCKS
-from ..errors import VerificationError
-from . import exit_codes, options
+from ..errors import GraphGrowError, VerificationError
+from . import checkpoint_dir, exit_codes, options
 
 
 def run(args) -> int:
+    if checkpoint_dir.is_checkpoint_dir(args.input):
+        return checkpoint_dir.deepen(args)
     say = options.progress(args)
     out_path = options.output_paths(args, "deep")
     kernel = int(args.kernel) if re.fullmatch(r"\s*-?\d+\s*", args.kernel) else args.kernel
     try:
-        result = gonnx.deepen(args.input, after=args.after, block=args.block, kernel=kernel, seed=args.seed,
+        if args.block == "copy":
+            raise GraphGrowError("--block copy (block expansion) is for checkpoint directories; ONNX files take "
+                                 "conv-bn-relu, conv-bn, linear or residual")
+        result = gonnx.deepen(args.input, after=args.after, block=args.block or "conv-bn-relu", kernel=kernel, seed=args.seed,
                               shapes=options.shapes(args), check=not args.no_check, atol=args.atol, rtol=args.rtol,
                               batches=options.batches(args.batches), providers=options.providers(args.provider), progress=say)
     except VerificationError as exc:
@@ -38,12 +43,14 @@ def run(args) -> int:
 
 def add_parser(sub) -> None:
     d = sub.add_parser("deepen", help="deepen an ONNX model (Net2DeeperNet), verify it in onnxruntime, write it")
-    d.add_argument("input", metavar="IN.onnx")
+    d.add_argument("input", metavar="IN.onnx|DIR")
     d.add_argument("--after", required=True, metavar="REGEX",
                    help="node or value names (the whole name must match) whose output gets a block")
-    d.add_argument("--block", choices=list(BLOCKS), default="conv-bn-relu",
-                   help="conv-bn-relu (only after provably non-negative values), conv-bn, linear, residual")
+    d.add_argument("--block", choices=list(BLOCKS) + ["copy"], default=None,
+                   help="conv-bn-relu (default for ONNX files; only after provably non-negative values), conv-bn, "
+                        "linear, residual; copy (default for checkpoint directories: block expansion)")
     d.add_argument("--kernel", default="3", help="odd kernel size or a factorized chain like 1x3+3x1 (default 3)")
     d.add_argument("-o", "--output", metavar="OUT.onnx", help="output path (default IN.deep.onnx)")
+    checkpoint_dir.add_options(d)
     options.add_rewrite_options(d)
     d.set_defaults(func=run)

@@ -98,6 +98,12 @@ def default_output(path: str, tag: str) -> str:
     return f"{root}.{tag}{ext or '.onnx'}"
 
 
+def check_report_path(path: str, source: str) -> str:
+    from ..onnx.io import check_output_path
+
+    return check_output_path(path, source)
+
+
 def output_paths(args, tag: str) -> str:
     """The model's output path (``-o`` or the default), checked with the ``--report`` path before any work."""
     from ..onnx.io import check_output_path

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from .. import onnx as gonnx
 from ..errors import GraphGrowError, VerificationError
-from . import exit_codes, options
+from . import checkpoint_dir, exit_codes, options
 
 
 def run(args) -> int:
+    if checkpoint_dir.is_checkpoint_dir(args.input):
+        return checkpoint_dir.widen(args)
     say = options.progress(args)
     out_path = options.output_paths(args, "wide")
     widths = options.widths(args)
@@ -39,9 +41,11 @@ def run(args) -> int:
 
 def add_parser(sub) -> None:
     w = sub.add_parser("widen", help="widen an ONNX model (Net2WiderNet), verify it in onnxruntime, write it")
-    w.add_argument("input", metavar="IN.onnx")
+    w.add_argument("input", metavar="IN.onnx|DIR",
+                   help="an ONNX file, or a Hugging Face checkpoint directory (config.json + safetensors)")
     w.add_argument("--factor", type=float, default=None, help="new width = round(old x factor) (default 1.41)")
-    w.add_argument("-o", "--output", metavar="OUT.onnx", help="output path (default IN.wide.onnx)")
+    w.add_argument("-o", "--output", metavar="OUT",
+                   help="output path (default IN.wide.onnx; for a directory DIR-wide)")
     w.add_argument("--widths", metavar="FILE.json", help="explicit widths {producer node name: width}")
     w.add_argument("--width", action="append", metavar="NAME=N",
                    help="explicit width of one producer node (NAME=heads:N: N attention heads)")
@@ -56,5 +60,6 @@ def add_parser(sub) -> None:
     w.add_argument("--strict", action="store_true",
                    help="fail (exit 2) instead of leaving a space narrower than asked because its norms allow only "
                         "whole factors")
+    checkpoint_dir.add_options(w)
     options.add_rewrite_options(w)
     w.set_defaults(func=run)

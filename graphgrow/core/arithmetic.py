@@ -17,15 +17,22 @@ from __future__ import annotations
 import numpy as np
 
 from .provenance import RowMatch
+from .recipe import along, recorded
 
 
-def gather(arr: np.ndarray, axis: int, index: np.ndarray) -> np.ndarray:
+def _no_fills(axis, index):
     index = np.asarray(index)
     if index.size and index.min() < 0:  # a filled channel (-1) reached a site that does not know fills
         raise ValueError("a channel added by fill + rescale reached a site that cannot take it")
-    return np.take(arr, index, axis=axis)
 
 
+@recorded(along(0, lambda a, k: len(a[1])), check=_no_fills)
+def gather(arr: np.ndarray, axis: int, index: np.ndarray) -> np.ndarray:
+    _no_fills(axis, index)
+    return np.take(arr, np.asarray(index), axis=axis)
+
+
+@recorded(along(0, lambda a, k: len(a[1])))
 def gather_fill(arr: np.ndarray, axis: int, mapping: np.ndarray, kind: str | None, value: float | None = None):
     """:func:`gather` where ``mapping`` may hold -1 (channels added by fill + rescale): those get ``value``,
     or 0 ("zero" streams) / the mean of the old entries along ``axis`` ("mean" streams)."""
@@ -52,6 +59,7 @@ def _expand(v: np.ndarray, ndim: int, axis: int) -> np.ndarray:
     return v.reshape(shape)
 
 
+@recorded(along(0, lambda a, k: a[1].n_new))
 def consume(
     weight: np.ndarray,
     axis: int,

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .recipe import along, recorded
+
 from .label_tensor import LabelTensor, match_labels
 from .labels import channel_of
 from .provenance import Mismatch, RowMatch
@@ -57,15 +59,18 @@ def norm_rescale(m: RowMatch, params: dict, param_axis: int, eps: float | None, 
     gains = [k for k in params if params[k] is not None and (k in ("weight", "scale", 1) or str(k).endswith("weight"))]
     if not gains:
         raise Mismatch("the norm has no affine gain to absorb the rescale")
-    out = {}
-    for key, c in params.items():
-        if c is None:
-            continue
-        moved = np.moveaxis(c.astype(np.float64), param_axis, 0)
-        if key in gains:
-            new = np.concatenate([moved * np.sqrt(r), np.repeat(moved.mean(axis=0, keepdims=True) * np.sqrt(r),
-                                                                  d_new - d_old, axis=0)])
-        else:
-            new = np.concatenate([moved, np.zeros((d_new - d_old,) + moved.shape[1:])])
-        out[key] = np.moveaxis(new, 0, param_axis).astype(c.dtype)
+    out = {key: _rescaled(c, param_axis, key in gains, d_new, r) for key, c in params.items() if c is not None}
     return out, (None if eps is None else eps * r)
+
+
+@recorded(along(0, lambda a, k: a[2]))
+def _rescaled(c: np.ndarray, param_axis: int, gain: bool, d_new: int, r: float) -> np.ndarray:
+    """A gain times sqrt(r), its new entries the mean gain times sqrt(r); a bias, its new entries 0."""
+    moved = np.moveaxis(c.astype(np.float64), param_axis, 0)
+    d_old = moved.shape[0]
+    if gain:
+        new = np.concatenate([moved * np.sqrt(r), np.repeat(moved.mean(axis=0, keepdims=True) * np.sqrt(r),
+                                                              d_new - d_old, axis=0)])
+    else:
+        new = np.concatenate([moved, np.zeros((d_new - d_old,) + moved.shape[1:])])
+    return np.moveaxis(new, 0, param_axis).astype(c.dtype)

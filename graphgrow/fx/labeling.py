@@ -23,14 +23,15 @@ from torch.utils._pytree import tree_map
 from ..core import arithmetic as ar
 from ..core.growth import Conflict
 from ..core.label_tensor import LabelTensor, same_labels
-from ..core.labels import LabelOverflow
+from ..core.labels import MAX_POSITIONS, LabelOverflow
 from ..core.relations import NotUnderstood, RelationRun
 from ..errors import GraphGrowError
 from . import ops
 from .moves import MoveReplay, label_leaves
 from .ops import describe, qualified_name
 from .shapes import TensorMeta
-from .transformer import MATMUL_FUNCS, RMS_NORM_MODULES, SDPA_FUNCS, FxTransformerOps, mean_terms
+from .transformer import (FUNCTIONAL_PRODUCERS, MATMUL_FUNCS, RMS_NORM_MODULES, SDPA_FUNCS, FxTransformerOps,
+                          mean_terms, param_array)
 
 
 @dataclass
@@ -39,11 +40,7 @@ class ModuleUpdate:
     attrs: dict = field(default_factory=dict)
 
 
-def _param(t: torch.Tensor) -> np.ndarray:
-    t = t.detach().cpu()
-    if t.dtype not in (torch.float32, torch.float64):
-        t = t.float()
-    return t.numpy()
+_param = param_array
 
 
 class FxLabelRun(FxTransformerOps, MoveReplay, RelationRun):
@@ -154,9 +151,15 @@ class FxLabelRun(FxTransformerOps, MoveReplay, RelationRun):
             elif node.op == "get_attr":
                 real = operator.attrgetter(node.target)(self.gm)
                 if isinstance(real, torch.Tensor) and (real.dtype == torch.bool or not real.is_floating_point()):
-                    self.env[node] = real.detach().cpu()  # index tables and masks act on data as they are
+                    # index tables and masks act on data as they are
+                    self.env[node] = real.detach() if real.is_meta else real.detach().cpu()
                 elif isinstance(real, torch.Tensor):
-                    self.env[node] = self._param_labels(node, real) or self._fixed(node, tuple(real.shape))
+                    labels = self._param_labels(node, real)
+                    if labels is None and real.numel() >= MAX_POSITIONS:
+                        # a weight too large for element labels (an LLM's embedding table): it is read as a weight
+                        # (functional producers take the parameter itself), never as labels
+                        labels = torch.empty(real.shape, device="meta")
+                    self.env[node] = labels if labels is not None else self._fixed(node, tuple(real.shape))
                 else:
                     self.env[node] = real
             elif node.op == "output":
@@ -259,6 +262,8 @@ class FxLabelRun(FxTransformerOps, MoveReplay, RelationRun):
             return self.pool(node, first, self._old(node.args[0]), self._shape(node))
         if target in ops.SOFTMAX_FUNCS:
             return self._softmax(node, first, args[1:], kwargs)
+        if target in FUNCTIONAL_PRODUCERS and self._weight_param(node, target) is not None:
+            return self._functional_producer(node, target, args, kwargs)
         if target in SDPA_FUNCS:
             return self._sdpa(node, args, kwargs)
         if target in MATMUL_FUNCS and len(args) == 2 and all(isinstance(a, LabelTensor) for a in args):
@@ -300,6 +305,9 @@ class FxLabelRun(FxTransformerOps, MoveReplay, RelationRun):
             if not isinstance(other, (int, float, bool)):
                 raise NotUnderstood(f"operand of type {type(other).__name__} is not understood")
             return self.elementwise(node, a if isinstance(a, LabelTensor) else b)
+        if not a.vary and not b.vary and self._is_fixed(a) and self._is_fixed(b):
+            # constants combined (rotary angles: positions x inverse frequencies): a constant of the result's shape
+            return self._fixed(node, tuple(self._shape(node) or np.broadcast_shapes(a.shape, b.shape)))
         for p, q in ((a, b), (b, a)):
             if self._is_scalar_like(p, q):
                 return self.elementwise(node, q)

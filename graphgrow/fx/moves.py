@@ -109,6 +109,17 @@ class MoveReplay:
                 return args, kwargs
             vals = [v if d is None else d for v, d in zip(vals, dims)]
             new_args = [args[0], tuple(vals)] if nested else [args[0]] + vals
+        elif target == "expand":
+            nested = len(node.args) == 2 and isinstance(node.args[1], (list, tuple))
+            vals = list(args[1]) if nested else list(args[1:])
+            lead = len(vals) - old_in.ndim
+            # an axis the input already has at full size keeps following it (-1 or its old size); broadcast axes
+            # (size 1 in the input) and new leading axes keep their literal size
+            new_vals = [v if i < lead or not isinstance(v, int) or v == -1 or v != old_in.shape[i - lead]
+                        or old_in.shape[i - lead] == 1 else new_in.shape[i - lead] for i, v in enumerate(vals)]
+            if new_vals == vals:
+                return args, kwargs
+            new_args = [args[0], new_vals] if nested else [args[0]] + new_vals
         elif target in ("split", torch.split):
             size = args[1] if len(args) > 1 else kwargs.get("split_size_or_sections", kwargs.get("split_size"))
             dim = args[2] if len(args) > 2 else kwargs.get("dim", 0)

@@ -11,6 +11,9 @@ does, and the returned dict holds what the label run reads.
 
 from __future__ import annotations
 
+import contextlib
+import io
+
 import torch
 import torch.fx as fx
 from torch.fx.passes.shape_prop import ShapeProp
@@ -65,7 +68,8 @@ def _on_meta(gm: fx.GraphModule, inputs: tuple) -> dict:
              for k, v in list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False))}
     meta_inputs = tree_map(lambda v: v.to("meta") if isinstance(v, torch.Tensor) else v, inputs)
     rec = _Recorder(gm)
-    with _reparametrize_module(gm, state, tie_weights=True):
+    # ShapeProp prints the traceback of a failing node before raising; here a failure only means "run it for real"
+    with _reparametrize_module(gm, state, tie_weights=True), contextlib.redirect_stderr(io.StringIO()):
         rec.propagate(*meta_inputs)
     return rec.values
 

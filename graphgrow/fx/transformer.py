@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from ..core import arithmetic as ar
 from ..core.growth import Conflict
 from ..core.label_tensor import LabelTensor
+from ..core.recipe import Recipe, same_values
 from ..core.relations import NotUnderstood
 
 RMS_NORM_MODULES = (nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()
@@ -25,11 +26,30 @@ JOINING_OPS = {operator.add, operator.sub, operator.mul, operator.truediv, torch
                torch.cat, torch.concat, "add", "sub", "mul", "div", "expand", "expand_as"}
 MATMUL_FUNCS = {torch.matmul, operator.matmul, torch.bmm}
 SDPA_FUNCS = {F.scaled_dot_product_attention}
+# functions applying a parameter tensor as a linear map (torch.export writes every nn.Linear / Conv / Embedding
+# this way): name -> (activation position, weight position, bias position, activation's channel axis,
+# weight's input axis, weight's output axis)
+FUNCTIONAL_PRODUCERS = {
+    F.linear: (0, 1, 2, -1, 1, 0),
+    torch.addmm: (1, 2, 0, -1, 0, 1),  # GPT-2's Conv1D: bias + x @ W with W stored (in, out)
+    torch.matmul: (0, 1, None, -1, 0, 1),
+    F.conv1d: (0, 1, 2, 1, 1, 0),
+    F.conv2d: (0, 1, 2, 1, 1, 0),
+    F.conv3d: (0, 1, 2, 1, 1, 0),
+    F.embedding: (0, 1, None, -1, 0, 1),  # indices in, the table (vocab, width) maps them to vectors
+}
 
 
-def _np(t: torch.Tensor) -> np.ndarray:
+def param_array(t: torch.Tensor):
+    """A parameter's value for the core arithmetic: a float32/float64 array, or for a weightless (meta)
+    parameter a :class:`~graphgrow.core.recipe.Recipe` of it (its state_dict key set by the capture)."""
+    if t.is_meta:
+        return Recipe(getattr(t, "graphgrow_key", "?"), tuple(t.shape))
     t = t.detach().cpu()
     return (t if t.dtype in (torch.float32, torch.float64) else t.float()).numpy()
+
+
+_np = param_array
 
 
 def _arg(args, kwargs, i, name, default=None):
@@ -317,6 +337,73 @@ class FxTransformerOps:
             self._update(owner).tensors[attr] = new
         return out
 
+    # ------------------------------------------------------------ parameters applied by functions
+    def _weight_param(self, node, target):
+        """The ``get_attr`` node of the parameter ``target`` applies as its weight, or None."""
+        pos = FUNCTIONAL_PRODUCERS[target][1]
+        w = node.args[pos] if len(node.args) > pos else node.kwargs.get("weight")
+        if isinstance(w, fx.Node) and w.op == "get_attr" and w.target in self.param_names and \
+                operator.attrgetter(w.target)(self.gm).ndim >= 2:
+            return w
+        return None
+
+    def _tied_pair(self, w_node) -> bool:
+        """A table read by one embedding and one linear map (a tied output head; a bias there is per token)."""
+        users = list(w_node.users)
+        return len(users) == 2 and self.attr_uses.get(w_node.target) == 2 and \
+            sorted(str(u.target) for u in users) == sorted(str(t) for t in (F.embedding, F.linear)) and \
+            all(u.args[1] is w_node for u in users)
+
+    def _functional_producer(self, node, target, args, kwargs):
+        x_pos, w_pos, b_pos, axis, w_in, w_out = FUNCTIONAL_PRODUCERS[target]
+        w_node = self._weight_param(node, target)
+        x, x_node = args[x_pos], node.args[x_pos]
+        if isinstance(x, torch.Tensor):  # indices computed in the graph (position ids): a constant
+            x = self._fixed(node, tuple(x.shape), 5)
+        if not isinstance(x, LabelTensor):
+            raise NotUnderstood("its input is not a tensor")
+        weight = operator.attrgetter(w_node.target)(self.gm)
+        if target in (F.conv1d, F.conv2d, F.conv3d) and (args[6] if len(args) > 6 else kwargs.get("groups", 1)) != 1:
+            raise NotUnderstood("a grouped convolution written as a function")
+        if target is torch.matmul and weight.ndim != 2:
+            raise NotUnderstood("a batched matrix product with a parameter")
+        if target is F.embedding and x.vary:
+            raise NotUnderstood("its indices carry channels")
+        tied = self._tied_pair(w_node)
+        if self.attr_uses.get(w_node.target, 0) != 1 and not tied:
+            raise NotUnderstood("its weight is also read by other ops")
+        if tied and target is F.linear:
+            return self._tied_function_head(node, w_node, x, self._old(x_node), weight)
+        b_node = None if b_pos is None else (node.args[b_pos] if len(node.args) > b_pos else node.kwargs.get("bias"))
+        if b_node is not None and not (isinstance(b_node, fx.Node) and b_node.op == "get_attr"
+                                       and self.attr_uses.get(b_node.target) == 1):
+            raise NotUnderstood("its bias is computed or shared")
+        old_x = self._old(x_node) if isinstance(x_node, fx.Node) and isinstance(self._old(x_node), LabelTensor) else x
+        out, w, mapping = self.produce(node, w_node.target, x, old_x, _np(weight), in_axis=axis, out_axis=axis,
+                                       w_in=w_in, w_out=w_out, shape=self._shape(node))
+        if w is not None:
+            owner, _, attr = w_node.target.rpartition(".")
+            self._update(owner).tensors[attr] = w
+            if b_node is not None:
+                b_owner, _, b_attr = b_node.target.rpartition(".")
+                self._update(b_owner).tensors[b_attr] = ar.gather_fill(
+                    _np(operator.attrgetter(b_node.target)(self.gm)), 0, mapping, self.fill_kind_of(node))
+        return out
+
+    def _tied_function_head(self, node, w_node, x, old_x, weight):
+        """F.linear reading the table an F.embedding reads (the exported form of a tied head)."""
+        labels, gathered, k = self.tied_head(node, w_node.target, x, old_x, _np(weight), list(self._shape(node)))
+        if gathered is None:
+            return labels
+        owner, _, attr = w_node.target.rpartition(".")
+        emb_new = self.updates.get(owner)
+        if emb_new is None or not same_values(emb_new.tensors.get(attr), gathered):
+            raise self.conflict(node, f"the output head and the embedding it is tied to ({w_node.target!r}) would "
+                                      "need different columns")
+        if k > 1:
+            self._fold_scale(node, node.args[0], 1.0 / k)
+        return labels
+
     # ------------------------------------------------------------ tied output heads
     def _tied_head(self, node, mod: nn.Linear, x: LabelTensor, old_x):
         """An output head sharing its weight with the token embedding: the shared weight is the embedding's
@@ -327,7 +414,7 @@ class FxTransformerOps:
         if gathered is None:
             return labels
         emb_new = self.updates.get(emb)
-        if emb_new is None or not np.array_equal(emb_new.tensors.get("weight"), gathered):
+        if emb_new is None or not same_values(emb_new.tensors.get("weight"), gathered):
             raise self.conflict(node, f"the output head and the embedding {emb!r} it is tied to would need different "
                                       "columns")
         if k > 1:
@@ -339,8 +426,8 @@ class FxTransformerOps:
         """Multiply the affine parameters of the norm that computes ``start`` (through moves) by ``scale``."""
         n = start
         while isinstance(n, fx.Node) and len(n.users) == 1 and (
-                n.target is operator.getitem or n.op == "call_method" and n.target in ("view", "reshape",
-                                                                                      "contiguous", "to")
+                n.target in (operator.getitem, F.dropout) or n.op == "call_method" and n.target in (
+                    "view", "reshape", "contiguous", "to")
                 or n.op == "call_module" and isinstance(self.modules[n.target], (nn.Identity, nn.Dropout))):
             n = n.args[0]
         scaled = []
@@ -348,6 +435,13 @@ class FxTransformerOps:
                 and isinstance(self.modules[n.target], (nn.LayerNorm,) + RMS_NORM_MODULES):
             upd = self.updates.get(n.target)
             scaled = [(upd, a) for a in ("weight", "bias") if upd is not None and a in upd.tensors]
+        elif isinstance(n, fx.Node) and len(n.users) == 1 and n.target in (F.layer_norm, F.rms_norm):
+            for p in n.args[2:4 if n.target is F.layer_norm else 3]:
+                if isinstance(p, fx.Node) and p.op == "get_attr":
+                    owner, _, attr = p.target.rpartition(".")
+                    upd = self.updates.get(owner)
+                    if upd is not None and attr in upd.tensors:
+                        scaled.append((upd, attr))
         else:
             scaled = self._written_out_affine(n)
         if not scaled:

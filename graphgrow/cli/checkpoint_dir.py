@@ -1,0 +1,98 @@
+"""``graphgrow widen|deepen DIR``: a Hugging Face checkpoint directory (config.json + safetensors) grown in
+bounded memory (:mod:`graphgrow.hf.stream`), written in the same layout, checked before it is moved into
+place. torch and transformers are imported only here, only for directories."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from ..errors import GraphGrowError, InvalidArgumentError, VerificationError
+from . import exit_codes, options
+
+
+def is_checkpoint_dir(path: str) -> bool:
+    return os.path.isdir(path)
+
+
+def _stream():
+    try:
+        from ..hf import stream
+    except ImportError as exc:
+        raise GraphGrowError(f"growing a checkpoint directory needs torch, transformers and safetensors "
+                             f"(pip install 'graphgrow[hf]'): {exc}") from None
+    return stream
+
+
+def _output(args, tag: str) -> str:
+    out = args.output or f"{os.path.normpath(args.input)}-{tag}"
+    if args.report:
+        options.check_report_path(args.report, args.input)
+    return out
+
+
+def _progress(args):
+    say = options.progress(args)
+    state = {"next": 0.0}
+
+    def tick(done, total, name):
+        if total and done / total >= state["next"]:
+            say(f"{100 * done / total:3.0f}% of {total / 2 ** 30:.2f} GiB ({name})")
+            state["next"] = done / total + 0.1
+
+    return say, tick
+
+
+def _finish(args, out: str, result: dict, lines: list) -> int:
+    check = result.get("check")
+    if args.report:
+        rep = result.get("report")
+        data = rep.to_dict() if rep is not None else {"notes": result.get("notes", [])}
+        data["check"] = check
+        options.write_text(args.report, json.dumps(data, indent=1))
+    for line in lines:
+        print(line)
+    print(f"  checked: max relative error {check['max_rel']:.1e} (tolerance {check['tolerance']:.0e}, "
+          f"{check['checked_dtype']})" if check else "  not verified (--no-check)")
+    print(f"wrote {out}")
+    return exit_codes.OK
+
+
+def widen(args) -> int:
+    if args.noise or args.init != "net2net":
+        raise InvalidArgumentError("--noise and --init random-pad are not available for checkpoint directories")
+    stream = _stream()
+    out = _output(args, "wide")
+    say, tick = _progress(args)
+    widths = options.widths(args)
+    factor = args.factor if args.factor is not None else (None if widths else 1.41)
+    say(f"planning on {args.input} (weightless) ...")
+    try:
+        result = stream.widen_checkpoint(args.input, out, factor, widths=widths or None, only=args.only,
+                                         exclude=args.exclude, divisor=args.divisor, fill=not args.no_fill,
+                                         strict=args.strict, check=not args.no_check, seed=args.seed,
+                                         allow_pickle=args.allow_pickle, overwrite=args.overwrite, progress=tick)
+    except VerificationError as exc:
+        return options.not_equivalent(args, exc)
+    rep = result["report"]
+    return _finish(args, out, result, [rep.summary()] + [f"  {n}" for n in rep.notes])
+
+
+def deepen(args) -> int:
+    stream = _stream()
+    out = _output(args, "deep")
+    say, tick = _progress(args)
+    try:
+        result = stream.deepen_checkpoint(args.input, out, after=args.after, block=args.block or "copy",
+                                          check=not args.no_check, seed=args.seed, allow_pickle=args.allow_pickle,
+                                          overwrite=args.overwrite, progress=tick)
+    except VerificationError as exc:
+        return options.not_equivalent(args, exc)
+    return _finish(args, out, result, [f"  {n}" for n in result["notes"]])
+
+
+def add_options(p) -> None:
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="checkpoint directories: read pickled .bin weights (loaded with weights_only=True)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="checkpoint directories: replace a non-empty output directory")

@@ -1,0 +1,97 @@
+"""A Hugging Face model captured as a graph the fx analysis reads.
+
+Symbolic tracing cannot enter transformers' forward functions (mask builders, pytree outputs, cache
+objects); ``torch.export`` can.  :class:`ModelOutputs` turns the model into a function of positional
+tensors returning its output tensors (no cache: the grown model's cache is the model's own business),
+:func:`capture` exports it and lifts the ATen graph (:mod:`graphgrow.fx.aten`), whose ``get_attr`` targets
+are the model's state_dict keys.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import sys
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from ..errors import InvalidArgumentError, TraceError, first_line
+from ..fx.aten import lift_exported
+
+_PREFIX = "model."
+
+
+def is_pretrained(model) -> bool:
+    """True for a ``transformers.PreTrainedModel`` (without importing transformers when it is not loaded)."""
+    tf = sys.modules.get("transformers")
+    return tf is not None and isinstance(model, tf.PreTrainedModel)
+
+
+class ModelOutputs(nn.Module):
+    """``model(*inputs)`` without a cache, as the tuple of its output tensors (logits first)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        params = inspect.signature(model.forward).parameters
+        self.kwargs = {"use_cache": False} if "use_cache" in params else {}
+        if "return_dict" in params:
+            self.kwargs["return_dict"] = True
+
+    def forward(self, *inputs):
+        out = self.model(*inputs, **self.kwargs)
+        values = out.values() if hasattr(out, "values") else out if isinstance(out, (tuple, list)) else (out,)
+        return tuple(v for v in values if isinstance(v, torch.Tensor))
+
+
+def as_inputs(example_inputs) -> tuple:
+    if example_inputs is None:
+        raise InvalidArgumentError("example_inputs are required: pass the input_ids (or pixel_values) tensor the "
+                                   "model accepts")
+    inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    if not inputs or not all(isinstance(t, torch.Tensor) for t in inputs):
+        raise InvalidArgumentError("example_inputs must be a tensor or a tuple of tensors")
+    return inputs
+
+
+def capture(model: nn.Module, inputs: tuple) -> fx.GraphModule:
+    """The lifted export of ``ModelOutputs(model)`` on ``inputs``; get_attr targets are state_dict keys."""
+    wrapper = ModelOutputs(model)
+    try:
+        with torch.no_grad():
+            program = torch.export.export(wrapper, inputs, strict=False)
+    except Exception as exc:  # noqa: BLE001 - any capture failure is reported in one sentence
+        raise TraceError(f"torch.export cannot capture {type(model).__name__}: {first_line(exc)}") from None
+    return lift_exported(program.module(), _PREFIX)
+
+
+def tied_groups(model: nn.Module) -> dict:
+    """state_dict key -> every key holding the same tensor (tied embeddings, shared layers)."""
+    by_tensor: dict = {}
+    for name, t in model.state_dict(keep_vars=True).items():
+        by_tensor.setdefault(id(t), []).append(name)
+    return {n: names for names in by_tensor.values() for n in names}
+
+
+def rebuilt(model: nn.Module, config, state: dict) -> nn.Module:
+    """``type(model)(config)`` holding ``state``: the family's own code at the new sizes.
+
+    Submodules the original was built without (``BertModel(add_pooling_layer=False)`` keeps ``pooler = None``;
+    such constructor arguments are not in the config) are left out the same way."""
+    new = type(model)(config)
+    for name, _ in list(new.named_modules()):
+        parent, _, attr = name.rpartition(".")
+        try:
+            old_parent = model.get_submodule(parent)
+        except AttributeError:
+            continue
+        if attr and attr in old_parent.__dict__ and old_parent.__dict__[attr] is None:
+            setattr(new.get_submodule(parent), attr, None)
+    new.to(dtype=next(model.parameters()).dtype)
+    new.load_state_dict(state, strict=True)
+    new.train(model.training)
+    if getattr(model, "generation_config", None) is not None:
+        new.generation_config = copy.deepcopy(model.generation_config)
+    return new

@@ -1,0 +1,129 @@
+"""The config of a grown Hugging Face model, read from the grown weights' shapes, never from a family's
+private attributes.
+
+The measured quantities set the standard config names (``hidden_size``, ``num_attention_heads``,
+``num_key_value_heads``, the norm epsilon: transformers maps each family's own spelling onto them through
+``attribute_map``).  Every other size (``intermediate_size``, GPT-2's ``n_inner``, OPT's ``ffn_dim``, ...) is
+found by probing: each integer field is doubled on a weightless (meta device) model, which shows the shapes
+it drives and how (sizes are linear in a field), so the value giving the grown shapes follows.  A config
+that still cannot give the grown shapes is refused with the parameters that disagree.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+
+from ..errors import UnsupportedModelError
+
+
+class ConfigMismatch(UnsupportedModelError):
+    """The family's config cannot give the grown shapes; ``keys`` lists the parameters that disagree."""
+
+    def __init__(self, message: str, keys: list):
+        super().__init__(message)
+        self.keys = keys
+
+# fields that never describe a width (probing them would only cost time)
+_NOT_WIDTHS = ("vocab_size", "max_position_embeddings", "num_hidden_layers", "n_positions", "type_vocab_size")
+
+
+def meta_shapes(model_cls, config) -> dict:
+    """state_dict key -> shape of ``model_cls(config)``, built on the meta device (no memory, no init)."""
+    with torch.device("meta"):
+        model = model_cls(copy.deepcopy(config))
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def _int_fields(config) -> list:
+    return [k for k, v in config.to_dict().items()
+            if isinstance(v, int) and not isinstance(v, bool) and v > 0 and not k.endswith("token_id")
+            and k not in _NOT_WIDTHS]
+
+
+def _mismatch(shapes: dict, target: dict) -> dict:
+    """key -> (shape the config gives, shape wanted) for every key that differs or is missing on either side."""
+    return {k: (shapes.get(k), target.get(k)) for k in set(target) | set(shapes)
+            if shapes.get(k) != target.get(k) and not (target.get(k, 0) is None and k in shapes)}
+
+
+def _probe(model_cls, config, field, base: dict, target: dict):
+    """The value of ``field`` that gives ``target`` on the dims it drives, or None."""
+    value = getattr(config, field)
+    trial = copy.deepcopy(config)
+    try:
+        setattr(trial, field, 2 * value)
+        doubled = meta_shapes(model_cls, trial)
+    except Exception:  # noqa: BLE001 - a value the family rejects: the field is not a free width
+        return None
+    wanted = set()
+    for key, shape in base.items():  # (a field that also adds or removes parameters is judged on the shared ones)
+        other, goal = doubled.get(key), target.get(key)
+        if other is None:
+            continue
+        if other == shape or goal is None or len(goal) != len(shape):
+            continue
+        for s, s2, t in zip(shape, other, goal):
+            if s2 != s:  # size = a * value + b on this dim
+                new = value + (t - s) * value / (s2 - s)
+                wanted.add(int(new) if float(new).is_integer() and new > 0 else None)
+    return wanted.pop() if len(wanted) == 1 and None not in wanted else None
+
+
+def solve_config(model_cls, config, target: dict, known: dict):
+    """A copy of ``config`` whose model has the ``target`` shapes (state_dict key -> shape), with the
+    ``known`` standard fields set first (hidden_size, num_attention_heads, ..., eps). Raises
+    :class:`UnsupportedModelError` naming a parameter whose grown shape the config cannot give."""
+    try:  # parameters the family builds that the model was built without (BertModel without its pooler)
+        absent = set(meta_shapes(model_cls, config)) - set(target)
+    except Exception:  # noqa: BLE001
+        absent = set()
+    target = {**target, **{k: None for k in absent}}
+    new = copy.deepcopy(config)
+    for field, value in known.items():
+        if value is not None and (hasattr(new, field) or field == "head_dim"):
+            setattr(new, field, value)
+    try:
+        shapes = meta_shapes(model_cls, new)
+    except Exception as exc:  # noqa: BLE001 - the family rejects the combination (keys unknown: the heads)
+        raise ConfigMismatch(f"{type(config).__name__} rejects the grown sizes "
+                             f"({', '.join(f'{k}={v}' for k, v in known.items())}): {exc}", []) from None
+    fixed = set(known)
+    for _ in range(8):  # each round settles one more field
+        bad = _mismatch(shapes, target)
+        if not bad:
+            return new
+        for field in _int_fields(new):
+            if field in fixed:
+                continue
+            value = _probe(model_cls, new, field, shapes, target)
+            if value is None or value == getattr(new, field):
+                continue
+            trial = copy.deepcopy(new)
+            setattr(trial, field, value)
+            try:
+                trial_shapes = meta_shapes(model_cls, trial)
+            except Exception:  # noqa: BLE001 - a value the family rejects
+                continue
+            if len(_mismatch(trial_shapes, target)) < len(bad):  # progress, counting parameters added or lost
+                new, shapes = trial, trial_shapes
+                fixed.add(field)
+                break
+        else:
+            break
+    bad = _mismatch(shapes, target)
+    key, (got, want) = sorted(bad.items())[0]
+    raise ConfigMismatch(f"{type(config).__name__} cannot express the grown shapes: {key!r} would be "
+                         f"{list(got) if got else 'absent'} where the widening gives "
+                         f"{list(want) if want else 'none'}", sorted(bad))
+
+
+def eps_fields(config, old_eps: float) -> list:
+    """Config fields holding the norm epsilon ``old_eps`` (layer_norm_eps, rms_norm_eps, layer_norm_epsilon, ...)."""
+    out = []
+    for k, v in config.to_dict().items():
+        if isinstance(v, float) and "eps" in k and math.isclose(v, old_eps, rel_tol=1e-6):
+            out.append(k)
+    return out

@@ -1,0 +1,184 @@
+"""Growing a checkpoint directory in bounded memory.
+
+The model is built from config.json on the meta device (no weights, no memory) and checked against the
+stored shapes; the widening is planned on that model, its parameters entering the apply run as recipes
+(:mod:`graphgrow.core.recipe`); block expansion needs only the graph.  The weights then stream, tensor by
+tensor, from the input shards to the output shards (:func:`~.checkpoint.rewrite_checkpoint`), each through
+its recipe.  Before the output is moved into place both directories are loaded by transformers and run on
+the same token sequences (``check=False`` skips this for models too large to run here).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import torch
+
+from ..core.sites import GrowOptions
+from ..core.growth import check_factor
+from ..errors import InvalidArgumentError, UnsupportedModelError, VerificationError
+from .capture import tied_groups
+from .checkpoint import Checkpoint, rewrite_checkpoint
+from .deepen import LayerCopies, branch_outputs, chosen_layers, decoder_layers, deepened_config
+from .widen import plan_widening
+
+# max |grown - original| / max |original| accepted for the stored dtype: a weight divided by its copies or
+# rescaled by sqrt(d/d') is rounded to the checkpoint's dtype, which the original weights were not
+TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-9, torch.float16: 5e-3, torch.bfloat16: 3e-2}
+
+
+def meta_model(src: Checkpoint):
+    """The checkpoint's model class built from its config.json on the meta device, checked to hold exactly
+    the stored tensors' names and shapes. Only classes transformers itself defines are used (never remote code)."""
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(src.path, trust_remote_code=False)
+    arch = (getattr(config, "architectures", None) or [None])[0]
+    if arch is None:
+        raise InvalidArgumentError(f"{src.path}/config.json has no 'architectures' entry: the model class is unknown")
+    cls = getattr(transformers, arch, None) if arch else None
+    if cls is None or not isinstance(cls, type) or not issubclass(cls, transformers.PreTrainedModel):
+        raise UnsupportedModelError(f"config.json names architecture {arch!r}, which transformers "
+                                    f"{transformers.__version__} does not define (custom code is never run)")
+    with torch.device("meta"):
+        model = cls(config).eval()
+    state = model.state_dict(keep_vars=True)
+    groups = tied_groups(model)
+    for name in src.names():
+        if name not in state:
+            raise InvalidArgumentError(f"{src.path}: the weights hold {name!r}, which {arch} built from "
+                                       "config.json does not have")
+        if tuple(state[name].shape) != tuple(src.shape(name)):
+            raise InvalidArgumentError(f"{src.path}: config.json and the weights disagree: {name!r} is stored as "
+                                       f"{list(src.shape(name))}, config.json gives {list(state[name].shape)}")
+    stored = set(src.names())
+    missing = [k for k in state if not stored & set(groups.get(k, [k])) and k in dict(model.named_parameters())]
+    if missing:
+        raise InvalidArgumentError(f"{src.path}: the weights lack {missing[0]!r} ({len(missing)} parameters missing)")
+    for key, t in state.items():
+        t.graphgrow_key = key  # recipes name the tensor they rewrite
+    return model
+
+
+def meta_inputs(model) -> tuple:
+    """A weightless example input for capturing ``model`` (token ids, or pixels for vision models)."""
+    name = getattr(model, "main_input_name", "input_ids")
+    cfg = model.config
+    if name == "input_ids":
+        return (torch.zeros((1, 8), dtype=torch.long, device="meta"),)
+    if name == "pixel_values":
+        size = getattr(cfg, "image_size", 224)
+        size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
+        return (torch.zeros((1, getattr(cfg, "num_channels", 3)) + size, device="meta"),)
+    raise UnsupportedModelError(f"{type(model).__name__} reads {name!r}: only token and image models are supported")
+
+
+class _WidenStream:
+    """Each stored tensor through its recipe (float32 arithmetic, stored dtype kept)."""
+
+    def __init__(self, src: Checkpoint, values: dict):
+        self.src, self.values = src, values
+
+    def outputs(self, name):
+        v = self.values.get(name)
+        return [(name, tuple(v.shape) if v is not None else self.src.shape(name), self.src.dtype(name))]
+
+    def compute(self, name, tensor):
+        v = self.values.get(name)
+        if v is None:
+            return {name: tensor}
+        arr = v.apply(tensor.float().numpy())
+        return {name: torch.from_numpy(np.ascontiguousarray(arr)).to(tensor.dtype)}
+
+
+class _DeepenStream:
+    def __init__(self, src: Checkpoint, copies: LayerCopies):
+        self.src, self.copies = src, copies
+
+    def outputs(self, name):
+        return [(new, self.src.shape(name), self.src.dtype(name)) for new, _ in self.copies.targets(name)]
+
+    def compute(self, name, tensor):
+        return {new: torch.zeros_like(tensor) if zero else tensor for new, zero in self.copies.targets(name)}
+
+
+def _checker(src: Checkpoint, check: bool, seed: int, report: dict):
+    """The check run on the written directory before it is moved into place: both models, loaded by
+    transformers in float32, on 3 batches of random tokens (or pixels); max relative error within the
+    stored dtype's :data:`TOLERANCE`."""
+    if not check:
+        return None
+
+    def verify(out_dir):
+        import transformers
+
+        with open(os.path.join(src.path, "config.json"), encoding="utf-8") as f:
+            cls = getattr(transformers, json.load(f)["architectures"][0])
+        bars = transformers.utils.logging.is_progress_bar_enabled()
+        transformers.utils.logging.disable_progress_bar()
+        try:
+            ref = cls.from_pretrained(src.path, dtype=torch.float32).eval()
+            new = cls.from_pretrained(out_dir, dtype=torch.float32).eval()
+        finally:
+            if bars:
+                transformers.utils.logging.enable_progress_bar()
+        gen = torch.Generator().manual_seed(seed)
+        worst = 0.0
+        for _ in range(3):
+            if getattr(ref, "main_input_name", "input_ids") == "pixel_values":
+                x = torch.randn((2,) + tuple(meta_inputs(ref)[0].shape[1:]), generator=gen)
+            else:
+                x = torch.randint(0, ref.config.vocab_size, (2, 12), generator=gen)
+            with torch.no_grad():
+                a, b = (m(x).to_tuple()[0] for m in (ref, new))
+            worst = max(worst, float((a - b).abs().max() / a.abs().max().clamp_min(1e-30)))
+        dtype = max((src.dtype(n) for n in src.names()), key=lambda d: TOLERANCE.get(d, 0))
+        report.update(max_rel=worst, tolerance=TOLERANCE.get(dtype, 1e-4), checked_dtype=str(dtype))
+        if not worst <= report["tolerance"]:
+            raise VerificationError(f"the grown checkpoint is not equivalent: max relative error {worst:.2e} > "
+                                    f"{report['tolerance']:.0e} (stored as {dtype})")
+    return verify
+
+
+def widen_checkpoint(path, out_dir, factor=1.41, *, widths=None, only=None, exclude=None, divisor: int = 1,
+                     fill: bool = True, strict: bool = False, check: bool = True, seed: int = 0,
+                     allow_pickle: bool = False, overwrite: bool = False, progress=None) -> dict:
+    """Widen the checkpoint directory ``path`` into ``out_dir`` (same layout and dtype); returns a summary
+    dict (the GrowthReport, the new config, the check's figures)."""
+    factor = check_factor(factor, widths)
+    src = Checkpoint.open(path, allow_pickle=allow_pickle)
+    model = meta_model(src)
+    w = plan_widening(model, meta_inputs(model), factor, widths=widths, only=only, exclude=exclude,
+                      divisor=divisor, options=GrowOptions(seed=seed), fill=fill, strict=strict)
+    shapes = {n: tuple(w.values[n].shape) if n in w.values else tuple(src.shape(n)) for n in src.names()}
+    report = w.report(model, sum(int(np.prod(s)) for s in shapes.values()))
+    figures: dict = {}
+    rewrite_checkpoint(src, out_dir, w.config.to_diff_dict(), _WidenStream(src, w.values), overwrite=overwrite,
+                       progress=progress, verify=_checker(src, check, seed, figures))
+    return {"report": report, "config": w.config, "check": figures or None}
+
+
+def deepen_checkpoint(path, out_dir, *, after, block: str = "copy", check: bool = True, seed: int = 0,
+                      allow_pickle: bool = False, overwrite: bool = False, progress=None) -> dict:
+    """Block expansion of the checkpoint directory ``path`` into ``out_dir``."""
+    if block != "copy":
+        raise InvalidArgumentError(f"--block {block} on a checkpoint directory: use --block copy")
+    src = Checkpoint.open(path, allow_pickle=allow_pickle)
+    model = meta_model(src)
+    layers_path, layers = decoder_layers(model)
+    n = len(layers)
+    chosen = chosen_layers(layers_path, n, after)
+    from .capture import capture
+
+    gm = capture(model, meta_inputs(model))
+    zeroed = {i: branch_outputs(gm, f"{layers_path}.{i}") for i in chosen}
+    config = deepened_config(model.config, n, chosen)
+    figures: dict = {}
+    rewrite_checkpoint(src, out_dir, config.to_diff_dict(), _DeepenStream(src, LayerCopies(layers_path, n, chosen,
+                                                                                             zeroed)),
+                       overwrite=overwrite, progress=progress, verify=_checker(src, check, seed, figures))
+    notes = [f"num_hidden_layers: {n} -> {n + len(chosen)}"] + \
+        [f"{layers_path}.{i} copied after itself, zeroed in the copy: {', '.join(sorted(zeroed[i]))}" for i in chosen]
+    return {"notes": notes, "config": config, "check": figures or None}

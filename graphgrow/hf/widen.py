@@ -1,0 +1,248 @@
+"""Net2WiderNet on a Hugging Face ``PreTrainedModel``: a model of the same class whose config states the
+new sizes.
+
+The captured graph (:mod:`.capture`) is analysed and widened by the fx frontend like any other; its new
+parameters are the grown state_dict.  The model itself is rebuilt by transformers from a config solved
+for those shapes (:mod:`.config`), so ``save_pretrained``/``from_pretrained``, the KV cache and
+``generate`` are the family's own code, and the result is checked against the original before it is
+returned.  Literal sizes the graph carried (view shapes, norm shapes) need no rewriting here: the family
+derives them from the config.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+from ..core.growth import check_factor, check_options, require_head_widths, require_reachable, space_reports, \
+    widen_targets
+from ..core.report import GrowthReport
+from ..core.sites import GrowOptions
+from ..errors import UnsupportedModelError, VerificationError, first_line, require_equivalent
+from ..fx.engine import FxAnalysis, count_params, plan_and_apply
+from .capture import ModelOutputs, as_inputs, capture, rebuilt, tied_groups
+from .config import ConfigMismatch, eps_fields, solve_config
+
+
+def _key(owner: str, attr: str) -> str:
+    return f"{owner}.{attr}" if owner else attr
+
+
+def _norm_eps(an: FxAnalysis, run) -> dict:
+    """old epsilon -> new epsilon of every norm fill + rescale changed; the gains of written-out norms are
+    rescaled in ``run.updates`` on the way (the family's code cannot take an inserted ``x d'/d``)."""
+    changes: dict = {}
+    for node, (args, kwargs) in run.arg_updates.items():
+        if node.target in (F.layer_norm, F.rms_norm):
+            pos = 4 if node.target is F.layer_norm else 3
+            old = node.args[pos] if len(node.args) > pos else node.kwargs.get("eps")
+            new = args[pos] if len(args) > pos else kwargs.get("eps")
+            if isinstance(old, float) and new != old:
+                changes[old] = new
+    kept_eps = set()  # epsilons of norms fill + rescale left alone (over head_dim, over a stream it did not fill)
+    for node in an.gm.graph.nodes:
+        if node.target in (F.layer_norm, F.rms_norm) and node not in run.arg_updates:
+            pos = 4 if node.target is F.layer_norm else 3
+            kept_eps.add(node.args[pos] if len(node.args) > pos else node.kwargs.get("eps"))
+        elif node.target in (torch.mean, "mean") and node not in run.mean_scales:
+            kept_eps.add(_written_out_rms(node)[0])
+    for mean, ratio in run.mean_scales.items():
+        eps, gain = _written_out_rms(mean)
+        if eps is None:
+            raise UnsupportedModelError(f"the mean at node {mean.name!r} is not followed by '+ eps', rsqrt and a "
+                                        "gain: its fill + rescale cannot be written into the config")
+        owner, _, attr = gain.target.rpartition(".")
+        upd = run.updates.get(owner)
+        if upd is None or attr not in upd.tensors:
+            raise UnsupportedModelError(f"the gain {gain.target!r} of a filled norm did not grow with its stream")
+        # mean over d' channels = mean over d x d/d': dividing eps by d'/d and the gain by its root keeps the output
+        upd.tensors[attr] = upd.tensors[attr] / np.asarray(math.sqrt(ratio), upd.tensors[attr].dtype)
+        changes[eps] = eps / ratio
+    shared = [eps for eps in changes if eps in kept_eps]
+    if shared:
+        raise SharedEpsilon(f"fill + rescale needs the filled stream's norms to take epsilon {shared[0]:g} x d/d', "
+                            "but the config holds one epsilon for them and for norms that keep their width")
+    return changes
+
+
+class SharedEpsilon(UnsupportedModelError):
+    """The config's one norm epsilon cannot be rescaled for some norms and kept for others."""
+
+
+def _written_out_rms(mean: fx.Node):
+    """(eps, gain get_attr node) of ``gain * (x * rsqrt(mean + eps))`` after ``mean``, or (None, None)."""
+    add = next(iter(mean.users), None)
+    if len(mean.users) != 1 or add.target is not operator.add:
+        return None, None
+    eps = next((a for a in add.args if isinstance(a, float)), None)
+    n = add
+    for _ in range(6):
+        if len(n.users) != 1:
+            return None, None
+        n = next(iter(n.users))
+        params = [a for a in n.args if isinstance(a, fx.Node) and a.op == "get_attr"]
+        if n.target is operator.mul and params:
+            return eps, params[0]
+    return None, None
+
+
+def grown_values(model, run) -> dict:
+    """state_dict key -> new value (an array, or a recipe when planned without weights) of every grown
+    tensor; tied keys share one value."""
+    keys = set(model.state_dict(keep_vars=True))
+    groups = tied_groups(model)
+    out = {}
+    for owner, upd in run.updates.items():
+        for attr, value in upd.tensors.items():
+            key = _key(owner, attr)
+            if key not in keys:
+                raise UnsupportedModelError(f"the graph's parameter {key!r} is not in the model's state_dict")
+            for alias in groups.get(key, [key]):
+                out[alias] = value
+    return out
+
+
+def _known_fields(model, an, plan, shapes: dict, eps_changes: dict) -> dict:
+    """The standard config fields the widening measured: stream width, heads, epsilon."""
+    cfg = model.config
+    emb = model.get_input_embeddings()
+    known = {}
+    weight = getattr(emb, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.ndim == 2:  # (a vision model's patch embedding: probed instead)
+        key = next(k for k, v in model.state_dict(keep_vars=True).items() if v is weight)
+        known["hidden_size"] = int(shapes[key][1])
+    ratios = {plan.new_size(sp) / sp.size for sp in an.produced if an.constraints.heads_of.get(sp.id)}
+    ratios.discard(1.0) if len(ratios) > 1 and 1.0 in ratios else None
+    if len(ratios) > 1:
+        raise UnsupportedModelError(f"attention layers grew by different factors ({sorted(ratios)}): one config "
+                                    "cannot state their heads")
+    ratio = ratios.pop() if ratios else 1.0
+    for field in ("num_attention_heads", "num_key_value_heads"):
+        heads = getattr(cfg, field, None)
+        if isinstance(heads, int):
+            known[field] = int(round(heads * ratio))
+    head_dims = {an.constraints.unit_size.get(sp.id) for sp in an.produced if an.constraints.heads_of.get(sp.id)}
+    if len(head_dims) == 1 and None not in head_dims and ratio != 1.0:
+        # families that read config.head_dim (else hidden_size // heads) keep their heads' size when the stream
+        # and the heads grow by different factors; the others ignore the field
+        known["head_dim"] = head_dims.pop()
+    for old, new in eps_changes.items():
+        for field in eps_fields(cfg, old):
+            known[field] = float(new)
+    return known
+
+
+@dataclass
+class Widening:
+    """A planned widening of a transformers model: the analysis, the plan, the new values by state_dict key
+    and the config stating the new shapes."""
+
+    an: FxAnalysis
+    plan: object
+    targets: dict
+    rounds: int
+    values: dict  # state_dict key -> new array or Recipe
+    config: object
+    kept: list  # spaces kept because the config cannot state them grown
+    notes: list
+
+    def report(self, model, params_after: int, preserving: bool = True) -> GrowthReport:
+        rep = GrowthReport(space_reports(self.an.produced, self.plan, self.targets),
+                           params_before=count_params(model), params_after=params_after,
+                           function_preserving=preserving, rounds=self.rounds)
+        rep.notes.extend(config_notes(model.config, self.config) + self.notes)
+        if self.kept:
+            rep.notes.append(f"kept at their width because {type(model.config).__name__} cannot state them "
+                             f"grown: {', '.join(self.kept)}")
+        return rep
+
+
+def plan_widening(model, inputs: tuple, factor, *, widths=None, only=None, exclude=None, divisor: int = 1,
+                  options: GrowOptions, fill: bool = True, strict: bool = False, progress=None) -> Widening:
+    """Capture, analyse, plan and apply (on real or weightless parameters), and solve the new config.
+    Spaces the family's config cannot state at their planned width keep it (the nearest widening it states)."""
+    gm = capture(model, inputs)
+    kept: list = []
+    fill_note = None
+    for _ in range(6):
+        an = FxAnalysis(gm, inputs)
+        targets = widen_targets(an.produced, an.constraints, factor, widths, only, exclude, divisor,
+                                what="parameter")
+        for sp in an.produced:
+            if sp.name in kept:
+                an.constraints.freeze_space(sp, f"{type(model.config).__name__} cannot state it grown")
+                targets.pop(sp.id, None)
+        plan, run, rounds = plan_and_apply(an, targets, options, options.seed, progress, fill=fill)
+        if strict:
+            require_reachable(an.produced, plan, targets)
+        require_head_widths(an.produced, plan, an.constraints, widths)
+        try:
+            eps_changes = _norm_eps(an, run)
+        except SharedEpsilon as exc:
+            if not fill:
+                raise
+            fill, fill_note = False, f"normalized streams kept to whole factors: {exc}"
+            continue
+        values = grown_values(model, run)
+        shapes = {k: tuple(values[k].shape) if k in values else tuple(v.shape)
+                  for k, v in model.state_dict().items()}
+        known = _known_fields(model, an, plan, shapes, eps_changes)
+        try:
+            config = solve_config(type(model), model.config, shapes, known)
+            return Widening(an, plan, targets, rounds, values, config, kept, [fill_note] if fill_note else [])
+        except ConfigMismatch as exc:
+            names = {sp.name for sp in an.produced}
+            heads = [sp.name for sp in an.produced if an.constraints.heads_of.get(sp.id)]
+            keys = [k for k in exc.keys if k in heads] or exc.keys or heads  # the heads first: the stream matters more
+            more = [k for k in keys if k in names and k not in kept]
+            if not more or widths:
+                raise
+            kept.extend(more)
+    raise UnsupportedModelError(f"no widening of {type(model).__name__} its config can state was found")
+
+
+def widen_pretrained(model, factor=1.41, *, example_inputs, widths=None, only=None, exclude=None, divisor: int = 1,
+                     init: str = "net2net", noise: float = 0.0, noise_mode: str = "exact", seed: int = 0,
+                     verify: str = "torch", atol=None, rtol=None, fill: bool = True, strict: bool = False,
+                     progress=None):
+    """:func:`graphgrow.widen` for a ``transformers.PreTrainedModel`` (same arguments; same class returned)."""
+    factor = check_factor(factor, widths)
+    check_options(init, noise_mode, divisor, noise)
+    inputs = as_inputs(example_inputs)
+    fill = bool(fill) and init == "net2net"
+    options = GrowOptions(noise=noise, noise_mode=noise_mode, init=init, seed=seed)
+    w = plan_widening(model, inputs, factor, widths=widths, only=only, exclude=exclude, divisor=divisor,
+                      options=options, fill=fill, strict=strict, progress=progress)
+    state = dict(model.state_dict())
+    for key, value in w.values.items():
+        state[key] = torch.from_numpy(np.ascontiguousarray(value)).to(state[key].dtype)
+    result = rebuilt(model, w.config, state)
+    preserving = init == "net2net" and not (noise > 0 and noise_mode == "paper")
+    report = w.report(model, count_params(result), preserving)
+    if preserving and verify != "none":
+        from ..api import verify_growth
+
+        try:
+            verify_growth(ModelOutputs(model), ModelOutputs(result), inputs, report, "widened", verify, atol, rtol, seed)
+        except VerificationError as exc:
+            if not w.plan.fills:
+                raise
+            result = widen_pretrained(model, factor, example_inputs=inputs, widths=widths, only=only,
+                                      exclude=exclude, divisor=divisor, init=init, noise=noise, noise_mode=noise_mode,
+                                      seed=seed, verify=verify, atol=atol, rtol=rtol, fill=False, strict=strict)
+            result.graphgrow_report.notes.append(f"fill + rescale did not verify ({first_line(exc)}); normalized "
+                                                 "streams kept their width")
+            return result
+    result.graphgrow_report = report
+    return result
+
+
+def config_notes(old, new) -> list:
+    a, b = old.to_dict(), new.to_dict()
+    return [f"config {k}: {a[k]} -> {b[k]}" for k in sorted(b) if k in a and a[k] != b[k] and k != "transformers_version"]

@@ -1,0 +1,127 @@
+"""`graphgrow widen|deepen DIR`: a sharded bf16 checkpoint directory grown in the same layout, checked, and
+the bad inputs refused with exit code 2 and nothing written."""
+
+import json
+import os
+import shutil
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("safetensors")
+
+from graphgrow.cli import main  # noqa: E402
+
+VOCAB = 96
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    """A 4-layer GQA Llama in bf16, in 4 safetensors shards + index, with a tokenizer file."""
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = transformers.LlamaForCausalLM(cfg).to(torch.bfloat16)
+    path = tmp_path_factory.mktemp("ckpt") / "src"
+    model.save_pretrained(path, max_shard_size="100KB")
+    (path / "tokenizer.json").write_text('{"fake": true}')
+    return path
+
+
+def logits(path, x):
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(x).logits
+
+
+def tokens():
+    return torch.randint(0, VOCAB, (2, 10), generator=torch.Generator().manual_seed(1))
+
+
+def files(path):
+    return sorted(os.listdir(path))
+
+
+@pytest.mark.parametrize("factor,hidden", [("2", 128), ("1.5", 96)])
+def test_widen_directory(ckpt, tmp_path, factor, hidden):
+    out = tmp_path / "wide"
+    assert main(["widen", str(ckpt), "--factor", factor, "-o", str(out)]) == 0
+    assert files(out) == files(ckpt)  # same shards, index, config, tokenizer and generation files
+    assert (out / "tokenizer.json").read_text() == '{"fake": true}'
+    config = json.loads((out / "config.json").read_text())
+    assert config["hidden_size"] == hidden and config["dtype"] == "bfloat16"
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == {f for f in files(ckpt) if f.endswith(".safetensors")}
+    grown = transformers.AutoModelForCausalLM.from_pretrained(out)
+    assert grown.dtype == torch.bfloat16 and grown.config.hidden_size == hidden
+    a, b = logits(ckpt, tokens()), logits(out, tokens())
+    assert float((a - b).abs().max() / a.abs().max()) < 3e-2  # bf16 rounding of the rescaled weights
+
+
+def test_deepen_directory(ckpt, tmp_path):
+    out = tmp_path / "deep"
+    assert main(["deepen", str(ckpt), "--after", "model.layers.(1|3)", "--block", "copy", "-o", str(out)]) == 0
+    assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 6
+    assert torch.equal(logits(ckpt, tokens()), logits(out, tokens()))
+
+
+def test_output_directory_not_empty_is_refused(ckpt, tmp_path, capsys):
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert main(["widen", str(ckpt), "--factor", "2", "-o", str(out)]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert files(out) == ["keep.txt"]
+
+
+def _copy(ckpt, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(ckpt, bad)
+    return bad
+
+
+def test_pickled_weights_need_allow_pickle(tmp_path, capsys):
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4))
+    src = tmp_path / "pickled"
+    src.mkdir()
+    model.config.architectures = ["LlamaForCausalLM"]
+    model.config.save_pretrained(src)
+    torch.save(model.state_dict(), src / "pytorch_model.bin")
+    out = tmp_path / "out"
+    assert main(["widen", str(src), "--factor", "2", "-o", str(out)]) == 2
+    assert "allow-pickle" in capsys.readouterr().err and not out.exists()
+    assert main(["widen", str(src), "--factor", "2", "-o", str(out), "--allow-pickle"]) == 0
+    assert (out / "model.safetensors").exists()
+
+
+def test_shard_outside_the_directory_is_refused(ckpt, tmp_path, capsys):
+    bad = _copy(ckpt, tmp_path)
+    index = json.loads((bad / "model.safetensors.index.json").read_text())
+    key = next(iter(index["weight_map"]))
+    index["weight_map"][key] = "../evil.safetensors"
+    (bad / "model.safetensors.index.json").write_text(json.dumps(index))
+    out = tmp_path / "out"
+    assert main(["widen", str(bad), "--factor", "2", "-o", str(out)]) == 2
+    assert "evil" in capsys.readouterr().err and not out.exists()
+
+
+def test_config_disagreeing_with_weights_is_refused(ckpt, tmp_path, capsys):
+    bad = _copy(ckpt, tmp_path)
+    config = json.loads((bad / "config.json").read_text())
+    config["intermediate_size"] = 100
+    (bad / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "out"
+    assert main(["deepen", str(bad), "--after", "model.layers.0", "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "disagree" in err and err.count("\n") == 1 and not out.exists()
+
+
+def test_unknown_architecture_is_refused(ckpt, tmp_path, capsys):
+    bad = _copy(ckpt, tmp_path)
+    config = json.loads((bad / "config.json").read_text())
+    config["architectures"] = ["MyCustomForCausalLM"]
+    (bad / "config.json").write_text(json.dumps(config))
+    assert main(["widen", str(bad), "--factor", "2", "-o", str(tmp_path / "out")]) == 2
+    assert "custom code is never run" in capsys.readouterr().err
