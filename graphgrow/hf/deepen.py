@@ -29,7 +29,7 @@ _PREFIX = "model."  # the capture wrapper's attribute
 # ops through which a zero stays zero when the named operand is zero (the others are read as constants)
 _PASS_FIRST = {"reshape", "view", "expand", "to", "contiguous", "transpose", "permute", operator.getitem,
                torch.transpose, torch.permute, torch.reshape, torch.flatten, torch.squeeze, torch.unsqueeze,
-               F.dropout}
+               F.dropout, torch.sum, "sum"}
 _ZERO_IF_ANY = {operator.mul, torch.mul, operator.truediv, torch.div}
 _SUMS = {operator.add, torch.add, operator.sub, torch.sub}
 _LINEAR = {F.linear: (1, 2), torch.addmm: (2, 0), torch.matmul: (1, None)}
@@ -93,6 +93,11 @@ def _zero_targets(node, deps, prefix: str, found: set) -> None:
             if isinstance(b, fx.Node) and b.op == "get_attr":
                 found.add(b.target)
             return
+    if node.op == "get_attr" and node.target.startswith(prefix):  # a bias or a layer scale added last
+        found.add(node.target)
+        return
+    if node.target is F.rms_norm:  # RMSNorm(0) = 0: its input is the branch's value
+        return _zero_targets(node.args[0], deps, prefix, found)
     if node.target in _PASS_FIRST:
         return _zero_targets(node.args[0], deps, prefix, found)
     if node.target in _SUMS:
@@ -108,38 +113,43 @@ def _zero_targets(node, deps, prefix: str, found: set) -> None:
                                 "is not a linear map of the layer's parameters: its copy cannot be made to add 0")
 
 
+def _residual_terms(node, deps, layer_nodes) -> list:
+    """The terms of the sum ``node`` computes through the layer's adds (the residual chain, parallel branches)."""
+    node = _through(node, reshapes=True)
+    if isinstance(node, fx.Node) and node in layer_nodes and node.target in (operator.add, torch.add) and \
+            all(isinstance(a, fx.Node) for a in node.args[:2]):
+        return [t for a in node.args[:2] for t in _residual_terms(a, deps, layer_nodes)]
+    return [node]
+
+
 def branch_outputs(gm: fx.GraphModule, layer: str) -> set:
-    """The state_dict keys to zero so that a copy of ``layer`` adds nothing to the residual stream."""
+    """The state_dict keys to zero so that a copy of ``layer`` adds nothing to the residual stream: the layer's
+    output is a sum (through its residual adds) of one term that does not depend on the layer's parameters
+    (the stream) and branches that do; every branch is followed back to the linear maps that produce it."""
     prefix = layer + "."
     nodes = [n for n in gm.graph.nodes if _in_layer(n, layer)]
     if not nodes:
         raise UnsupportedModelError(f"no op of the captured graph belongs to {layer!r}")
     deps = _param_deps(gm, prefix)
     inside = set(nodes)
-    exits = [n for n in nodes if any(u not in inside and u.op != "output" or u.op == "output" for u in n.users)]
+    exits = [n for n in nodes if any(u not in inside for u in n.users)]
     out = _through(exits[-1], reshapes=True)
+    if out.target in _NORMS or out.target is torch.rsqrt or out.target == "mean":
+        raise UnsupportedModelError(f"{layer} normalizes after its residual add (a post-norm block): a copy "
+                                    "with zeroed projections would not be the identity")
+    terms = _residual_terms(out, deps, inside)
+    stream = [t for t in terms if not deps.get(t)]
+    branches = [t for t in terms if deps.get(t)]
+    if len(terms) < 2 or len(stream) != 1:
+        last = getattr(out.target, "__name__", out.target)
+        raise UnsupportedModelError(f"{layer} does not end in a residual add of its input and its branches (it ends "
+                                    f"in {last}): block copy needs one")
     found: set = set()
-    while isinstance(out, fx.Node) and deps[out]:
-        if out.target in _NORMS or out.target in ("mean",) or out.target is torch.rsqrt:
-            raise UnsupportedModelError(f"{layer} normalizes after its residual add (a post-norm block): a copy "
-                                        "with zeroed projections would not be the identity")
-        if out.target not in _SUMS:
-            raise UnsupportedModelError(f"{layer} does not end in a residual add (it ends in "
-                                        f"{getattr(out.target, '__name__', out.target)}): block copy needs one")
-        a, b = (x if isinstance(x, fx.Node) else None for x in out.args[:2])
-        da, db = (deps[x] if x is not None else set() for x in (a, b))
-        if da < db:
-            stream, branch = a, b
-        elif db < da:
-            stream, branch = b, a
-        else:
-            raise UnsupportedModelError(f"{layer}: the residual add at node {out.name!r} has no stream operand")
-        if _through(branch).target in _NORMS:
-            raise UnsupportedModelError(f"{layer}: its branch ends in a norm: a zeroed copy would not add 0")
-        _zero_targets(_through(branch), deps, prefix, found)
-        out = _through(stream, reshapes=True) if stream is not None else None
-    if not found:
-        raise UnsupportedModelError(f"{layer} has no residual branch to zero")
+    for branch in branches:
+        b = _through(branch)
+        if b.target in _NORMS and b.target is not F.rms_norm:
+            raise UnsupportedModelError(f"{layer}: a branch ends in a norm with a bias: a zeroed copy would not add 0")
+        _zero_targets(b, deps, prefix, found)
     return found
 
 

@@ -120,8 +120,8 @@ def _known_fields(model, an, plan, shapes: dict, eps_changes: dict) -> dict:
     ratios = {plan.new_size(sp) / sp.size for sp in an.produced if an.constraints.heads_of.get(sp.id)}
     ratios.discard(1.0) if len(ratios) > 1 and 1.0 in ratios else None
     if len(ratios) > 1:
-        raise UnsupportedModelError(f"attention layers grew by different factors ({sorted(ratios)}): one config "
-                                    "cannot state their heads")
+        raise ConfigMismatch(f"attention layers grew by different factors ({sorted(ratios)}): one config cannot "
+                             "state their heads", [sp.name for sp in an.produced if an.constraints.heads_of.get(sp.id)])
     ratio = ratios.pop() if ratios else 1.0
     for field in ("num_attention_heads", "num_key_value_heads"):
         heads = getattr(cfg, field, None)
@@ -192,8 +192,8 @@ def plan_widening(model, inputs: tuple, factor, *, widths=None, only=None, exclu
         values = grown_values(model, run)
         shapes = {k: tuple(values[k].shape) if k in values else tuple(v.shape)
                   for k, v in model.state_dict().items()}
-        known = _known_fields(model, an, plan, shapes, eps_changes)
         try:
+            known = _known_fields(model, an, plan, shapes, eps_changes)
             config = solve_config(type(model), model.config, shapes, known)
             return Widening(an, plan, targets, rounds, values, config, kept, [fill_note] if fill_note else [])
         except ConfigMismatch as exc:
