@@ -145,7 +145,7 @@ def _table() -> dict:
     put(_overloads(aten.expand, "default"), _method("expand"))
     put(_overloads(aten.transpose, "int"), _function(torch.transpose))
     put(_overloads(aten.permute, "default"), _function(torch.permute))
-    put(_overloads(aten.t, "default"), _function(torch.t))
+    put(_overloads(aten.t, "default") + _overloads(aten.numpy_T, "default"), _function(torch.t))
     put(_overloads(aten.unsqueeze, "default"), _function(torch.unsqueeze))
     put(_overloads(aten.squeeze, "dim", "dims", "default"), _function(torch.squeeze))
     put(_overloads(aten.flatten, "using_ints"), _function(torch.flatten))
@@ -168,6 +168,19 @@ LIFTED = _table()
 # runtime checks of the export (shapes, dtypes, symbolic ranges): no values, nothing to analyse
 _DROPPED = set(_overloads(aten._assert_tensor_metadata, "default") + _overloads(aten._assert_scalar, "default")
                + _overloads(aten.sym_constrain_range_for_size, "default"))
+
+
+_IN_PLACE = {op: fn for packet, fn in (("add_", operator.add), ("mul_", operator.mul))
+             for op in _overloads(getattr(aten, packet), "Tensor")}
+
+
+def _last_use(node: fx.Node) -> bool:
+    """``node`` (an in-place op) is the last reader of the tensor it mutates, and nothing aliases it."""
+    target = node.args[0]
+    if not isinstance(target, fx.Node) or len(node.kwargs) or node.args[2:]:
+        return False
+    order = {n: i for i, n in enumerate(node.graph.nodes)}
+    return all(order[u] <= order[node] for u in target.users)
 
 
 def lift_exported(gm: fx.GraphModule, strip_prefix: str = "") -> fx.GraphModule:
@@ -202,6 +215,10 @@ def lift_exported(gm: fx.GraphModule, strip_prefix: str = "") -> fx.GraphModule:
             continue
         elif node.op == "call_function" and node.target in _DROPPED:
             continue
+        elif node.op == "call_function" and node.target in _IN_PLACE and _last_use(node):
+            # x += y where x is not read afterwards (Falcon's parallel residual): the value is x + y
+            new = graph.create_node("call_function", _IN_PLACE[node.target], local(tuple(node.args[:2])), {},
+                                    node.name)
         elif node.op == "call_function" and node.target in LIFTED:
             target, args, kwargs = LIFTED[node.target](*node.args, **node.kwargs)
             if target is _identity:

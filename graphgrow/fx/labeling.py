@@ -230,6 +230,8 @@ class FxLabelRun(FxTransformerOps, MoveReplay, RelationRun):
                 return self._softmax(node, first, args[1:], kwargs)
             if target in ("matmul", "bmm", "__matmul__") and isinstance(args[1] if len(args) > 1 else None, LabelTensor):
                 return self._matmul(node, first, args[1])
+            if self._constants_only(args, kwargs):
+                return self.fixed_outputs(node)
             raise NotUnderstood("this method is not understood by the channel analysis")
         if target is getattr and isinstance(first, LabelTensor):
             attr = args[1]
@@ -267,6 +269,8 @@ class FxLabelRun(FxTransformerOps, MoveReplay, RelationRun):
         if target in SDPA_FUNCS:
             return self._sdpa(node, args, kwargs)
         if target in MATMUL_FUNCS and len(args) == 2 and all(isinstance(a, LabelTensor) for a in args):
+            if self._constants_only(args, kwargs):
+                return self.fixed_outputs(node)
             return self._matmul(node, args[0], args[1])
         if target in (F.batch_norm, F.instance_norm) and isinstance(first, LabelTensor):
             return self._functional_norm(node, first)
@@ -276,9 +280,17 @@ class FxLabelRun(FxTransformerOps, MoveReplay, RelationRun):
             return self.mix(node, first, f"{qualified_name(target).split('.')[-1]} normalizes across channels")
         if target is torch.where and len(args) == 3:
             return self._binary(node, (args[1], args[2]), {}, cond=args[0])
+        if self._constants_only(args, kwargs):
+            return self.fixed_outputs(node)
         raise NotUnderstood("this function is not understood by the channel analysis")
 
     # ------------------------------------------------------------ functions and methods
+    def _constants_only(self, args, kwargs) -> bool:
+        """Every tensor read is without channel structure (inputs, tables computed from them): so is the result,
+        whatever the op computes (masks, rotary angles, position ids)."""
+        leaves = label_leaves((args, kwargs))
+        return all(not x.vary and self._is_fixed(x) for x in leaves)
+
     def _is_scalar_like(self, a: LabelTensor, other: LabelTensor) -> bool:
         """A constant/parameter operand that does not align with the other's channels."""
         if len(a.chans) != 1:

@@ -342,8 +342,22 @@ class FxTransformerOps:
         """The ``get_attr`` node of the parameter ``target`` applies as its weight, or None."""
         pos = FUNCTIONAL_PRODUCERS[target][1]
         w = node.args[pos] if len(node.args) > pos else node.kwargs.get("weight")
+        if target is torch.matmul and self._transposed_param(w) is not None:
+            w = w.args[0]
         if isinstance(w, fx.Node) and w.op == "get_attr" and w.target in self.param_names and \
                 operator.attrgetter(w.target)(self.gm).ndim >= 2:
+            return w
+        return None
+
+    def _transposed_param(self, n):
+        """``W`` when ``n`` is ``W.t()`` / ``W.T`` of a 2-d parameter read only there (Falcon's x @ W.T), else None."""
+        if not (isinstance(n, fx.Node) and len(n.users) == 1 and n.target in (torch.t, torch.transpose, "t")):
+            return None
+        w = n.args[0]
+        if n.target is torch.transpose and sorted(a % 2 for a in n.args[1:3]) != [0, 1]:
+            return None
+        if isinstance(w, fx.Node) and w.op == "get_attr" and w.target in self.param_names and \
+                self.attr_uses.get(w.target) == 1 and operator.attrgetter(w.target)(self.gm).ndim == 2:
             return w
         return None
 
@@ -357,6 +371,8 @@ class FxTransformerOps:
     def _functional_producer(self, node, target, args, kwargs):
         x_pos, w_pos, b_pos, axis, w_in, w_out = FUNCTIONAL_PRODUCERS[target]
         w_node = self._weight_param(node, target)
+        if target is torch.matmul and self._transposed_param(node.args[w_pos]) is not None:
+            w_in, w_out = w_out, w_in  # x @ W.T: W stored (out, in), as F.linear's
         x, x_node = args[x_pos], node.args[x_pos]
         if isinstance(x, torch.Tensor):  # indices computed in the graph (position ids): a constant
             x = self._fixed(node, tuple(x.shape), 5)

@@ -128,7 +128,7 @@ def _known_fields(model, an, plan, shapes: dict, eps_changes: dict) -> dict:
         if isinstance(heads, int):
             known[field] = int(round(heads * ratio))
     head_dims = {an.constraints.unit_size.get(sp.id) for sp in an.produced if an.constraints.heads_of.get(sp.id)}
-    if len(head_dims) == 1 and None not in head_dims and ratio != 1.0:
+    if len(head_dims) == 1 and None not in head_dims:
         # families that read config.head_dim (else hidden_size // heads) keep their heads' size when the stream
         # and the heads grow by different factors; the others ignore the field
         known["head_dim"] = head_dims.pop()
