@@ -125,3 +125,25 @@ def test_unknown_architecture_is_refused(ckpt, tmp_path, capsys):
     (bad / "config.json").write_text(json.dumps(config))
     assert main(["widen", str(bad), "--factor", "2", "-o", str(tmp_path / "out")]) == 2
     assert "custom code is never run" in capsys.readouterr().err
+
+
+def test_streamed_weights_are_the_in_memory_ones(tmp_path):
+    """widen_checkpoint plans on a weightless model and streams recipes; the result is bit for bit the
+    in-memory graphgrow.widen of the same model (float32 checkpoint, tied embeddings, fill + rescale)."""
+    from safetensors.torch import load_file
+
+    import graphgrow
+    from graphgrow.hf.stream import widen_checkpoint
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    model.save_pretrained(tmp_path / "src")
+    in_memory = graphgrow.widen(model, 1.5, example_inputs=(torch.randint(0, VOCAB, (1, 8)),)).state_dict()
+    result = widen_checkpoint(tmp_path / "src", tmp_path / "out", 1.5)
+    assert result["check"]["max_rel"] < 1e-5
+    streamed = load_file(tmp_path / "out" / "model.safetensors")
+    assert set(streamed) <= set(in_memory)
+    for key, value in streamed.items():
+        assert torch.equal(value, in_memory[key]), key
