@@ -199,8 +199,10 @@ def plan_widening(model, inputs: tuple, factor, *, widths=None, only=None, exclu
         except ConfigMismatch as exc:
             names = {sp.name for sp in an.produced}
             heads = [sp.name for sp in an.produced if an.constraints.heads_of.get(sp.id)]
-            keys = [k for k in exc.keys if k in heads] or exc.keys or heads  # the heads first: the stream matters more
-            more = [k for k in keys if k in names and k not in kept]
+            # the heads first (the stream matters more), then the other spaces the config cannot state
+            candidates = ([k for k in exc.keys if k in heads], list(exc.keys), heads)
+            more = next(([k for k in keys if k in names and k not in kept] for keys in candidates
+                         if [k for k in keys if k in names and k not in kept]), [])
             if not more or widths:
                 raise
             kept.extend(more)
