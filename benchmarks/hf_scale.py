@@ -43,7 +43,8 @@ def build(src: str, shard_bytes: int) -> None:
 
     config = transformers.LlamaConfig(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
                                       num_attention_heads=32, num_key_value_heads=4, vocab_size=32000,
-                                      tie_word_embeddings=False, dtype="bfloat16")
+                                      tie_word_embeddings=False, dtype="bfloat16",
+                                      architectures=["LlamaForCausalLM"])
     with torch.device("meta"):
         shapes = {n: tuple(t.shape) for n, t in transformers.LlamaForCausalLM(config).state_dict().items()}
     shards, size = [[]], 0  # transformers' greedy split: a new shard when the next tensor would overflow
