@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..core.report import GrowthReport
-from ..errors import InvalidArgumentError, UnsupportedModelError
+from ..errors import InvalidArgumentError, UnsupportedModelError, first_line
 from ..fx.engine import count_params
 from .capture import ModelOutputs, as_inputs, capture, rebuilt
 
@@ -205,7 +205,11 @@ def deepen_pretrained(model, *, after, block: str = "copy", example_inputs, seed
     zeroed = {i: branch_outputs(gm, f"{path}.{i}") for i in chosen}
     state = LayerCopies(path, n, chosen, zeroed).state(model.state_dict())
     config = deepened_config(model.config, n, chosen)
-    result = rebuilt(model, config, state)
+    try:
+        result = rebuilt(model, config, state)
+    except RuntimeError as exc:  # the family builds the copy's position differently (a dense first layer, ...)
+        raise UnsupportedModelError(f"{type(model).__name__} builds layer {chosen[0] + 1} differently from layer "
+                                    f"{chosen[0]}, so a copy does not fit there: {first_line(exc)}") from None
     report = GrowthReport([], params_before=count_params(model), params_after=count_params(result))
     report.notes.append(f"config num_hidden_layers: {n} -> {n + len(chosen)}")
     for i in chosen:

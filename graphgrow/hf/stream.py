@@ -20,6 +20,7 @@ from ..core.sites import GrowOptions
 from ..core.growth import check_factor
 from ..errors import InvalidArgumentError, UnsupportedModelError, VerificationError
 from .capture import tied_groups
+from .config import meta_shapes
 from .checkpoint import Checkpoint, rewrite_checkpoint
 from .deepen import LayerCopies, branch_outputs, chosen_layers, decoder_layers, deepened_config
 from .widen import plan_widening
@@ -175,9 +176,17 @@ def deepen_checkpoint(path, out_dir, *, after, block: str = "copy", check: bool 
     gm = capture(model, meta_inputs(model))
     zeroed = {i: branch_outputs(gm, f"{layers_path}.{i}") for i in chosen}
     config = deepened_config(model.config, n, chosen)
+    copies = LayerCopies(layers_path, n, chosen, zeroed)
+    planned = {new: tuple(src.shape(name)) for name in src.names() for new, _ in copies.targets(name)}
+    built = meta_shapes(type(model), config)
+    wrong = sorted(k for k in planned if built.get(k) != planned[k]) + \
+        sorted(k for k in built if k not in planned and k.startswith(layers_path + "."))
+    if wrong:  # (from_pretrained would start such a tensor from random values: never written)
+        raise UnsupportedModelError(f"{type(model).__name__} builds the layers after a copy differently: "
+                                    f"{wrong[0]!r} would be {built.get(wrong[0])} in the deeper model, the copy "
+                                    f"gives {planned.get(wrong[0])}")
     figures: dict = {}
-    rewrite_checkpoint(src, out_dir, config.to_diff_dict(), _DeepenStream(src, LayerCopies(layers_path, n, chosen,
-                                                                                             zeroed)),
+    rewrite_checkpoint(src, out_dir, config.to_diff_dict(), _DeepenStream(src, copies),
                        overwrite=overwrite, progress=progress, verify=_checker(src, check, seed, figures))
     notes = [f"num_hidden_layers: {n} -> {n + len(chosen)}"] + \
         [f"{layers_path}.{i} copied after itself, zeroed in the copy: {', '.join(sorted(zeroed[i]))}" for i in chosen]
