@@ -162,9 +162,17 @@ def deepen(model: nn.Module, *, after, block: str = "conv-bn-relu", kernel=3, ca
 
         return deepen_pretrained(model, after=after, block=block if block != "conv-bn-relu" else "copy",
                                  example_inputs=example_inputs, seed=seed, verify=verify, atol=atol, rtol=rtol)
-    result, report, paths, batches, inputs = deepen_module(model, after=after, block=block, kernel=kernel,
-                                                            calibrate=calibrate, example_inputs=example_inputs,
-                                                            seed=seed)
+    if block == "copy":  # block expansion on a plain model: a copy of each chosen residual block, adding 0
+        from .fx.block_copy import copy_blocks
+
+        if calibrate is not None:
+            raise InvalidArgumentError("block='copy' needs no calibration: the copy holds the block's own weights")
+        result, report, inputs = copy_blocks(model, after=after, example_inputs=example_inputs)
+        paths, batches = [], None
+    else:
+        result, report, paths, batches, inputs = deepen_module(model, after=after, block=block, kernel=kernel,
+                                                                calibrate=calibrate, example_inputs=example_inputs,
+                                                                seed=seed)
     if batches is not None:
         report.calibration_batches = len(batches)
         report.train_deviation = train_mode_deviation(model, result, batches, seed)

@@ -86,6 +86,17 @@ def trace_module(model: torch.nn.Module, max_leaves: int = 64) -> tuple:
     raise TraceError(f"torch.fx cannot trace {type(model).__name__}: more than {max_leaves} submodules fail to trace")
 
 
+def trace_with_leaves(model: torch.nn.Module, leaves) -> fx.GraphModule:
+    """Symbolic tracing that keeps the submodules ``leaves`` (paths) as single ``call_module`` nodes."""
+    tracer = _LeafRetryTracer(leaves)
+    try:
+        graph = tracer.trace(model)
+    except Exception as exc:  # noqa: BLE001 - any tracing failure is reported
+        raise TraceError(f"torch.fx cannot trace {type(model).__name__}.forward at {_user_line(exc)}: "
+                         f"{first_line(exc)}") from None
+    return fx.GraphModule(tracer.root, graph, type(model).__name__)
+
+
 _STANDARD_LEAF = fx.Tracer()
 
 

@@ -122,17 +122,23 @@ def _residual_terms(node, deps, layer_nodes) -> list:
     return [node]
 
 
-def branch_outputs(gm: fx.GraphModule, layer: str) -> set:
+def branch_outputs(gm: fx.GraphModule, layer) -> set:
     """The state_dict keys to zero so that a copy of ``layer`` adds nothing to the residual stream: the layer's
     output is a sum (through its residual adds) of one term that does not depend on the layer's parameters
-    (the stream) and branches that do; every branch is followed back to the linear maps that produce it."""
-    prefix = layer + "."
-    nodes = [n for n in gm.graph.nodes if _in_layer(n, layer)]
-    if not nodes:
-        raise UnsupportedModelError(f"no op of the captured graph belongs to {layer!r}")
+    (the stream) and branches that do; every branch is followed back to the linear maps that produce it.
+    ``layer=None``: ``gm`` is the captured block alone (keys relative to it)."""
+    if layer is None:  # the graph is the block itself
+        prefix, nodes = "", [n for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
+        exits = [next(n for n in gm.graph.nodes if n.op == "output").args[0]]
+        layer = "the block"
+    else:
+        prefix = layer + "."
+        nodes = [n for n in gm.graph.nodes if _in_layer(n, layer)]
+        if not nodes:
+            raise UnsupportedModelError(f"no op of the captured graph belongs to {layer!r}")
+        exits = [n for n in nodes if any(u not in set(nodes) for u in n.users)]
     deps = _param_deps(gm, prefix)
     inside = set(nodes)
-    exits = [n for n in nodes if any(u not in inside for u in n.users)]
     out = _through(exits[-1], reshapes=True)
     if out.target in _NORMS or out.target is torch.rsqrt or out.target == "mean":
         raise UnsupportedModelError(f"{layer} normalizes after its residual add (a post-norm block): a copy "
