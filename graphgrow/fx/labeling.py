@@ -326,7 +326,8 @@ class FxLabelRun(FxTransformerOps, MoveReplay, RelationRun):
         sources = node.args[1:3] if cond is not None else node.args[:2]
         for (p, ps), (q, qs) in (((a, sources[0]), (b, sources[1])), ((b, sources[1]), (a, sources[0]))):
             rq = q if self.analysis else self._old(qs)
-            if p.elem is None or not isinstance(rq, LabelTensor) or not rq.vary:
+            constant = p.elem is not None or (not p.vary and self._is_fixed(p))  # (a concatenation loses .elem)
+            if not constant or not isinstance(rq, LabelTensor) or not rq.vary:
                 continue
             try:
                 if tuple(np.broadcast_shapes(rq.shape, p.shape)) != rq.shape:
