@@ -6,7 +6,7 @@ import re
 
 from .. import onnx as gonnx
 from ..core.deepen import BLOCKS
-from ..errors import GraphGrowError, VerificationError
+from ..errors import VerificationError
 from . import checkpoint_dir, exit_codes, options
 
 
@@ -17,9 +17,6 @@ def run(args) -> int:
     out_path = options.output_paths(args, "deep")
     kernel = int(args.kernel) if re.fullmatch(r"\s*-?\d+\s*", args.kernel) else args.kernel
     try:
-        if args.block == "copy":
-            raise GraphGrowError("--block copy (block expansion) is for checkpoint directories; ONNX files take "
-                                 "conv-bn-relu, conv-bn, linear or residual")
         result = gonnx.deepen(args.input, after=args.after, block=args.block or "conv-bn-relu", kernel=kernel, seed=args.seed,
                               shapes=options.shapes(args), check=not args.no_check, atol=args.atol, rtol=args.rtol,
                               batches=options.batches(args.batches), providers=options.providers(args.provider), progress=say)
@@ -31,8 +28,12 @@ def run(args) -> int:
         options.write_report(args.report, result)
     print(result.summary())
     for ins in result.insertions[:20]:
+        if ins.block == "copy":
+            continue
         k = "+".join("x".join(map(str, k)) for k in ins.kernels) if ins.kernels else "-"
         print(f"  {ins.block:13s} kernel {k:12s} {ins.channels:5d} ch  after {ins.after}")
+    for note in result.notes[:20]:
+        print(f"  {note}")
     if len(result.insertions) > 20:
         print(f"  ... and {len(result.insertions) - 20} more")
     if result.check is None:
@@ -48,7 +49,8 @@ def add_parser(sub) -> None:
                    help="node or value names (the whole name must match) whose output gets a block")
     d.add_argument("--block", choices=list(BLOCKS) + ["copy"], default=None,
                    help="conv-bn-relu (default for ONNX files; only after provably non-negative values), conv-bn, "
-                        "linear, residual; copy (default for checkpoint directories: block expansion)")
+                        "linear, residual; copy: block expansion, --after names module scopes such as layers.3 "
+                        "(the default for checkpoint directories)")
     d.add_argument("--kernel", default="3", help="odd kernel size or a factorized chain like 1x3+3x1 (default 3)")
     d.add_argument("-o", "--output", metavar="OUT.onnx", help="output path (default IN.deep.onnx)")
     checkpoint_dir.add_options(d)

@@ -198,12 +198,19 @@ def deepen(model_or_path, *, after, block: str = "conv-bn-relu", kernel=3, seed:
     matching a whole name, or a list of exact names).
 
     ``block`` and ``kernel`` mean what they mean for :func:`graphgrow.deepen`; each block's output keeps the old
-    value name, so consumers and graph outputs are untouched.  Verification, ``shapes`` and ``progress`` as for
+    value name, so consumers and graph outputs are untouched.  ``block="copy"``: ``after`` matches module scopes
+    of the exporter (``layers.3``), each copied after itself with its projections into the residual stream zeroed.  Verification, ``shapes`` and ``progress`` as for
     :func:`widen`.
     """
     batches, shapes = check_batches(batches), shape_dict(shapes)
     say = progress or _quiet
     model, path = _load(model_or_path, say)
+    if block == "copy":  # block expansion: module scopes (layers.3) copied with their stream projections zeroed
+        from .block_copy import copy_blocks
+
+        out, report = copy_blocks(model, after=after, shapes=shapes, check=check, atol=atol, rtol=rtol,
+                                  batches=batches, providers=providers, seed=seed, progress=say)
+        return _extended(DeepenResult, report, model=out, source=path)
     out, report = deepen_model(model, after=after, block=block, kernel=kernel, seed=seed, shapes=shapes, check=check,
                                atol=atol, rtol=rtol, batches=batches, providers=providers, progress=say)
     return _extended(DeepenResult, report, model=out, source=path)
