@@ -11,6 +11,7 @@ derives them from the config.
 
 from __future__ import annotations
 
+import copy
 import math
 import operator
 from dataclasses import dataclass
@@ -230,8 +231,25 @@ def widen_pretrained(model, factor=1.41, *, example_inputs, widths=None, only=No
     if preserving and verify != "none":
         from ..api import verify_growth
 
+        def widen64():  # the same widening of a float64 copy (same plan, same draws): decides a float32/bf16 doubt
+            double = copy.deepcopy(model).double()
+            return ModelOutputs(widen_pretrained(double, factor, example_inputs=inputs, widths=widths, only=only,
+                                                 exclude=exclude, divisor=divisor, init=init, noise=noise,
+                                                 noise_mode=noise_mode, seed=seed, verify="none", fill=fill,
+                                                 strict=strict))
+
+        dtype = next(model.parameters()).dtype
+        reference, candidate, redo64 = ModelOutputs(model), ModelOutputs(result), widen64
+        if dtype in (torch.float16, torch.bfloat16):
+            # the new weights are rounded to the model's dtype: both models are compared in float32, within
+            # that dtype's rounding (graphgrow.hf.stream.TOLERANCE), unless rtol says otherwise
+            from .stream import TOLERANCE
+
+            reference, candidate = ModelOutputs(copy.deepcopy(model).float()), ModelOutputs(copy.deepcopy(result).float())
+            rtol, redo64 = TOLERANCE[dtype] if rtol is None else rtol, None
+            report.notes.append(f"checked in float32 within {dtype} rounding (rtol {rtol:g})")
         try:
-            verify_growth(ModelOutputs(model), ModelOutputs(result), inputs, report, "widened", verify, atol, rtol, seed)
+            verify_growth(reference, candidate, inputs, report, "widened", verify, atol, rtol, seed, redo64)
         except VerificationError as exc:
             if not w.plan.fills:
                 raise

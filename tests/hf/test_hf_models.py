@@ -138,3 +138,18 @@ def test_widths_the_config_cannot_state_are_kept():
     assert grown.config.intermediate_size == 256
     assert any("cannot state them grown" in n for n in grown.graphgrow_report.notes)
     assert max_rel(logits(model, ids(1)), logits(grown, ids(1))) < 1e-5
+
+
+def test_bf16_model_keeps_its_dtype_and_is_checked_within_bf16_rounding():
+    model = llama().to(torch.bfloat16)
+    grown = graphgrow.widen(model, 1.5, example_inputs=(ids(),))
+    assert grown.dtype == torch.bfloat16 and grown.config.hidden_size == 96
+    assert any("bfloat16 rounding" in n for n in grown.graphgrow_report.notes)
+    a, b = logits(model.float(), ids(1)), logits(grown.float(), ids(1))
+    assert max_rel(a, b) < 3e-2
+
+
+def test_llama_gqa_heads_grow_by_query_groups_at_any_factor():
+    grown = graphgrow.widen(llama(), 1.5, example_inputs=(ids(),))
+    assert (grown.config.num_attention_heads, grown.config.num_key_value_heads) == (6, 3)
+    assert grown.config.head_dim == 16
