@@ -94,6 +94,7 @@ def solve_config(model_cls, config, target: dict, known: dict):
     for _ in range(8):  # each round settles one more field
         bad = _mismatch(shapes, target)
         if not bad:
+            _loadable(new)
             return new
         for field in _int_fields(new):
             if field in fixed:
@@ -118,6 +119,14 @@ def solve_config(model_cls, config, target: dict, known: dict):
     raise ConfigMismatch(f"{type(config).__name__} cannot express the grown shapes: {key!r} would be "
                          f"{list(got) if got else 'absent'} where the widening gives "
                          f"{list(want) if want else 'none'}", sorted(bad))
+
+
+def _loadable(config) -> None:
+    """The config as from_pretrained will read it back (its class's validation runs there, not on setattr)."""
+    try:
+        type(config).from_dict(config.to_dict())
+    except Exception as exc:  # noqa: BLE001 - the family's own validation: the keys are unknown (the heads)
+        raise ConfigMismatch(f"{type(config).__name__} would not load the grown config: {exc}", []) from None
 
 
 def eps_fields(config, old_eps: float) -> list:
