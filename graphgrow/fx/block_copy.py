@@ -80,7 +80,7 @@ def copy_blocks(model: nn.Module, *, after, example_inputs) -> tuple:
         gm.add_submodule(name, twin)
         with gm.graph.inserting_after(node):
             new = gm.graph.call_module(name, (node,))
-        node.replace_all_uses_with(new, delete_user_cb=lambda user: user is not new)
+        node.replace_all_uses_with(new, delete_user_cb=lambda user, new=new: user is not new)
         report.insertions.append(Insertion(after=path, name=name, block="copy", form="block",
                                            channels=int(arg_meta.shape[-1]), kernels=[], activation=False,
                                            nonneg_reason=""))

@@ -25,7 +25,7 @@ from ..core.growth import check_factor, check_options, require_head_widths, requ
     widen_targets
 from ..core.report import GrowthReport
 from ..core.sites import GrowOptions
-from ..errors import UnsupportedModelError, VerificationError, first_line, require_equivalent
+from ..errors import UnsupportedModelError, VerificationError, first_line
 from ..fx.engine import FxAnalysis, count_params, plan_and_apply
 from .capture import ModelOutputs, as_inputs, capture, rebuilt, tied_groups
 from .config import ConfigMismatch, eps_fields, solve_config

@@ -1,7 +1,6 @@
 """ONNX's own Attention operator (opset 23) on 4-d heads: heads are copied whole (torch-free)."""
 
 import numpy as np
-import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
