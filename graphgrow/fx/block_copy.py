@@ -10,13 +10,12 @@ linear map, is refused with the reason. The result is a GraphModule; it is verif
 from __future__ import annotations
 
 import copy
-import re
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from ..core.deepen import DeepenReport, Insertion
+from ..core.deepen import DeepenReport, Insertion, select_names
 from ..errors import InvalidArgumentError, TraceError, UnsupportedModelError, first_line
 from .aten import lift_exported
 from .engine import as_input_tuple, count_params
@@ -25,14 +24,10 @@ from .trace import trace_with_leaves
 
 
 def _chosen(model: nn.Module, after) -> list:
-    patterns = [after] if isinstance(after, str) else list(after or [])
-    if not patterns:
-        raise InvalidArgumentError("after is required: a regular expression matching submodule paths")
-    names = [n for n, _ in model.named_modules() if n and any(re.fullmatch(p, n) for p in patterns)]
-    outer = [n for n in names if not any(n.startswith(m + ".") for m in names)]
-    if not outer:
-        raise InvalidArgumentError(f"after={after!r} matches no submodule of {type(model).__name__}")
-    return outer
+    """The submodules ``after`` chooses (:func:`graphgrow.core.deepen.select_names`), outermost only."""
+    names = [n for n, _ in select_names({n: [n] for n, _ in model.named_modules() if n}, after,
+                                        f"submodule of {type(model).__name__}")]
+    return [n for n in names if not any(n.startswith(m + ".") for m in names)]
 
 
 def zeroed_copy(block: nn.Module, x: torch.Tensor) -> tuple:

@@ -52,6 +52,15 @@ def param_array(t: torch.Tensor):
 _np = param_array
 
 
+_EPS_POS = {F.layer_norm: 4, F.group_norm: 4}  # F.rms_norm(x, shape, weight, eps): 3
+
+
+def norm_eps(target, args, kwargs):
+    """(position, value) of the ``eps`` argument of a norm function called with ``args``/``kwargs``."""
+    pos = _EPS_POS.get(target, 3)
+    return pos, args[pos] if len(args) > pos else kwargs.get("eps")
+
+
 def _arg(args, kwargs, i, name, default=None):
     if len(args) > i:
         return args[i]
@@ -163,8 +172,7 @@ class FxTransformerOps:
                 raise NotUnderstood("its parameters are not module attributes used only here")
             owners[name] = a.target
         params = {} if self.analysis else {t: _np(operator.attrgetter(t)(self.gm)) for t in owners.values()}
-        eps_pos = {F.layer_norm: 4, F.group_norm: 4}.get(target, 3)
-        eps = node.args[eps_pos] if len(node.args) > eps_pos else node.kwargs.get("eps")
+        eps_pos, eps = norm_eps(target, node.args, node.kwargs)
         kind = None if target is F.group_norm or not isinstance(eps, float) else \
             "layer" if target is F.layer_norm else "rms"
         out, new, match, new_eps = self.norm(node, node.name, x, old_x, axes, params, pax, groups, kind, eps)

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import copy
 import operator
-import re
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..core.deepen import select_names
 from ..core.report import GrowthReport
 from ..errors import InvalidArgumentError, UnsupportedModelError, first_line
 from ..fx.engine import count_params
@@ -47,15 +47,10 @@ def decoder_layers(model: nn.Module):
 
 
 def chosen_layers(path: str, n: int, after) -> list:
-    names = [f"{path}.{i}" for i in range(n)]
-    patterns = [after] if isinstance(after, str) else list(after or [])
-    if not patterns:
-        raise InvalidArgumentError("after is required: a regular expression matching layer paths such as "
-                                   f"{names[0]!r}")
-    chosen = [i for i, name in enumerate(names) if any(re.fullmatch(p, name) for p in patterns)]
-    if not chosen:
-        raise InvalidArgumentError(f"after={after!r} matches no layer (the layers are {names[0]!r} ... {names[-1]!r})")
-    return chosen
+    """Indices of the layers ``after`` chooses (a regex matching whole paths such as ``model.layers.3``, or a list
+    of exact paths), by the rule every deepening uses (:func:`graphgrow.core.deepen.select_names`)."""
+    names = {f"{path}.{i}": [i] for i in range(n)}
+    return sorted(i for _, i in select_names(names, after, f"layer (the layers are {path}.0 ... {path}.{n - 1})"))
 
 
 def _in_layer(node: fx.Node, layer: str) -> bool:

@@ -10,8 +10,6 @@ the same token sequences (``check=False`` skips this for models too large to run
 
 from __future__ import annotations
 
-import json
-import os
 
 import numpy as np
 import torch
@@ -115,8 +113,7 @@ def _checker(src: Checkpoint, check: bool, seed: int, report: dict):
     def verify(out_dir):
         import transformers
 
-        with open(os.path.join(src.path, "config.json"), encoding="utf-8") as f:
-            cls = getattr(transformers, json.load(f)["architectures"][0])
+        cls = getattr(transformers, src.config["architectures"][0])  # (checked by meta_model)
         bars = transformers.utils.logging.is_progress_bar_enabled()
         transformers.utils.logging.disable_progress_bar()
         try:

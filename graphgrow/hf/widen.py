@@ -27,6 +27,7 @@ from ..core.report import GrowthReport
 from ..core.sites import GrowOptions
 from ..errors import UnsupportedModelError, VerificationError, first_line
 from ..fx.engine import FxAnalysis, count_params, plan_and_apply
+from ..fx.transformer import norm_eps
 from .capture import ModelOutputs, as_inputs, capture, rebuilt, tied_groups
 from .config import ConfigMismatch, eps_fields, solve_config
 
@@ -41,16 +42,13 @@ def _norm_eps(an: FxAnalysis, run) -> dict:
     changes: dict = {}
     for node, (args, kwargs) in run.arg_updates.items():
         if node.target in (F.layer_norm, F.rms_norm):
-            pos = 4 if node.target is F.layer_norm else 3
-            old = node.args[pos] if len(node.args) > pos else node.kwargs.get("eps")
-            new = args[pos] if len(args) > pos else kwargs.get("eps")
+            old, new = norm_eps(node.target, node.args, node.kwargs)[1], norm_eps(node.target, args, kwargs)[1]
             if isinstance(old, float) and new != old:
                 changes[old] = new
     kept_eps = set()  # epsilons of norms fill + rescale left alone (over head_dim, over a stream it did not fill)
     for node in an.gm.graph.nodes:
         if node.target in (F.layer_norm, F.rms_norm) and node not in run.arg_updates:
-            pos = 4 if node.target is F.layer_norm else 3
-            kept_eps.add(node.args[pos] if len(node.args) > pos else node.kwargs.get("eps"))
+            kept_eps.add(norm_eps(node.target, node.args, node.kwargs)[1])
         elif node.target in (torch.mean, "mean") and node not in run.mean_scales:
             kept_eps.add(_written_out_rms(node)[0])
     for mean, ratio in run.mean_scales.items():

@@ -12,15 +12,15 @@ untouched. Anything else (a norm after the add, a branch ending elsewhere) is re
 from __future__ import annotations
 
 import ast
-import re
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
 from ..compare import DEFAULT_ATOL, DEFAULT_RTOL, random_feeds
-from ..core.deepen import DeepenReport, Insertion
-from ..errors import InvalidArgumentError, UnsupportedModelError, require_equivalent
+from ..core.deepen import DeepenReport, Insertion, select_names
+from ..errors import UnsupportedModelError, require_equivalent
+from .deepening import unique_name
 from .engine import check_rewritten, count_params, input_specs, prepare, verify
 
 _PASS = {"Reshape", "Transpose", "Identity", "Cast", "Dropout", "Squeeze", "Unsqueeze", "Flatten"}
@@ -58,15 +58,11 @@ def _members(graph, path: str) -> list:
 
 
 def _block_paths(graph, after) -> list:
-    patterns = [after] if isinstance(after, str) else list(after or [])
+    """The module scopes ``after`` chooses (:func:`graphgrow.core.deepen.select_names`), outermost only."""
     scopes = {node_scope(n) for n in graph.node}
-    prefixes = {".".join(s.split(".")[:k]) for s in scopes for k in range(1, len(s.split(".")) + 1)}
-    paths = sorted(p for p in prefixes if any(re.fullmatch(pat, p) for pat in patterns))
-    paths = [p for p in paths if not any(p.startswith(q + ".") for q in paths)]
-    if not paths:
-        raise InvalidArgumentError(f"after={after!r} matches no module scope of the graph (e.g. "
-                                   f"{', '.join(sorted(prefixes)[:3])})")
-    return paths
+    prefixes = sorted({".".join(s.split(".")[:k]) for s in scopes for k in range(1, len(s.split(".")) + 1)})
+    paths = [p for p, _ in select_names({p: [p] for p in prefixes}, after, "module scope of the graph")]
+    return [p for p in paths if not any(p.startswith(q + ".") for q in paths)]
 
 
 def _plan(graph, path: str) -> tuple:
@@ -136,14 +132,6 @@ def _plan(graph, path: str) -> tuple:
     return idx, exit_value, stream[0], zero
 
 
-def _unique(taken: set, name: str) -> str:
-    out, k = name, 1
-    while out in taken:
-        out, k = f"{name}_{k}", k + 1
-    taken.add(out)
-    return out
-
-
 def copy_blocks(model: onnx.ModelProto, *, after, shapes=None, check: bool = True, atol=DEFAULT_ATOL,
                 rtol=DEFAULT_RTOL, batches: int = 3, providers=None, seed: int = 0, progress=None) -> tuple:
     """(deeper ModelProto, DeepenReport); ``model`` is not changed."""
@@ -158,7 +146,7 @@ def copy_blocks(model: onnx.ModelProto, *, after, shapes=None, check: bool = Tru
         taken = {n.name for n in g.node} | {t.name for t in g.initializer} | {o for n in g.node for o in n.output} \
             | {i.name for i in g.input}
         inits = {t.name: t for t in g.initializer}
-        pre = _unique(taken, f"{exit_value}_pre_copy")
+        pre = unique_name(taken, f"{exit_value}_pre_copy")
         rename = {exit_value: pre}
         members = [g.node[i] for i in idx]
         for n in members:  # the block now writes its output under a new name, which the copy reads
@@ -169,19 +157,19 @@ def copy_blocks(model: onnx.ModelProto, *, after, shapes=None, check: bool = Tru
         for n in members:
             for i in n.input:
                 if i in inits and i not in copy_names:
-                    copy_names[i] = _unique(taken, f"{i}_copy")
+                    copy_names[i] = unique_name(taken, f"{i}_copy")
                     arr = numpy_helper.to_array(inits[i])
                     new_inits.append(numpy_helper.from_array(np.zeros_like(arr) if i in zero else arr,
                                                              copy_names[i]))
             for o in n.output:
                 if o and o not in copy_names:
-                    copy_names[o] = exit_value if o == pre else _unique(taken, f"{o}_copy")
+                    copy_names[o] = exit_value if o == pre else unique_name(taken, f"{o}_copy")
         stream_in = {i for n in members for i in n.input} - set(copy_names) - {o for n in members for o in n.output}
         copies = []
         for n in members:
             c = onnx.NodeProto()
             c.CopyFrom(n)
-            c.name = _unique(taken, f"{n.name}_copy")
+            c.name = unique_name(taken, f"{n.name}_copy")
             c.input[:] = [copy_names.get(i, i) if i not in stream_in or i == "" else i for i in n.input]
             c.output[:] = [copy_names.get(o, o) for o in n.output]
             copies.append(c)

@@ -85,7 +85,8 @@ def nonneg_signs(model: onnx.ModelProto) -> dict:
 
 # ---------------------------------------------------------------------------------------------------- block nodes
 
-def _unique(taken: set, base: str) -> str:
+def unique_name(taken: set, base: str) -> str:
+    """``base``, or ``base_2``, ``base_3``, ... : the first name not in ``taken`` (which then holds it)."""
     name, k = base, 2
     while name in taken:
         name, k = f"{base}_{k}", k + 1
@@ -102,13 +103,13 @@ class _BlockWriter:
         self.inits: list = []
 
     def const(self, tag: str, value: np.ndarray) -> str:
-        name = _unique(self.taken, f"{self.prefix}/{tag}")
+        name = unique_name(self.taken, f"{self.prefix}/{tag}")
         self.inits.append(numpy_helper.from_array(np.asarray(value, dtype=self.dtype), name))
         return name
 
     def node(self, op: str, tag: str, inputs: list, output: str | None = None, **attrs) -> str:
-        out = output or _unique(self.taken, f"{self.prefix}/{tag}_output")
-        self.nodes.append(helper.make_node(op, inputs, [out], name=_unique(self.taken, f"{self.prefix}/{tag}"),
+        out = output or unique_name(self.taken, f"{self.prefix}/{tag}_output")
+        self.nodes.append(helper.make_node(op, inputs, [out], name=unique_name(self.taken, f"{self.prefix}/{tag}"),
                                            **attrs))
         return out
 
@@ -225,12 +226,12 @@ def deepen_model(model: onnx.ModelProto, *, after, block: str = "conv-bn-relu", 
     report = core.DeepenReport(params_before=count_params(src))
     say(f"inserting {len(plans)} block(s) ...")
     for name, value, form, shape, dtype, relu, sign in plans:
-        prefix = _unique(taken, "graphgrow_deep/" + re.sub(r"[^A-Za-z0-9_.]+", "_", name).strip("_"))
+        prefix = unique_name(taken, "graphgrow_deep/" + re.sub(r"[^A-Za-z0-9_.]+", "_", name).strip("_"))
         w = _BlockWriter(prefix, taken, dtype)
         nodes = list(g.node)
         producer = next((i for i, n in enumerate(nodes) if value in n.output), None)
         if producer is None:  # a graph input: the block writes a new value and the consumers move to it
-            block_out = _unique(taken, f"{value}_deep")
+            block_out = unique_name(taken, f"{value}_deep")
             write_block(w, spec, form, shape, relu, rng, value, block_out)
             for n in nodes:
                 for k, v in enumerate(n.input):
@@ -238,7 +239,7 @@ def deepen_model(model: onnx.ModelProto, *, after, block: str = "conv-bn-relu", 
                         n.input[k] = block_out
             at = 0
         else:  # the producer writes under a new name; the block writes the old one
-            pre = _unique(taken, f"{value}_pre_deep")
+            pre = unique_name(taken, f"{value}_pre_deep")
             n = nodes[producer]
             n.output[list(n.output).index(value)] = pre
             write_block(w, spec, form, shape, relu, rng, pre, value)

@@ -91,3 +91,8 @@ def test_transformer_export_block_copy():
     proto = torch.onnx.export(model, (torch.randint(0, 50, (1, 8)),), dynamo=True).model_proto
     res = gonnx.deepen(proto, after="layers.1", block="copy")
     assert res.check.passed and res.check.outputs[0].max_rel == 0.0
+
+
+def test_bad_regex_is_one_sentence():
+    with pytest.raises(InvalidArgumentError, match="not a valid regular expression"):
+        gonnx.deepen(residual_mlp(), after="blocks.(", block="copy")
