@@ -29,39 +29,70 @@ def is_pretrained(model) -> bool:
     return tf is not None and isinstance(model, tf.PreTrainedModel)
 
 
-class ModelOutputs(nn.Module):
-    """``model(*inputs)`` without a cache, as the tuple of its output tensors (logits first)."""
+class NamedInputs(tuple):
+    """Example inputs given by keyword (``{"input_ids": ..., "decoder_input_ids": ...}``): the tensors in the
+    order given, with their parameter names.  A plain tuple means positional inputs."""
 
-    def __init__(self, model: nn.Module):
+    names: tuple = ()
+
+    def __new__(cls, mapping: dict):
+        out = super().__new__(cls, mapping.values())
+        out.names = tuple(mapping)
+        return out
+
+
+def input_names(inputs) -> tuple:
+    """The keyword names of ``inputs`` (empty for positional inputs)."""
+    return getattr(inputs, "names", ())
+
+
+class ModelOutputs(nn.Module):
+    """``model(*inputs)`` (or ``model(**dict(zip(names, inputs)))``) without a cache, as the tuple of its output
+    tensors (logits first).  Keyword inputs keep every wrapper a function of positional tensors, which is what
+    the export, the checks and the random draws of the verification work with."""
+
+    def __init__(self, model: nn.Module, names: tuple = ()):
         super().__init__()
         self.model = model
+        self.names = tuple(names)
         params = inspect.signature(model.forward).parameters
         self.kwargs = {"use_cache": False} if "use_cache" in params else {}
         if "return_dict" in params:
             self.kwargs["return_dict"] = True
 
     def forward(self, *inputs):
-        out = self.model(*inputs, **self.kwargs)
+        if self.names:
+            out = self.model(**dict(zip(self.names, inputs)), **self.kwargs)
+        else:
+            out = self.model(*inputs, **self.kwargs)
         values = out.values() if hasattr(out, "values") else out if isinstance(out, (tuple, list)) else (out,)
         return tuple(v for v in values if isinstance(v, torch.Tensor))
 
 
 def as_inputs(example_inputs) -> tuple:
+    """A tuple of tensors (a :class:`NamedInputs` where they were given by keyword, as a dict)."""
     if example_inputs is None:
         raise InvalidArgumentError("example_inputs are required: pass the input_ids (or pixel_values) tensor the "
-                                   "model accepts")
-    inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+                                   "model accepts, a tuple of them, or a dict of keyword tensors")
+    if isinstance(example_inputs, NamedInputs):
+        return example_inputs
+    if isinstance(example_inputs, dict):
+        if not example_inputs or not all(isinstance(k, str) for k in example_inputs):
+            raise InvalidArgumentError("example_inputs given as a dict must map parameter names to tensors")
+        inputs = NamedInputs(example_inputs)
+    else:
+        inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
     if not inputs or not all(isinstance(t, torch.Tensor) for t in inputs):
-        raise InvalidArgumentError("example_inputs must be a tensor or a tuple of tensors")
+        raise InvalidArgumentError("example_inputs must be a tensor, a tuple of tensors or a dict of keyword tensors")
     return inputs
 
 
 def capture(model: nn.Module, inputs: tuple) -> fx.GraphModule:
     """The lifted export of ``ModelOutputs(model)`` on ``inputs``; get_attr targets are state_dict keys."""
-    wrapper = ModelOutputs(model)
+    wrapper = ModelOutputs(model, input_names(inputs))
     try:
         with torch.no_grad():
-            program = torch.export.export(wrapper, inputs, strict=False)
+            program = torch.export.export(wrapper, tuple(inputs), strict=False)
     except Exception as exc:  # noqa: BLE001 - any capture failure is reported in one sentence
         raise TraceError(f"torch.export cannot capture {type(model).__name__}: {first_line(exc)}") from None
     return lift_exported(program.module(), _PREFIX)

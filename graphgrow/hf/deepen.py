@@ -23,7 +23,7 @@ from ..core.deepen import select_names
 from ..core.report import GrowthReport
 from ..errors import InvalidArgumentError, UnsupportedModelError, first_line
 from ..fx.engine import count_params
-from .capture import ModelOutputs, as_inputs, capture, rebuilt
+from .capture import ModelOutputs, as_inputs, capture, input_names, rebuilt
 
 _PREFIX = "model."  # the capture wrapper's attribute
 # ops through which a zero stays zero when the named operand is zero (the others are read as constants)
@@ -218,6 +218,8 @@ def deepen_pretrained(model, *, after, block: str = "copy", example_inputs, seed
     if verify != "none":
         from ..api import verify_growth
 
-        verify_growth(ModelOutputs(model), ModelOutputs(result), inputs, report, "deepened", verify, atol, rtol, seed)
+        names = input_names(inputs)
+        verify_growth(ModelOutputs(model, names), ModelOutputs(result, names), inputs, report, "deepened", verify, atol,
+                      rtol, seed)
     result.graphgrow_report = report
     return result

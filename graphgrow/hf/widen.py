@@ -28,7 +28,7 @@ from ..core.sites import GrowOptions
 from ..errors import UnsupportedModelError, VerificationError, first_line
 from ..fx.engine import FxAnalysis, count_params, plan_and_apply
 from ..fx.transformer import norm_eps
-from .capture import ModelOutputs, as_inputs, capture, rebuilt, tied_groups
+from .capture import ModelOutputs, as_inputs, capture, input_names, rebuilt, tied_groups
 from .config import ConfigMismatch, eps_fields, solve_config
 
 
@@ -234,16 +234,18 @@ def widen_pretrained(model, factor=1.41, *, example_inputs, widths=None, only=No
             return ModelOutputs(widen_pretrained(double, factor, example_inputs=inputs, widths=widths, only=only,
                                                  exclude=exclude, divisor=divisor, init=init, noise=noise,
                                                  noise_mode=noise_mode, seed=seed, verify="none", fill=fill,
-                                                 strict=strict))
+                                                 strict=strict), names)
 
+        names = input_names(inputs)
         dtype = next(model.parameters()).dtype
-        reference, candidate, redo64 = ModelOutputs(model), ModelOutputs(result), widen64
+        reference, candidate, redo64 = ModelOutputs(model, names), ModelOutputs(result, names), widen64
         if dtype in (torch.float16, torch.bfloat16):
             # the new weights are rounded to the model's dtype: both models are compared in float32, within
             # that dtype's rounding (graphgrow.hf.stream.TOLERANCE), unless rtol says otherwise
             from .stream import TOLERANCE
 
-            reference, candidate = ModelOutputs(copy.deepcopy(model).float()), ModelOutputs(copy.deepcopy(result).float())
+            reference = ModelOutputs(copy.deepcopy(model).float(), names)
+            candidate = ModelOutputs(copy.deepcopy(result).float(), names)
             rtol, redo64 = TOLERANCE[dtype] if rtol is None else rtol, None
             report.notes.append(f"checked in float32 within {dtype} rounding (rtol {rtol:g})")
         try:

@@ -153,3 +153,18 @@ def test_llama_gqa_heads_grow_by_query_groups_at_any_factor():
     grown = graphgrow.widen(llama(), 1.5, example_inputs=(ids(),))
     assert (grown.config.num_attention_heads, grown.config.num_key_value_heads) == (6, 3)
     assert grown.config.head_dim == 16
+
+
+def test_keyword_example_inputs_reach_an_encoder_decoder():
+    """example_inputs as a dict: the model is called by keyword (T5 needs decoder_input_ids), captured, widened and
+    verified with the same names; the grown model computes the same logits when called the same way."""
+    cfg = transformers.T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                                dropout_rate=0.0, decoder_start_token_id=0)
+    model = transformers.T5ForConditionalGeneration(cfg).eval()
+    feed = {"input_ids": ids(0, 9), "decoder_input_ids": ids(1, 5)}
+    wide = graphgrow.widen(model, 2, example_inputs=feed)
+    assert wide.graphgrow_report.params_after > wide.graphgrow_report.params_before
+    with torch.no_grad():
+        assert max_rel(model(**feed).logits, wide(**feed).logits) < 1e-5
+    with pytest.raises(InvalidArgumentError, match="dict"):
+        graphgrow.widen(model, 2, example_inputs={1: feed["input_ids"]})
