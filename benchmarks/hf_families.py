@@ -54,7 +54,8 @@ import transformers
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from hf_ideal import expert_counts, format_classes, ideal_kwargs, is_principled, space_classes  # noqa: E402
+from hf_ideal import (expert_counts, format_classes, frozen_spaces, ideal_kwargs, is_principled,  # noqa: E402
+                      space_classes)
 EXACT = 1e-5
 
 
@@ -519,6 +520,8 @@ def widen_facts(row: dict, name: str, model, grown, factor: float, layers: int |
         return
     counts = space_classes(report, factor, expert_counts(model.config))
     row["classes"] = dict(counts)
+    row["spaces"] = frozen_spaces(report)
+    row["notes"] = list(report.notes)
     row["frozen"] = format_classes(counts)
     row["principled"] = all(is_principled(c) for c in counts)
 
@@ -654,7 +657,8 @@ CHECK_COLS = [("family", "family"), ("class", "class"), ("kind", "inputs"), ("at
               ("build", "build s"), ("forward", "forward"), ("export", "export"), ("export_s", "export s"),
               ("head_dim", "head_dim"), ("tied", "embeddings"), ("layer", "deepen after"), ("note", "architecture")]
 REASONS = ("a: reaches a model output, b: the config cannot state it grown, c: ALiBi, d: sinusoidal, e: post-norm / "
-           "whole-factor norm, f: expert count (router); gap(<op>): the op whose relation is missing")
+           "whole-factor norm, f: expert count (router); gap(<op>): the op whose relation is missing, gap(one config "
+           "epsilon): norms kept to whole factors because the config holds one epsilon for every norm")
 
 
 def table(rows, cols) -> list[str]:

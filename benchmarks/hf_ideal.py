@@ -87,38 +87,51 @@ def op_name(reason: str) -> str:
     return name.rsplit(".", 1)[-1]
 
 
-def reason_class(reason: str, width: int, experts: set) -> str:
+SHARED_EPS = "gap(one config epsilon)"
+
+
+def reason_class(reason: str, width: int, experts: set, shared_eps: bool = False) -> str:
     """One reason's class: a-f, or ``gap(<op>)``.  A router's softmax / top-k over a space as wide as the expert
-    count is (f) whatever words it uses; ``tied to X, which stays: R`` is classified by R."""
+    count is (f) whatever words it uses; ``tied to X, which stays: R`` is classified by R.  A norm kept to whole
+    factors is (e) only for a post-norm stream: where the report says the cause is the config's one epsilon
+    (``shared_eps``) it is a gap."""
     while TIED.match(reason):
         reason = TIED.sub("", reason, count=1)
     low = reason.lower()
     for cls, words in PRINCIPLED:
         if any(w in low for w in words):
-            return cls
+            return SHARED_EPS if cls == "e" and shared_eps and "post-norm" not in low else cls
     if width in experts and any(w in low for w in ("softmax", "topk", "top-k", "router")):
         return "f"
     return f"gap({op_name(reason)})"
 
 
-def space_class(space, experts: set) -> str:
+def space_class(space, experts: set, shared_eps: bool = False) -> str:
     """A space's class: its first gap where one of its reasons is a gap (a principled reason beside it does not
     excuse it), else its first reason's class."""
-    classes = [reason_class(r, space.old_width, experts) for r in space.frozen_reasons]
+    classes = [reason_class(r, space.old_width, experts, shared_eps) for r in space.frozen_reasons]
     return next((c for c in classes if c.startswith("gap")), classes[0])
 
 
 def space_classes(report, factor: float, experts: set) -> Counter:
     """Class -> number of spaces that stayed below the requested width: every space with a frozen reason, and a
     space left at its width without one (a normalized stream kept to whole factors is (e); else unexplained)."""
-    whole = any("whole factor" in n for n in report.notes)
+    whole = [n for n in report.notes if "whole factor" in n]
+    shared_eps = any("one epsilon" in n for n in whole)
     out: Counter = Counter()
     for s in report.spaces:
         if s.frozen_reasons:
-            out[space_class(s, experts)] += 1
+            out[space_class(s, experts, shared_eps)] += 1
         elif s.new_width == s.old_width and factor > 1:
-            out["e" if whole and s.normalized else "gap(unchanged, no reason)"] += 1
+            kept = SHARED_EPS if shared_eps else "e"
+            out[kept if whole and s.normalized else "gap(unchanged, no reason)"] += 1
     return out
+
+
+def frozen_spaces(report) -> list:
+    """[name, old width, new width, reasons] of every space with a frozen reason: the raw material of the
+    classes, kept in the JSON so that a new classification needs no rerun."""
+    return [[s.name, s.old_width, s.new_width, list(s.frozen_reasons)] for s in report.spaces if s.frozen_reasons]
 
 
 def is_principled(cls: str) -> bool:
