@@ -742,7 +742,7 @@ def grow_summary(rows: list) -> str:
         for c, k in (r.get("classes") or {}).items():
             if not is_principled(c):
                 gaps[c] = gaps.get(c, 0) + k
-    x2 = [r for r in widen if r["op"] == "widen x2.0" and r.get("kind") == "causal"]
+    x2 = [r for r in widen if float(r["op"].split("x")[1]) == 2 and r.get("kind") == "causal"]
     good = sorted(r["name"] for r in x2 if r["status"].startswith("exact") and (r.get("ideal") or 0) >= 0.97)
     text += (f"; widen: {len(principled)}/{len(by_family)} families have only principled frozen spaces (a-f) in "
              f"every widening; {len(good)}/{len(x2)} decoder-only families reach >= 0.97 of ideal at x2")
@@ -776,7 +776,7 @@ def main(argv=None) -> int:
     out = args.out or os.path.join(HERE, "results", "hf_families_check.md" if args.check_only else "hf_families.md")
     worker_init(max(1, (os.cpu_count() or 1) // max(1, args.jobs)))
 
-    ops = ([f"widen x{float(f)}" for f in args.factors.split(",") if f] if "widen" in ops_wanted else []) + (
+    ops = ([f"widen x{float(f):g}" for f in args.factors.split(",") if f] if "widen" in ops_wanted else []) + (
         ["deepen copy"] if "deepen" in ops_wanted and not args.no_deepen else [])
     tasks = [(name, op, args.layers, args.check_only) for name in names
              for op in ([None] if args.check_only else ops)]
