@@ -254,7 +254,8 @@ FAMILIES = {
 }
 
 # where block copy inserts its copy when the middle of the config.num_hidden_layers ModuleList is not a layer
-DEEPEN_AT = {"swin": "swin.encoder.layers.0.blocks.0", "convnext": "convnext.encoder.stages.0.layers.0"}
+DEEPEN_AT = {"swin": "swin.encoder.layers.0.blocks.0", "convnext": "convnext.encoder.stages.0.layers.0",
+             "albert": "albert.encoder.albert_layer_groups.0.albert_layers.0"}  # ALBERT: the one shared layer
 
 
 LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers", "encoder_layers", "decoder_layers",
@@ -656,9 +657,10 @@ GROW_COLS = [("family", "family (attn)"), ("op", "op"), ("status", "status"), ("
 CHECK_COLS = [("family", "family"), ("class", "class"), ("kind", "inputs"), ("attn", "attn"), ("params", "params"),
               ("build", "build s"), ("forward", "forward"), ("export", "export"), ("export_s", "export s"),
               ("head_dim", "head_dim"), ("tied", "embeddings"), ("layer", "deepen after"), ("note", "architecture")]
-REASONS = ("a: reaches a model output, b: the config cannot state it grown, c: ALiBi, d: sinusoidal, e: post-norm / "
-           "whole-factor norm, f: expert count (router); gap(<op>): the op whose relation is missing, gap(one config "
-           "epsilon): norms kept to whole factors because the config holds one epsilon for every norm")
+REASONS = ("a: reaches a model output, b: the config cannot state it grown, c: ALiBi, d: sinusoidal, e: post-norm "
+           "stream kept to whole factors, f: expert count (router); gap(<op>): the op whose relation is missing; a "
+           "pre-norm stream kept to whole factors is a gap named by its cause (one config epsilon, fill + rescale did "
+           "not verify)")
 
 
 def table(rows, cols) -> list[str]:

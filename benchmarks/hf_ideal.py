@@ -87,44 +87,52 @@ def op_name(reason: str) -> str:
     return name.rsplit(".", 1)[-1]
 
 
-SHARED_EPS = "gap(one config epsilon)"
+def whole_factor_cause(report) -> str:
+    """Why the report's normalized streams kept to whole factors: (e) where the model has a post-norm stream (a
+    reason says so), else the gap the notes name (the config's one epsilon, a fill + rescale that did not verify)."""
+    if any("post-norm" in r for s in report.spaces for r in s.frozen_reasons):
+        return "e"
+    notes = " ".join(report.notes)
+    if "one epsilon" in notes:
+        return "gap(one config epsilon)"
+    if "fill + rescale did not verify" in notes:
+        return "gap(fill + rescale did not verify)"
+    return "gap(whole-factor norm)"
 
 
-def reason_class(reason: str, width: int, experts: set, shared_eps: bool = False) -> str:
+def reason_class(reason: str, width: int, experts: set, whole: str = "e") -> str:
     """One reason's class: a-f, or ``gap(<op>)``.  A router's softmax / top-k over a space as wide as the expert
     count is (f) whatever words it uses; ``tied to X, which stays: R`` is classified by R.  A norm kept to whole
-    factors is (e) only for a post-norm stream: where the report says the cause is the config's one epsilon
-    (``shared_eps``) it is a gap."""
+    factors is (e) only for a post-norm stream: else ``whole`` (whole_factor_cause) names the gap."""
     while TIED.match(reason):
         reason = TIED.sub("", reason, count=1)
     low = reason.lower()
     for cls, words in PRINCIPLED:
         if any(w in low for w in words):
-            return SHARED_EPS if cls == "e" and shared_eps and "post-norm" not in low else cls
+            return whole if cls == "e" and "post-norm" not in low else cls
     if width in experts and any(w in low for w in ("softmax", "topk", "top-k", "router")):
         return "f"
     return f"gap({op_name(reason)})"
 
 
-def space_class(space, experts: set, shared_eps: bool = False) -> str:
+def space_class(space, experts: set, whole: str = "e") -> str:
     """A space's class: its first gap where one of its reasons is a gap (a principled reason beside it does not
     excuse it), else its first reason's class."""
-    classes = [reason_class(r, space.old_width, experts, shared_eps) for r in space.frozen_reasons]
+    classes = [reason_class(r, space.old_width, experts, whole) for r in space.frozen_reasons]
     return next((c for c in classes if c.startswith("gap")), classes[0])
 
 
 def space_classes(report, factor: float, experts: set) -> Counter:
     """Class -> number of spaces that stayed below the requested width: every space with a frozen reason, and a
     space left at its width without one (a normalized stream kept to whole factors is (e); else unexplained)."""
-    whole = [n for n in report.notes if "whole factor" in n]
-    shared_eps = any("one epsilon" in n for n in whole)
+    whole = whole_factor_cause(report)
+    kept_whole = any("whole factor" in n or "kept their width" in n for n in report.notes)
     out: Counter = Counter()
     for s in report.spaces:
         if s.frozen_reasons:
-            out[space_class(s, experts, shared_eps)] += 1
+            out[space_class(s, experts, whole)] += 1
         elif s.new_width == s.old_width and factor > 1:
-            kept = SHARED_EPS if shared_eps else "e"
-            out[kept if whole and s.normalized else "gap(unchanged, no reason)"] += 1
+            out[whole if kept_whole and s.normalized else "gap(unchanged, no reason)"] += 1
     return out
 
 
