@@ -387,8 +387,9 @@ class FxTransformerOps:
         if not isinstance(x, LabelTensor):
             raise NotUnderstood("its input is not a tensor")
         weight = operator.attrgetter(w_node.target)(self.gm)
-        if target in (F.conv1d, F.conv2d, F.conv3d) and (args[6] if len(args) > 6 else kwargs.get("groups", 1)) != 1:
-            raise NotUnderstood("a grouped convolution written as a function")
+        groups = args[6] if len(args) > 6 else kwargs.get("groups", 1)
+        if target in (F.conv1d, F.conv2d, F.conv3d) and groups != 1:
+            return self._functional_grouped(node, w_node, x, weight, groups)
         if target is torch.matmul and weight.ndim != 2:
             raise NotUnderstood("a batched matrix product with a parameter")
         if target is F.embedding and x.vary:
@@ -412,6 +413,39 @@ class FxTransformerOps:
                 b_owner, _, b_attr = b_node.target.rpartition(".")
                 self._update(b_owner).tensors[b_attr] = ar.gather_fill(
                     _np(operator.attrgetter(b_node.target)(self.gm)), 0, mapping, self.fill_kind_of(node))
+        return out
+
+    def _functional_grouped(self, node, w_node, x, weight, groups):
+        """F.conv with ``groups`` > 1 (an exported nn.Conv2d: ConvNeXt's depthwise conv, RegNet's grouped conv,
+        Wav2Vec2's positional conv): depthwise (one filter per channel, the groups literal follows the width) or
+        grouped (each group widens inside itself, the groups literal stays)."""
+        if not isinstance(groups, int):
+            raise NotUnderstood("its number of groups is computed")
+        if self.attr_uses.get(w_node.target, 0) != 1:
+            raise NotUnderstood("its weight is also read by other ops")
+        b_node = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+        if b_node is not None and not (isinstance(b_node, fx.Node) and b_node.op == "get_attr"
+                                       and self.attr_uses.get(b_node.target) == 1):
+            raise NotUnderstood("its bias is computed or shared")
+        old_x = self._old(node.args[0])
+        targets = [w_node.target] + ([b_node.target] if b_node is not None else [])
+        if weight.shape[0] == groups and weight.shape[1] == 1:
+            params = {} if self.analysis else {t: _np(operator.attrgetter(t)(self.gm)) for t in targets}
+            out, new, match = self.depthwise(node, w_node.target, x, old_x, params, self._shape(node))
+            if match is not None and match.n_new != groups:
+                args = list(node.args) + [1] * (7 - len(node.args))  # (stride, padding, dilation: positional)
+                args[6] = match.n_new
+                self.arg_updates[node] = (tuple(args[:7]), {k: v for k, v in node.kwargs.items() if k != "groups"})
+        else:
+            out, w, mapping = self.grouped(node, w_node.target, x, old_x, _np(weight), groups, self._shape(node))
+            new = {}
+            if w is not None:
+                new[w_node.target] = w
+                if b_node is not None:
+                    new[b_node.target] = ar.gather(_np(operator.attrgetter(b_node.target)(self.gm)), 0, mapping)
+        for target, value in new.items():
+            owner, _, attr = target.rpartition(".")
+            self._update(owner).tensors[attr] = value
         return out
 
     def _tied_function_head(self, node, w_node, x, old_x, weight):

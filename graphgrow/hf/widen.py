@@ -110,7 +110,10 @@ def grown_values(model, run) -> dict:
 def _known_fields(model, an, plan, shapes: dict, eps_changes: dict) -> dict:
     """The standard config fields the widening measured: stream width, heads, epsilon."""
     cfg = model.config
-    emb = model.get_input_embeddings()
+    try:
+        emb = model.get_input_embeddings()
+    except (NotImplementedError, AttributeError):  # vision/audio models without token embeddings (ConvNeXt, ResNet)
+        emb = None
     known = {}
     weight = getattr(emb, "weight", None)
     if isinstance(weight, torch.Tensor) and weight.ndim == 2:  # (a vision model's patch embedding: probed instead)
@@ -127,7 +130,8 @@ def _known_fields(model, an, plan, shapes: dict, eps_changes: dict) -> dict:
         if isinstance(heads, int):
             known[field] = int(round(heads * ratio))
     head_dims = {an.constraints.unit_size.get(sp.id) for sp in an.produced if an.constraints.heads_of.get(sp.id)}
-    if len(head_dims) == 1 and None not in head_dims:
+    per_stage = not isinstance(getattr(cfg, "num_attention_heads", None), int)  # Swin: a head count per stage
+    if len(head_dims) == 1 and None not in head_dims and not per_stage:
         # families that read config.head_dim (else hidden_size // heads) keep their heads' size when the stream
         # and the heads grow by different factors; the others ignore the field
         known["head_dim"] = head_dims.pop()
