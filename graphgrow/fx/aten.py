@@ -95,6 +95,10 @@ def _batch_norm(x, weight, bias, mean, var, training, momentum, eps, cudnn_enabl
     return F.batch_norm, (x, mean, var, weight, bias, training, momentum, eps), {}
 
 
+def _group_norm(x, groups, weight=None, bias=None, eps=1e-5, cudnn_enabled=True):
+    return F.group_norm, (x, groups, weight, bias, eps), {}
+
+
 def _pad(x, pad, mode="constant", value=None):
     return F.pad, (x, pad, mode, value), {}
 
@@ -134,6 +138,7 @@ def _table() -> dict:
     # vision models' eval-mode batch norm, window padding (Swin) and pooled heads
     put(_overloads(aten.batch_norm, "default"), _batch_norm)
     put(_overloads(aten.pad, "default"), _pad)
+    put(_overloads(aten.group_norm, "default"), _group_norm)
     for name in ("adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d", "max_pool1d", "max_pool2d",
                  "max_pool3d", "avg_pool1d", "avg_pool2d", "avg_pool3d"):
         put(_overloads(getattr(aten, name), "default"), _function(getattr(F, name)))

@@ -98,3 +98,23 @@ def test_swin_grown_config_loads_and_the_function_is_kept(tmp_path):
     assert wide.config.embed_dim * 2 ** (len(wide.config.depths) - 1) == again.swin.num_features
     for s in wide.graphgrow_report.spaces:
         assert s.new_width == 2 * s.old_width or s.frozen_reasons, s.name
+
+
+def test_wav2vec2_weight_normed_positional_conv_and_unread_mask_embedding():
+    """Wav2Vec2ForCTC: the conv feature extractor (GroupNorm), the grouped positional conv whose weight is
+    weight_norm(v, g) (stored back as v' = w', g' = ||w'||) and the transformer all grow; masked_spec_embed,
+    which no forward pass reads, is repeated to the new width."""
+    kw = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, conv_dim=(32, 32),
+              conv_stride=(5, 2), conv_kernel=(10, 3), num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4,
+              vocab_size=32)
+    model = build(transformers.Wav2Vec2ForCTC, **kw)
+    audio = torch.randn(2, 400, generator=torch.Generator().manual_seed(0))
+    wide = graphgrow.widen(model, 2, example_inputs=(audio,))
+    cfg = wide.config
+    assert (cfg.hidden_size, list(cfg.conv_dim), cfg.intermediate_size, cfg.num_attention_heads) == (128, [64, 64], 256, 8)
+    ideal = build(transformers.Wav2Vec2ForCTC, **{**kw, "hidden_size": 128, "intermediate_size": 256,
+                                                  "num_attention_heads": 8, "conv_dim": (64, 64)})
+    assert (n_params(model), n_params(wide)) == (91312, n_params(ideal)) == (91312, 356656)
+    audio2 = torch.randn(2, 400, generator=torch.Generator().manual_seed(1))
+    assert max_rel(logits(model, audio2), logits(wide, audio2)) < 1e-5
+    assert torch.equal(wide.wav2vec2.masked_spec_embed[:64], model.wav2vec2.masked_spec_embed)
