@@ -118,3 +118,15 @@ def test_wav2vec2_weight_normed_positional_conv_and_unread_mask_embedding():
     audio2 = torch.randn(2, 400, generator=torch.Generator().manual_seed(1))
     assert max_rel(logits(model, audio2), logits(wide, audio2)) < 1e-5
     assert torch.equal(wide.wav2vec2.masked_spec_embed[:64], model.wav2vec2.masked_spec_embed)
+
+
+def test_convnext_checkpoint_directory_widens_streamed(tmp_path):
+    from graphgrow.cli import main
+
+    model = convnext()
+    model.config.architectures = ["ConvNextForImageClassification"]
+    model.save_pretrained(tmp_path / "src")
+    assert main(["widen", str(tmp_path / "src"), "--factor", "2", "-o", str(tmp_path / "out")]) == 0
+    again = transformers.ConvNextForImageClassification.from_pretrained(tmp_path / "out").eval()
+    assert again.config.hidden_sizes == [32, 64] and n_params(again) == 57258
+    assert max_rel(logits(model, pixels(3)), logits(again, pixels(3))) < 1e-5
