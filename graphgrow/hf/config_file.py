@@ -49,11 +49,11 @@ def _reason(exc: BaseException) -> str:
     return text.rstrip(".")
 
 
-def _culprits(data: dict, fails) -> list:
-    """The top-level fields of ``data`` whose removal makes ``fails(dict)`` false (elimination, one field at a
-    time; identifying fields are never removed)."""
+def _culprits(candidates: dict, data: dict, fails) -> list:
+    """The fields among ``candidates`` whose removal from ``data`` makes ``fails(dict)`` false (elimination, one
+    field at a time; identifying fields are never removed)."""
     out = []
-    for key in data:
+    for key in candidates:
         if key in ("model_type", "architectures", "transformers_version"):
             continue
         trial = {k: v for k, v in data.items() if k != key}
@@ -65,12 +65,28 @@ def _culprits(data: dict, fails) -> list:
     return out
 
 
-def _named(data: dict, exc: BaseException, fails) -> str:
-    m = re.search(r"[Ff]ield '([^']+)'", str(exc.__cause__ or exc))
-    fields = [m.group(1)] if m else _culprits(data, fails)
+def _holding(data: dict, value) -> list:
+    """Fields whose value is, or holds, ``value`` (an unknown key a family looked up: an activation name)."""
+    return [k for k, v in data.items() if v == value or isinstance(v, dict) and value in v.values()]
+
+
+def _named(data: dict, exc: BaseException, fails, defaults: dict) -> str:
+    inner = exc.__cause__ or exc
+    m = re.search(r"[Ff]ield '([^']+)'", str(inner))
+    held = _holding(data, inner.args[0]) if isinstance(inner, KeyError) and inner.args else []
+    # elimination only over the fields the file sets away from the class default (each trial builds a model)
+    fields = [m.group(1)] if m else held or _culprits({k: v for k, v in data.items() if defaults.get(k, k) != v or
+                                                         k in ("model_type", "architectures")}, data, fails)
     if not fields:
         return ""
     return f"field {fields[0]!r}" if len(fields) == 1 else "fields " + ", ".join(repr(f) for f in fields)
+
+
+def _defaults(cls) -> dict:
+    try:
+        return cls().to_dict()
+    except Exception:  # noqa: BLE001 - a class without a default instance: every field is a candidate
+        return {}
 
 
 def read_config(path: str, data: dict):
@@ -97,7 +113,7 @@ def read_config(path: str, data: dict):
         try:
             return transformers.AutoConfig.from_pretrained(path, trust_remote_code=False)
         except Exception as exc:  # noqa: BLE001 - strict dataclass errors, ValueError, TypeError, KeyError, ...
-            field = _named(data, exc, fails)
+            field = _named(data, exc, fails, _defaults(cls))
             raise ConfigFileError(f"{where}: {cls.__name__} rejects {field or 'the file'}: {_reason(exc)}") from None
 
 
@@ -116,6 +132,6 @@ def build_meta(model_cls, config, path: str, data: dict):
         try:
             return build(config)
         except Exception as exc:  # noqa: BLE001 - RuntimeError, ZeroDivisionError, KeyError, ... from the family
-            field = _named(data, exc, fails)
+            field = _named(data, exc, fails, _defaults(type(config)))
             raise ConfigFileError(f"{os.path.join(path, CONFIG)}: {model_cls.__name__} cannot be built from "
                                   f"{field or 'this config'}: {_reason(exc)}") from None
