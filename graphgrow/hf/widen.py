@@ -21,13 +21,13 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+from ..core import arithmetic as ar
 from ..core.growth import check_factor, check_options, require_head_widths, require_reachable, space_reports, \
     widen_targets
 from ..core.report import GrowthReport
 from ..core.sites import GrowOptions
 from ..errors import UnsupportedModelError, VerificationError, first_line
 from ..fx.engine import FxAnalysis, count_params, plan_and_apply
-from ..core import arithmetic as ar
 from ..fx.transformer import norm_eps, param_array
 from .capture import ModelOutputs, as_inputs, capture, input_names, rebuilt, tied_groups
 from .config import ConfigMismatch, eps_fields, solve_config

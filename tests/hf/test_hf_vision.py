@@ -2,8 +2,6 @@
 field) and Swin (per-stage head counts): widened exactly, the per-stage sizes found by probing the list
 entries, or kept with the reason."""
 
-import copy
-
 import pytest
 
 torch = pytest.importorskip("torch")
