@@ -131,7 +131,7 @@ def _known_fields(model, an, plan, shapes: dict, eps_changes: dict) -> dict:
         if isinstance(heads, int):
             known[field] = int(round(heads * ratio))
     head_dims = {an.constraints.unit_size.get(sp.id) for sp in an.produced if an.constraints.heads_of.get(sp.id)}
-    per_stage = not isinstance(getattr(cfg, "num_attention_heads", None), int)  # Swin: a head count per stage
+    per_stage = isinstance(getattr(cfg, "num_attention_heads", None), (list, tuple))  # Swin: heads per stage
     if len(head_dims) == 1 and None not in head_dims and not per_stage:
         # families that read config.head_dim (else hidden_size // heads) keep their heads' size when the stream
         # and the heads grow by different factors; the others ignore the field
