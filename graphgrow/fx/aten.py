@@ -91,6 +91,18 @@ def _conv(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     return fn, (x, weight, bias, stride, padding, dilation, groups), {}
 
 
+def _batch_norm(x, weight, bias, mean, var, training, momentum, eps, cudnn_enabled=True):
+    return F.batch_norm, (x, mean, var, weight, bias, training, momentum, eps), {}
+
+
+def _group_norm(x, groups, weight=None, bias=None, eps=1e-5, cudnn_enabled=True):
+    return F.group_norm, (x, groups, weight, bias, eps), {}
+
+
+def _pad(x, pad, mode="constant", value=None):
+    return F.pad, (x, pad, mode, value), {}
+
+
 def _sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
     kwargs = {"attn_mask": attn_mask, "dropout_p": dropout_p, "is_causal": is_causal, "scale": scale}
     if enable_gqa:
@@ -123,6 +135,13 @@ def _table() -> dict:
     put(_overloads(aten.scaled_dot_product_attention, "default"), _sdpa)
     put(_overloads(aten.conv1d, "default") + _overloads(aten.conv2d, "default") + _overloads(aten.conv3d, "default"),
         _conv)
+    # vision models' eval-mode batch norm, window padding (Swin) and pooled heads
+    put(_overloads(aten.batch_norm, "default"), _batch_norm)
+    put(_overloads(aten.pad, "default"), _pad)
+    put(_overloads(aten.group_norm, "default"), _group_norm)
+    for name in ("adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d", "max_pool1d", "max_pool2d",
+                 "max_pool3d", "avg_pool1d", "avg_pool2d", "avg_pool3d"):
+        put(_overloads(getattr(aten, name), "default"), _function(getattr(F, name)))
     put(_overloads(aten.add, "Tensor", "Scalar"), _binary(operator.add, torch.add))
     put(_overloads(aten.sub, "Tensor", "Scalar"), _binary(operator.sub, torch.sub))
     put(_overloads(aten.mul, "Tensor", "Scalar"), _binary(operator.mul, torch.mul))

@@ -266,6 +266,8 @@ class FxLabelRun(FxTransformerOps, MoveReplay, RelationRun):
             return self._softmax(node, first, args[1:], kwargs)
         if target in FUNCTIONAL_PRODUCERS and self._weight_param(node, target) is not None:
             return self._functional_producer(node, target, args, kwargs)
+        if target in (F.conv1d, F.conv2d, F.conv3d) and self.weight_normed(node) is not None:
+            return self._weight_normed_conv(node, args, kwargs)
         if target in SDPA_FUNCS:
             return self._sdpa(node, args, kwargs)
         if target in MATMUL_FUNCS and len(args) == 2 and all(isinstance(a, LabelTensor) for a in args):

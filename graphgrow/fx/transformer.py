@@ -387,8 +387,9 @@ class FxTransformerOps:
         if not isinstance(x, LabelTensor):
             raise NotUnderstood("its input is not a tensor")
         weight = operator.attrgetter(w_node.target)(self.gm)
-        if target in (F.conv1d, F.conv2d, F.conv3d) and (args[6] if len(args) > 6 else kwargs.get("groups", 1)) != 1:
-            raise NotUnderstood("a grouped convolution written as a function")
+        groups = args[6] if len(args) > 6 else kwargs.get("groups", 1)
+        if target in (F.conv1d, F.conv2d, F.conv3d) and groups != 1:
+            return self._functional_grouped(node, w_node, x, weight, groups)
         if target is torch.matmul and weight.ndim != 2:
             raise NotUnderstood("a batched matrix product with a parameter")
         if target is F.embedding and x.vary:
@@ -412,6 +413,90 @@ class FxTransformerOps:
                 b_owner, _, b_attr = b_node.target.rpartition(".")
                 self._update(b_owner).tensors[b_attr] = ar.gather_fill(
                     _np(operator.attrgetter(b_node.target)(self.gm)), 0, mapping, self.fill_kind_of(node))
+        return out
+
+    def _functional_grouped(self, node, w_node, x, weight, groups):
+        """F.conv with ``groups`` > 1 (an exported nn.Conv2d: ConvNeXt's depthwise conv, RegNet's grouped conv):
+        depthwise (one filter per channel, the groups literal follows the width) or grouped (each group widens
+        inside itself, the groups literal stays)."""
+        if self.attr_uses.get(w_node.target, 0) != 1:
+            raise NotUnderstood("its weight is also read by other ops")
+        b_node = self._conv_bias(node)
+        bias = None if b_node is None else operator.attrgetter(b_node.target)(self.gm)
+        out, w, b = self._conv(node, w_node.target, x, _np(weight), None if bias is None else _np(bias), groups)
+        for target, value in ((w_node.target, w), (getattr(b_node, "target", None), b)):
+            if value is not None and target is not None:
+                owner, _, attr = target.rpartition(".")
+                self._update(owner).tensors[attr] = value
+        return out
+
+    def _conv_bias(self, node):
+        b_node = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+        if b_node is not None and not (isinstance(b_node, fx.Node) and b_node.op == "get_attr"
+                                       and self.attr_uses.get(b_node.target) == 1):
+            raise NotUnderstood("its bias is computed or shared")
+        return b_node
+
+    def _conv(self, node, name, x, weight, bias, groups):
+        """``F.conv*(x, weight, bias, ..., groups)``: (labels, new weight or None, new bias or None); plain,
+        depthwise (the graph's groups literal follows the width) or grouped (each group widens inside itself)."""
+        if not isinstance(groups, int):
+            raise NotUnderstood("its number of groups is computed")
+        old_x = self._old(node.args[0])
+        if groups == 1:
+            out, w, mapping = self.produce(node, name, x, old_x, weight, in_axis=1, out_axis=1, w_in=1, w_out=0,
+                                           shape=self._shape(node))
+            b = None if w is None or bias is None else ar.gather_fill(bias, 0, mapping, self.fill_kind_of(node))
+            return out, w, b
+        if weight.shape[0] == groups and weight.shape[1] == 1:
+            params = {} if self.analysis else {"weight": weight, "bias": bias}
+            out, new, match = self.depthwise(node, name, x, old_x, params, self._shape(node))
+            if match is not None and match.n_new != groups:
+                args = list(node.args) + [1] * (7 - len(node.args))  # (stride, padding, dilation: positional)
+                args[6] = match.n_new
+                self.arg_updates[node] = (tuple(args[:7]), {k: v for k, v in node.kwargs.items() if k != "groups"})
+            return out, new.get("weight"), new.get("bias")
+        out, w, mapping = self.grouped(node, name, x, old_x, weight, groups, self._shape(node))
+        return out, w, None if w is None or bias is None else ar.gather(bias, 0, mapping)
+
+    def weight_normed(self, node):
+        """The ``aten._weight_norm(v, g, dim)`` node ``node`` (an F.conv) reads as its weight (Wav2Vec2's and
+        HuBERT's positional conv), with v and g parameters read only there; else None."""
+        wn = node.args[1] if len(node.args) > 1 else None
+        if not (isinstance(wn, fx.Node) and wn.op == "call_function" and "_weight_norm" in str(wn.target)
+                and len(wn.users) == 1 and len(wn.args) == 3 and isinstance(wn.args[2], int)):
+            return None
+        if all(isinstance(a, fx.Node) and a.op == "get_attr" and self.attr_uses.get(a.target) == 1
+               for a in wn.args[:2]):
+            return wn
+        return None
+
+    def _weight_normed_conv(self, node, args, kwargs):
+        """F.conv of ``w = g * v / ||v||`` (norm over every axis but ``dim``): w widens as any conv weight; the
+        new w is stored as v' = w', g' = ||w'||, which gives back w' exactly (whatever the copies did to the norm)."""
+        wn = self.weight_normed(node)
+        v_node, g_node, dim = wn.args
+        v, g = (operator.attrgetter(n.target)(self.gm) for n in (v_node, g_node))
+        if v.is_meta:
+            raise NotUnderstood("a weight-normed convolution needs its weights (v and g make one weight)")
+        x = args[0]
+        if not isinstance(x, LabelTensor):
+            raise NotUnderstood("its input is not a tensor")
+        b_node = self._conv_bias(node)
+        bias = None if b_node is None else _np(operator.attrgetter(b_node.target)(self.gm))
+        v64, g64 = (t.detach().double().cpu().numpy() for t in (v, g))
+        axes = tuple(a for a in range(v64.ndim) if a != dim % v64.ndim)
+        weight = (g64 * v64 / np.sqrt((v64 ** 2).sum(axis=axes, keepdims=True))).astype(np.float32)
+        groups = args[6] if len(args) > 6 else kwargs.get("groups", 1)
+        out, w, b = self._conv(node, v_node.target, x, weight, bias, groups)
+        if w is not None:
+            w = np.asarray(w)
+            norm = np.sqrt((w.astype(np.float64) ** 2).sum(axis=axes, keepdims=True))
+            for target, value in ((v_node.target, w.astype(v64.dtype if v.dtype == torch.float64 else np.float32)),
+                                  (g_node.target, norm.astype(w.dtype)), (getattr(b_node, "target", None), b)):
+                if value is not None and target is not None:
+                    owner, _, attr = target.rpartition(".")
+                    self._update(owner).tensors[attr] = value
         return out
 
     def _tied_function_head(self, node, w_node, x, old_x, weight):

@@ -43,6 +43,32 @@ def _int_fields(config) -> list:
             and k not in _NOT_WIDTHS]
 
 
+# list fields that never hold widths (stage depths, strides, kernels, image sizes)
+_NOT_WIDTH_LISTS = ("depths", "out_indices", "conv_stride", "conv_kernel", "strides", "kernel_sizes", "patch_sizes",
+                    "image_size", "patch_size", "window_size", "dilations", "tdnn_kernel", "tdnn_dilation")
+
+
+def _list_items(config) -> list:
+    """(field, index) of each entry of a list of sizes (ConvNeXt's hidden_sizes, Swin's num_heads, Wav2Vec2's
+    conv_dim): vision/audio families state one width per stage, probed entry by entry like an int field."""
+    return [(k, i) for k, v in config.to_dict().items() if isinstance(v, (list, tuple)) and v
+            and all(isinstance(e, int) and not isinstance(e, bool) and e > 0 for e in v) and k not in _NOT_WIDTH_LISTS
+            for i in range(len(v))]
+
+
+def _get(config, field):
+    return getattr(config, field[0])[field[1]] if isinstance(field, tuple) else getattr(config, field)
+
+
+def _set(config, field, value) -> None:
+    if isinstance(field, tuple):  # a list entry: a new list (the config's own is shared with its copies' origin)
+        old = getattr(config, field[0])
+        items = list(old)
+        items[field[1]] = value
+        value, field = type(old)(items), field[0]
+    setattr(config, field, value)
+
+
 def _mismatch(shapes: dict, target: dict) -> dict:
     """key -> (shape the config gives, shape wanted) for every key that differs or is missing on either side."""
     return {k: (shapes.get(k), target.get(k)) for k in set(target) | set(shapes)
@@ -51,10 +77,10 @@ def _mismatch(shapes: dict, target: dict) -> dict:
 
 def _probe(model_cls, config, field, base: dict, target: dict):
     """The value of ``field`` that gives ``target`` on the dims it drives, or None."""
-    value = getattr(config, field)
+    value = _get(config, field)
     trial = copy.deepcopy(config)
     try:
-        setattr(trial, field, 2 * value)
+        _set(trial, field, 2 * value)
         doubled = meta_shapes(model_cls, trial)
     except Exception:  # noqa: BLE001 - a value the family rejects: the field is not a free width
         return None
@@ -91,19 +117,19 @@ def solve_config(model_cls, config, target: dict, known: dict):
         raise ConfigMismatch(f"{type(config).__name__} rejects the grown sizes "
                              f"({', '.join(f'{k}={v}' for k, v in known.items())}): {exc}", []) from None
     fixed = set(known)
-    for _ in range(8):  # each round settles one more field
+    for _ in range(8 + len(_list_items(new))):  # each round settles one more field (or list entry)
         bad = _mismatch(shapes, target)
         if not bad:
             _loadable(new)
             return new
-        for field in _int_fields(new):
+        for field in _int_fields(new) + _list_items(new):
             if field in fixed:
                 continue
             value = _probe(model_cls, new, field, shapes, target)
-            if value is None or value == getattr(new, field):
+            if value is None or value == _get(new, field):
                 continue
             trial = copy.deepcopy(new)
-            setattr(trial, field, value)
+            _set(trial, field, value)
             try:
                 trial_shapes = meta_shapes(model_cls, trial)
             except Exception:  # noqa: BLE001 - a value the family rejects

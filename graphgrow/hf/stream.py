@@ -19,6 +19,7 @@ from ..core.growth import check_factor
 from ..errors import InvalidArgumentError, UnsupportedModelError, VerificationError
 from .capture import tied_groups
 from .config import meta_shapes
+from .config_file import build_meta, read_config
 from .checkpoint import Checkpoint, rewrite_checkpoint
 from .deepen import LayerCopies, branch_outputs, chosen_layers, decoder_layers, deepened_config
 from .widen import plan_widening
@@ -33,7 +34,7 @@ def meta_model(src: Checkpoint):
     the stored tensors' names and shapes. Only classes transformers itself defines are used (never remote code)."""
     import transformers
 
-    config = transformers.AutoConfig.from_pretrained(src.path, trust_remote_code=False)
+    config = read_config(src.path, src.config)
     arch = (getattr(config, "architectures", None) or [None])[0]
     if arch is None:
         raise InvalidArgumentError(f"{src.path}/config.json has no 'architectures' entry: the model class is unknown")
@@ -41,8 +42,7 @@ def meta_model(src: Checkpoint):
     if cls is None or not isinstance(cls, type) or not issubclass(cls, transformers.PreTrainedModel):
         raise UnsupportedModelError(f"config.json names architecture {arch!r}, which transformers "
                                     f"{transformers.__version__} does not define (custom code is never run)")
-    with torch.device("meta"):
-        model = cls(config).eval()
+    model = build_meta(cls, config, src.path, src.config).eval()
     state = model.state_dict(keep_vars=True)
     groups = tied_groups(model)
     for name in src.names():

@@ -21,13 +21,14 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+from ..core import arithmetic as ar
 from ..core.growth import check_factor, check_options, require_head_widths, require_reachable, space_reports, \
     widen_targets
 from ..core.report import GrowthReport
 from ..core.sites import GrowOptions
 from ..errors import UnsupportedModelError, VerificationError, first_line
 from ..fx.engine import FxAnalysis, count_params, plan_and_apply
-from ..fx.transformer import norm_eps
+from ..fx.transformer import norm_eps, param_array
 from .capture import ModelOutputs, as_inputs, capture, input_names, rebuilt, tied_groups
 from .config import ConfigMismatch, eps_fields, solve_config
 
@@ -110,7 +111,10 @@ def grown_values(model, run) -> dict:
 def _known_fields(model, an, plan, shapes: dict, eps_changes: dict) -> dict:
     """The standard config fields the widening measured: stream width, heads, epsilon."""
     cfg = model.config
-    emb = model.get_input_embeddings()
+    try:
+        emb = model.get_input_embeddings()
+    except (NotImplementedError, AttributeError):  # vision/audio models without token embeddings (ConvNeXt, ResNet)
+        emb = None
     known = {}
     weight = getattr(emb, "weight", None)
     if isinstance(weight, torch.Tensor) and weight.ndim == 2:  # (a vision model's patch embedding: probed instead)
@@ -127,7 +131,8 @@ def _known_fields(model, an, plan, shapes: dict, eps_changes: dict) -> dict:
         if isinstance(heads, int):
             known[field] = int(round(heads * ratio))
     head_dims = {an.constraints.unit_size.get(sp.id) for sp in an.produced if an.constraints.heads_of.get(sp.id)}
-    if len(head_dims) == 1 and None not in head_dims:
+    per_stage = isinstance(getattr(cfg, "num_attention_heads", None), (list, tuple))  # Swin: heads per stage
+    if len(head_dims) == 1 and None not in head_dims and not per_stage:
         # families that read config.head_dim (else hidden_size // heads) keep their heads' size when the stream
         # and the heads grow by different factors; the others ignore the field
         known["head_dim"] = head_dims.pop()
@@ -135,6 +140,39 @@ def _known_fields(model, an, plan, shapes: dict, eps_changes: dict) -> dict:
         for field in eps_fields(cfg, old):
             known[field] = float(new)
     return known
+
+
+def _unread_keys(model, an, values: dict) -> list:
+    """state_dict keys the captured graph never reads (Wav2Vec2's masked_spec_embed: training-time masking only)."""
+    read = {n.target for n in an.gm.graph.nodes if n.op == "get_attr"}
+    groups = tied_groups(model)
+    return [k for k in model.state_dict(keep_vars=True) if k not in values
+            and not read & set(groups.get(k, [k]))]
+
+
+def _unread_values(model, config, unread: list, values: dict) -> list:
+    """New values of the parameters no forward reads whose size the new config changes: the old entries repeated
+    along each grown axis (nothing checks them; they only have to exist at the family's sizes). Returns notes."""
+    if not unread:
+        return []
+    from .config import meta_shapes
+
+    shapes, state, grown = meta_shapes(type(model), config), model.state_dict(keep_vars=True), []
+    for key in unread:
+        value, old = param_array(state[key]), tuple(state[key].shape)
+        new = shapes.get(key, old)
+        if new == old:
+            continue
+        if len(new) != len(old):
+            raise ConfigMismatch(f"{key!r}, which the forward pass never reads, would change rank in the grown config",
+                                 [key])
+        for axis, (a, b) in enumerate(zip(old, new)):
+            if a != b:
+                value = ar.gather(value, axis, np.arange(b) % a)
+        values[key] = value
+        grown.append(key)
+    return [f"not read by the forward pass, their old entries repeated to the new sizes: {', '.join(grown)}"] \
+        if grown else []
 
 
 @dataclass
@@ -191,10 +229,14 @@ def plan_widening(model, inputs: tuple, factor, *, widths=None, only=None, exclu
         values = grown_values(model, run)
         shapes = {k: tuple(values[k].shape) if k in values else tuple(v.shape)
                   for k, v in model.state_dict().items()}
+        unread = _unread_keys(model, an, values)
+        shapes.update({k: None for k in unread})  # (their size follows the config, whatever it is)
         try:
             known = _known_fields(model, an, plan, shapes, eps_changes)
             config = solve_config(type(model), model.config, shapes, known)
-            return Widening(an, plan, targets, rounds, values, config, kept, [fill_note] if fill_note else [])
+            notes = [fill_note] if fill_note else []
+            notes += _unread_values(model, config, unread, values)
+            return Widening(an, plan, targets, rounds, values, config, kept, notes)
         except ConfigMismatch as exc:
             names = {sp.name for sp in an.produced}
             heads = [sp.name for sp in an.produced if an.constraints.heads_of.get(sp.id)]

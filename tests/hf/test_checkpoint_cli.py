@@ -147,3 +147,78 @@ def test_streamed_weights_are_the_in_memory_ones(tmp_path):
     assert set(streamed) <= set(in_memory)
     for key, value in streamed.items():
         assert torch.equal(value, in_memory[key]), key
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    """A 2-layer float32 Llama in one safetensors file: config.json is what the validator tests break."""
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    path = tmp_path_factory.mktemp("small") / "src"
+    transformers.LlamaForCausalLM(cfg).save_pretrained(path)
+    return path
+
+
+# one case per kind of check transformers (or the model's constructor) makes: (config change, words of the sentence)
+BAD_CONFIGS = {
+    "string size": ({"hidden_size": "64"}, ["'hidden_size'", "expected int, got str"]),
+    "float for int": ({"intermediate_size": 128.5}, ["'intermediate_size'", "expected int, got float"]),
+    "bool for int": ({"hidden_size": True}, ["'hidden_size'", "got bool"]),
+    "string for float": ({"rms_norm_eps": "small"}, ["'rms_norm_eps'", "expected float"]),
+    "heads not dividing": ({"num_attention_heads": 5}, ["'num_attention_heads'", "not a multiple"]),
+    "zero heads": ({"num_attention_heads": 0}, ["'num_attention_heads'", "by zero"]),
+    "negative heads": ({"num_attention_heads": -4}, ["'num_attention_heads'", "negative dimension"]),
+    "layer_types length": ({"layer_types": ["full_attention"] * 3}, ["'layer_types'", "must be equal"]),
+    "layer_types entry": ({"layer_types": ["weird", "weird"]}, ["'layer_types'", "must be in"]),
+    "unknown rope type": ({"rope_scaling": {"rope_type": "nope"}}, ["'rope_scaling'", "'nope'"]),
+    "unknown activation": ({"hidden_act": "swishy"}, ["'hidden_act'", "'swishy'"]),
+    "unknown model_type": ({"model_type": "foobar"}, ["model_type 'foobar'", "custom code is never run"]),
+    "missing model_type": ({"model_type": None}, ["no 'model_type'"]),
+    "architectures not a list": ({"architectures": "LlamaForCausalLM"}, ["'architectures'", "list"]),
+    "missing size": ({"hidden_size": None}, ["disagree", "lm_head.weight"]),  # the default disagrees with the weights
+}
+
+
+def _broken(src, tmp_path, change: dict):
+    bad = tmp_path / "bad"
+    shutil.copytree(src, bad)
+    config = json.loads((bad / "config.json").read_text())
+    for key, value in change.items():
+        config.pop(key) if value is None else config.__setitem__(key, value)
+    (bad / "config.json").write_text(json.dumps(config))
+    return bad
+
+
+@pytest.mark.parametrize("case", list(BAD_CONFIGS))
+def test_config_rejected_by_transformers_is_one_sentence(small, tmp_path, capsys, case):
+    change, words = BAD_CONFIGS[case]
+    bad = _broken(small, tmp_path, change)
+    before = {f: (bad / f).read_bytes() for f in files(bad)}
+    out = tmp_path / "out"
+    capsys.readouterr()
+    assert main(["widen", str(bad), "--factor", "2", "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("graphgrow: error: "), err
+    assert all(w in err for w in words), err
+    assert not out.exists() and not [f for f in os.listdir(tmp_path) if f.startswith(".graphgrow-")]
+    assert {f: (bad / f).read_bytes() for f in files(bad)} == before  # input untouched
+
+
+def test_config_rejected_python_api_and_subprocess(small, tmp_path):
+    """widen_checkpoint raises the GraphGrowError; ``python -m graphgrow`` prints one line and exits 2."""
+    import subprocess
+    import sys
+
+    from graphgrow.errors import GraphGrowError
+    from graphgrow.hf.stream import widen_checkpoint
+
+    bad = _broken(small, tmp_path, {"num_attention_heads": 5})
+    with pytest.raises(GraphGrowError, match="'num_attention_heads'"):
+        widen_checkpoint(bad, tmp_path / "api", 2)
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    r = subprocess.run([sys.executable, "-m", "graphgrow", "widen", str(bad), "--factor", "2", "-o",
+                        str(tmp_path / "out")], capture_output=True, text=True, cwd=root, timeout=600,
+                       env={**os.environ, "PYTHONPATH": root})
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "'num_attention_heads'" in r.stderr, r.stderr
+    assert not (tmp_path / "api").exists() and not (tmp_path / "out").exists()
