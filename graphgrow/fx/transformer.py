@@ -104,6 +104,49 @@ def mean_terms(node) -> str:
     return "mean_sq"
 
 
+# node.meta key of a product ``x * c`` whose constant the family computes from the width d of x's channels as
+# c = d ** e (Gemma's sqrt(hidden), scale_embedding, T5's d_model ** -0.5 before its tied head): (e, x's position)
+WIDTH_SCALE = "graphgrow_width_scale"
+
+
+def _activation_arg(n):
+    """The activation operand of a node marked with a width-derived scale."""
+    return n.args[n.meta[WIDTH_SCALE][1]]
+
+
+def param_through_offset(n):
+    """``(get_attr node, offset)`` when ``n`` is a parameter, possibly cast and plus a number; else (None, 0)."""
+    n, offset = _skip_casts(n), 0.0
+    if isinstance(n, fx.Node) and n.target in (operator.add, torch.add) and len(n.args) == 2 \
+            and isinstance(n.args[1], (int, float)):
+        n, offset = _skip_casts(n.args[0]), float(n.args[1])
+    if isinstance(n, fx.Node) and n.op == "get_attr":
+        return n, offset
+    return None, 0.0
+
+
+def _joining_ops(param):
+    """``(ops, offset)``: the ops through which a parameter joins activations, reached through casts and the
+    addition of a number (Gemma's RMSNorm gain ``1 + w``: offset 1); ``(None, 0)`` when it is read otherwise."""
+    joins, offset, frontier = [], 0.0, [param]
+    while frontier:
+        n = frontier.pop()
+        for u in n.users:
+            if u.op == "call_method" and u.target in _PASS_METHODS:
+                frontier.append(u)
+            elif u.target in (operator.add, torch.add, operator.sub, torch.sub) and len(u.args) == 2 and \
+                    u.args[0] is n and isinstance(u.args[1], (int, float)) and len(frontier) == 0 and offset == 0:
+                offset = float(u.args[1]) * (1 if u.target in (operator.add, torch.add) else -1)
+                frontier.append(u)
+            elif u.target in JOINING_OPS:
+                joins.append(u)
+            else:
+                return None, 0.0
+    if offset and not all(u.target in (operator.mul, torch.mul) for u in joins):
+        return None, 0.0
+    return joins, offset
+
+
 class FxTransformerOps:
     """Mixin of :class:`~graphgrow.fx.labeling.FxLabelRun`."""
 
@@ -321,12 +364,14 @@ class FxTransformerOps:
         long_axes = [i for i, d in enumerate(real.shape) if d > 1]
         if len(long_axes) != 1 or self.attr_uses.get(node.target, 0) != 1 or node.target not in self.param_names:
             return None
-        if not all(u.target in JOINING_OPS for u in node.users):
+        joins, offset = _joining_ops(node)
+        if joins is None:
             return None  # read by a norm function, a linear map, ...: a parameter of that op, not of the stream
         ax = long_axes[0]
-        # a gain (multiplied in): its filled channels get 1
-        gain = all(u.target in (operator.mul, torch.mul, "mul") for u in node.users)
-        labels, _, new = self.bare_parameter(node, node.target, _np(real), ax, tuple(real.shape), ax, gain=gain)
+        # a gain (multiplied in): its filled channels get 1 (0 for Gemma's (1 + w), which adds the 1 itself)
+        gain = all(u.target in (operator.mul, torch.mul, "mul") for u in joins)
+        labels, _, new = self.bare_parameter(node, node.target, _np(real), ax, tuple(real.shape), ax, gain=gain,
+                                             gain_fill=1.0 - offset)
         if new is not None:
             owner, _, attr = node.target.rpartition(".")
             self._update(owner).tensors[attr] = new
@@ -343,6 +388,48 @@ class FxTransformerOps:
         if new is not None:
             owner, _, attr = param_node.target.rpartition(".")
             self._update(owner).tensors[attr] = new
+        return out
+
+    # ------------------------------------------------------------ constants computed from the width
+    def _width_scale(self, node, args):
+        """``x * c`` where the family computes ``c = d ** e`` from the width ``d`` of x's channels (marked by the
+        Hugging Face capture): the grown model multiplies by ``d' ** e``, so ``(d/d') ** e`` is folded where the
+        function allows it exactly: into the embedding table x comes from (its tied head and its other readers
+        see the same factor), else into the affine norm that computes x."""
+        e, pos = node.meta[WIDTH_SCALE]
+        x = args[pos]
+        if not isinstance(x, LabelTensor):
+            raise NotUnderstood("its scaled operand is not a tensor")
+        out = self.elementwise(node, x)
+        if self.analysis:
+            return out
+        old_x = self._old(node.args[pos])
+        d, d_new = old_x.shape[-1], x.shape[-1]
+        if d == d_new:
+            return out
+        scale = (d / d_new) ** e
+        src = _skip_casts(node.args[pos])
+        while isinstance(src, fx.Node) and src.target is F.dropout:
+            src = _skip_casts(src.args[0])
+        if isinstance(src, fx.Node) and src.target is F.embedding and isinstance(src.args[1], fx.Node):
+            table = src.args[1].target
+            owner, _, attr = table.rpartition(".")
+            upd = self.updates.get(owner)
+            if upd is None or attr not in upd.tensors:
+                raise self.conflict(node, f"the scale {d}**{e} the family computes from the width cannot be "
+                                          f"compensated: its table {table!r} did not grow")
+            if table in self.table_scales:
+                if not np.isclose(self.table_scales[table], scale, rtol=1e-12):
+                    raise self.conflict(node, f"the readers of {table!r} scale it by different width factors")
+                return out
+            upd.tensors[attr] = ar.scale_affine(upd.tensors[attr], scale)
+            self.table_scales[table] = scale
+            return out
+        try:
+            self._fold_scale(node, node.args[pos], scale)
+        except Conflict:
+            raise self.conflict(node, f"the scale {d}**{e} the family computes from the width has no embedding "
+                                      "table or affine norm before it to compensate d/d' in") from None
         return out
 
     # ------------------------------------------------------------ parameters applied by functions
@@ -370,11 +457,30 @@ class FxTransformerOps:
         return None
 
     def _tied_pair(self, w_node) -> bool:
-        """A table read by one embedding and one linear map (a tied output head; a bias there is per token)."""
+        """A table read by embeddings (an encoder-decoder's shared table: several) and at most one linear map
+        (a tied output head; a bias there is per token)."""
         users = list(w_node.users)
-        return len(users) == 2 and self.attr_uses.get(w_node.target) == 2 and \
-            sorted(str(u.target) for u in users) == sorted(str(t) for t in (F.embedding, F.linear)) and \
-            all(u.args[1] is w_node for u in users)
+        kinds = [u.target for u in users]
+        return len(users) >= 2 and self.attr_uses.get(w_node.target) == len(users) and \
+            all(k in (F.embedding, F.linear) for k in kinds) and kinds.count(F.linear) <= 1 and \
+            F.embedding in kinds and all(u.args[1] is w_node and len(u.args) == 2 for u in users)
+
+    def _shared_table(self, node, w_node, out, w):
+        """A further embedding reading a table another embedding read first: one space (tied channel by
+        channel), one new table (checked equal, with the width factor the first carries)."""
+        first = next(u for u in w_node.users if u.target is F.embedding)
+        if first is node:
+            return False
+        if self.analysis:
+            self.constraints.tie(self.node_space[first].chan_ids, self.node_space[node].chan_ids)
+            return True
+        owner, _, attr = w_node.target.rpartition(".")
+        stored = self.updates.get(owner)
+        stored = None if stored is None else stored.tensors.get(attr)
+        if (stored is None) != (w is None) or w is not None and not same_values(
+                stored, ar.scale_affine(w, self.table_scales.get(w_node.target, 1.0))):
+            raise self.conflict(node, f"the embeddings sharing {w_node.target!r} would need different columns")
+        return True
 
     def _functional_producer(self, node, target, args, kwargs):
         x_pos, w_pos, b_pos, axis, w_in, w_out = FUNCTIONAL_PRODUCERS[target]
@@ -405,6 +511,8 @@ class FxTransformerOps:
         old_x = self._old(x_node) if isinstance(x_node, fx.Node) and isinstance(self._old(x_node), LabelTensor) else x
         out, w, mapping = self.produce(node, w_node.target, x, old_x, _np(weight), in_axis=axis, out_axis=axis,
                                        w_in=w_in, w_out=w_out, shape=self._shape(node))
+        if tied and self._shared_table(node, w_node, out, w):
+            return out
         if w is not None:
             owner, _, attr = w_node.target.rpartition(".")
             self._update(owner).tensors[attr] = w
@@ -421,11 +529,12 @@ class FxTransformerOps:
             return labels
         owner, _, attr = w_node.target.rpartition(".")
         emb_new = self.updates.get(owner)
-        if emb_new is None or not same_values(emb_new.tensors.get(attr), gathered):
+        table_scale = self.table_scales.get(w_node.target, 1.0)
+        if emb_new is None or not same_values(emb_new.tensors.get(attr), ar.scale_affine(gathered, table_scale)):
             raise self.conflict(node, f"the output head and the embedding it is tied to ({w_node.target!r}) would "
                                       "need different columns")
-        if k > 1:
-            self._fold_scale(node, node.args[0], 1.0 / k)
+        if k * table_scale != 1:
+            self._fold_scale(node, node.args[0], 1.0 / (k * table_scale))
         return labels
 
     # ------------------------------------------------------------ tied output heads
@@ -448,48 +557,57 @@ class FxTransformerOps:
 
     def _fold_scale(self, head, start, scale: float) -> None:
         """Multiply the affine parameters of the norm that computes ``start`` (through moves) by ``scale``."""
-        n = start
-        while isinstance(n, fx.Node) and len(n.users) == 1 and (
-                n.target in (operator.getitem, F.dropout) or n.op == "call_method" and n.target in (
-                    "view", "reshape", "contiguous", "to")
-                or n.op == "call_module" and isinstance(self.modules[n.target], (nn.Identity, nn.Dropout))):
-            n = n.args[0]
+        n = self._fold_start(start)
         scaled = []
         if isinstance(n, fx.Node) and len(n.users) == 1 and n.op == "call_module" \
                 and isinstance(self.modules[n.target], (nn.LayerNorm,) + RMS_NORM_MODULES):
             upd = self.updates.get(n.target)
-            scaled = [(upd, a) for a in ("weight", "bias") if upd is not None and a in upd.tensors]
+            scaled = [(upd, a, 0.0) for a in ("weight", "bias") if upd is not None and a in upd.tensors]
         elif isinstance(n, fx.Node) and len(n.users) == 1 and n.target in (F.layer_norm, F.rms_norm):
             for p in n.args[2:4 if n.target is F.layer_norm else 3]:
                 if isinstance(p, fx.Node) and p.op == "get_attr":
                     owner, _, attr = p.target.rpartition(".")
                     upd = self.updates.get(owner)
                     if upd is not None and attr in upd.tensors:
-                        scaled.append((upd, attr))
+                        scaled.append((upd, attr, 0.0))
         else:
             scaled = self._written_out_affine(n)
         if not scaled:
             raise self.conflict(head, "its input does not come from an affine norm to fold the width factor into")
-        for upd, attr in scaled:
-            upd.tensors[attr] = upd.tensors[attr] * np.asarray(scale, upd.tensors[attr].dtype)
+        for upd, attr, offset in scaled:
+            upd.tensors[attr] = ar.scale_affine(upd.tensors[attr], scale, offset)
+
+    def _fold_start(self, n):
+        """The node computing ``n`` past moves, casts, dropout and the width-derived scales the family
+        recomputes (each compensated by itself)."""
+        while isinstance(n, fx.Node) and len(n.users) == 1 and (
+                n.target in (operator.getitem, F.dropout) or n.op == "call_method" and n.target in (
+                    "view", "reshape", "contiguous", "to")
+                or n.meta.get(WIDTH_SCALE) is not None
+                or n.op == "call_module" and isinstance(self.modules[n.target], (nn.Identity, nn.Dropout))):
+            n = n.args[0] if n.meta.get(WIDTH_SCALE) is None else _activation_arg(n)
+        return n
 
     def _written_out_affine(self, n) -> list:
-        """``normalized * gamma (+ beta)`` ending at ``n``, with gamma and beta parameters read only there:
-        their updates, or [] when ``n`` is not of that form."""
+        """``normalized * gamma (+ beta)`` ending at ``n``, with gamma and beta parameters read only there
+        (through casts; a gain ``1 + w`` as Gemma's): ``[(update, attribute, offset)]``, or [] when ``n`` is not
+        of that form."""
         found = []
         for _ in range(2):
             if not (isinstance(n, fx.Node) and len(n.users) == 1
                     and n.target in (operator.mul, operator.add, torch.mul, torch.add)):
                 return []
-            params = [a for a in n.args if isinstance(a, fx.Node) and a.op == "get_attr"]
-            if len(params) != 1:
+            params = [(a, p, off) for a in n.args if isinstance(a, fx.Node)
+                      for p, off in [param_through_offset(a)] if p is not None]
+            if len(params) != 1 or (params[0][2] and n.target not in (operator.mul, torch.mul)):
                 return []
-            owner, _, attr = params[0].target.rpartition(".")
+            arg, p, offset = params[0]
+            owner, _, attr = p.target.rpartition(".")
             upd = self.updates.get(owner)
             if upd is None or attr not in upd.tensors:
                 return []
-            found.append((upd, attr))
+            found.append((upd, attr, offset))
             if n.target in (operator.mul, torch.mul):
                 return found
-            n = next(a for a in n.args if isinstance(a, fx.Node) and a is not params[0])
+            n = next(a for a in n.args if isinstance(a, fx.Node) and a is not arg)
         return []

@@ -21,6 +21,7 @@ from ..errors import InvalidArgumentError, TraceError, first_line
 from ..fx.aten import lift_exported
 
 _PREFIX = "model."
+ENCODER_STATES = ("encoder_last_hidden_state", "encoder_hidden_states", "encoder_attentions")
 
 
 def is_pretrained(model) -> bool:
@@ -65,7 +66,14 @@ class ModelOutputs(nn.Module):
             out = self.model(**dict(zip(self.names, inputs)), **self.kwargs)
         else:
             out = self.model(*inputs, **self.kwargs)
-        values = out.values() if hasattr(out, "values") else out if isinstance(out, (tuple, list)) else (out,)
+        if hasattr(out, "items"):
+            # an encoder-decoder's encoder_last_hidden_state is the decoder's input, not an answer of the model
+            # (like the hidden states it is not asked for): its width is free to grow
+            drop = ENCODER_STATES if "logits" in out and getattr(self.model.config, "is_encoder_decoder", False) \
+                else ()
+            values = [v for k, v in out.items() if k not in drop]
+        else:
+            values = out if isinstance(out, (tuple, list)) else (out,)
         return tuple(v for v in values if isinstance(v, torch.Tensor))
 
 
@@ -95,7 +103,12 @@ def capture(model: nn.Module, inputs: tuple) -> fx.GraphModule:
             program = torch.export.export(wrapper, tuple(inputs), strict=False)
     except Exception as exc:  # noqa: BLE001 - any capture failure is reported in one sentence
         raise TraceError(f"torch.export cannot capture {type(model).__name__}: {first_line(exc)}") from None
-    return lift_exported(program.module(), _PREFIX)
+    gm = lift_exported(program.module(), _PREFIX)
+    from .scales import mark_width_scales
+
+    if getattr(model, "config", None) is not None:
+        mark_width_scales(gm, model.config)
+    return gm
 
 
 def tied_groups(model: nn.Module) -> dict:

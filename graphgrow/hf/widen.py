@@ -27,7 +27,8 @@ from ..core.report import GrowthReport
 from ..core.sites import GrowOptions
 from ..errors import UnsupportedModelError, VerificationError, first_line
 from ..fx.engine import FxAnalysis, count_params, plan_and_apply
-from ..fx.transformer import norm_eps
+from ..core.arithmetic import scale_affine
+from ..fx.transformer import param_through_offset, norm_eps
 from .capture import ModelOutputs, as_inputs, capture, input_names, rebuilt, tied_groups
 from .config import ConfigMismatch, eps_fields, solve_config
 
@@ -56,12 +57,14 @@ def _norm_eps(an: FxAnalysis, run) -> dict:
         if eps is None:
             raise UnsupportedModelError(f"the mean at node {mean.name!r} is not followed by '+ eps', rsqrt and a "
                                         "gain: its fill + rescale cannot be written into the config")
+        gain, offset = gain
         owner, _, attr = gain.target.rpartition(".")
         upd = run.updates.get(owner)
         if upd is None or attr not in upd.tensors:
             raise UnsupportedModelError(f"the gain {gain.target!r} of a filled norm did not grow with its stream")
         # mean over d' channels = mean over d x d/d': dividing eps by d'/d and the gain by its root keeps the output
-        upd.tensors[attr] = upd.tensors[attr] / np.asarray(math.sqrt(ratio), upd.tensors[attr].dtype)
+        # (Gemma's gain 1 + w: the sum is divided)
+        upd.tensors[attr] = scale_affine(upd.tensors[attr], 1 / math.sqrt(ratio), offset)
         changes[eps] = eps / ratio
     shared = [eps for eps in changes if eps in kept_eps]
     if shared:
@@ -75,7 +78,8 @@ class SharedEpsilon(UnsupportedModelError):
 
 
 def _written_out_rms(mean: fx.Node):
-    """(eps, gain get_attr node) of ``gain * (x * rsqrt(mean + eps))`` after ``mean``, or (None, None)."""
+    """(eps, (gain get_attr node, its offset)) of ``gain * (x * rsqrt(mean + eps))`` after ``mean`` (a gain
+    ``1 + w`` has offset 1), or (None, None)."""
     add = next(iter(mean.users), None)
     if len(mean.users) != 1 or add.target is not operator.add:
         return None, None
@@ -85,7 +89,7 @@ def _written_out_rms(mean: fx.Node):
         if len(n.users) != 1:
             return None, None
         n = next(iter(n.users))
-        params = [a for a in n.args if isinstance(a, fx.Node) and a.op == "get_attr"]
+        params = [p for a in n.args if isinstance(a, fx.Node) for p in [param_through_offset(a)] if p[0] is not None]
         if n.target is operator.mul and params:
             return eps, params[0]
     return None, None
