@@ -126,7 +126,7 @@ def _known_fields(model, an, plan, shapes: dict, eps_changes: dict) -> dict:
         raise ConfigMismatch(f"attention layers grew by different factors ({sorted(ratios)}): one config cannot "
                              "state their heads", [sp.name for sp in an.produced if an.constraints.heads_of.get(sp.id)])
     ratio = ratios.pop() if ratios else 1.0
-    for field in ("num_attention_heads", "num_key_value_heads"):
+    for field in head_fields(cfg):
         heads = getattr(cfg, field, None)
         if isinstance(heads, int):
             known[field] = int(round(heads * ratio))
@@ -139,6 +139,18 @@ def _known_fields(model, an, plan, shapes: dict, eps_changes: dict) -> dict:
         for field in eps_fields(cfg, old):
             known[field] = float(new)
     return known
+
+
+def head_fields(cfg) -> list:
+    """The config's head counts: shapes cannot tell them (q_proj is heads x head_dim either way), so every one
+    is stated at the heads' ratio: num_attention_heads / num_key_value_heads, and an encoder-decoder's
+    encoder_attention_heads, decoder_attention_heads, T5's num_heads..."""
+    fields = ["num_attention_heads", "num_key_value_heads"]
+    for name, value in cfg.to_dict().items():
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0 and name not in fields \
+                and (name.endswith("attention_heads") or name in ("num_heads", "n_head", "n_heads")):
+            fields.append(name)
+    return fields
 
 
 @dataclass
