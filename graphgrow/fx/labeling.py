@@ -31,7 +31,7 @@ from .moves import MoveReplay, label_leaves
 from .ops import describe, qualified_name
 from .shapes import TensorMeta
 from .transformer import (FUNCTIONAL_PRODUCERS, MATMUL_FUNCS, RMS_NORM_MODULES, SDPA_FUNCS, WIDTH_SCALE,
-                          FxTransformerOps, mean_terms, param_array)
+                          WIDTH_TABLE, FxTransformerOps, mean_terms, param_array)
 
 
 @dataclass
@@ -309,6 +309,11 @@ class FxLabelRun(FxTransformerOps, MoveReplay, RelationRun):
 
     def _binary(self, node, args, kwargs, cond=None):
         a, b = args[0], args[1] if len(args) > 1 else kwargs.get("other")
+        if self.analysis and node.meta.get(WIDTH_TABLE) is not None and cond is None:
+            other = (a, b)[1 - node.meta[WIDTH_TABLE]]
+            if isinstance(other, LabelTensor):
+                self.constraints.freeze(other.chans, f"{self.site(node)}: a sinusoidal position table the family "
+                                                     "computes from the width (a fixed formula) meets it here")
         if node.meta.get(WIDTH_SCALE) is not None and cond is None:
             return self._width_scale(node, args)
         if cond is None:

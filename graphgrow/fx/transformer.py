@@ -107,6 +107,9 @@ def mean_terms(node) -> str:
 # node.meta key of a product ``x * c`` whose constant the family computes from the width d of x's channels as
 # c = d ** e (Gemma's sqrt(hidden), scale_embedding, T5's d_model ** -0.5 before its tied head): (e, x's position)
 WIDTH_SCALE = "graphgrow_width_scale"
+# node.meta key of an op where a table the family computes from the width (sinusoidal positions, not stored) meets
+# the activations: the position of the table's operand
+WIDTH_TABLE = "graphgrow_width_table"
 
 
 def _activation_arg(n):

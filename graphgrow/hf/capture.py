@@ -104,10 +104,11 @@ def capture(model: nn.Module, inputs: tuple) -> fx.GraphModule:
     except Exception as exc:  # noqa: BLE001 - any capture failure is reported in one sentence
         raise TraceError(f"torch.export cannot capture {type(model).__name__}: {first_line(exc)}") from None
     gm = lift_exported(program.module(), _PREFIX)
-    from .scales import mark_width_scales
+    from .scales import mark_width_scales, mark_width_tables
 
     if getattr(model, "config", None) is not None:
         mark_width_scales(gm, model.config)
+    mark_width_tables(gm, model)
     return gm
 
 

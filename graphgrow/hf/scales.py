@@ -8,6 +8,10 @@ the change exactly where it can fold it (the embedding table, the norm before th
 stream with the reason.  Only products next to an embedding or a tied output head are candidates, and a value
 equal to a number stated in the config (Granite's ``embedding_multiplier``...) is the config's literal, which
 the family keeps: it stays as it is.
+
+A table the family computes from its width and does not store (M2M100's, Speech2Text's sinusoidal positions:
+non-persistent buffers) cannot hold copied channels: where it meets the activations
+(``node.meta[WIDTH_TABLE]``), the analysis keeps their width, naming the reason (class (d), "sinusoidal").
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from ..fx.transformer import WIDTH_SCALE
+from ..fx.transformer import WIDTH_SCALE, WIDTH_TABLE
 
 _MUL = (operator.mul, torch.mul)
 _DIV = (operator.truediv, torch.div)
@@ -113,3 +117,27 @@ def mark_width_scales(gm: fx.GraphModule, config) -> int:
                     node.meta[WIDTH_SCALE] = (e, pos)
                     marked += 1
     return marked
+
+
+_ARITH = (operator.add, torch.add, operator.sub, torch.sub) + _MUL + _DIV
+
+
+def mark_width_tables(gm: fx.GraphModule, model) -> int:
+    """Mark the ops where a float table of two or more axes that is not in the state_dict (recomputed from the
+    config) meets other activations; returns how many were marked."""
+    stored = set(model.state_dict(keep_vars=True))
+    derived = set()
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            t = _attr(gm, node.target)
+            if isinstance(t, torch.Tensor) and t.is_floating_point() and t.ndim >= 2 and node.target not in stored:
+                derived.add(node)
+            continue
+        marked = [a for a in node.all_input_nodes if a in derived]
+        if not marked or node.op == "output":
+            continue
+        if node.target in _ARITH and len(node.all_input_nodes) == 2 and len(marked) == 1:
+            node.meta[WIDTH_TABLE] = node.args.index(marked[0])
+        else:
+            derived.add(node)  # moved, gathered, cast: still the table's values
+    return sum(1 for n in gm.graph.nodes if WIDTH_TABLE in n.meta)

@@ -119,7 +119,8 @@ def _known_fields(model, an, plan, shapes: dict, eps_changes: dict) -> dict:
     weight = getattr(emb, "weight", None)
     if isinstance(weight, torch.Tensor) and weight.ndim == 2:  # (a vision model's patch embedding: probed instead)
         key = next(k for k, v in model.state_dict(keep_vars=True).items() if v is weight)
-        known["hidden_size"] = int(shapes[key][1])
+        if weight.shape[1] == getattr(cfg, "hidden_size", weight.shape[1]):  # (ALBERT's embedding_size: probed)
+            known["hidden_size"] = int(shapes[key][1])
     ratios = {plan.new_size(sp) / sp.size for sp in an.produced if an.constraints.heads_of.get(sp.id)}
     ratios.discard(1.0) if len(ratios) > 1 and 1.0 in ratios else None
     if len(ratios) > 1:
