@@ -186,6 +186,9 @@ class FxTransformerOps:
                 upd.attrs["normalized_shape"] = tuple(shape)
         return out
 
+    def _param_node(self, target_name):
+        return next(n for n in self.gm.graph.nodes if n.op == "get_attr" and n.target == target_name)
+
     def _norm_function(self, node, target, x: LabelTensor, args, kwargs):
         """F.layer_norm / F.rms_norm / F.group_norm with parameters read from module attributes."""
         old_x = self._old(node.args[0])
@@ -214,8 +217,9 @@ class FxTransformerOps:
             a = node.args[i] if len(node.args) > i else node.kwargs.get(name)
             if a is None:
                 continue
-            if not (isinstance(a, fx.Node) and a.op == "get_attr") or self.attr_uses.get(a.target, 0) > 1:
-                raise NotUnderstood("its parameters are not module attributes used only here")
+            if not (isinstance(a, fx.Node) and a.op == "get_attr") or self.attr_uses.get(a.target, 0) > 1 and not \
+                    all(u.target is target and u.args[i:i + 1] == (a,) for u in a.users):
+                raise NotUnderstood("its parameters are not module attributes used only here or by norms alike")
             owners[name] = a.target
         params = {} if self.analysis else {t: _np(operator.attrgetter(t)(self.gm)) for t in owners.values()}
         eps_pos, eps = norm_eps(target, node.args, node.kwargs)
@@ -224,9 +228,13 @@ class FxTransformerOps:
         out, new, match, new_eps = self.norm(node, node.name, x, old_x, axes, params, pax, groups, kind, eps)
         if match is None:
             return out
-        for target_name, arr in new.items():
-            owner, _, attr = target_name.rpartition(".")
-            self._update(owner).tensors[attr] = arr
+        shared = [t for t in owners.values() if self.attr_uses.get(t, 0) > 1]
+        if shared and next(iter(self._param_node(shared[0]).users)) is not node:
+            self._same_as_stored(node, new)  # a norm of a shared layer (ALBERT): its first reader stored them
+        else:
+            for target_name, arr in new.items():
+                owner, _, attr = target_name.rpartition(".")
+                self._update(owner).tensors[attr] = arr
         graph_args, graph_kwargs = list(node.args), dict(node.kwargs)
         if shape_pos is not None:
             raw = node.args[shape_pos] if len(node.args) > shape_pos else node.kwargs["normalized_shape"]
@@ -466,24 +474,43 @@ class FxTransformerOps:
         kinds = [u.target for u in users]
         return len(users) >= 2 and self.attr_uses.get(w_node.target) == len(users) and \
             all(k in (F.embedding, F.linear) for k in kinds) and kinds.count(F.linear) <= 1 and \
-            F.embedding in kinds and all(u.args[1] is w_node and len(u.args) == 2 for u in users)
+            F.embedding in kinds and all(u.args[1] is w_node for u in users)
 
-    def _shared_table(self, node, w_node, out, w):
-        """A further embedding reading a table another embedding read first: one space (tied channel by
-        channel), one new table (checked equal, with the width factor the first carries)."""
-        first = next(u for u in w_node.users if u.target is F.embedding)
+    def _shared_weight(self, w_node) -> bool:
+        """A weight every reader of which applies it the same way (ALBERT's one layer read by every layer)."""
+        users = list(w_node.users)
+        return len(users) > 1 and self.attr_uses.get(w_node.target) == len(users) and \
+            len({u.target for u in users}) == 1 and users[0].target is F.linear and \
+            all(u.args[1] is w_node and u.args[2:] == users[0].args[2:] and not u.kwargs for u in users)
+
+    def _shared_reader(self, node, w_node, new: dict) -> bool:
+        """A further reader of a weight an earlier reader of the same kind applied (a table shared by an
+        encoder and a decoder, a layer shared by all layers): one space, tied channel by channel to the first
+        reader's, and one new value (checked equal; a table with the width factor the first reader's carries).
+        Returns False for the first reader, which stores the values."""
+        first = next(u for u in w_node.users if u.target is node.target)
         if first is node:
             return False
         if self.analysis:
             self.constraints.tie(self.node_space[first].chan_ids, self.node_space[node].chan_ids)
             return True
-        owner, _, attr = w_node.target.rpartition(".")
-        stored = self.updates.get(owner)
-        stored = None if stored is None else stored.tensors.get(attr)
-        if (stored is None) != (w is None) or w is not None and not same_values(
-                stored, ar.scale_affine(w, self.table_scales.get(w_node.target, 1.0))):
-            raise self.conflict(node, f"the embeddings sharing {w_node.target!r} would need different columns")
+        self._same_as_stored(node, new, {w_node.target: self.table_scales.get(w_node.target, 1.0)})
         return True
+
+    def _same_as_stored(self, node, new: dict, scales: dict | None = None) -> None:
+        """Each parameter's new value equals the one an earlier reader stored (none stored: none computed)."""
+        for target_name, value in new.items():
+            owner, _, attr = target_name.rpartition(".")
+            stored = self.updates.get(owner)
+            stored = None if stored is None else stored.tensors.get(attr)
+            if stored is None or not same_values(stored, ar.scale_affine(value, (scales or {}).get(target_name, 1.0))):
+                raise self.conflict(node, f"the readers of the shared {target_name!r} would need different values")
+        if not new:
+            for target_name in [a.target for a in node.all_input_nodes if a.op == "get_attr"]:
+                owner, _, attr = target_name.rpartition(".")
+                if attr in getattr(self.updates.get(owner), "tensors", {}):
+                    raise self.conflict(node, f"the readers of the shared {target_name!r} would need different "
+                                              "values")
 
     def _functional_producer(self, node, target, args, kwargs):
         x_pos, w_pos, b_pos, axis, w_in, w_out = FUNCTIONAL_PRODUCERS[target]
@@ -503,26 +530,29 @@ class FxTransformerOps:
         if target is F.embedding and x.vary:
             raise NotUnderstood("its indices carry channels")
         tied = self._tied_pair(w_node)
-        if self.attr_uses.get(w_node.target, 0) != 1 and not tied:
+        shared = not tied and self._shared_weight(w_node)
+        if self.attr_uses.get(w_node.target, 0) != 1 and not tied and not shared:
             raise NotUnderstood("its weight is also read by other ops")
         if tied and target is F.linear:
             return self._tied_function_head(node, w_node, x, self._old(x_node), weight)
         b_node = None if b_pos is None else (node.args[b_pos] if len(node.args) > b_pos else node.kwargs.get("bias"))
         if b_node is not None and not (isinstance(b_node, fx.Node) and b_node.op == "get_attr"
-                                       and self.attr_uses.get(b_node.target) == 1):
+                                       and self.attr_uses.get(b_node.target) == (len(w_node.users) if shared else 1)):
             raise NotUnderstood("its bias is computed or shared")
         old_x = self._old(x_node) if isinstance(x_node, fx.Node) and isinstance(self._old(x_node), LabelTensor) else x
         out, w, mapping = self.produce(node, w_node.target, x, old_x, _np(weight), in_axis=axis, out_axis=axis,
                                        w_in=w_in, w_out=w_out, shape=self._shape(node))
-        if tied and self._shared_table(node, w_node, out, w):
-            return out
+        new = {}
         if w is not None:
-            owner, _, attr = w_node.target.rpartition(".")
-            self._update(owner).tensors[attr] = w
+            new[w_node.target] = w
             if b_node is not None:
-                b_owner, _, b_attr = b_node.target.rpartition(".")
-                self._update(b_owner).tensors[b_attr] = ar.gather_fill(
-                    _np(operator.attrgetter(b_node.target)(self.gm)), 0, mapping, self.fill_kind_of(node))
+                new[b_node.target] = ar.gather_fill(_np(operator.attrgetter(b_node.target)(self.gm)), 0, mapping,
+                                                    self.fill_kind_of(node))
+        if (tied or shared) and self._shared_reader(node, w_node, new):
+            return out
+        for target_name, value in new.items():
+            owner, _, attr = target_name.rpartition(".")
+            self._update(owner).tensors[attr] = value
         return out
 
     def _tied_function_head(self, node, w_node, x, old_x, weight):

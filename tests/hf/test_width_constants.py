@@ -124,3 +124,23 @@ def test_t5_widens_encoder_decoder_and_relative_bias_heads():
     source = [next(j for j in range(4) if torch.equal(bias[:, i], old[:, j])) for i in range(8)]  # head copies
     assert sorted(set(source)) == [0, 1, 2, 3]
     check(model, grown, [{"input_ids": tokens(s, 9), "decoder_input_ids": tokens(s + 5, 5)} for s in (2, 3)])
+
+
+def albert(**kw):
+    cfg = dict(TOK, vocab_size=V, embedding_size=16, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+               num_attention_heads=4, max_position_embeddings=32, hidden_dropout_prob=0.0,
+               attention_probs_dropout_prob=0.0)
+    cfg.update(kw)
+    return build(transformers.AlbertForMaskedLM, **cfg)
+
+
+def test_albert_shared_layer_grows_once_for_all_its_readers():
+    """One layer's parameters read by every layer, the embedding_size -> hidden projection and the tied decoder:
+    every width grows; the grown model has exactly the parameters of the family built at the new widths."""
+    model = albert()
+    grown = graphgrow.widen(model, 2, example_inputs=(tokens(0, 10),))
+    sizes = dict(embedding_size=32, hidden_size=64, intermediate_size=128, num_attention_heads=8)
+    assert {k: getattr(grown.config, k) for k in sizes} == sizes
+    assert n_params(grown) == n_params(albert(**sizes))
+    assert grown.albert.embeddings.word_embeddings.weight.data_ptr() == grown.predictions.decoder.weight.data_ptr()
+    check(model, grown, [{"input_ids": tokens(s, 9)} for s in (1, 2)])
