@@ -144,3 +144,23 @@ def test_albert_shared_layer_grows_once_for_all_its_readers():
     assert n_params(grown) == n_params(albert(**sizes))
     assert grown.albert.embeddings.word_embeddings.weight.data_ptr() == grown.predictions.decoder.weight.data_ptr()
     check(model, grown, [{"input_ids": tokens(s, 9)} for s in (1, 2)])
+
+
+def test_whisper_speech_encoder_decoder():
+    """input_features + decoder_input_ids: the convolutional encoder, the decoder (positions read as weight[ids])
+    and the cross-attention grow together; the decoder's table stays tied to proj_out."""
+    cfg = dict(TOK, vocab_size=V, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+               decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, num_mel_bins=8,
+               max_source_positions=8, max_target_positions=16, dropout=0.0, attention_dropout=0.0,
+               activation_dropout=0.0, begin_suppress_tokens=None, suppress_tokens=None)
+    model = build(transformers.WhisperForConditionalGeneration, **cfg)
+    g = torch.Generator().manual_seed(0)
+    feed = {"input_features": torch.randn(2, 8, 16, generator=g), "decoder_input_ids": tokens(1, 6)}
+    grown = graphgrow.widen(model, 2, example_inputs=feed)
+    ideal = dict(d_model=64, encoder_attention_heads=8, decoder_attention_heads=8, encoder_ffn_dim=128,
+                 decoder_ffn_dim=128)
+    assert {k: getattr(grown.config, k) for k in ideal} == ideal
+    assert n_params(grown) == n_params(build(transformers.WhisperForConditionalGeneration, **{**cfg, **ideal}))
+    assert grown.model.decoder.embed_tokens.weight.data_ptr() == grown.proj_out.weight.data_ptr()
+    check(model, grown, [{"input_features": torch.randn(2, 8, 16, generator=g), "decoder_input_ids": tokens(s, 5)}
+                         for s in (2, 3)])
