@@ -381,12 +381,15 @@ class FxLabelRun(FxTransformerOps, MoveReplay, RelationRun):
                     return None
             except ValueError:
                 return None
-            if not self.analysis and tuple(x.shape) != ref.shape and isinstance(src, fx.Node) \
-                    and src.args and isinstance(src.args[0], (list, tuple)) and len(src.args[0]) == len(const.shape):
-                lead = x.ndim - len(const.shape)
-                shape = [x.shape[lead + i] if d == ref.shape[lead + i] and d != 1 else d
-                         for i, d in enumerate(src.args[0])]
-                self.arg_updates[src] = ((shape,) + tuple(src.args[1:]), src.kwargs)
+            if not self.analysis and tuple(x.shape) != ref.shape and isinstance(src, fx.Node) and src.args:
+                packed = isinstance(src.args[0], (list, tuple))  # zeros([1, 4, q, k]) or zeros(1, 4, q, k)
+                literal = list(src.args[0]) if packed else list(src.args)
+                if len(literal) == len(const.shape) and all(isinstance(d, int) for d in literal):
+                    lead = x.ndim - len(const.shape)
+                    shape = [x.shape[lead + i] if d == ref.shape[lead + i] and d != 1 else d
+                             for i, d in enumerate(literal)]
+                    new_args = (shape,) + tuple(src.args[1:]) if packed else tuple(shape)
+                    self.arg_updates[src] = (new_args, src.kwargs)
             return self.elementwise(node, x)
         return None
 
@@ -447,6 +450,11 @@ class FxLabelRun(FxTransformerOps, MoveReplay, RelationRun):
     # ------------------------------------------------------------ modules
     def _module(self, node, mod, args, kwargs):
         x = args[0] if args else None
+        if isinstance(mod, nn.Embedding) and isinstance(x, torch.Tensor) and len(args) == 1 and not kwargs \
+                and node.target not in self.shared:
+            # indices held by the model (T5-style relative position buckets in a buffer): a constant
+            x = self._fixed(node, tuple(x.shape), 5)
+            return self._embedding(node, mod, x, x) if mod.max_norm is None else self.opaque(node, "max_norm")
         if not isinstance(x, LabelTensor) or len(label_leaves(args)) != 1 or kwargs:
             raise NotUnderstood("called with several tensors or keyword arguments")
         if node.target in self.shared:
