@@ -21,14 +21,14 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+from ..core.arithmetic import scale_affine
 from ..core.growth import check_factor, check_options, require_head_widths, require_reachable, space_reports, \
     widen_targets
 from ..core.report import GrowthReport
 from ..core.sites import GrowOptions
 from ..errors import UnsupportedModelError, VerificationError, first_line
 from ..fx.engine import FxAnalysis, count_params, plan_and_apply
-from ..core.arithmetic import scale_affine
-from ..fx.transformer import param_through_offset, norm_eps
+from ..fx.transformer import norm_eps, param_through_offset
 from .capture import ModelOutputs, as_inputs, capture, input_names, rebuilt, tied_groups
 from .config import ConfigMismatch, eps_fields, solve_config
 
