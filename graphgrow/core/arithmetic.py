@@ -53,6 +53,15 @@ def gather_fill(arr: np.ndarray, axis: int, mapping: np.ndarray, kind: str | Non
     return np.moveaxis(moved, 0, axis)
 
 
+def scale_affine(arr, scale: float, offset: float = 0.0):
+    """A norm's affine parameter whose effective value ``arr + offset`` (Gemma's gain ``1 + w``) is multiplied
+    by ``scale``: ``(arr + offset) * scale - offset``."""
+    s = np.asarray(scale, arr.dtype)
+    if not offset:
+        return arr * s
+    return arr * s + np.asarray(offset * (scale - 1.0), arr.dtype)
+
+
 def _expand(v: np.ndarray, ndim: int, axis: int) -> np.ndarray:
     shape = [1] * ndim
     shape[axis] = -1

@@ -55,6 +55,14 @@ class Recipe:
     def __truediv__(self, k):
         return self.then(np.divide, (np.asarray(k),), {}, self.shape)
 
+    def __add__(self, k):  # an offset gain (1 + w) rescaled: (w + 1) s - 1
+        return self.then(np.add, (np.asarray(k),), {}, self.shape)
+
+    __radd__ = __add__
+
+    def __sub__(self, k):
+        return self.then(np.subtract, (np.asarray(k),), {}, self.shape)
+
     def reshape(self, *shape):
         shape = shape[0] if len(shape) == 1 and isinstance(shape[0], (tuple, list)) else shape
         return self.then(np.reshape, (tuple(shape),), {}, _reshaped(self.shape, shape))

@@ -436,7 +436,7 @@ class RelationRun(NormRelations, AttentionRelations, sites.LabelRunState):
         return None
 
     def bare_parameter(self, node, name: str, arr: np.ndarray, axis: int, shape, label_axis: int, *,
-                       gain: bool = False, suffix: str | None = None):
+                       gain: bool = False, suffix: str | None = None, gain_fill: float = 1.0):
         """A parameter with one axis longer than 1 that joins the stream (class token, layer scale, a bias): its
         own channel space along ``axis``, tied to whatever it meets; ``shape`` / ``label_axis``: the labels it
         enters the graph with (broadcast, an Expand). Channels fill + rescale adds take the stream's fill, or 1
@@ -449,7 +449,7 @@ class RelationRun(NormRelations, AttentionRelations, sites.LabelRunState):
         mapping = self.plan.mapping(space)
         new = None
         if len(mapping) != arr.shape[axis]:
-            new = ar.gather_fill(arr, axis, mapping, self.plan.fill_kind.get(space.id), 1.0 if gain else None)
+            new = ar.gather_fill(arr, axis, mapping, self.plan.fill_kind.get(space.id), gain_fill if gain else None)
         new_shape = list(shape)
         new_shape[label_axis] = len(mapping)
         return LabelTensor.channels(new_shape, label_axis, self.plan.new_chan_ids(space), self.salt(node)), old, new

@@ -30,8 +30,8 @@ from . import ops
 from .moves import MoveReplay, label_leaves
 from .ops import describe, qualified_name
 from .shapes import TensorMeta
-from .transformer import (FUNCTIONAL_PRODUCERS, MATMUL_FUNCS, RMS_NORM_MODULES, SDPA_FUNCS, FxTransformerOps,
-                          mean_terms, param_array)
+from .transformer import (FUNCTIONAL_PRODUCERS, MATMUL_FUNCS, RMS_NORM_MODULES, SDPA_FUNCS, WIDTH_SCALE,
+                          WIDTH_TABLE, FxTransformerOps, mean_terms, param_array)
 
 
 @dataclass
@@ -56,7 +56,9 @@ class FxLabelRun(FxTransformerOps, MoveReplay, RelationRun):
                                                                      analysis.attr_uses)
             self.param_names, self.old_parts = analysis.param_names, analysis.old_parts
             self.tied_heads = analysis.tied_heads
+            self.table_scales: dict = {}  # embedding table -> the factor its stored new value carries
             return
+        self.table_scales = {}
         self.modules = dict(gm.named_modules())
         self.param_names = {n for n, _ in gm.named_parameters()}
         self.old_parts: dict = {}  # composite ops' internal labels in the original configuration
@@ -309,6 +311,17 @@ class FxLabelRun(FxTransformerOps, MoveReplay, RelationRun):
 
     def _binary(self, node, args, kwargs, cond=None):
         a, b = args[0], args[1] if len(args) > 1 else kwargs.get("other")
+        if self.analysis and node.meta.get(WIDTH_TABLE) is not None and cond is None:
+            other = (a, b)[1 - node.meta[WIDTH_TABLE]]
+            if isinstance(other, LabelTensor):
+                self.constraints.freeze(other.chans, f"{self.site(node)}: a sinusoidal position table the family "
+                                                     "computes from the width (a fixed formula) meets it here")
+        if node.meta.get(WIDTH_SCALE) is not None and cond is None:
+            return self._width_scale(node, args)
+        if cond is None:
+            uniform = self._uniform_operand(node, a, b)
+            if uniform is not None:
+                return uniform
         # a tensor computed in the graph from no input (rotary tables from arange): a constant
         a, b = ((self._fixed(node, tuple(t.shape), 7 + i) if isinstance(t, torch.Tensor) else t)
                 for i, t in enumerate((a, b)))
@@ -352,6 +365,35 @@ class FxLabelRun(FxTransformerOps, MoveReplay, RelationRun):
         if not self.analysis and not all(isinstance(o, LabelTensor) for o in olds):
             raise self.conflict(node, "operands are not both tensors in the original")
         return self.unify(node, [(olds[0], a), (olds[1], b)], 0 if a.shape == out_shape else 1)
+
+    def _uniform_operand(self, node, a, b):
+        """``x + zeros(shape)`` (T5's cross-attention position bias: zeros of a literal head count): a constant
+        holding one value everywhere acts like a scalar, whatever axes it spans.  Its literal shape follows the
+        other operand's axes that grew (the family's code derives it from the config)."""
+        for const, x, ci in ((b, a, 1), (a, b, 0)):
+            if not (isinstance(const, torch.Tensor) and isinstance(x, LabelTensor)) or const.is_meta \
+                    or const.numel() == 0 or not bool((const == const.reshape(-1)[0]).all()):
+                continue
+            src = node.args[ci]
+            ref = self._old(node.args[1 - ci]) if not self.analysis else x
+            if not isinstance(ref, LabelTensor) or len(const.shape) > ref.ndim:
+                return None
+            try:
+                if tuple(np.broadcast_shapes(ref.shape, tuple(const.shape))) != ref.shape:
+                    return None
+            except ValueError:
+                return None
+            if not self.analysis and tuple(x.shape) != ref.shape and isinstance(src, fx.Node) and src.args:
+                packed = isinstance(src.args[0], (list, tuple))  # zeros([1, 4, q, k]) or zeros(1, 4, q, k)
+                literal = list(src.args[0]) if packed else list(src.args)
+                if len(literal) == len(const.shape) and all(isinstance(d, int) for d in literal):
+                    lead = x.ndim - len(const.shape)
+                    shape = [x.shape[lead + i] if d == ref.shape[lead + i] and d != 1 else d
+                             for i, d in enumerate(literal)]
+                    new_args = (shape,) + tuple(src.args[1:]) if packed else tuple(shape)
+                    self.arg_updates[src] = (new_args, src.kwargs)
+            return self.elementwise(node, x)
+        return None
 
     def _pad(self, node, x: LabelTensor, args, kwargs):
         """F.pad with constant padding: per channel on the one channel axis it leaves unpadded (NCHW or
@@ -410,6 +452,11 @@ class FxLabelRun(FxTransformerOps, MoveReplay, RelationRun):
     # ------------------------------------------------------------ modules
     def _module(self, node, mod, args, kwargs):
         x = args[0] if args else None
+        if isinstance(mod, nn.Embedding) and isinstance(x, torch.Tensor) and len(args) == 1 and not kwargs \
+                and node.target not in self.shared:
+            # indices held by the model (T5-style relative position buckets in a buffer): a constant
+            x = self._fixed(node, tuple(x.shape), 5)
+            return self._embedding(node, mod, x, x) if mod.max_norm is None else self.opaque(node, "max_norm")
         if not isinstance(x, LabelTensor) or len(label_leaves(args)) != 1 or kwargs:
             raise NotUnderstood("called with several tensors or keyword arguments")
         if node.target in self.shared:

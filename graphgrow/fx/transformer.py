@@ -104,6 +104,52 @@ def mean_terms(node) -> str:
     return "mean_sq"
 
 
+# node.meta key of a product ``x * c`` whose constant the family computes from the width d of x's channels as
+# c = d ** e (Gemma's sqrt(hidden), scale_embedding, T5's d_model ** -0.5 before its tied head): (e, x's position)
+WIDTH_SCALE = "graphgrow_width_scale"
+# node.meta key of an op where a table the family computes from the width (sinusoidal positions, not stored) meets
+# the activations: the position of the table's operand
+WIDTH_TABLE = "graphgrow_width_table"
+
+
+def _activation_arg(n):
+    """The activation operand of a node marked with a width-derived scale."""
+    return n.args[n.meta[WIDTH_SCALE][1]]
+
+
+def param_through_offset(n):
+    """``(get_attr node, offset)`` when ``n`` is a parameter, possibly cast and plus a number; else (None, 0)."""
+    n, offset = _skip_casts(n), 0.0
+    if isinstance(n, fx.Node) and n.target in (operator.add, torch.add) and len(n.args) == 2 \
+            and isinstance(n.args[1], (int, float)):
+        n, offset = _skip_casts(n.args[0]), float(n.args[1])
+    if isinstance(n, fx.Node) and n.op == "get_attr":
+        return n, offset
+    return None, 0.0
+
+
+def _joining_ops(param):
+    """``(ops, offset)``: the ops through which a parameter joins activations, reached through casts and the
+    addition of a number (Gemma's RMSNorm gain ``1 + w``: offset 1); ``(None, 0)`` when it is read otherwise."""
+    joins, offset, frontier = [], 0.0, [param]
+    while frontier:
+        n = frontier.pop()
+        for u in n.users:
+            if u.op == "call_method" and u.target in _PASS_METHODS:
+                frontier.append(u)
+            elif u.target in (operator.add, torch.add, operator.sub, torch.sub) and len(u.args) == 2 and \
+                    u.args[0] is n and isinstance(u.args[1], (int, float)) and len(frontier) == 0 and offset == 0:
+                offset = float(u.args[1]) * (1 if u.target in (operator.add, torch.add) else -1)
+                frontier.append(u)
+            elif u.target in JOINING_OPS:
+                joins.append(u)
+            else:
+                return None, 0.0
+    if offset and not all(u.target in (operator.mul, torch.mul) for u in joins):
+        return None, 0.0
+    return joins, offset
+
+
 class FxTransformerOps:
     """Mixin of :class:`~graphgrow.fx.labeling.FxLabelRun`."""
 
@@ -140,6 +186,9 @@ class FxTransformerOps:
                 upd.attrs["normalized_shape"] = tuple(shape)
         return out
 
+    def _param_node(self, target_name):
+        return next(n for n in self.gm.graph.nodes if n.op == "get_attr" and n.target == target_name)
+
     def _norm_function(self, node, target, x: LabelTensor, args, kwargs):
         """F.layer_norm / F.rms_norm / F.group_norm with parameters read from module attributes."""
         old_x = self._old(node.args[0])
@@ -168,8 +217,9 @@ class FxTransformerOps:
             a = node.args[i] if len(node.args) > i else node.kwargs.get(name)
             if a is None:
                 continue
-            if not (isinstance(a, fx.Node) and a.op == "get_attr") or self.attr_uses.get(a.target, 0) > 1:
-                raise NotUnderstood("its parameters are not module attributes used only here")
+            if not (isinstance(a, fx.Node) and a.op == "get_attr") or self.attr_uses.get(a.target, 0) > 1 and not \
+                    all(u.target is target and u.args[i:i + 1] == (a,) for u in a.users):
+                raise NotUnderstood("its parameters are not module attributes used only here or by norms alike")
             owners[name] = a.target
         params = {} if self.analysis else {t: _np(operator.attrgetter(t)(self.gm)) for t in owners.values()}
         eps_pos, eps = norm_eps(target, node.args, node.kwargs)
@@ -178,9 +228,13 @@ class FxTransformerOps:
         out, new, match, new_eps = self.norm(node, node.name, x, old_x, axes, params, pax, groups, kind, eps)
         if match is None:
             return out
-        for target_name, arr in new.items():
-            owner, _, attr = target_name.rpartition(".")
-            self._update(owner).tensors[attr] = arr
+        shared = [t for t in owners.values() if self.attr_uses.get(t, 0) > 1]
+        if shared and next(iter(self._param_node(shared[0]).users)) is not node:
+            self._same_as_stored(node, new)  # a norm of a shared layer (ALBERT): its first reader stored them
+        else:
+            for target_name, arr in new.items():
+                owner, _, attr = target_name.rpartition(".")
+                self._update(owner).tensors[attr] = arr
         graph_args, graph_kwargs = list(node.args), dict(node.kwargs)
         if shape_pos is not None:
             raw = node.args[shape_pos] if len(node.args) > shape_pos else node.kwargs["normalized_shape"]
@@ -321,12 +375,14 @@ class FxTransformerOps:
         long_axes = [i for i, d in enumerate(real.shape) if d > 1]
         if len(long_axes) != 1 or self.attr_uses.get(node.target, 0) != 1 or node.target not in self.param_names:
             return None
-        if not all(u.target in JOINING_OPS for u in node.users):
+        joins, offset = _joining_ops(node)
+        if joins is None:
             return None  # read by a norm function, a linear map, ...: a parameter of that op, not of the stream
         ax = long_axes[0]
-        # a gain (multiplied in): its filled channels get 1
-        gain = all(u.target in (operator.mul, torch.mul, "mul") for u in node.users)
-        labels, _, new = self.bare_parameter(node, node.target, _np(real), ax, tuple(real.shape), ax, gain=gain)
+        # a gain (multiplied in): its filled channels get 1 (0 for Gemma's (1 + w), which adds the 1 itself)
+        gain = all(u.target in (operator.mul, torch.mul, "mul") for u in joins)
+        labels, _, new = self.bare_parameter(node, node.target, _np(real), ax, tuple(real.shape), ax, gain=gain,
+                                             gain_fill=1.0 - offset)
         if new is not None:
             owner, _, attr = node.target.rpartition(".")
             self._update(owner).tensors[attr] = new
@@ -343,6 +399,48 @@ class FxTransformerOps:
         if new is not None:
             owner, _, attr = param_node.target.rpartition(".")
             self._update(owner).tensors[attr] = new
+        return out
+
+    # ------------------------------------------------------------ constants computed from the width
+    def _width_scale(self, node, args):
+        """``x * c`` where the family computes ``c = d ** e`` from the width ``d`` of x's channels (marked by the
+        Hugging Face capture): the grown model multiplies by ``d' ** e``, so ``(d/d') ** e`` is folded where the
+        function allows it exactly: into the embedding table x comes from (its tied head and its other readers
+        see the same factor), else into the affine norm that computes x."""
+        e, pos = node.meta[WIDTH_SCALE]
+        x = args[pos]
+        if not isinstance(x, LabelTensor):
+            raise NotUnderstood("its scaled operand is not a tensor")
+        out = self.elementwise(node, x)
+        if self.analysis:
+            return out
+        old_x = self._old(node.args[pos])
+        d, d_new = old_x.shape[-1], x.shape[-1]
+        if d == d_new:
+            return out
+        scale = (d / d_new) ** e
+        src = _skip_casts(node.args[pos])
+        while isinstance(src, fx.Node) and src.target is F.dropout:
+            src = _skip_casts(src.args[0])
+        if isinstance(src, fx.Node) and src.target is F.embedding and isinstance(src.args[1], fx.Node):
+            table = src.args[1].target
+            owner, _, attr = table.rpartition(".")
+            upd = self.updates.get(owner)
+            if upd is None or attr not in upd.tensors:
+                raise self.conflict(node, f"the scale {d}**{e} the family computes from the width cannot be "
+                                          f"compensated: its table {table!r} did not grow")
+            if table in self.table_scales:
+                if not np.isclose(self.table_scales[table], scale, rtol=1e-12):
+                    raise self.conflict(node, f"the readers of {table!r} scale it by different width factors")
+                return out
+            upd.tensors[attr] = ar.scale_affine(upd.tensors[attr], scale)
+            self.table_scales[table] = scale
+            return out
+        try:
+            self._fold_scale(node, node.args[pos], scale)
+        except Conflict:
+            raise self.conflict(node, f"the scale {d}**{e} the family computes from the width has no embedding "
+                                      "table or affine norm before it to compensate d/d' in") from None
         return out
 
     # ------------------------------------------------------------ parameters applied by functions
@@ -370,11 +468,49 @@ class FxTransformerOps:
         return None
 
     def _tied_pair(self, w_node) -> bool:
-        """A table read by one embedding and one linear map (a tied output head; a bias there is per token)."""
+        """A table read by embeddings (an encoder-decoder's shared table: several) and at most one linear map
+        (a tied output head; a bias there is per token)."""
         users = list(w_node.users)
-        return len(users) == 2 and self.attr_uses.get(w_node.target) == 2 and \
-            sorted(str(u.target) for u in users) == sorted(str(t) for t in (F.embedding, F.linear)) and \
-            all(u.args[1] is w_node for u in users)
+        kinds = [u.target for u in users]
+        return len(users) >= 2 and self.attr_uses.get(w_node.target) == len(users) and \
+            all(k in (F.embedding, F.linear) for k in kinds) and kinds.count(F.linear) <= 1 and \
+            F.embedding in kinds and all(u.args[1] is w_node for u in users)
+
+    def _shared_weight(self, w_node) -> bool:
+        """A weight every reader of which applies it the same way (ALBERT's one layer read by every layer)."""
+        users = list(w_node.users)
+        return len(users) > 1 and self.attr_uses.get(w_node.target) == len(users) and \
+            len({u.target for u in users}) == 1 and users[0].target is F.linear and \
+            all(u.args[1] is w_node and u.args[2:] == users[0].args[2:] and not u.kwargs for u in users)
+
+    def _shared_reader(self, node, w_node, new: dict) -> bool:
+        """A further reader of a weight an earlier reader of the same kind applied (a table shared by an
+        encoder and a decoder, a layer shared by all layers): one space, tied channel by channel to the first
+        reader's, and one new value (checked equal; a table with the width factor the first reader's carries).
+        Returns False for the first reader, which stores the values."""
+        first = next(u for u in w_node.users if u.target is node.target)
+        if first is node:
+            return False
+        if self.analysis:
+            self.constraints.tie(self.node_space[first].chan_ids, self.node_space[node].chan_ids)
+            return True
+        self._same_as_stored(node, new, {w_node.target: self.table_scales.get(w_node.target, 1.0)})
+        return True
+
+    def _same_as_stored(self, node, new: dict, scales: dict | None = None) -> None:
+        """Each parameter's new value equals the one an earlier reader stored (none stored: none computed)."""
+        for target_name, value in new.items():
+            owner, _, attr = target_name.rpartition(".")
+            stored = self.updates.get(owner)
+            stored = None if stored is None else stored.tensors.get(attr)
+            if stored is None or not same_values(stored, ar.scale_affine(value, (scales or {}).get(target_name, 1.0))):
+                raise self.conflict(node, f"the readers of the shared {target_name!r} would need different values")
+        if not new:
+            for target_name in [a.target for a in node.all_input_nodes if a.op == "get_attr"]:
+                owner, _, attr = target_name.rpartition(".")
+                if attr in getattr(self.updates.get(owner), "tensors", {}):
+                    raise self.conflict(node, f"the readers of the shared {target_name!r} would need different "
+                                              "values")
 
     def _functional_producer(self, node, target, args, kwargs):
         x_pos, w_pos, b_pos, axis, w_in, w_out = FUNCTIONAL_PRODUCERS[target]
@@ -395,24 +531,29 @@ class FxTransformerOps:
         if target is F.embedding and x.vary:
             raise NotUnderstood("its indices carry channels")
         tied = self._tied_pair(w_node)
-        if self.attr_uses.get(w_node.target, 0) != 1 and not tied:
+        shared = not tied and self._shared_weight(w_node)
+        if self.attr_uses.get(w_node.target, 0) != 1 and not tied and not shared:
             raise NotUnderstood("its weight is also read by other ops")
         if tied and target is F.linear:
             return self._tied_function_head(node, w_node, x, self._old(x_node), weight)
         b_node = None if b_pos is None else (node.args[b_pos] if len(node.args) > b_pos else node.kwargs.get("bias"))
         if b_node is not None and not (isinstance(b_node, fx.Node) and b_node.op == "get_attr"
-                                       and self.attr_uses.get(b_node.target) == 1):
+                                       and self.attr_uses.get(b_node.target) == (len(w_node.users) if shared else 1)):
             raise NotUnderstood("its bias is computed or shared")
         old_x = self._old(x_node) if isinstance(x_node, fx.Node) and isinstance(self._old(x_node), LabelTensor) else x
         out, w, mapping = self.produce(node, w_node.target, x, old_x, _np(weight), in_axis=axis, out_axis=axis,
                                        w_in=w_in, w_out=w_out, shape=self._shape(node))
+        new = {}
         if w is not None:
-            owner, _, attr = w_node.target.rpartition(".")
-            self._update(owner).tensors[attr] = w
+            new[w_node.target] = w
             if b_node is not None:
-                b_owner, _, b_attr = b_node.target.rpartition(".")
-                self._update(b_owner).tensors[b_attr] = ar.gather_fill(
-                    _np(operator.attrgetter(b_node.target)(self.gm)), 0, mapping, self.fill_kind_of(node))
+                new[b_node.target] = ar.gather_fill(_np(operator.attrgetter(b_node.target)(self.gm)), 0, mapping,
+                                                    self.fill_kind_of(node))
+        if (tied or shared) and self._shared_reader(node, w_node, new):
+            return out
+        for target_name, value in new.items():
+            owner, _, attr = target_name.rpartition(".")
+            self._update(owner).tensors[attr] = value
         return out
 
     def _functional_grouped(self, node, w_node, x, weight, groups):
@@ -506,11 +647,12 @@ class FxTransformerOps:
             return labels
         owner, _, attr = w_node.target.rpartition(".")
         emb_new = self.updates.get(owner)
-        if emb_new is None or not same_values(emb_new.tensors.get(attr), gathered):
+        table_scale = self.table_scales.get(w_node.target, 1.0)
+        if emb_new is None or not same_values(emb_new.tensors.get(attr), ar.scale_affine(gathered, table_scale)):
             raise self.conflict(node, f"the output head and the embedding it is tied to ({w_node.target!r}) would "
                                       "need different columns")
-        if k > 1:
-            self._fold_scale(node, node.args[0], 1.0 / k)
+        if k * table_scale != 1:
+            self._fold_scale(node, node.args[0], 1.0 / (k * table_scale))
         return labels
 
     # ------------------------------------------------------------ tied output heads
@@ -533,48 +675,57 @@ class FxTransformerOps:
 
     def _fold_scale(self, head, start, scale: float) -> None:
         """Multiply the affine parameters of the norm that computes ``start`` (through moves) by ``scale``."""
-        n = start
-        while isinstance(n, fx.Node) and len(n.users) == 1 and (
-                n.target in (operator.getitem, F.dropout) or n.op == "call_method" and n.target in (
-                    "view", "reshape", "contiguous", "to")
-                or n.op == "call_module" and isinstance(self.modules[n.target], (nn.Identity, nn.Dropout))):
-            n = n.args[0]
+        n = self._fold_start(start)
         scaled = []
         if isinstance(n, fx.Node) and len(n.users) == 1 and n.op == "call_module" \
                 and isinstance(self.modules[n.target], (nn.LayerNorm,) + RMS_NORM_MODULES):
             upd = self.updates.get(n.target)
-            scaled = [(upd, a) for a in ("weight", "bias") if upd is not None and a in upd.tensors]
+            scaled = [(upd, a, 0.0) for a in ("weight", "bias") if upd is not None and a in upd.tensors]
         elif isinstance(n, fx.Node) and len(n.users) == 1 and n.target in (F.layer_norm, F.rms_norm):
             for p in n.args[2:4 if n.target is F.layer_norm else 3]:
                 if isinstance(p, fx.Node) and p.op == "get_attr":
                     owner, _, attr = p.target.rpartition(".")
                     upd = self.updates.get(owner)
                     if upd is not None and attr in upd.tensors:
-                        scaled.append((upd, attr))
+                        scaled.append((upd, attr, 0.0))
         else:
             scaled = self._written_out_affine(n)
         if not scaled:
             raise self.conflict(head, "its input does not come from an affine norm to fold the width factor into")
-        for upd, attr in scaled:
-            upd.tensors[attr] = upd.tensors[attr] * np.asarray(scale, upd.tensors[attr].dtype)
+        for upd, attr, offset in scaled:
+            upd.tensors[attr] = ar.scale_affine(upd.tensors[attr], scale, offset)
+
+    def _fold_start(self, n):
+        """The node computing ``n`` past moves, casts, dropout and the width-derived scales the family
+        recomputes (each compensated by itself)."""
+        while isinstance(n, fx.Node) and len(n.users) == 1 and (
+                n.target in (operator.getitem, F.dropout) or n.op == "call_method" and n.target in (
+                    "view", "reshape", "contiguous", "to")
+                or n.meta.get(WIDTH_SCALE) is not None
+                or n.op == "call_module" and isinstance(self.modules[n.target], (nn.Identity, nn.Dropout))):
+            n = n.args[0] if n.meta.get(WIDTH_SCALE) is None else _activation_arg(n)
+        return n
 
     def _written_out_affine(self, n) -> list:
-        """``normalized * gamma (+ beta)`` ending at ``n``, with gamma and beta parameters read only there:
-        their updates, or [] when ``n`` is not of that form."""
+        """``normalized * gamma (+ beta)`` ending at ``n``, with gamma and beta parameters read only there
+        (through casts; a gain ``1 + w`` as Gemma's): ``[(update, attribute, offset)]``, or [] when ``n`` is not
+        of that form."""
         found = []
         for _ in range(2):
             if not (isinstance(n, fx.Node) and len(n.users) == 1
                     and n.target in (operator.mul, operator.add, torch.mul, torch.add)):
                 return []
-            params = [a for a in n.args if isinstance(a, fx.Node) and a.op == "get_attr"]
-            if len(params) != 1:
+            params = [(a, p, off) for a in n.args if isinstance(a, fx.Node)
+                      for p, off in [param_through_offset(a)] if p is not None]
+            if len(params) != 1 or (params[0][2] and n.target not in (operator.mul, torch.mul)):
                 return []
-            owner, _, attr = params[0].target.rpartition(".")
+            arg, p, offset = params[0]
+            owner, _, attr = p.target.rpartition(".")
             upd = self.updates.get(owner)
             if upd is None or attr not in upd.tensors:
                 return []
-            found.append((upd, attr))
+            found.append((upd, attr, offset))
             if n.target in (operator.mul, torch.mul):
                 return found
-            n = next(a for a in n.args if isinstance(a, fx.Node) and a is not params[0])
+            n = next(a for a in n.args if isinstance(a, fx.Node) and a is not arg)
         return []

@@ -21,6 +21,7 @@ from ..errors import InvalidArgumentError, TraceError, first_line
 from ..fx.aten import lift_exported
 
 _PREFIX = "model."
+ENCODER_STATES = ("encoder_last_hidden_state", "encoder_hidden_states", "encoder_attentions")
 
 
 def is_pretrained(model) -> bool:
@@ -65,7 +66,14 @@ class ModelOutputs(nn.Module):
             out = self.model(**dict(zip(self.names, inputs)), **self.kwargs)
         else:
             out = self.model(*inputs, **self.kwargs)
-        values = out.values() if hasattr(out, "values") else out if isinstance(out, (tuple, list)) else (out,)
+        if hasattr(out, "items"):
+            # an encoder-decoder's encoder_last_hidden_state is the decoder's input, not an answer of the model
+            # (like the hidden states it is not asked for): its width is free to grow
+            drop = ENCODER_STATES if "logits" in out and getattr(self.model.config, "is_encoder_decoder", False) \
+                else ()
+            values = [v for k, v in out.items() if k not in drop]
+        else:
+            values = out if isinstance(out, (tuple, list)) else (out,)
         return tuple(v for v in values if isinstance(v, torch.Tensor))
 
 
@@ -95,7 +103,27 @@ def capture(model: nn.Module, inputs: tuple) -> fx.GraphModule:
             program = torch.export.export(wrapper, tuple(inputs), strict=False)
     except Exception as exc:  # noqa: BLE001 - any capture failure is reported in one sentence
         raise TraceError(f"torch.export cannot capture {type(model).__name__}: {first_line(exc)}") from None
-    return lift_exported(program.module(), _PREFIX)
+    gm = lift_exported(program.module(), _PREFIX)
+    _rows_as_embedding(gm)
+    from .scales import mark_width_scales, mark_width_tables
+
+    if getattr(model, "config", None) is not None:
+        mark_width_scales(gm, model.config)
+    mark_width_tables(gm, model)
+    return gm
+
+
+def _rows_as_embedding(gm: fx.GraphModule) -> None:
+    """``weight[ids]`` of a 2-d parameter (aten.index with one index tensor: Whisper's decoder positions) is
+    ``F.embedding(ids, weight)``: written so, the table is read as an embedding (its columns grow)."""
+    params = dict(gm.named_parameters())
+    for node in list(gm.graph.nodes):
+        if node.op == "call_function" and node.target is torch.ops.aten.index.Tensor and len(node.args) == 2:
+            w, idx = node.args
+            if isinstance(w, fx.Node) and w.op == "get_attr" and w.target in params and params[w.target].ndim == 2 \
+                    and isinstance(idx, (list, tuple)) and len(idx) == 1 and isinstance(idx[0], fx.Node):
+                node.target, node.args = torch.nn.functional.embedding, (idx[0], w)
+    gm.recompile()
 
 
 def tied_groups(model: nn.Module) -> dict:

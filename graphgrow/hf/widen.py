@@ -22,13 +22,14 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from ..core import arithmetic as ar
+from ..core.arithmetic import scale_affine
 from ..core.growth import check_factor, check_options, require_head_widths, require_reachable, space_reports, \
     widen_targets
 from ..core.report import GrowthReport
 from ..core.sites import GrowOptions
 from ..errors import UnsupportedModelError, VerificationError, first_line
 from ..fx.engine import FxAnalysis, count_params, plan_and_apply
-from ..fx.transformer import norm_eps, param_array
+from ..fx.transformer import norm_eps, param_array, param_through_offset
 from .capture import ModelOutputs, as_inputs, capture, input_names, rebuilt, tied_groups
 from .config import ConfigMismatch, eps_fields, solve_config
 
@@ -57,12 +58,14 @@ def _norm_eps(an: FxAnalysis, run) -> dict:
         if eps is None:
             raise UnsupportedModelError(f"the mean at node {mean.name!r} is not followed by '+ eps', rsqrt and a "
                                         "gain: its fill + rescale cannot be written into the config")
+        gain, offset = gain
         owner, _, attr = gain.target.rpartition(".")
         upd = run.updates.get(owner)
         if upd is None or attr not in upd.tensors:
             raise UnsupportedModelError(f"the gain {gain.target!r} of a filled norm did not grow with its stream")
         # mean over d' channels = mean over d x d/d': dividing eps by d'/d and the gain by its root keeps the output
-        upd.tensors[attr] = upd.tensors[attr] / np.asarray(math.sqrt(ratio), upd.tensors[attr].dtype)
+        # (Gemma's gain 1 + w: the sum is divided)
+        upd.tensors[attr] = scale_affine(upd.tensors[attr], 1 / math.sqrt(ratio), offset)
         changes[eps] = eps / ratio
     shared = [eps for eps in changes if eps in kept_eps]
     if shared:
@@ -76,7 +79,8 @@ class SharedEpsilon(UnsupportedModelError):
 
 
 def _written_out_rms(mean: fx.Node):
-    """(eps, gain get_attr node) of ``gain * (x * rsqrt(mean + eps))`` after ``mean``, or (None, None)."""
+    """(eps, (gain get_attr node, its offset)) of ``gain * (x * rsqrt(mean + eps))`` after ``mean`` (a gain
+    ``1 + w`` has offset 1), or (None, None)."""
     add = next(iter(mean.users), None)
     if len(mean.users) != 1 or add.target is not operator.add:
         return None, None
@@ -86,7 +90,7 @@ def _written_out_rms(mean: fx.Node):
         if len(n.users) != 1:
             return None, None
         n = next(iter(n.users))
-        params = [a for a in n.args if isinstance(a, fx.Node) and a.op == "get_attr"]
+        params = [p for a in n.args if isinstance(a, fx.Node) for p in [param_through_offset(a)] if p[0] is not None]
         if n.target is operator.mul and params:
             return eps, params[0]
     return None, None
@@ -119,14 +123,15 @@ def _known_fields(model, an, plan, shapes: dict, eps_changes: dict) -> dict:
     weight = getattr(emb, "weight", None)
     if isinstance(weight, torch.Tensor) and weight.ndim == 2:  # (a vision model's patch embedding: probed instead)
         key = next(k for k, v in model.state_dict(keep_vars=True).items() if v is weight)
-        known["hidden_size"] = int(shapes[key][1])
+        if weight.shape[1] == getattr(cfg, "hidden_size", weight.shape[1]):  # (ALBERT's embedding_size: probed)
+            known["hidden_size"] = int(shapes[key][1])
     ratios = {plan.new_size(sp) / sp.size for sp in an.produced if an.constraints.heads_of.get(sp.id)}
     ratios.discard(1.0) if len(ratios) > 1 and 1.0 in ratios else None
     if len(ratios) > 1:
         raise ConfigMismatch(f"attention layers grew by different factors ({sorted(ratios)}): one config cannot "
                              "state their heads", [sp.name for sp in an.produced if an.constraints.heads_of.get(sp.id)])
     ratio = ratios.pop() if ratios else 1.0
-    for field in ("num_attention_heads", "num_key_value_heads"):
+    for field in head_fields(cfg):
         heads = getattr(cfg, field, None)
         if isinstance(heads, int):
             known[field] = int(round(heads * ratio))
@@ -173,6 +178,18 @@ def _unread_values(model, config, unread: list, values: dict) -> list:
         grown.append(key)
     return [f"not read by the forward pass, their old entries repeated to the new sizes: {', '.join(grown)}"] \
         if grown else []
+
+
+def head_fields(cfg) -> list:
+    """The config's head counts: shapes cannot tell them (q_proj is heads x head_dim either way), so every one
+    is stated at the heads' ratio: num_attention_heads / num_key_value_heads, and an encoder-decoder's
+    encoder_attention_heads, decoder_attention_heads, T5's num_heads..."""
+    fields = ["num_attention_heads", "num_key_value_heads"]
+    for name, value in cfg.to_dict().items():
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0 and name not in fields \
+                and (name.endswith("attention_heads") or name in ("num_heads", "n_head", "n_heads")):
+            fields.append(name)
+    return fields
 
 
 @dataclass

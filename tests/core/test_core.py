@@ -121,3 +121,25 @@ def test_resalt_never_keeps_a_salt():
         assert len(np.unique(new)) == SALT_MASK + 1  # still a bijection: distinct contents stay distinct
     lab = element_labels((2, 3), 5, 276)
     assert not np.array_equal(resalt(lab, 277), lab)
+
+
+def test_per_head_bias_follows_the_head_copies():
+    """A per-head additive bias (T5's relative position bias table: one column per head) joins the scores, whose
+    channels are the query heads: tied head to column, the table's columns are copied exactly as the heads."""
+    t = SpaceTable()
+    q = t.new_space("q", 4 * 3, "produced")  # 4 heads of 3 channels
+    bias = t.new_space("bias", 4, "produced")  # the table's columns
+    c = GrowthConstraints(t)
+    assert c.units(q.chan_ids.reshape(4, 3)) is None
+    c.tie(q.chan_ids[::3], bias.chan_ids)  # scores' head h + bias column h (the scores carry one channel per head)
+    plan = solve_plan(c, {q.id: 24, bias.id: 8}, seed=3)
+    heads = plan.mapping(q).reshape(-1, 3)
+    assert np.array_equal(heads[:, 0] // 3, plan.mapping(bias))  # new head j copies the head its bias column copies
+    assert np.array_equal(heads, heads[:, :1] + np.arange(3))  # whole heads
+
+
+def test_scale_affine_keeps_an_offset_gain():
+    """Gemma's RMSNorm gain 1 + w scaled by s: (1 + w') = s (1 + w)."""
+    w = np.array([0.5, -0.25, 0.0], np.float32)
+    assert np.allclose(1 + ar.scale_affine(w, 0.5, 1.0), 0.5 * (1 + w))
+    assert np.allclose(ar.scale_affine(w, 2.0), 2 * w)

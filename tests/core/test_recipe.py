@@ -53,3 +53,10 @@ def test_same_values_compares_recipes_of_one_source():
     assert not same_values(a, ar.gather(Recipe("other", (5, 3)), 1, np.array([0, 1, 2, 2])))
     with pytest.raises(ValueError, match="planned from"):
         a.apply(np.zeros((4, 3), np.float32))
+
+
+def test_offset_gain_rescaled_on_a_recipe():
+    """scale_affine on a weightless parameter records (w + 1) s - 1 like the array arithmetic."""
+    arr = np.array([0.5, -0.25, 2.0], np.float32)
+    r = ar.scale_affine(Recipe("g", (3,)), 0.5, 1.0)
+    assert np.allclose(r.apply(arr), ar.scale_affine(arr, 0.5, 1.0))

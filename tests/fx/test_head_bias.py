@@ -1,0 +1,52 @@
+"""Per-head additive biases joining attention scores (T5's relative position bias, a zero bias of a literal head
+count as in T5's cross-attention): the bias's head axis follows the head copies (the embedding table's columns
+are units of the heads' space, tied to the scores' head channels), so the heads grow and stay exact."""
+
+import torch
+import torch.nn as nn
+
+from helpers import widen_and_compare
+
+EXACT = 1e-10  # float64
+
+
+class RelativeBiasAttention(nn.Module):
+    """Self-attention whose scores get one learned bias per (head, bucket of i - j), shared by every layer (as T5
+    computes it once and adds it in each layer), plus an all-zero bias of shape (1, heads, q, k)."""
+
+    def __init__(self, width=16, heads=4, head_dim=4, buckets=8, layers=2, seq=6):
+        super().__init__()
+        self.heads, self.head_dim, self.seq = heads, head_dim, seq
+        self.embed = nn.Embedding(32, width)
+        self.bias = nn.Embedding(buckets, heads)
+        self.qkv = nn.ModuleList(nn.Linear(width, 3 * heads * head_dim, bias=False) for _ in range(layers))
+        self.out = nn.ModuleList(nn.Linear(heads * head_dim, width, bias=False) for _ in range(layers))
+        self.head = nn.Linear(width, 5)
+        pos = torch.arange(seq)
+        self.register_buffer("buckets", (pos[None, :] - pos[:, None]).clamp(-3, 4) + 3, persistent=False)
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        b, n, _ = x.shape
+        bias = self.bias(self.buckets).permute(2, 0, 1).unsqueeze(0)  # (1, heads, q, k)
+        for qkv, out in zip(self.qkv, self.out):
+            q, k, v = qkv(x).view(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+            scores = q @ k.transpose(-1, -2) + bias
+            scores = scores + torch.zeros(1, self.heads, self.seq, self.seq, dtype=scores.dtype)
+            att = scores.softmax(-1) @ v
+            x = x + out(att.transpose(1, 2).reshape(b, n, self.heads * self.head_dim))
+        return self.head(x)
+
+
+def test_relative_bias_heads_follow_the_head_copies():
+    torch.manual_seed(0)
+    model = RelativeBiasAttention()
+    ids = torch.randint(0, 32, (2, 6))
+    wide, rep, err = widen_and_compare(model, (ids,), factor=2)
+    assert err < EXACT
+    assert wide.bias.weight.shape == (8, 8)  # buckets kept, heads doubled
+    old = model.bias.weight
+    source = [next(j for j in range(4) if torch.equal(wide.bias.weight[:, i], old[:, j])) for i in range(8)]
+    assert sorted(set(source)) == [0, 1, 2, 3]
+    assert wide.get_submodule("qkv.0").weight.shape[0] == 96  # 8 heads of q, k and v
+    assert [sp.new_width for sp in rep.spaces if sp.name == "bias"] == [8]
