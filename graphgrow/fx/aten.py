@@ -51,6 +51,9 @@ def _binary(op, tensor_op):
 
 def _to(x, *args, **kwargs):
     dtype = kwargs.get("dtype", next((a for a in args if isinstance(a, torch.dtype)), None))
+    val = x.meta.get("val") if isinstance(x, fx.Node) and x.op == "get_attr" else None
+    if dtype is not None and getattr(val, "dtype", None) == dtype:
+        return _identity, (x,), {}  # a parameter cast to its own dtype (a router's weight.float()): the parameter
     return ("to", (x, dtype), {}) if dtype is not None else (_identity, (x,), {})
 
 
@@ -142,7 +145,7 @@ def _table() -> dict:
     put(_overloads(aten.dropout, "default"), _dropout)
     put(_overloads(aten.view, "default") + _overloads(aten.reshape, "default") + _overloads(aten._unsafe_view, "default"),
         _method("reshape"))
-    put(_overloads(aten.expand, "default"), _method("expand"))
+    put(_overloads(aten.expand, "default") + _overloads(aten.broadcast_to, "default"), _method("expand"))
     put(_overloads(aten.transpose, "int"), _function(torch.transpose))
     put(_overloads(aten.permute, "default"), _function(torch.permute))
     put(_overloads(aten.t, "default") + _overloads(aten.numpy_T, "default"), _function(torch.t))
