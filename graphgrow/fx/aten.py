@@ -141,6 +141,7 @@ def _table() -> dict:
                      ("reciprocal", torch.reciprocal)):
         put(_overloads(getattr(aten, name), "default"), _function(fn))
     put(_overloads(aten.gelu, "default"), _gelu)
+    put(_overloads(aten.clamp, "default"), _function(torch.clamp))  # (scalar bounds: GPT-OSS's clamped experts)
     put(_overloads(aten._softmax, "default") + _overloads(aten.softmax, "int"), _softmax)
     put(_overloads(aten.dropout, "default"), _dropout)
     put(_overloads(aten.view, "default") + _overloads(aten.reshape, "default") + _overloads(aten._unsafe_view, "default"),

@@ -72,10 +72,10 @@ class FxDispatchOps:
         computed = [k for k, i in enumerate(indices) if isinstance(i, LabelTensor)]
         if not computed:  # constant indices (Falcon's key/value slots): a move replayed on the labels
             return self._getitem(node, x, tuple(slice(None) if i is None else i for i in indices))
-        if x.elem is not None and self._is_fixed(x):
-            return self.fixed_outputs(node)
         if isinstance(src, fx.Node) and src.op == "get_attr" and src.target in self.param_names:
             return self._expert_bias(node, src, x, indices)
+        if x.elem is not None and self._is_fixed(x):
+            return self.fixed_outputs(node)
         given = [k for k, i in enumerate(indices) if i is not None]
         if given != list(range(given[0], given[-1] + 1)):
             raise NotUnderstood("its index tensors are not on adjacent axes")
