@@ -3,7 +3,7 @@
 A sparse mixture of experts sends every token to the experts its router chose: the stream's rows are
 gathered by indices computed from the data (``hidden[perm // top_k]``), each expert's MLP reads its rows,
 and the results are gathered back into token order (``out[inv_perm]``) or scattered into it
-(``index_add_``, ``index_put_``).  Every one of these ops moves whole rows along a *position* axis by
+(``index_add_``, ``index_put_``). Every one of these ops moves whole rows along a *position* axis by
 indices that carry no channel: the channels pass through unchanged, so the widened stream needs nothing
 but the same indices.  They are exact as long as the indices are unchanged, which holds when they are
 computed from channel-free values (the router's top-k over its frozen expert count, reason (f)); the
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 from .growth import NotUnderstood
 from .label_tensor import LabelTensor, same_labels
-from .labels import channel_of
 
 
 GATE_REASON = ("a gate's single output, broadcast over the channels it scales (a shared expert's gate: one value per "
@@ -59,31 +58,3 @@ class DispatchRelations:
         elif not same_labels(old_gate, gate):
             raise self.conflict(node, "a broadcast gate changed")
         return self.elementwise(node, x)
-
-    def scatter_positions(self, node, base: LabelTensor, old_base: LabelTensor, src: LabelTensor,
-                          old_src: LabelTensor, axes) -> LabelTensor:
-        """Rows of ``src`` written into (or added to) ``base`` along the position axes ``axes`` by channel-free
-        indices (``index_add_``, ``index_put_`` of expert outputs into token order): element by element the
-        two meet in one result like the operands of an add, so their channels are tied along the channel
-        axes both keep; the result carries the channels of ``base``."""
-        ref_b, ref_s = (base, src) if self.analysis else (old_base, old_src)
-        if set(axes) & set(ref_b.vary) or set(axes) & set(ref_s.vary):
-            raise NotUnderstood("it scatters along a channel axis")
-        if ref_b.ndim != ref_s.ndim or any(ref_b.shape[a] != ref_s.shape[a] for a in range(ref_b.ndim) if a not in axes):
-            raise NotUnderstood("its source rows do not have the shape of the target's rows")
-        if base.elem is not None and src.elem is not None:
-            return self.elementwise(node, base)
-        fb, fs = base.factors(), src.factors()
-        if fb is None or fs is None or tuple(fb[0]) != tuple(fs[0]):
-            raise NotUnderstood("its target and source rows do not hold their channels along the same axes")
-        if self.analysis:
-            self.constraints.tie(_chan_of(fb[1]), _chan_of(fs[1]))
-            return self.elementwise(node, base)
-        if not (_chan_of(fb[1]) == _chan_of(fs[1])).all() or not (_chan_of(old_base.factors()[1]) ==
-                                                                    _chan_of(old_src.factors()[1])).all():
-            raise self.conflict(node, "its target and source rows no longer pair their channels")
-        return self.elementwise(node, base)
-
-
-def _chan_of(part):
-    return channel_of(part).reshape(-1)
