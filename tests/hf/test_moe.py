@@ -130,3 +130,22 @@ def test_moe_checkpoint_streams_like_in_memory(tmp_path):
     assert tuple(streamed["model.layers.0.mlp.experts.down_proj"].shape)[::2] == (4, 128)
     for key, value in streamed.items():
         assert torch.equal(value, in_memory[key]), key
+
+
+def test_checkpoint_stored_per_expert_streams_like_in_memory(tmp_path):
+    """Mixtral checkpoints store every expert's w1 / w2 / w3 apart (transformers stacks them on load): each
+    stacked parameter is assembled from its pieces (across shards), grown by its recipe and cut back; the
+    written directory loads into the in-memory widening, bit for bit."""
+    from graphgrow.hf.stream import widen_checkpoint
+
+    model = build("mixtral")
+    model.save_pretrained(tmp_path / "src", max_shard_size="60KB")
+    assert len(list((tmp_path / "src").glob("*.safetensors"))) > 1
+    in_memory = graphgrow.widen(model, 2, example_inputs=(ids(),)).state_dict()
+    result = widen_checkpoint(tmp_path / "src", tmp_path / "out", 2)
+    assert result["check"]["max_rel"] < 1e-5 and result["config"].intermediate_size == 256
+    again = type(model).from_pretrained(tmp_path / "out").state_dict()
+    assert set(again) == set(in_memory)
+    assert tuple(again["model.layers.1.mlp.experts.gate_up_proj"].shape) == (4, 512, 128)
+    for key, value in again.items():
+        assert torch.equal(value, in_memory[key]), key
