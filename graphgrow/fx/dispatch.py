@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import operator
 
+import numpy as np
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 
 from ..core.label_tensor import LabelTensor
 from ..core.relations import NotUnderstood
@@ -124,6 +126,46 @@ class FxDispatchOps:
     def softmax_reason(self, node) -> str:
         """Why a softmax over a channel axis freezes it: a router's expert count when a top-k reads it."""
         return f"softmax over {ROUTER_REASON}" if feeds_topk(node) else "softmax over the channel axis"
+
+    # ------------------------------------------------------------ routers
+    def _routers(self) -> set:
+        """The linear maps whose outputs decide the routing: reached walking up from a top-k, or from the computed
+        indices of a token gather, before any other linear map (the router's logits, never the stream)."""
+        if getattr(self, "_router_nodes", None) is None:
+            found: set = set()
+            seeds = [n for n in self.gm.graph.nodes if n.target in TOPK_OPS]
+            seeds += [i for n in self.gm.graph.nodes if n.target in INDEX_OPS
+                      for i in (n.args[1] if len(n.args) > 1 else []) if isinstance(i, fx.Node)]
+            todo, seen = [(n, 24) for n in seeds], set()
+            while todo:
+                n, depth = todo.pop()
+                if n in seen or depth == 0:
+                    continue
+                seen.add(n)
+                if n.target is F.linear:
+                    found.add(n)
+                    continue
+                todo.extend((a, depth - 1) for a in n.all_input_nodes if a.op in ("call_function", "call_method"))
+            self._router_nodes = found
+        return self._router_nodes
+
+    def _on_router(self, node) -> bool:
+        """Whether every channel ``node`` reads is a router's output channel (an expert count)."""
+        chans = [x.chans for _, x in self.input_pairs(node) if not self._is_fixed(x)]
+        if not chans:
+            return False
+        routed = [self.env[n].chans for n in self._routers() if isinstance(self.env.get(n), LabelTensor)]
+        return bool(routed) and bool(np.isin(np.concatenate(chans), np.concatenate(routed)).all())
+
+    def opaque(self, node, reason: str):
+        if self.analysis and "expert count" not in reason and self._on_router(node):
+            reason = f"{reason}; it reads {ROUTER_REASON}"
+        return super().opaque(node, reason)
+
+    def mix(self, node, x, why: str):
+        if self.analysis and "expert count" not in why and self._on_router(node):
+            why = f"{why}; it reads {ROUTER_REASON}"
+        return super().mix(node, x, why)
 
     # ------------------------------------------------------------ grouped expert products
     def _stacked_weight(self, w_node):

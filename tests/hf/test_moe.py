@@ -74,6 +74,9 @@ def test_moe_grows_to_the_family_built_at_the_grown_widths(name, factor):
     assert {k: tuple(v.shape) for k, v in grown.state_dict().items()} == \
         {k: tuple(v.shape) for k, v in ideal.state_dict().items()}
     assert n_params(grown) == n_params(ideal)
+    for space in grown.graphgrow_report.spaces:  # only the routers' expert counts (f) and the vocabulary (a) stay
+        if space.name != "lm_head.weight":
+            assert all("expert count" in r for r in space.frozen_reasons), (space.name, space.frozen_reasons)
     for field in WIDTHS:
         if field == "intermediate_size" and hasattr(ideal.config, "moe_intermediate_size"):
             continue  # the dense MLP's width: no parameter reads it when every layer is sparse
