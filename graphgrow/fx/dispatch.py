@@ -18,7 +18,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from ..core.label_tensor import LabelTensor
+from ..core.label_tensor import LabelTensor, label_channel_ids
 from ..core.relations import NotUnderstood
 from .moves import label_leaves
 from .transformer import param_array
@@ -96,6 +96,62 @@ class FxDispatchOps:
             owner, _, attr = p_node.target.rpartition(".")
             self._update(owner).tensors[attr] = new
         return labels
+
+    # ------------------------------------------------------------ interleaved channels
+    @staticmethod
+    def _strided(idx):
+        """``(axis, step)`` of ``x[..., start::step]`` over a whole axis (``start < step``, every other item a full
+        slice): interleaved channels (GPT-OSS's gate/up pairs at even/odd columns), else None."""
+        items = list(idx) if isinstance(idx, tuple) else [idx]
+        found = None
+        for axis, i in enumerate(items):
+            if isinstance(i, slice) and i == slice(None):
+                continue
+            step = i.step if isinstance(i, slice) else None
+            if not isinstance(step, int) or step < 2 or found is not None or not 0 <= (i.start or 0) < step \
+                    or not (i.stop is None or isinstance(i.stop, int) and i.stop >= 2 ** 62):
+                return None
+            found = (axis, step)
+        return found
+
+    def _getitem(self, node, x, idx):
+        strided = self._strided(idx)
+        if strided is not None and self.analysis and strided[0] in x.vary:
+            # channels interleaved with period ``step`` widen as units of ``step`` consecutive channels: every
+            # unit is copied whole, so the strided slice keeps reading the same member of every unit
+            for v in [x] + self._added_operands(node.args[0], x):  # (a bias added before: its own space, tied)
+                seq = label_channel_ids(v, strided[0])
+                if seq is None or not self._whole_space(seq):
+                    continue  # a part of a space (the head_dim of stacked rotary): it keeps its length
+                why = "its length is not a multiple of the step" if len(seq) % strided[1] else \
+                    self.constraints.units(seq.reshape(-1, strided[1]))
+                if why:
+                    raise NotUnderstood(f"a strided slice of interleaved channels: {why}")
+        return super()._getitem(node, x, idx)
+
+    def _whole_space(self, seq) -> bool:
+        """``seq`` holds every channel of one channel space, in order."""
+        spaces = self.table.spaces_of(np.unique(seq))
+        return len(spaces) == 1 and np.array_equal(seq, spaces[0].chan_ids)
+
+    def _added_operands(self, n, x) -> list:
+        """The other operands of the add that computed ``x`` (same shape): they pair channel by channel with it."""
+        if not (isinstance(n, fx.Node) and n.target in (operator.add, torch.add, "add")):
+            return []
+        vals = [self.env.get(a) for a in n.all_input_nodes]
+        return [v for v in vals if isinstance(v, LabelTensor) and v is not x and v.shape == x.shape and v.vary]
+
+    def _rewrite_index(self, node, x, idx):
+        strided = self._strided(idx)
+        old_in = self.old[node.args[0]]
+        if strided is None or old_in.shape[strided[0]] == x.shape[strided[0]]:
+            return super()._rewrite_index(node, x, idx)
+        axis, step = strided
+        src = self.axis_source(node, old_in, x, axis)
+        rows = src.reshape(-1, step) if len(src) % step == 0 else None
+        if rows is None or (rows[:, 0] % step).any() or not (rows - rows[:, :1] == np.arange(step)).all():
+            raise self.conflict(node, "a strided slice of channels no longer reads whole units")
+        return idx
 
     # ------------------------------------------------------------ gates
     def _gate_operand(self, node, a, b, sources):

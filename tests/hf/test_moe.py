@@ -112,8 +112,9 @@ def test_qwen3_moe_experts_and_stream_grow():
 
 
 def test_moe_checkpoint_streams_like_in_memory(tmp_path):
-    """GPT-OSS stores its experts stacked (no checkpoint conversion): widen_checkpoint streams the stacked
-    recipes (3-d expert weights and per-expert biases) bit for bit as the in-memory widening."""
+    """GPT-OSS stores its experts stacked (no checkpoint conversion), [E, in, out], with per-expert biases and
+    gate/up interleaved column by column: widen_checkpoint streams the stacked recipes bit for bit as the
+    in-memory widening."""
     from safetensors.torch import load_file
 
     from graphgrow.hf.stream import widen_checkpoint
@@ -130,7 +131,10 @@ def test_moe_checkpoint_streams_like_in_memory(tmp_path):
     assert result["check"]["max_rel"] < 1e-5 and result["config"].hidden_size == 128
     streamed = load_file(tmp_path / "out" / "model.safetensors")
     assert set(streamed) <= set(in_memory)
-    assert tuple(streamed["model.layers.0.mlp.experts.down_proj"].shape)[::2] == (4, 128)
+    # interleaved gate/up columns ([:, ::2] / [:, 1::2]) widen as whole (gate, up) pairs: the experts grow too
+    assert tuple(streamed["model.layers.0.mlp.experts.gate_up_proj"].shape) == (4, 128, 256)
+    assert tuple(streamed["model.layers.0.mlp.experts.down_proj"].shape) == (4, 128, 128)
+    assert tuple(streamed["model.layers.0.mlp.experts.gate_up_proj_bias"].shape) == (4, 256)
     for key, value in streamed.items():
         assert torch.equal(value, in_memory[key]), key
 
