@@ -51,9 +51,11 @@ def _binary(op, tensor_op):
 
 def _to(x, *args, **kwargs):
     dtype = kwargs.get("dtype", next((a for a in args if isinstance(a, torch.dtype)), None))
-    val = x.meta.get("val") if isinstance(x, fx.Node) and x.op == "get_attr" else None
-    if dtype is not None and getattr(val, "dtype", None) == dtype:
-        return _identity, (x,), {}  # a parameter cast to its own dtype (a router's weight.float()): the parameter
+    readers = [u for u in x.users if u.target not in _DROPPED] if isinstance(x, fx.Node) else []
+    val = x.meta.get("val") if isinstance(x, fx.Node) and x.op == "get_attr" and len(readers) == 1 else None
+    if dtype is not None and getattr(val, "dtype", None) == dtype \
+            and all(u.target in _LINEAR for u in readers[0].users):
+        return _identity, (x,), {}  # a weight cast to its own dtype for a linear map (a router's weight.float())
     return ("to", (x, dtype), {}) if dtype is not None else (_identity, (x,), {})
 
 
@@ -109,6 +111,9 @@ def _addmm(bias, x, weight, beta=1, alpha=1):
 
 def _overloads(packet, *names):
     return [getattr(packet, n) for n in names if hasattr(packet, n)]
+
+
+_LINEAR = set(_overloads(aten.linear, "default"))
 
 
 def _table() -> dict:
