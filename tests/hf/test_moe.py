@@ -156,3 +156,25 @@ def test_checkpoint_stored_per_expert_streams_like_in_memory(tmp_path):
     assert tuple(again["model.layers.1.mlp.experts.gate_up_proj"].shape) == (4, 512, 128)
     for key, value in again.items():
         assert torch.equal(value, in_memory[key]), key
+
+
+def test_deepseek_v3_router_weight_cast_and_experts_grow():
+    """DeepSeek-V3 casts its router weight to float32 (a no-op cast the graph writes out) before the linear map,
+    and routes through group-limited top-k with a score correction bias: the router reads the grown stream and
+    keeps its expert count; routed and shared experts grow."""
+    config = transformers.DeepseekV3Config(**{**BASE, "num_key_value_heads": 4}, intermediate_size=128,
+                                           moe_intermediate_size=64, n_routed_experts=4, num_experts_per_tok=2,
+                                           kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=8,
+                                           v_head_dim=16, n_group=1, topk_group=1, first_k_dense_replace=1)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    model = transformers.DeepseekV3ForCausalLM(config).eval()
+    grown = graphgrow.widen(model, 2, example_inputs=(ids(),))
+    for seed in (1, 2):
+        assert max_rel(logits(model, ids(seed)), logits(grown, ids(seed))) < 1e-5
+    mlp = grown.model.layers[1].mlp
+    assert tuple(mlp.gate.weight.shape) == (4, 128)
+    assert tuple(mlp.experts.gate_up_proj.shape) == (4, 256, 128) and tuple(mlp.experts.down_proj.shape) == (4, 128, 128)
+    assert tuple(mlp.shared_experts.down_proj.weight.shape) == (128, 128)
+    frozen = {s.name: s.frozen_reasons for s in grown.graphgrow_report.spaces if s.frozen_reasons}
+    assert all("expert count" in r for r in frozen["model.layers.1.mlp.gate.weight"])
