@@ -27,6 +27,7 @@ import numpy as np
 from . import arithmetic as ar
 from . import sites
 from .attention import AttentionRelations
+from .dispatch import DispatchRelations
 from .fill import filled_slices, match_with_fills
 from .growth import Conflict, NotUnderstood
 from .label_tensor import (
@@ -44,7 +45,7 @@ from .norms import NormRelations, row_match
 from .provenance import Mismatch, RowMatch
 
 
-class RelationRun(NormRelations, AttentionRelations, sites.LabelRunState):
+class RelationRun(NormRelations, AttentionRelations, DispatchRelations, sites.LabelRunState):
     """One label run of a graph. Frontends subclass it and provide the five hooks below."""
 
     # ------------------------------------------------------------ frontend hooks

@@ -51,6 +51,11 @@ def _binary(op, tensor_op):
 
 def _to(x, *args, **kwargs):
     dtype = kwargs.get("dtype", next((a for a in args if isinstance(a, torch.dtype)), None))
+    readers = [u for u in x.users if u.target not in _DROPPED] if isinstance(x, fx.Node) else []
+    val = x.meta.get("val") if isinstance(x, fx.Node) and x.op == "get_attr" and len(readers) == 1 else None
+    if dtype is not None and getattr(val, "dtype", None) == dtype \
+            and all(u.target in _LINEAR for u in readers[0].users):
+        return _identity, (x,), {}  # a weight cast to its own dtype for a linear map (a router's weight.float())
     return ("to", (x, dtype), {}) if dtype is not None else (_identity, (x,), {})
 
 
@@ -120,6 +125,9 @@ def _overloads(packet, *names):
     return [getattr(packet, n) for n in names if hasattr(packet, n)]
 
 
+_LINEAR = set(_overloads(aten.linear, "default"))
+
+
 def _table() -> dict:
     t: dict = {}
 
@@ -157,11 +165,12 @@ def _table() -> dict:
                      ("reciprocal", torch.reciprocal)):
         put(_overloads(getattr(aten, name), "default"), _function(fn))
     put(_overloads(aten.gelu, "default"), _gelu)
+    put(_overloads(aten.clamp, "default"), _function(torch.clamp))  # (scalar bounds: GPT-OSS's clamped experts)
     put(_overloads(aten._softmax, "default") + _overloads(aten.softmax, "int"), _softmax)
     put(_overloads(aten.dropout, "default"), _dropout)
     put(_overloads(aten.view, "default") + _overloads(aten.reshape, "default") + _overloads(aten._unsafe_view, "default"),
         _method("reshape"))
-    put(_overloads(aten.expand, "default"), _method("expand"))
+    put(_overloads(aten.expand, "default") + _overloads(aten.broadcast_to, "default"), _method("expand"))
     put(_overloads(aten.transpose, "int"), _function(torch.transpose))
     put(_overloads(aten.permute, "default"), _function(torch.permute))
     put(_overloads(aten.t, "default") + _overloads(aten.numpy_T, "default"), _function(torch.t))

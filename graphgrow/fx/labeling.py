@@ -27,6 +27,7 @@ from ..core.labels import MAX_POSITIONS, LabelOverflow
 from ..core.relations import NotUnderstood, RelationRun
 from ..errors import GraphGrowError
 from . import ops
+from .dispatch import FxDispatchOps, is_dispatch
 from .moves import MoveReplay, label_leaves
 from .ops import describe, qualified_name
 from .shapes import TensorMeta
@@ -43,7 +44,7 @@ class ModuleUpdate:
 _param = param_array
 
 
-class FxLabelRun(FxTransformerOps, MoveReplay, RelationRun):
+class FxLabelRun(FxTransformerOps, FxDispatchOps, MoveReplay, RelationRun):
     def __init__(self, gm: fx.GraphModule, meta: dict, *, plan=None, analysis: "FxLabelRun | None" = None,
                  options=None):
         super().__init__(plan=plan, analysis=analysis, options=options)
@@ -246,6 +247,8 @@ class FxLabelRun(FxTransformerOps, MoveReplay, RelationRun):
             if attr == "ndim":
                 return first.ndim
             raise NotUnderstood(f"attribute '{attr}' is not understood")
+        if is_dispatch(target):
+            return self._dispatch(node, target, args, kwargs)
         if target is operator.getitem:
             return self._getitem(node, first, args[1]) if isinstance(first, LabelTensor) else first[args[1]]
         if target in ops.IDENTITY_FUNCS:
@@ -339,6 +342,9 @@ class FxLabelRun(FxTransformerOps, MoveReplay, RelationRun):
             if self._is_scalar_like(p, q):
                 return self.elementwise(node, q)
         sources = node.args[1:3] if cond is not None else node.args[:2]
+        gated = self._gate_operand(node, a, b, sources)
+        if gated is not None:
+            return gated
         for (p, ps), (q, qs) in (((a, sources[0]), (b, sources[1])), ((b, sources[1]), (a, sources[0]))):
             rq = q if self.analysis else self._old(qs)
             constant = p.elem is not None or (not p.vary and self._is_fixed(p))  # (a concatenation loses .elem)
@@ -424,7 +430,7 @@ class FxLabelRun(FxTransformerOps, MoveReplay, RelationRun):
         if dim is None:
             return self.mix(node, x, "softmax over an implicit axis")
         if self.mixes(x, self._old(node.args[0]), {dim % x.ndim}):
-            return self.mix(node, x, "softmax over the channel axis")
+            return self.mix(node, x, self.softmax_reason(node))
         return self.elementwise(node, x)
 
     def _functional_norm(self, node, x: LabelTensor):

@@ -110,7 +110,10 @@ def solve_config(model_cls, config, target: dict, known: dict):
     new = copy.deepcopy(config)
     for field, value in known.items():
         if value is not None and (hasattr(new, field) or field == "head_dim"):
-            setattr(new, field, value)
+            try:
+                setattr(new, field, value)
+            except AttributeError:  # a derived property (Falcon's head_dim = hidden_size // num_attention_heads)
+                pass
     try:
         shapes = meta_shapes(model_cls, new)
     except Exception as exc:  # noqa: BLE001 - the family rejects the combination (keys unknown: the heads)

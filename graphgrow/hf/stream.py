@@ -21,6 +21,7 @@ from .capture import tied_groups
 from .config import meta_shapes
 from .config_file import build_meta, read_config
 from .checkpoint import Checkpoint, rewrite_checkpoint
+from .layout import StoredLayout
 from .deepen import LayerCopies, branch_outputs, chosen_layers, decoder_layers, deepened_config
 from .widen import plan_widening
 
@@ -45,14 +46,18 @@ def meta_model(src: Checkpoint):
     model = build_meta(cls, config, src.path, src.config).eval()
     state = model.state_dict(keep_vars=True)
     groups = tied_groups(model)
+    layout = model.graphgrow_layout = StoredLayout(model, src.names())  # (stacked experts stored per expert)
+    shapes = {name: shape for key in layout.pieces for name, shape in
+              layout.stored_shapes(key, state[key].shape).items()}
     for name in src.names():
-        if name not in state:
+        if name not in state and name not in shapes:
             raise InvalidArgumentError(f"{src.path}: the weights hold {name!r}, which {arch} built from "
                                        "config.json does not have")
-        if tuple(state[name].shape) != tuple(src.shape(name)):
+        given = shapes[name] if name in shapes else tuple(state[name].shape)
+        if tuple(given) != tuple(src.shape(name)):
             raise InvalidArgumentError(f"{src.path}: config.json and the weights disagree: {name!r} is stored as "
-                                       f"{list(src.shape(name))}, config.json gives {list(state[name].shape)}")
-    stored = set(src.names())
+                                       f"{list(src.shape(name))}, config.json gives {list(given)}")
+    stored = set(src.names()) | set(layout.pieces)
     missing = [k for k in state if not stored & set(groups.get(k, [k])) and k in dict(model.named_parameters())]
     if missing:
         raise InvalidArgumentError(f"{src.path}: the weights lack {missing[0]!r} ({len(missing)} parameters missing)")
@@ -75,21 +80,43 @@ def meta_inputs(model) -> tuple:
 
 
 class _WidenStream:
-    """Each stored tensor through its recipe (float32 arithmetic, stored dtype kept)."""
+    """Each stored tensor through its recipe (float32 arithmetic, stored dtype kept). A parameter stored in pieces
+    (``layout``: per-expert files of stacked experts) is assembled, grown and cut once, its pieces kept until
+    each is written."""
 
-    def __init__(self, src: Checkpoint, values: dict):
-        self.src, self.values = src, values
+    def __init__(self, src: Checkpoint, values: dict, layout: StoredLayout | None = None, model=None):
+        self.src, self.values, self.layout = src, values, layout
+        self.shapes = {k: tuple(t.shape) for k, t in model.state_dict().items()} if model is not None else {}
+        self.done: dict = {}  # model key -> its grown pieces not yet written
 
     def outputs(self, name):
+        key = self.layout.owner.get(name) if self.layout else None
+        if key is not None:
+            v = self.values.get(key)
+            shape = self.layout.stored_shapes(key, tuple(v.shape) if v is not None else self.shapes[key])[name]
+            return [(name, shape, self.src.dtype(name))]
         v = self.values.get(name)
         return [(name, tuple(v.shape) if v is not None else self.src.shape(name), self.src.dtype(name))]
 
     def compute(self, name, tensor):
-        v = self.values.get(name)
+        key = self.layout.owner.get(name) if self.layout else None
+        if key is not None:
+            if key not in self.done:
+                old = self.layout.assemble(key, self.shapes[key], lambda n: tensor if n == name else self.src.get(n))
+                self.done[key] = self.layout.split(key, self._grown(key, old))
+            pieces = self.done[key]
+            out = {name: pieces.pop(name)}
+            if not pieces:
+                del self.done[key]
+            return out
+        return {name: self._grown(name, tensor)}
+
+    def _grown(self, key, tensor):
+        v = self.values.get(key)
         if v is None:
-            return {name: tensor}
+            return tensor
         arr = v.apply(tensor.float().numpy())
-        return {name: torch.from_numpy(np.ascontiguousarray(arr)).to(tensor.dtype)}
+        return torch.from_numpy(np.ascontiguousarray(arr)).to(tensor.dtype)
 
 
 class _DeepenStream:
@@ -153,7 +180,7 @@ def widen_checkpoint(path, out_dir, factor=1.41, *, widths=None, only=None, excl
     shapes = {n: tuple(w.values[n].shape) if n in w.values else tuple(src.shape(n)) for n in src.names()}
     report = w.report(model, sum(int(np.prod(s)) for s in shapes.values()))
     figures: dict = {}
-    rewrite_checkpoint(src, out_dir, w.config.to_diff_dict(), _WidenStream(src, w.values), overwrite=overwrite,
+    rewrite_checkpoint(src, out_dir, w.config.to_diff_dict(), _WidenStream(src, w.values, model.graphgrow_layout, model), overwrite=overwrite,
                        progress=progress, verify=_checker(src, check, seed, figures))
     return {"report": report, "config": w.config, "check": figures or None}
 

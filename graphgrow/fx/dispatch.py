@@ -1,0 +1,261 @@
+"""Mixture-of-experts dispatch on fx graphs (a mixin of :class:`~graphgrow.fx.labeling.FxLabelRun`).
+
+The ATen graph of an exported sparse MoE block (transformers' grouped experts) reads: the router's
+``softmax``/``sigmoid`` and ``topk`` over its experts, a ``sort`` of the chosen expert ids, a token gather
+``aten.index(hidden, [perm // top_k])``, one grouped matrix product per projection over the stacked expert
+weights ``[E, in, out]`` (``transformers::grouped_mm_fallback`` or ``aten::_grouped_mm``), per-expert biases
+gathered by expert id (``aten.index(bias, [ids])``), and the inverse gather back to token order.  Each is
+mapped to a relation of the core (:mod:`graphgrow.core.dispatch`, ``produce``, ``bare_parameter``);
+``aten.index`` with constant indices (Falcon's ``qkv[:, :, :, [-2]]``) is a move replayed on the labels.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import numpy as np
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+from ..core.label_tensor import LabelTensor, label_channel_ids
+from ..core.relations import NotUnderstood
+from .moves import label_leaves
+from .transformer import param_array
+
+aten = torch.ops.aten
+INDEX_OPS = {aten.index.Tensor}
+TOPK_OPS = {aten.topk.default, torch.topk}
+# grouped matrix products over stacked expert weights, by operator name (transformers' op exists only once
+# transformers is imported, and the fx frontend never imports it)
+GROUPED_MM_NAMES = {"transformers::grouped_mm_fallback", "aten::_grouped_mm"}
+# ops a router's scores pass through between the softmax and the top-k
+_SCORE_PASS = {"to", "float", "type_as", torch.sigmoid, operator.add, operator.truediv, operator.mul, "reshape",
+               "view"}
+ROUTER_REASON = "a router's expert count (the experts its top-k chooses among)"
+
+
+def op_name(target) -> str:
+    name = getattr(target, "name", None)
+    return name() if callable(name) else ""
+
+
+def is_dispatch(target) -> bool:
+    return target in INDEX_OPS or target in TOPK_OPS or op_name(target) in GROUPED_MM_NAMES
+
+
+def feeds_topk(node: fx.Node, depth: int = 4) -> bool:
+    """Whether ``node``'s values reach a top-k through casts and elementwise steps (a router's scores)."""
+    for u in node.users:
+        if u.target in TOPK_OPS or depth and u.target in _SCORE_PASS and feeds_topk(u, depth - 1):
+            return True
+    return False
+
+
+class FxDispatchOps:
+    """MoE dispatch ops of the fx label run."""
+
+    def _dispatch(self, node, target, args, kwargs):
+        if target in INDEX_OPS:
+            return self._index(node, args[0], list(args[1]))
+        if target in TOPK_OPS:
+            return self._topk(node, args, kwargs)
+        return self._grouped_mm(node, args, kwargs)
+
+    # ------------------------------------------------------------ aten.index
+    def _index(self, node, x, indices):
+        src = node.args[0]
+        if not isinstance(x, LabelTensor):
+            if isinstance(x, torch.Tensor) and not label_leaves(indices):
+                return x[tuple(indices)]
+            raise NotUnderstood("it indexes a value that is not a tensor of the graph")
+        if any(isinstance(i, LabelTensor) and i.vary for i in indices):
+            raise NotUnderstood("its indices carry channels")
+        computed = [k for k, i in enumerate(indices) if isinstance(i, LabelTensor)]
+        if not computed:  # constant indices (Falcon's key/value slots): a move replayed on the labels
+            return self._getitem(node, x, tuple(slice(None) if i is None else i for i in indices))
+        if isinstance(src, fx.Node) and src.op == "get_attr" and src.target in self.param_names:
+            return self._expert_bias(node, src, x, indices)
+        if x.elem is not None and self._is_fixed(x):
+            return self.fixed_outputs(node)
+        given = [k for k, i in enumerate(indices) if i is not None]
+        if given != list(range(given[0], given[-1] + 1)):
+            raise NotUnderstood("its index tensors are not on adjacent axes")
+        shape = torch.broadcast_shapes(*[tuple(i.shape) for i in indices if i is not None])
+        return self.gather_positions(node, x, self._old(src), given[0], len(given), tuple(shape))
+
+    def _expert_bias(self, node, p_node, x, indices):
+        """``bias[expert_ids]``: per-expert biases ``[E, out]`` gathered for every routed token. Their columns
+        are one channel space (the output units of every expert) joining the grouped product it is added to."""
+        real = operator.attrgetter(p_node.target)(self.gm)
+        if real.ndim != 2 or len(indices) != 1 or self.attr_uses.get(p_node.target, 0) != 1:
+            raise NotUnderstood("a stacked parameter indexed other than by one expert id per token")
+        shape = tuple(self._shape(node))
+        labels, _, new = self.bare_parameter(node, p_node.target, param_array(real), 1, shape, len(shape) - 1)
+        if new is not None:
+            owner, _, attr = p_node.target.rpartition(".")
+            self._update(owner).tensors[attr] = new
+        return labels
+
+    # ------------------------------------------------------------ interleaved channels
+    @staticmethod
+    def _strided(idx):
+        """``(axis, step)`` of ``x[..., start::step]`` over a whole axis (``start < step``, every other item a full
+        slice): interleaved channels (GPT-OSS's gate/up pairs at even/odd columns), else None."""
+        items = list(idx) if isinstance(idx, tuple) else [idx]
+        found = None
+        for axis, i in enumerate(items):
+            if isinstance(i, slice) and i == slice(None):
+                continue
+            step = i.step if isinstance(i, slice) else None
+            if not isinstance(step, int) or step < 2 or found is not None or not 0 <= (i.start or 0) < step \
+                    or not (i.stop is None or isinstance(i.stop, int) and i.stop >= 2 ** 62):
+                return None
+            found = (axis, step)
+        return found
+
+    def _getitem(self, node, x, idx):
+        strided = self._strided(idx)
+        if strided is not None and self.analysis and strided[0] in x.vary:
+            # channels interleaved with period ``step`` widen as units of ``step`` consecutive channels: every
+            # unit is copied whole, so the strided slice keeps reading the same member of every unit
+            for v in [x] + self._added_operands(node.args[0], x):  # (a bias added before: its own space, tied)
+                seq = label_channel_ids(v, strided[0])
+                if seq is None or not self._whole_space(seq):
+                    continue  # a part of a space (the head_dim of stacked rotary): it keeps its length
+                why = "its length is not a multiple of the step" if len(seq) % strided[1] else \
+                    self.constraints.units(seq.reshape(-1, strided[1]))
+                if why:
+                    raise NotUnderstood(f"a strided slice of interleaved channels: {why}")
+        return super()._getitem(node, x, idx)
+
+    def _whole_space(self, seq) -> bool:
+        """``seq`` holds every channel of one channel space, in order."""
+        spaces = self.table.spaces_of(np.unique(seq))
+        return len(spaces) == 1 and np.array_equal(seq, spaces[0].chan_ids)
+
+    def _added_operands(self, n, x) -> list:
+        """The other operands of the add that computed ``x`` (same shape): they pair channel by channel with it."""
+        if not (isinstance(n, fx.Node) and n.target in (operator.add, torch.add, "add")):
+            return []
+        vals = [self.env.get(a) for a in n.all_input_nodes]
+        return [v for v in vals if isinstance(v, LabelTensor) and v is not x and v.shape == x.shape and v.vary]
+
+    def _rewrite_index(self, node, x, idx):
+        strided = self._strided(idx)
+        old_in = self.old[node.args[0]]
+        if strided is None or old_in.shape[strided[0]] == x.shape[strided[0]]:
+            return super()._rewrite_index(node, x, idx)
+        axis, step = strided
+        src = self.axis_source(node, old_in, x, axis)
+        rows = src.reshape(-1, step) if len(src) % step == 0 else None
+        if rows is None or (rows[:, 0] % step).any() or not (rows - rows[:, :1] == np.arange(step)).all():
+            raise self.conflict(node, "a strided slice of channels no longer reads whole units")
+        return idx
+
+    # ------------------------------------------------------------ gates
+    def _gate_operand(self, node, a, b, sources):
+        """The labels of ``a * b`` where one operand is a gate of one produced channel broadcast over the other's
+        channel axes (a shared expert's sigmoid gate), else None."""
+        if node.target not in (operator.mul, torch.mul, "mul") or not all(isinstance(v, LabelTensor) for v in (a, b)):
+            return None
+        for p, q, ps, qs in ((a, b, sources[0], sources[1]), (b, a, sources[1], sources[0])):
+            rp, rq = (p, q) if self.analysis else (self._old(ps), self._old(qs))
+            if not isinstance(rp, LabelTensor) or not isinstance(rq, LabelTensor) or len(rp.chans) != 1 \
+                    or not rq.vary or self._is_fixed(rp) or rp.ndim > rq.ndim:
+                continue
+            shape = (1,) * (rq.ndim - rp.ndim) + tuple(rp.shape)
+            if all(shape[ax] == 1 for ax in rq.vary):
+                return self.broadcast_gate(node, p, rp if not self.analysis else None, q)
+        return None
+
+    # ------------------------------------------------------------ router top-k
+    def _topk(self, node, args, kwargs):
+        x = args[0]
+        dim = args[2] if len(args) > 2 else kwargs.get("dim", -1)
+        if not isinstance(x, LabelTensor):
+            raise NotUnderstood("its input is not a tensor of the graph")
+        if self.mixes(x, self._old(node.args[0]), {dim % x.ndim}):
+            return self.mix(node, x, f"top-k over {ROUTER_REASON}")
+        return self.fixed_outputs(node)
+
+    def softmax_reason(self, node) -> str:
+        """Why a softmax over a channel axis freezes it: a router's expert count when a top-k reads it."""
+        return f"softmax over {ROUTER_REASON}" if feeds_topk(node) else "softmax over the channel axis"
+
+    # ------------------------------------------------------------ routers
+    def _routers(self) -> set:
+        """The linear maps whose outputs decide the routing: reached walking up from a top-k, or from the computed
+        indices of a token gather, before any other linear map (the router's logits, never the stream)."""
+        if getattr(self, "_router_nodes", None) is None:
+            found: set = set()
+            seeds = [n for n in self.gm.graph.nodes if n.target in TOPK_OPS]
+            seeds += [i for n in self.gm.graph.nodes if n.target in INDEX_OPS
+                      for i in (n.args[1] if len(n.args) > 1 else []) if isinstance(i, fx.Node)]
+            todo, seen = [(n, 24) for n in seeds], set()
+            while todo:
+                n, depth = todo.pop()
+                if n in seen or depth == 0:
+                    continue
+                seen.add(n)
+                if n.target is F.linear:
+                    found.add(n)
+                    continue
+                todo.extend((a, depth - 1) for a in n.all_input_nodes if a.op in ("call_function", "call_method"))
+            self._router_nodes = found
+        return self._router_nodes
+
+    def _on_router(self, node) -> bool:
+        """Whether every channel ``node`` reads is a router's output channel (an expert count)."""
+        chans = [x.chans for _, x in self.input_pairs(node) if not self._is_fixed(x)]
+        if not chans:
+            return False
+        routed = [self.env[n].chans for n in self._routers() if isinstance(self.env.get(n), LabelTensor)]
+        return bool(routed) and bool(np.isin(np.concatenate(chans), np.concatenate(routed)).all())
+
+    def opaque(self, node, reason: str):
+        if self.analysis and "expert count" not in reason and self._on_router(node):
+            reason = f"{reason}; it reads {ROUTER_REASON}"
+        return super().opaque(node, reason)
+
+    def mix(self, node, x, why: str):
+        if self.analysis and "expert count" not in why and self._on_router(node):
+            why = f"{why}; it reads {ROUTER_REASON}"
+        return super().mix(node, x, why)
+
+    # ------------------------------------------------------------ grouped expert products
+    def _stacked_weight(self, w_node):
+        """``(parameter node, its input axis, its output axis)`` of the stacked expert weight a grouped product
+        reads as ``[E, in, out]``: the parameter itself, or ``W.transpose(-2, -1)`` of one stored ``[E, out, in]``."""
+        w_in, w_out = 1, 2
+        if isinstance(w_node, fx.Node) and w_node.target in (torch.transpose, "transpose") and len(w_node.users) == 1:
+            if sorted(int(a) % 3 for a in w_node.args[1:3]) != [1, 2]:
+                return None, 0, 0
+            w_node, w_in, w_out = w_node.args[0], 2, 1
+        if isinstance(w_node, fx.Node) and w_node.op == "get_attr" and w_node.target in self.param_names \
+                and operator.attrgetter(w_node.target)(self.gm).ndim == 3:
+            return w_node, w_in, w_out
+        return None, 0, 0
+
+    def _grouped_mm(self, node, args, kwargs):
+        """``out[s] = x[s] @ W[e(s)]``, the rows of each expert contiguous (offsets): a producer whose weight
+        holds one slice per expert; all slices read the input's channels and write one output space."""
+        x, x_node = args[0], node.args[0]
+        if not isinstance(x, LabelTensor) or x.ndim != 2:
+            raise NotUnderstood("its input is not a matrix of routed tokens")
+        if label_leaves((args[2:], kwargs)) and not all(self._is_fixed(t) and not t.vary
+                                                        for t in label_leaves((args[2:], kwargs))):
+            raise NotUnderstood("its offsets carry channels")
+        p_node, w_in, w_out = self._stacked_weight(node.args[1])
+        if p_node is None:
+            raise NotUnderstood("its expert weights are not one stacked parameter")
+        if self.attr_uses.get(p_node.target, 0) != 1:
+            raise NotUnderstood("its expert weights are also read by other ops")
+        weight = param_array(operator.attrgetter(p_node.target)(self.gm))
+        old_x = self._old(x_node) if isinstance(self._old(x_node), LabelTensor) else x
+        out, w, _ = self.produce(node, p_node.target, x, old_x, weight, in_axis=-1, out_axis=-1, w_in=w_in,
+                                 w_out=w_out, shape=self._shape(node))
+        if w is not None:
+            owner, _, attr = p_node.target.rpartition(".")
+            self._update(owner).tensors[attr] = w
+        return out
