@@ -396,10 +396,13 @@ class RelationRun(NormRelations, AttentionRelations, sites.LabelRunState):
         return LabelTensor.channels(out_shape, 1, self.plan.new_chan_ids(space), self.salt(node)), new_w, mapping
 
     def per_channel_constant(self, node, name: str, x: LabelTensor, old_x: LabelTensor, c: np.ndarray,
-                             computed: bool = False, combine: str | None = None):
+                             computed: bool = False, combine: str | None = None, collapse: bool = False):
         """An activation combined elementwise with a constant ``c``: scalar-like, or one value per channel
         along one channel axis (gathered; ``computed``: ``c`` is computed in the graph, so it cannot be
-        rewritten; ``combine``: "add" or "mul", how it meets ``x``). Returns ``(labels, new constant or None)``."""
+        rewritten; ``combine``: "add" or "mul", how it meets ``x``; ``collapse``: ``c`` is no parameter (a folded
+        constant), so a tensor over positions equal along the channel axis, a mask broadcast over heads, is
+        written back with that axis 1 and broadcasts to any width; a parameter stays one value per channel).
+        Returns ``(labels, new constant or None)``."""
         ref = x if self.analysis else old_x
         try:
             out_shape = np.broadcast_shapes(ref.shape, c.shape)
@@ -424,7 +427,8 @@ class RelationRun(NormRelations, AttentionRelations, sites.LabelRunState):
             # multiplied one 1 (exact on normalized channels, which are 0 there; the numeric check sees the rest)
             match = self.match(node, old_x, x, ax, fills_ok=combine in ("add", "mul"))
             lead = x.ndim - c.ndim
-            if match is not None and match.fills is None and _uniform_along(c, ax - lead):
+            if collapse and match is not None and match.fills is None and _uniform_along(c, ax - lead) \
+                    and sum(d > 1 for d in c.shape) > 1:
                 # the same value for every channel (a mask broadcast over heads): one slice broadcasts to any width
                 return self.elementwise(node, x), np.take(c, [0], axis=ax - lead)
             if match is not None:

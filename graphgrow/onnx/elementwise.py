@@ -73,7 +73,8 @@ class ElementwiseOps:
                 continue
             try:
                 _, new = self.per_channel_constant((idx, node), f"{node.op_type}:{node.input[k]}", vals[full], ref,
-                                                   np.asarray(c), computed=not self._weight_ok(idx, node, [k]))
+                                                   np.asarray(c), computed=not self._weight_ok(idx, node, [k]),
+                                                   collapse=node.input[k] not in self.consts)
             except NotUnderstood as exc:
                 return self._opaque(idx, node, str(exc))
             if new is not None:

@@ -302,10 +302,11 @@ def rebuild(model: onnx.ModelProto, run: OnnxLabelRun) -> onnx.ModelProto:
         node_specific = (idx, k) not in run.updates.weight_slots
         if old is not None and (uses.get(name, 0) == 1 or not node_specific and weight_users.get(name) == uses[name]
                                 or name in same_everywhere):
-            # its only use, or every use a weight that got this same value (a tied weight): rewritten in place
+            # its only use, or every use a weight that got this same value (a tied weight), or every use the same
+            # value (a mask several layers add): rewritten in place
             in_place[name] = (arr, orig)
-        elif not node_specific and uses.get(name, 0) > 1:
-            # every user got the same new value (checked by the label run): one shared tensor again
+        elif (not node_specific or name in same_everywhere) and uses.get(name, 0) > 1:
+            # every user got the same new value (checked by the label run, or equal): one shared tensor again
             if name not in shared_done:
                 shared_done[name] = f"{name}__graphgrow"
                 added.append((shared_done[name], arr, old, orig))

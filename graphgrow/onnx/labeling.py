@@ -383,7 +383,8 @@ class OnnxLabelRun(ElementwiseOps, MoveReplay, RelationRun):
                                                  self._old_input(node, xk, x), c,
                                                  computed=not self._weight_ok(idx, node, [ck]),
                                                  combine={"Add": "add", "Sub": "add", "Mul": "mul",
-                                                          "Div": "mul"}.get(node.op_type))
+                                                          "Div": "mul"}.get(node.op_type),
+                                                 collapse=node.input[ck] not in self.consts)
         except NotUnderstood as exc:
             return self._opaque(idx, node, str(exc))
         if new is not None:

@@ -122,10 +122,12 @@ def _constant_add_model(shared_by: int):
     inits = [_init(rng, "Win", (STREAM, d)), numpy_helper.from_array(np.array([1, LENGTH, HEADS, HEAD_DIM],
                                                                               np.int64), "s4"),
              numpy_helper.from_array(np.array([1, LENGTH, d], np.int64), "s3"),
-             # equal over heads: written back with one head slice (it broadcasts to any head count)
-             numpy_helper.from_array(np.broadcast_to(np.triu(np.full((LENGTH, LENGTH), -1e4, np.float32), 1),
-                                                     (1, HEADS, LENGTH, LENGTH)).copy(), "mask")]
-    nodes = [helper.make_node("MatMul", ["x", "Win"], ["h"])]
+             ]
+    # a folded mask equal over heads (a Constant, no parameter): written back with one head slice, which
+    # broadcasts to any head count
+    mask = np.broadcast_to(np.triu(np.full((LENGTH, LENGTH), -1e4, np.float32), 1), (1, HEADS, LENGTH, LENGTH))
+    nodes = [helper.make_node("Constant", [], ["mask"], value=numpy_helper.from_array(mask.copy())),
+             helper.make_node("MatMul", ["x", "Win"], ["h"])]
     x = "h"
     for i in range(shared_by):
         inits += [_init(rng, f"W{n}{i}", (d, d)) for n in "qkvo"]
@@ -149,9 +151,48 @@ def _constant_add_model(shared_by: int):
 
 
 def test_mask_equal_over_heads_stays_one_shared_slice():
-    rep = gonnx.widen(_constant_add_model(2), 2, only=r"MatMul_([1-9]|[1-9]\d):.*")  # (the stream is an output)
+    rep = gonnx.widen(_constant_add_model(2), 2)
     assert rep.check.passed and rep.check.worst.max_rel < 1e-5
     heads = [s for s in rep.spaces if s.head_dim == HEAD_DIM]
     assert heads and all(s.new_width == 2 * s.old_width for s in heads), [(s.name, s.frozen_reasons) for s in heads]
     inits = {t.name: list(t.dims) for t in rep.model.graph.initializer}
-    assert inits["mask"] == [1, 1, LENGTH, LENGTH] and not any("__graphgrow" in n for n in inits), inits
+    # one tensor for both layers (each gathered it alike), the Constant it replaced gone
+    assert inits["mask__graphgrow"] == [1, 1, LENGTH, LENGTH] and "Constant" not in {
+        n.op_type for n in rep.model.graph.node}, inits
+
+
+def _stream_op_model(op: str):
+    """x -> linear (the stream) -> ``op`` along the channel axis -> linear."""
+    rng = np.random.default_rng(2)
+    inits = [_init(rng, "W1", (STREAM, 8)), _init(rng, "W2", (8, 3)),
+             numpy_helper.from_array(np.array(2, np.int64), "axis")]
+    mid = (helper.make_node("CumSum", ["h", "axis"], ["c"]) if op == "CumSum"
+           else helper.make_node("Trilu", ["h"], ["c"], upper=1))
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "W1"], ["h"]), mid,
+                           helper.make_node("MatMul", ["c", "W2"], ["y"])], "stream",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, LENGTH, STREAM])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, LENGTH, 3])], inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("op", ["CumSum", "Trilu"])
+def test_positional_op_along_channels_freezes_them(op):
+    """A running sum or a triangle over the channel axis reads channels by index: they keep their width."""
+    rep = gonnx.widen(_stream_op_model(op), 2)
+    assert rep.check.passed
+    s = _space(rep, ":h")
+    assert s.new_width == s.old_width == 8 and any(f"{op} along a channel axis" in r for r in s.frozen_reasons)
+
+
+def test_cli_widens_and_checks_an_isnan_where_graph(tmp_path):
+    import subprocess
+    import sys
+
+    src, out = tmp_path / "attn.onnx", tmp_path / "attn.wide.onnx"
+    onnx.save(attention_graph(mask_input=True), str(src))
+    r = subprocess.run([sys.executable, "-m", "graphgrow", "widen", str(src), "--factor", "2", "-o", str(out)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert [d.dim_value for d in onnx.load(str(out)).graph.output[0].type.tensor_type.shape.dim] == [1, LENGTH, 3]
+    r = subprocess.run([sys.executable, "-m", "graphgrow", "check", str(src), str(out)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
