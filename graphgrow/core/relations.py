@@ -122,6 +122,15 @@ class RelationRun(NormRelations, AttentionRelations, DispatchRelations, sites.La
     def elementwise(self, node, x: LabelTensor) -> LabelTensor:
         return resalt_labels(x, self.salt(node))
 
+    def is_constant_labels(self, x: LabelTensor | None) -> bool:
+        """Labels without channel structure (a model input, a mask or positions computed from inputs only, an
+        opaque op's result): one channel of a fixed space, the same everywhere. An op reading only such tensors
+        gives such tensors, whatever it computes."""
+        if not isinstance(x, LabelTensor) or x.vary or len(x.chans) != 1:
+            return False
+        sp = self.table.spaces_of(x.chans)
+        return len(sp) == 1 and sp[0].kind == "fixed" and not sp[0].producers
+
     def opaque(self, node, reason: str):
         """Not understood: its input channels freeze (analysis); it must see the original (apply)."""
         if self.analysis:
@@ -388,10 +397,13 @@ class RelationRun(NormRelations, AttentionRelations, DispatchRelations, sites.La
         return LabelTensor.channels(out_shape, 1, self.plan.new_chan_ids(space), self.salt(node)), new_w, mapping
 
     def per_channel_constant(self, node, name: str, x: LabelTensor, old_x: LabelTensor, c: np.ndarray,
-                             computed: bool = False, combine: str | None = None):
+                             computed: bool = False, combine: str | None = None, collapse: bool = False):
         """An activation combined elementwise with a constant ``c``: scalar-like, or one value per channel
         along one channel axis (gathered; ``computed``: ``c`` is computed in the graph, so it cannot be
-        rewritten; ``combine``: "add" or "mul", how it meets ``x``). Returns ``(labels, new constant or None)``."""
+        rewritten; ``combine``: "add" or "mul", how it meets ``x``; ``collapse``: ``c`` is no parameter (a folded
+        constant), so a tensor over positions equal along the channel axis, a mask broadcast over heads, is
+        written back with that axis 1 and broadcasts to any width; a parameter stays one value per channel).
+        Returns ``(labels, new constant or None)``."""
         ref = x if self.analysis else old_x
         try:
             out_shape = np.broadcast_shapes(ref.shape, c.shape)
@@ -415,12 +427,16 @@ class RelationRun(NormRelations, AttentionRelations, DispatchRelations, sites.La
             # channels added by fill + rescale: an added constant gets the stream's fill value (0 or the mean), a
             # multiplied one 1 (exact on normalized channels, which are 0 there; the numeric check sees the rest)
             match = self.match(node, old_x, x, ax, fills_ok=combine in ("add", "mul"))
+            lead = x.ndim - c.ndim
+            if collapse and match is not None and match.fills is None and _uniform_along(c, ax - lead) \
+                    and sum(d > 1 for d in c.shape) > 1:
+                # the same value for every channel (a mask broadcast over heads): one slice broadcasts to any width
+                return self.elementwise(node, x), np.take(c, [0], axis=ax - lead)
             if match is not None:
                 if not match.unique_old:
                     raise self.conflict(node, "per-channel constant on duplicated channels")
                 gathered = ar.gather_fill(c.reshape(cb), ax, match.source(), self._stream_fill_kind(x),
                                           1.0 if combine == "mul" else None)
-                lead = x.ndim - c.ndim
                 shape = list(c.shape)
                 shape[ax - lead] = match.n_new
                 new = gathered.reshape(shape)
@@ -560,6 +576,12 @@ class RelationRun(NormRelations, AttentionRelations, DispatchRelations, sites.La
         elif not same_labels(old, new):
             chans = old.chans if old is not None else np.zeros(0, np.int64)
             raise Conflict(node, chans, f"{what} changed")
+
+
+def _uniform_along(c: np.ndarray, axis: int) -> bool:
+    """Whether ``c`` holds one value along ``axis`` (a -inf mask too; NaN never compares equal)."""
+    first = np.take(c, [0], axis=axis)
+    return bool(np.all(c == first))
 
 
 def free_upstream(start: list, parents, labels_of, frozen: np.ndarray) -> np.ndarray:

@@ -294,16 +294,19 @@ def rebuild(model: onnx.ModelProto, run: OnnxLabelRun) -> onnx.ModelProto:
     for (idx, k) in run.updates.weight_slots:
         name = src.node[idx].input[k]
         weight_users[name] = weight_users.get(name, 0) + 1
+    same_everywhere = _rewritten_alike(src, run.updates.initializers, uses)
     for (idx, k), arr in sorted(run.updates.initializers.items()):
         name = src.node[idx].input[k]
         old = inits.get(name)
         orig = run.env.get(name) if isinstance(run.env.get(name), np.ndarray) else None
         node_specific = (idx, k) not in run.updates.weight_slots
-        if old is not None and (uses.get(name, 0) == 1 or not node_specific and weight_users.get(name) == uses[name]):
-            # its only use, or every use a weight that got this same value (a tied weight): rewritten in place
+        if old is not None and (uses.get(name, 0) == 1 or not node_specific and weight_users.get(name) == uses[name]
+                                or name in same_everywhere):
+            # its only use, or every use a weight that got this same value (a tied weight), or every use the same
+            # value (a mask several layers add): rewritten in place
             in_place[name] = (arr, orig)
-        elif not node_specific and uses.get(name, 0) > 1:
-            # every user got the same new value (checked by the label run): one shared tensor again
+        elif (not node_specific or name in same_everywhere) and uses.get(name, 0) > 1:
+            # every user got the same new value (checked by the label run, or equal): one shared tensor again
             if name not in shared_done:
                 shared_done[name] = f"{name}__graphgrow"
                 added.append((shared_done[name], arr, old, orig))
@@ -352,7 +355,55 @@ def rebuild(model: onnx.ModelProto, run: OnnxLabelRun) -> onnx.ModelProto:
         _scale_means(model, g, run.mean_scales)
     # shapes recorded for the original no longer hold (onnx.shape_inference can add them back)
     del g.value_info[:]
+    drop_orphans(src, g)
     return new
+
+
+def _rewritten_alike(src, initializers: dict, uses: dict) -> set:
+    """Names of shared constants that every use rewrote to one same value (a mask or bias several layers add,
+    gathered alike for each): rewritten once, in place, instead of a copy per use."""
+    values: dict = {}
+    for (idx, k), arr in initializers.items():
+        values.setdefault(src.node[idx].input[k], []).append(np.asarray(arr))
+    return {name for name, arrs in values.items() if len(arrs) > 1 and len(arrs) == uses.get(name, 0)
+            and all(a.shape == arrs[0].shape and a.dtype == arrs[0].dtype and np.array_equal(a, arrs[0])
+                    for a in arrs[1:])}
+
+
+def _live(graph) -> tuple:
+    """Indices of the nodes an output of ``graph`` depends on, and every value name they read."""
+    producer = {o: i for i, n in enumerate(graph.node) for o in n.output if o}
+    todo = [o.name for o in graph.output]
+    nodes, read = set(), set(todo)
+    while todo:
+        i = producer.get(todo.pop())
+        if i is None or i in nodes:
+            continue
+        nodes.add(i)
+        for name in graph.node[i].input:
+            if name and name not in read:
+                read.add(name)
+                todo.append(name)
+    return nodes, read
+
+
+def drop_orphans(src, g) -> None:
+    """Remove from the rewritten graph ``g`` what the rewrite orphaned: nodes that computed a constant a new
+    initializer replaced (a folded position table, a shared constant copied per user) and initializers no longer
+    read.  What was already unused in the original ``src`` stays; graphs with subgraphs are left as they are
+    (their bodies may read outer names)."""
+    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in g.node for a in n.attribute):
+        return
+    live_old, read_old = _live(src)
+    live_new, read_new = _live(g)
+    dead = [i for i in range(len(g.node)) if i in live_old and i not in live_new]
+    for i in reversed(dead):
+        del g.node[i]
+    inputs = {i.name for i in g.input}  # (old IR: an initializer listed as an input stays one)
+    for i in reversed(range(len(g.initializer))):
+        name = g.initializer[i].name
+        if name in read_old and name not in read_new and name not in inputs:
+            del g.initializer[i]
 
 
 def _scale_means(model: onnx.ModelProto, g, scales: dict) -> None:

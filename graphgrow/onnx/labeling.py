@@ -22,6 +22,7 @@ from ..core.labels import LabelOverflow
 from ..core.relations import NotUnderstood, RelationRun
 from ..errors import GraphGrowError
 from . import ops
+from .elementwise import ElementwiseOps
 from .moves import MoveReplay
 from .reference import evaluate
 
@@ -39,7 +40,7 @@ def node_label(node, idx: int) -> str:
     return node.name or f"{node.op_type}_{idx}:{node.output[0]}"
 
 
-class OnnxLabelRun(MoveReplay, RelationRun):
+class OnnxLabelRun(ElementwiseOps, MoveReplay, RelationRun):
     """A label run of an ONNX graph; the core's ``node`` is the pair ``(node index, NodeProto)``."""
 
     def __init__(self, model: onnx.ModelProto, shapes: dict, *, plan=None, analysis=None, options=None):
@@ -223,6 +224,8 @@ class OnnxLabelRun(MoveReplay, RelationRun):
             return [self.old.get(n) if n else None for n in node.output]
         if node.domain not in ("", "ai.onnx"):
             return self._opaque(idx, node, f"operator domain '{node.domain}' is not understood")
+        if op == "Gather" and self._added_table(node, vals):
+            return self._table_rows(idx, node, vals[0], vals[1])
         if not any(isinstance(v, LabelTensor) for v in vals) and op not in ("Shape", "Size"):
             # constant subgraph (Constant, ConstantOfShape, Cast/Reshape of weights, shape arithmetic)
             if op == "Identity" and len(vals) == 1 and isinstance(vals[0], np.ndarray):
@@ -245,6 +248,8 @@ class OnnxLabelRun(MoveReplay, RelationRun):
         if op == "Size":
             self.dynamic.add(node.output[0])
             return [np.array(int(np.prod(x.shape)), dtype=np.int64)]
+        if op in ops.CONSTANT_CLOSED and self._without_channels(node, vals):
+            return self._constant_result(idx, node, vals)
         if op in ops.PASS:
             if op == "Cast" and a.get("to") not in ops.FLOAT_TYPES:
                 return self._opaque(idx, node, "cast of an activation to a non-float type")
@@ -259,6 +264,10 @@ class OnnxLabelRun(MoveReplay, RelationRun):
             return self._binary_const(idx, node, vals, order=(0, 1))
         if op in ops.BINARY:
             return self._binary(idx, node, vals)
+        if op == "Where" and len(vals) == 3:
+            return self._where(idx, node, vals)
+        if op in ops.POSITIONAL:
+            return self._positional(idx, node, vals, a)
         if op in ("Conv", "ConvTranspose"):
             return self._conv(idx, node, x, a)
         if op == "Gemm":
@@ -374,7 +383,8 @@ class OnnxLabelRun(MoveReplay, RelationRun):
                                                  self._old_input(node, xk, x), c,
                                                  computed=not self._weight_ok(idx, node, [ck]),
                                                  combine={"Add": "add", "Sub": "add", "Mul": "mul",
-                                                          "Div": "mul"}.get(node.op_type))
+                                                          "Div": "mul"}.get(node.op_type),
+                                                 collapse=node.input[ck] not in self.consts)
         except NotUnderstood as exc:
             return self._opaque(idx, node, str(exc))
         if new is not None:
@@ -434,6 +444,46 @@ class OnnxLabelRun(MoveReplay, RelationRun):
         out, new_w, mapping = self.produce((idx, node), node_label(node, idx), ids, self._old_input(node, 1, ids),
                                            table, in_axis=-1, out_axis=-1, w_in=0, w_out=1,
                                            shape=self.shapes[node.output[0]])
+        if new_w is not None:
+            self._set_const(idx, 0, new_w, weight=True)
+        return [out]
+
+    def _added_table(self, node, vals) -> bool:
+        """A Gather of rows of a float table (an initializer only it reads) by constant indices whose rows only
+        reach additions (through moves and masks): a position embedding or T5's relative bias, whose positions the
+        exporter folded into a constant.  Read as an embedding, its columns widen in the table itself."""
+        table, ids = (vals + [None, None])[:2]
+        if not (isinstance(table, np.ndarray) and isinstance(ids, np.ndarray) and table.ndim == 2
+                and table.dtype.kind == "f" and ids.dtype.kind in "iu" and node.input[0] in self.consts
+                and len(self.users.get(node.input[0], [])) == 1 and self._attrs(node).get("axis", 0) == 0):
+            return False
+        seen, todo = set(), [node.output[0]]
+        while todo:
+            name = todo.pop()
+            if name in seen:
+                continue
+            seen.add(name)
+            users = [self.graph.node[j] for j, _ in self.users.get(name, [])]
+            if not users or any(o.name == name for o in self.graph.output):
+                return False
+            for u in users:
+                if u.op_type in ("Cast", "Identity", "Transpose", "Unsqueeze", "Reshape", "Squeeze", "Expand"):
+                    if u.input[0] != name:
+                        return False
+                    todo.append(u.output[0])
+                elif u.op_type == "Where":  # (a causal mask applied to a relative bias)
+                    if u.input[0] == name:
+                        return False
+                    todo.append(u.output[0])
+                elif u.op_type not in ("Add", "Sub"):
+                    return False
+        return True
+
+    def _table_rows(self, idx, node, table: np.ndarray, ids: np.ndarray):
+        """:meth:`_added_table`'s Gather: an embedding whose token ids are constant positions."""
+        pos = self._fixed((idx, "positions"), ids.shape)
+        out, new_w, _ = self.produce((idx, node), node_label(node, idx), pos, pos, table, in_axis=-1, out_axis=-1,
+                                     w_in=0, w_out=1, shape=self.shapes[node.output[0]])
         if new_w is not None:
             self._set_const(idx, 0, new_w, weight=True)
         return [out]

@@ -11,8 +11,18 @@ import onnx
 UNARY = {"Relu", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Elu", "Selu", "Celu", "Gelu",
          "Softplus", "Softsign", "Mish", "Erf", "Exp", "Log", "Sqrt", "Neg", "Abs", "Reciprocal", "Floor", "Ceil",
          "Round", "Sign", "ThresholdedRelu", "Sin", "Cos", "Clip", "Swish", "Shrink"}
+UNARY |= {"Tan", "Asin", "Acos", "Atan", "Sinh", "Cosh", "Asinh", "Acosh", "Atanh",
+          "IsNaN", "IsInf", "Not", "BitwiseNot"}  # (predicates: a boolean per element)
 PASS = {"Identity", "Dropout", "Cast", "CastLike"}
-BINARY = {"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Mean"}
+BINARY = {"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Mean",
+          # comparisons and logic (exported attention masks): one result per element pair, as for Add
+          "Equal", "Less", "LessOrEqual", "Greater", "GreaterOrEqual", "And", "Or", "Xor", "BitwiseAnd",
+          "BitwiseOr", "BitwiseXor", "Mod", "BitShift"}
+POSITIONAL = {"Trilu", "CumSum"}  # per channel while the axes they act along are position axes
+# ops whose result has no channel structure when no input has any (masks and positions computed from token
+# ids); SHAPE_OF_INPUTS: those whose result has the broadcast shape of their inputs
+SHAPE_OF_INPUTS = UNARY | PASS | BINARY | POSITIONAL | {"Where", "PRelu", "Softmax", "LogSoftmax"}
+CONSTANT_CLOSED = SHAPE_OF_INPUTS | {"Range", "ConstantOfShape", "Hardmax", "ArgMax", "ArgMin", "OneHot", "EyeLike"}
 RESHAPES = {"Reshape", "Flatten", "Squeeze", "Unsqueeze"}  # moves that keep the elements' C order
 MOVE = {"Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Concat", "Split", "Slice", "Gather",
         "Expand", "DepthToSpace", "SpaceToDepth", "Tile"}
