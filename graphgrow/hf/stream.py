@@ -20,7 +20,8 @@ from ..errors import InvalidArgumentError, UnsupportedModelError, VerificationEr
 from .capture import tied_groups
 from .config import meta_shapes
 from .checkpoint import Checkpoint, rewrite_checkpoint
-from .deepen import LayerCopies, branch_outputs, chosen_layers, decoder_layers, deepened_config
+from ..fx.branches import branch_outputs
+from .deepen import LayerCopies, chosen_layers, decoder_layers, deepened_config
 from .widen import plan_widening
 
 # max |grown - original| / max |original| accepted for the stored dtype: a weight divided by its copies or
