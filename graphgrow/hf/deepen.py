@@ -11,6 +11,7 @@ OPT-350m-style) would not be the identity; it is refused with that reason.
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -24,59 +25,137 @@ from ..verify import verify_growth
 from .capture import ModelOutputs, as_inputs, capture, input_names, rebuilt
 
 
-def decoder_layers(model: nn.Module):
-    """(path, ModuleList) of the model's repeated layers: the one ModuleList as long as num_hidden_layers."""
-    n = getattr(model.config, "num_hidden_layers", None)
-    found = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) == n]
-    if len(found) != 1:
-        raise UnsupportedModelError(f"{type(model).__name__}: {len(found)} module lists hold num_hidden_layers={n} "
-                                    "layers; block expansion needs exactly one")
-    return found[0]
+# the config fields stating each stack's depth in an encoder-decoder (BART/Marian/M2M100/Whisper, T5), in order
+_STACK_FIELDS = (("encoder", ("encoder_layers", "num_layers")), ("decoder", ("decoder_layers", "num_decoder_layers")))
 
 
-def chosen_layers(path: str, n: int, after) -> list:
-    """Indices of the layers ``after`` chooses (a regex matching whole paths such as ``model.layers.3``, or a list
-    of exact paths), by the rule every deepening uses (:func:`graphgrow.core.deepen.select_names`)."""
-    names = {f"{path}.{i}": [i] for i in range(n)}
-    return sorted(i for _, i in select_names(names, after, f"layer (the layers are {path}.0 ... {path}.{n - 1})"))
+@dataclass
+class Stack:
+    """One stack of repeated layers: its ModuleList's path, depth and the config field stating the depth."""
+
+    path: str
+    n: int
+    field: str
+
+
+def _outermost_lists(model: nn.Module, n: int, role: str = "") -> list:
+    """The paths of ModuleLists of length ``n`` (under a path segment ``role`` where given), not nested in
+    another such list (a T5 block's own list of sublayers is not a stack)."""
+    found = [name for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) == n
+             and (not role or role in name.split("."))]
+    return [p for p in found if not any(p.startswith(q + ".") for q in found)]
+
+
+def layer_stacks(model: nn.Module) -> list:
+    """The model's stacks of repeated layers: the one ModuleList as long as num_hidden_layers, or for an
+    encoder-decoder the encoder's and the decoder's (each with the config field stating its depth)."""
+    cfg, name = model.config, type(model).__name__
+    if getattr(cfg, "is_encoder_decoder", False):
+        stacks = []
+        for role, fields in _STACK_FIELDS:
+            field = next((f for f in fields if isinstance(getattr(cfg, f, None), int)), None)
+            if field is None:
+                raise UnsupportedModelError(f"{name}: the config states no {role} depth ({' or '.join(fields)}), so "
+                                            "a deeper model cannot be stated")
+            paths = _outermost_lists(model, getattr(cfg, field), role)
+            if len(paths) != 1:
+                raise UnsupportedModelError(f"{name}: {len(paths)} {role} module lists hold {field}="
+                                            f"{getattr(cfg, field)} layers; block expansion needs exactly one")
+            stacks.append(Stack(paths[0], getattr(cfg, field), field))
+        return stacks
+    n = getattr(cfg, "num_hidden_layers", None)
+    paths = _outermost_lists(model, n) if isinstance(n, int) else []
+    if len(paths) != 1:
+        raise UnsupportedModelError(f"{name}: {len(paths)} module lists hold num_hidden_layers={n} layers; block "
+                                    "expansion needs exactly one")
+    return [Stack(paths[0], n, "num_hidden_layers")]
+
+
+def chosen_layers(stacks: list, after) -> dict:
+    """path -> sorted indices of the layers ``after`` chooses in that stack (a regex matching whole paths such
+    as ``model.layers.3``, or a list of exact paths; layers of several stacks at once), by the rule every
+    deepening uses (:func:`graphgrow.core.deepen.select_names`)."""
+    names = {f"{s.path}.{i}": [(s.path, i)] for s in stacks for i in range(s.n)}
+    listed = "; ".join(f"{s.path}.0 ... {s.path}.{s.n - 1}" for s in stacks)
+    chosen: dict = {s.path: [] for s in stacks}
+    for _, (path, i) in select_names(names, after, f"layer (the layers are {listed})"):
+        chosen[path].append(i)
+    return {p: sorted(set(v)) for p, v in chosen.items()}
 
 
 class LayerCopies:
-    """Where each key goes when copies of the ``chosen`` layers of ``path`` are inserted after them: the
-    copies' branch outputs (``zeroed``: layer -> keys) are zero, the later layers renumbered."""
+    """Where each key goes when copies of the chosen layers (``chosen``: stack path -> indices) are inserted
+    after them: the copies' branch outputs (``zeroed``: layer path -> keys) are zero, later layers renumbered."""
 
-    def __init__(self, path: str, n: int, chosen: list, zeroed: dict):
-        self.head, self.zeroed = path + ".", zeroed
-        self.index, k = {}, 0
-        for i in range(n):
-            self.index[i] = [k] + ([k + 1] if i in chosen else [])
-            k += 1 + (i in chosen)
+    def __init__(self, stacks: list, chosen: dict, zeroed: dict):
+        self.zeroed = zeroed
+        self.index: dict = {}  # stack head -> old index -> new indices (the layer, then its copy)
+        for s in stacks:
+            index, k = {}, 0
+            for i in range(s.n):
+                index[i] = [k] + ([k + 1] if i in chosen[s.path] else [])
+                k += 1 + (i in chosen[s.path])
+            self.index[s.path + "."] = index
 
     def targets(self, key: str) -> list:
         """[(new key, zero?)] for one key of the original state_dict."""
-        if not key.startswith(self.head):
+        head = next((h for h in self.index if key.startswith(h)), None)
+        if head is None:
             return [(key, False)]
-        idx, _, rest = key[len(self.head):].partition(".")
-        first, *copies = self.index[int(idx)]
-        return [(f"{self.head}{first}.{rest}", False)] + \
-            [(f"{self.head}{c}.{rest}", key in self.zeroed.get(int(idx), ())) for c in copies]
+        idx, _, rest = key[len(head):].partition(".")
+        first, *copies = self.index[head][int(idx)]
+        zero = key in self.zeroed.get(f"{head}{idx}", ())
+        return [(f"{head}{first}.{rest}", False)] + [(f"{head}{c}.{rest}", zero) for c in copies]
 
     def state(self, state: dict) -> dict:
         return {new: (torch.zeros_like(t) if zero else t.clone() if new != key else t)
                 for key, t in state.items() for new, zero in self.targets(key)}
 
 
-def deepened_config(config, n: int, chosen: list):
-    """num_hidden_layers grown; every per-layer list (layer_types, ...) gets the copied layer's entry."""
+def deepened_config(config, stacks: list, chosen: dict):
+    """Each stack's depth field grown; for one stack, every per-layer list (layer_types, ...) gets the copied
+    layer's entry."""
     new = copy.deepcopy(config)
-    new.num_hidden_layers = n + len(chosen)
-    for key, value in config.to_dict().items():
-        if isinstance(value, list) and len(value) == n and key != "architectures":
-            grown = []
-            for i, v in enumerate(value):
-                grown.extend([v, v] if i in chosen else [v])
-            setattr(new, key, grown)
+    for s in stacks:
+        setattr(new, s.field, s.n + len(chosen[s.path]))
+    if len(stacks) == 1:
+        (s,) = stacks
+        for key, value in config.to_dict().items():
+            if isinstance(value, list) and len(value) == s.n and key != "architectures":
+                grown = []
+                for i, v in enumerate(value):
+                    grown.extend([v, v] if i in chosen[s.path] else [v])
+                setattr(new, key, grown)
     return new
+
+
+@dataclass
+class CopyPlan:
+    """Block expansion of one model: its stacks, the chosen layers, what each copy zeroes, the new config."""
+
+    stacks: list
+    chosen: dict
+    zeroed: dict
+    config: object
+
+    @property
+    def copies(self) -> LayerCopies:
+        return LayerCopies(self.stacks, self.chosen, self.zeroed)
+
+    def notes(self) -> list:
+        out = [f"config {s.field}: {s.n} -> {s.n + len(self.chosen[s.path])}" for s in self.stacks
+               if self.chosen[s.path]]
+        return out + [f"{layer} copied after itself, zeroed in the copy: {', '.join(sorted(keys))}"
+                      for layer, keys in self.zeroed.items()]
+
+
+def plan_copies(model: nn.Module, after, capture_graph) -> CopyPlan:
+    """The :class:`CopyPlan` of ``model`` for ``after``; ``capture_graph()`` gives its lifted capture."""
+    stacks = layer_stacks(model)
+    chosen = chosen_layers(stacks, after)
+    gm = capture_graph()
+    zeroed = {f"{p}.{i}": branch_outputs(gm, f"{p}.{i}") for p, idx in chosen.items() for i in idx}
+    return CopyPlan(stacks, chosen, zeroed, deepened_config(model.config, stacks, chosen))
 
 
 def deepen_pretrained(model, *, after, block: str = "copy", example_inputs, seed: int = 0, verify: str = "torch",
@@ -86,22 +165,16 @@ def deepen_pretrained(model, *, after, block: str = "copy", example_inputs, seed
         raise InvalidArgumentError(f"block={block!r} on a transformers model: use block='copy' (a copy of the layer "
                                    "with its output projections zeroed, stated by num_hidden_layers)")
     inputs = as_inputs(example_inputs)
-    path, layers = decoder_layers(model)
-    n = len(layers)
-    chosen = chosen_layers(path, n, after)
-    gm = capture(model, inputs)
-    zeroed = {i: branch_outputs(gm, f"{path}.{i}") for i in chosen}
-    state = LayerCopies(path, n, chosen, zeroed).state(model.state_dict())
-    config = deepened_config(model.config, n, chosen)
+    plan = plan_copies(model, after, lambda: capture(model, inputs))
+    state = plan.copies.state(model.state_dict())
     try:
-        result = rebuilt(model, config, state)
+        result = rebuilt(model, plan.config, state)
     except RuntimeError as exc:  # the family builds the copy's position differently (a dense first layer, ...)
-        raise UnsupportedModelError(f"{type(model).__name__} builds layer {chosen[0] + 1} differently from layer "
-                                    f"{chosen[0]}, so a copy does not fit there: {first_line(exc)}") from None
+        first = next(f"{p}.{idx[0]}" for p, idx in plan.chosen.items() if idx)
+        raise UnsupportedModelError(f"{type(model).__name__} builds the layer after {first} differently from it, so a "
+                                    f"copy does not fit there: {first_line(exc)}") from None
     report = GrowthReport([], params_before=count_params(model), params_after=count_params(result))
-    report.notes.append(f"config num_hidden_layers: {n} -> {n + len(chosen)}")
-    for i in chosen:
-        report.notes.append(f"{path}.{i} copied after itself, zeroed: {', '.join(sorted(zeroed[i]))}")
+    report.notes.extend(plan.notes())
     if verify != "none":
         names = input_names(inputs)
         verify_growth(ModelOutputs(model, names), ModelOutputs(result, names), inputs, report, "deepened", verify, atol,

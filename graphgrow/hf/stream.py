@@ -20,8 +20,7 @@ from ..errors import InvalidArgumentError, UnsupportedModelError, VerificationEr
 from .capture import tied_groups
 from .config import meta_shapes
 from .checkpoint import Checkpoint, rewrite_checkpoint
-from ..fx.branches import branch_outputs
-from .deepen import LayerCopies, chosen_layers, decoder_layers, deepened_config
+from .deepen import LayerCopies, plan_copies
 from .widen import plan_widening
 
 # max |grown - original| / max |original| accepted for the stored dtype: a weight divided by its copies or
@@ -166,19 +165,15 @@ def deepen_checkpoint(path, out_dir, *, after, block: str = "copy", check: bool 
         raise InvalidArgumentError(f"--block {block} on a checkpoint directory: use --block copy")
     src = Checkpoint.open(path, allow_pickle=allow_pickle)
     model = meta_model(src)
-    layers_path, layers = decoder_layers(model)
-    n = len(layers)
-    chosen = chosen_layers(layers_path, n, after)
     from .capture import capture
 
-    gm = capture(model, meta_inputs(model))
-    zeroed = {i: branch_outputs(gm, f"{layers_path}.{i}") for i in chosen}
-    config = deepened_config(model.config, n, chosen)
-    copies = LayerCopies(layers_path, n, chosen, zeroed)
+    plan = plan_copies(model, after, lambda: capture(model, meta_inputs(model)))
+    config, copies = plan.config, plan.copies
     planned = {new: tuple(src.shape(name)) for name in src.names() for new, _ in copies.targets(name)}
     built = meta_shapes(type(model), config)
+    heads = tuple(s.path + "." for s in plan.stacks)
     wrong = sorted(k for k in planned if built.get(k) != planned[k]) + \
-        sorted(k for k in built if k not in planned and k.startswith(layers_path + "."))
+        sorted(k for k in built if k not in planned and k.startswith(heads))
     if wrong:  # (from_pretrained would start such a tensor from random values: never written)
         raise UnsupportedModelError(f"{type(model).__name__} builds the layers after a copy differently: "
                                     f"{wrong[0]!r} would be {built.get(wrong[0])} in the deeper model, the copy "
@@ -186,6 +181,5 @@ def deepen_checkpoint(path, out_dir, *, after, block: str = "copy", check: bool 
     figures: dict = {}
     rewrite_checkpoint(src, out_dir, config.to_diff_dict(), _DeepenStream(src, copies),
                        overwrite=overwrite, progress=progress, verify=_checker(src, check, seed, figures))
-    notes = [f"num_hidden_layers: {n} -> {n + len(chosen)}"] + \
-        [f"{layers_path}.{i} copied after itself, zeroed in the copy: {', '.join(sorted(zeroed[i]))}" for i in chosen]
+    notes = plan.notes()
     return {"notes": notes, "config": config, "check": figures or None}
