@@ -11,18 +11,19 @@ OPT-350m-style) would not be the identity; it is refused with that reason.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 
 from ..core.deepen import select_names
 from ..core.report import GrowthReport
-from ..errors import InvalidArgumentError, UnsupportedModelError, first_line
+from ..errors import InvalidArgumentError, UnsupportedModelError
 from ..fx.branches import branch_outputs
 from ..fx.engine import count_params
 from ..verify import verify_growth
 from .capture import ModelOutputs, as_inputs, capture, input_names, rebuilt
+from .config import meta_shapes
 
 
 # the config fields stating each stack's depth in an encoder-decoder (BART/Marian/M2M100/Whisper, T5), in order
@@ -87,8 +88,8 @@ class LayerCopies:
     """Where each key goes when copies of the chosen layers (``chosen``: stack path -> indices) are inserted
     after them: the copies' branch outputs (``zeroed``: layer path -> keys) are zero, later layers renumbered."""
 
-    def __init__(self, stacks: list, chosen: dict, zeroed: dict):
-        self.zeroed = zeroed
+    def __init__(self, stacks: list, chosen: dict, zeroed: dict, left_out=frozenset()):
+        self.zeroed, self.left_out = zeroed, left_out
         self.index: dict = {}  # stack head -> old index -> new indices (the layer, then its copy)
         for s in stacks:
             index, k = {}, 0
@@ -105,7 +106,8 @@ class LayerCopies:
         idx, _, rest = key[len(head):].partition(".")
         first, *copies = self.index[head][int(idx)]
         zero = key in self.zeroed.get(f"{head}{idx}", ())
-        return [(f"{head}{first}.{rest}", False)] + [(f"{head}{c}.{rest}", zero) for c in copies]
+        return [(f"{head}{first}.{rest}", False)] + [(f"{head}{c}.{rest}", zero) for c in copies
+                                                     if f"{head}{c}.{rest}" not in self.left_out]
 
     def state(self, state: dict) -> dict:
         return {new: (torch.zeros_like(t) if zero else t.clone() if new != key else t)
@@ -137,16 +139,22 @@ class CopyPlan:
     chosen: dict
     zeroed: dict
     config: object
+    left_out: frozenset = frozenset()  # copies' keys the family does not build at the copy's position
+    built: dict = field(default_factory=dict)  # key -> shape of the family built from ``config``
 
     @property
     def copies(self) -> LayerCopies:
-        return LayerCopies(self.stacks, self.chosen, self.zeroed)
+        return LayerCopies(self.stacks, self.chosen, self.zeroed, self.left_out)
 
     def notes(self) -> list:
         out = [f"config {s.field}: {s.n} -> {s.n + len(self.chosen[s.path])}" for s in self.stacks
                if self.chosen[s.path]]
-        return out + [f"{layer} copied after itself, zeroed in the copy: {', '.join(sorted(keys))}"
-                      for layer, keys in self.zeroed.items()]
+        out += [f"{layer} copied after itself, zeroed in the copy: {', '.join(sorted(keys))}"
+                for layer, keys in self.zeroed.items()]
+        if self.left_out:
+            out.append(f"left out of the copies (the family does not build them at the copy's position): "
+                       f"{', '.join(sorted(self.left_out))}")
+        return out
 
 
 def plan_copies(model: nn.Module, after, capture_graph) -> CopyPlan:
@@ -155,7 +163,29 @@ def plan_copies(model: nn.Module, after, capture_graph) -> CopyPlan:
     chosen = chosen_layers(stacks, after)
     gm = capture_graph()
     zeroed = {f"{p}.{i}": branch_outputs(gm, f"{p}.{i}") for p, idx in chosen.items() for i in idx}
-    return CopyPlan(stacks, chosen, zeroed, deepened_config(model.config, stacks, chosen))
+    plan = CopyPlan(stacks, chosen, zeroed, deepened_config(model.config, stacks, chosen))
+    # a parameter the family builds only in its first layer (T5's relative position bias, which the later
+    # layers receive from it) is not built in a copy of that layer: left out; verification decides
+    plan.built = meta_shapes(type(model), plan.config)
+    copied = {new for key in model.state_dict() for new, _ in plan.copies.targets(key)[1:]}
+    plan.left_out = frozenset(k for k in copied if k not in plan.built)
+    return plan
+
+
+def require_fits(model: nn.Module, plan: CopyPlan, shapes: dict) -> None:
+    """UnsupportedModelError (one sentence) unless the deeper config builds exactly the planned tensors
+    (``shapes``: new key -> shape): a family that builds a layer differently from the one before it (DeepSeek's
+    dense first layers) has no place for a copy there; from_pretrained would start such a tensor at random."""
+    heads = tuple(s.path + "." for s in plan.stacks)
+    wrong = sorted(k for k in shapes if plan.built.get(k) != tuple(shapes[k])) + \
+        sorted(k for k in plan.built if k not in shapes and k.startswith(heads))
+    if wrong:
+        first = next(f"{p}.{idx[0]}" for p, idx in plan.chosen.items() if idx)
+        k = wrong[0]
+        have = "does not build it" if k not in plan.built else f"builds it as {list(plan.built[k])}"
+        give = "does not hold it" if k not in shapes else f"gives {list(shapes[k])}"
+        raise UnsupportedModelError(f"{type(model).__name__} builds the layers after {first} differently from the copy "
+                                    f"inserted there: for {k!r} the deeper config {have}, the copy {give}")
 
 
 def deepen_pretrained(model, *, after, block: str = "copy", example_inputs, seed: int = 0, verify: str = "torch",
@@ -167,12 +197,8 @@ def deepen_pretrained(model, *, after, block: str = "copy", example_inputs, seed
     inputs = as_inputs(example_inputs)
     plan = plan_copies(model, after, lambda: capture(model, inputs))
     state = plan.copies.state(model.state_dict())
-    try:
-        result = rebuilt(model, plan.config, state)
-    except RuntimeError as exc:  # the family builds the copy's position differently (a dense first layer, ...)
-        first = next(f"{p}.{idx[0]}" for p, idx in plan.chosen.items() if idx)
-        raise UnsupportedModelError(f"{type(model).__name__} builds the layer after {first} differently from it, so a "
-                                    f"copy does not fit there: {first_line(exc)}") from None
+    require_fits(model, plan, {k: tuple(v.shape) for k, v in state.items()})
+    result = rebuilt(model, plan.config, state)
     report = GrowthReport([], params_before=count_params(model), params_after=count_params(result))
     report.notes.extend(plan.notes())
     if verify != "none":

@@ -18,9 +18,8 @@ from ..core.sites import GrowOptions
 from ..core.growth import check_factor
 from ..errors import InvalidArgumentError, UnsupportedModelError, VerificationError
 from .capture import tied_groups
-from .config import meta_shapes
 from .checkpoint import Checkpoint, rewrite_checkpoint
-from .deepen import LayerCopies, plan_copies
+from .deepen import LayerCopies, plan_copies, require_fits
 from .widen import plan_widening
 
 # max |grown - original| / max |original| accepted for the stored dtype: a weight divided by its copies or
@@ -170,14 +169,7 @@ def deepen_checkpoint(path, out_dir, *, after, block: str = "copy", check: bool 
     plan = plan_copies(model, after, lambda: capture(model, meta_inputs(model)))
     config, copies = plan.config, plan.copies
     planned = {new: tuple(src.shape(name)) for name in src.names() for new, _ in copies.targets(name)}
-    built = meta_shapes(type(model), config)
-    heads = tuple(s.path + "." for s in plan.stacks)
-    wrong = sorted(k for k in planned if built.get(k) != planned[k]) + \
-        sorted(k for k in built if k not in planned and k.startswith(heads))
-    if wrong:  # (from_pretrained would start such a tensor from random values: never written)
-        raise UnsupportedModelError(f"{type(model).__name__} builds the layers after a copy differently: "
-                                    f"{wrong[0]!r} would be {built.get(wrong[0])} in the deeper model, the copy "
-                                    f"gives {planned.get(wrong[0])}")
+    require_fits(model, plan, planned)
     figures: dict = {}
     rewrite_checkpoint(src, out_dir, config.to_diff_dict(), _DeepenStream(src, copies),
                        overwrite=overwrite, progress=progress, verify=_checker(src, check, seed, figures))
