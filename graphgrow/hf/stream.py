@@ -170,6 +170,9 @@ def deepen_checkpoint(path, out_dir, *, after, block: str = "copy", check: bool 
     config, copies = plan.config, plan.copies
     planned = {new: tuple(src.shape(name)) for name in src.names() for new, _ in copies.targets(name)}
     require_fits(model, plan, planned)
+    if plan.left_out and not check:
+        raise UnsupportedModelError(f"the copies leave out {sorted(plan.left_out)[0]!r} (not built at the copy's "
+                                    "position): only the check can vouch for that; run without --no-check")
     figures: dict = {}
     rewrite_checkpoint(src, out_dir, config.to_diff_dict(), _DeepenStream(src, copies),
                        overwrite=overwrite, progress=progress, verify=_checker(src, check, seed, figures))

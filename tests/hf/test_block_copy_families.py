@@ -174,3 +174,20 @@ def test_post_norm_seq2seq_is_refused_in_one_sentence(cls, after):
     with pytest.raises(UnsupportedModelError, match="post-norm") as e:
         graphgrow.deepen(seq2seq(cls), after=after, block="copy", example_inputs=seq_inputs())
     assert str(e.value).startswith(after) and "\n" not in str(e.value)
+
+
+def test_whisper_both_stacks(tmp_path):
+    """An audio encoder-decoder (pre-norm): input features by keyword, both stacks deepened at once."""
+    model = build("WhisperForConditionalGeneration", "eager", **TOK, vocab_size=VOCAB, d_model=64, encoder_layers=2,
+                  decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=128,
+                  decoder_ffn_dim=128, num_mel_bins=16, max_source_positions=16, max_target_positions=32,
+                  decoder_start_token_id=1, dropout=0.0)
+    g = torch.Generator().manual_seed(0)
+    inputs = {"input_features": torch.randn(2, 16, 32, generator=g), "decoder_input_ids": ids()[:, :5]}
+    grown = graphgrow.deepen(model, after=r"model\.(en|de)coder\.layers\.1", block="copy", example_inputs=inputs)
+    assert type(grown) is type(model)
+    assert (grown.config.encoder_layers, grown.config.decoder_layers) == (3, 3)
+    with torch.no_grad():
+        ref = model(**inputs).logits
+        assert max_rel(ref, grown(**inputs).logits) == 0.0
+        assert max_rel(ref, reloaded(grown, tmp_path)(**inputs).logits) == 0.0
