@@ -17,7 +17,7 @@ import torch
 from ..core.sites import GrowOptions
 from ..core.growth import check_factor
 from ..errors import InvalidArgumentError, UnsupportedModelError, VerificationError
-from .capture import tied_groups
+from .capture import NamedInputs, tied_groups
 from .checkpoint import Checkpoint, rewrite_checkpoint
 from .deepen import LayerCopies, plan_copies, require_fits
 from .widen import plan_widening
@@ -64,6 +64,9 @@ def meta_inputs(model) -> tuple:
     """A weightless example input for capturing ``model`` (token ids, or pixels for vision models)."""
     name = getattr(model, "main_input_name", "input_ids")
     cfg = model.config
+    if name == "input_ids" and getattr(cfg, "is_encoder_decoder", False):  # the decoder reads its own tokens
+        return NamedInputs({"input_ids": torch.zeros((1, 8), dtype=torch.long, device="meta"),
+                            "decoder_input_ids": torch.zeros((1, 4), dtype=torch.long, device="meta")})
     if name == "input_ids":
         return (torch.zeros((1, 8), dtype=torch.long, device="meta"),)
     if name == "pixel_values":
@@ -128,8 +131,9 @@ def _checker(src: Checkpoint, check: bool, seed: int, report: dict):
                 x = torch.randn((2,) + tuple(meta_inputs(ref)[0].shape[1:]), generator=gen)
             else:
                 x = torch.randint(0, ref.config.vocab_size, (2, 12), generator=gen)
+            kw = {"decoder_input_ids": x[:, :6]} if getattr(ref.config, "is_encoder_decoder", False) else {}
             with torch.no_grad():
-                a, b = (m(x).to_tuple()[0] for m in (ref, new))
+                a, b = (m(x, **kw).to_tuple()[0] for m in (ref, new))
             worst = max(worst, float((a - b).abs().max() / a.abs().max().clamp_min(1e-30)))
         dtype = max((src.dtype(n) for n in src.names()), key=lambda d: TOLERANCE.get(d, 0))
         report.update(max_rel=worst, tolerance=TOLERANCE.get(dtype, 1e-4), checked_dtype=str(dtype))

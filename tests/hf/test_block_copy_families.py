@@ -191,3 +191,16 @@ def test_whisper_both_stacks(tmp_path):
         ref = model(**inputs).logits
         assert max_rel(ref, grown(**inputs).logits) == 0.0
         assert max_rel(ref, reloaded(grown, tmp_path)(**inputs).logits) == 0.0
+
+
+def test_t5_checkpoint_directory_both_stacks(tmp_path):
+    from graphgrow.hf.stream import deepen_checkpoint
+
+    model = t5()
+    model.save_pretrained(tmp_path / "in")
+    out = deepen_checkpoint(tmp_path / "in", tmp_path / "out", after=r"(en|de)coder\.block\.(0|1)")
+    assert out["check"]["max_rel"] == 0.0
+    assert (out["config"].num_layers, out["config"].num_decoder_layers) == (5, 5)
+    grown = transformers.T5ForConditionalGeneration.from_pretrained(tmp_path / "out", attn_implementation="eager")
+    with torch.no_grad():
+        assert max_rel(model(**seq_inputs(1)).logits, grown.eval()(**seq_inputs(1)).logits) == 0.0
