@@ -68,9 +68,8 @@ class BranchPlan:
 
 def past_views(g: BlockGraph, node):
     """``node`` past reshapes and casts."""
-    seen = 0
-    while (r := g.read(node)).kind == VIEW and seen < 10_000:
-        node, seen = r.operands[0], seen + 1
+    while (r := g.read(node)).kind == VIEW:
+        node = r.operands[0]
     return node
 
 
