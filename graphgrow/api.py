@@ -5,13 +5,14 @@ from __future__ import annotations
 import torch.nn as nn
 
 from .core.report import GrowthReport
-from .errors import InvalidArgumentError, VerificationError, first_line, require_equivalent
+from .errors import InvalidArgumentError, VerificationError, first_line
 from .core.growth import (check_factor, check_options, require_head_widths, require_reachable, space_reports,
                           widen_targets)
 from .fx.engine import FxAnalysis, count_params, plan_and_apply, rebuild
 from .core.sites import GrowOptions
 from .core.plan import WidenPlan
 from .hf.capture import is_pretrained
+from .verify import verify_growth
 
 VERIFY = ("torch", "onnxruntime", "none")
 
@@ -101,41 +102,6 @@ def _double_inputs(inputs: tuple) -> tuple:
     import torch
 
     return tuple(a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in inputs)
-
-
-def _linked(result: nn.Module, redo):
-    """A function giving the float64 re-derivation of ``result`` (``redo()``), checked to be ``result`` up to
-    float32 rounding: same class, same code (GraphModules), same state_dict keys and shapes, every floating
-    tensor of ``result`` within one float32 ulp of the float64 one (non-floating tensors equal).  Only then
-    does its float64 check speak for ``result``; otherwise an error says what differs."""
-
-    from .verify import float32_rounding_of
-
-    def run():
-        r64 = redo()
-        if type(r64) is not type(result) or getattr(r64, "code", None) != getattr(result, "code", None):
-            raise VerificationError("the float64 re-derivation has another structure than the float32 result")
-        problem = float32_rounding_of(result.state_dict(), r64.state_dict())
-        if problem:
-            raise VerificationError(f"the float64 re-derivation is not the float32 result up to rounding: {problem}")
-        return r64
-
-    return run
-
-
-def verify_growth(model, result, inputs, report, what: str, backend: str, atol, rtol, seed: int, redo64=None):
-    """Check ``result`` against ``model`` on 3 batches; the check goes into ``report``; VerificationError if not.
-
-    ``redo64``: a function computing the same rewrite in float64; when the float32 check fails, its result
-    (if it is ``result`` up to float32 rounding) is checked against the float64 original and decides."""
-    from .compare import DEFAULT_ATOL, DEFAULT_RTOL
-    from .verify import check
-
-    rep = check(model, result, inputs, backend=backend, atol=atol if atol is not None else DEFAULT_ATOL,
-                rtol=rtol if rtol is not None else DEFAULT_RTOL, batches=3, seed=seed,
-                candidate64=None if redo64 is None else _linked(result, redo64))
-    report.check = rep
-    require_equivalent(rep, what, report)
 
 
 def deepen(model: nn.Module, *, after, block: str = "conv-bn-relu", kernel=3, calibrate=None, example_inputs,

@@ -24,9 +24,10 @@ from torch.utils._pytree import tree_flatten
 
 from .compare import (DEFAULT_ATOL, DEFAULT_RTOL, RTOL64, CheckReport, OutputAccumulator, attach_float64, make_session,
                       resolve_providers)
-from .errors import InputMismatchError, InvalidArgumentError, UnsupportedModelError, first_line
+from .errors import (InputMismatchError, InvalidArgumentError, UnsupportedModelError, VerificationError, first_line,
+                     require_equivalent)
 
-__all__ = ["check", "BACKENDS"]
+__all__ = ["check", "BACKENDS", "verify_growth"]
 
 BACKENDS = ("torch", "onnxruntime")
 
@@ -372,3 +373,33 @@ def check(reference: nn.Module, candidate: nn.Module, inputs=None, *, atol: floa
         with _eval_mode(reference, candidate):
             _recheck64(report, reference, candidate, candidate64, all_args, rtol64)
     return report
+
+
+def linked_rederivation(result: nn.Module, redo):
+    """A function giving the float64 re-derivation of ``result`` (``redo()``), checked to be ``result`` up to
+    float32 rounding: same class, same code (GraphModules), same state_dict keys and shapes, every floating
+    tensor of ``result`` within one float32 ulp of the float64 one (non-floating tensors equal).  Only then
+    does its float64 check speak for ``result``; otherwise an error says what differs."""
+
+    def run():
+        r64 = redo()
+        if type(r64) is not type(result) or getattr(r64, "code", None) != getattr(result, "code", None):
+            raise VerificationError("the float64 re-derivation has another structure than the float32 result")
+        problem = float32_rounding_of(result.state_dict(), r64.state_dict())
+        if problem:
+            raise VerificationError(f"the float64 re-derivation is not the float32 result up to rounding: {problem}")
+        return r64
+
+    return run
+
+
+def verify_growth(model, result, inputs, report, what: str, backend: str, atol, rtol, seed: int, redo64=None):
+    """Check ``result`` against ``model`` on 3 batches; the check goes into ``report``; VerificationError if not.
+
+    ``redo64``: a function computing the same rewrite in float64; when the float32 check fails, its result
+    (if it is ``result`` up to float32 rounding) is checked against the float64 original and decides."""
+    rep = check(model, result, inputs, backend=backend, atol=atol if atol is not None else DEFAULT_ATOL,
+                rtol=rtol if rtol is not None else DEFAULT_RTOL, batches=3, seed=seed,
+                candidate64=None if redo64 is None else linked_rederivation(result, redo64))
+    report.check = rep
+    require_equivalent(rep, what, report)

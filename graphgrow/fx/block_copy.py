@@ -2,7 +2,7 @@
 
 Each chosen submodule (a residual block called once on one tensor) gets a copy called right after it, whose
 projections into the residual stream are zero, so the copy returns its input. The projections are found on
-the block's own graph (torch.export, lifted: :func:`graphgrow.hf.deepen.branch_outputs`, the same reading as
+the block's own graph (torch.export, lifted: :func:`graphgrow.fx.branches.branch_outputs`, the same reading as
 for transformers layers); a block that normalizes after its residual add, or whose branch does not end in a
 linear map, is refused with the reason. The result is a GraphModule; it is verified by the caller.
 """
@@ -18,6 +18,7 @@ import torch.nn as nn
 from ..core.deepen import DeepenReport, Insertion, select_names
 from ..errors import InvalidArgumentError, TraceError, UnsupportedModelError, first_line
 from .aten import lift_exported
+from .branches import branch_outputs
 from .engine import as_input_tuple, count_params
 from .shapes import record_shapes
 from .trace import trace_with_leaves
@@ -32,8 +33,6 @@ def _chosen(model: nn.Module, after) -> list:
 
 def zeroed_copy(block: nn.Module, x: torch.Tensor) -> tuple:
     """(a copy of ``block`` whose residual branches write 0, the zeroed parameter names)."""
-    from ..hf.deepen import branch_outputs
-
     try:
         with torch.no_grad():
             program = torch.export.export(block, (x,), strict=False)

@@ -17,12 +17,11 @@ import torch
 from ..core.sites import GrowOptions
 from ..core.growth import check_factor
 from ..errors import InvalidArgumentError, UnsupportedModelError, VerificationError
-from .capture import tied_groups
-from .config import meta_shapes
+from .capture import NamedInputs, tied_groups
 from .config_file import build_meta, read_config
 from .checkpoint import Checkpoint, rewrite_checkpoint
 from .layout import StoredLayout
-from .deepen import LayerCopies, branch_outputs, chosen_layers, decoder_layers, deepened_config
+from .deepen import LayerCopies, plan_copies, require_fits
 from .widen import plan_widening
 
 # max |grown - original| / max |original| accepted for the stored dtype: a weight divided by its copies or
@@ -70,6 +69,9 @@ def meta_inputs(model) -> tuple:
     """A weightless example input for capturing ``model`` (token ids, or pixels for vision models)."""
     name = getattr(model, "main_input_name", "input_ids")
     cfg = model.config
+    if name == "input_ids" and getattr(cfg, "is_encoder_decoder", False):  # the decoder reads its own tokens
+        return NamedInputs({"input_ids": torch.zeros((1, 8), dtype=torch.long, device="meta"),
+                            "decoder_input_ids": torch.zeros((1, 4), dtype=torch.long, device="meta")})
     if name == "input_ids":
         return (torch.zeros((1, 8), dtype=torch.long, device="meta"),)
     if name == "pixel_values":
@@ -156,8 +158,9 @@ def _checker(src: Checkpoint, check: bool, seed: int, report: dict):
                 x = torch.randn((2,) + tuple(meta_inputs(ref)[0].shape[1:]), generator=gen)
             else:
                 x = torch.randint(0, ref.config.vocab_size, (2, 12), generator=gen)
+            kw = {"decoder_input_ids": x[:, :6]} if getattr(ref.config, "is_encoder_decoder", False) else {}
             with torch.no_grad():
-                a, b = (m(x).to_tuple()[0] for m in (ref, new))
+                a, b = (m(x, **kw).to_tuple()[0] for m in (ref, new))
             worst = max(worst, float((a - b).abs().max() / a.abs().max().clamp_min(1e-30)))
         dtype = max((src.dtype(n) for n in src.names()), key=lambda d: TOLERANCE.get(d, 0))
         report.update(max_rel=worst, tolerance=TOLERANCE.get(dtype, 1e-4), checked_dtype=str(dtype))
@@ -192,26 +195,17 @@ def deepen_checkpoint(path, out_dir, *, after, block: str = "copy", check: bool 
         raise InvalidArgumentError(f"--block {block} on a checkpoint directory: use --block copy")
     src = Checkpoint.open(path, allow_pickle=allow_pickle)
     model = meta_model(src)
-    layers_path, layers = decoder_layers(model)
-    n = len(layers)
-    chosen = chosen_layers(layers_path, n, after)
     from .capture import capture
 
-    gm = capture(model, meta_inputs(model))
-    zeroed = {i: branch_outputs(gm, f"{layers_path}.{i}") for i in chosen}
-    config = deepened_config(model.config, n, chosen)
-    copies = LayerCopies(layers_path, n, chosen, zeroed)
+    plan = plan_copies(model, after, lambda: capture(model, meta_inputs(model)))
+    config, copies = plan.config, plan.copies
     planned = {new: tuple(src.shape(name)) for name in src.names() for new, _ in copies.targets(name)}
-    built = meta_shapes(type(model), config)
-    wrong = sorted(k for k in planned if built.get(k) != planned[k]) + \
-        sorted(k for k in built if k not in planned and k.startswith(layers_path + "."))
-    if wrong:  # (from_pretrained would start such a tensor from random values: never written)
-        raise UnsupportedModelError(f"{type(model).__name__} builds the layers after a copy differently: "
-                                    f"{wrong[0]!r} would be {built.get(wrong[0])} in the deeper model, the copy "
-                                    f"gives {planned.get(wrong[0])}")
+    require_fits(model, plan, planned)
+    if plan.left_out and not check:
+        raise UnsupportedModelError(f"the copies leave out {sorted(plan.left_out)[0]!r} (not built at the copy's "
+                                    "position): only the check can vouch for that; run without --no-check")
     figures: dict = {}
     rewrite_checkpoint(src, out_dir, config.to_diff_dict(), _DeepenStream(src, copies),
                        overwrite=overwrite, progress=progress, verify=_checker(src, check, seed, figures))
-    notes = [f"num_hidden_layers: {n} -> {n + len(chosen)}"] + \
-        [f"{layers_path}.{i} copied after itself, zeroed in the copy: {', '.join(sorted(zeroed[i]))}" for i in chosen]
+    notes = plan.notes()
     return {"notes": notes, "config": config, "check": figures or None}

@@ -286,7 +286,7 @@ def widen_pretrained(model, factor=1.41, *, example_inputs, widths=None, only=No
     preserving = init == "net2net" and not (noise > 0 and noise_mode == "paper")
     report = w.report(model, count_params(result), preserving)
     if preserving and verify != "none":
-        from ..api import verify_growth
+        from ..verify import verify_growth
 
         def widen64():  # the same widening of a float64 copy (same plan, same draws): decides a float32/bf16 doubt
             double = copy.deepcopy(model).double()

@@ -18,15 +18,18 @@ import onnx
 from onnx import numpy_helper
 
 from ..compare import DEFAULT_ATOL, DEFAULT_RTOL, random_feeds
+from ..core.branches import (ADD, LINEAR, NORM, OTHER, PARAM, PASS, PRODUCT, SUM, VIEW, Reading,
+                             branch_plan)
 from ..core.deepen import DeepenReport, Insertion, select_names
 from ..errors import UnsupportedModelError, require_equivalent
 from .deepening import unique_name
 from .engine import check_rewritten, count_params, input_specs, prepare, verify
 
-_PASS = {"Reshape", "Transpose", "Identity", "Cast", "Dropout", "Squeeze", "Unsqueeze", "Flatten"}
-_SCALES = {"Mul", "Div"}
-_LINEAR = {"MatMul": 1, "Gemm": 1}
+_VIEW = {"Reshape", "Identity", "Cast", "Dropout"}  # the value itself, reshaped or cast
+_PASS = {"Transpose", "Squeeze", "Unsqueeze", "Flatten", "Gather"}  # zero in, zero out (the first input)
+_LINEAR = {"MatMul", "Gemm"}
 _NORMS = {"LayerNormalization", "RMSNormalization", "SimplifiedLayerNormalization", "GroupNormalization"}
+_RMS = {"RMSNormalization", "SimplifiedLayerNormalization"}  # RMSNorm(0) = 0
 
 
 def node_scope(node: onnx.NodeProto) -> str:
@@ -65,71 +68,75 @@ def _block_paths(graph, after) -> list:
     return [p for p in paths if not any(p.startswith(q + ".") for q in paths)]
 
 
+class OnnxBlock:
+    """One block of an ONNX graph read for :func:`graphgrow.core.branches.branch_plan`: its nodes are value names."""
+
+    def __init__(self, graph, path: str, members: list):
+        nodes = [graph.node[i] for i in members]
+        self.name = f"'{path}'"
+        self.inits = {t.name for t in graph.initializer}
+        self.produced = {o: n for n in nodes for o in n.output}
+        self.read_inside = {i for n in nodes for i in n.input}
+        users_outside = {v for n in graph.node if n not in nodes for v in n.input} | {o.name for o in graph.output}
+        exits = [v for v in self.produced if v in users_outside]
+        if len(exits) != 1:
+            raise UnsupportedModelError(f"'{path}' has {len(exits)} values read outside it; a block to copy has one")
+        self.exit = exits[0]
+        self._deps: dict = {}
+        for n in nodes:  # (the graph is in order) the block's initializers each value depends on
+            d = set().union(*(self._own(i) for i in n.input if i))
+            for o in n.output:
+                self._deps[o] = d
+
+    def _own(self, v) -> set:
+        return self._deps.get(v, {v} if v in self.inits else set())
+
+    def output(self):
+        return self.exit
+
+    def inside(self, v) -> bool:
+        return v in self.produced
+
+    def depends(self, v) -> int:
+        return len(self._own(v))
+
+    def describe(self, v) -> str:
+        n = self.produced.get(v)
+        return f"{n.op_type} ('{n.name}')" if n is not None else f"'{v}', read from outside the block"
+
+    def read(self, v) -> Reading:
+        n = self.produced.get(v)
+        if n is None:
+            return Reading(PARAM, params=(v,)) if v in self.inits else Reading(OTHER)
+        op, ins = n.op_type, list(n.input)
+        if op in _VIEW:
+            return Reading(VIEW, (ins[0],))
+        if op in _PASS:
+            return Reading(PASS, (ins[0],))
+        if op in _LINEAR and len(ins) > 1 and ins[1] in self.inits:
+            bias = (ins[2],) if op == "Gemm" and len(ins) > 2 and ins[2] else ()
+            return Reading(LINEAR, (ins[0],), params=(ins[1],) + bias)
+        if op == "Add":
+            return Reading(ADD, tuple(ins[:2]))
+        if op == "Sub":
+            return Reading(SUM, tuple(ins[:2]))
+        if op == "Mul":
+            return Reading(PRODUCT, tuple(ins[:2]))
+        if op == "Div":  # only the numerator may be zeroed; a Div ending a block normalizes it
+            return Reading(PRODUCT, (ins[0],), normalizes=True)
+        if op in _NORMS:
+            return Reading(PASS if op in _RMS else NORM, (ins[0],), normalizes=True)
+        return Reading(OTHER, normalizes=op in ("ReduceMean", "Sqrt", "Reciprocal"))
+
+
 def _plan(graph, path: str) -> tuple:
     """(member node indices, output value, the residual stream's input value, initializers to zero in the copy)."""
     idx = _members(graph, path)
-    nodes = [graph.node[i] for i in idx]
-    inits = {t.name for t in graph.initializer}
-    produced = {o: n for n in nodes for o in n.output}
-    users_outside = {v for n in graph.node if n not in nodes for v in n.input} | {o.name for o in graph.output}
-    exits = [v for v in produced if v in users_outside]
-    if len(exits) != 1:
-        raise UnsupportedModelError(f"'{path}' has {len(exits)} values read outside it; a block to copy has one")
-    exit_value = exits[0]
-    deps: dict = {}  # value -> initializers of the block it depends on
-
-    def dep(v):
-        if v not in deps:
-            n = produced.get(v)
-            deps[v] = ({v} if v in inits and any(v in m.input for m in nodes) else set()) if n is None else \
-                set().union(*(dep(i) for i in n.input if i))
-        return deps[v]
-
-    def terms(v):
-        n = produced.get(v)
-        while n is not None and n.op_type in _PASS - {"Cast"} and n.op_type in ("Reshape", "Identity"):
-            v, n = n.input[0], produced.get(n.input[0])
-        if n is not None and n.op_type == "Add":
-            return [t for i in n.input[:2] for t in terms(i)]
-        return [v]
-
-    last = produced[exit_value]
-    if last.op_type in _NORMS or last.op_type in ("ReduceMean", "Sqrt", "Reciprocal", "Div") and dep(exit_value):
-        raise UnsupportedModelError(f"'{path}' normalizes after its residual add (a post-norm block): a copy with "
-                                    "zeroed projections would not be the identity")
-    leaves = terms(exit_value)
-    stream = [v for v in leaves if not dep(v) and v not in produced]
-    branches = [v for v in leaves if v not in stream]
-    if len(leaves) < 2 or len(stream) != 1:
+    block = OnnxBlock(graph, path, idx)
+    plan = branch_plan(block)
+    if block.inside(plan.stream):
         raise UnsupportedModelError(f"'{path}' does not end in a residual add of its input and its branches")
-    zero: set = set()
-
-    def follow(v):
-        n = produced.get(v)
-        if n is None:
-            if v in inits:
-                zero.add(v)
-                return
-            raise UnsupportedModelError(f"a branch of '{path}' ends at '{v}', read from outside the block")
-        if n.op_type in _LINEAR and len(n.input) > 1 and n.input[1] in inits:
-            zero.add(n.input[1])
-            if n.op_type == "Gemm" and len(n.input) > 2 and n.input[2]:
-                zero.add(n.input[2])
-            return
-        if n.op_type in _PASS:
-            return follow(n.input[0])
-        if n.op_type == "Add":
-            for i in n.input[:2]:
-                follow(i)
-            return
-        if n.op_type in _SCALES:
-            return follow(max(n.input[:2], key=lambda i: len(dep(i))))
-        raise UnsupportedModelError(f"a branch of '{path}' ends in {n.op_type} ('{n.name}'), not a linear map of "
-                                    "the block's weights: its copy cannot be made to add 0")
-
-    for b in branches:
-        follow(b)
-    return idx, exit_value, stream[0], zero
+    return idx, block.exit, plan.stream, plan.zero
 
 
 def copy_blocks(model: onnx.ModelProto, *, after, shapes=None, check: bool = True, atol=DEFAULT_ATOL,

@@ -158,3 +158,52 @@ def test_no_module_imports_private_names_of_another():
                     and _private(n.attr) and aliases[n.value.id] != mod:
                 found.add((mod, aliases[n.value.id], n.attr))
     assert found <= KNOWN_PRIVATE, sorted(found - KNOWN_PRIVATE)
+
+
+def _all_imports(mod: str) -> set:
+    """Every module ``mod`` imports, anywhere in it (module level or inside a function): graphgrow modules by
+    their full name, third-party ones by their top-level package."""
+    path, is_pkg = MODULES[mod]
+    tree = _parse(path)
+    out = {t for t, _, _, _ in _imports(mod, tree, is_pkg, False)}
+    for n in ast.walk(tree):
+        if isinstance(n, ast.Import):
+            out |= {a.name.split(".")[0] for a in n.names}
+        elif isinstance(n, ast.ImportFrom) and not n.level and n.module:
+            out.add(n.module.split(".")[0])
+    return out
+
+
+def _under(name: str, package: str) -> bool:
+    return name == package or name.startswith(package + ".")
+
+
+# (package whose modules are checked, packages they must never import): one core, thin frontends
+LAYERS = [
+    ("graphgrow.core", ["torch", "onnx", "onnxruntime", "graphgrow.fx", "graphgrow.hf", "graphgrow.onnx",
+                        "graphgrow.api", "graphgrow.verify"]),
+    ("graphgrow.onnx", ["torch", "graphgrow.fx", "graphgrow.hf", "graphgrow.api", "graphgrow.verify"]),
+    ("graphgrow.fx", ["graphgrow.hf", "graphgrow.api"]),
+    ("graphgrow.hf", ["graphgrow.api"]),
+]
+
+
+def test_layers_import_only_downwards():
+    found = []
+    for package, banned in LAYERS:
+        for mod in MODULES:
+            if _under(mod, package):
+                found += [f"{mod} imports {t}" for t in sorted(_all_imports(mod))
+                          if any(_under(t, b) for b in banned)]
+    assert not found, "; ".join(found)
+
+
+def test_block_copy_walk_is_written_once():
+    """The residual-branch walk (post-norm refusal, residual terms, branch zeroing) lives in graphgrow.core;
+    the frontends only read their nodes for it."""
+    for mod in MODULES:
+        with open(MODULES[mod][0]) as f:
+            text = f.read()
+        if mod != "graphgrow.core.branches":
+            assert "a post-norm block" not in text, mod
+            assert "def _zero_targets" not in text and "def _residual_terms" not in text, mod
