@@ -154,6 +154,12 @@ class CopyPlan:
         if self.left_out:
             out.append(f"left out of the copies (the family does not build them at the copy's position): "
                        f"{', '.join(sorted(self.left_out))}")
+        depths = [s.n + len(self.chosen[s.path]) for s in self.stacks]
+        if len(depths) == 2 and depths[1] > depths[0]:
+            # transformers sizes an encoder-decoder's default decoder cache by num_hidden_layers (the encoder's)
+            out.append(f"the decoder ({depths[1]} layers) is now deeper than the encoder ({depths[0]}): generate() "
+                       "needs past_key_values=EncoderDecoderCache(DynamicCache(), DynamicCache()), a cache that "
+                       "grows as layers are met")
         return out
 
 
