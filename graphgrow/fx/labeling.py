@@ -272,6 +272,10 @@ class FxLabelRun(FxTransformerOps, MoveReplay, RelationRun):
             if self._constants_only(args, kwargs):
                 return self.fixed_outputs(node)
             return self._matmul(node, args[0], args[1])
+        if target is torch.baddbmm and len(args) >= 3 and any(isinstance(a, LabelTensor) for a in args[1:3]):
+            if self._constants_only(args, kwargs):
+                return self.fixed_outputs(node)
+            return self._baddbmm(node, args)
         if target in (F.batch_norm, F.instance_norm) and isinstance(first, LabelTensor):
             return self._functional_norm(node, first)
         if target in (F.layer_norm, F.group_norm, getattr(F, "rms_norm", None)) and isinstance(first, LabelTensor):

@@ -29,7 +29,7 @@ from ..errors import UnsupportedModelError, VerificationError, first_line
 from ..fx.engine import FxAnalysis, count_params, plan_and_apply
 from ..fx.transformer import norm_eps
 from .capture import ModelOutputs, as_inputs, capture, input_names, rebuilt, tied_groups
-from .config import ConfigMismatch, eps_fields, solve_config
+from .config import ConfigMismatch, eps_fields, head_coupling, solve_config
 
 
 def _key(owner: str, attr: str) -> str:
@@ -107,6 +107,21 @@ def grown_values(model, run) -> dict:
     return out
 
 
+def _head_ratio(an, plan, role: str) -> float:
+    """new / old count of the query (or key) heads, the same in every attention layer (the config has one)."""
+    firsts = an.constraints.head_firsts.get(role, set())
+    by_space: dict = {}
+    for c in firsts:
+        by_space.setdefault(int(an.table.space_ids_of(np.asarray([c]))[0]), []).append(c)
+    ratios = {plan.head_count(cs) / len(cs) for cs in by_space.values()}
+    ratios.discard(1.0) if len(ratios) > 1 and 1.0 in ratios else None
+    if len(ratios) > 1:
+        names = [an.table.spaces[sid].name for sid in by_space]
+        raise ConfigMismatch(f"attention layers grew their {role} heads by different factors ({sorted(ratios)}): "
+                             "one config cannot state their heads", names)
+    return ratios.pop() if ratios else 1.0
+
+
 def _known_fields(model, an, plan, shapes: dict, eps_changes: dict) -> dict:
     """The standard config fields the widening measured: stream width, heads, epsilon."""
     cfg = model.config
@@ -116,15 +131,10 @@ def _known_fields(model, an, plan, shapes: dict, eps_changes: dict) -> dict:
     if isinstance(weight, torch.Tensor) and weight.ndim == 2:  # (a vision model's patch embedding: probed instead)
         key = next(k for k, v in model.state_dict(keep_vars=True).items() if v is weight)
         known["hidden_size"] = int(shapes[key][1])
-    ratios = {plan.new_size(sp) / sp.size for sp in an.produced if an.constraints.heads_of.get(sp.id)}
-    ratios.discard(1.0) if len(ratios) > 1 and 1.0 in ratios else None
-    if len(ratios) > 1:
-        raise ConfigMismatch(f"attention layers grew by different factors ({sorted(ratios)}): one config cannot "
-                             "state their heads", [sp.name for sp in an.produced if an.constraints.heads_of.get(sp.id)])
-    ratio = ratios.pop() if ratios else 1.0
-    for field in ("num_attention_heads", "num_key_value_heads"):
+    for field, role in (("num_attention_heads", "query"), ("num_key_value_heads", "key")):
         heads = getattr(cfg, field, None)
         if isinstance(heads, int):
+            ratio = _head_ratio(an, plan, role)
             known[field] = int(round(heads * ratio))
     head_dims = {an.constraints.unit_size.get(sp.id) for sp in an.produced if an.constraints.heads_of.get(sp.id)}
     if len(head_dims) == 1 and None not in head_dims:
@@ -168,6 +178,7 @@ def plan_widening(model, inputs: tuple, factor, *, widths=None, only=None, exclu
     Spaces the family's config cannot state at their planned width keep it (the nearest widening it states)."""
     gm = capture(model, inputs)
     kept: list = []
+    kept_why: dict = {}  # kept space -> the rule or the parameter the config cannot state
     fill_note = None
     for _ in range(6):
         an = FxAnalysis(gm, inputs)
@@ -175,7 +186,8 @@ def plan_widening(model, inputs: tuple, factor, *, widths=None, only=None, exclu
                                 what="parameter")
         for sp in an.produced:
             if sp.name in kept:
-                an.constraints.freeze_space(sp, f"{type(model.config).__name__} cannot state it grown")
+                an.constraints.freeze_space(sp, f"{type(model.config).__name__} cannot state it grown"
+                                                + (f" ({kept_why[sp.name]})" if kept_why.get(sp.name) else ""))
                 targets.pop(sp.id, None)
         plan, run, rounds = plan_and_apply(an, targets, options, options.seed, progress, fill=fill)
         if strict:
@@ -191,6 +203,7 @@ def plan_widening(model, inputs: tuple, factor, *, widths=None, only=None, exclu
         values = grown_values(model, run)
         shapes = {k: tuple(values[k].shape) if k in values else tuple(v.shape)
                   for k, v in model.state_dict().items()}
+        known: dict = {}
         try:
             known = _known_fields(model, an, plan, shapes, eps_changes)
             config = solve_config(type(model), model.config, shapes, known)
@@ -198,6 +211,9 @@ def plan_widening(model, inputs: tuple, factor, *, widths=None, only=None, exclu
         except ConfigMismatch as exc:
             names = {sp.name for sp in an.produced}
             heads = [sp.name for sp in an.produced if an.constraints.heads_of.get(sp.id)]
+            rule = head_coupling(type(model), model.config, known)
+            if rule and widths:
+                raise ConfigMismatch(f"the requested widths cannot be stated: {rule}", exc.keys) from None
             # the heads first (the stream matters more), then the other spaces the config cannot state
             candidates = ([k for k in exc.keys if k in heads], list(exc.keys), heads)
             more = next(([k for k in keys if k in names and k not in kept] for keys in candidates
@@ -205,6 +221,8 @@ def plan_widening(model, inputs: tuple, factor, *, widths=None, only=None, exclu
             if not more or widths:
                 raise
             kept.extend(more)
+            for name in more:
+                kept_why[name] = rule or first_line(exc).split(": ", 1)[-1]
     raise UnsupportedModelError(f"no widening of {type(model).__name__} its config can state was found")
 
 
