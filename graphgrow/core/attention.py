@@ -124,6 +124,9 @@ class AttentionRelations:
                     # multi-query c_attn) it has no head axis to be copied along: it keeps its one head.
                     self._fused_kv_freeze(node, cq, channel_of(kg)[:1], "key")
                 self.constraints.tie(space.chan_ids, cq[:, 0])
+                # (what a per-head bias on the scores freezes: ALiBi, graphgrow.fx.labeling)
+                self.scores_heads = getattr(self, "scores_heads", {})
+                self.scores_heads[space.id] = np.concatenate([cq.ravel(), channel_of(kg).ravel()])
                 for ids, role in ((cq, "query"), (channel_of(kg), "key")):
                     self.constraints.mark_heads(ids[:, 0], role)
                 for ids, count in ((cq, n_heads), (channel_of(kg), kv_rows)):
@@ -143,10 +146,14 @@ class AttentionRelations:
     def _pair_heads(self, node, a_old, b_old, a_new, b_new, what: str) -> np.ndarray:
         """Original head of every new head: each new (a, b) pair (b's heads repeated over a's groups) must
         be an original pair."""
-        if len(a_new) % len(b_new):
-            raise self.conflict(node, f"{len(a_new)} heads no longer divide into {len(b_new)} groups")
         old = np.concatenate([a_old, b_old[np.arange(len(a_old)) // (len(a_old) // len(b_old))]], axis=1)
-        new = np.concatenate([a_new, b_new[np.arange(len(a_new)) // (len(a_new) // len(b_new))]], axis=1)
+        if len(np.unique(b_old, axis=0)) == 1 and len(np.unique(b_new, axis=0)) == 1:
+            # one key/value head (repeated) serves every head: any number of heads reads it (multi-query)
+            new = np.concatenate([a_new, np.broadcast_to(b_new[:1], (len(a_new), b_new.shape[1]))], axis=1)
+        elif len(a_new) % len(b_new):
+            raise self.conflict(node, f"{len(a_new)} heads no longer divide into {len(b_new)} groups")
+        else:
+            new = np.concatenate([a_new, b_new[np.arange(len(a_new)) // (len(a_new) // len(b_new))]], axis=1)
         try:
             return match_rows(old, new, 0, what).source()
         except Mismatch as exc:

@@ -56,10 +56,12 @@ class FxLabelRun(FxTransformerOps, MoveReplay, RelationRun):
                                                                      analysis.attr_uses)
             self.param_names, self.old_parts = analysis.param_names, analysis.old_parts
             self.tied_heads = analysis.tied_heads
+            self.alibi_nodes = analysis.alibi_nodes
             return
         self.modules = dict(gm.named_modules())
         self.param_names = {n for n, _ in gm.named_parameters()}
         self.old_parts: dict = {}  # composite ops' internal labels in the original configuration
+        self.alibi_nodes: set = set()  # adds of a per-head constant bias to attention scores (MPT's ALiBi)
         self.salts = {n: i + 1 for i, n in enumerate(gm.graph.nodes)}
         self.attr_uses: dict = {}
         calls: dict = {}
@@ -343,6 +345,9 @@ class FxLabelRun(FxTransformerOps, MoveReplay, RelationRun):
                 return self._param_operand(node, q, ps, qs)  # a position embedding
             if len(rq.vary) >= 2 and self._is_fixed(p):
                 return self.fixed_operand(node, q, self._old(qs), p.shape)  # rotary cos / sin
+            if len(rq.vary) == 1 and self._is_fixed(p) and p.ndim >= rq.ndim - rq.vary[0] \
+                    and p.shape[rq.vary[0] - rq.ndim] > 1 and self._alibi(node, rq):
+                return self._per_head_bias(node, q, self._old(qs))
         try:
             out_shape = tuple(np.broadcast_shapes(a.shape, b.shape))
         except ValueError:
@@ -354,6 +359,24 @@ class FxLabelRun(FxTransformerOps, MoveReplay, RelationRun):
         if not self.analysis and not all(isinstance(o, LabelTensor) for o in olds):
             raise self.conflict(node, "operands are not both tensors in the original")
         return self.unify(node, [(olds[0], a), (olds[1], b)], 0 if a.shape == out_shape else 1)
+
+    def _alibi(self, node, scores: LabelTensor) -> bool:
+        """Whether ``node`` adds a constant with one value per head to attention scores (decided on the
+        analysis run, remembered for the apply run)."""
+        if self.analysis and any("(scores)" in sp.name for sp in self.table.spaces_of(scores.chans)):
+            self.alibi_nodes.add(node)
+        return node in self.alibi_nodes
+
+    def _per_head_bias(self, node, x: LabelTensor, old_x):
+        """MPT's ALiBi bias (one slope per head) added to the scores: computed for the model's head count."""
+        if self.analysis:
+            heads = [getattr(self, "scores_heads", {}).get(sp.id, []) for sp in self.table.spaces_of(x.chans)]
+            self.constraints.freeze(np.concatenate([x.chans] + [np.asarray(h, np.int64) for h in heads]),
+                                    f"{self.site(node)}: ALiBi: a per-head bias computed for the model's head count "
+                                    "is added to the attention scores, so the heads keep their number")
+        elif not same_labels(old_x, x):
+            raise self.conflict(node, "ALiBi's per-head bias meets a changed head count")
+        return self.elementwise(node, x)
 
     def _pad(self, node, x: LabelTensor, args, kwargs):
         """F.pad with constant padding: per channel on the one channel axis it leaves unpadded (NCHW or

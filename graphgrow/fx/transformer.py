@@ -34,7 +34,7 @@ def _through_casts(node):
     return out
 
 
-def _cast_source(a):
+def cast_source(a):
     """The node a dtype cast (``weight.to(float32)``) reads, else ``a``."""
     while a.op == "call_method" and a.target in ("to", "float") and isinstance(a.args[0], fx.Node):
         a = a.args[0]
@@ -516,7 +516,7 @@ class FxTransformerOps:
                     and n.target in (operator.mul, operator.add, torch.mul, torch.add)):
                 return []
             args = [a for a in n.args if isinstance(a, fx.Node)]
-            params = [(a, _cast_source(a)) for a in args if _cast_source(a).op == "get_attr"]
+            params = [(a, cast_source(a)) for a in args if cast_source(a).op == "get_attr"]
             if len(params) != 1:
                 return []
             owner, _, attr = params[0][1].target.rpartition(".")

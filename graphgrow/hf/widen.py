@@ -27,7 +27,7 @@ from ..core.report import GrowthReport
 from ..core.sites import GrowOptions
 from ..errors import UnsupportedModelError, VerificationError, first_line
 from ..fx.engine import FxAnalysis, count_params, plan_and_apply
-from ..fx.transformer import norm_eps
+from ..fx.transformer import cast_source, norm_eps
 from .capture import ModelOutputs, as_inputs, capture, input_names, rebuilt, tied_groups
 from .config import ConfigMismatch, eps_fields, head_coupling, solve_config
 
@@ -54,12 +54,12 @@ def _norm_eps(an: FxAnalysis, run) -> dict:
     for mean, ratio in run.mean_scales.items():
         eps, gain = _written_out_rms(mean)
         if eps is None:
-            raise UnsupportedModelError(f"the mean at node {mean.name!r} is not followed by '+ eps', rsqrt and a "
-                                        "gain: its fill + rescale cannot be written into the config")
+            raise FillNotStated(f"the mean at node {mean.name!r} is not followed by '+ eps', rsqrt and a "
+                                "gain: its fill + rescale cannot be written into the config")
         owner, _, attr = gain.target.rpartition(".")
         upd = run.updates.get(owner)
         if upd is None or attr not in upd.tensors:
-            raise UnsupportedModelError(f"the gain {gain.target!r} of a filled norm did not grow with its stream")
+            raise FillNotStated(f"the gain {gain.target!r} of a filled norm did not grow with its stream")
         # mean over d' channels = mean over d x d/d': dividing eps by d'/d and the gain by its root keeps the output
         upd.tensors[attr] = upd.tensors[attr] / np.asarray(math.sqrt(ratio), upd.tensors[attr].dtype)
         changes[eps] = eps / ratio
@@ -70,7 +70,12 @@ def _norm_eps(an: FxAnalysis, run) -> dict:
     return changes
 
 
-class SharedEpsilon(UnsupportedModelError):
+class FillNotStated(UnsupportedModelError):
+    """A norm's fill + rescale cannot be written into the family's config or code (the widening is redone
+    without fill + rescale)."""
+
+
+class SharedEpsilon(FillNotStated):
     """The config's one norm epsilon cannot be rescaled for some norms and kept for others."""
 
 
@@ -85,7 +90,7 @@ def _written_out_rms(mean: fx.Node):
         if len(n.users) != 1:
             return None, None
         n = next(iter(n.users))
-        params = [a for a in n.args if isinstance(a, fx.Node) and a.op == "get_attr"]
+        params = [cast_source(a) for a in n.args if isinstance(a, fx.Node) and cast_source(a).op == "get_attr"]
         if n.target is operator.mul and params:
             return eps, params[0]
     return None, None
@@ -173,7 +178,8 @@ class Widening:
 
 
 def plan_widening(model, inputs: tuple, factor, *, widths=None, only=None, exclude=None, divisor: int = 1,
-                  options: GrowOptions, fill: bool = True, strict: bool = False, progress=None) -> Widening:
+                  options: GrowOptions, fill: bool = True, strict: bool = False, progress=None,
+                  keep_heads: str | None = None) -> Widening:
     """Capture, analyse, plan and apply (on real or weightless parameters), and solve the new config.
     Spaces the family's config cannot state at their planned width keep it (the nearest widening it states)."""
     gm = capture(model, inputs)
@@ -185,6 +191,8 @@ def plan_widening(model, inputs: tuple, factor, *, widths=None, only=None, exclu
         targets = widen_targets(an.produced, an.constraints, factor, widths, only, exclude, divisor,
                                 what="parameter")
         for sp in an.produced:
+            if keep_heads and an.constraints.heads_of.get(sp.id):
+                an.constraints.freeze_space(sp, keep_heads)
             if sp.name in kept:
                 an.constraints.freeze_space(sp, f"{type(model.config).__name__} cannot state it grown"
                                                 + (f" ({kept_why[sp.name]})" if kept_why.get(sp.name) else ""))
@@ -195,7 +203,7 @@ def plan_widening(model, inputs: tuple, factor, *, widths=None, only=None, exclu
         require_head_widths(an.produced, plan, an.constraints, widths)
         try:
             eps_changes = _norm_eps(an, run)
-        except SharedEpsilon as exc:
+        except FillNotStated as exc:
             if not fill:
                 raise
             fill, fill_note = False, f"normalized streams kept to whole factors: {exc}"
@@ -229,7 +237,7 @@ def plan_widening(model, inputs: tuple, factor, *, widths=None, only=None, exclu
 def widen_pretrained(model, factor=1.41, *, example_inputs, widths=None, only=None, exclude=None, divisor: int = 1,
                      init: str = "net2net", noise: float = 0.0, noise_mode: str = "exact", seed: int = 0,
                      verify: str = "torch", atol=None, rtol=None, fill: bool = True, strict: bool = False,
-                     progress=None):
+                     progress=None, _keep_heads: str | None = None):
     """:func:`graphgrow.widen` for a ``transformers.PreTrainedModel`` (same arguments; same class returned)."""
     factor = check_factor(factor, widths)
     check_options(init, noise_mode, divisor, noise)
@@ -237,7 +245,7 @@ def widen_pretrained(model, factor=1.41, *, example_inputs, widths=None, only=No
     fill = bool(fill) and init == "net2net"
     options = GrowOptions(noise=noise, noise_mode=noise_mode, init=init, seed=seed)
     w = plan_widening(model, inputs, factor, widths=widths, only=only, exclude=exclude, divisor=divisor,
-                      options=options, fill=fill, strict=strict, progress=progress)
+                      options=options, fill=fill, strict=strict, progress=progress, keep_heads=_keep_heads)
     state = dict(model.state_dict())
     for key, value in w.values.items():
         state[key] = torch.from_numpy(np.ascontiguousarray(value)).to(state[key].dtype)
@@ -252,7 +260,7 @@ def widen_pretrained(model, factor=1.41, *, example_inputs, widths=None, only=No
             return ModelOutputs(widen_pretrained(double, factor, example_inputs=inputs, widths=widths, only=only,
                                                  exclude=exclude, divisor=divisor, init=init, noise=noise,
                                                  noise_mode=noise_mode, seed=seed, verify="none", fill=fill,
-                                                 strict=strict), names)
+                                                 strict=strict, _keep_heads=_keep_heads), names)
 
         names = input_names(inputs)
         dtype = next(model.parameters()).dtype
@@ -269,11 +277,24 @@ def widen_pretrained(model, factor=1.41, *, example_inputs, widths=None, only=No
         try:
             verify_growth(reference, candidate, inputs, report, "widened", verify, atol, rtol, seed, redo64)
         except VerificationError as exc:
+            heads_grew = any(w.plan.new_size(sp) > sp.size for sp in w.an.produced
+                             if w.an.constraints.heads_of.get(sp.id))
+            if not w.plan.fills and heads_grew and not _keep_heads and not widths:
+                # the graph's widening was consistent, the family's code at the grown config is not: its heads
+                # are laid out in a way the captured graph does not show (CodeGen's fixed mp_num=4 blocks of q, v
+                # and k, read as per-head blocks by the export). Exact with its heads kept, or refused.
+                why = (f"{type(model).__name__} at the grown head count lays its fused heads out differently from "
+                       f"the captured graph ({first_line(exc)}): the heads keep their number")
+                return widen_pretrained(model, factor, example_inputs=inputs, widths=widths, only=only,
+                                        exclude=exclude, divisor=divisor, init=init, noise=noise,
+                                        noise_mode=noise_mode, seed=seed, verify=verify, atol=atol, rtol=rtol,
+                                        fill=fill, strict=strict, progress=progress, _keep_heads=why)
             if not w.plan.fills:
                 raise
             result = widen_pretrained(model, factor, example_inputs=inputs, widths=widths, only=only,
                                       exclude=exclude, divisor=divisor, init=init, noise=noise, noise_mode=noise_mode,
-                                      seed=seed, verify=verify, atol=atol, rtol=rtol, fill=False, strict=strict)
+                                      seed=seed, verify=verify, atol=atol, rtol=rtol, fill=False, strict=strict,
+                                      _keep_heads=_keep_heads)
             result.graphgrow_report.notes.append(f"fill + rescale did not verify ({first_line(exc)}); normalized "
                                                  "streams kept their width")
             return result

@@ -108,3 +108,21 @@ def test_widths_breaking_the_head_coupling_is_one_sentence():
     message = str(info.value)
     assert "GPTNeoXConfig derives head_dim = hidden_size / num_attention_heads" in message
     assert "\n" not in message
+
+
+def test_multi_query_heads_at_one_and_a_half():
+    # one key/value head fused with the queries stays; any number of query heads reads it
+    model = build("GPTBigCodeForCausalLM", **GPT)
+    grown = widened(model, 1.5)
+    assert (grown.config.n_embd, grown.config.n_head, grown.config.multi_query) == (96, 6, True)
+    assert n_params(grown) == n_params(build("GPTBigCodeForCausalLM", **dict(GPT, n_embd=96, n_head=6, n_inner=192)))
+
+
+def test_mpt_alibi_heads_are_named():
+    model = build("MptForCausalLM", "eager", **dict(TOK, d_model=64, n_heads=4, n_layers=2, max_seq_len=64,
+                                                    expansion_ratio=2))
+    grown = widened(model)
+    qkv = next(s for s in grown.graphgrow_report.spaces if s.name == "transformer.blocks.0.attn.Wqkv.weight")
+    assert qkv.new_width == qkv.old_width
+    reasons = " ".join(r for s in grown.graphgrow_report.spaces for r in s.frozen_reasons)
+    assert "ALiBi" in reasons and "head_dim = hidden_size / num_attention_heads" in reasons
