@@ -65,8 +65,10 @@ def _norm_eps(an: FxAnalysis, run) -> dict:
         changes[eps] = eps / ratio
     shared = [eps for eps in changes if eps in kept_eps]
     if shared:
-        raise SharedEpsilon(f"fill + rescale needs the filled stream's norms to take epsilon {shared[0]:g} x d/d', "
+        exc = SharedEpsilon(f"fill + rescale needs the filled stream's norms to take epsilon {shared[0]:g} x d/d', "
                             "but the config holds one epsilon for them and for norms that keep their width")
+        exc.eps = shared[0]
+        raise exc
     return changes
 
 
@@ -185,7 +187,7 @@ def plan_widening(model, inputs: tuple, factor, *, widths=None, only=None, exclu
     gm = capture(model, inputs)
     kept: list = []
     kept_why: dict = {}  # kept space -> the rule or the parameter the config cannot state
-    fill_note = None
+    fill_note = fill_why = None
     for _ in range(6):
         an = FxAnalysis(gm, inputs)
         targets = widen_targets(an.produced, an.constraints, factor, widths, only, exclude, divisor,
@@ -207,6 +209,10 @@ def plan_widening(model, inputs: tuple, factor, *, widths=None, only=None, exclu
             if not fill:
                 raise
             fill, fill_note = False, f"normalized streams kept to whole factors: {exc}"
+            if isinstance(exc, SharedEpsilon):  # (a config rule: the space reports name it, reason (b))
+                fields = eps_fields(model.config, exc.eps) or ["its norm epsilon"]
+                fill_why = (f"no fill + rescale: {type(model.config).__name__} cannot state it grown (one "
+                            f"{fields[0]} for the filled stream's norms and for norms that keep their width)")
             continue
         values = grown_values(model, run)
         shapes = {k: tuple(values[k].shape) if k in values else tuple(v.shape)
@@ -215,6 +221,10 @@ def plan_widening(model, inputs: tuple, factor, *, widths=None, only=None, exclu
         try:
             known = _known_fields(model, an, plan, shapes, eps_changes)
             config = solve_config(type(model), model.config, shapes, known)
+            if fill_why:
+                for sid, note in list(plan.notes.items()):
+                    if "whole integer factors only" in note:
+                        plan.notes[sid] = f"{note}; {fill_why}"
             return Widening(an, plan, targets, rounds, values, config, kept, [fill_note] if fill_note else [])
         except ConfigMismatch as exc:
             names = {sp.name for sp in an.produced}
