@@ -68,6 +68,18 @@ class AttentionRelations:
         if not set(x.vary) <= {a for a in allowed if a is not None}:
             raise NotUnderstood(f"the channels of its {what} are not on its head and head_dim axes")
 
+    def _fused_kv_freeze(self, node, cq, ckv, what: str) -> None:
+        """Multi-query attention whose single key/value head lies in the queries' own projection: it stays."""
+        spaces = self.table.spaces_of(ckv)
+        fused = getattr(self, "_mqa_fused", set())
+        if cq is not None and spaces == self.table.spaces_of(cq):
+            fused |= {spaces[0].id}
+            self._mqa_fused = fused
+        if spaces and spaces[0].id in fused:
+            self.constraints.freeze(ckv, f"{self.site(node)}: multi-query attention's single {what} head shares "
+                                         "its projection with the queries (no head axis to copy it along): it "
+                                         "keeps one head")
+
     def _freeze_heads(self, node, tensors, reason: str) -> None:
         for x in tensors:
             self.constraints.freeze(x.chans, f"{self.site(node)}: {reason}")
@@ -103,9 +115,20 @@ class AttentionRelations:
             if reason:
                 self._freeze_heads(node, (q, k), reason)
             else:
-                self.constraints.tie(cq, ck)
-                self.constraints.tie(space.chan_ids, cq[:, 0])
                 kv_rows = len(np.unique(channel_of(kg), axis=0))  # (repeat_kv repeats them)
+                if kv_rows > 1:
+                    self.constraints.tie(cq, ck)
+                else:
+                    # one key head serves every query head: any number of query heads still reads it, so the
+                    # query heads grow on their own. Fused with the queries in one projection (GPT-BigCode's
+                    # multi-query c_attn) it has no head axis to be copied along: it keeps its one head.
+                    self._fused_kv_freeze(node, cq, channel_of(kg)[:1], "key")
+                self.constraints.tie(space.chan_ids, cq[:, 0])
+                # (what a per-head bias on the scores freezes: ALiBi, graphgrow.fx.labeling)
+                self.scores_heads = getattr(self, "scores_heads", {})
+                self.scores_heads[space.id] = np.concatenate([cq.ravel(), channel_of(kg).ravel()])
+                for ids, role in ((cq, "query"), (channel_of(kg), "key")):
+                    self.constraints.mark_heads(ids[:, 0], role)
                 for ids, count in ((cq, n_heads), (channel_of(kg), kv_rows)):
                     sp = self.table.spaces_of(ids[:, 0])[0]
                     self.constraints.heads_of.setdefault(sp.id, count)
@@ -123,10 +146,14 @@ class AttentionRelations:
     def _pair_heads(self, node, a_old, b_old, a_new, b_new, what: str) -> np.ndarray:
         """Original head of every new head: each new (a, b) pair (b's heads repeated over a's groups) must
         be an original pair."""
-        if len(a_new) % len(b_new):
-            raise self.conflict(node, f"{len(a_new)} heads no longer divide into {len(b_new)} groups")
         old = np.concatenate([a_old, b_old[np.arange(len(a_old)) // (len(a_old) // len(b_old))]], axis=1)
-        new = np.concatenate([a_new, b_new[np.arange(len(a_new)) // (len(a_new) // len(b_new))]], axis=1)
+        if len(np.unique(b_old, axis=0)) == 1 and len(np.unique(b_new, axis=0)) == 1:
+            # one key/value head (repeated) serves every head: any number of heads reads it (multi-query)
+            new = np.concatenate([a_new, np.broadcast_to(b_new[:1], (len(a_new), b_new.shape[1]))], axis=1)
+        elif len(a_new) % len(b_new):
+            raise self.conflict(node, f"{len(a_new)} heads no longer divide into {len(b_new)} groups")
+        else:
+            new = np.concatenate([a_new, b_new[np.arange(len(a_new)) // (len(a_new) // len(b_new))]], axis=1)
         try:
             return match_rows(old, new, 0, what).source()
         except Mismatch as exc:
@@ -166,7 +193,10 @@ class AttentionRelations:
             if reason:
                 self._freeze_heads(node, (p, v), reason)
             else:
-                self.constraints.tie(cv[np.arange(n_heads) // (n_heads // n_kv), 0], cp)
+                if len(np.unique(cv, axis=0)) > 1:
+                    self.constraints.tie(cv[np.arange(n_heads) // (n_heads // n_kv), 0], cp)
+                else:  # (one value head: read by every query head, see scores)
+                    self._fused_kv_freeze(node, None, cv[:1], "value")
                 ids = space.chan_ids.reshape(n_heads, n_ch)
                 self.constraints.units(ids)
                 self.constraints.tie(ids[:, 0], cp)

@@ -86,7 +86,10 @@ def widen_targets(produced: list, constraints: GrowthConstraints, factor, widths
         if not isinstance(w, (int, np.integer)) or isinstance(w, bool) or w < sp.size:
             raise InvalidArgumentError(f"widths[{name!r}] = {w} is smaller than its current width {sp.size}")
     targets = {}
+    per_head = constraints.head_dim_params()  # (they keep head_dim's width: no target)
     for sp in produced:
+        if sp.id in per_head and sp.name not in widths:
+            continue
         if sp.name in widths:
             targets[sp.id] = int(widths[sp.name])
             continue
@@ -152,6 +155,8 @@ def space_reports(produced: list, plan, targets: dict | None = None) -> list:
                 if other.id in plan.notes:
                     reasons.append(f"tied to {other.name!r}: {plan.notes[other.id]}")
                     break
+        if new == sp.size and not reasons and sp.id in plan.notes:
+            reasons.append(plan.notes[sp.id])
         if new == sp.size and not reasons:
             reasons = ["the factor adds no channel at this width" if targets else "not selected for widening"]
         out.append(SpaceReport(sp.name, sp.size, new, list(sp.producers), list(sp.consumers), list(sp.carriers),

@@ -71,6 +71,12 @@ class GrowthConstraints:
         self.fill_kinds: dict = {}  # space id -> the norm kinds reading it (for fill + rescale)
         self.no_fill: dict = {}  # space id -> why fill + rescale cannot serve it
         self.width_links: list = []  # (stream space id, unit space id, ratio): new stream width = ratio x unit width
+        self.split_blocks: dict = {}  # space id -> block sizes a reshape split it into (its inner axis)
+        self.head_firsts: dict = {}  # "query" / "key" -> first channel ids of the heads attentions read
+        self._laid_out: set = set()
+        self.param_spaces: set = set()  # spaces of bare parameters (a norm's gain written out, a layer scale)
+        self._per_head: dict | None = None  # param space id -> the unit space along whose head_dim it lies
+        self._param_layout: dict = {}  # param space id -> the unit space it is tied to channel for channel
 
     def _grow(self):
         n = self.table.num_chans
@@ -90,6 +96,63 @@ class GrowthConstraints:
         e = _edges(a_chans, b_chans)
         if e is not None:
             self._split_edges.append(e)
+        a = np.asarray(a_chans, np.int64).ravel()
+        for sp in self.table.spaces_of(a):
+            self.split_blocks.setdefault(sp.id, set()).add(len(a))
+
+    def mark_heads(self, first_chans, role: str) -> None:
+        """The first channel of each query (``role="query"``) or key head an attention reads, to count the
+        heads of the widened model (:meth:`WidenPlan.head_count`)."""
+        self.head_firsts.setdefault(role, set()).update(np.asarray(first_chans, np.int64).ravel().tolist())
+
+    def head_dim_params(self) -> dict:
+        """Bare parameters lying along the head_dim of a space cut into heads (Qwen3's q_norm / k_norm gain:
+        ``[head_dim]``, broadcast over the heads): param space id -> that unit space's id. Copying whole heads
+        keeps every (gain channel, head channel) pair an original one, so such a parameter keeps its width
+        and its ties to the heads are dropped (they would otherwise copy the gain with the heads)."""
+        if self._per_head is None:
+            self._per_head, self._param_layout = {}, {}
+            if self.param_spaces and self.unit_size:
+                for e in self._tie_edges:
+                    sid = self.table.space_ids_of(e.ravel()).reshape(e.shape)
+                    for p_col in (0, 1):
+                        for pid in set(sid[:, p_col].tolist()) & self.param_spaces:
+                            rows = sid[:, p_col] == pid
+                            others = set(sid[rows, 1 - p_col].tolist())
+                            for uid in others & set(self.unit_size):
+                                u, size = self.unit_size[uid], self.table.spaces[pid].size
+                                sel = rows & (sid[:, 1 - p_col] == uid)
+                                p_off = e[sel, p_col] - self.table.spaces[pid].base
+                                u_off = e[sel, 1 - p_col] - self.table.spaces[uid].base
+                                if size == u and size < self.table.spaces[uid].size and \
+                                        np.array_equal(u_off % u, p_off):
+                                    self._per_head[pid] = uid
+                                elif size == self.table.spaces[uid].size and np.array_equal(u_off, p_off):
+                                    # (OLMo2's q_norm gain over all heads' channels: laid out as the heads)
+                                    self._param_layout[pid] = uid
+        return self._per_head
+
+    def layout_units(self) -> dict:
+        """space id -> channels copied together: a unit space's head size, or the block a reshape splits it
+        into when that block holds several whole heads (GPT-NeoX's fused ``[q_h | k_h | v_h]`` per head: the
+        heads of one block are tied by the attention, and copying the block keeps the reshape's blocks copies
+        of old ones). The heads of one block are tied here so they always take the same copy count."""
+        out = dict(self.unit_size)
+        for sid, u in self.unit_size.items():
+            size = self.table.spaces[sid].size
+            blocks = [b for b in self.split_blocks.get(sid, ()) if b > u and b % u == 0 and size % b == 0]
+            if len(blocks) != 1:
+                continue
+            b = blocks[0]
+            if sid not in self._laid_out:
+                chans = self.table.spaces[sid].chan_ids.reshape(-1, b // u, u)[:, :, 0]
+                self.tie(chans[:, :1], chans)
+                self._laid_out.add(sid)
+            out[sid] = b
+        self.head_dim_params()
+        for pid, uid in self._param_layout.items():
+            out.setdefault(pid, out[uid])
+        return out
 
     def uniform(self, rows, site: str, kind: str | None = None) -> None:
         """Every row (channel ids along a normalized axis) replicates uniformly: its channels are tied.
@@ -143,6 +206,11 @@ class GrowthConstraints:
 
     def tie_edges(self) -> np.ndarray:
         edges = list(self._tie_edges)
+        per_head = self.head_dim_params()
+        if per_head:  # (a head_dim parameter pairs with every head alike: no tie)
+            drop = np.asarray(sorted(per_head), np.int64)
+            edges = [e[~np.isin(self.table.space_ids_of(e.ravel()).reshape(e.shape), drop).any(axis=1)]
+                     for e in edges]
         if self._split_edges:
             split = np.concatenate(self._split_edges)
             if self.unit_size:
@@ -199,6 +267,7 @@ class WidenPlan:
     fill_base: dict = field(default_factory=dict)  # space id -> first label id of its new channels
     fill_start: int = 1 << 62  # label ids from here on name filled channels (above every space's)
     normalized: set = field(default_factory=set)  # spaces read by a norm across channels (residual streams)
+    layout: dict = field(default_factory=dict)  # space id -> channels copied together (default: its units)
 
     def tied_spaces(self, space) -> list:
         """Other spaces sharing a tie class with ``space``."""
@@ -207,6 +276,10 @@ class WidenPlan:
         mine = np.unique(self.classes[space.chan_ids])
         others = np.nonzero(np.isin(self.classes, mine))[0]
         return [s for s in self.table.spaces_of(others) if s.id != space.id]
+
+    def head_count(self, first_chans) -> int:
+        """How many heads the widened model has in place of the heads starting at ``first_chans``."""
+        return int(self.counts[np.asarray(sorted(first_chans), np.int64)].sum()) if len(first_chans) else 0
 
     def replication_counts(self, space) -> np.ndarray:
         return self.counts[space.base : space.base + space.size]
@@ -217,7 +290,7 @@ class WidenPlan:
     def mapping(self, space) -> np.ndarray:
         """g: new index -> old index (each old channel followed by its copies; in a space cut into units,
         each unit followed by its copies); -1 for the channels fill + rescale appends."""
-        u = self.units.get(space.id, 1)
+        u = self.layout.get(space.id, self.units.get(space.id, 1))
         if u == 1:
             g = np.repeat(np.arange(space.size, dtype=np.int64), self.replication_counts(space))
         else:
@@ -255,6 +328,9 @@ def solve_plan(constraints: GrowthConstraints, targets: dict, seed: int = 0, fil
     grow together.
     """
     table = constraints.table
+    layout = constraints.layout_units()
+    per_head = constraints.head_dim_params()
+    targets = {sid: t for sid, t in targets.items() if sid not in per_head}
     constraints._grow()
     rng = np.random.default_rng(seed)
     cls = constraints.classes()
@@ -285,7 +361,12 @@ def solve_plan(constraints: GrowthConstraints, targets: dict, seed: int = 0, fil
         sp = table.spaces[sid]
         target = int(targets[sid])
         chans = sp.chan_ids
-        free_cls = cls[chans[~class_frozen[cls[chans]]]].tolist()  # class of each free channel
+        free = ~class_frozen[cls[chans]]
+        if sid in constraints.unit_size and 0 < free.sum() < sp.size and target > sp.size:
+            # a space of heads some of which stay (a single key/value head fused with the queries): the free
+            # heads grow by the factor asked of the space, not by the channels the others keep
+            target = sp.size + int(round((target - sp.size) * free.sum() / sp.size))
+        free_cls = cls[chans[free]].tolist()  # class of each free channel
         n_free = len(free_cls)
         if n_free == 0:
             continue
@@ -313,7 +394,10 @@ def solve_plan(constraints: GrowthConstraints, targets: dict, seed: int = 0, fil
             for s2, m in mult(k):
                 width[s2] += m
     plan = WidenPlan(table, np.asarray(counts_cls, dtype=np.int64)[cls], cls, dict(constraints.unit_size), notes,
-                     normalized=set(constraints.uniform_sites))
+                     normalized=set(constraints.uniform_sites), layout=layout)
+    for pid, uid in per_head.items():
+        plan.notes[pid] = (f"lies along the head_dim of {table.spaces[uid].name!r} (one value per head channel, "
+                           "shared by every head): heads are copied whole, head_dim kept")
     _plan_fills(plan, constraints, targets, fill_candidates, mult, width)
     return plan
 

@@ -462,6 +462,7 @@ class RelationRun(NormRelations, AttentionRelations, DispatchRelations, sites.La
         space = self.out_space(node, name, arr.shape[axis], suffix)
         old = LabelTensor.channels(shape, label_axis, space.chan_ids, self.salt(node))
         if self.analysis:
+            self.constraints.param_spaces.add(space.id)
             return old, old, None
         mapping = self.plan.mapping(space)
         new = None

@@ -178,6 +178,8 @@ def _table() -> dict:
     put(_overloads(aten.squeeze, "dim", "dims", "default"), _function(torch.squeeze))
     put(_overloads(aten.flatten, "using_ints"), _function(torch.flatten))
     put(_overloads(aten.cat, "default"), _function(torch.cat))
+    put(_overloads(aten.stack, "default"), _function(torch.stack))
+    put(_overloads(aten.baddbmm, "default"), _function(torch.baddbmm))
     put(_overloads(aten.split, "Tensor") + _overloads(aten.split_with_sizes, "default"), _function(torch.split))
     put(_overloads(aten.chunk, "default"), _function(torch.chunk))
     put(_overloads(aten.unbind, "int"), _function(torch.unbind))

@@ -58,11 +58,13 @@ class FxLabelRun(FxTransformerOps, FxDispatchOps, MoveReplay, RelationRun):
             self.param_names, self.old_parts = analysis.param_names, analysis.old_parts
             self.tied_heads = analysis.tied_heads
             self.table_scales: dict = {}  # embedding table -> the factor its stored new value carries
+            self.alibi_nodes = analysis.alibi_nodes
             return
         self.table_scales = {}
         self.modules = dict(gm.named_modules())
         self.param_names = {n for n, _ in gm.named_parameters()}
         self.old_parts: dict = {}  # composite ops' internal labels in the original configuration
+        self.alibi_nodes: set = set()  # adds of a per-head constant bias to attention scores (MPT's ALiBi)
         self.salts = {n: i + 1 for i, n in enumerate(gm.graph.nodes)}
         self.attr_uses: dict = {}
         calls: dict = {}
@@ -279,6 +281,10 @@ class FxLabelRun(FxTransformerOps, FxDispatchOps, MoveReplay, RelationRun):
             if self._constants_only(args, kwargs):
                 return self.fixed_outputs(node)
             return self._matmul(node, args[0], args[1])
+        if target is torch.baddbmm and len(args) >= 3 and any(isinstance(a, LabelTensor) for a in args[1:3]):
+            if self._constants_only(args, kwargs):
+                return self.fixed_outputs(node)
+            return self._baddbmm(node, args)
         if target in (F.batch_norm, F.instance_norm) and isinstance(first, LabelTensor):
             return self._functional_norm(node, first)
         if target in (F.layer_norm, F.group_norm, getattr(F, "rms_norm", None)) and isinstance(first, LabelTensor):
@@ -360,6 +366,9 @@ class FxLabelRun(FxTransformerOps, FxDispatchOps, MoveReplay, RelationRun):
                 return self._param_operand(node, q, ps, qs)  # a position embedding
             if len(rq.vary) >= 2 and self._is_fixed(p):
                 return self.fixed_operand(node, q, self._old(qs), p.shape)  # rotary cos / sin
+            if len(rq.vary) == 1 and self._is_fixed(p) and p.ndim >= rq.ndim - rq.vary[0] \
+                    and p.shape[rq.vary[0] - rq.ndim] > 1 and self._alibi(node, rq):
+                return self._per_head_bias(node, q, self._old(qs))
         try:
             out_shape = tuple(np.broadcast_shapes(a.shape, b.shape))
         except ValueError:
@@ -400,6 +409,24 @@ class FxLabelRun(FxTransformerOps, FxDispatchOps, MoveReplay, RelationRun):
                     self.arg_updates[src] = (new_args, src.kwargs)
             return self.elementwise(node, x)
         return None
+
+    def _alibi(self, node, scores: LabelTensor) -> bool:
+        """Whether ``node`` adds a constant with one value per head to attention scores (decided on the
+        analysis run, remembered for the apply run)."""
+        if self.analysis and any("(scores)" in sp.name for sp in self.table.spaces_of(scores.chans)):
+            self.alibi_nodes.add(node)
+        return node in self.alibi_nodes
+
+    def _per_head_bias(self, node, x: LabelTensor, old_x):
+        """MPT's ALiBi bias (one slope per head) added to the scores: computed for the model's head count."""
+        if self.analysis:
+            heads = [getattr(self, "scores_heads", {}).get(sp.id, []) for sp in self.table.spaces_of(x.chans)]
+            self.constraints.freeze(np.concatenate([x.chans] + [np.asarray(h, np.int64) for h in heads]),
+                                    f"{self.site(node)}: ALiBi: a per-head bias computed for the model's head count "
+                                    "is added to the attention scores, so the heads keep their number")
+        elif not same_labels(old_x, x):
+            raise self.conflict(node, "ALiBi's per-head bias meets a changed head count")
+        return self.elementwise(node, x)
 
     def _pad(self, node, x: LabelTensor, args, kwargs):
         """F.pad with constant padding: per channel on the one channel axis it leaves unpadded (NCHW or

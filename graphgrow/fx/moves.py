@@ -32,6 +32,33 @@ def as_labels(v):
     return LabelTensor(v.contiguous().numpy()) if isinstance(v, torch.Tensor) else v
 
 
+def merged_dims(raw: list, old_shape, new_shape):
+    """New literal dims of a reshape that only merges runs of consecutive input axes (repeat_kv's
+    ``(kv, n_rep) -> heads``), one output dim per run: each dim is its run's product in the widened input.
+    Size-1 input axes join the run after them (the heads-major order). None when the reshape is not a
+    pure merge of literal dims, or when no merged axis changed."""
+    if any(not isinstance(r, (int, np.integer)) or r < 1 for r in raw) or len(raw) >= len(old_shape) \
+            or len(old_shape) != len(new_shape):
+        return None
+    out, i = [], 0
+    for r in raw:
+        run_old, run_new = 1, 1
+        while i < len(old_shape) and (run_old < r or r == 1 == old_shape[i]):
+            run_old, run_new = run_old * old_shape[i], run_new * new_shape[i]
+            i += 1
+            if r == 1:  # (a dim of 1 takes one input axis of 1)
+                break
+        if run_old != r:
+            return None
+        out.append(run_new)
+    while i < len(old_shape) and old_shape[i] == 1 and out:  # trailing size-1 axes: the last run
+        out[-1] *= new_shape[i]
+        i += 1
+    if i != len(old_shape) or out == list(raw):
+        return None
+    return out
+
+
 class MoveReplay:
     """The moves of :class:`~graphgrow.fx.labeling.FxLabelRun` (a mixin: it uses the run's state)."""
 
@@ -103,8 +130,11 @@ class MoveReplay:
             nested = target == torch.reshape or len(node.args) == 2 and isinstance(node.args[1], (list, tuple))
             raw = list(node.args[1]) if nested else list(node.args[1:])
             vals = list(args[1]) if nested else list(args[1:])
-            dims = self.rescale_shape(node, [None if isinstance(r, fx.Node) else r for r in raw], self.old[node],
-                                      int(np.prod(old_in.shape)), int(np.prod(new_in.shape)))
+            raw_dims = [None if isinstance(r, fx.Node) else r for r in raw]
+            dims = merged_dims(raw_dims, old_in.shape, new_in.shape)
+            if dims is None:
+                dims = self.rescale_shape(node, raw_dims, self.old[node], int(np.prod(old_in.shape)),
+                                          int(np.prod(new_in.shape)))
             if dims is None:
                 return args, kwargs
             vals = [v if d is None else d for v, d in zip(vals, dims)]
@@ -115,8 +145,10 @@ class MoveReplay:
             lead = len(vals) - old_in.ndim
             # an axis the input already has at full size keeps following it (-1 or its old size); broadcast axes
             # (size 1 in the input) and new leading axes keep their literal size
+            # (an axis of size 1 that grew, one key/value head copied with its query group, follows it too)
             new_vals = [v if i < lead or not isinstance(v, int) or v == -1 or v != old_in.shape[i - lead]
-                        or old_in.shape[i - lead] == 1 else new_in.shape[i - lead] for i, v in enumerate(vals)]
+                        or old_in.shape[i - lead] == 1 == new_in.shape[i - lead] else new_in.shape[i - lead]
+                        for i, v in enumerate(vals)]
             if new_vals == vals:
                 return args, kwargs
             new_args = [args[0], new_vals] if nested else [args[0]] + new_vals

@@ -20,6 +20,27 @@ from ..core.label_tensor import LabelTensor
 from ..core.recipe import Recipe, same_values
 from ..core.relations import NotUnderstood
 
+def _through_casts(node):
+    """The ops reading ``node``, looking through dtype casts (Cohere's ``weight.to(float32) * x``); None where
+    a cast is read more than once."""
+    out = []
+    for u in node.users:
+        if u.op == "call_method" and u.target in ("to", "float", "type_as") and len(u.users) >= 1:
+            if len(node.users) != 1:
+                return None
+            out.extend(u.users)
+        else:
+            out.append(u)
+    return out
+
+
+def cast_source(a):
+    """The node a dtype cast (``weight.to(float32)``) reads, else ``a``."""
+    while a.op == "call_method" and a.target in ("to", "float") and isinstance(a.args[0], fx.Node):
+        a = a.args[0]
+    return a
+
+
 RMS_NORM_MODULES = (nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()
 # ops through which a bare parameter joins the activations it meets (class tokens, layer scales, biases)
 JOINING_OPS = {operator.add, operator.sub, operator.mul, operator.truediv, torch.add, torch.sub, torch.mul, torch.div,
@@ -270,6 +291,18 @@ class FxTransformerOps:
         out_shape = list(self._shape(node)) if self.analysis else \
             list(olds[0].shape[:-1]) + [olds[2].shape[-1]]
         return self.attention(node, node.name, q, k, v, *olds, out_shape=out_shape)
+
+    def _baddbmm(self, node, args):
+        """``beta * bias + alpha * (b1 @ b2)`` (BLOOM's scores): a constant bias holding one row per batch x head
+        is a per-head bias computed for the model's head count (ALiBi's slopes): the heads it meets stay."""
+        bias, b1, b2 = args[:3]
+        fixed = not isinstance(bias, LabelTensor) or not bias.vary
+        per_head = fixed and bias.ndim == 3 and bias.shape[0] > 1 and any(
+            isinstance(b, LabelTensor) and b.vary for b in (b1, b2))
+        if per_head:
+            return self.opaque(node, "ALiBi: its additive per-head bias (the slopes) is computed for the model's "
+                                     "head count, so the heads keep their number")
+        return self.opaque(node, "baddbmm with an additive input that is not a per-head constant is not understood")
 
     def _matmul(self, node, a: LabelTensor, b: LabelTensor):
         return self.batched_product(node, node.name, a, b, self._old(node.args[0]), self._old(node.args[1]))

@@ -165,3 +165,25 @@ def eps_fields(config, old_eps: float) -> list:
         if isinstance(v, float) and "eps" in k and math.isclose(v, old_eps, rel_tol=1e-6):
             out.append(k)
     return out
+
+
+def head_coupling(model_cls, config, known: dict) -> str | None:
+    """The config rule ``head_dim = hidden_size / num_attention_heads`` when the family derives its heads' size
+    from the stream (GPT-NeoX, GPT-J, BLOOM, ...: doubling ``num_attention_heads`` alone changes no parameter)
+    and the grown sizes in ``known`` break it (head_dim kept: heads are copied whole); else None."""
+    hidden, heads = known.get("hidden_size"), known.get("num_attention_heads")
+    old_hidden, old_heads = getattr(config, "hidden_size", None), getattr(config, "num_attention_heads", None)
+    if not all(isinstance(v, int) and v > 0 for v in (hidden, heads, old_hidden, old_heads)):
+        return None
+    head_dim = known.get("head_dim") or old_hidden // old_heads
+    if hidden == heads * head_dim or old_hidden != old_heads * head_dim:
+        return None
+    try:
+        trial = copy.deepcopy(config)
+        trial.num_attention_heads = 2 * old_heads
+        if meta_shapes(model_cls, trial) != meta_shapes(model_cls, config):
+            return None  # (the family reads head_dim from its config: the stream and the heads are independent)
+    except Exception:  # noqa: BLE001 - the family rejects the probe: no rule to name
+        return None
+    return (f"{type(config).__name__} derives head_dim = hidden_size / num_attention_heads, and the grown "
+            f"hidden_size {hidden} is not {heads} heads x {head_dim}")

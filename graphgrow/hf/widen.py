@@ -31,7 +31,7 @@ from ..errors import UnsupportedModelError, VerificationError, first_line
 from ..fx.engine import FxAnalysis, count_params, plan_and_apply
 from ..fx.transformer import norm_eps, param_array, param_through_offset
 from .capture import ModelOutputs, as_inputs, capture, input_names, rebuilt, tied_groups
-from .config import ConfigMismatch, eps_fields, solve_config
+from .config import ConfigMismatch, eps_fields, head_coupling, solve_config
 
 
 def _key(owner: str, attr: str) -> str:
@@ -56,25 +56,32 @@ def _norm_eps(an: FxAnalysis, run) -> dict:
     for mean, ratio in run.mean_scales.items():
         eps, gain = _written_out_rms(mean)
         if eps is None:
-            raise UnsupportedModelError(f"the mean at node {mean.name!r} is not followed by '+ eps', rsqrt and a "
-                                        "gain: its fill + rescale cannot be written into the config")
+            raise FillNotStated(f"the mean at node {mean.name!r} is not followed by '+ eps', rsqrt and a "
+                                "gain: its fill + rescale cannot be written into the config")
         gain, offset = gain
         owner, _, attr = gain.target.rpartition(".")
         upd = run.updates.get(owner)
         if upd is None or attr not in upd.tensors:
-            raise UnsupportedModelError(f"the gain {gain.target!r} of a filled norm did not grow with its stream")
+            raise FillNotStated(f"the gain {gain.target!r} of a filled norm did not grow with its stream")
         # mean over d' channels = mean over d x d/d': dividing eps by d'/d and the gain by its root keeps the output
         # (Gemma's gain 1 + w: the sum is divided)
         upd.tensors[attr] = scale_affine(upd.tensors[attr], 1 / math.sqrt(ratio), offset)
         changes[eps] = eps / ratio
     shared = [eps for eps in changes if eps in kept_eps]
     if shared:
-        raise SharedEpsilon(f"fill + rescale needs the filled stream's norms to take epsilon {shared[0]:g} x d/d', "
+        exc = SharedEpsilon(f"fill + rescale needs the filled stream's norms to take epsilon {shared[0]:g} x d/d', "
                             "but the config holds one epsilon for them and for norms that keep their width")
+        exc.eps = shared[0]
+        raise exc
     return changes
 
 
-class SharedEpsilon(UnsupportedModelError):
+class FillNotStated(UnsupportedModelError):
+    """A norm's fill + rescale cannot be written into the family's config or code (the widening is redone
+    without fill + rescale)."""
+
+
+class SharedEpsilon(FillNotStated):
     """The config's one norm epsilon cannot be rescaled for some norms and kept for others."""
 
 
@@ -112,6 +119,21 @@ def grown_values(model, run) -> dict:
     return out
 
 
+def _head_ratio(an, plan, role: str) -> float:
+    """new / old count of the query (or key) heads, the same in every attention layer (the config has one)."""
+    firsts = an.constraints.head_firsts.get(role, set())
+    by_space: dict = {}
+    for c in firsts:
+        by_space.setdefault(int(an.table.space_ids_of(np.asarray([c]))[0]), []).append(c)
+    ratios = {plan.head_count(cs) / len(cs) for cs in by_space.values()}
+    ratios.discard(1.0) if len(ratios) > 1 and 1.0 in ratios else None
+    if len(ratios) > 1:
+        names = [an.table.spaces[sid].name for sid in by_space]
+        raise ConfigMismatch(f"attention layers grew their {role} heads by different factors ({sorted(ratios)}): "
+                             "one config cannot state their heads", names)
+    return ratios.pop() if ratios else 1.0
+
+
 def _known_fields(model, an, plan, shapes: dict, eps_changes: dict) -> dict:
     """The standard config fields the widening measured: stream width, heads, epsilon."""
     cfg = model.config
@@ -125,16 +147,11 @@ def _known_fields(model, an, plan, shapes: dict, eps_changes: dict) -> dict:
         key = next(k for k, v in model.state_dict(keep_vars=True).items() if v is weight)
         if weight.shape[1] == getattr(cfg, "hidden_size", weight.shape[1]):  # (ALBERT's embedding_size: probed)
             known["hidden_size"] = int(shapes[key][1])
-    ratios = {plan.new_size(sp) / sp.size for sp in an.produced if an.constraints.heads_of.get(sp.id)}
-    ratios.discard(1.0) if len(ratios) > 1 and 1.0 in ratios else None
-    if len(ratios) > 1:
-        raise ConfigMismatch(f"attention layers grew by different factors ({sorted(ratios)}): one config cannot "
-                             "state their heads", [sp.name for sp in an.produced if an.constraints.heads_of.get(sp.id)])
-    ratio = ratios.pop() if ratios else 1.0
-    for field in head_fields(cfg):
+    ratios = {"query": _head_ratio(an, plan, "query"), "key": _head_ratio(an, plan, "key")}
+    for field in head_fields(cfg):  # (an encoder-decoder's encoder/decoder head counts grow like the query heads)
         heads = getattr(cfg, field, None)
         if isinstance(heads, int):
-            known[field] = int(round(heads * ratio))
+            known[field] = int(round(heads * ratios["key" if field == "num_key_value_heads" else "query"]))
     head_dims = {an.constraints.unit_size.get(sp.id) for sp in an.produced if an.constraints.heads_of.get(sp.id)}
     per_stage = isinstance(getattr(cfg, "num_attention_heads", None), (list, tuple))  # Swin: heads per stage
     if len(head_dims) == 1 and None not in head_dims and not per_stage:
@@ -218,19 +235,24 @@ class Widening:
 
 
 def plan_widening(model, inputs: tuple, factor, *, widths=None, only=None, exclude=None, divisor: int = 1,
-                  options: GrowOptions, fill: bool = True, strict: bool = False, progress=None) -> Widening:
+                  options: GrowOptions, fill: bool = True, strict: bool = False, progress=None,
+                  keep_heads: str | None = None) -> Widening:
     """Capture, analyse, plan and apply (on real or weightless parameters), and solve the new config.
     Spaces the family's config cannot state at their planned width keep it (the nearest widening it states)."""
     gm = capture(model, inputs)
     kept: list = []
-    fill_note = None
+    kept_why: dict = {}  # kept space -> the rule or the parameter the config cannot state
+    fill_note = fill_why = None
     for _ in range(6):
         an = FxAnalysis(gm, inputs)
         targets = widen_targets(an.produced, an.constraints, factor, widths, only, exclude, divisor,
                                 what="parameter")
         for sp in an.produced:
+            if keep_heads and an.constraints.heads_of.get(sp.id):
+                an.constraints.freeze_space(sp, keep_heads)
             if sp.name in kept:
-                an.constraints.freeze_space(sp, f"{type(model.config).__name__} cannot state it grown")
+                an.constraints.freeze_space(sp, f"{type(model.config).__name__} cannot state it grown"
+                                                + (f" ({kept_why[sp.name]})" if kept_why.get(sp.name) else ""))
                 targets.pop(sp.id, None)
         plan, run, rounds = plan_and_apply(an, targets, options, options.seed, progress, fill=fill)
         if strict:
@@ -238,25 +260,37 @@ def plan_widening(model, inputs: tuple, factor, *, widths=None, only=None, exclu
         require_head_widths(an.produced, plan, an.constraints, widths)
         try:
             eps_changes = _norm_eps(an, run)
-        except SharedEpsilon as exc:
+        except FillNotStated as exc:
             if not fill:
                 raise
             fill, fill_note = False, f"normalized streams kept to whole factors: {exc}"
+            if isinstance(exc, SharedEpsilon):  # (a config rule: the space reports name it, reason (b))
+                fields = eps_fields(model.config, exc.eps) or ["its norm epsilon"]
+                fill_why = (f"no fill + rescale: {type(model.config).__name__} cannot state it grown (one "
+                            f"{fields[0]} for the filled stream's norms and for norms that keep their width)")
             continue
         values = grown_values(model, run)
         shapes = {k: tuple(values[k].shape) if k in values else tuple(v.shape)
                   for k, v in model.state_dict().items()}
         unread = _unread_keys(model, an, values)
         shapes.update({k: None for k in unread})  # (their size follows the config, whatever it is)
+        known: dict = {}
         try:
             known = _known_fields(model, an, plan, shapes, eps_changes)
             config = solve_config(type(model), model.config, shapes, known)
+            if fill_why:
+                for sid, note in list(plan.notes.items()):
+                    if "whole integer factors only" in note:
+                        plan.notes[sid] = f"{note}; {fill_why}"
             notes = [fill_note] if fill_note else []
             notes += _unread_values(model, config, unread, values)
             return Widening(an, plan, targets, rounds, values, config, kept, notes)
         except ConfigMismatch as exc:
             names = {sp.name for sp in an.produced}
             heads = [sp.name for sp in an.produced if an.constraints.heads_of.get(sp.id)]
+            rule = head_coupling(type(model), model.config, known)
+            if rule and widths:
+                raise ConfigMismatch(f"the requested widths cannot be stated: {rule}", exc.keys) from None
             # the heads first (the stream matters more), then the other spaces the config cannot state
             candidates = ([k for k in exc.keys if k in heads], list(exc.keys), heads)
             more = next(([k for k in keys if k in names and k not in kept] for keys in candidates
@@ -264,13 +298,15 @@ def plan_widening(model, inputs: tuple, factor, *, widths=None, only=None, exclu
             if not more or widths:
                 raise
             kept.extend(more)
+            for name in more:
+                kept_why[name] = rule or first_line(exc).split(": ", 1)[-1]
     raise UnsupportedModelError(f"no widening of {type(model).__name__} its config can state was found")
 
 
 def widen_pretrained(model, factor=1.41, *, example_inputs, widths=None, only=None, exclude=None, divisor: int = 1,
                      init: str = "net2net", noise: float = 0.0, noise_mode: str = "exact", seed: int = 0,
                      verify: str = "torch", atol=None, rtol=None, fill: bool = True, strict: bool = False,
-                     progress=None):
+                     progress=None, _keep_heads: str | None = None):
     """:func:`graphgrow.widen` for a ``transformers.PreTrainedModel`` (same arguments; same class returned)."""
     factor = check_factor(factor, widths)
     check_options(init, noise_mode, divisor, noise)
@@ -278,7 +314,7 @@ def widen_pretrained(model, factor=1.41, *, example_inputs, widths=None, only=No
     fill = bool(fill) and init == "net2net"
     options = GrowOptions(noise=noise, noise_mode=noise_mode, init=init, seed=seed)
     w = plan_widening(model, inputs, factor, widths=widths, only=only, exclude=exclude, divisor=divisor,
-                      options=options, fill=fill, strict=strict, progress=progress)
+                      options=options, fill=fill, strict=strict, progress=progress, keep_heads=_keep_heads)
     state = dict(model.state_dict())
     for key, value in w.values.items():
         state[key] = torch.from_numpy(np.ascontiguousarray(value)).to(state[key].dtype)
@@ -293,7 +329,7 @@ def widen_pretrained(model, factor=1.41, *, example_inputs, widths=None, only=No
             return ModelOutputs(widen_pretrained(double, factor, example_inputs=inputs, widths=widths, only=only,
                                                  exclude=exclude, divisor=divisor, init=init, noise=noise,
                                                  noise_mode=noise_mode, seed=seed, verify="none", fill=fill,
-                                                 strict=strict), names)
+                                                 strict=strict, _keep_heads=_keep_heads), names)
 
         names = input_names(inputs)
         dtype = next(model.parameters()).dtype
@@ -310,11 +346,24 @@ def widen_pretrained(model, factor=1.41, *, example_inputs, widths=None, only=No
         try:
             verify_growth(reference, candidate, inputs, report, "widened", verify, atol, rtol, seed, redo64)
         except VerificationError as exc:
+            heads_grew = any(w.plan.new_size(sp) > sp.size for sp in w.an.produced
+                             if w.an.constraints.heads_of.get(sp.id))
+            if not w.plan.fills and heads_grew and not _keep_heads and not widths:
+                # the graph's widening was consistent, the family's code at the grown config is not: its heads
+                # are laid out in a way the captured graph does not show (CodeGen's fixed mp_num=4 blocks of q, v
+                # and k, read as per-head blocks by the export). Exact with its heads kept, or refused.
+                why = (f"{type(model).__name__} at the grown head count lays its fused heads out differently from "
+                       f"the captured graph ({first_line(exc)}): the heads keep their number")
+                return widen_pretrained(model, factor, example_inputs=inputs, widths=widths, only=only,
+                                        exclude=exclude, divisor=divisor, init=init, noise=noise,
+                                        noise_mode=noise_mode, seed=seed, verify=verify, atol=atol, rtol=rtol,
+                                        fill=fill, strict=strict, progress=progress, _keep_heads=why)
             if not w.plan.fills:
                 raise
             result = widen_pretrained(model, factor, example_inputs=inputs, widths=widths, only=only,
                                       exclude=exclude, divisor=divisor, init=init, noise=noise, noise_mode=noise_mode,
-                                      seed=seed, verify=verify, atol=atol, rtol=rtol, fill=False, strict=strict)
+                                      seed=seed, verify=verify, atol=atol, rtol=rtol, fill=False, strict=strict,
+                                      _keep_heads=_keep_heads)
             result.graphgrow_report.notes.append(f"fill + rescale did not verify ({first_line(exc)}); normalized "
                                                  "streams kept their width")
             return result

@@ -1,0 +1,128 @@
+"""Issue 18, heads and config coupling: families whose heads used to stay (fused per-head qkv, interleaved
+rotary written with stack, q/k norms over head_dim, multi-query / one key-value head, ALiBi) widen their
+heads with the stream; the grown model has exactly the parameters of the family built at the grown sizes."""
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+import graphgrow  # noqa: E402
+from graphgrow.errors import GraphGrowError  # noqa: E402
+
+VOCAB = 96
+TOK = dict(vocab_size=VOCAB, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+DEC = dict(TOK, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+           max_position_embeddings=64)
+GPT = dict(TOK, n_embd=64, n_layer=2, n_head=4, n_inner=128, n_positions=64, resid_pdrop=0.0, embd_pdrop=0.0,
+           attn_pdrop=0.0)
+
+
+def build(cls_name, attn="sdpa", **kw):
+    cls = getattr(transformers, cls_name)
+    cfg = cls.config_class(**kw)
+    cfg._attn_implementation = attn
+    torch.manual_seed(0)
+    return cls(cfg).eval()
+
+
+def ids(seed=0, length=10):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(3, VOCAB, (2, length), generator=g)
+    x[0, 0] = VOCAB - 1
+    return x
+
+
+def logits(model, x):
+    with torch.no_grad():
+        return model(x).logits
+
+
+def n_params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def widened(model, factor=2):
+    grown = graphgrow.widen(model, factor, example_inputs=(ids(),))
+    for seed in (1, 2):  # checked again here, on inputs graphgrow did not draw
+        a, b = logits(model, ids(seed)), logits(grown, ids(seed))
+        assert float((a - b).abs().max() / a.abs().max()) < 1e-5
+    return grown
+
+
+# (family, config, sizes the grown config must state at x2: the ideal model is the family built with them)
+CASES = {
+    "gpt-neox": ("GPTNeoXForCausalLM", DEC, dict(hidden_size=128, num_attention_heads=8, intermediate_size=256)),
+    "gptj": ("GPTJForCausalLM", dict(GPT, rotary_dim=8), dict(n_embd=128, n_head=8, n_inner=256)),
+    "qwen3": ("Qwen3ForCausalLM", dict(DEC, num_key_value_heads=2, head_dim=32),
+              dict(hidden_size=128, num_attention_heads=8, num_key_value_heads=4, intermediate_size=256)),
+    "gpt-bigcode": ("GPTBigCodeForCausalLM", GPT, dict(n_embd=128, n_head=8, n_inner=256)),
+    "llama-kv1": ("LlamaForCausalLM", dict(DEC, num_key_value_heads=1),
+                  dict(hidden_size=128, num_attention_heads=8, num_key_value_heads=2, intermediate_size=256)),
+}
+
+
+@pytest.mark.parametrize("family", sorted(CASES))
+def test_heads_grow_with_the_stream(family):
+    cls_name, cfg, expect = CASES[family]
+    attn = "eager" if family == "gptj" else "sdpa"
+    model = build(cls_name, attn, **cfg)
+    grown = widened(model)
+    for field, value in expect.items():
+        assert getattr(grown.config, field) == value, field
+    ideal = build(cls_name, attn, **{**cfg, **expect})
+    assert n_params(grown) == n_params(ideal)
+    assert grown.graphgrow_report.params_after == n_params(ideal)
+
+
+def test_qk_norm_over_head_dim_keeps_its_width():
+    model = build("Qwen3ForCausalLM", **dict(DEC, num_key_value_heads=2, head_dim=32))
+    grown = widened(model)
+    assert tuple(grown.model.layers[0].self_attn.q_norm.weight.shape) == (32,)
+    norm = next(s for s in grown.graphgrow_report.spaces if s.name.endswith("q_norm.weight"))
+    assert "head_dim" in norm.frozen_reasons[0]
+
+
+def test_neox_at_one_and_a_half():
+    model = build("GPTNeoXForCausalLM", **DEC)
+    grown = widened(model, 1.5)
+    assert (grown.config.hidden_size, grown.config.num_attention_heads) == (96, 6)
+
+
+def test_bloom_heads_stay_for_alibi_and_name_the_coupling():
+    model = build("BloomForCausalLM", "eager", **dict(TOK, hidden_size=64, n_layer=2, n_head=4))
+    grown = widened(model)
+    spaces = {s.name: s for s in grown.graphgrow_report.spaces}
+    qkv = spaces["transformer.h.0.self_attention.query_key_value.weight"]
+    assert qkv.new_width == 192 and any("ALiBi" in r for r in qkv.frozen_reasons)
+    dense = spaces["transformer.h.0.self_attention.dense.weight"]
+    assert dense.new_width == 64
+    assert "head_dim = hidden_size / num_attention_heads" in dense.frozen_reasons[0]
+    assert "cannot state it grown" in dense.frozen_reasons[0]
+
+
+def test_widths_breaking_the_head_coupling_is_one_sentence():
+    model = build("GPTNeoXForCausalLM", **DEC)
+    with pytest.raises(GraphGrowError) as info:
+        graphgrow.widen(model, widths={"gpt_neox.embed_in.weight": 128}, example_inputs=(ids(),))
+    message = str(info.value)
+    assert "GPTNeoXConfig derives head_dim = hidden_size / num_attention_heads" in message
+    assert "\n" not in message
+
+
+def test_multi_query_heads_at_one_and_a_half():
+    # one key/value head fused with the queries stays; any number of query heads reads it
+    model = build("GPTBigCodeForCausalLM", **GPT)
+    grown = widened(model, 1.5)
+    assert (grown.config.n_embd, grown.config.n_head, grown.config.multi_query) == (96, 6, True)
+    assert n_params(grown) == n_params(build("GPTBigCodeForCausalLM", **dict(GPT, n_embd=96, n_head=6, n_inner=192)))
+
+
+def test_mpt_alibi_heads_are_named():
+    model = build("MptForCausalLM", "eager", **dict(TOK, d_model=64, n_heads=4, n_layers=2, max_seq_len=64,
+                                                    expansion_ratio=2))
+    grown = widened(model)
+    qkv = next(s for s in grown.graphgrow_report.spaces if s.name == "transformer.blocks.0.attn.Wqkv.weight")
+    assert qkv.new_width == qkv.old_width
+    reasons = " ".join(r for s in grown.graphgrow_report.spaces for r in s.frozen_reasons)
+    assert "ALiBi" in reasons and "head_dim = hidden_size / num_attention_heads" in reasons
