@@ -162,7 +162,7 @@ def _table() -> dict:
     for name, fn in (("rsqrt", torch.rsqrt), ("sqrt", torch.sqrt), ("tanh", torch.tanh), ("neg", torch.neg),
                      ("exp", torch.exp), ("sin", torch.sin), ("cos", torch.cos), ("erf", torch.erf),
                      ("sigmoid", torch.sigmoid), ("relu", F.relu), ("silu", F.silu), ("abs", torch.abs),
-                     ("reciprocal", torch.reciprocal)):
+                     ("reciprocal", torch.reciprocal), ("square", torch.square)):
         put(_overloads(getattr(aten, name), "default"), _function(fn))
     put(_overloads(aten.gelu, "default"), _gelu)
     put(_overloads(aten.clamp, "default"), _function(torch.clamp))  # (scalar bounds: GPT-OSS's clamped experts)

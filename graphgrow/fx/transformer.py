@@ -233,22 +233,28 @@ class FxTransformerOps:
             return self.elementwise(node, x)
         if target is not F.group_norm:
             pax = ax - axes[0]
-        owners = {}
+        owners, offsets = {}, {}
         for name, i in pos.items():
             a = node.args[i] if len(node.args) > i else node.kwargs.get(name)
             if a is None:
                 continue
-            if not (isinstance(a, fx.Node) and a.op == "get_attr") or self.attr_uses.get(a.target, 0) > 1 and not \
-                    all(u.target is target and u.args[i:i + 1] == (a,) for u in a.users):
+            # a parameter read through a cast or plus a number (Nemotron's LayerNorm1P passes weight + 1): the norm
+            # sees weight + offset; the stored parameter is what it sees less the offset
+            p, offset = param_through_offset(a) if isinstance(a, fx.Node) else (None, 0.0)
+            through = p is not None and p is not a and (len(a.users) != 1 or len(p.users) != 1)
+            if p is None or through or self.attr_uses.get(p.target, 0) > 1 and not \
+                    all(u.target is target and u.args[i:i + 1] == (p,) for u in p.users):
                 raise NotUnderstood("its parameters are not module attributes used only here or by norms alike")
-            owners[name] = a.target
-        params = {} if self.analysis else {t: _np(operator.attrgetter(t)(self.gm)) for t in owners.values()}
+            owners[name], offsets[p.target] = p.target, offset
+        params = {} if self.analysis else {t: _np(operator.attrgetter(t)(self.gm)) + offsets[t] if offsets[t] else
+                                           _np(operator.attrgetter(t)(self.gm)) for t in owners.values()}
         eps_pos, eps = norm_eps(target, node.args, node.kwargs)
         kind = None if target is F.group_norm or not isinstance(eps, float) else \
             "layer" if target is F.layer_norm else "rms"
         out, new, match, new_eps = self.norm(node, node.name, x, old_x, axes, params, pax, groups, kind, eps)
         if match is None:
             return out
+        new = {t: arr - offsets[t] if offsets.get(t) else arr for t, arr in new.items()}
         shared = [t for t in owners.values() if self.attr_uses.get(t, 0) > 1]
         if shared and next(iter(self._param_node(shared[0]).users)) is not node:
             self._same_as_stored(node, new)  # a norm of a shared layer (ALBERT): its first reader stored them
