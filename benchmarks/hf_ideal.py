@@ -71,7 +71,10 @@ def ideal_kwargs(config_class, kwargs: dict, config, factor: float) -> dict:
 PRINCIPLED = [("a", ("reaches a model output",)), ("b", ("cannot state it grown", "cannot state them grown")),
               ("c", ("alibi",)), ("d", ("sinusoid",)),
               ("e", ("post-norm", "whole factor", "whole-factor", "whole integer factor", "integer factors only")),
-              ("f", ("expert count",))]
+              ("f", ("expert count",)),
+              # not a requested width: a gain over head_dim shared by every head (Qwen3's q/k norm); the ideal model
+              # keeps head_dim too
+              ("hd", ("lies along the head_dim",))]
 TIED = re.compile(r"^tied to '[^']*'(, which stays)?: ")
 
 

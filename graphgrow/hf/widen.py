@@ -85,6 +85,15 @@ class SharedEpsilon(FillNotStated):
     """The config's one norm epsilon cannot be rescaled for some norms and kept for others."""
 
 
+class UnstatedEpsilon(FillNotStated):
+    """The filled norms' epsilon must become eps x d/d', but no config field holds it (the family's code fixes it)."""
+
+    def __init__(self, eps: float):
+        super().__init__(f"fill + rescale needs the filled stream's norms to take epsilon {eps:g} x d/d', but the "
+                         "config has no field holding it")
+        self.eps = eps
+
+
 def _written_out_rms(mean: fx.Node):
     """(eps, (gain get_attr node, its offset)) of ``gain * (x * rsqrt(mean + eps))`` after ``mean`` (a gain
     ``1 + w`` has offset 1), or (None, None)."""
@@ -260,14 +269,19 @@ def plan_widening(model, inputs: tuple, factor, *, widths=None, only=None, exclu
         require_head_widths(an.produced, plan, an.constraints, widths)
         try:
             eps_changes = _norm_eps(an, run)
+            unstated = [old for old in eps_changes if not eps_fields(model.config, old)]
+            if unstated:  # (Pegasus, BART: nn.LayerNorm's default eps, no config field: the rebuilt model keeps it)
+                raise UnstatedEpsilon(unstated[0])
         except FillNotStated as exc:
             if not fill:
                 raise
             fill, fill_note = False, f"normalized streams kept to whole factors: {exc}"
-            if isinstance(exc, SharedEpsilon):  # (a config rule: the space reports name it, reason (b))
-                fields = eps_fields(model.config, exc.eps) or ["its norm epsilon"]
-                fill_why = (f"no fill + rescale: {type(model.config).__name__} cannot state it grown (one "
-                            f"{fields[0]} for the filled stream's norms and for norms that keep their width)")
+            if isinstance(exc, (SharedEpsilon, UnstatedEpsilon)):  # (a config rule: reason (b), named)
+                fields = eps_fields(model.config, exc.eps) or ["norm epsilon field"]
+                fill_why = (f"no fill + rescale: {type(model.config).__name__} cannot state it grown ("
+                            + (f"one {fields[0]} for the filled stream's norms and for norms that keep their width)"
+                               if isinstance(exc, SharedEpsilon) else "no norm epsilon field: the family's code "
+                               f"fixes it at {exc.eps:g})"))
             continue
         values = grown_values(model, run)
         shapes = {k: tuple(values[k].shape) if k in values else tuple(v.shape)

@@ -36,3 +36,26 @@ def test_nemotron_layernorm1p_stream_grows(factor, hidden, heads, kv):
     with torch.no_grad():
         a, b = model(ids).logits, wide(ids).logits
     assert float((a - b).abs().max() / a.abs().max()) < 1e-5
+
+
+def test_fill_needs_an_epsilon_the_config_states():
+    """Pegasus (pre-LN) builds nn.LayerNorm with its default eps and no config field: fill + rescale would need eps
+    x d/d' there, so x1.5 keeps the stream at its width (reason (b), named) instead of returning a model that is
+    off by the epsilon's share (1e-5 relative: inside float32 tolerances, visible in float64)."""
+    cfg = transformers.PegasusConfig(vocab_size=96, d_model=64, encoder_layers=1, decoder_layers=1,
+                                     encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=128,
+                                     decoder_ffn_dim=128, max_position_embeddings=64, dropout=0.0,
+                                     attention_dropout=0.0, activation_dropout=0.0, pad_token_id=0,
+                                     decoder_start_token_id=0)
+    torch.manual_seed(0)
+    model = transformers.PegasusForConditionalGeneration(cfg).eval()
+    g = torch.Generator().manual_seed(0)
+    feed = {"input_ids": torch.randint(3, 96, (2, 9), generator=g),
+            "decoder_input_ids": torch.randint(3, 96, (2, 5), generator=g)}
+    wide = graphgrow.widen(model, 1.5, example_inputs=feed)
+    assert wide.config.d_model == 64 and wide.config.decoder_ffn_dim == 192
+    reasons = " ".join(r for s in wide.graphgrow_report.spaces for r in s.frozen_reasons)
+    assert "no norm epsilon field" in reasons
+    with torch.no_grad():
+        a, b = model.double()(**feed).logits, wide.double()(**feed).logits
+    assert float((a - b).abs().max() / a.abs().max()) < 1e-9
