@@ -126,11 +126,15 @@ def mark_width_tables(gm: fx.GraphModule, model) -> int:
     """Mark the ops where a float table of two or more axes that is not in the state_dict (recomputed from the
     config) meets other activations; returns how many were marked."""
     stored = set(model.state_dict(keep_vars=True))
+    # only a table as wide as the stream is computed from the width: rotary tables (GPT-J's sin/cos buffer) are
+    # as wide as rotary_dim / head_dim, which head copies keep
+    width = getattr(model.config, "hidden_size", None)
     derived = set()
     for node in gm.graph.nodes:
         if node.op == "get_attr":
             t = _attr(gm, node.target)
-            if isinstance(t, torch.Tensor) and t.is_floating_point() and t.ndim >= 2 and node.target not in stored:
+            if isinstance(t, torch.Tensor) and t.is_floating_point() and t.ndim >= 2 and node.target not in stored \
+                    and t.shape[-1] == width:
                 derived.add(node)
             continue
         marked = [a for a in node.all_input_nodes if a in derived]
