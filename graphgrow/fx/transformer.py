@@ -20,26 +20,6 @@ from ..core.label_tensor import LabelTensor
 from ..core.recipe import Recipe, same_values
 from ..core.relations import NotUnderstood
 
-def _through_casts(node):
-    """The ops reading ``node``, looking through dtype casts (Cohere's ``weight.to(float32) * x``); None where
-    a cast is read more than once."""
-    out = []
-    for u in node.users:
-        if u.op == "call_method" and u.target in ("to", "float", "type_as") and len(u.users) >= 1:
-            if len(node.users) != 1:
-                return None
-            out.extend(u.users)
-        else:
-            out.append(u)
-    return out
-
-
-def cast_source(a):
-    """The node a dtype cast (``weight.to(float32)``) reads, else ``a``."""
-    while a.op == "call_method" and a.target in ("to", "float") and isinstance(a.args[0], fx.Node):
-        a = a.args[0]
-    return a
-
 
 RMS_NORM_MODULES = (nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()
 # ops through which a bare parameter joins the activations it meets (class tokens, layer scales, biases)
@@ -136,6 +116,11 @@ WIDTH_TABLE = "graphgrow_width_table"
 def _activation_arg(n):
     """The activation operand of a node marked with a width-derived scale."""
     return n.args[n.meta[WIDTH_SCALE][1]]
+
+
+def _with_offset(value, offset: float):
+    """``value + offset``, or ``value`` itself when the offset is 0 (a recipe records no step then)."""
+    return value + offset if offset else value
 
 
 def param_through_offset(n):
@@ -246,15 +231,15 @@ class FxTransformerOps:
                     all(u.target is target and u.args[i:i + 1] == (p,) for u in p.users):
                 raise NotUnderstood("its parameters are not module attributes used only here or by norms alike")
             owners[name], offsets[p.target] = p.target, offset
-        params = {} if self.analysis else {t: _np(operator.attrgetter(t)(self.gm)) + offsets[t] if offsets[t] else
-                                           _np(operator.attrgetter(t)(self.gm)) for t in owners.values()}
+        params = {} if self.analysis else {t: _with_offset(_np(operator.attrgetter(t)(self.gm)), offsets[t])
+                                           for t in owners.values()}
         eps_pos, eps = norm_eps(target, node.args, node.kwargs)
         kind = None if target is F.group_norm or not isinstance(eps, float) else \
             "layer" if target is F.layer_norm else "rms"
         out, new, match, new_eps = self.norm(node, node.name, x, old_x, axes, params, pax, groups, kind, eps)
         if match is None:
             return out
-        new = {t: arr - offsets[t] if offsets.get(t) else arr for t, arr in new.items()}
+        new = {t: _with_offset(arr, -offsets.get(t, 0.0)) for t, arr in new.items()}
         shared = [t for t in owners.values() if self.attr_uses.get(t, 0) > 1]
         if shared and next(iter(self._param_node(shared[0]).users)) is not node:
             self._same_as_stored(node, new)  # a norm of a shared layer (ALBERT): its first reader stored them
