@@ -73,6 +73,9 @@ class FxDispatchOps:
             raise NotUnderstood("its indices carry channels")
         computed = [k for k, i in enumerate(indices) if isinstance(i, LabelTensor)]
         if not computed:  # constant indices (Falcon's key/value slots): a move replayed on the labels
+            if any(isinstance(i, torch.Tensor) and i.is_meta for i in indices):
+                # (a model captured on the meta device, as a checkpoint directory is planned, holds no values)
+                raise NotUnderstood("its constant indices were computed on the meta device: their values are unknown")
             return self._getitem(node, x, tuple(slice(None) if i is None else i for i in indices))
         if isinstance(src, fx.Node) and src.op == "get_attr" and src.target in self.param_names:
             return self._expert_bias(node, src, x, indices)

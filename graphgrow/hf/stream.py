@@ -43,6 +43,7 @@ def meta_model(src: Checkpoint):
         raise UnsupportedModelError(f"config.json names architecture {arch!r}, which transformers "
                                     f"{transformers.__version__} does not define (custom code is never run)")
     model = build_meta(cls, config, src.path, src.config).eval()
+    computed_buffers(model)
     state = model.state_dict(keep_vars=True)
     groups = tied_groups(model)
     layout = model.graphgrow_layout = StoredLayout(model, src.names())  # (stacked experts stored per expert)
@@ -63,6 +64,24 @@ def meta_model(src: Checkpoint):
     for key, t in state.items():
         t.graphgrow_key = key  # recipes name the tensor they rewrite
     return model
+
+
+def computed_buffers(model) -> None:
+    """The non-persistent buffers of a meta-device ``model`` (embedding scales such as Gemma's sqrt(hidden),
+    rotary frequencies) computed on the CPU by the family's own ``_init_weights``, as from_pretrained does.  The
+    analysis reads such constants by value (a width-derived scale is compensated only where its value is known):
+    left on the meta device, Gemma's normalizer went uncompensated and only the final check caught it."""
+    owners = []
+    for module in model.modules():
+        for name in getattr(module, "_non_persistent_buffers_set", ()):
+            buf = module._buffers.get(name)
+            # (one-element constants only: a table left on the meta device keeps the capture on one device)
+            if buf is not None and buf.is_meta and buf.numel() == 1:
+                module._buffers[name] = torch.empty_like(buf, device="cpu")
+                owners.append(module)
+    with torch.no_grad():
+        for module in dict.fromkeys(owners):
+            model._init_weights(module)
 
 
 def meta_inputs(model) -> tuple:
