@@ -156,6 +156,20 @@ def _joining_ops(param):
     return joins, offset
 
 
+def _rows_read(param) -> bool:
+    """Every reader of a 2-d parameter selects rows: ``p[a:b]`` or ``p[indices]`` (axis 0 only)."""
+    for u in param.users:
+        idx = u.args[1] if u.target is operator.getitem else None
+        if isinstance(idx, tuple) and len(idx) == 1:
+            idx = idx[0]
+        if isinstance(idx, slice) or isinstance(idx, fx.Node) and idx.op == "get_attr":  # (a buffer of indices)
+            continue
+        if u.target is torch.ops.aten.index.Tensor and len(u.args) == 2 and len(u.args[1]) == 1:
+            continue
+        return False
+    return bool(param.users)
+
+
 class FxTransformerOps:
     """Mixin of :class:`~graphgrow.fx.labeling.FxLabelRun`."""
 
@@ -274,14 +288,16 @@ class FxTransformerOps:
         srcs = [node.args[i] if len(node.args) > i else node.kwargs.get(n)
                 for i, n in enumerate(("query", "key", "value"))]
         olds = [self._old(s) for s in srcs]
+        bias = old_bias = None
         if isinstance(mask, LabelTensor):
-            if mask.vary:
-                raise NotUnderstood("its attention mask has channel structure")
-            if not self.analysis and mask.ndim >= 3 and mask.shape[-3] > 1 and q.shape[-3] != olds[0].shape[-3]:
+            old_mask = self._old(node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask"))
+            if (mask if self.analysis else old_mask).vary:
+                bias, old_bias = mask, old_mask  # one slice per head (a relative position bias)
+            elif not self.analysis and mask.ndim >= 3 and mask.shape[-3] > 1 and q.shape[-3] != olds[0].shape[-3]:
                 raise self.conflict(node, "a per-head attention mask cannot follow new heads")
         out_shape = list(self._shape(node)) if self.analysis else \
             list(olds[0].shape[:-1]) + [olds[2].shape[-1]]
-        return self.attention(node, node.name, q, k, v, *olds, out_shape=out_shape)
+        return self.attention(node, node.name, q, k, v, *olds, out_shape=out_shape, bias=bias, old_bias=old_bias)
 
     def _baddbmm(self, node, args):
         """``beta * bias + alpha * (b1 @ b2)`` (BLOOM's scores): a constant bias holding one row per batch x head
@@ -397,6 +413,14 @@ class FxTransformerOps:
         channel space along that axis, which grows with whatever it is added to, multiplied with or
         concatenated to. Returns None for other parameters."""
         long_axes = [i for i, d in enumerate(real.shape) if d > 1]
+        if len(long_axes) == 2 == real.ndim and node.target in self.param_names and _rows_read(node):
+            # a table read by rows (BEiT's relative position bias [distances, heads], sliced and gathered by
+            # constant indices): like an embedding's, its columns are one channel space
+            labels, _, new = self.bare_parameter(node, node.target, _np(real), 1, tuple(real.shape), 1)
+            if new is not None:
+                owner, _, attr = node.target.rpartition(".")
+                self._update(owner).tensors[attr] = new
+            return labels
         if len(long_axes) != 1 or self.attr_uses.get(node.target, 0) != 1 or node.target not in self.param_names:
             return None
         joins, offset = _joining_ops(node)
