@@ -200,6 +200,8 @@ class FxTransformerOps:
                 upd.attrs["eps"] = new_eps
             if isinstance(mod, nn.GroupNorm):
                 upd.attrs["num_channels"] = match.n_new
+                if mod.num_groups == match.n_old:  # (one channel per group)
+                    upd.attrs["num_groups"] = match.n_new
             else:
                 shape = list(mod.normalized_shape)
                 shape[pax] = match.n_new
@@ -262,6 +264,11 @@ class FxTransformerOps:
                 owner, _, attr = target_name.rpartition(".")
                 self._update(owner).tensors[attr] = arr
         graph_args, graph_kwargs = list(node.args), dict(node.kwargs)
+        if target is F.group_norm and groups == match.n_old:  # one channel per group: the groups follow them
+            if len(graph_args) > 1:
+                graph_args[1] = match.n_new
+            else:
+                graph_kwargs["num_groups"] = match.n_new
         if shape_pos is not None:
             raw = node.args[shape_pos] if len(node.args) > shape_pos else node.kwargs["normalized_shape"]
             new_shape = [raw] if isinstance(raw, int) else list(raw)

@@ -1,5 +1,6 @@
-"""F.glu (Speech2Text's conv subsampler: a conv's output halves gate each other) and torch.roll along positions
-(Swin's shifted windows): both keep channels apart, so the channels around them widen exactly."""
+"""Ops of vision and audio encoders that keep channels apart, so the channels around them widen exactly: F.glu
+(Speech2Text's conv subsampler: a conv's output halves gate each other), torch.roll along positions (Swin's
+shifted windows), a GroupNorm with one channel per group (Wav2Vec2's feature extractor: any factor)."""
 
 import torch
 import torch.nn as nn
@@ -57,3 +58,32 @@ def test_roll_along_positions_carries_channels():
     wide, rep, err = widen_and_compare(model, (torch.randn(2, 4, 4, 4),), factor=2)
     assert err < EXACT
     assert (wide.proj.weight.shape, wide.mlp.weight.shape, wide.head.weight.shape) == ((16, 4), (16, 16), (3, 16))
+
+
+class InstanceGroupNorm(nn.Module):
+    def __init__(self, functional=False):
+        super().__init__()
+        self.functional = functional
+        self.conv1 = nn.Conv1d(3, 8, 5, stride=2)
+        self.norm = nn.GroupNorm(8, 8)
+        self.conv2 = nn.Conv1d(8, 4, 3)
+
+    def forward(self, x):
+        h = self.conv1(x)
+        h = F.group_norm(h, 8, self.norm.weight, self.norm.bias, 1e-5) if self.functional else self.norm(h)
+        return self.conv2(F.gelu(h))
+
+
+def test_group_norm_with_one_channel_per_group_widens_at_any_factor():
+    for functional in (False, True):
+        torch.manual_seed(0)
+        model = InstanceGroupNorm(functional)
+        with torch.no_grad():
+            model.norm.weight.uniform_(0.5, 1.5)
+            model.norm.bias.uniform_(-0.5, 0.5)
+        wide, rep, err = widen_and_compare(model, (torch.randn(2, 3, 40),), factor=1.5)
+        assert err < EXACT
+        assert (wide.conv1.weight.shape, wide.norm.weight.shape, wide.conv2.weight.shape) == \
+            ((12, 3, 5), (12,), (4, 12, 3))
+        if not functional:
+            assert (wide.norm.num_groups, wide.norm.num_channels) == (12, 12)
