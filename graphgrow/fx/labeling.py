@@ -260,7 +260,9 @@ class FxLabelRun(FxTransformerOps, FxDispatchOps, MoveReplay, RelationRun):
         if target in ops.BINARY_FUNCS:
             if target in (torch.max, torch.min) and (len(args) < 2 or not isinstance(args[1], (LabelTensor, int, float))):
                 return self._reduce(node, first, args, kwargs)
-            return self._binary(node, args, kwargs)
+            out = self._binary(node, args, kwargs)
+            self._layer_scale_fill(node)
+            return out
         if target in ops.MOVE_FUNCS:
             return self._move(node, target, args, kwargs)
         if target in ops.REDUCE_FUNCS:

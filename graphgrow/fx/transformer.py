@@ -443,6 +443,45 @@ class FxTransformerOps:
             self._update(owner).tensors[attr] = new
         return labels
 
+    def _layer_scale_fill(self, node) -> None:
+        """``gain * branch`` (BEiT's layer scale λ) where the branch joins a stream filled with its mean: the new
+        channel must hold ``mean_c(λ_c x_c)``, so the linear map writing the branch gets ``mean_c(λ_c W_c)`` (and
+        ``mean_c(λ_c b_c)``) as its filled rows while the gain's filled entry is 1 (docs/maths.md §5)."""
+        if self.analysis or not self.plan.fills or node.target not in (operator.mul, torch.mul):
+            return
+        g = next((a for a in node.args[:2] if isinstance(a, fx.Node) and a.op == "get_attr"
+                  and a.target in self.param_names), None)
+        sp = self.node_space.get(g) if g is not None else None
+        if sp is None or self.plan.fill_kind.get(sp.id) != "mean":
+            return
+        fill = self.plan.mapping(sp) < 0
+        lam = _np(operator.attrgetter(g.target)(self.gm))
+        src = next(a for a in node.args[:2] if a is not g)
+        while isinstance(src, fx.Node) and src.target in (F.dropout, torch.clone) and len(src.users) == 1:
+            src = src.args[0]
+        if not fill.any() or lam.ndim != 1 or not isinstance(src, fx.Node) or len(src.users) != 1:
+            return
+        if src.target is F.linear and isinstance(src.args[1], fx.Node) and src.args[1].op == "get_attr":
+            owner = src.args[1].target.rpartition(".")[0]
+            biased = len(src.args) > 2 and src.args[2] is not None or src.kwargs.get("bias") is not None
+        elif src.op == "call_module" and type(self.modules.get(src.target)) is nn.Linear:
+            owner, biased = src.target, self.modules[src.target].bias is not None
+        else:
+            return
+        upd, space = self.updates.get(owner), self.node_space.get(src)
+        if upd is None or "weight" not in upd.tensors or space is None:
+            return
+        mapping = self.plan.mapping(space)
+        if not np.array_equal(mapping < 0, fill):
+            raise self.conflict(node, "a layer scale's filled channels do not line up with its branch's")
+        firsts = [int(np.nonzero(mapping == c)[0][0]) for c in range(len(lam))]
+        for attr in ("weight", "bias") if biased else ("weight",):
+            arr = upd.tensors[attr]
+            rows = arr[firsts].astype(np.float64) * lam.reshape((-1,) + (1,) * (arr.ndim - 1))
+            arr = arr.copy()
+            arr[fill] = rows.mean(axis=0).astype(arr.dtype)
+            upd.tensors[attr] = arr
+
     def _param_operand(self, node, x: LabelTensor, param_node, x_node):
         """``x`` combined elementwise with a parameter of several long axes read only here (a position
         embedding): its values along x's channel axis are gathered."""

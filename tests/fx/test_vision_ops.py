@@ -87,3 +87,41 @@ def test_group_norm_with_one_channel_per_group_widens_at_any_factor():
             ((12, 3, 5), (12,), (4, 12, 3))
         if not functional:
             assert (wide.norm.num_groups, wide.norm.num_channels) == (12, 12)
+
+
+class LayerScaleBlocks(nn.Module):
+    """Pre-LN blocks whose branches are multiplied by a learned layer scale λ before joining the stream (BEiT,
+    DINOv2): at x1.5 the stream takes fill + rescale, and its filled channel must hold mean_c(λ_c x_c)."""
+
+    def __init__(self, width=8, layers=2):
+        super().__init__()
+        self.embed = nn.Linear(3, width)
+        self.norms = nn.ModuleList(nn.LayerNorm(width) for _ in range(layers))
+        self.fcs = nn.ModuleList(nn.Linear(width, width) for _ in range(layers))
+        self.scales = nn.ParameterList(nn.Parameter(torch.rand(width) + 0.5) for _ in range(layers))
+        self.final = nn.LayerNorm(width)
+        self.head = nn.Linear(width, 2)
+
+    def forward(self, x):
+        h = self.embed(x)
+        for norm, fc, scale in zip(self.norms, self.fcs, self.scales):
+            h = h + scale * F.dropout(fc(F.gelu(norm(h))), 0.0, training=False)
+        return self.head(self.final(h))
+
+
+def test_layer_scale_on_a_mean_filled_stream():
+    torch.manual_seed(0)
+    model = LayerScaleBlocks()
+    with torch.no_grad():
+        for norm in list(model.norms) + [model.final]:
+            norm.weight.uniform_(0.5, 1.5)
+            norm.bias.uniform_(-0.5, 0.5)
+    wide, rep, err = widen_and_compare(model, (torch.randn(2, 5, 3),), factor=1.5)
+    assert err < EXACT
+    assert wide.embed.weight.shape == (12, 3) and getattr(wide.fcs, "0").weight.shape == (12, 12)
+    assert all(not s.frozen_reasons for s in rep.spaces if s.name != "head"), rep.summary()
+    # the filled rows of the branch's writer are the λ-weighted mean of its rows; the scale's filled entries are 1
+    fc, lam = model.fcs[0], model.scales[0].detach().double()
+    new_fc, new_lam = getattr(wide.fcs, "0"), getattr(wide.scales, "0")
+    filled = [i for i in range(12) if not any(torch.equal(new_lam[i], lam[j]) for j in range(8))]
+    assert len(filled) == 4 and all(float(new_lam[i].detach()) == 1.0 for i in filled)
