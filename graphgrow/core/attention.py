@@ -23,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 
 from .growth import NotUnderstood
-from .label_tensor import LabelTensor, same_labels
+from .label_tensor import LabelTensor, label_channel_ids, same_labels
 from .labels import CHAN_SHIFT, SALT_MASK, SALT_SHIFT, channel_of
 from .provenance import Mismatch, match_rows
 
@@ -230,9 +230,10 @@ class AttentionRelations:
                            out_shape=out_shape, out_axes=(head, nd - 1))
 
     # ------------------------------------------------------------ softmax(q @ k^T) @ v
-    def attention(self, node, name: str, q, k, v, old_q, old_k, old_v, *, out_shape):
+    def attention(self, node, name: str, q, k, v, old_q, old_k, old_v, *, out_shape, bias=None, old_bias=None):
         """Fused attention on (..., heads, positions, head_dim) tensors (F.scaled_dot_product_attention,
-        ONNX Attention): :meth:`scores` then :meth:`values`; ``out_shape``: the original output's shape."""
+        ONNX Attention): :meth:`scores` then :meth:`values`; ``out_shape``: the original output's shape;
+        ``bias``: an additive mask with channels on its head axis (:meth:`head_bias`)."""
         nd = len(out_shape)
         head = nd - 3 if nd >= 4 else None
         ref_q, ref_k = (q, k) if self.analysis else (old_q, old_k)
@@ -244,8 +245,37 @@ class AttentionRelations:
             space = self.node_space.get((self.node_key(node), "scores"))
             old_p = self.fixed_labels(node, "scores", s_shape, self.salt(node)) if space is None else \
                 LabelTensor.channels(s_shape, head, space.chan_ids, self.salt(node))
+        if bias is not None:
+            self.head_bias(node, p, old_p, head, bias, old_bias)
         return self.values(node, name, p, v, old_p, old_v, p_axis=head, v_axes=(head, nd - 1),
                            out_shape=out_shape, out_axes=(head, nd - 1))
+
+    def head_bias(self, node, p: LabelTensor, old_p: LabelTensor, p_axis, bias: LabelTensor,
+                  old_bias: LabelTensor) -> None:
+        """A bias added to the scores ``p`` with one slice per head (BEiT's relative position table, gathered
+        per head): its head axis (right-aligned with the scores') is tied to the scores' heads, so its slices
+        are copied with the heads; the apply run checks that each new head reads its own head's slice."""
+        ref, ref_p = (bias, p) if self.analysis else (old_bias, old_p)
+        b_axis = None if p_axis is None else p_axis - (p.ndim - bias.ndim)
+        if b_axis is None or b_axis < 0 or ref.vary != [b_axis]:
+            raise NotUnderstood("its attention bias has channels off its head axis")
+        if p_axis not in ref_p.vary:
+            if self.analysis:
+                self._freeze_heads(node, (bias,), "a per-head attention bias meets one head")
+            elif not same_labels(old_bias, bias):
+                raise self.conflict(node, "a per-head attention bias changed where the heads did not")
+            return
+        ids, heads = label_channel_ids(bias, b_axis), label_channel_ids(p, p_axis)
+        if ids is None or heads is None or len(ids) != len(heads):
+            if self.analysis:
+                raise NotUnderstood("its attention bias does not hold one slice per head")
+            raise self.conflict(node, "its attention bias no longer holds one slice per head")
+        if self.analysis:
+            self.constraints.tie(ids, heads)
+            return
+        own = dict(zip(label_channel_ids(old_p, p_axis).tolist(), label_channel_ids(old_bias, b_axis).tolist()))
+        if any(own.get(h) != b for h, b in zip(heads.tolist(), ids.tolist())):
+            raise self.conflict(node, "a head reads another head's slice of the attention bias")
 
     @staticmethod
     def _new_shape(v: LabelTensor, out_shape, v_axes) -> list:

@@ -79,6 +79,12 @@ class NormRelations:
         ax = self._norm_axis(x, old_x, axes)
         if ax is None:
             return self.elementwise(node, x), {}, None, None
+        if groups > 1 and groups == (x if self.analysis else old_x).shape[ax]:
+            # one channel per group (Wav2Vec2's feature-extractor GroupNorm(C, C)): each channel is normalized
+            # over its positions alone, a per-channel op whose groups follow the channels
+            out, new, match = self.carry(node, name, x, old_x, {k: c for k, c in params.items()
+                                                                if c is not None and param_axis == 0}, axis=ax)
+            return out, new, match, None
         self.note_roles(x, "carrier", name)
         if self.analysis:
             self.constraints.uniform(channel_rows(x, ax), self.site(node), kind if groups == 1 else None)

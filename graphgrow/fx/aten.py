@@ -115,6 +115,16 @@ def _sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, e
     return F.scaled_dot_product_attention, (q, k, v), kwargs
 
 
+def _upsample_bilinear(x, output_size=None, align_corners=False, scale_factors=None):
+    # (BEiT's relative position table is interpolated to the window it is read at, even at its own size)
+    return F.interpolate, (x,), {"size": output_size, "scale_factor": scale_factors, "mode": "bilinear",
+                                 "align_corners": align_corners}
+
+
+def _roll(x, shifts, dims=()):
+    return torch.roll, (x, shifts, dims), {}
+
+
 def _addmm(bias, x, weight, beta=1, alpha=1):
     if beta != 1 or alpha != 1:
         return aten.addmm.default, (bias, x, weight), {"beta": beta, "alpha": alpha}
@@ -147,6 +157,9 @@ def _table() -> dict:
     put(_overloads(aten.batch_norm, "default"), _batch_norm)
     put(_overloads(aten.pad, "default"), _pad)
     put(_overloads(aten.group_norm, "default"), _group_norm)
+    put(_overloads(aten.upsample_bilinear2d, "vec"), _upsample_bilinear)
+    put(_overloads(aten.roll, "default"), _roll)  # (Swin's shifted windows: a move along positions)
+    put(_overloads(aten.glu, "default"), _function(F.glu))  # (Speech2Text's conv subsampler)
     for name in ("adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d", "max_pool1d", "max_pool2d",
                  "max_pool3d", "avg_pool1d", "avg_pool2d", "avg_pool3d"):
         put(_overloads(getattr(aten, name), "default"), _function(getattr(F, name)))

@@ -28,7 +28,7 @@ from ..core.relations import NotUnderstood, RelationRun
 from ..errors import GraphGrowError
 from . import ops
 from .dispatch import FxDispatchOps, is_dispatch
-from .moves import MoveReplay, label_leaves
+from .moves import MoveReplay, as_labels, label_leaves
 from .ops import describe, qualified_name
 from .shapes import TensorMeta
 from .transformer import (FUNCTIONAL_PRODUCERS, MATMUL_FUNCS, RMS_NORM_MODULES, SDPA_FUNCS, WIDTH_SCALE,
@@ -260,13 +260,17 @@ class FxLabelRun(FxTransformerOps, FxDispatchOps, MoveReplay, RelationRun):
         if target in ops.BINARY_FUNCS:
             if target in (torch.max, torch.min) and (len(args) < 2 or not isinstance(args[1], (LabelTensor, int, float))):
                 return self._reduce(node, first, args, kwargs)
-            return self._binary(node, args, kwargs)
+            out = self._binary(node, args, kwargs)
+            self._layer_scale_fill(node)
+            return out
         if target in ops.MOVE_FUNCS:
             return self._move(node, target, args, kwargs)
         if target in ops.REDUCE_FUNCS:
             return self._reduce(node, first, args, kwargs)
         if target is F.pad and isinstance(first, LabelTensor):
             return self._pad(node, first, args, kwargs)
+        if target is F.glu and isinstance(first, LabelTensor):
+            return self._glu(node, first, args, kwargs)
         if target in ops.POOL_FUNCS:
             return self.pool(node, first, self._old(node.args[0]), self._shape(node))
         if target in ops.SOFTMAX_FUNCS:
@@ -441,6 +445,18 @@ class FxLabelRun(FxTransformerOps, FxDispatchOps, MoveReplay, RelationRun):
         if axis in padded or mode != "constant" and axis == x.ndim - 1:
             raise NotUnderstood("it pads the channel axis")
         return self.pool(node, x, ref, self._shape(node), axis=axis)
+
+    def _glu(self, node, x: LabelTensor, args, kwargs):
+        """``F.glu(x, dim)``: ``a * sigmoid(b)`` of x's two halves along ``dim``, an elementwise product of two
+        equal pieces (a chunk in two, then a gate): the halves widen alike, channel i with channel half + i."""
+        dim = args[1] if len(args) > 1 else kwargs.get("dim", -1)
+        halves = [as_labels(t) for t in torch.from_numpy(x.a).chunk(2, dim)]
+        if len(halves) != 2 or halves[0].shape != halves[1].shape:
+            raise NotUnderstood("its gated axis does not split into two equal halves")
+        self.equal_piece_ties(halves)
+        old = self._old(node.args[0])
+        olds = [as_labels(t) for t in torch.from_numpy(old.a).chunk(2, dim)] if not self.analysis else halves
+        return self.unify(node, [(olds[0], halves[0]), (olds[1], halves[1])], 0)
 
     def _reduce(self, node, x: LabelTensor, args, kwargs):
         dims = args[1] if len(args) > 1 else kwargs.get("dim")

@@ -190,7 +190,12 @@ class MoveReplay:
             return idx
         items = list(idx) if isinstance(idx, tuple) else [idx]
         if any(isinstance(i, (LabelTensor, torch.Tensor, list)) for i in items):
-            raise self.conflict(node, "advanced indexing on a widened tensor")
+            # indices on axes that kept their size (rows of a table whose columns grew) read the same rows
+            if Ellipsis in items or None in items or any(
+                    old_in.shape[a] != x.shape[a] for a, i in enumerate(items) if not (isinstance(i, slice)
+                                                                                       and i == slice(None))):
+                raise self.conflict(node, "advanced indexing on a widened tensor")
+            return idx
         n_real = sum(1 for i in items if i is not None and i is not Ellipsis)
         axis, out, changed = 0, [], False
         for i in items:  # the tensor axis each index item addresses

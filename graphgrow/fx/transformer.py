@@ -156,6 +156,20 @@ def _joining_ops(param):
     return joins, offset
 
 
+def _rows_read(param) -> bool:
+    """Every reader of a 2-d parameter selects rows: ``p[a:b]`` or ``p[indices]`` (axis 0 only)."""
+    for u in param.users:
+        idx = u.args[1] if u.target is operator.getitem else None
+        if isinstance(idx, tuple) and len(idx) == 1:
+            idx = idx[0]
+        if isinstance(idx, slice) or isinstance(idx, fx.Node) and idx.op == "get_attr":  # (a buffer of indices)
+            continue
+        if u.target is torch.ops.aten.index.Tensor and len(u.args) == 2 and len(u.args[1]) == 1:
+            continue
+        return False
+    return bool(param.users)
+
+
 class FxTransformerOps:
     """Mixin of :class:`~graphgrow.fx.labeling.FxLabelRun`."""
 
@@ -186,6 +200,8 @@ class FxTransformerOps:
                 upd.attrs["eps"] = new_eps
             if isinstance(mod, nn.GroupNorm):
                 upd.attrs["num_channels"] = match.n_new
+                if mod.num_groups == match.n_old:  # (one channel per group)
+                    upd.attrs["num_groups"] = match.n_new
             else:
                 shape = list(mod.normalized_shape)
                 shape[pax] = match.n_new
@@ -248,6 +264,11 @@ class FxTransformerOps:
                 owner, _, attr = target_name.rpartition(".")
                 self._update(owner).tensors[attr] = arr
         graph_args, graph_kwargs = list(node.args), dict(node.kwargs)
+        if target is F.group_norm and groups == match.n_old:  # one channel per group: the groups follow them
+            if len(graph_args) > 1:
+                graph_args[1] = match.n_new
+            else:
+                graph_kwargs["num_groups"] = match.n_new
         if shape_pos is not None:
             raw = node.args[shape_pos] if len(node.args) > shape_pos else node.kwargs["normalized_shape"]
             new_shape = [raw] if isinstance(raw, int) else list(raw)
@@ -274,14 +295,16 @@ class FxTransformerOps:
         srcs = [node.args[i] if len(node.args) > i else node.kwargs.get(n)
                 for i, n in enumerate(("query", "key", "value"))]
         olds = [self._old(s) for s in srcs]
+        bias = old_bias = None
         if isinstance(mask, LabelTensor):
-            if mask.vary:
-                raise NotUnderstood("its attention mask has channel structure")
-            if not self.analysis and mask.ndim >= 3 and mask.shape[-3] > 1 and q.shape[-3] != olds[0].shape[-3]:
+            old_mask = self._old(node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask"))
+            if (mask if self.analysis else old_mask).vary:
+                bias, old_bias = mask, old_mask  # one slice per head (a relative position bias)
+            elif not self.analysis and mask.ndim >= 3 and mask.shape[-3] > 1 and q.shape[-3] != olds[0].shape[-3]:
                 raise self.conflict(node, "a per-head attention mask cannot follow new heads")
         out_shape = list(self._shape(node)) if self.analysis else \
             list(olds[0].shape[:-1]) + [olds[2].shape[-1]]
-        return self.attention(node, node.name, q, k, v, *olds, out_shape=out_shape)
+        return self.attention(node, node.name, q, k, v, *olds, out_shape=out_shape, bias=bias, old_bias=old_bias)
 
     def _baddbmm(self, node, args):
         """``beta * bias + alpha * (b1 @ b2)`` (BLOOM's scores): a constant bias holding one row per batch x head
@@ -397,6 +420,14 @@ class FxTransformerOps:
         channel space along that axis, which grows with whatever it is added to, multiplied with or
         concatenated to. Returns None for other parameters."""
         long_axes = [i for i, d in enumerate(real.shape) if d > 1]
+        if len(long_axes) == 2 == real.ndim and node.target in self.param_names and _rows_read(node):
+            # a table read by rows (BEiT's relative position bias [distances, heads], sliced and gathered by
+            # constant indices): like an embedding's, its columns are one channel space
+            labels, _, new = self.bare_parameter(node, node.target, _np(real), 1, tuple(real.shape), 1)
+            if new is not None:
+                owner, _, attr = node.target.rpartition(".")
+                self._update(owner).tensors[attr] = new
+            return labels
         if len(long_axes) != 1 or self.attr_uses.get(node.target, 0) != 1 or node.target not in self.param_names:
             return None
         joins, offset = _joining_ops(node)
@@ -411,6 +442,45 @@ class FxTransformerOps:
             owner, _, attr = node.target.rpartition(".")
             self._update(owner).tensors[attr] = new
         return labels
+
+    def _layer_scale_fill(self, node) -> None:
+        """``gain * branch`` (BEiT's layer scale λ) where the branch joins a stream filled with its mean: the new
+        channel must hold ``mean_c(λ_c x_c)``, so the linear map writing the branch gets ``mean_c(λ_c W_c)`` (and
+        ``mean_c(λ_c b_c)``) as its filled rows while the gain's filled entry is 1 (docs/maths.md §5)."""
+        if self.analysis or not self.plan.fills or node.target not in (operator.mul, torch.mul):
+            return
+        g = next((a for a in node.args[:2] if isinstance(a, fx.Node) and a.op == "get_attr"
+                  and a.target in self.param_names), None)
+        sp = self.node_space.get(g) if g is not None else None
+        if sp is None or self.plan.fill_kind.get(sp.id) != "mean":
+            return
+        fill = self.plan.mapping(sp) < 0
+        lam = _np(operator.attrgetter(g.target)(self.gm))
+        src = next(a for a in node.args[:2] if a is not g)
+        while isinstance(src, fx.Node) and src.target in (F.dropout, torch.clone) and len(src.users) == 1:
+            src = src.args[0]
+        if not fill.any() or lam.ndim != 1 or not isinstance(src, fx.Node) or len(src.users) != 1:
+            return
+        if src.target is F.linear and isinstance(src.args[1], fx.Node) and src.args[1].op == "get_attr":
+            owner = src.args[1].target.rpartition(".")[0]
+            biased = len(src.args) > 2 and src.args[2] is not None or src.kwargs.get("bias") is not None
+        elif src.op == "call_module" and type(self.modules.get(src.target)) is nn.Linear:
+            owner, biased = src.target, self.modules[src.target].bias is not None
+        else:
+            return
+        upd, space = self.updates.get(owner), self.node_space.get(src)
+        if upd is None or "weight" not in upd.tensors or space is None:
+            return
+        mapping = self.plan.mapping(space)
+        if not np.array_equal(mapping < 0, fill):
+            raise self.conflict(node, "a layer scale's filled channels do not line up with its branch's")
+        firsts = [int(np.nonzero(mapping == c)[0][0]) for c in range(len(lam))]
+        for attr in ("weight", "bias") if biased else ("weight",):
+            arr = upd.tensors[attr]
+            rows = arr[firsts].astype(np.float64) * lam.reshape((-1,) + (1,) * (arr.ndim - 1))
+            arr = arr.copy()
+            arr[fill] = rows.mean(axis=0).astype(arr.dtype)
+            upd.tensors[attr] = arr
 
     def _param_operand(self, node, x: LabelTensor, param_node, x_node):
         """``x`` combined elementwise with a parameter of several long axes read only here (a position

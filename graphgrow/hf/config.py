@@ -114,15 +114,21 @@ def solve_config(model_cls, config, target: dict, known: dict):
                 setattr(new, field, value)
             except AttributeError:  # a derived property (Falcon's head_dim = hidden_size // num_attention_heads)
                 pass
+    deferred: dict = {}
     try:
         shapes = meta_shapes(model_cls, new)
     except Exception as exc:  # noqa: BLE001 - the family rejects the combination (keys unknown: the heads)
-        raise ConfigMismatch(f"{type(config).__name__} rejects the grown sizes "
-                             f"({', '.join(f'{k}={v}' for k, v in known.items())}): {exc}", []) from None
-    fixed = set(known)
+        # a family that checks one size against another (Data2Vec-vision: hidden_size % num_attention_heads) before
+        # the other is probed: the known fields it rejects wait until the probed ones follow, then must hold
+        new, deferred = _known_that_build(model_cls, config, known)
+        if not deferred or new is None:
+            raise ConfigMismatch(f"{type(config).__name__} rejects the grown sizes "
+                                 f"({', '.join(f'{k}={v}' for k, v in known.items())}): {exc}", []) from None
+        shapes = meta_shapes(model_cls, new)
+    fixed = set(known) - set(deferred)
     for _ in range(8 + len(_list_items(new))):  # each round settles one more field (or list entry)
         bad = _mismatch(shapes, target)
-        if not bad:
+        if not bad and all(_get(new, f) == v for f, v in deferred.items()):
             _loadable(new)
             return new
         for field in _int_fields(new) + _list_items(new):
@@ -144,10 +150,34 @@ def solve_config(model_cls, config, target: dict, known: dict):
         else:
             break
     bad = _mismatch(shapes, target)
+    if not bad:
+        raise ConfigMismatch(f"{type(config).__name__} rejects the grown sizes "
+                             f"({', '.join(f'{k}={v}' for k, v in deferred.items())}) with the others", [])
     key, (got, want) = sorted(bad.items())[0]
     raise ConfigMismatch(f"{type(config).__name__} cannot express the grown shapes: {key!r} would be "
                          f"{list(got) if got else 'absent'} where the widening gives "
                          f"{list(want) if want else 'none'}", sorted(bad))
+
+
+def _known_that_build(model_cls, config, known: dict):
+    """``(config with the known fields the family builds with, {field: value} of those it rejects for now)``."""
+    new, deferred = copy.deepcopy(config), {}
+    for field, value in known.items():
+        if value is None or not (hasattr(new, field) or field == "head_dim"):
+            continue
+        trial = copy.deepcopy(new)
+        try:
+            setattr(trial, field, value)
+            meta_shapes(model_cls, trial)
+        except Exception:  # noqa: BLE001 - rejected with the sizes not yet probed
+            deferred[field] = value
+            continue
+        new = trial
+    try:
+        meta_shapes(model_cls, new)
+    except Exception:  # noqa: BLE001
+        return None, deferred
+    return new, deferred
 
 
 def _loadable(config) -> None:

@@ -50,3 +50,53 @@ def test_relative_bias_heads_follow_the_head_copies():
     assert sorted(set(source)) == [0, 1, 2, 3]
     assert wide.get_submodule("qkv.0").weight.shape[0] == 96  # 8 heads of q, k and v
     assert [sp.new_width for sp in rep.spaces if sp.name == "bias"] == [8]
+
+
+class TableBiasAttention(nn.Module):
+    """BEiT's relative position bias: a parameter table [distances, heads] whose rows are sliced, concatenated and
+    gathered by a buffer of constant indices, then laid out (1, heads, q, k) as the attention mask of
+    F.scaled_dot_product_attention, shared by every layer (Data2Vec-vision) or one per layer (BEiT)."""
+
+    def __init__(self, width=16, heads=4, head_dim=4, seq=6, layers=2, shared=False):
+        super().__init__()
+        self.heads, self.head_dim, self.seq, self.shared = heads, head_dim, seq, shared
+        self.embed = nn.Embedding(32, width)
+        n_tables = 1 if shared else layers
+        self.tables = nn.ParameterList(nn.Parameter(torch.randn(2 * seq - 1 + 2, heads)) for _ in range(n_tables))
+        self.qkv = nn.ModuleList(nn.Linear(width, 3 * heads * head_dim) for _ in range(layers))
+        self.out = nn.ModuleList(nn.Linear(heads * head_dim, width) for _ in range(layers))
+        self.head = nn.Linear(width, 5)
+        pos = torch.arange(seq)
+        self.register_buffer("index", (pos[:, None] - pos[None, :] + seq - 1).reshape(-1), persistent=False)
+
+    def bias(self, table):
+        rows = torch.cat([table[: 2 * self.seq - 1], table[2 * self.seq - 1:]])  # (sliced as BEiT's cls rows)
+        return rows[self.index].view(self.seq, self.seq, -1).permute(2, 0, 1).unsqueeze(0)
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        b, n, _ = x.shape
+        shared = self.bias(self.tables[0]) if self.shared else None
+        for i, (qkv, out) in enumerate(zip(self.qkv, self.out)):
+            q, k, v = qkv(x).view(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+            mask = shared if self.shared else self.bias(self.tables[i])
+            att = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            x = x + out(att.transpose(1, 2).reshape(b, n, self.heads * self.head_dim))
+        return self.head(x)
+
+
+def test_a_table_gathered_into_an_sdpa_mask_follows_the_head_copies():
+    for shared in (False, True):
+        torch.manual_seed(0)
+        model = TableBiasAttention(shared=shared)
+        ids = torch.randint(0, 32, (2, 6))
+        wide, rep, err = widen_and_compare(model, (ids,), factor=2)
+        assert err < EXACT
+        for i, old in enumerate(model.tables):
+            new = getattr(wide.tables, str(i))
+            assert new.shape == (13, 8)  # rows kept, heads doubled
+            source = [next(j for j in range(4) if torch.equal(new[:, i], old[:, j].to(new.dtype)))
+                      for i in range(8)]
+            assert sorted(set(source)) == [0, 1, 2, 3]
+        assert getattr(wide.qkv, "0").weight.shape == (96, 32)
+        assert [s.name for s in rep.spaces if s.frozen_reasons] == ["head"], rep.summary()

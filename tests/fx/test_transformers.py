@@ -211,8 +211,9 @@ def test_widths_name_heads_and_bad_head_widths_are_one_sentence():
 
 
 def test_fill_falls_back_when_the_numbers_disagree():
-    """A layer scale multiplies the branch before the residual add: the mean-filled channels of a LayerNorm
-    stream are then not the mean of the scaled branch. The numeric check sees it and the stream stays."""
+    """A layer scale multiplies a branch that no linear map ends (a GELU last) before the residual add: the
+    mean-filled channels of a LayerNorm stream are then not the mean of the scaled branch (a linear writer takes
+    the λ-weighted mean instead: tests/fx/test_vision_ops.py). The numeric check sees it and the stream stays."""
 
     class LayerScaled(nn.Module):
         def __init__(self):
@@ -223,7 +224,7 @@ def test_fill_falls_back_when_the_numbers_disagree():
 
         def forward(self, x):
             h = self.inp(x)
-            h = h + self.gamma * self.fc(self.ln(h))
+            h = h + self.gamma * torch.nn.functional.gelu(self.fc(self.ln(h)))
             return self.out(self.ln2(h))
 
     torch.manual_seed(0)

@@ -128,3 +128,70 @@ def test_convnext_checkpoint_directory_widens_streamed(tmp_path):
     again = transformers.ConvNextForImageClassification.from_pretrained(tmp_path / "out").eval()
     assert again.config.hidden_sizes == [32, 64] and n_params(again) == 57258
     assert max_rel(logits(model, pixels(3)), logits(again, pixels(3))) < 1e-5
+
+
+
+@pytest.mark.parametrize("factor", [2, 1.5])
+@pytest.mark.parametrize("name", ["beit", "data2vec-vision"])
+def test_relative_position_tables_follow_the_heads(name, factor):
+    """BEiT (a table per layer) and Data2Vec-vision (one shared table): the [distances, heads] table is sliced,
+    interpolated, gathered by constant indices and passed to sdpa as its mask; its head columns are copied with
+    the heads. Layer scale (λ) on the branches: at x1.5 the stream takes fill + rescale, exactly."""
+    cls, kw = {"beit": (transformers.BeitForImageClassification, {"use_relative_position_bias": True}),
+               "data2vec-vision": (transformers.Data2VecVisionForImageClassification,
+                                   {"use_shared_relative_position_bias": True})}[name]
+    model = build(cls, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  image_size=32, patch_size=8, num_labels=10, layer_scale_init_value=0.5, **kw)
+    model.config._attn_implementation = "sdpa"
+    with torch.no_grad():  # (the tables start at zero: random values make the head copies visible)
+        for n, p in model.named_parameters():
+            if "relative_position_bias_table" in n or "lambda" in n:
+                p.uniform_(0.2, 1.0)
+    wide = graphgrow.widen(model, factor, example_inputs=(pixels(),))
+    cfg = wide.config
+    h = int(64 * factor)
+    assert (cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads) == (h, 2 * h, h // 16)
+    ideal = build(cls, hidden_size=h, intermediate_size=2 * h, num_hidden_layers=2, num_attention_heads=h // 16,
+                  image_size=32, patch_size=8, num_labels=10, **kw)
+    assert n_params(wide) == n_params(ideal)
+    assert max_rel(logits(model, pixels(1)), logits(wide, pixels(1))) < 1e-5
+    tables = [(k, v) for k, v in wide.state_dict().items() if k.endswith("relative_position_bias_table")]
+    assert len(tables) == (1 if name == "data2vec-vision" else 2)
+    for k, v in tables:
+        old = model.state_dict()[k]
+        assert v.shape == (old.shape[0], h // 16)
+        assert all(any(torch.equal(v[:, i], old[:, j]) for j in range(4)) for i in range(h // 16))
+    assert [s.name for s in wide.graphgrow_report.spaces if s.frozen_reasons] == ["classifier.weight"]
+
+
+@pytest.mark.parametrize("factor", [2])
+def test_swin_grows_every_stage_through_its_shifted_windows(factor):
+    model = swin()
+    wide = graphgrow.widen(model, factor, example_inputs=(pixels(),))
+    assert (wide.config.embed_dim, list(wide.config.num_heads)) == (32, [4, 8])
+    assert n_params(wide) == n_params(swin(32, (4, 8)))
+    assert max_rel(logits(model, pixels(1)), logits(wide, pixels(1))) < 1e-5
+    assert [s.name for s in wide.graphgrow_report.spaces if s.frozen_reasons] == ["classifier.weight"]
+
+
+def test_speech2text_conv_subsampler_glu_grows():
+    """Speech2Text's conv subsampler: conv -> GLU (halves gate each other) -> conv -> GLU; the first conv's
+    channels grow (conv_channels), the second's output is the stream, kept by the sinusoidal positions (d)."""
+    model = build(transformers.Speech2TextForConditionalGeneration, vocab_size=64, d_model=32, encoder_layers=1,
+                  decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64,
+                  decoder_ffn_dim=64, max_source_positions=64, max_target_positions=64, num_conv_layers=2,
+                  conv_kernel_sizes=[5, 5], conv_channels=16, input_feat_per_channel=8, input_channels=1,
+                  dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, decoder_start_token_id=2)
+    g = torch.Generator().manual_seed(0)
+    feats, dec = torch.randn(2, 24, 8, generator=g), torch.randint(3, 64, (2, 5), generator=g)
+    wide = graphgrow.widen(model, 2, example_inputs={"input_features": feats, "decoder_input_ids": dec})
+    assert wide.config.conv_channels == 32
+    assert wide.model.encoder.conv.conv_layers[0].weight.shape == (32, 8, 5)
+    assert wide.model.encoder.conv.conv_layers[1].weight.shape == (64, 16, 5)
+    with torch.no_grad():
+        a = model(input_features=feats, decoder_input_ids=dec).logits
+        b = wide(input_features=feats, decoder_input_ids=dec).logits
+    assert max_rel(a, b) < 1e-5
+    reasons = {s.name: " ".join(s.frozen_reasons) for s in wide.graphgrow_report.spaces if s.frozen_reasons}
+    assert "model.encoder.conv.conv_layers.0.weight" not in reasons
+    assert "sinusoidal" in reasons["model.encoder.conv.conv_layers.1.weight"]
