@@ -18,7 +18,7 @@ import torch.nn as nn
 
 from ..core.deepen import select_names
 from ..core.report import GrowthReport
-from ..errors import InvalidArgumentError, UnsupportedModelError
+from ..errors import InvalidArgumentError, UnsupportedModelError, first_line
 from ..fx.branches import branch_outputs
 from ..fx.engine import count_params
 from ..verify import verify_growth
@@ -167,8 +167,13 @@ def fresh_values(model: nn.Module, plan: CopyPlan) -> dict:
         module = plan.deeper.get_submodule(path)
         if getattr(module, attr).is_meta:
             module.to_empty(device="cpu", recurse=False)
-            with torch.no_grad():
-                plan.deeper._init_weights(module)
+            try:
+                with torch.no_grad():
+                    plan.deeper._init_weights(module)
+            except Exception as exc:  # noqa: BLE001 - the family's own init: any failure is one sentence
+                raise UnsupportedModelError(f"the copies need {key!r}, which the copied layer does not hold, and "
+                                            f"{type(model).__name__}'s initialization of it fails: {first_line(exc)}"
+                                            ) from None
         out[key] = getattr(module, attr).detach().to(dtype).clone()
     return out
 
