@@ -133,7 +133,8 @@ def plan_copies(model: nn.Module, after, capture_graph) -> CopyPlan:
     at_copies = tuple(f"{s.path}.{c}." for s in stacks for i in chosen[s.path]
                       for c in plan.copies.index[s.path + "."][i][1:])
     plan.fresh = frozenset(k for k in plan.built if k.startswith(at_copies) and k not in copied)
-    plan.moved = moved_differently(model, plan)
+    with torch.device("meta"):  # built afresh as the deeper one is (Swin's forward resets its shift_size)
+        plan.moved = moved_differently(type(model)(copy.deepcopy(model.config)), plan)
     return plan
 
 
