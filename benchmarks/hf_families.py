@@ -254,7 +254,8 @@ FAMILIES = {
 }
 
 # where block copy inserts its copy when the middle of the config.num_hidden_layers ModuleList is not a layer
-DEEPEN_AT = {"swin": "swin.encoder.layers.0.blocks.0", "convnext": "convnext.encoder.stages.0.layers.0",
+# (Swin: the last block of a stage; a copy before a block would flip the shifted/unshifted windows after it)
+DEEPEN_AT = {"swin": "swin.encoder.layers.0.blocks.1", "convnext": "convnext.encoder.stages.0.layers.0",
              "albert": "albert.encoder.albert_layer_groups.0.albert_layers.0"}  # ALBERT: the one shared layer
 
 

@@ -24,7 +24,7 @@ _VIEW = {"reshape", "view", "to", "contiguous", "float", "type_as", F.dropout, t
 # zero in, zero out through the first operand (a gather from a zero tensor, a reduction, a permutation)
 _PASS = {"expand", "transpose", "permute", "sum", "flatten", "squeeze", "unsqueeze", operator.getitem,
          torch.transpose, torch.permute, torch.flatten, torch.squeeze, torch.unsqueeze, torch.sum,
-         _aten.index.Tensor, torch.select, torch.narrow}
+         _aten.index.Tensor, torch.select, torch.narrow, torch.roll, _aten.roll.default}
 # a view of a parameter: the weight of a linear map is still that parameter (x @ W.T, a stacked expert's W[e])
 _PARAM_VIEW = {"t", "to", "contiguous", "transpose", "permute", "unsqueeze", "reshape", "view", operator.getitem,
                torch.t, torch.transpose, torch.permute, torch.unsqueeze, torch.reshape, _aten.index.Tensor,
@@ -33,7 +33,10 @@ _ADDS = {operator.add, torch.add, operator.iadd}
 _SUBS = {operator.sub, torch.sub}
 _MULS = {operator.mul, torch.mul, operator.imul}
 _DIVS = {operator.truediv, torch.div}
-_ZEROS = {torch.zeros_like, _aten.zeros_like.default, "new_zeros"}
+# zero whatever the inputs (the buffer an MoE scatters its experts' outputs into)
+_ZEROS = {torch.zeros_like, _aten.zeros_like.default, "new_zeros", torch.zeros, _aten.zeros.default,
+          _aten.new_zeros.default}
+_CATS = {torch.cat, torch.concat, _aten.cat.default}
 _INDEX_ADD = {_aten.index_add.default, _aten.index_add_.default, torch.index_add, "index_add", "index_add_"}
 # linear maps: op -> (input position, weight position, bias position or None)
 _LINEAR = {F.linear: (0, 1, 2), torch.addmm: (1, 2, 0), torch.matmul: (0, 1, None), operator.matmul: (0, 1, None),
@@ -118,11 +121,19 @@ class FxBlock:
             if b is not None and self._param(b) is None:
                 return Reading(OTHER)  # a bias that is not the block's own stays
             return Reading(LINEAR, (args[x_pos],), params=(w,) + ((self._param(b),) if b is not None else ()))
+        if t is F.embedding:  # rows of the block's table gathered by ids (GPT-OSS's per-expert down bias)
+            w = self._param(args[1]) if len(args) > 1 else None
+            return Reading(LINEAR, (args[0],), params=(w,)) if w is not None else Reading(OTHER)
         if t in _ADDS or t in _SUBS:
             nodes = [a for a in args[:2] if isinstance(a, fx.Node)]
             if any(not isinstance(a, fx.Node) and a != 0 for a in args[:2]) or "alpha" in node.kwargs:
                 return Reading(OTHER)  # x + c is not zero when x is
             return Reading(ADD if t in _ADDS else SUM, tuple(nodes))
+        if t in _CATS:  # zero when every piece is (JetMoE's experts' outputs joined along the tokens)
+            pieces = args[0] if isinstance(args[0], (list, tuple)) else ()
+            if not pieces or not all(isinstance(a, fx.Node) for a in pieces):
+                return Reading(OTHER)
+            return Reading(SUM, tuple(pieces))
         if t in _INDEX_ADD:  # base.index_add(dim, index, source): zero when base and source are
             return Reading(SUM, (args[0], args[3]))
         if t in _MULS:

@@ -97,9 +97,11 @@ def as_inputs(example_inputs) -> tuple:
 
 def capture(model: nn.Module, inputs: tuple) -> fx.GraphModule:
     """The lifted export of ``ModelOutputs(model)`` on ``inputs``; get_attr targets are state_dict keys."""
+    from .exportable import exportable
+
     wrapper = ModelOutputs(model, input_names(inputs))
     try:
-        with torch.no_grad():
+        with torch.no_grad(), exportable(model):
             program = torch.export.export(wrapper, tuple(inputs), strict=False)
     except Exception as exc:  # noqa: BLE001 - any capture failure is reported in one sentence
         raise TraceError(f"torch.export cannot capture {type(model).__name__}: {first_line(exc)}") from None

@@ -18,58 +18,12 @@ import torch.nn as nn
 
 from ..core.deepen import select_names
 from ..core.report import GrowthReport
-from ..errors import InvalidArgumentError, UnsupportedModelError
+from ..errors import InvalidArgumentError, UnsupportedModelError, first_line
 from ..fx.branches import branch_outputs
 from ..fx.engine import count_params
 from ..verify import verify_growth
 from .capture import ModelOutputs, as_inputs, capture, input_names, rebuilt
-from .config import meta_shapes
-
-
-# the config fields stating each stack's depth in an encoder-decoder (BART/Marian/M2M100/Whisper, T5), in order
-_STACK_FIELDS = (("encoder", ("encoder_layers", "num_layers")), ("decoder", ("decoder_layers", "num_decoder_layers")))
-
-
-@dataclass
-class Stack:
-    """One stack of repeated layers: its ModuleList's path, depth and the config field stating the depth."""
-
-    path: str
-    n: int
-    field: str
-
-
-def _outermost_lists(model: nn.Module, n: int, role: str = "") -> list:
-    """The paths of ModuleLists of length ``n`` (under a path segment ``role`` where given), not nested in
-    another such list (a T5 block's own list of sublayers is not a stack)."""
-    found = [name for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) == n
-             and (not role or role in name.split("."))]
-    return [p for p in found if not any(p.startswith(q + ".") for q in found)]
-
-
-def layer_stacks(model: nn.Module) -> list:
-    """The model's stacks of repeated layers: the one ModuleList as long as num_hidden_layers, or for an
-    encoder-decoder the encoder's and the decoder's (each with the config field stating its depth)."""
-    cfg, name = model.config, type(model).__name__
-    if getattr(cfg, "is_encoder_decoder", False):
-        stacks = []
-        for role, fields in _STACK_FIELDS:
-            field = next((f for f in fields if isinstance(getattr(cfg, f, None), int)), None)
-            if field is None:
-                raise UnsupportedModelError(f"{name}: the config states no {role} depth ({' or '.join(fields)}), so "
-                                            "a deeper model cannot be stated")
-            paths = _outermost_lists(model, getattr(cfg, field), role)
-            if len(paths) != 1:
-                raise UnsupportedModelError(f"{name}: {len(paths)} {role} module lists hold {field}="
-                                            f"{getattr(cfg, field)} layers; block expansion needs exactly one")
-            stacks.append(Stack(paths[0], getattr(cfg, field), field))
-        return stacks
-    n = getattr(cfg, "num_hidden_layers", None)
-    paths = _outermost_lists(model, n) if isinstance(n, int) else []
-    if len(paths) != 1:
-        raise UnsupportedModelError(f"{name}: {len(paths)} module lists hold num_hidden_layers={n} layers; block "
-                                    "expansion needs exactly one")
-    return [Stack(paths[0], n, "num_hidden_layers")]
+from .stacks import Stack, deepened_config, layer_stacks, signature  # noqa: F401 - Stack re-exported for callers
 
 
 def chosen_layers(stacks: list, after) -> dict:
@@ -100,7 +54,7 @@ class LayerCopies:
 
     def targets(self, key: str) -> list:
         """[(new key, zero?)] for one key of the original state_dict."""
-        head = next((h for h in self.index if key.startswith(h)), None)
+        head = max((h for h in self.index if key.startswith(h)), key=len, default=None)
         if head is None:
             return [(key, False)]
         idx, _, rest = key[len(head):].partition(".")
@@ -114,23 +68,6 @@ class LayerCopies:
                 for key, t in state.items() for new, zero in self.targets(key)}
 
 
-def deepened_config(config, stacks: list, chosen: dict):
-    """Each stack's depth field grown; for one stack, every per-layer list (layer_types, ...) gets the copied
-    layer's entry."""
-    new = copy.deepcopy(config)
-    for s in stacks:
-        setattr(new, s.field, s.n + len(chosen[s.path]))
-    if len(stacks) == 1:
-        (s,) = stacks
-        for key, value in config.to_dict().items():
-            if isinstance(value, list) and len(value) == s.n and key != "architectures":
-                grown = []
-                for i, v in enumerate(value):
-                    grown.extend([v, v] if i in chosen[s.path] else [v])
-                setattr(new, key, grown)
-    return new
-
-
 @dataclass
 class CopyPlan:
     """Block expansion of one model: its stacks, the chosen layers, what each copy zeroes, the new config."""
@@ -141,16 +78,30 @@ class CopyPlan:
     config: object
     left_out: frozenset = frozenset()  # copies' keys the family does not build at the copy's position
     built: dict = field(default_factory=dict)  # key -> shape of the family built from ``config``
+    fresh: frozenset = frozenset()  # keys the family builds at a copy's position that the copied layer lacks
+    moved: str = ""  # how the deeper config builds a layer differently at its new position ("" where it does not)
+    deeper: object = field(default=None, repr=False)  # the family built from ``config`` on the meta device
+    old_config: object = field(default=None, repr=False)
 
     @property
     def copies(self) -> LayerCopies:
         return LayerCopies(self.stacks, self.chosen, self.zeroed, self.left_out)
 
     def notes(self) -> list:
-        out = [f"config {s.field}: {s.n} -> {s.n + len(self.chosen[s.path])}" for s in self.stacks
+        out = [f"config {s.label}: {s.n} -> {s.n + len(self.chosen[s.path])}" for s in self.stacks
                if self.chosen[s.path]]
         out += [f"{layer} copied after itself, zeroed in the copy: {', '.join(sorted(keys))}"
                 for layer, keys in self.zeroed.items()]
+        if self.old_config is not None:
+            old = self.old_config.to_dict()
+            # the depth fields (and their aliases: DBRX's n_layers) are noted above
+            depth = [s.field for s in self.stacks] + [(s.n, s.n + len(self.chosen[s.path])) for s in self.stacks]
+            out += [f"config {k}: {old.get(k)} -> {v} (each layer built as before at its new position)"
+                    for k, v in self.config.to_dict().items()
+                    if old.get(k) != v and k not in depth and (old.get(k), v) not in depth]
+        if self.fresh:
+            out.append(f"built fresh in the copies, at the family's initial values (the copied layer has none; the "
+                       f"family builds them at the copy's position): {', '.join(sorted(self.fresh))}")
         if self.left_out:
             out.append(f"left out of the copies (the family does not build them at the copy's position): "
                        f"{', '.join(sorted(self.left_out))}")
@@ -169,13 +120,63 @@ def plan_copies(model: nn.Module, after, capture_graph) -> CopyPlan:
     chosen = chosen_layers(stacks, after)
     gm = capture_graph()
     zeroed = {f"{p}.{i}": branch_outputs(gm, f"{p}.{i}") for p, idx in chosen.items() for i in idx}
-    plan = CopyPlan(stacks, chosen, zeroed, deepened_config(model.config, stacks, chosen))
+    plan = CopyPlan(stacks, chosen, zeroed, deepened_config(model.config, stacks, chosen), old_config=model.config)
+    with torch.device("meta"):
+        plan.deeper = type(model)(copy.deepcopy(plan.config))
+    plan.built = {k: tuple(v.shape) for k, v in plan.deeper.state_dict().items()}
     # a parameter the family builds only in its first layer (T5's relative position bias, which the later
-    # layers receive from it) is not built in a copy of that layer: left out; verification decides
-    plan.built = meta_shapes(type(model), plan.config)
+    # layers receive from it) is not built in a copy of that layer: left out; one it builds at the copy's
+    # position only (ModernBERT's attn_norm, an Identity in layer 0) starts at its initial value; verification
+    # decides both
     copied = {new for key in model.state_dict() for new, _ in plan.copies.targets(key)[1:]}
     plan.left_out = frozenset(k for k in copied if k not in plan.built)
+    at_copies = tuple(f"{s.path}.{c}." for s in stacks for i in chosen[s.path]
+                      for c in plan.copies.index[s.path + "."][i][1:])
+    plan.fresh = frozenset(k for k in plan.built if k.startswith(at_copies) and k not in copied)
+    with torch.device("meta"):  # built afresh as the deeper one is (Swin's forward resets its shift_size)
+        plan.moved = moved_differently(type(model)(copy.deepcopy(model.config)), plan)
     return plan
+
+
+def moved_differently(model: nn.Module, plan: CopyPlan) -> str:
+    """How the deeper config builds one of the model's layers differently at its new position ("" where every
+    layer is built as before): a family whose layers alternate by position (Swin's shifted windows) has no
+    place for a copy before a layer of the other kind."""
+    for s in plan.stacks:
+        depths = (s.n, s.n + len(plan.chosen[s.path]))
+
+        def differs(a, b):  # a per-layer list a layer keeps whole (GPT-Neo's attention_layers) grew with the stack
+            return a != b and not (isinstance(a, tuple) and isinstance(b, tuple) and (len(a), len(b)) == depths)
+
+        for i, (j, *_) in plan.copies.index[s.path + "."].items():
+            old, new = (signature(m.get_submodule(f"{s.path}.{k}")) for m, k in ((model, i), (plan.deeper, j)))
+            diff = next((k for k in sorted(set(old) | set(new), key=str) if differs(old.get(k), new.get(k))), None)
+            if diff is not None:
+                sub, attr = diff
+                what = ".".join(x for x in (sub, attr) if x)
+                return (f"the deeper config builds {s.path}.{i} differently at its new position {j} ({what} "
+                        f"{old.get(diff, 'absent')} -> {new.get(diff, 'absent')})")
+    return ""
+
+
+def fresh_values(model: nn.Module, plan: CopyPlan) -> dict:
+    """The family's initial values of ``plan.fresh`` (its own ``_init_weights`` on just those modules)."""
+    dtype = next(model.parameters()).dtype
+    out = {}
+    for key in sorted(plan.fresh):
+        path, _, attr = key.rpartition(".")
+        module = plan.deeper.get_submodule(path)
+        if getattr(module, attr).is_meta:
+            module.to_empty(device="cpu", recurse=False)
+            try:
+                with torch.no_grad():
+                    plan.deeper._init_weights(module)
+            except Exception as exc:  # noqa: BLE001 - the family's own init: any failure is one sentence
+                raise UnsupportedModelError(f"the copies need {key!r}, which the copied layer does not hold, and "
+                                            f"{type(model).__name__}'s initialization of it fails: {first_line(exc)}"
+                                            ) from None
+        out[key] = getattr(module, attr).detach().to(dtype).clone()
+    return out
 
 
 def require_fits(model: nn.Module, plan: CopyPlan, shapes: dict) -> None:
@@ -184,9 +185,12 @@ def require_fits(model: nn.Module, plan: CopyPlan, shapes: dict) -> None:
     dense first layers) has no place for a copy there; from_pretrained would start such a tensor at random."""
     heads = tuple(s.path + "." for s in plan.stacks)
     wrong = sorted(k for k in shapes if plan.built.get(k) != tuple(shapes[k])) + \
-        sorted(k for k in plan.built if k not in shapes and k.startswith(heads))
+        sorted(k for k in plan.built if k not in shapes and k.startswith(heads) and k not in plan.fresh)
+    first = next(f"{p}.{idx[0]}" for p, idx in plan.chosen.items() if idx)
+    if plan.moved:
+        raise UnsupportedModelError(f"{type(model).__name__} cannot hold a copy after {first}: {plan.moved}, so the "
+                                    "layers after the copy would compute something else")
     if wrong:
-        first = next(f"{p}.{idx[0]}" for p, idx in plan.chosen.items() if idx)
         k = wrong[0]
         have = "does not build it" if k not in plan.built else f"builds it as {list(plan.built[k])}"
         give = "does not hold it" if k not in shapes else f"gives {list(shapes[k])}"
@@ -203,6 +207,7 @@ def deepen_pretrained(model, *, after, block: str = "copy", example_inputs, seed
     inputs = as_inputs(example_inputs)
     plan = plan_copies(model, after, lambda: capture(model, inputs))
     state = plan.copies.state(model.state_dict())
+    state.update(fresh_values(model, plan))
     require_fits(model, plan, {k: tuple(v.shape) for k, v in state.items()})
     result = rebuilt(model, plan.config, state)
     report = GrowthReport([], params_before=count_params(model), params_after=count_params(result))

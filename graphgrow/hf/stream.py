@@ -220,6 +220,10 @@ def deepen_checkpoint(path, out_dir, *, after, block: str = "copy", check: bool 
     config, copies = plan.config, plan.copies
     planned = {new: tuple(src.shape(name)) for name in src.names() for new, _ in copies.targets(name)}
     require_fits(model, plan, planned)
+    if plan.fresh:  # the writer streams the source's tensors; a tensor the source lacks has no values to stream
+        raise UnsupportedModelError(f"the copies need {sorted(plan.fresh)[0]!r}, which the copied layer does not hold "
+                                    "(the family builds it only at the copy's position): deepen the loaded model "
+                                    "with graphgrow.deepen, which starts it at the family's initial value")
     if plan.left_out and not check:
         raise UnsupportedModelError(f"the copies leave out {sorted(plan.left_out)[0]!r} (not built at the copy's "
                                     "position): only the check can vouch for that; run without --no-check")
