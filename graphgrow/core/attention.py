@@ -43,6 +43,18 @@ def head_grid(x: LabelTensor, head_axis, inner_axis) -> np.ndarray:
     return g if head_axis < inner_axis else g.T
 
 
+def _distinct_heads(a: np.ndarray, b: np.ndarray):
+    """``(first, same)``: heads reading the same (a, b) channels give the same values, so they share one derived
+    channel (JetMoE's query heads repeat once per chosen expert, and so do the key heads they read): ``first``
+    holds the first head of each distinct pair, ``same`` every head's distinct pair (in first-seen order)."""
+    rows = np.concatenate([a.reshape(len(a), -1), b.reshape(len(b), -1)], axis=1)
+    _, first, inverse = np.unique(rows, axis=0, return_index=True, return_inverse=True)
+    order = np.argsort(first)  # (number the pairs as they first appear: no repeats gives the identity)
+    rank = np.empty_like(order)
+    rank[order] = np.arange(len(order))
+    return np.sort(first), rank[np.asarray(inverse).ravel()]
+
+
 def _parts(ids: np.ndarray, salt: int) -> np.ndarray:
     return (np.asarray(ids, np.int64) << CHAN_SHIFT) | np.int64((salt & SALT_MASK) << SALT_SHIFT)
 
@@ -108,40 +120,58 @@ class AttentionRelations:
         if qg.shape[1] != kg.shape[1] or n_heads % n_kv:
             raise NotUnderstood(f"{n_heads} query heads of {qg.shape[1]} cannot read {n_kv} key heads of "
                                 f"{kg.shape[1]}")
-        space = self.derived_space(node, suffix, f"{name} (scores)", n_heads)
+        first, same = _distinct_heads(channel_of(qg), channel_of(kg)[np.arange(n_heads) // (n_heads // n_kv)])
+        space = self.derived_space(node, suffix, f"{name} (scores)", len(first))
         if self.analysis:
             cq, ck = channel_of(qg), channel_of(kg)[np.arange(n_heads) // (n_heads // n_kv)]
-            reason = self.constraints.units(cq) or self.constraints.units(channel_of(kg))
+            own = self._own_key_columns(node, channel_of(kg))
+            reason = self.constraints.units(cq) or self.constraints.units(channel_of(kg)[:, own])
             if reason:
                 self._freeze_heads(node, (q, k), reason)
             else:
                 kv_rows = len(np.unique(channel_of(kg), axis=0))  # (repeat_kv repeats them)
                 if kv_rows > 1:
-                    self.constraints.tie(cq, ck)
+                    self.constraints.tie(cq[:, own], ck[:, own])
                 else:
                     # one key head serves every query head: any number of query heads still reads it, so the
                     # query heads grow on their own. Fused with the queries in one projection (GPT-BigCode's
                     # multi-query c_attn) it has no head axis to be copied along: it keeps its one head.
                     self._fused_kv_freeze(node, cq, channel_of(kg)[:1], "key")
-                self.constraints.tie(space.chan_ids, cq[:, 0])
+                self.constraints.tie(space.chan_ids, cq[first, 0])
                 # (what a per-head bias on the scores freezes: ALiBi, graphgrow.fx.labeling)
                 self.scores_heads = getattr(self, "scores_heads", {})
                 self.scores_heads[space.id] = np.concatenate([cq.ravel(), channel_of(kg).ravel()])
                 for ids, role in ((cq, "query"), (channel_of(kg), "key")):
                     self.constraints.mark_heads(ids[:, 0], role)
-                for ids, count in ((cq, n_heads), (channel_of(kg), kv_rows)):
+                q_rows = len(np.unique(cq, axis=0))  # (JetMoE reads each query head once per chosen expert)
+                for ids, count in ((cq, q_rows), (channel_of(kg), kv_rows)):
                     sp = self.table.spaces_of(ids[:, 0])[0]
                     self.constraints.heads_of.setdefault(sp.id, count)
-                    self.constraints.head_groups[sp.id] = max(1, n_heads // kv_rows)
-            return LabelTensor.channels(shape, out_axis, space.chan_ids, salt)
+                    self.constraints.head_groups[sp.id] = max(1, q_rows // kv_rows)
+            return LabelTensor.channels(shape, out_axis, space.chan_ids[same], salt)
         if same_labels(old_q, q) and same_labels(old_k, k):
-            return LabelTensor.channels(shape, out_axis, space.chan_ids, salt)
+            return LabelTensor.channels(shape, out_axis, space.chan_ids[same], salt)
         self._check_axes(q, q_axes, "query")
         self._check_axes(k, k_axes, "key")
         nqg, nkg = head_grid(q, *q_axes), head_grid(k, *k_axes)
         src = self._pair_heads(node, qg, kg, nqg, nkg, "query head and its key head")
         shape[out_axis] = len(src)
-        return LabelTensor.channels(shape, out_axis, space.base + src, salt)
+        return LabelTensor.channels(shape, out_axis, space.base + same[src], salt)
+
+    def _own_key_columns(self, node, ck: np.ndarray) -> np.ndarray:
+        """Mask of the key columns that differ between key heads. A column every key head reads alike (multi-head
+        latent attention's rotary key, one projection broadcast over the heads) is no part of a head: copied
+        heads read it as it is, so it keeps its width (it lies along the head_dim) and is tied to no query
+        channel, which leaves the query heads free to be copied."""
+        own = np.ones(ck.shape[1], bool)
+        if len(np.unique(ck, axis=0)) < 2:
+            return own  # (one key head: multi-query, see scores)
+        own = (ck != ck[:1]).any(axis=0)
+        if not own.all():
+            self.constraints.freeze(ck[0, ~own], f"{self.site(node)}: the part of the keys every head reads alike "
+                                                 "(a rotary key broadcast over the heads) lies along the head_dim: "
+                                                 "it keeps its width")
+        return own
 
     def _pair_heads(self, node, a_old, b_old, a_new, b_new, what: str) -> np.ndarray:
         """Original head of every new head: each new (a, b) pair (b's heads repeated over a's groups) must
@@ -184,7 +214,8 @@ class AttentionRelations:
         n_heads, n_kv, n_ch = len(pg), len(vg), vg.shape[1]
         if n_heads % n_kv:
             raise NotUnderstood(f"{n_heads} heads of attention weights cannot read {n_kv} value heads")
-        space = self.derived_space(node, suffix, f"{name} (heads)", n_heads * n_ch)
+        first, same = _distinct_heads(channel_of(pg), channel_of(vg)[np.arange(n_heads) // (n_heads // n_kv)])
+        space = self.derived_space(node, suffix, f"{name} (heads)", len(first) * n_ch)
         shape = list(out_shape)
         cax = tuple(sorted(out_axes))
         if self.analysis:
@@ -197,9 +228,9 @@ class AttentionRelations:
                     self.constraints.tie(cv[np.arange(n_heads) // (n_heads // n_kv), 0], cp)
                 else:  # (one value head: read by every query head, see scores)
                     self._fused_kv_freeze(node, None, cv[:1], "value")
-                ids = space.chan_ids.reshape(n_heads, n_ch)
+                ids = space.chan_ids.reshape(len(first), n_ch)
                 self.constraints.units(ids)
-                self.constraints.tie(ids[:, 0], cp)
+                self.constraints.tie(ids[:, 0], cp[first])
             src = np.arange(n_heads)
         elif same_labels(old_p, p) and same_labels(old_v, v):
             src = np.arange(n_heads)
@@ -209,7 +240,7 @@ class AttentionRelations:
             npg, nvg = head_grid(p, None, p_axis).T, head_grid(v, *v_axes)
             src = self._pair_heads(node, pg, vg, npg, nvg, "attention head and its value head")
             shape[out_axes[0]] = len(src)
-        ids = space.base + (src[:, None] * n_ch + np.arange(n_ch))
+        ids = space.base + (same[src][:, None] * n_ch + np.arange(n_ch))
         part = _parts(ids if out_axes[0] < out_axes[1] else ids.T, salt)
         return LabelTensor.multi(shape, cax, part)
 

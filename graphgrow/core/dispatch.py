@@ -16,12 +16,26 @@ one plan grows all experts alike (one config field states their width).
 
 from __future__ import annotations
 
+import numpy as np
+
 from .growth import NotUnderstood
 from .label_tensor import LabelTensor, same_labels
+from .labels import POS_MASK
 
 
 GATE_REASON = ("a gate's single output, broadcast over the channels it scales (a shared expert's gate: one value per "
                "token, like a router's expert count)")
+
+
+def _dense_factors(x: LabelTensor):
+    """``(channel axes, their part)`` of element-wise labels whose channel and salt do not change along the other
+    axes (JetMoE's attention output, its chosen-expert slots merged into the token rows by a reshape), else
+    None: the compact form the gather needs, read off the dense labels."""
+    cax = tuple(x.vary)
+    hi = x.a & ~np.int64(POS_MASK)
+    part = hi[tuple(slice(None) if i in cax else 0 for i in range(x.ndim))]
+    full = part.reshape([x.shape[i] if i in cax else 1 for i in range(x.ndim)])
+    return (cax, np.ascontiguousarray(part)) if np.array_equal(np.broadcast_to(full, hi.shape), hi) else None
 
 
 class DispatchRelations:
@@ -42,7 +56,7 @@ class DispatchRelations:
             return self.elementwise(node, LabelTensor.element(shape, x.elem[0], x.elem[1]))
         if not self.analysis and any(x.shape[a] != old_x.shape[a] for a in axes):
             raise self.conflict(node, "the gathered position axis changed length")
-        f = x.factors()
+        f = x.factors() or _dense_factors(x)
         if f is None:
             raise NotUnderstood("its input's channels are not constant along the positions it gathers")
         cax, part = f

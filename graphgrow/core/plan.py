@@ -193,15 +193,44 @@ class GrowthConstraints:
         u = rows.shape[1]
         spaces = self.table.spaces_of(rows.ravel())
         if len(spaces) != 1:
-            return "a head's channels come from several channel spaces"
+            return self._strided_units(rows)
         sp = spaces[0]
         off = rows[:, 0] - sp.base
         if not np.array_equal(rows, rows[:, :1] + np.arange(u)) or (off % u).any() or sp.size % u:
+            if self._strided_units(rows) is None:
+                return None
             return f"the heads of {sp.name!r} are not consecutive blocks of {u} channels"
         if self.unit_size.get(sp.id, u) != u:
             return f"{sp.name!r} is cut into heads of {self.unit_size[sp.id]} and of {u} channels"
         self.unit_size[sp.id] = u
         self.tie(rows[:, :1], rows)
+        return None
+
+    def _strided_units(self, rows) -> str | None:
+        """Heads that are not one consecutive block of one space: each row's channels of every space it reads lie
+        in that space's own block of ``size / heads`` channels (any order inside: DeepSeek-V3's interleaved rotary
+        half; a block holding more than the head reads: DeepSeek's kv_b_proj, a head's key and value side by
+        side), one block per head. Each block is a unit, and a head's blocks in its several spaces (multi-head
+        latent attention: a query head from q_b_proj, its key from kv_b_proj) are copied together."""
+        sid = self.table.space_ids_of(rows.ravel()).reshape(rows.shape)
+        if (sid != sid[:1]).any():
+            return "a head's channels come from several channel spaces, in another order in each head"
+        n, cuts = len(rows), []
+        for s_id in np.unique(sid[0]):
+            sp = self.table.spaces[int(s_id)]
+            part = rows[:, sid[0] == s_id]
+            stride = sp.size // n
+            blocks = (part - sp.base) // max(stride, 1)
+            # (a space an earlier head cut into smaller aligned units: DeepSeek's keys, 8 of each head's 24 channels,
+            # before its values read the other 16; the units grow to the blocks that hold both)
+            if n < 2 or sp.size % n or (blocks != blocks[:, :1]).any() or len(np.unique(blocks[:, 0])) != n \
+                    or stride % self.unit_size.get(sp.id, stride):
+                return f"the heads of {sp.name!r} are not one block of its channels each"
+            cuts.append((sp, sp.base + blocks[:, :1] * stride + np.arange(stride)))
+        for sp, ids in cuts:
+            self.unit_size[sp.id] = ids.shape[1]
+            self.tie(ids[:, :1], ids)
+            self.tie(cuts[0][1][:, :1], ids[:, :1])
         return None
 
     def tie_edges(self) -> np.ndarray:

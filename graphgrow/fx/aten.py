@@ -17,6 +17,8 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+from .aten_folds import fold_complex_rotary, fold_filled_empties
+
 aten = torch.ops.aten
 _INT64_MAX = 2 ** 63 - 1
 
@@ -169,6 +171,9 @@ def _table() -> dict:
     put(_overloads(aten.div, "Tensor", "Scalar"), _binary(operator.truediv, torch.div))
     put(_overloads(aten.pow, "Tensor_Scalar", "Tensor_Tensor"), _function(operator.pow))
     put(_overloads(aten.mean, "dim"), _function(torch.mean))
+    # (values, indices) of a max / min along one axis (GPT-OSS subtracts the scores' row maximum)
+    put(_overloads(aten.max, "dim"), _function(torch.max))
+    put(_overloads(aten.min, "dim"), _function(torch.min))
     put(_overloads(aten.sum, "dim_IntList"), _function(torch.sum))
     put(_overloads(aten.matmul, "default") + _overloads(aten.bmm, "default") + _overloads(aten.mm, "default"),
         _function(torch.matmul))
@@ -183,6 +188,7 @@ def _table() -> dict:
     put(_overloads(aten.dropout, "default"), _dropout)
     put(_overloads(aten.view, "default") + _overloads(aten.reshape, "default") + _overloads(aten._unsafe_view, "default"),
         _method("reshape"))
+    put(_overloads(aten.repeat, "default"), _method("repeat"))  # (JetMoE tiles its key/value heads per expert)
     put(_overloads(aten.expand, "default") + _overloads(aten.broadcast_to, "default"), _method("expand"))
     put(_overloads(aten.transpose, "int"), _function(torch.transpose))
     put(_overloads(aten.permute, "default"), _function(torch.permute))
@@ -231,6 +237,8 @@ def lift_exported(gm: fx.GraphModule, strip_prefix: str = "") -> fx.GraphModule:
 
     Placeholders are plain positional inputs; ``get_attr`` targets lose ``strip_prefix`` (the wrapper a
     capture added), so they are the model's own state_dict keys; a single output is returned bare."""
+    fold_filled_empties(gm)
+    fold_complex_rotary(gm)
     graph = fx.Graph()
     env: dict = {}
     attrs: dict = {}

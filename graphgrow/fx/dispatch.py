@@ -18,6 +18,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+from ..core import sites
 from ..core.label_tensor import LabelTensor, label_channel_ids
 from ..core.relations import NotUnderstood
 from .moves import label_leaves
@@ -40,8 +41,24 @@ def op_name(target) -> str:
     return name() if callable(name) else ""
 
 
+INDEX_ADD_OPS = {aten.index_add.default}
+
+
 def is_dispatch(target) -> bool:
-    return target in INDEX_OPS or target in TOPK_OPS or op_name(target) in GROUPED_MM_NAMES
+    return target in INDEX_OPS or target in TOPK_OPS or target in INDEX_ADD_OPS or op_name(target) in GROUPED_MM_NAMES
+
+
+def expert_slice(gm, param_names, w) -> tuple:
+    """``(parameter node, expert)`` when ``w`` is ``W[e]`` of a stacked ``[E, out, in]`` parameter (JetMoE's experts
+    apply ``F.linear(tokens_e, W[e])`` one expert at a time), else ``(None, None)``."""
+    if not (isinstance(w, fx.Node) and w.target is operator.getitem and isinstance(w.args[0], fx.Node)
+            and w.args[0].op == "get_attr" and w.args[0].target in param_names and len(w.users) == 1):
+        return None, None
+    idx = w.args[1]
+    idx = idx[0] if isinstance(idx, tuple) and len(idx) == 1 else idx
+    if type(idx) is not int or operator.attrgetter(w.args[0].target)(gm).ndim != 3:
+        return None, None
+    return w.args[0], idx
 
 
 def feeds_topk(node: fx.Node, depth: int = 4) -> bool:
@@ -60,7 +77,90 @@ class FxDispatchOps:
             return self._index(node, args[0], list(args[1]))
         if target in TOPK_OPS:
             return self._topk(node, args, kwargs)
+        if target in INDEX_ADD_OPS:
+            return self._index_add(node, args, kwargs)
         return self._grouped_mm(node, args, kwargs)
+
+    # ------------------------------------------------------------ index_add back to token order
+    def _index_add(self, node, args, kwargs):
+        """``zeros.index_add(dim, ids, src)``: each row of ``src`` added into the position its id names (JetMoE's
+        experts' outputs summed back per token). Along a position axis it acts on every channel alike: the result
+        holds src's channels; the zeros' literal width follows them."""
+        base, dim, ids, src = (list(args) + [None] * 4)[:4]
+        if kwargs or len(args) != 4 or not isinstance(src, LabelTensor) or type(dim) is not int:
+            raise NotUnderstood("an index_add with a scale or without a tensor to add")
+        if isinstance(ids, LabelTensor) and ids.vary:
+            raise NotUnderstood("its indices carry channels")
+        if not (isinstance(base, torch.Tensor) and not base.is_meta and not base.any()):
+            raise NotUnderstood("it adds into a tensor that is not zeros made in the graph")
+        ref = src if self.analysis else self._old(node.args[3])
+        dim %= src.ndim
+        if len(ref.vary) != 1 or dim in ref.vary:
+            raise NotUnderstood("it adds along a channel axis")
+        c = ref.vary[0]
+        seq = label_channel_ids(src, c)
+        if seq is None:
+            raise NotUnderstood("its rows' labels are not one channel sequence")
+        shape = list(base.shape)
+        if not self.analysis and shape[c] != src.shape[c]:
+            z = node.args[0]
+            if not (isinstance(z, fx.Node) and z.target is aten.zeros.default and list(z.args[0]) == shape):
+                raise self.conflict(node, "the zeros it adds into cannot follow the new width")
+            shape[c] = src.shape[c]
+            self.arg_updates[z] = ((shape,) + tuple(z.args[1:]), z.kwargs)
+        return LabelTensor.channels(tuple(shape), c, seq, self.salt(node))
+
+    # ------------------------------------------------------------ experts applied one at a time
+    def _expert_linear(self, node, args, kwargs):
+        """``F.linear(tokens_e, W[e])`` for every expert ``e`` of a stacked weight ``[E, out, in]``: one producer
+        whose weight is the stacked parameter (every slice gathered alike). Every expert writes the first expert's
+        output space (their rows meet in one concatenation: one plan, one copy order); the first expert that reads
+        tokens stores the new weight and the others check theirs equal to it."""
+        p_node, _ = expert_slice(self.gm, self.param_names, node.args[1])
+        readers = [next(iter(u.users)) for u in p_node.users if expert_slice(self.gm, self.param_names, u)[0]]
+        experts = {expert_slice(self.gm, self.param_names, u)[1] for u in p_node.users}
+        real = operator.attrgetter(p_node.target)(self.gm)
+        if len(readers) != len(p_node.users) or len(experts) != real.shape[0] \
+                or any(r.target is not F.linear or len(r.args) > 2 and r.args[2] is not None or r.kwargs
+                       for r in readers):
+            raise NotUnderstood("a stacked expert weight read other than one F.linear per expert")
+        x = args[0]
+        if not isinstance(x, LabelTensor):
+            raise NotUnderstood("its input is not a tensor of the graph")
+        old_x = self._old(node.args[0]) if isinstance(self._old(node.args[0]), LabelTensor) else x
+        weight = param_array(real)
+        first, shape = readers[0], self._shape(node)
+        if node is first:  # the experts' one output space
+            out, w, _ = self.produce(node, p_node.target, x, old_x, weight, in_axis=-1, out_axis=-1, w_in=2, w_out=1,
+                                     shape=shape)
+            if not self.analysis and w is not None and int(np.prod(x.shape)):
+                self._store_experts(node, p_node.target, w)
+            return out
+        if first not in self.node_space:
+            raise NotUnderstood("an earlier expert of its weight was not analysed")
+        space = self.node_space[first]
+        if self.analysis:
+            self.note_roles(x, "consumer", p_node.target)
+            return LabelTensor.channels(shape, -1, space.chan_ids, self.salt(node))
+        mapping = self.plan.mapping(space)
+        if int(np.prod(x.shape)):  # (an expert no token chose here shows nothing of its input's channels)
+            match = self.match(node, old_x, x, -1, fills_ok=True)
+            if match is not None or len(mapping) != weight.shape[1]:
+                self._store_experts(node, p_node.target, sites.produce_weights(
+                    weight, 2, 1, match, mapping, self.options, self.rng, self.plan.fill_kind.get(space.id)))
+        out_shape = list(shape)
+        out_shape[-1] = len(mapping)
+        return LabelTensor.channels(out_shape, -1, self.plan.new_chan_ids(space), self.salt(node))
+
+    def _store_experts(self, node, target: str, w) -> None:
+        """The stacked weight's new value: stored by the first expert that reads tokens, equal for the others."""
+        stored = self.__dict__.setdefault("_experts_stored", set())
+        if target in stored:
+            self._same_as_stored(node, {target: w})
+            return
+        stored.add(target)
+        owner, _, attr = target.rpartition(".")
+        self._update(owner).tensors[attr] = w
 
     # ------------------------------------------------------------ aten.index
     def _index(self, node, x, indices):

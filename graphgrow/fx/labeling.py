@@ -27,7 +27,7 @@ from ..core.labels import MAX_POSITIONS, LabelOverflow
 from ..core.relations import NotUnderstood, RelationRun
 from ..errors import GraphGrowError
 from . import ops
-from .dispatch import FxDispatchOps, is_dispatch
+from .dispatch import FxDispatchOps, expert_slice, is_dispatch
 from .moves import MoveReplay, as_labels, label_leaves
 from .ops import describe, qualified_name
 from .shapes import TensorMeta
@@ -257,6 +257,8 @@ class FxLabelRun(FxTransformerOps, FxDispatchOps, MoveReplay, RelationRun):
             return first
         if only_first and (target in ops.ELEMENTWISE_FUNCS or qualified_name(target) in ops.ELEMENTWISE_BY_NAME):
             return self.elementwise(node, first)
+        if target in (torch.max, torch.min) and len(args) >= 2 and type(args[1]) is int:
+            return self._extreme_along(node, first, args, kwargs)
         if target in ops.BINARY_FUNCS:
             if target in (torch.max, torch.min) and (len(args) < 2 or not isinstance(args[1], (LabelTensor, int, float))):
                 return self._reduce(node, first, args, kwargs)
@@ -275,6 +277,8 @@ class FxLabelRun(FxTransformerOps, FxDispatchOps, MoveReplay, RelationRun):
             return self.pool(node, first, self._old(node.args[0]), self._shape(node))
         if target in ops.SOFTMAX_FUNCS:
             return self._softmax(node, first, args[1:], kwargs)
+        if target is F.linear and len(node.args) > 1 and expert_slice(self.gm, self.param_names, node.args[1])[0]:
+            return self._expert_linear(node, args, kwargs)
         if target in FUNCTIONAL_PRODUCERS and self._weight_param(node, target) is not None:
             return self._functional_producer(node, target, args, kwargs)
         if target in (F.conv1d, F.conv2d, F.conv3d) and self.weight_normed(node) is not None:
@@ -467,6 +471,22 @@ class FxLabelRun(FxTransformerOps, FxDispatchOps, MoveReplay, RelationRun):
         mean = node.target in (torch.mean, "mean")
         return self.reduce(node, x, self._old(node.args[0]), dims, bool(keep), mean=mean,
                            mean_kind=mean_terms(node) if mean else None)
+
+    def _extreme_along(self, node, x: LabelTensor, args, kwargs):
+        """``torch.max(x, dim, keepdim)``: (values, indices) along one axis. Along a position axis the values are
+        per channel (GPT-OSS's row maximum of the scores); the indices are positions, read by nobody here."""
+        if not isinstance(x, LabelTensor):
+            raise NotUnderstood("its input is not a tensor of the graph")
+        if any(u.target is operator.getitem and u.args[1] != 0 for u in node.users) \
+                or any(u.target is not operator.getitem for u in node.users):
+            raise NotUnderstood("the positions of its extremes are read")
+        dim = args[1] % x.ndim
+        keep = bool(kwargs.get("keepdim", args[2] if len(args) > 2 else False))
+        old_x = self._old(node.args[0])
+        if self.mixes(x, old_x, {dim}):
+            return self.mix(node, x, "a maximum over the channel axis")
+        values = self.reduce(node, x, old_x, [dim], keep)
+        return values, self._fixed(node, tuple(values.shape), 1)
 
     def _softmax(self, node, x: LabelTensor, args, kwargs):
         dim = args[0] if args else kwargs.get("dim")

@@ -59,6 +59,22 @@ def merged_dims(raw: list, old_shape, new_shape):
     return out
 
 
+def split_dims(raw: list, old_shape, new_shape):
+    """New literal dims of a reshape that keeps the input's leading axes as they are (written as their old
+    sizes) and only splits the axes after them, which kept their sizes (DeepSeek-V2's complex rotary
+    ``x.reshape(*x.shape[:-1], -1, 2)``: the head count is a literal there): the leading dims follow the widened
+    input. None when the reshape is not of that form or nothing changes."""
+    k = next((i for i in range(len(old_shape)) if i >= len(raw) or raw[i] != old_shape[i]), len(old_shape))
+    if k == 0 or k >= len(raw) or any(not isinstance(r, (int, np.integer)) or r < -1 or r == 0 for r in raw) \
+            or len(old_shape) != len(new_shape) or tuple(old_shape[k:]) != tuple(new_shape[k:]) \
+            or tuple(old_shape[:k]) == tuple(new_shape[:k]) or k == len(old_shape):
+        return None
+    tail = [r for r in raw[k:] if r != -1]
+    if int(np.prod(tail)) == 0 or int(np.prod(old_shape[k:])) % int(np.prod(tail)):
+        return None
+    return list(new_shape[:k]) + list(raw[k:])
+
+
 class MoveReplay:
     """The moves of :class:`~graphgrow.fx.labeling.FxLabelRun` (a mixin: it uses the run's state)."""
 
@@ -133,6 +149,8 @@ class MoveReplay:
             raw_dims = [None if isinstance(r, fx.Node) else r for r in raw]
             dims = merged_dims(raw_dims, old_in.shape, new_in.shape)
             if dims is None:
+                dims = split_dims(raw_dims, old_in.shape, new_in.shape)
+            if dims is None:
                 dims = self.rescale_shape(node, raw_dims, self.old[node], int(np.prod(old_in.shape)),
                                           int(np.prod(new_in.shape)))
             if dims is None:
@@ -155,6 +173,9 @@ class MoveReplay:
         elif target in ("split", torch.split):
             size = args[1] if len(args) > 1 else kwargs.get("split_size_or_sections", kwargs.get("split_size"))
             dim = args[2] if len(args) > 2 else kwargs.get("dim", 0)
+            if isinstance(size, (list, tuple)) and all(isinstance(s, int) for s in size) \
+                    and old_in.shape[dim] == new_in.shape[dim]:
+                return args, kwargs  # (another axis grew: the heads of DeepSeek's query split into its two parts)
             if isinstance(size, (list, tuple)) and all(isinstance(s, int) for s in size):
                 new_sizes = self.remap_sizes(node, old_in, new_in, dim, size)
                 if new_sizes == list(size):

@@ -68,7 +68,8 @@ def _arg(args, kwargs, i, name, default=None):
     return kwargs.get(name, default)
 
 
-_PASS_METHODS = ("to", "float", "double", "type_as", "contiguous")
+# (a reshape keeps a one-axis parameter's one long axis: GPT-OSS's per-head sinks viewed [1, heads, 1, 1])
+_PASS_METHODS = ("to", "float", "double", "type_as", "contiguous", "reshape", "view")
 
 
 def _skip_casts(n):

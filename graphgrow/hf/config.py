@@ -131,6 +131,10 @@ def solve_config(model_cls, config, target: dict, known: dict):
         if not bad and all(_get(new, f) == v for f, v in deferred.items()):
             _loadable(new)
             return new
+        # the field that settles the most parameters wins the round (DeepSeek-V2's moe_intermediate_size sizes its
+        # routed and its shared experts; n_shared_experts, tried first, settles only the shared one and would
+        # leave the routed experts unstatable)
+        best = None
         for field in _int_fields(new) + _list_items(new):
             if field in fixed:
                 continue
@@ -143,12 +147,15 @@ def solve_config(model_cls, config, target: dict, known: dict):
                 trial_shapes = meta_shapes(model_cls, trial)
             except Exception:  # noqa: BLE001 - a value the family rejects
                 continue
-            if len(_mismatch(trial_shapes, target)) < len(bad):  # progress, counting parameters added or lost
-                new, shapes = trial, trial_shapes
-                fixed.add(field)
-                break
-        else:
+            left = len(_mismatch(trial_shapes, target))
+            if left < (best[0] if best else len(bad)):  # progress, counting parameters added or lost
+                best = (left, field, trial, trial_shapes)
+                if left == 0:
+                    break
+        if best is None:
             break
+        _, field, new, shapes = best
+        fixed.add(field)
     bad = _mismatch(shapes, target)
     if not bad:
         raise ConfigMismatch(f"{type(config).__name__} rejects the grown sizes "
