@@ -99,3 +99,33 @@ def test_lfm2_short_depthwise_conv_grows_with_the_stream():
     assert conv.conv.weight.shape == (128, 1, 3) and conv.in_proj.weight.shape == (384, 128)
     ideal = transformers.Lfm2ForCausalLM(c)
     assert sum(p.numel() for p in big.parameters()) == sum(p.numel() for p in ideal.parameters())
+
+
+def test_bert_mlm_head_transform_is_tied_to_the_embedding_columns():
+    """The MLM head's transform (dense -> gelu -> LayerNorm) feeds the decoder tied to the word embeddings: its
+    channels are the embedding's columns, so it widens with the stream or stays with it (x1.5: post-norm)."""
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=128, max_position_embeddings=66, hidden_dropout_prob=0.0,
+                                  attention_probs_dropout_prob=0.0, **TOK)
+    model = transformers.BertForMaskedLM(cfg).eval()
+    big = grown(model, 1.5)
+    assert big.config.intermediate_size == 192
+    reasons = [r for s in big.graphgrow_report.spaces for r in s.frozen_reasons]
+    transform = next(s for s in big.graphgrow_report.spaces if s.name == "cls.predictions.transform.dense.weight")
+    assert transform.new_width == 64 and not any("different columns" in r for r in reasons)
+    assert any("post-norm" in r for r in reasons)
+    big2 = grown(model, 2)
+    assert big2.cls.predictions.transform.dense.weight.shape == (128, 128)
+
+
+def test_codegen_at_one_and_a_half_keeps_its_heads_not_its_fill():
+    """CodeGen's fused mp_num blocks fail the check at a grown head count; with fill + rescale in the plan the
+    heads (not the fill) are given up first, and the reason names them."""
+    torch.manual_seed(0)
+    cfg = transformers.CodeGenConfig(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_inner=128, n_positions=64,
+                                     rotary_dim=8, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **TOK)
+    model = transformers.CodeGenForCausalLM(cfg).eval()
+    big = grown(model, 1.5)
+    assert big.config.n_inner == 192 and big.config.n_head == 4
+    assert not any("fill + rescale did not verify" in n for n in big.graphgrow_report.notes)
