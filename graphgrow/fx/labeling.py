@@ -31,6 +31,7 @@ from .dispatch import FxDispatchOps, is_dispatch
 from .moves import MoveReplay, label_leaves
 from .ops import describe, qualified_name
 from .shapes import TensorMeta
+from .stream_scale import scale_streams
 from .transformer import (FUNCTIONAL_PRODUCERS, MATMUL_FUNCS, RMS_NORM_MODULES, SDPA_FUNCS, WIDTH_SCALE,
                           WIDTH_TABLE, FxTransformerOps, mean_terms, param_array)
 
@@ -45,6 +46,8 @@ _param = param_array
 
 
 class FxLabelRun(FxTransformerOps, FxDispatchOps, MoveReplay, RelationRun):
+    scales_gainless_streams = True  # fill + rescale under norms without gain: fx/stream_scale.py
+
     def __init__(self, gm: fx.GraphModule, meta: dict, *, plan=None, analysis: "FxLabelRun | None" = None,
                  options=None):
         super().__init__(plan=plan, analysis=analysis, options=options)
@@ -171,6 +174,8 @@ class FxLabelRun(FxTransformerOps, FxDispatchOps, MoveReplay, RelationRun):
                 self._output(node)
             else:
                 self.env[node] = self._call_guarded(node)
+        if not self.analysis:
+            scale_streams(self)
         return self
 
     def _call_guarded(self, node):

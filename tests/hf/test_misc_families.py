@@ -129,3 +129,16 @@ def test_codegen_at_one_and_a_half_keeps_its_heads_not_its_fill():
     big = grown(model, 1.5)
     assert big.config.n_inner == 192 and big.config.n_head == 4
     assert not any("fill + rescale did not verify" in n for n in big.graphgrow_report.notes)
+
+
+def test_olmo_gainless_layer_norm_stream_fills_at_one_and_a_half():
+    """OLMo's LayerNorm has no parameters and its eps is fixed in the code: the filled stream is scaled instead."""
+    torch.manual_seed(0)
+    cfg = transformers.OlmoConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, **TOK)
+    model = transformers.OlmoForCausalLM(cfg).eval()
+    big = grown(model, 1.5)
+    c = big.config
+    assert (c.hidden_size, c.intermediate_size, c.num_attention_heads, c.num_key_value_heads) == (96, 192, 6, 3)
+    ideal = transformers.OlmoForCausalLM(c)
+    assert sum(p.numel() for p in big.parameters()) == sum(p.numel() for p in ideal.parameters())
