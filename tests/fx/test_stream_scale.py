@@ -54,3 +54,26 @@ def test_gainless_norm_stream_with_an_unscaled_addend_keeps_whole_factors():
     assert space(rep, "emb").new_width == 8 and space(rep, "fc1").new_width == 24
     wide2, rep2, err2 = widen_and_compare(model, (ids,), 2)
     assert err2 < EXACT and space(rep2, "emb").new_width == 16
+
+
+def test_gainless_layer_norm_modules_scale_the_stream_too():
+    class Modules(nn.Module):
+        def __init__(self, d=8):
+            super().__init__()
+            self.inp, self.fc, self.out = nn.Linear(5, d), nn.Linear(d, d), nn.Linear(d, 3)
+            self.ln = nn.LayerNorm(d, elementwise_affine=False)
+            self.ln2 = nn.LayerNorm(d, elementwise_affine=False)
+
+        def forward(self, x):
+            h = self.inp(x)
+            h = h + self.fc(self.ln(h))
+            return self.out(self.ln2(h))
+
+    torch.manual_seed(0)
+    model = Modules()
+    wide, rep, err = widen_and_compare(model, (torch.randn(3, 4, 5),), 1.5)
+    assert err < EXACT and space(rep, "inp").new_width == 12 and space(rep, "fc").new_width == 12
+    c = math.sqrt(12 / 8)
+    # a map reading and writing the scaled stream keeps its weight; its bias takes c
+    assert torch.allclose(wide.fc.bias[:8], model.fc.bias.double() * c)
+    assert wide.ln.eps == model.ln.eps
