@@ -63,6 +63,19 @@ def norm_rescale(m: RowMatch, params: dict, param_axis: int, eps: float | None, 
     return out, (None if eps is None else eps * r)
 
 
+def gainless_ratio(m: RowMatch, kind: str, fill_kind: str) -> float:
+    """``r = d/d'`` for a norm without parameters (OLMo's LayerNorm) whose input gained filled channels. No gain
+    takes ``sqrt(r)`` and the family's code may fix ``eps``, so the stream itself is scaled instead: writers
+    multiply by ``c = 1/sqrt(r)``, the norm then sees the old variance (``c^2 r var = var``) and returns ``c``
+    times its old output with ``eps`` unchanged, and every reader divides by ``c`` (docs/maths.md §5)."""
+    d_old, d_new = m.n_old, m.n_new
+    if not np.array_equal(m.source()[:d_old], np.arange(d_old)) or not m.fills[d_old:].all():
+        raise Mismatch("filled channels are not appended after the original ones")
+    if (kind, fill_kind) not in (("rms", "zero"), ("layer", "mean")):
+        raise Mismatch(f"a {kind} norm cannot read channels filled with the stream's {fill_kind}")
+    return d_old / d_new
+
+
 @recorded(along(0, lambda a, k: a[2]))
 def _rescaled(c: np.ndarray, param_axis: int, gain: bool, d_new: int, r: float) -> np.ndarray:
     """A gain times sqrt(r), its new entries the mean gain times sqrt(r); a bias, its new entries 0."""

@@ -20,7 +20,7 @@ from . import arithmetic as ar
 from .growth import NotUnderstood
 from .label_tensor import LabelTensor, match_labels, reduced_labels, same_labels
 from .labels import channel_of
-from .fill import filled_slices, match_with_fills, norm_rescale
+from .fill import filled_slices, gainless_ratio, match_with_fills, norm_rescale
 from .provenance import Mismatch, match_rows
 
 
@@ -63,6 +63,9 @@ def row_match(old: LabelTensor, new: LabelTensor, axis: int, what: str, fill_sta
 class NormRelations:
     """The norm relations of :class:`~graphgrow.core.relations.RelationRun` (a mixin)."""
 
+    # a frontend that can scale a filled stream's writers and readers (fill + rescale under a norm without gain)
+    scales_gainless_streams = False
+
     def _norm_axis(self, x: LabelTensor, old_x: LabelTensor, axes) -> int | None:
         """The one channel axis among the normalized ``axes``; None when they hold only positions."""
         inside = [a for a in (x if self.analysis else old_x).vary if a in set(axes)]
@@ -92,6 +95,13 @@ class NormRelations:
             self.norm_outputs.add(id(out))
             return out, {}, None, None
         if self.plan.fills and (fills := self._fill_match(node, old_x, x, ax)) is not None:
+            if self.scales_gainless_streams and not any(c is not None for c in params.values()):
+                try:
+                    r = gainless_ratio(fills, kind, self._stream_fill_kind(x))
+                except Mismatch as exc:
+                    raise self.conflict(node, str(exc)) from None
+                self.stream_scales.append((node, x, r))  # the frontend scales the stream's writers and readers
+                return self.elementwise(node, x), {}, fills, eps
             try:
                 new, new_eps = norm_rescale(fills, params, param_axis, eps, kind, self._stream_fill_kind(x))
             except Mismatch as exc:

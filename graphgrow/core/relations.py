@@ -472,15 +472,22 @@ class RelationRun(NormRelations, AttentionRelations, DispatchRelations, sites.La
         new_shape[label_axis] = len(mapping)
         return LabelTensor.channels(new_shape, label_axis, self.plan.new_chan_ids(space), self.salt(node)), old, new
 
-    def tied_head(self, node, name: str, x: LabelTensor, old_x: LabelTensor, table: np.ndarray, shape):
+    def tied_head(self, node, name: str, x: LabelTensor, old_x: LabelTensor, table: np.ndarray, shape,
+                  table_chans=None, per_channel: bool = False):
         """An output head reading the embedding table (vocab x width) it is tied to. The shared table is the
         embedding's (columns copied, never divided), so under ``k`` copies the head would return ``k`` x the
         logits: the frontend folds ``1/k`` into the norm before the head (docs/maths.md §5).
+        ``table_chans``: the table's column channels, tied to the head's input channels (OPT-350m's head reads
+        project_out, a space of its own, not the stream the embedding starts). ``per_channel``: the frontend can
+        fold a factor per channel (a linear map before the head): unequal copy counts give ``k`` per new channel.
         Returns ``(labels, the table's new value or None, k)``."""
         self.note_roles(x, "consumer", name)
         space = self.out_space(node, name, table.shape[0])
         labels = LabelTensor.channels(shape, -1, space.chan_ids, self.salt(node))
         if self.analysis:
+            seq = label_channel_ids(x, x.ndim - 1) if table_chans is not None else None
+            if seq is not None and len(seq) == len(table_chans):
+                self.constraints.tie(np.asarray(seq), np.asarray(table_chans))
             return labels, None, 1
         if len(self.plan.mapping(space)) != table.shape[0]:
             raise self.conflict(node, "a tied output head keeps its output width")
@@ -488,9 +495,12 @@ class RelationRun(NormRelations, AttentionRelations, DispatchRelations, sites.La
         if match is None:
             return labels, None, 1
         copies = set(match.copies.tolist())
+        gathered = ar.gather_fill(table, 1, match.source(), self._stream_fill_kind(x))
+        if match.unique_old and len(copies) > 1 and per_channel and match.fills is None:
+            return labels, gathered, match.copies[match.content].astype(np.float64)
         if not match.unique_old or len(copies) != 1:
             raise self.conflict(node, "an output head tied to the embedding reads only uniformly copied channels")
-        return labels, ar.gather_fill(table, 1, match.source(), self._stream_fill_kind(x)), copies.pop()
+        return labels, gathered, copies.pop()
 
     # ------------------------------------------------------------ moves
     def reshape_ties(self, x: LabelTensor, out: LabelTensor) -> None:

@@ -47,6 +47,7 @@ class LabelRunState:
             self.opaque_nodes = analysis.opaque_nodes  # an op opaque in the analysis stays opaque
         self.norm_outputs: set = set()  # ids of norm results (analysis: a residual add of one is post-norm)
         self.mean_scales: dict = {}  # node key -> factor a mean over filled channels is multiplied by
+        self.stream_scales: list = []  # (node, input labels, r = d/d') of gainless norms over a filled stream
         self.options = options or GrowOptions()
         self.rng = np.random.default_rng(self.options.seed + 7919)
         self.env: dict = {}

@@ -182,6 +182,13 @@ def _table() -> dict:
                      ("sigmoid", torch.sigmoid), ("relu", F.relu), ("silu", F.silu), ("abs", torch.abs),
                      ("reciprocal", torch.reciprocal), ("square", torch.square)):
         put(_overloads(getattr(aten, name), "default"), _function(fn))
+    for name, fn in (("expm1", torch.expm1), ("log1p", torch.log1p), ("softplus", F.softplus)):
+        put(_overloads(getattr(aten, name), "default"), _function(fn))  # (Apertus' xIELU)
+    # comparisons and two-operand min / max act element by element (xIELU's where(x > 0, ..., ...))
+    for name, fn in (("gt", operator.gt), ("lt", operator.lt), ("ge", operator.ge), ("le", operator.le)):
+        put(_overloads(getattr(aten, name), "Scalar", "Tensor"), _function(fn))
+    put(_overloads(aten.minimum, "default") + _overloads(aten.min, "other"), _function(torch.minimum))
+    put(_overloads(aten.maximum, "default") + _overloads(aten.max, "other"), _function(torch.maximum))
     put(_overloads(aten.gelu, "default"), _gelu)
     put(_overloads(aten.clamp, "default"), _function(torch.clamp))  # (scalar bounds: GPT-OSS's clamped experts)
     put(_overloads(aten._softmax, "default") + _overloads(aten.softmax, "int"), _softmax)

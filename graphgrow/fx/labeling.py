@@ -31,6 +31,7 @@ from .dispatch import FxDispatchOps, expert_slice, is_dispatch
 from .moves import MoveReplay, as_labels, label_leaves
 from .ops import describe, qualified_name
 from .shapes import TensorMeta
+from .stream_scale import scale_streams
 from .transformer import (FUNCTIONAL_PRODUCERS, MATMUL_FUNCS, RMS_NORM_MODULES, SDPA_FUNCS, WIDTH_SCALE,
                           WIDTH_TABLE, FxTransformerOps, mean_terms, param_array)
 
@@ -45,6 +46,8 @@ _param = param_array
 
 
 class FxLabelRun(FxTransformerOps, FxDispatchOps, MoveReplay, RelationRun):
+    scales_gainless_streams = True  # fill + rescale under norms without gain: fx/stream_scale.py
+
     def __init__(self, gm: fx.GraphModule, meta: dict, *, plan=None, analysis: "FxLabelRun | None" = None,
                  options=None):
         super().__init__(plan=plan, analysis=analysis, options=options)
@@ -171,6 +174,8 @@ class FxLabelRun(FxTransformerOps, FxDispatchOps, MoveReplay, RelationRun):
                 self._output(node)
             else:
                 self.env[node] = self._call_guarded(node)
+        if not self.analysis:
+            scale_streams(self)
         return self
 
     def _call_guarded(self, node):
@@ -343,7 +348,7 @@ class FxLabelRun(FxTransformerOps, FxDispatchOps, MoveReplay, RelationRun):
         a, b = ((self._fixed(node, tuple(t.shape), 7 + i) if isinstance(t, torch.Tensor) else t)
                 for i, t in enumerate((a, b)))
         if isinstance(cond, LabelTensor):
-            raise NotUnderstood("torch.where with a tensor condition")
+            return self._where(node, cond, a, b)
         if not isinstance(a, LabelTensor) or not isinstance(b, LabelTensor):
             other = b if isinstance(a, LabelTensor) else a
             if not isinstance(other, (int, float, bool)):
@@ -388,6 +393,30 @@ class FxLabelRun(FxTransformerOps, FxDispatchOps, MoveReplay, RelationRun):
         if not self.analysis and not all(isinstance(o, LabelTensor) for o in olds):
             raise self.conflict(node, "operands are not both tensors in the original")
         return self.unify(node, [(olds[0], a), (olds[1], b)], 0 if a.shape == out_shape else 1)
+
+    def _where(self, node, cond: LabelTensor, a, b):
+        """``torch.where(cond, a, b)`` where the condition is computed from the same channels element by element
+        (Apertus' xIELU: ``where(x > 0, f(x), g(x))``): each element picks between its own channel's two values,
+        so the condition and both branches are one elementwise op of their operands (tied channel by channel).
+        A condition without channels (a mask) is not read this way: its values may differ along the channels."""
+        if not cond.vary or self._is_fixed(cond):
+            raise NotUnderstood("torch.where with a tensor condition")
+        srcs = [(cond, node.args[0])] + [(t, s) for t, s in ((a, node.args[1]), (b, node.args[2]))
+                                         if isinstance(t, LabelTensor)]
+        if any(not isinstance(t, (LabelTensor, int, float, bool)) for t in (a, b)) \
+                or any(t is not cond and (not t.vary or self._is_fixed(t)) for t, _ in srcs):
+            raise NotUnderstood("torch.where with a tensor condition and a branch without channels")
+        try:
+            out_shape = tuple(np.broadcast_shapes(*(t.shape for t, _ in srcs)))
+        except ValueError:
+            raise NotUnderstood("operands of torch.where do not broadcast") from None
+        full = next((k for k, (t, _) in enumerate(srcs) if tuple(t.shape) == out_shape), None)
+        if full is None:
+            raise NotUnderstood("no operand of torch.where has the result's shape")
+        olds = [self._old(s) for _, s in srcs]
+        if not self.analysis and not all(isinstance(o, LabelTensor) for o in olds):
+            raise self.conflict(node, "operands are not all tensors in the original")
+        return self.unify(node, [(o, t) for o, (t, _) in zip(olds, srcs)], full)
 
     def _uniform_operand(self, node, a, b):
         """``x + zeros(shape)`` (T5's cross-attention position bias: zeros of a literal head count): a constant

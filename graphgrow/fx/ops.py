@@ -38,7 +38,7 @@ ELEMENTWISE_FUNCS = {
     torch.tanh, F.tanh, F.hardswish, F.hardsigmoid, F.leaky_relu, F.elu, F.selu, F.celu, F.mish, F.softplus,
     F.softsign, F.logsigmoid, torch.exp, torch.log, torch.sqrt, torch.rsqrt, torch.abs, torch.neg,
     operator.neg, torch.clamp, torch.clip, torch.erf, torch.square, torch.sin, torch.cos, torch.nn.functional.hardshrink,
-    torch.reciprocal, torch.sign, torch.floor, torch.ceil, torch.round,
+    torch.reciprocal, torch.sign, torch.floor, torch.ceil, torch.round, torch.expm1, torch.log1p,
 }
 ELEMENTWISE_METHODS = {
     "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "exp", "log", "sqrt", "rsqrt", "abs", "neg",
@@ -52,7 +52,9 @@ IDENTITY_METHODS = {"contiguous", "clone", "detach", "float", "double", "half", 
 BINARY_FUNCS = {operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd, operator.isub,
                  operator.imul, operator.itruediv, torch.add, torch.sub, torch.mul, torch.div, torch.maximum,
                  torch.minimum, torch.max, torch.min, operator.pow, torch.pow, torch.true_divide,
-                 torch.subtract, torch.multiply}
+                 torch.subtract, torch.multiply,
+                 # comparisons: a predicate of each element (xIELU's x > 0 choosing between two branches)
+                 operator.gt, operator.lt, operator.ge, operator.le, torch.gt, torch.lt, torch.ge, torch.le}
 BINARY_METHODS = {"add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "maximum", "minimum", "pow",
                    "true_divide"}
 MOVE_FUNCS = {torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.squeeze, torch.unsqueeze,

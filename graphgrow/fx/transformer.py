@@ -545,10 +545,24 @@ class FxTransformerOps:
         w = node.args[pos] if len(node.args) > pos else node.kwargs.get("weight")
         if target is torch.matmul and self._transposed_param(w) is not None:
             w = w.args[0]
+        w = self._round_trip_param(w)
         if isinstance(w, fx.Node) and w.op == "get_attr" and w.target in self.param_names and \
                 operator.attrgetter(w.target)(self.gm).ndim >= 2:
             return w
         return None
+
+    def _round_trip_param(self, n):
+        """The parameter ``n`` is when ``n`` is squeezes and unsqueezes of one parameter, read only there, that
+        give back its own shape (LFM2's depthwise ``weight.squeeze(1)`` ... ``.unsqueeze(1)``), else ``n``."""
+        p = n
+        while isinstance(p, fx.Node) and p.target in (torch.squeeze, torch.unsqueeze, "squeeze", "unsqueeze") \
+                and len(p.users) == 1:
+            p = p.args[0]
+        if p is n or not (isinstance(p, fx.Node) and p.op == "get_attr" and p.target in self.param_names
+                          and self.attr_uses.get(p.target) == 1):
+            return n
+        shape = tuple(operator.attrgetter(p.target)(self.gm).shape)
+        return p if tuple(self._shape(n)) == shape else n
 
     def _transposed_param(self, n):
         """``W`` when ``n`` is ``W.t()`` / ``W.T`` of a 2-d parameter read only there (Falcon's x @ W.T), else None."""
@@ -737,7 +751,12 @@ class FxTransformerOps:
 
     def _tied_function_head(self, node, w_node, x, old_x, weight):
         """F.linear reading the table an F.embedding reads (the exported form of a tied head)."""
-        labels, gathered, k = self.tied_head(node, w_node.target, x, old_x, _np(weight), list(self._shape(node)))
+        emb = next((u for u in w_node.users if u.target is F.embedding), None)
+        emb_space = self.node_space.get(self.node_key(emb)) if emb is not None else None
+        per_channel = bool(self._linear_producer(self._fold_start(node.args[0]))) if not self.analysis else False
+        labels, gathered, k = self.tied_head(node, w_node.target, x, old_x, _np(weight), list(self._shape(node)),
+                                             table_chans=None if emb_space is None else emb_space.chan_ids,
+                                             per_channel=per_channel)
         if gathered is None:
             return labels
         owner, _, attr = w_node.target.rpartition(".")
@@ -746,8 +765,8 @@ class FxTransformerOps:
         if emb_new is None or not same_values(emb_new.tensors.get(attr), ar.scale_affine(gathered, table_scale)):
             raise self.conflict(node, f"the output head and the embedding it is tied to ({w_node.target!r}) would "
                                       "need different columns")
-        if k * table_scale != 1:
-            self._fold_scale(node, node.args[0], 1.0 / (k * table_scale))
+        if np.any(np.asarray(k) * table_scale != 1):
+            self._fold_scale(node, node.args[0], 1.0 / (np.asarray(k) * table_scale))
         return labels
 
     # ------------------------------------------------------------ tied output heads
@@ -784,11 +803,30 @@ class FxTransformerOps:
                     if upd is not None and attr in upd.tensors:
                         scaled.append((upd, attr, 0.0))
         else:
-            scaled = self._written_out_affine(n)
+            scaled = self._written_out_affine(n) or self._linear_producer(n)
         if not scaled:
-            raise self.conflict(head, "its input does not come from an affine norm to fold the width factor into")
+            raise self.conflict(head, "its input does not come from an affine norm or a linear map to fold the width "
+                                      "factor into")
         for upd, attr, offset in scaled:
-            upd.tensors[attr] = ar.scale_affine(upd.tensors[attr], scale, offset)
+            s = scale if np.ndim(scale) == 0 else np.reshape(scale, (-1,) + (1,) * (upd.tensors[attr].ndim - 1))
+            upd.tensors[attr] = ar.scale_affine(upd.tensors[attr], s, offset)
+
+    def _linear_producer(self, n) -> list:
+        """``F.linear(x, W, b)`` computing ``n`` with W (and b) read only there (OPT-350m's project_out before its
+        tied head): a linear map's output scales with its weight and bias, so the factor folds into them."""
+        if not (isinstance(n, fx.Node) and len(n.users) == 1 and n.target is F.linear):
+            return []
+        found = []
+        for p in list(n.args[1:3]) + [n.kwargs.get("bias")]:
+            if isinstance(p, fx.Node) and p.op == "get_attr":
+                owner, _, attr = p.target.rpartition(".")
+                upd = self.updates.get(owner)
+                if self.attr_uses.get(p.target) != 1 or upd is None or attr not in upd.tensors:
+                    return []
+                found.append((upd, attr, 0.0))
+            elif p is not None and p is not n.kwargs.get("bias"):
+                return []
+        return found
 
     def _fold_start(self, n):
         """The node computing ``n`` past moves, casts, dropout and the width-derived scales the family

@@ -362,16 +362,21 @@ def widen_pretrained(model, factor=1.41, *, example_inputs, widths=None, only=No
         except VerificationError as exc:
             heads_grew = any(w.plan.new_size(sp) > sp.size for sp in w.an.produced
                              if w.an.constraints.heads_of.get(sp.id))
-            if not w.plan.fills and heads_grew and not _keep_heads and not widths:
+            if heads_grew and not _keep_heads and not widths:
                 # the graph's widening was consistent, the family's code at the grown config is not: its heads
                 # are laid out in a way the captured graph does not show (CodeGen's fixed mp_num=4 blocks of q, v
-                # and k, read as per-head blocks by the export). Exact with its heads kept, or refused.
+                # and k, read as per-head blocks by the export). Exact with its heads kept, or refused. With
+                # fill + rescale in the plan either may be the cause: heads kept (fill kept) is tried first.
                 why = (f"{type(model).__name__} at the grown head count lays its fused heads out differently from "
                        f"the captured graph ({first_line(exc)}): the heads keep their number")
-                return widen_pretrained(model, factor, example_inputs=inputs, widths=widths, only=only,
-                                        exclude=exclude, divisor=divisor, init=init, noise=noise,
-                                        noise_mode=noise_mode, seed=seed, verify=verify, atol=atol, rtol=rtol,
-                                        fill=fill, strict=strict, progress=progress, _keep_heads=why)
+                try:
+                    return widen_pretrained(model, factor, example_inputs=inputs, widths=widths, only=only,
+                                            exclude=exclude, divisor=divisor, init=init, noise=noise,
+                                            noise_mode=noise_mode, seed=seed, verify=verify, atol=atol, rtol=rtol,
+                                            fill=fill, strict=strict, progress=progress, _keep_heads=why)
+                except VerificationError:
+                    if not w.plan.fills:
+                        raise
             if not w.plan.fills:
                 raise
             result = widen_pretrained(model, factor, example_inputs=inputs, widths=widths, only=only,
