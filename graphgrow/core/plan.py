@@ -72,8 +72,10 @@ class GrowthConstraints:
         self.no_fill: dict = {}  # space id -> why fill + rescale cannot serve it
         self.width_links: list = []  # (stream space id, unit space id, ratio): new stream width = ratio x unit width
         self.split_blocks: dict = {}  # space id -> block sizes a reshape split it into (its inner axis)
+        self.outer_blocks: dict = {}  # space id -> larger blocks of a reshape over 3+ axes (inner axes together)
         self.head_firsts: dict = {}  # "query" / "key" -> first channel ids of the heads attentions read
         self._laid_out: set = set()
+        self._outer_laid: dict = {}  # space id -> the outer block chosen (the ties it adds hide the test's result)
         self.param_spaces: set = set()  # spaces of bare parameters (a norm's gain written out, a layer scale)
         self._per_head: dict | None = None  # param space id -> the unit space along whose head_dim it lies
         self._param_layout: dict = {}  # param space id -> the unit space it is tied to channel for channel
@@ -99,6 +101,12 @@ class GrowthConstraints:
         a = np.asarray(a_chans, np.int64).ravel()
         for sp in self.table.spaces_of(a):
             self.split_blocks.setdefault(sp.id, set()).add(len(a))
+
+    def split_outer(self, chans, block: int) -> None:
+        """A reshape splitting ``chans`` over three or more axes also cuts them into blocks of ``block`` (the
+        product of every axis but the outermost: Falcon's ``(groups, queries + 2, head_dim)``)."""
+        for sp in self.table.spaces_of(np.asarray(chans, np.int64).ravel()):
+            self.outer_blocks.setdefault(sp.id, set()).add(int(block))
 
     def mark_heads(self, first_chans, role: str) -> None:
         """The first channel of each query (``role="query"``) or key head an attention reads, to count the
@@ -138,9 +146,25 @@ class GrowthConstraints:
         heads of one block are tied by the attention, and copying the block keeps the reshape's blocks copies
         of old ones). The heads of one block are tied here so they always take the same copy count."""
         out = dict(self.unit_size)
+        cls = None
         for sid, u in self.unit_size.items():
             size = self.table.spaces[sid].size
             blocks = [b for b in self.split_blocks.get(sid, ()) if b > u and b % u == 0 and size % b == 0]
+            if len(blocks) != 1 and sid in self._outer_laid:
+                blocks = [self._outer_laid[sid]]
+            elif len(blocks) != 1:
+                # a block of several axes (Falcon's kv group: its query heads, key head and value head) is copied
+                # whole only where the attention already ties all its heads together (a [q | k | v] split over
+                # (3, heads, head_dim) ties none: its heads copy one by one)
+                outer = sorted((b for b in self.outer_blocks.get(sid, ()) if b > u and b % u == 0 and size % b == 0),
+                               reverse=True)
+                if outer and cls is None:
+                    cls = self.classes()
+                heads = self.table.spaces[sid].chan_ids[::u]
+                blocks = [b for b in outer if all(len(set(cls[g].tolist())) == 1 for g in heads.reshape(-1, b // u))]
+                blocks = blocks[:1]
+                if blocks:
+                    self._outer_laid[sid] = blocks[0]
             if len(blocks) != 1:
                 continue
             b = blocks[0]

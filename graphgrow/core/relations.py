@@ -498,6 +498,9 @@ class RelationRun(NormRelations, AttentionRelations, DispatchRelations, sites.La
         if self.analysis:
             for a, b in split_axis_ties(x, out):
                 self.constraints.tie_split(a, b)
+            va = out.vary
+            if len(va) >= 3 and len(x.vary) < len(va):
+                self.constraints.split_outer(out.chans, int(np.prod([out.shape[a] for a in va[1:]])))
 
     def equal_piece_ties(self, pieces: list) -> None:
         """Equal pieces of a split or chunk take the same fraction of the new width: they widen alike."""

@@ -49,6 +49,9 @@ def widened(model, factor=2):
         assert float((a - b).abs().max() / a.abs().max()) < 1e-5
     return grown
 
+FALCON = dict(DEC, ffn_hidden_size=128, num_kv_heads=2, new_decoder_architecture=True)
+FALCON.pop("intermediate_size")
+
 
 # (family, config, sizes the grown config must state at x2: the ideal model is the family built with them)
 CASES = {
@@ -59,6 +62,10 @@ CASES = {
     "gpt-bigcode": ("GPTBigCodeForCausalLM", GPT, dict(n_embd=128, n_head=8, n_inner=256)),
     "llama-kv1": ("LlamaForCausalLM", dict(DEC, num_key_value_heads=1),
                   dict(hidden_size=128, num_attention_heads=8, num_key_value_heads=2, intermediate_size=256)),
+    # fused qkv laid out per kv group (queries, key, value), the key/value slots picked by qkv[..., [-2]]: the
+    # groups are copied whole
+    "falcon": ("FalconForCausalLM", FALCON, dict(hidden_size=128, num_attention_heads=8, num_kv_heads=4,
+                                                 ffn_hidden_size=256)),
 }
 
 
@@ -126,3 +133,14 @@ def test_mpt_alibi_heads_are_named():
     assert qkv.new_width == qkv.old_width
     reasons = " ".join(r for s in grown.graphgrow_report.spaces for r in s.frozen_reasons)
     assert "ALiBi" in reasons and "head_dim = hidden_size / num_attention_heads" in reasons
+
+
+def test_falcon_kv_groups_at_one_and_a_half():
+    model = build("FalconForCausalLM", **FALCON)
+    grown = widened(model, 1.5)
+    cfg = grown.config
+    assert (cfg.hidden_size, cfg.num_attention_heads, cfg.num_kv_heads, cfg.ffn_hidden_size) == (96, 6, 3, 192)
+    ideal = build("FalconForCausalLM", **dict(FALCON, hidden_size=96, num_attention_heads=6, num_kv_heads=3,
+                                              ffn_hidden_size=192))
+    assert n_params(grown) == n_params(ideal)
+    assert all(not s.frozen_reasons for s in grown.graphgrow_report.spaces if s.name != "lm_head.weight")
