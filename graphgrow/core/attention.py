@@ -43,6 +43,15 @@ def head_grid(x: LabelTensor, head_axis, inner_axis) -> np.ndarray:
     return g if head_axis < inner_axis else g.T
 
 
+def row_heads(rows: np.ndarray) -> np.ndarray:
+    """The head of every row of a heads grid (channel ids, one row per head): rows repeating an earlier row
+    (the batch copies of a (batch * heads) axis) are that row's head; heads numbered in order of appearance."""
+    _, first, inv = np.unique(rows, axis=0, return_index=True, return_inverse=True)
+    order = np.empty(len(first), np.int64)
+    order[np.argsort(first)] = np.arange(len(first))
+    return order[inv.ravel()]
+
+
 def _parts(ids: np.ndarray, salt: int) -> np.ndarray:
     return (np.asarray(ids, np.int64) << CHAN_SHIFT) | np.int64((salt & SALT_MASK) << SALT_SHIFT)
 
@@ -108,7 +117,9 @@ class AttentionRelations:
         if qg.shape[1] != kg.shape[1] or n_heads % n_kv:
             raise NotUnderstood(f"{n_heads} query heads of {qg.shape[1]} cannot read {n_kv} key heads of "
                                 f"{kg.shape[1]}")
-        space = self.derived_space(node, suffix, f"{name} (scores)", n_heads)
+        rh = row_heads(channel_of(qg))  # (batch x heads merged on one axis: each head on every batch row)
+        space = self.derived_space(node, suffix, f"{name} (scores)", int(rh.max()) + 1)
+        heads = space.chan_ids[rh]
         if self.analysis:
             cq, ck = channel_of(qg), channel_of(kg)[np.arange(n_heads) // (n_heads // n_kv)]
             reason = self.constraints.units(cq) or self.constraints.units(channel_of(kg))
@@ -123,25 +134,64 @@ class AttentionRelations:
                     # query heads grow on their own. Fused with the queries in one projection (GPT-BigCode's
                     # multi-query c_attn) it has no head axis to be copied along: it keeps its one head.
                     self._fused_kv_freeze(node, cq, channel_of(kg)[:1], "key")
-                self.constraints.tie(space.chan_ids, cq[:, 0])
+                self.constraints.tie(heads, cq[:, 0], key=("scores", space.id))
                 # (what a per-head bias on the scores freezes: ALiBi, graphgrow.fx.labeling)
                 self.scores_heads = getattr(self, "scores_heads", {})
                 self.scores_heads[space.id] = np.concatenate([cq.ravel(), channel_of(kg).ravel()])
+                self.constraints.attn_rows[space.id] = (cq, channel_of(kg))
                 for ids, role in ((cq, "query"), (channel_of(kg), "key")):
                     self.constraints.mark_heads(ids[:, 0], role)
                 for ids, count in ((cq, n_heads), (channel_of(kg), kv_rows)):
                     sp = self.table.spaces_of(ids[:, 0])[0]
                     self.constraints.heads_of.setdefault(sp.id, count)
                     self.constraints.head_groups[sp.id] = max(1, n_heads // kv_rows)
-            return LabelTensor.channels(shape, out_axis, space.chan_ids, salt)
+            return LabelTensor.channels(shape, out_axis, heads, salt)
         if same_labels(old_q, q) and same_labels(old_k, k):
-            return LabelTensor.channels(shape, out_axis, space.chan_ids, salt)
+            return LabelTensor.channels(shape, out_axis, heads, salt)
         self._check_axes(q, q_axes, "query")
         self._check_axes(k, k_axes, "key")
         nqg, nkg = head_grid(q, *q_axes), head_grid(k, *k_axes)
+        if space.id in self.constraints.inner_heads:
+            # heads kept in number: the same heads, each (query, key) channel pair inside a copy of an original
+            # pair (the key copies are divided by their count where they are produced: plan.key_factors)
+            self._inner_pairs(node, [qg, kg[np.arange(n_heads) // (n_heads // n_kv)]],
+                              [nqg, nkg[np.arange(len(nqg)) // max(1, len(nqg) // max(1, len(nkg)))]],
+                              "query and key channel inside a head")
+            return LabelTensor.channels(shape, out_axis, heads, salt)
         src = self._pair_heads(node, qg, kg, nqg, nkg, "query head and its key head")
         shape[out_axis] = len(src)
-        return LabelTensor.channels(shape, out_axis, space.base + src, salt)
+        return LabelTensor.channels(shape, out_axis, space.base + rh[src], salt)
+
+    def _inner_pairs(self, node, olds: list, news: list, what: str) -> np.ndarray:
+        """Heads kept in number, grown inside: the old index of every new head_dim channel, the same in every
+        head of every grid (``olds`` / ``news``: heads x head_dim grids, one row per head)."""
+        if [len(g) for g in olds] != [len(g) for g in news]:
+            raise self.conflict(node, "heads kept in number (ALiBi) changed number")
+        try:
+            return match_rows(np.concatenate(olds).T, np.concatenate(news).T, 0, what).source()
+        except Mismatch as exc:
+            raise self.conflict(node, str(exc)) from None
+
+    def keep_heads(self, node, scores: LabelTensor, reason: str, scale_follows: bool) -> bool:
+        """Analysis: the attention whose scores are ``scores`` keeps its head count (a per-head bias computed
+        for it, ALiBi's slopes, is added) and grows head_dim instead: each head_dim channel is copied on its
+        own, every head alike, and the key copies are divided by their count (times sqrt(d'/d) where
+        ``scale_follows``: the family computes the scale 1/sqrt(head_dim) from the new head_dim). The scores keep
+        their width. False when the scores are not an attention's this analysis cut into heads."""
+        spaces = self.table.spaces_of(scores.chans)
+        if len(spaces) != 1 or spaces[0].id not in self.constraints.attn_rows:
+            return False
+        space = spaces[0]
+        cq, ck = self.constraints.attn_rows[space.id]
+        c = self.constraints
+        c.untie(("scores", space.id))
+        c.keep_heads([sp.id for sp in self.table.spaces_of(np.concatenate([cq.ravel(), ck.ravel()]))], reason)
+        c.inner_heads[space.id] = reason
+        c.freeze(space.chan_ids, f"{self.site(node)}: {reason}")
+        for ids, role in ((cq, "query"), (ck, "key")):
+            c.head_firsts.get(role, set()).difference_update(ids[:, 0].tolist())
+        c.scaled_keys.append((np.unique(ck, axis=0), bool(scale_follows)))
+        return True
 
     def _pair_heads(self, node, a_old, b_old, a_new, b_new, what: str) -> np.ndarray:
         """Original head of every new head: each new (a, b) pair (b's heads repeated over a's groups) must
@@ -184,9 +234,13 @@ class AttentionRelations:
         n_heads, n_kv, n_ch = len(pg), len(vg), vg.shape[1]
         if n_heads % n_kv:
             raise NotUnderstood(f"{n_heads} heads of attention weights cannot read {n_kv} value heads")
-        space = self.derived_space(node, suffix, f"{name} (heads)", n_heads * n_ch)
+        rh = row_heads(channel_of(pg)[:, :1])
+        space = self.derived_space(node, suffix, f"{name} (heads)", (int(rh.max()) + 1) * n_ch)
         shape = list(out_shape)
         cax = tuple(sorted(out_axes))
+        p_spaces = self.table.spaces_of(channel_of(pg).ravel())
+        if len(p_spaces) == 1 and p_spaces[0].id in self.constraints.inner_heads:
+            return self._inner_values(node, p, v, old_p, pg, vg, rh, space, shape, cax, out_axes, v_axes, salt)
         if self.analysis:
             cp, cv = channel_of(pg)[:, 0], channel_of(vg)
             reason = self.constraints.units(cv)
@@ -197,7 +251,7 @@ class AttentionRelations:
                     self.constraints.tie(cv[np.arange(n_heads) // (n_heads // n_kv), 0], cp)
                 else:  # (one value head: read by every query head, see scores)
                     self._fused_kv_freeze(node, None, cv[:1], "value")
-                ids = space.chan_ids.reshape(n_heads, n_ch)
+                ids = space.chan_ids.reshape(-1, n_ch)[rh]
                 self.constraints.units(ids)
                 self.constraints.tie(ids[:, 0], cp)
             src = np.arange(n_heads)
@@ -209,7 +263,28 @@ class AttentionRelations:
             npg, nvg = head_grid(p, None, p_axis).T, head_grid(v, *v_axes)
             src = self._pair_heads(node, pg, vg, npg, nvg, "attention head and its value head")
             shape[out_axes[0]] = len(src)
-        ids = space.base + (src[:, None] * n_ch + np.arange(n_ch))
+        ids = space.base + (rh[src][:, None] * n_ch + np.arange(n_ch))
+        part = _parts(ids if out_axes[0] < out_axes[1] else ids.T, salt)
+        return LabelTensor.multi(shape, cax, part)
+
+    def _inner_values(self, node, p, v, old_p, pg, vg, rh, space, shape, cax, out_axes, v_axes, salt):
+        """``p @ v`` of heads kept in number (see :meth:`keep_heads`): output channel ``i`` of head ``h`` is
+        channel ``i`` of the value head ``h`` reads, tied to it, so the output grows inside each head as v does."""
+        n_heads, n_kv, n_ch = len(pg), len(vg), vg.shape[1]
+        rows = channel_of(vg)[np.arange(n_heads) // (n_heads // n_kv)]
+        if self.analysis:
+            self.constraints.keep_heads([space.id] + [sp.id for sp in self.table.spaces_of(rows.ravel())],
+                                        self.constraints.inner_heads[self.table.spaces_of(channel_of(pg).ravel())[0].id])
+            self.constraints.tie(space.chan_ids.reshape(-1, n_ch)[rh], rows)
+            src = np.arange(n_ch)
+        elif not same_labels(old_p, p):
+            raise self.conflict(node, "the attention weights of heads kept in number changed")
+        else:
+            self._check_axes(v, v_axes, "values")
+            nvg = head_grid(v, *v_axes)
+            src = self._inner_pairs(node, [vg], [nvg], "value channel inside a head")
+            shape[out_axes[1]] = len(src)
+        ids = space.base + (rh[:, None] * n_ch + src[None, :])
         part = _parts(ids if out_axes[0] < out_axes[1] else ids.T, salt)
         return LabelTensor.multi(shape, cax, part)
 
@@ -222,6 +297,8 @@ class AttentionRelations:
         ra, rb = (a, b) if self.analysis else (old_a, old_b)
         nd = a.ndim
         head = nd - 3 if nd >= 4 else None
+        if nd == 3 and (0 in ra.vary or 0 in rb.vary):
+            head = 0  # (batch x heads merged on one axis: BLOOM's (batch * heads, positions, head_dim))
         out_shape = list(ra.shape[:-1]) + [rb.shape[-1]]
         if (nd - 1) in ra.vary or (nd - 2) in rb.vary:
             return self.scores(node, name, a, b, old_a, old_b, q_axes=(head, nd - 1), k_axes=(head, nd - 2),

@@ -329,6 +329,9 @@ class RelationRun(NormRelations, AttentionRelations, DispatchRelations, sites.La
             return LabelTensor.channels(shape, out_axis, space.chan_ids, self.salt(node)), None, None
         match = self.match(node, old_x, x, in_axis, fills_ok=True)
         mapping = self.plan.mapping(space)
+        factors = self.plan.row_factors(space, mapping)
+        if factors is not None:  # (key channels of heads kept in number: its bias is gathered by it too)
+            mapping = ar.ScaledMapping(mapping, factors)
         new_w = None
         if match is not None or len(mapping) != n_out:
             new_w = sites.produce_weights(weight, w_in, w_out, match, mapping, self.options, self.rng,

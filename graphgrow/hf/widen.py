@@ -23,8 +23,8 @@ import torch.nn.functional as F
 
 from ..core import arithmetic as ar
 from ..core.arithmetic import scale_affine
-from ..core.growth import check_factor, check_options, require_head_widths, require_reachable, space_reports, \
-    widen_targets
+from ..core.growth import check_factor, check_options, kept_head_notes, require_head_widths, require_reachable, \
+    space_reports, widen_targets
 from ..core.report import GrowthReport
 from ..core.sites import GrowOptions
 from ..errors import UnsupportedModelError, VerificationError, first_line
@@ -236,7 +236,8 @@ class Widening:
         rep = GrowthReport(space_reports(self.an.produced, self.plan, self.targets),
                            params_before=count_params(model), params_after=params_after,
                            function_preserving=preserving, rounds=self.rounds)
-        rep.notes.extend(config_notes(model.config, self.config) + self.notes)
+        rep.notes.extend(config_notes(model.config, self.config) + self.notes
+                         + kept_head_notes(self.an.produced, self.an.constraints, self.plan))
         if self.kept:
             rep.notes.append(f"kept at their width because {type(model.config).__name__} cannot state them "
                              f"grown: {', '.join(self.kept)}")
