@@ -187,6 +187,8 @@ def _table() -> dict:
     put(_overloads(aten.select, "int"), _select)
     put(_overloads(aten.where, "self"), _function(torch.where))
     put(_overloads(aten.masked_fill, "Scalar"), _function(torch.masked_fill))
+    put(_overloads(aten.maximum, "default") + _overloads(aten.max, "other"), _function(torch.maximum))
+    put(_overloads(aten.minimum, "default") + _overloads(aten.min, "other"), _function(torch.minimum))
     put(_overloads(aten.to, "dtype", "dtype_layout", "device") + _overloads(aten._to_copy, "default"), _to)
     put(_overloads(aten.type_as, "default"), _type_as)
     put(_overloads(aten.clone, "default") + _overloads(aten.contiguous, "default") + _overloads(aten.alias, "default")

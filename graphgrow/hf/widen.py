@@ -206,6 +206,17 @@ def _unread_values(model, config, unread: list, values: dict) -> list:
         if grown else []
 
 
+def _name_multi_query(cfg, an) -> None:
+    """A single key/value head fused with the queries (GPT-BigCode, Falcon-7B) is the config's ``multi_query``:
+    the family cannot state a second one, which the reason names (class (b))."""
+    if getattr(cfg, "multi_query", None) is not True:
+        return
+    why = f"{type(cfg).__name__} cannot state it grown (multi_query=True: one key/value head)"
+    for sp in an.table.spaces:
+        sp.frozen_reasons[:] = [f"{r}; {why}" if "multi-query attention's single" in r and why not in r else r
+                                for r in sp.frozen_reasons]
+
+
 def head_fields(cfg) -> list:
     """The config's head counts: shapes cannot tell them (q_proj is heads x head_dim either way), so every one
     is stated at the heads' ratio: num_attention_heads / num_key_value_heads, and an encoder-decoder's
@@ -255,6 +266,7 @@ def plan_widening(model, inputs: tuple, factor, *, widths=None, only=None, exclu
     fill_note = fill_why = None
     for _ in range(6):
         an = FxAnalysis(gm, inputs)
+        _name_multi_query(model.config, an)
         targets = widen_targets(an.produced, an.constraints, factor, widths, only, exclude, divisor,
                                 what="parameter")
         for sp in an.produced:

@@ -173,3 +173,23 @@ def test_bloom_streamed_checkpoint_is_the_in_memory_widening(tmp_path):
     assert tuple(streamed[qkv].shape) == (384, 128)
     for key, value in streamed.items():
         assert torch.equal(value, in_memory[key]), key
+
+
+def test_multi_query_kv_head_names_the_config_field():
+    grown = widened(build("GPTBigCodeForCausalLM", **GPT))
+    qkv = next(s for s in grown.graphgrow_report.spaces if s.name == "transformer.h.0.attn.c_attn.weight")
+    assert (qkv.old_width, qkv.new_width) == (96, 160)  # 8 query heads, one key and one value head of 16
+    assert any("GPTBigCodeConfig cannot state it grown (multi_query=True" in r for r in qkv.frozen_reasons)
+
+
+def test_xglm_clamped_scores_are_understood():
+    # eager XGLM clamps its (batch * heads) scores with torch.max(scores, finfo.min): the heads are read; only
+    # the sinusoidal stream (and what the config derives from it) keeps its width
+    model = build("XGLMForCausalLM", "eager", **dict(TOK, d_model=64, ffn_dim=128, num_layers=2, attention_heads=4,
+                                                      max_position_embeddings=64, dropout=0.0, attention_dropout=0.0,
+                                                      activation_dropout=0.0))
+    grown = widened(model)
+    assert grown.config.ffn_dim == 256
+    reasons = [r for s in grown.graphgrow_report.spaces for r in s.frozen_reasons]
+    assert not any("not understood" in r or "without channel structure" in r for r in reasons)
+    assert any("sinusoidal" in r for r in reasons)
