@@ -6,8 +6,8 @@ import torch.nn as nn
 
 from .core.report import GrowthReport
 from .errors import InvalidArgumentError, VerificationError, first_line
-from .core.growth import (check_factor, check_options, require_head_widths, require_reachable, space_reports,
-                          widen_targets)
+from .core.growth import (check_factor, check_options, kept_head_notes, require_head_widths, require_reachable,
+                          space_reports, widen_targets)
 from .fx.engine import FxAnalysis, count_params, plan_and_apply, rebuild
 from .core.sites import GrowOptions
 from .core.plan import WidenPlan
@@ -68,6 +68,7 @@ def widen(model: nn.Module, factor: float | None = 1.41, *, example_inputs, widt
     report = GrowthReport(space_reports(an.produced, plan, targets), params_before=count_params(model),
                           params_after=count_params(result), function_preserving=preserving,
                           opaque_leaves=list(an.leaves), rounds=rounds)
+    report.notes.extend(kept_head_notes(an.produced, an.constraints, plan))
     if preserving and verify != "none":
         def widen64():  # the same widening computed in float64 (same plan, same draws): the exact reference
             return widen(_double_copy(model), factor, example_inputs=_double_inputs(an.inputs), widths=widths,

@@ -26,21 +26,45 @@ def _no_fills(axis, index):
         raise ValueError("a channel added by fill + rescale reached a site that cannot take it")
 
 
+class ScaledMapping(np.ndarray):
+    """A producer's mapping (old row of every new row) whose new rows are also multiplied by ``factors`` (the
+    copies of key channels inside heads kept in number: :func:`graphgrow.core.plan.key_factors`): every gather
+    of the producer's rows by it (weight, bias) applies them."""
+
+    def __new__(cls, mapping, factors):
+        obj = np.asarray(mapping, np.int64).view(cls)
+        obj.factors = np.asarray(factors, np.float64)
+        return obj
+
+    def __array_finalize__(self, obj):
+        self.factors = getattr(obj, "factors", None)
+
+    def __reduce__(self):  # (pickled with its factors: recipes are copied)
+        return ScaledMapping, (np.asarray(self).copy(), self.factors)
+
+
+def _scaled(out: np.ndarray, axis: int, index) -> np.ndarray:
+    factors = getattr(index, "factors", None)
+    if factors is None or out.ndim == 0:
+        return out
+    return (out * _expand(factors, out.ndim, axis)).astype(out.dtype, copy=False)
+
+
 @recorded(along(0, lambda a, k: len(a[1])), check=_no_fills)
 def gather(arr: np.ndarray, axis: int, index: np.ndarray) -> np.ndarray:
     _no_fills(axis, index)
-    return np.take(arr, np.asarray(index), axis=axis)
+    return _scaled(np.take(arr, np.asarray(index).view(np.ndarray), axis=axis), axis, index)
 
 
 @recorded(along(0, lambda a, k: len(a[1])))
 def gather_fill(arr: np.ndarray, axis: int, mapping: np.ndarray, kind: str | None, value: float | None = None):
     """:func:`gather` where ``mapping`` may hold -1 (channels added by fill + rescale): those get ``value``,
     or 0 ("zero" streams) / the mean of the old entries along ``axis`` ("mean" streams)."""
-    mapping = np.asarray(mapping)
+    scaled, mapping = mapping, np.asarray(mapping).view(np.ndarray)
     fill = mapping < 0
     if not fill.any():
-        return gather(arr, axis, mapping)
-    out = np.take(arr, np.where(fill, 0, mapping), axis=axis)
+        return gather(arr, axis, scaled)
+    out = _scaled(np.take(arr, np.where(fill, 0, mapping), axis=axis), axis, scaled)
     moved = np.moveaxis(out, axis, 0)
     if value is not None:
         moved[fill] = value

@@ -122,6 +122,7 @@ class AttentionRelations:
                                 f"{kg.shape[1]}")
         first, same = _distinct_heads(channel_of(qg), channel_of(kg)[np.arange(n_heads) // (n_heads // n_kv)])
         space = self.derived_space(node, suffix, f"{name} (scores)", len(first))
+        heads = space.chan_ids[same]  # (each row's head: JetMoE's repeated heads, the batch copies of (batch * heads))
         if self.analysis:
             cq, ck = channel_of(qg), channel_of(kg)[np.arange(n_heads) // (n_heads // n_kv)]
             own = self._own_key_columns(node, channel_of(kg))
@@ -137,7 +138,8 @@ class AttentionRelations:
                     # query heads grow on their own. Fused with the queries in one projection (GPT-BigCode's
                     # multi-query c_attn) it has no head axis to be copied along: it keeps its one head.
                     self._fused_kv_freeze(node, cq, channel_of(kg)[:1], "key")
-                self.constraints.tie(space.chan_ids, cq[first, 0])
+                self.constraints.tie(space.chan_ids, cq[first, 0], key=("scores", space.id))
+                self.constraints.attn_rows[space.id] = (cq, channel_of(kg))
                 # (what a per-head bias on the scores freezes: ALiBi, graphgrow.fx.labeling)
                 self.scores_heads = getattr(self, "scores_heads", {})
                 self.scores_heads[space.id] = np.concatenate([cq.ravel(), channel_of(kg).ravel()])
@@ -148,15 +150,53 @@ class AttentionRelations:
                     sp = self.table.spaces_of(ids[:, 0])[0]
                     self.constraints.heads_of.setdefault(sp.id, count)
                     self.constraints.head_groups[sp.id] = max(1, q_rows // kv_rows)
-            return LabelTensor.channels(shape, out_axis, space.chan_ids[same], salt)
+            return LabelTensor.channels(shape, out_axis, heads, salt)
         if same_labels(old_q, q) and same_labels(old_k, k):
-            return LabelTensor.channels(shape, out_axis, space.chan_ids[same], salt)
+            return LabelTensor.channels(shape, out_axis, heads, salt)
         self._check_axes(q, q_axes, "query")
         self._check_axes(k, k_axes, "key")
         nqg, nkg = head_grid(q, *q_axes), head_grid(k, *k_axes)
+        if space.id in self.constraints.inner_heads:
+            # heads kept in number: the same heads, each (query, key) channel pair inside a copy of an original
+            # pair (the key copies are divided by their count where they are produced: plan.key_factors)
+            self._inner_pairs(node, [qg, kg[np.arange(n_heads) // (n_heads // n_kv)]],
+                              [nqg, nkg[np.arange(len(nqg)) // max(1, len(nqg) // max(1, len(nkg)))]],
+                              "query and key channel inside a head")
+            return LabelTensor.channels(shape, out_axis, heads, salt)
         src = self._pair_heads(node, qg, kg, nqg, nkg, "query head and its key head")
         shape[out_axis] = len(src)
         return LabelTensor.channels(shape, out_axis, space.base + same[src], salt)
+
+    def _inner_pairs(self, node, olds: list, news: list, what: str) -> np.ndarray:
+        """Heads kept in number, grown inside: the old index of every new head_dim channel, the same in every
+        head of every grid (``olds`` / ``news``: heads x head_dim grids, one row per head)."""
+        if [len(g) for g in olds] != [len(g) for g in news]:
+            raise self.conflict(node, "heads kept in number (ALiBi) changed number")
+        try:
+            return match_rows(np.concatenate(olds).T, np.concatenate(news).T, 0, what).source()
+        except Mismatch as exc:
+            raise self.conflict(node, str(exc)) from None
+
+    def keep_heads(self, node, scores: LabelTensor, reason: str, scale_follows: bool) -> bool:
+        """Analysis: the attention whose scores are ``scores`` keeps its head count (a per-head bias computed
+        for it, ALiBi's slopes, is added) and grows head_dim instead: each head_dim channel is copied on its
+        own, every head alike, and the key copies are divided by their count (times sqrt(d'/d) where
+        ``scale_follows``: the family computes the scale 1/sqrt(head_dim) from the new head_dim). The scores keep
+        their width. False when the scores are not an attention's this analysis cut into heads."""
+        spaces = self.table.spaces_of(scores.chans)
+        if len(spaces) != 1 or spaces[0].id not in self.constraints.attn_rows:
+            return False
+        space = spaces[0]
+        cq, ck = self.constraints.attn_rows[space.id]
+        c = self.constraints
+        c.untie(("scores", space.id))
+        c.keep_heads([sp.id for sp in self.table.spaces_of(np.concatenate([cq.ravel(), ck.ravel()]))], reason)
+        c.inner_heads[space.id] = reason
+        c.freeze(space.chan_ids, f"{self.site(node)}: {reason}")
+        for ids, role in ((cq, "query"), (ck, "key")):
+            c.head_firsts.get(role, set()).difference_update(ids[:, 0].tolist())
+        c.scaled_keys.append((np.unique(ck, axis=0), bool(scale_follows)))
+        return True
 
     def _own_key_columns(self, node, ck: np.ndarray) -> np.ndarray:
         """Mask of the key columns that differ between key heads. A column every key head reads alike (multi-head
@@ -218,6 +258,9 @@ class AttentionRelations:
         space = self.derived_space(node, suffix, f"{name} (heads)", len(first) * n_ch)
         shape = list(out_shape)
         cax = tuple(sorted(out_axes))
+        p_spaces = self.table.spaces_of(channel_of(pg).ravel())
+        if len(p_spaces) == 1 and p_spaces[0].id in self.constraints.inner_heads:
+            return self._inner_values(node, p, v, old_p, pg, vg, same, space, shape, cax, out_axes, v_axes, salt)
         if self.analysis:
             cp, cv = channel_of(pg)[:, 0], channel_of(vg)
             reason = self.constraints.units(cv)
@@ -244,6 +287,27 @@ class AttentionRelations:
         part = _parts(ids if out_axes[0] < out_axes[1] else ids.T, salt)
         return LabelTensor.multi(shape, cax, part)
 
+    def _inner_values(self, node, p, v, old_p, pg, vg, rh, space, shape, cax, out_axes, v_axes, salt):
+        """``p @ v`` of heads kept in number (see :meth:`keep_heads`): output channel ``i`` of head ``h`` is
+        channel ``i`` of the value head ``h`` reads, tied to it, so the output grows inside each head as v does."""
+        n_heads, n_kv, n_ch = len(pg), len(vg), vg.shape[1]
+        rows = channel_of(vg)[np.arange(n_heads) // (n_heads // n_kv)]
+        if self.analysis:
+            self.constraints.keep_heads([space.id] + [sp.id for sp in self.table.spaces_of(rows.ravel())],
+                                        self.constraints.inner_heads[self.table.spaces_of(channel_of(pg).ravel())[0].id])
+            self.constraints.tie(space.chan_ids.reshape(-1, n_ch)[rh], rows)
+            src = np.arange(n_ch)
+        elif not same_labels(old_p, p):
+            raise self.conflict(node, "the attention weights of heads kept in number changed")
+        else:
+            self._check_axes(v, v_axes, "values")
+            nvg = head_grid(v, *v_axes)
+            src = self._inner_pairs(node, [vg], [nvg], "value channel inside a head")
+            shape[out_axes[1]] = len(src)
+        ids = space.base + (rh[:, None] * n_ch + src[None, :])
+        part = _parts(ids if out_axes[0] < out_axes[1] else ids.T, salt)
+        return LabelTensor.multi(shape, cax, part)
+
     # ------------------------------------------------------------ a product of two activations
     def batched_product(self, node, name: str, a: LabelTensor, b: LabelTensor, old_a, old_b):
         """``a @ b`` of two activations (..., M, K) x (..., K, N): attention scores when it contracts head
@@ -253,6 +317,8 @@ class AttentionRelations:
         ra, rb = (a, b) if self.analysis else (old_a, old_b)
         nd = a.ndim
         head = nd - 3 if nd >= 4 else None
+        if nd == 3 and (0 in ra.vary or 0 in rb.vary):
+            head = 0  # (batch x heads merged on one axis: BLOOM's (batch * heads, positions, head_dim))
         out_shape = list(ra.shape[:-1]) + [rb.shape[-1]]
         if (nd - 1) in ra.vary or (nd - 2) in rb.vary:
             return self.scores(node, name, a, b, old_a, old_b, q_axes=(head, nd - 1), k_axes=(head, nd - 2),

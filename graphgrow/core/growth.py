@@ -164,6 +164,12 @@ def space_reports(produced: list, plan, targets: dict | None = None) -> list:
     return out
 
 
+def kept_head_notes(produced: list, constraints, plan) -> list:
+    """One note per attention projection whose heads kept their number and grew head_dim (ALiBi, reason (c))."""
+    return [f"{sp.name}: heads keep their number and grow head_dim ({constraints.inner_heads[sp.id]})"
+            for sp in produced if sp.id in constraints.inner_heads and plan.new_size(sp) > sp.size]
+
+
 def require_reachable(produced: list, plan, targets: dict) -> None:
     """``strict``: every space reaches its target, or one sentence names the first that cannot and the rule."""
     for sp in produced:

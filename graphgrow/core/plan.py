@@ -72,8 +72,14 @@ class GrowthConstraints:
         self.no_fill: dict = {}  # space id -> why fill + rescale cannot serve it
         self.width_links: list = []  # (stream space id, unit space id, ratio): new stream width = ratio x unit width
         self.split_blocks: dict = {}  # space id -> block sizes a reshape split it into (its inner axis)
+        self.outer_blocks: dict = {}  # space id -> larger blocks of a reshape over 3+ axes (inner axes together)
         self.head_firsts: dict = {}  # "query" / "key" -> first channel ids of the heads attentions read
+        self._keyed_edges: dict = {}  # key -> ties that a later finding may drop (a head cut, scores <-> heads)
+        self.inner_heads: dict = {}  # space id -> why its heads keep their number and grow head_dim (ALiBi)
+        self.attn_rows: dict = {}  # scores space id -> (query rows, key rows): channel ids, heads x head_dim
+        self.scaled_keys: list = []  # (key rows, whether the scores' scale follows head_dim): see key_factors
         self._laid_out: set = set()
+        self._outer_laid: dict = {}  # space id -> the outer block chosen (the ties it adds hide the test's result)
         self.param_spaces: set = set()  # spaces of bare parameters (a norm's gain written out, a layer scale)
         self._per_head: dict | None = None  # param space id -> the unit space along whose head_dim it lies
         self._param_layout: dict = {}  # param space id -> the unit space it is tied to channel for channel
@@ -85,11 +91,24 @@ class GrowthConstraints:
         if len(self.uniform_mask) < n:
             self.uniform_mask = np.concatenate([self.uniform_mask, np.zeros(n - len(self.uniform_mask), bool)])
 
-    def tie(self, a_chans, b_chans) -> None:
-        """Tie channels elementwise (arrays broadcast against each other)."""
+    def tie(self, a_chans, b_chans, key=None) -> None:
+        """Tie channels elementwise (arrays broadcast against each other); ties under ``key`` can be dropped
+        (:meth:`untie`)."""
         e = _edges(a_chans, b_chans)
         if e is not None:
-            self._tie_edges.append(e)
+            (self._tie_edges if key is None else self._keyed_edges.setdefault(key, [])).append(e)
+
+    def untie(self, key) -> None:
+        self._keyed_edges.pop(key, None)
+
+    def keep_heads(self, space_ids, reason: str) -> None:
+        """The heads of these spaces keep their number (ALiBi's per-head slopes) and grow inside: their cut
+        into units and its ties are dropped, so each head_dim channel is copied on its own, and the reshape
+        that splits them into heads ties every head to the first position by position (one new head_dim)."""
+        for sid in space_ids:
+            self.unit_size.pop(sid, None)
+            self.untie(("unit", sid))
+            self.inner_heads.setdefault(sid, reason)
 
     def tie_split(self, a_chans, b_chans) -> None:
         """A tie from a reshape that splits a channel axis into blocks: dropped if the space is cut into units."""
@@ -99,6 +118,12 @@ class GrowthConstraints:
         a = np.asarray(a_chans, np.int64).ravel()
         for sp in self.table.spaces_of(a):
             self.split_blocks.setdefault(sp.id, set()).add(len(a))
+
+    def split_outer(self, chans, block: int) -> None:
+        """A reshape splitting ``chans`` over three or more axes also cuts them into blocks of ``block`` (the
+        product of every axis but the outermost: Falcon's ``(groups, queries + 2, head_dim)``)."""
+        for sp in self.table.spaces_of(np.asarray(chans, np.int64).ravel()):
+            self.outer_blocks.setdefault(sp.id, set()).add(int(block))
 
     def mark_heads(self, first_chans, role: str) -> None:
         """The first channel of each query (``role="query"``) or key head an attention reads, to count the
@@ -138,9 +163,25 @@ class GrowthConstraints:
         heads of one block are tied by the attention, and copying the block keeps the reshape's blocks copies
         of old ones). The heads of one block are tied here so they always take the same copy count."""
         out = dict(self.unit_size)
+        cls = None
         for sid, u in self.unit_size.items():
             size = self.table.spaces[sid].size
             blocks = [b for b in self.split_blocks.get(sid, ()) if b > u and b % u == 0 and size % b == 0]
+            if len(blocks) != 1 and sid in self._outer_laid:
+                blocks = [self._outer_laid[sid]]
+            elif len(blocks) != 1:
+                # a block of several axes (Falcon's kv group: its query heads, key head and value head) is copied
+                # whole only where the attention already ties all its heads together (a [q | k | v] split over
+                # (3, heads, head_dim) ties none: its heads copy one by one)
+                outer = sorted((b for b in self.outer_blocks.get(sid, ()) if b > u and b % u == 0 and size % b == 0),
+                               reverse=True)
+                if outer and cls is None:
+                    cls = self.classes()
+                heads = self.table.spaces[sid].chan_ids[::u]
+                blocks = [b for b in outer if all(len(set(cls[g].tolist())) == 1 for g in heads.reshape(-1, b // u))]
+                blocks = blocks[:1]
+                if blocks:
+                    self._outer_laid[sid] = blocks[0]
             if len(blocks) != 1:
                 continue
             b = blocks[0]
@@ -202,8 +243,10 @@ class GrowthConstraints:
             return f"the heads of {sp.name!r} are not consecutive blocks of {u} channels"
         if self.unit_size.get(sp.id, u) != u:
             return f"{sp.name!r} is cut into heads of {self.unit_size[sp.id]} and of {u} channels"
+        if sp.id in self.inner_heads:
+            return None  # (heads kept in number: they are not cut into units, see keep_heads)
         self.unit_size[sp.id] = u
-        self.tie(rows[:, :1], rows)
+        self.tie(rows[:, :1], rows, key=("unit", sp.id))
         return None
 
     def _strided_units(self, rows) -> str | None:
@@ -234,7 +277,7 @@ class GrowthConstraints:
         return None
 
     def tie_edges(self) -> np.ndarray:
-        edges = list(self._tie_edges)
+        edges = list(self._tie_edges) + [e for es in self._keyed_edges.values() for e in es]
         per_head = self.head_dim_params()
         if per_head:  # (a head_dim parameter pairs with every head alike: no tie)
             drop = np.asarray(sorted(per_head), np.int64)
@@ -297,6 +340,14 @@ class WidenPlan:
     fill_start: int = 1 << 62  # label ids from here on name filled channels (above every space's)
     normalized: set = field(default_factory=set)  # spaces read by a norm across channels (residual streams)
     layout: dict = field(default_factory=dict)  # space id -> channels copied together (default: its units)
+    key_factor: np.ndarray | None = None  # per channel: what each copy of a key channel is multiplied by
+
+    def row_factors(self, space, mapping) -> np.ndarray | None:
+        """What each new row of ``space`` (old row ``mapping``) is multiplied by, or None when nothing is."""
+        if self.key_factor is None:
+            return None
+        f = np.where(mapping < 0, 1.0, self.key_factor[space.base + np.maximum(mapping, 0)])
+        return None if np.all(f == 1.0) else f
 
     def tied_spaces(self, space) -> list:
         """Other spaces sharing a tie class with ``space``."""
@@ -424,6 +475,7 @@ def solve_plan(constraints: GrowthConstraints, targets: dict, seed: int = 0, fil
                 width[s2] += m
     plan = WidenPlan(table, np.asarray(counts_cls, dtype=np.int64)[cls], cls, dict(constraints.unit_size), notes,
                      normalized=set(constraints.uniform_sites), layout=layout)
+    plan.key_factor = key_factors(constraints, plan)
     for pid, uid in per_head.items():
         plan.notes[pid] = (f"lies along the head_dim of {table.spaces[uid].name!r} (one value per head channel, "
                            "shared by every head): heads are copied whole, head_dim kept")
@@ -465,3 +517,21 @@ def _plan_fills(plan, constraints, targets: dict, candidates: dict, mult, width)
             plan.fills[sid], plan.fill_kind[sid], plan.fill_base[sid] = n_fill, kind, next_id
             plan.notes.pop(sid, None)
         next_id += n_fill
+
+
+def key_factors(constraints: GrowthConstraints, plan: WidenPlan) -> np.ndarray | None:
+    """Heads kept in number grow head_dim by copying channels (docs/maths.md §4): the scores ``q . k`` then
+    count a channel copied ``c`` times ``c`` times, so each copy of a key channel is divided by ``c``; where
+    the family computes the scores' scale ``1/sqrt(head_dim)`` from the new head_dim, the copies are also
+    multiplied by ``sqrt(d'/d)``. Returns the factor of every channel (1 where none), or None."""
+    if not constraints.scaled_keys:
+        return None
+    f = np.ones(constraints.table.num_chans)
+    for rows, follows in constraints.scaled_keys:
+        counts = plan.counts[rows]
+        new_dims = set(counts.sum(axis=1).tolist())
+        if len(new_dims) != 1:  # (the heads are tied position by position: one head_dim)
+            raise ValueError("heads kept in number grew to different head_dims")
+        r = np.sqrt(new_dims.pop() / rows.shape[1]) if follows else 1.0
+        f[rows] = r / counts
+    return f

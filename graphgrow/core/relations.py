@@ -329,6 +329,9 @@ class RelationRun(NormRelations, AttentionRelations, DispatchRelations, sites.La
             return LabelTensor.channels(shape, out_axis, space.chan_ids, self.salt(node)), None, None
         match = self.match(node, old_x, x, in_axis, fills_ok=True)
         mapping = self.plan.mapping(space)
+        factors = self.plan.row_factors(space, mapping)
+        if factors is not None:  # (key channels of heads kept in number: its bias is gathered by it too)
+            mapping = ar.ScaledMapping(mapping, factors)
         new_w = None
         if match is not None or len(mapping) != n_out:
             new_w = sites.produce_weights(weight, w_in, w_out, match, mapping, self.options, self.rng,
@@ -508,6 +511,9 @@ class RelationRun(NormRelations, AttentionRelations, DispatchRelations, sites.La
         if self.analysis:
             for a, b in split_axis_ties(x, out):
                 self.constraints.tie_split(a, b)
+            va = out.vary
+            if len(va) >= 3 and len(x.vary) < len(va):
+                self.constraints.split_outer(out.chans, int(np.prod([out.shape[a] for a in va[1:]])))
 
     def equal_piece_ties(self, pieces: list) -> None:
         """Equal pieces of a split or chunk take the same fraction of the new width: they widen alike."""

@@ -32,8 +32,8 @@ from .moves import MoveReplay, as_labels, label_leaves
 from .ops import describe, qualified_name
 from .shapes import TensorMeta
 from .stream_scale import scale_streams
-from .transformer import (FUNCTIONAL_PRODUCERS, MATMUL_FUNCS, RMS_NORM_MODULES, SDPA_FUNCS, WIDTH_SCALE,
-                          WIDTH_TABLE, FxTransformerOps, mean_terms, param_array)
+from .transformer import (ALIBI_REASON, FUNCTIONAL_PRODUCERS, MATMUL_FUNCS, RMS_NORM_MODULES, SDPA_FUNCS,
+                          WIDTH_SCALE, WIDTH_TABLE, FxTransformerOps, mean_terms, param_array, scores_scale_follows)
 
 
 @dataclass
@@ -62,12 +62,14 @@ class FxLabelRun(FxTransformerOps, FxDispatchOps, MoveReplay, RelationRun):
             self.tied_heads = analysis.tied_heads
             self.table_scales: dict = {}  # embedding table -> the factor its stored new value carries
             self.alibi_nodes = analysis.alibi_nodes
+            self.inner_alibi = analysis.inner_alibi
             return
         self.table_scales = {}
         self.modules = dict(gm.named_modules())
         self.param_names = {n for n, _ in gm.named_parameters()}
         self.old_parts: dict = {}  # composite ops' internal labels in the original configuration
         self.alibi_nodes: set = set()  # adds of a per-head constant bias to attention scores (MPT's ALiBi)
+        self.inner_alibi: set = set()  # those whose heads keep their number and grow head_dim
         self.salts = {n: i + 1 for i, n in enumerate(gm.graph.nodes)}
         self.attr_uses: dict = {}
         calls: dict = {}
@@ -236,6 +238,8 @@ class FxLabelRun(FxTransformerOps, FxDispatchOps, MoveReplay, RelationRun):
                 return self._move(node, target, args, kwargs)
             if target in ops.REDUCE_METHODS:
                 return self._reduce(node, first, args, kwargs)
+            if target == "masked_fill":
+                return self._masked_fill(node, first, args, kwargs)
             if target in ("softmax", "log_softmax"):
                 return self._softmax(node, first, args[1:], kwargs)
             if target in ("matmul", "bmm", "__matmul__") and isinstance(args[1] if len(args) > 1 else None, LabelTensor):
@@ -304,6 +308,8 @@ class FxLabelRun(FxTransformerOps, FxDispatchOps, MoveReplay, RelationRun):
             return self._norm_function(node, target, first, args, kwargs)
         if target in ops.NORM_FUNCS and isinstance(first, LabelTensor):
             return self.mix(node, first, f"{qualified_name(target).split('.')[-1]} normalizes across channels")
+        if target is torch.masked_fill and isinstance(first, LabelTensor):
+            return self._masked_fill(node, first, args, kwargs)
         if target is torch.where and len(args) == 3:
             return self._binary(node, (args[1], args[2]), {}, cond=args[0])
         if self._constants_only(args, kwargs):
@@ -381,7 +387,7 @@ class FxLabelRun(FxTransformerOps, FxDispatchOps, MoveReplay, RelationRun):
                 return self.fixed_operand(node, q, self._old(qs), p.shape)  # rotary cos / sin
             if len(rq.vary) == 1 and self._is_fixed(p) and p.ndim >= rq.ndim - rq.vary[0] \
                     and p.shape[rq.vary[0] - rq.ndim] > 1 and self._alibi(node, rq):
-                return self._per_head_bias(node, q, self._old(qs))
+                return self._per_head_bias(node, q, self._old(qs), qs)
         try:
             out_shape = tuple(np.broadcast_shapes(a.shape, b.shape))
         except ValueError:
@@ -447,6 +453,21 @@ class FxLabelRun(FxTransformerOps, FxDispatchOps, MoveReplay, RelationRun):
             return self.elementwise(node, x)
         return None
 
+    def _masked_fill(self, node, x: LabelTensor, args, kwargs):
+        """``x.masked_fill(mask, value)`` with a number and a mask without channels (attention masks): every
+        copy of a channel is filled where the original is, so x's channels are carried."""
+        mask = args[1] if len(args) > 1 else kwargs.get("mask")
+        value = args[2] if len(args) > 2 else kwargs.get("value")
+        if not isinstance(value, (int, float, bool)) or isinstance(mask, LabelTensor) and mask.vary:
+            raise NotUnderstood("a masked fill by a tensor, or by a mask with channel structure")
+        ref = x if self.analysis else self._old(node.args[0])
+        try:
+            if tuple(np.broadcast_shapes(ref.shape, tuple(mask.shape))) != tuple(ref.shape):
+                raise NotUnderstood("its mask is larger than the tensor it fills")
+        except ValueError:
+            raise NotUnderstood("its mask does not broadcast") from None
+        return self.elementwise(node, x)
+
     def _alibi(self, node, scores: LabelTensor) -> bool:
         """Whether ``node`` adds a constant with one value per head to attention scores (decided on the
         analysis run, remembered for the apply run)."""
@@ -454,8 +475,18 @@ class FxLabelRun(FxTransformerOps, FxDispatchOps, MoveReplay, RelationRun):
             self.alibi_nodes.add(node)
         return node in self.alibi_nodes
 
-    def _per_head_bias(self, node, x: LabelTensor, old_x):
-        """MPT's ALiBi bias (one slope per head) added to the scores: computed for the model's head count."""
+    def _per_head_bias(self, node, x: LabelTensor, old_x, x_node=None):
+        """MPT's ALiBi bias (one slope per head) added to the scores: computed for the model's head count, so
+        the heads keep their number and grow head_dim (core/attention.keep_heads) where the scores' scale is
+        understood; else they stay."""
+        if self.analysis and node not in self.inner_alibi:
+            follows = scores_scale_follows(x_node)
+            if follows is not None and self.keep_heads(node, x, ALIBI_REASON, follows):
+                self.inner_alibi.add(node)
+        if node in self.inner_alibi:
+            if not self.analysis and not same_labels(old_x, x):
+                raise self.conflict(node, "ALiBi's per-head bias meets changed scores")
+            return self.elementwise(node, x)
         if self.analysis:
             heads = [getattr(self, "scores_heads", {}).get(sp.id, []) for sp in self.table.spaces_of(x.chans)]
             self.constraints.freeze(np.concatenate([x.chans] + [np.asarray(h, np.int64) for h in heads]),

@@ -210,13 +210,17 @@ class MoveReplay:
         if same_labels(old_in, x):
             return idx
         items = list(idx) if isinstance(idx, tuple) else [idx]
-        if any(isinstance(i, (LabelTensor, torch.Tensor, list)) for i in items):
-            # indices on axes that kept their size (rows of a table whose columns grew) read the same rows
+        if any(isinstance(i, LabelTensor) for i in items):
+            # indices the graph computed, on axes that kept their size (rows of a table whose columns grew), read
+            # the same rows
             if Ellipsis in items or None in items or any(
                     old_in.shape[a] != x.shape[a] for a, i in enumerate(items) if not (isinstance(i, slice)
                                                                                        and i == slice(None))):
                 raise self.conflict(node, "advanced indexing on a widened tensor")
             return idx
+        # constant index tensors (Falcon's qkv[..., [-2]]) pass where their axis kept its size; a literal list
+        # (x[:, [0, 2]]) on a widened axis is remapped like an int (the graph can hold the new list)
+        n_advanced = sum(1 for i in items if isinstance(i, (torch.Tensor, list)))
         n_real = sum(1 for i in items if i is not None and i is not Ellipsis)
         axis, out, changed = 0, [], False
         for i in items:  # the tensor axis each index item addresses
@@ -237,8 +241,15 @@ class MoveReplay:
                 elif isinstance(i, slice) and i.step in (None, 1):
                     start, stop, _ = i.indices(old_in.shape[axis])
                     i = slice(self.remap_bound(node, src, start), self.remap_bound(node, src, stop))
+                elif isinstance(i, list) and n_advanced == 1 and all(type(v) is int for v in i):
+                    first: dict = {}  # each item picks the first copy of the one it picked
+                    for j, s in enumerate(src.tolist()):
+                        first.setdefault(int(s), j)
+                    i = [first.get(v % old_in.shape[axis]) for v in i]
+                    if None in i:
+                        raise self.conflict(node, "an indexed channel is missing")
                 else:
-                    raise self.conflict(node, "strided slicing of a widened axis")
+                    raise self.conflict(node, "strided slicing or advanced indexing of a widened axis")
                 changed = True
             out.append(i)
             axis += 1

@@ -112,6 +112,33 @@ WIDTH_SCALE = "graphgrow_width_scale"
 # node.meta key of an op where a table the family computes from the width (sinusoidal positions, not stored) meets
 # the activations: the position of the table's operand
 WIDTH_TABLE = "graphgrow_width_table"
+# node.meta key of the scale of attention scores (baddbmm's alpha, ``scores * c``) that the family computes from
+# head_dim as c = head_dim ** -0.5: where heads keep their number and head_dim grows, the grown model's scale changes
+HEAD_DIM_SCALE = "graphgrow_head_dim_scale"
+ALIBI_REASON = ("ALiBi: a per-head bias computed for the model's head count (the slopes) is added to the attention "
+                "scores, so the heads keep their number; head_dim grows instead")
+_SCALE_OPS = (operator.mul, torch.mul, operator.truediv, torch.div)
+
+
+def scores_scale_follows(n) -> bool | None:
+    """Walking up from attention scores ``n`` to their product ``q @ k^T``: whether the scale on the way follows
+    head_dim in the grown model (True: marked HEAD_DIM_SCALE; False: a literal that stays, or none); None when
+    something else lies between them."""
+    follows = bool(getattr(n, "meta", {}).get(HEAD_DIM_SCALE))
+    for _ in range(8):
+        n = _skip_casts(n)
+        if not isinstance(n, fx.Node):
+            return None
+        if n.target in MATMUL_FUNCS or n.target is torch.baddbmm:
+            return follows or bool(n.meta.get(HEAD_DIM_SCALE))
+        if n.target in _SCALE_OPS and len(n.args) == 2 and isinstance(n.args[1], (int, float)):
+            follows = follows or bool(n.meta.get(HEAD_DIM_SCALE))
+            n = n.args[0]
+        elif n.target is F.dropout:
+            n = n.args[0]
+        else:
+            return None
+    return None
 
 
 def _activation_arg(n):
@@ -314,6 +341,14 @@ class FxTransformerOps:
         fixed = not isinstance(bias, LabelTensor) or not bias.vary
         per_head = fixed and bias.ndim == 3 and bias.shape[0] > 1 and any(
             isinstance(b, LabelTensor) and b.vary for b in (b1, b2))
+        if per_head and not all(isinstance(b, LabelTensor) for b in (b1, b2)):
+            return self.opaque(node, "ALiBi's baddbmm of a tensor that is not an activation is not understood")
+        if per_head and node not in self.opaque_nodes:
+            # the heads keep their number and grow head_dim (core/attention.keep_heads); the additive bias is a
+            # constant and alpha a scale: the result has the scores' labels
+            scores = self.batched_product(node, node.name, b1, b2, self._old(node.args[1]), self._old(node.args[2]))
+            if not self.analysis or self.keep_heads(node, scores, ALIBI_REASON, scores_scale_follows(node)):
+                return scores
         if per_head:
             return self.opaque(node, "ALiBi: its additive per-head bias (the slopes) is computed for the model's "
                                      "head count, so the heads keep their number")

@@ -107,10 +107,11 @@ def capture(model: nn.Module, inputs: tuple) -> fx.GraphModule:
         raise TraceError(f"torch.export cannot capture {type(model).__name__}: {first_line(exc)}") from None
     gm = lift_exported(program.module(), _PREFIX)
     _rows_as_embedding(gm)
-    from .scales import mark_width_scales, mark_width_tables
+    from .scales import mark_head_dim_scales, mark_width_scales, mark_width_tables
 
     if getattr(model, "config", None) is not None:
         mark_width_scales(gm, model.config)
+        mark_head_dim_scales(gm, model.config)
     mark_width_tables(gm, model)
     return gm
 

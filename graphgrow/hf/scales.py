@@ -23,7 +23,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from ..fx.transformer import WIDTH_SCALE, WIDTH_TABLE
+from ..fx.transformer import HEAD_DIM_SCALE, MATMUL_FUNCS, WIDTH_SCALE, WIDTH_TABLE
 
 _MUL = (operator.mul, torch.mul)
 _DIV = (operator.truediv, torch.div)
@@ -89,10 +89,47 @@ def _table_width(gm, n, downstream: bool):
 
 def _config_numbers(config) -> set:
     out = set()
-    for v in config.to_dict().values():
-        if isinstance(v, (int, float)) and not isinstance(v, bool) and v not in (0, 1):
-            out.add(float(v))
+
+    def walk(d):
+        for v in d.values():
+            if isinstance(v, dict):  # (MPT's attn_config.softmax_scale)
+                walk(v)
+            elif isinstance(v, (int, float)) and not isinstance(v, bool) and v not in (0, 1):
+                out.add(float(v))
+
+    walk(config.to_dict())
     return out
+
+
+def _last_dim(n):
+    val = n.meta.get("val") if isinstance(n, fx.Node) else None
+    return int(val.shape[-1]) if isinstance(val, torch.Tensor) and val.ndim else None
+
+
+def mark_head_dim_scales(gm: fx.GraphModule, config) -> int:
+    """Mark the scales of attention scores the family computes from head_dim (``1/sqrt(head_dim)`` as
+    baddbmm's alpha, or ``(q @ k^T) * c``): where heads keep their number and head_dim grows (ALiBi), the grown
+    model computes them from the new head_dim. A value stated in the config stays. Returns how many."""
+    literals = _config_numbers(config)
+    marked = 0
+    for node in gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        if node.target is torch.baddbmm and len(node.args) >= 3:
+            c, d = node.kwargs.get("alpha", 1.0), _last_dim(node.args[1])
+        elif node.target in _MUL + _DIV and len(node.args) == 2 and isinstance(node.args[1], (int, float)) \
+                and isinstance(node.args[0], fx.Node) and node.args[0].target in MATMUL_FUNCS:
+            q = node.args[0].args[0]
+            c, d = node.args[1], _last_dim(q)
+            if node.target in _DIV and c:
+                c = 1.0 / c
+        else:
+            continue
+        if isinstance(c, (int, float)) and d and c > 0 and math.isclose(c, d ** -0.5, rel_tol=1e-6) \
+                and not any(math.isclose(c, v, rel_tol=1e-6) for v in literals):
+            node.meta[HEAD_DIM_SCALE] = True
+            marked += 1
+    return marked
 
 
 def mark_width_scales(gm: fx.GraphModule, config) -> int:

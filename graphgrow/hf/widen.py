@@ -23,8 +23,8 @@ import torch.nn.functional as F
 
 from ..core import arithmetic as ar
 from ..core.arithmetic import scale_affine
-from ..core.growth import check_factor, check_options, require_head_widths, require_reachable, space_reports, \
-    widen_targets
+from ..core.growth import check_factor, check_options, kept_head_notes, require_head_widths, require_reachable, \
+    space_reports, widen_targets
 from ..core.report import GrowthReport
 from ..core.sites import GrowOptions
 from ..errors import UnsupportedModelError, VerificationError, first_line
@@ -206,6 +206,17 @@ def _unread_values(model, config, unread: list, values: dict) -> list:
         if grown else []
 
 
+def _name_multi_query(cfg, an) -> None:
+    """A single key/value head fused with the queries (GPT-BigCode, Falcon-7B) is the config's ``multi_query``:
+    the family cannot state a second one, which the reason names (class (b))."""
+    if getattr(cfg, "multi_query", None) is not True:
+        return
+    why = f"{type(cfg).__name__} cannot state it grown (multi_query=True: one key/value head)"
+    for sp in an.table.spaces:
+        sp.frozen_reasons[:] = [f"{r}; {why}" if "multi-query attention's single" in r and why not in r else r
+                                for r in sp.frozen_reasons]
+
+
 def head_fields(cfg) -> list:
     """The config's head counts: shapes cannot tell them (q_proj is heads x head_dim either way), so every one
     is stated at the heads' ratio: num_attention_heads / num_key_value_heads, and an encoder-decoder's
@@ -236,7 +247,8 @@ class Widening:
         rep = GrowthReport(space_reports(self.an.produced, self.plan, self.targets),
                            params_before=count_params(model), params_after=params_after,
                            function_preserving=preserving, rounds=self.rounds)
-        rep.notes.extend(config_notes(model.config, self.config) + self.notes)
+        rep.notes.extend(config_notes(model.config, self.config) + self.notes
+                         + kept_head_notes(self.an.produced, self.an.constraints, self.plan))
         if self.kept:
             rep.notes.append(f"kept at their width because {type(model.config).__name__} cannot state them "
                              f"grown: {', '.join(self.kept)}")
@@ -254,6 +266,7 @@ def plan_widening(model, inputs: tuple, factor, *, widths=None, only=None, exclu
     fill_note = fill_why = None
     for _ in range(6):
         an = FxAnalysis(gm, inputs)
+        _name_multi_query(model.config, an)
         targets = widen_targets(an.produced, an.constraints, factor, widths, only, exclude, divisor,
                                 what="parameter")
         for sp in an.produced:

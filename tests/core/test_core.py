@@ -47,6 +47,38 @@ def test_plan_blocks_and_freeze():
     assert a.frozen_reasons == ["test"]
 
 
+def _fused_heads(tie_groups: bool):
+    """A fused projection of 2 groups x (2 query heads, key, value) x head_dim 4, split over three axes."""
+    t = SpaceTable()
+    a = t.new_space("qkv", 32, "produced")
+    c = GrowthConstraints(t)
+    heads = a.chan_ids.reshape(8, 4)
+    assert c.units(heads) is None
+    c.split_outer(a.chan_ids, 16)
+    if tie_groups:  # (the attention ties each group's query heads to their key and value head)
+        for g in range(2):
+            c.tie(heads[4 * g, :1], heads[4 * g + 1 : 4 * g + 4, :1])
+    return a, c
+
+
+def test_a_group_the_attention_ties_is_copied_whole():
+    a, c = _fused_heads(True)
+    plan = solve_plan(c, {a.id: 64}, seed=0)
+    assert c.layout_units()[a.id] == 16
+    g = plan.mapping(a)
+    blocks = g.reshape(4, 16)  # (whole groups, each followed by its copies)
+    assert all(b.tolist() == list(range(b[0], b[0] + 16)) and b[0] % 16 == 0 for b in blocks)
+    assert np.all(np.diff(blocks[:, 0]) >= 0) and set(blocks[:, 0].tolist()) == {0, 16}
+
+
+def test_untied_heads_of_an_outer_block_copy_one_by_one():
+    a, c = _fused_heads(False)
+    plan = solve_plan(c, {a.id: 64}, seed=0)
+    assert c.layout_units()[a.id] == 4
+    g = plan.mapping(a)
+    assert g[:8].tolist() == [0, 1, 2, 3, 0, 1, 2, 3]
+
+
 def test_labels_roundtrip_and_resalt_keeps_contents_apart():
     lab = channel_labels((2, 3, 4, 4), 1, np.array([7, 8, 9]), salt=5)
     assert channel_of(lab)[0, :, 0, 0].tolist() == [7, 8, 9]

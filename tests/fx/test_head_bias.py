@@ -100,3 +100,49 @@ def test_a_table_gathered_into_an_sdpa_mask_follows_the_head_copies():
             assert sorted(set(source)) == [0, 1, 2, 3]
         assert getattr(wide.qkv, "0").weight.shape == (96, 32)
         assert [s.name for s in rep.spaces if s.frozen_reasons] == ["head"], rep.summary()
+
+
+class AlibiAttention(nn.Module):
+    """Pre-norm attention with ALiBi: a fixed slope per head times the key's distance, added to the scaled
+    scores (a literal 1/sqrt(head_dim), as a traced model holds it)."""
+
+    def __init__(self, width=16, heads=4, layers=2, seq=6):
+        super().__init__()
+        self.heads, self.head_dim = heads, width // heads
+        self.embed = nn.Embedding(32, width)
+        self.norm = nn.ModuleList(nn.LayerNorm(width) for _ in range(layers))
+        self.qkv = nn.ModuleList(nn.Linear(width, 3 * width) for _ in range(layers))
+        self.out = nn.ModuleList(nn.Linear(width, width) for _ in range(layers))
+        self.head = nn.Linear(width, 5)
+        pos = torch.arange(seq)
+        slopes = 2.0 ** -torch.arange(1, heads + 1)
+        self.register_buffer("alibi", (slopes[:, None, None] * (pos[None, None, :] - pos[None, :, None])).float(),
+                             persistent=False)
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        b, n, _ = x.shape
+        for norm, qkv, out in zip(self.norm, self.qkv, self.out):
+            q, k, v = qkv(norm(x)).view(b, n, self.heads, 3, self.head_dim).permute(3, 0, 2, 1, 4)
+            scores = (q @ k.transpose(-1, -2)) * 0.5 + self.alibi
+            att = scores.softmax(-1) @ v
+            x = x + out(att.transpose(1, 2).reshape(b, n, -1))
+        return self.head(x)
+
+
+def test_alibi_heads_keep_their_number_and_grow_head_dim():
+    torch.manual_seed(0)
+    model = AlibiAttention()
+    ids = torch.randint(0, 32, (2, 6))
+    for factor, width in ((2, 32), (1.5, 24)):
+        wide, rep, err = widen_and_compare(model, (ids,), factor=factor)
+        assert err < EXACT
+        qkv = wide.get_submodule("qkv.0")
+        assert qkv.weight.shape == (3 * width, width)  # 4 heads of width / 4 channels each
+        assert any("heads keep their number and grow head_dim (ALiBi" in n for n in rep.notes)
+        # the scale literal stays: the c copies of a key channel are that channel divided by c (and the stream's
+        # columns are split among their copies), so each head's key rows sum to the original head's
+        old_w, new_w = model.qkv[0].weight.detach(), qkv.weight.detach()
+        assert torch.allclose(new_w.reshape(4, 3, -1).sum(-1)[:, 1], old_w.reshape(4, 3, -1).sum(-1)[:, 1])
+        old_b, new_b = model.qkv[0].bias.detach(), qkv.bias.detach()
+        assert torch.allclose(new_b.reshape(4, 3, -1).sum(-1)[:, 1], old_b.reshape(4, 3, -1).sum(-1)[:, 1])

@@ -49,6 +49,9 @@ def widened(model, factor=2):
         assert float((a - b).abs().max() / a.abs().max()) < 1e-5
     return grown
 
+FALCON = dict(DEC, ffn_hidden_size=128, num_kv_heads=2, new_decoder_architecture=True)
+FALCON.pop("intermediate_size")
+
 
 # (family, config, sizes the grown config must state at x2: the ideal model is the family built with them)
 CASES = {
@@ -59,6 +62,10 @@ CASES = {
     "gpt-bigcode": ("GPTBigCodeForCausalLM", GPT, dict(n_embd=128, n_head=8, n_inner=256)),
     "llama-kv1": ("LlamaForCausalLM", dict(DEC, num_key_value_heads=1),
                   dict(hidden_size=128, num_attention_heads=8, num_key_value_heads=2, intermediate_size=256)),
+    # fused qkv laid out per kv group (queries, key, value), the key/value slots picked by qkv[..., [-2]]: the
+    # groups are copied whole
+    "falcon": ("FalconForCausalLM", FALCON, dict(hidden_size=128, num_attention_heads=8, num_kv_heads=4,
+                                                 ffn_hidden_size=256)),
 }
 
 
@@ -89,16 +96,36 @@ def test_neox_at_one_and_a_half():
     assert (grown.config.hidden_size, grown.config.num_attention_heads) == (96, 6)
 
 
-def test_bloom_heads_stay_for_alibi_and_name_the_coupling():
-    model = build("BloomForCausalLM", "eager", **dict(TOK, hidden_size=64, n_layer=2, n_head=4))
+BLOOM = dict(TOK, hidden_size=64, n_layer=2, n_head=4)
+MPT = dict(TOK, d_model=64, n_heads=4, n_layers=2, max_seq_len=64, expansion_ratio=2)
+
+
+def _alibi_notes(grown):
+    return [n for n in grown.graphgrow_report.notes if "heads keep their number and grow head_dim" in n]
+
+
+def test_bloom_alibi_heads_keep_their_number_and_grow_head_dim():
+    # ALiBi's slopes are computed for the head count: 4 heads of 32 channels, the key copies divided by their
+    # count and multiplied by sqrt(32/16) (BLOOM computes alpha = 1/sqrt(head_dim) from the new head_dim)
+    model = build("BloomForCausalLM", "eager", **BLOOM)
     grown = widened(model)
+    assert (grown.config.hidden_size, grown.config.n_head) == (128, 4)
+    assert n_params(grown) == n_params(build("BloomForCausalLM", "eager", **dict(BLOOM, hidden_size=128)))
     spaces = {s.name: s for s in grown.graphgrow_report.spaces}
-    qkv = spaces["transformer.h.0.self_attention.query_key_value.weight"]
-    assert qkv.new_width == 192 and any("ALiBi" in r for r in qkv.frozen_reasons)
-    dense = spaces["transformer.h.0.self_attention.dense.weight"]
-    assert dense.new_width == 64
-    assert "head_dim = hidden_size / num_attention_heads" in dense.frozen_reasons[0]
-    assert "cannot state it grown" in dense.frozen_reasons[0]
+    assert spaces["transformer.h.0.self_attention.query_key_value.weight"].new_width == 384
+    assert [s.name for s in spaces.values() if s.frozen_reasons] == ["lm_head.weight"]
+    notes = _alibi_notes(grown)
+    assert len(notes) == 2 and all("ALiBi" in n for n in notes)
+
+
+def test_bloom_at_one_and_a_half_keeps_a_post_norm_stream():
+    # the stream starts at the embedding's LayerNorm (its output is the stream): no fill + rescale, and the
+    # config derives head_dim (and the MLP) from hidden_size, so nothing it can state grows
+    model = build("BloomForCausalLM", "eager", **BLOOM)
+    grown = widened(model, 1.5)
+    assert n_params(grown) == n_params(model)
+    reasons = " ".join(r for s in grown.graphgrow_report.spaces for r in s.frozen_reasons)
+    assert "BloomConfig cannot state it grown" in reasons
 
 
 def test_widths_breaking_the_head_coupling_is_one_sentence():
@@ -118,11 +145,51 @@ def test_multi_query_heads_at_one_and_a_half():
     assert n_params(grown) == n_params(build("GPTBigCodeForCausalLM", **dict(GPT, n_embd=96, n_head=6, n_inner=192)))
 
 
-def test_mpt_alibi_heads_are_named():
-    model = build("MptForCausalLM", "eager", **dict(TOK, d_model=64, n_heads=4, n_layers=2, max_seq_len=64,
-                                                    expansion_ratio=2))
+@pytest.mark.parametrize("factor, width, head_dim", [(2, 128, 32), (1.5, 96, 24)])
+def test_mpt_alibi_heads_grow_head_dim(factor, width, head_dim):
+    model = build("MptForCausalLM", "eager", **MPT)
+    grown = widened(model, factor)
+    assert (grown.config.d_model, grown.config.n_heads) == (width, 4)
+    attn = grown.transformer.blocks[0].attn
+    assert attn.head_dim == head_dim and tuple(attn.Wqkv.weight.shape) == (3 * width, width)
+    assert n_params(grown) == n_params(build("MptForCausalLM", "eager", **dict(MPT, d_model=width)))
+    assert len(_alibi_notes(grown)) == 2
+
+
+def test_bloom_streamed_checkpoint_is_the_in_memory_widening(tmp_path):
+    # the key copies' factors travel in the recipes (arithmetic.ScaledMapping): bit for bit the in-memory result
+    pytest.importorskip("safetensors")
+    from safetensors.torch import load_file
+
+    from graphgrow.hf.stream import widen_checkpoint
+
+    model = build("BloomForCausalLM", "eager", **BLOOM)
+    model.save_pretrained(tmp_path / "src")
+    in_memory = graphgrow.widen(model, 2, example_inputs=(ids(),)).state_dict()
+    result = widen_checkpoint(tmp_path / "src", tmp_path / "out", 2)
+    assert result["check"]["max_rel"] < 1e-5
+    streamed = load_file(tmp_path / "out" / "model.safetensors")
+    qkv = "transformer.h.0.self_attention.query_key_value.weight"
+    assert tuple(streamed[qkv].shape) == (384, 128)
+    for key, value in streamed.items():
+        assert torch.equal(value, in_memory[key]), key
+
+
+def test_multi_query_kv_head_names_the_config_field():
+    grown = widened(build("GPTBigCodeForCausalLM", **GPT))
+    qkv = next(s for s in grown.graphgrow_report.spaces if s.name == "transformer.h.0.attn.c_attn.weight")
+    assert (qkv.old_width, qkv.new_width) == (96, 160)  # 8 query heads, one key and one value head of 16
+    assert any("GPTBigCodeConfig cannot state it grown (multi_query=True" in r for r in qkv.frozen_reasons)
+
+
+def test_xglm_clamped_scores_are_understood():
+    # eager XGLM clamps its (batch * heads) scores with torch.max(scores, finfo.min): the heads are read; only
+    # the sinusoidal stream (and what the config derives from it) keeps its width
+    model = build("XGLMForCausalLM", "eager", **dict(TOK, d_model=64, ffn_dim=128, num_layers=2, attention_heads=4,
+                                                      max_position_embeddings=64, dropout=0.0, attention_dropout=0.0,
+                                                      activation_dropout=0.0))
     grown = widened(model)
-    qkv = next(s for s in grown.graphgrow_report.spaces if s.name == "transformer.blocks.0.attn.Wqkv.weight")
-    assert qkv.new_width == qkv.old_width
-    reasons = " ".join(r for s in grown.graphgrow_report.spaces for r in s.frozen_reasons)
-    assert "ALiBi" in reasons and "head_dim = hidden_size / num_attention_heads" in reasons
+    assert grown.config.ffn_dim == 256
+    reasons = [r for s in grown.graphgrow_report.spaces for r in s.frozen_reasons]
+    assert not any("not understood" in r or "without channel structure" in r for r in reasons)
+    assert any("sinusoidal" in r for r in reasons)
