@@ -28,6 +28,7 @@ from ..core.relations import NotUnderstood, RelationRun
 from ..errors import GraphGrowError
 from . import ops
 from .dispatch import FxDispatchOps, expert_slice, is_dispatch
+from .functional import FxFunctionalOps
 from .moves import MoveReplay, as_labels, label_leaves
 from .ops import describe, qualified_name
 from .shapes import TensorMeta
@@ -45,7 +46,7 @@ class ModuleUpdate:
 _param = param_array
 
 
-class FxLabelRun(FxTransformerOps, FxDispatchOps, MoveReplay, RelationRun):
+class FxLabelRun(FxTransformerOps, FxFunctionalOps, FxDispatchOps, MoveReplay, RelationRun):
     scales_gainless_streams = True  # fill + rescale under norms without gain: fx/stream_scale.py
 
     def __init__(self, gm: fx.GraphModule, meta: dict, *, plan=None, analysis: "FxLabelRun | None" = None,
