@@ -213,6 +213,13 @@ class Checkpoint:
             self._pickle_cache = (file, _load_pickle(file))
         return self._pickle_cache[1][name]
 
+    def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` (first axis) of the tensor ``name``, reading only their bytes where the file allows."""
+        if self.pickled:
+            return self.get(name)[start:stop]
+        with safe_open(os.path.join(self.path, self.shard_of(name)), framework="pt") as f:
+            return f.get_slice(name)[start:stop]
+
     def other_files(self) -> list:
         """Paths (relative to the directory) of the files the writer copies unchanged: all but config.json,
         the index and weights in any format; files in subfolders too, but not in hidden ones (.git, .cache)."""
