@@ -136,3 +136,17 @@ def test_streamed_codegen_takes_the_in_memory_fallbacks(tmp_path):
     assert (grown.config.n_embd, grown.config.n_head, grown.config.n_inner) == \
         (in_memory.n_embd, in_memory.n_head, in_memory.n_inner)
     assert grown.config.n_inner == 2 * model.config.n_inner
+
+
+def test_output_disk_without_room_is_refused_before_writing(llama, tmp_path, monkeypatch, capsys):
+    import collections
+
+    from graphgrow.hf import checkpoint
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda path: usage(10 ** 9, 10 ** 9 - 10 ** 5, 10 ** 5))
+    out = tmp_path / "wide"
+    assert main(["widen", str(llama), "--factor", "2", "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "GB free; nothing written" in err and err.count("\n") == 1
+    assert os.listdir(tmp_path) == []
