@@ -35,15 +35,25 @@ def peak_rss_mb() -> float:
         return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
 
 
-def build(src: str, shard_bytes: int) -> None:
+# Llama shapes: TinyLlama-1.1B and Llama-2-7B (multi-head attention, as the hub's meta-llama/Llama-2-7b-hf,
+# whose two shards are 9.98 GB and 3.5 GB)
+PRESETS = {
+    "1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+               num_key_value_heads=4),
+    "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=32),
+}
+SHARD_GB = {"1b": 2.0, "7b": 10.0}
+NAMES = {"1b": "TinyLlama-1.1B's shape", "7b": "Llama-2-7B's shape"}
+
+
+def build(src: str, shard_bytes: int, preset: str = "1b") -> None:
     import torch
     import transformers
     from safetensors.torch import save_file
 
-    config = transformers.LlamaConfig(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
-                                      num_attention_heads=32, num_key_value_heads=4, vocab_size=32000,
-                                      tie_word_embeddings=False, dtype="bfloat16",
-                                      architectures=["LlamaForCausalLM"])
+    config = transformers.LlamaConfig(**PRESETS[preset], vocab_size=32000, tie_word_embeddings=False,
+                                      dtype="bfloat16", architectures=["LlamaForCausalLM"])
     with torch.device("meta"):
         shapes = {n: tuple(t.shape) for n, t in transformers.LlamaForCausalLM(config).state_dict().items()}
     shards, size = [[]], 0  # transformers' greedy split: a new shard when the next tensor would overflow
@@ -70,8 +80,15 @@ def build(src: str, shard_bytes: int) -> None:
     os.replace(src + ".part", src)
 
 
+def _layout(ckpt) -> list:
+    return [(file, [(n, list(ckpt.shape(n)), str(ckpt.dtype(n)).split(".")[-1]) for n in names])
+            for file, names in ckpt.shards]
+
+
 def measure(mode: str, src: str, out: str, ref: str) -> dict:
-    """Run in a subprocess: the seconds and peak RSS of one mode."""
+    """Run in a subprocess: the seconds and peak RSS of one mode (``ref``: the output layout's JSON file)."""
+    import inspect
+
     import torch
     from safetensors import safe_open
     from safetensors.torch import save_file
@@ -91,27 +108,40 @@ def measure(mode: str, src: str, out: str, ref: str) -> dict:
     baseline = peak_rss_mb()
     start = time.perf_counter()
     ckpt = Checkpoint.open(src)
-    kind, _, factor = mode.partition("-")
+    kind, _, rest = mode.partition("-")
+    factor, _, workers = rest.partition("-w")
     extra = {}
-    if kind == "floor":  # read the input; write tensors shaped as ref's (the grown output, or the input)
-        target = Checkpoint.open(ref)
+    if kind == "floor":  # read the input; write (and flush) tensors shaped as the output's, in its shards
         os.makedirs(out)
         for file, _ in ckpt.shards:
             with safe_open(os.path.join(src, file), framework="pt") as f:
                 for k in f.offset_keys():
                     f.get_tensor(k)
-        for file, names in target.shards:
-            save_file({n: torch.empty(target.shape(n), dtype=target.dtype(n)) for n in names},
-                      os.path.join(out, file), metadata={"format": "pt"})
+        with open(ref) as f:
+            layout = json.load(f) if factor != "1" else _layout(ckpt)
+        for file, tensors in layout:
+            path = os.path.join(out, file)
+            save_file({n: torch.empty(shape, dtype=getattr(torch, dtype)) for n, shape, dtype in tensors}, path,
+                      metadata={"format": "pt"})
+            fd = os.open(path, os.O_RDONLY)
+            os.fsync(fd)  # flushed as graphgrow flushes its output
+            os.close(fd)
     elif kind == "plan":
         model = meta_model(ckpt)
         w = plan_widening(model, meta_inputs(model), float(factor), options=GrowOptions())
         extra["widened"] = f"{len(w.report(model, 0).widened)}/{len(w.an.produced)}"
-    elif kind == "widen":
-        result = widen_checkpoint(src, out, float(factor), check=False)
+    elif kind in ("widen", "stream"):
+        kw = {"check": False} if kind == "stream" else {}
+        if workers:
+            if "workers" not in inspect.signature(widen_checkpoint).parameters:
+                raise SystemExit("this graphgrow has no workers= option")
+            kw["workers"] = int(workers)
+        result = widen_checkpoint(src, out, float(factor), **kw)
         out_ckpt = Checkpoint.open(out)
+        with open(ref, "w") as f:
+            json.dump(_layout(out_ckpt), f)
         extra.update(out_bytes=out_ckpt.total_bytes, out_largest=out_ckpt.largest_tensor_bytes,
-                     summary=result["report"].summary(), notes=result["report"].notes)
+                     summary=result["report"].summary(), notes=result["report"].notes, check=result["check"])
     else:
         rewrite_checkpoint(ckpt, out, ckpt.config, Identity())
     return {"mode": mode, "seconds": time.perf_counter() - start, "peak_rss_mb": peak_rss_mb(),
@@ -127,20 +157,48 @@ def _run(mode, src, out, ref) -> dict:
     return json.loads(proc.stdout.splitlines()[-1])
 
 
+def _require_disk(folder: str, need: float) -> None:
+    free = shutil.disk_usage(folder).free
+    if free < need:
+        raise SystemExit(f"{folder}: {free / 1e9:.1f} GB free, this run needs about {need / 1e9:.1f} GB "
+                         "(the input, one output and nothing else at a time); free some space or pick another folder")
+
+
+def _row(r, floor, largest="") -> None:
+    ratio = f"{r['seconds'] / floor['seconds']:.2f}" if floor is not None else ""
+    size = f"{r['out_bytes'] / 1e9:.2f}" if "out_bytes" in r else ""
+    check = r.get("check") or {}
+    what = f"{check.get('check')} {check['max_rel']:.1e}" if check else ""
+    print(f"| {r['mode']} | {r['seconds']:.1f} | {ratio} | {r['peak_rss_mb']:.0f} | "
+          f"{r['peak_rss_mb'] - r['baseline_rss_mb']:.0f} | {size} | {largest} | {what} |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("folder", nargs="?", default="/tmp/graphgrow_hf_scale")
-    parser.add_argument("--shard-gb", type=float, default=2.0)
-    parser.add_argument("--factors", default="2,1.5")
+    parser.add_argument("folder", nargs="?", default=None)
+    parser.add_argument("--model", choices=sorted(PRESETS), default="1b")
+    parser.add_argument("--shard-gb", type=float, default=None)
+    parser.add_argument("--factors", default=None)
+    parser.add_argument("--workers", type=int, default=2, help="also run the default command with --workers N")
     parser.add_argument("--measure", nargs=4, metavar=("MODE", "SRC", "OUT", "REF"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.measure:
         print(json.dumps(measure(*args.measure)))
         return
-    src = os.path.join(args.folder, "src")
+    folder = args.folder or f"/tmp/graphgrow_hf_scale{'' if args.model == '1b' else '_' + args.model}"
+    factors = args.factors or ("2,1.5" if args.model == "1b" else "1.5")
+    os.makedirs(folder, exist_ok=True)
+    src = os.path.join(folder, "src")
     if not os.path.isdir(src):
+        import torch
+        import transformers
+
+        with torch.device("meta"):
+            n = sum(t.numel() for t in transformers.LlamaForCausalLM(transformers.LlamaConfig(
+                **PRESETS[args.model], vocab_size=32000, tie_word_embeddings=False)).parameters())
+        _require_disk(folder, 2 * n * 1.05)
         start = time.perf_counter()
-        build(src, int(args.shard_gb * 1e9))
+        build(src, int((args.shard_gb or SHARD_GB[args.model]) * 1e9), args.model)
         print(f"built {src} in {time.perf_counter() - start:.0f} s")
     import torch
     import transformers
@@ -149,50 +207,64 @@ def main() -> None:
 
     ckpt = Checkpoint.open(src)
     n_params = ckpt.total_bytes // 2
-    print(f"# graphgrow on a checkpoint directory: {n_params / 1e9:.2f} B parameters (bf16, TinyLlama-1.1B's "
-          f"shape), {ckpt.total_bytes / 1e9:.2f} GB in {len(ckpt.shards)} shards, largest tensor "
+    print(f"# graphgrow on a checkpoint directory: {n_params / 1e9:.2f} B parameters (bf16, {NAMES[args.model]}), "
+          f"{ckpt.total_bytes / 1e9:.2f} GB in {len(ckpt.shards)} shards, largest tensor "
           f"{ckpt.largest_tensor_bytes / 1e6:.0f} MB\n")
-    print(f"`PYTHONPATH=. python benchmarks/hf_scale.py --factors {args.factors}`; torch {torch.__version__}, "
-          f"transformers {transformers.__version__}, {os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d')}\n")
-    print("| run | wall s | ratio to floor | peak RSS MB | over baseline MB | output GB | largest output tensor MB |")
-    print("|---|---|---|---|---|---|---|")
+    print(f"`PYTHONPATH=. python benchmarks/hf_scale.py --model {args.model} --factors {factors} --workers "
+          f"{args.workers}`; torch {torch.__version__}, transformers {transformers.__version__}, {os.cpu_count()} "
+          f"CPUs, {time.strftime('%Y-%m-%d')}\n")
+    print("| run | wall s | ratio to floor | peak RSS MB | over baseline MB | output GB | largest output tensor MB "
+          "| check |")
+    print("|---|---|---|---|---|---|---|---|")
     rows = []
-    for factor in args.factors.split(","):
-        out = os.path.join(args.folder, f"out-{factor}")
-        plan = _run(f"plan-{factor}", src, out, src)
-        widen = _run(f"widen-{factor}", src, out, src)
-        floor = _run(f"floor-{factor}", src, os.path.join(args.folder, "floor"), out)
-        shutil.rmtree(os.path.join(args.folder, "floor"), ignore_errors=True)
+    layout = os.path.join(folder, "out-layout.json")
+    for factor in factors.split(","):
+        grown = (float(factor) ** 2) * ckpt.total_bytes  # (about: most parameters grow with the square)
+        _require_disk(folder, grown * 1.05)
+        out = os.path.join(folder, f"out-{factor}")
+        plan = _run(f"plan-{factor}", src, out, layout)
+        runs = [_run(f"widen-{factor}", src, out, layout)]
         shutil.rmtree(out, ignore_errors=True)
-        for r in (plan, widen, floor):
-            ratio = f"{r['seconds'] / floor['seconds']:.2f}" if r is widen else ""
-            size = f"{widen['out_bytes'] / 1e9:.2f}" if r is not plan else ""
-            largest = f"{widen['out_largest'] / 1e6:.0f}" if r is widen else ""
-            print(f"| {r['mode']} | {r['seconds']:.1f} | {ratio} | {r['peak_rss_mb']:.0f} | "
-                  f"{r['peak_rss_mb'] - r['baseline_rss_mb']:.0f} | {size} | {largest} |", flush=True)
-        rows.append((factor, plan, widen, floor))
-    identity = _run("identity", src, os.path.join(args.folder, "out-identity"), src)
-    floor1 = _run("floor-1", src, os.path.join(args.folder, "floor"), src)
-    for r in (identity, floor1):
-        shutil.rmtree(os.path.join(args.folder, "out-identity" if r is identity else "floor"), ignore_errors=True)
-        ratio = f"{identity['seconds'] / floor1['seconds']:.2f}" if r is identity else ""
-        print(f"| {r['mode']} | {r['seconds']:.1f} | {ratio} | {r['peak_rss_mb']:.0f} | "
-              f"{r['peak_rss_mb'] - r['baseline_rss_mb']:.0f} | {ckpt.total_bytes / 1e9:.2f} | |")
+        if args.workers > 1:
+            runs.append(_run(f"widen-{factor}-w{args.workers}", src, out, layout))
+            shutil.rmtree(out, ignore_errors=True)
+        if args.model == "1b":  # the streaming alone, for the memory split
+            runs.append(_run(f"stream-{factor}", src, out, layout))
+            shutil.rmtree(out, ignore_errors=True)
+        floor = _run(f"floor-{factor}", src, os.path.join(folder, "floor"), layout)
+        shutil.rmtree(os.path.join(folder, "floor"), ignore_errors=True)
+        _row(plan, None)
+        for r in runs:
+            _row(r, floor, f"{r['out_largest'] / 1e6:.0f}")
+        _row({**floor, "out_bytes": runs[0]["out_bytes"]}, None)
+        rows.append((factor, plan, runs, floor))
+    if args.model == "1b":
+        identity = _run("identity", src, os.path.join(folder, "out-identity"), layout)
+        floor1 = _run("floor-1", src, os.path.join(folder, "floor"), layout)
+        for r in (identity, floor1):
+            shutil.rmtree(os.path.join(folder, "out-identity" if r is identity else "floor"), ignore_errors=True)
+        _row({**identity, "out_bytes": ckpt.total_bytes}, floor1)
+        _row({**floor1, "out_bytes": ckpt.total_bytes}, None)
     print()
-    for factor, plan, widen, floor in rows:
+    n_layers = PRESETS[args.model]["num_hidden_layers"]
+    for factor, plan, runs, floor in rows:
+        widen = runs[0]
         print(f"x{factor}: {widen['summary']}; " + "; ".join(widen["notes"]))
-        stream_s = widen["seconds"] - plan["seconds"]
-        per_byte = stream_s / widen["out_bytes"]
         rss = widen["peak_rss_mb"] - widen["baseline_rss_mb"]
-        print(f"  streaming {stream_s:.1f} s for {widen['out_bytes'] / 1e9:.2f} GB written: "
-              f"{per_byte * 1e9:.2f} s/GB; peak RSS over baseline {rss:.0f} MB = "
-              f"{rss * 1e6 / widen['out_largest']:.1f} x the largest output tensor "
-              f"(planning alone: {plan['peak_rss_mb'] - plan['baseline_rss_mb']:.0f} MB)")
-        for name, params in (("7B", 6.74e9), ("70B", 68.98e9)):
-            grown = widen["out_bytes"] / ckpt.total_bytes * params * 2
-            print(f"  projection {name} (bf16, {params / 1e9:.1f} B params): {grown / 1e9:.0f} GB written, "
-                  f"~{grown * per_byte / 60:.0f} min streaming at the measured per-byte cost "
-                  f"(+ planning, which grows with the layer count, not the width)")
+        fixed = plan["peak_rss_mb"] - plan["baseline_rss_mb"]
+        print(f"  default command (check {widen['check']['check']}, max_rel {widen['check']['max_rel']:.1e}): "
+              f"{widen['seconds']:.0f} s = {widen['seconds'] / floor['seconds']:.2f} x the flushed floor; peak RSS "
+              f"over baseline {rss:.0f} MB = planning {fixed:.0f} MB + {(rss - fixed) * 1e6 / widen['out_largest']:.1f}"
+              f" x the largest output tensor ({widen['out_largest'] / 1e6:.0f} MB)")
+        for r in runs[1:]:
+            print(f"  {r['mode']}: {r['seconds']:.0f} s ({widen['seconds'] / r['seconds']:.2f} x faster than serial)")
+        per_byte = (widen["seconds"] - plan["seconds"]) / widen["out_bytes"]
+        per_layer = plan["seconds"] / n_layers
+        for name, params, layers in (("70B", 68.98e9, 80), ("1T MoE", 1.0e12, 61)):
+            out_bytes = widen["out_bytes"] / ckpt.total_bytes * params * 2
+            print(f"  projection {name} ({params / 1e9:.0f} B params, {layers} layers): {out_bytes / 1e9:.0f} GB "
+                  f"written and checked, ~{(out_bytes * per_byte + layers * per_layer) / 3600:.1f} h on this machine "
+                  f"serially at the measured {per_byte * 1e9:.1f} s/GB and {per_layer:.2f} s/layer of planning")
 
 
 if __name__ == "__main__":

@@ -43,6 +43,33 @@ def _progress(args):
     return say, tick
 
 
+def _check(args):
+    """The check asked for: --no-check wins; --check layers (the default) or full."""
+    return "none" if args.no_check else args.check
+
+
+def _check_progress(args):
+    say = options.progress(args)
+    state = {"next": 0.0}
+
+    def tick(done, total, name):
+        if total and done / total >= state["next"]:
+            say(f"checking layer by layer: {done}/{total} layers ({name})")
+            state["next"] = done / total + 0.1
+
+    return tick
+
+
+def _check_line(check) -> str:
+    if not check:
+        return "  not verified (--no-check)"
+    how = (f"layer by layer, {check['layers']} layers, {check['vocab_rows']} vocabulary rows"
+           if check.get("check") == "layers" else "whole models")
+    line = (f"  checked ({how}): max relative error {check['max_rel']:.1e} (tolerance {check['tolerance']:.0e}, "
+            f"{check['checked_dtype']})")
+    return line + (f"\n  {check['note']}" if check.get("note") else "")
+
+
 def _finish(args, out: str, result: dict, lines: list) -> int:
     check = result.get("check")
     if args.report:
@@ -52,8 +79,7 @@ def _finish(args, out: str, result: dict, lines: list) -> int:
         options.write_text(args.report, json.dumps(data, indent=1))
     for line in lines:
         print(line)
-    print(f"  checked: max relative error {check['max_rel']:.1e} (tolerance {check['tolerance']:.0e}, "
-          f"{check['checked_dtype']})" if check else "  not verified (--no-check)")
+    print(_check_line(check))
     print(f"wrote {out}")
     return exit_codes.OK
 
@@ -70,8 +96,9 @@ def widen(args) -> int:
     try:
         result = stream.widen_checkpoint(args.input, out, factor, widths=widths or None, only=args.only,
                                          exclude=args.exclude, divisor=args.divisor, fill=not args.no_fill,
-                                         strict=args.strict, check=not args.no_check, seed=args.seed,
-                                         allow_pickle=args.allow_pickle, overwrite=args.overwrite, progress=tick)
+                                         strict=args.strict, check=_check(args), seed=args.seed,
+                                         allow_pickle=args.allow_pickle, overwrite=args.overwrite, progress=tick,
+                                         check_progress=_check_progress(args))
     except VerificationError as exc:
         return options.not_equivalent(args, exc)
     rep = result["report"]
@@ -84,8 +111,8 @@ def deepen(args) -> int:
     say, tick = _progress(args)
     try:
         result = stream.deepen_checkpoint(args.input, out, after=args.after, block=args.block or "copy",
-                                          check=not args.no_check, seed=args.seed, allow_pickle=args.allow_pickle,
-                                          overwrite=args.overwrite, progress=tick)
+                                          check=_check(args), seed=args.seed, allow_pickle=args.allow_pickle,
+                                          overwrite=args.overwrite, progress=tick, check_progress=_check_progress(args))
     except VerificationError as exc:
         return options.not_equivalent(args, exc)
     return _finish(args, out, result, [f"  {n}" for n in result["notes"]])
@@ -96,3 +123,6 @@ def add_options(p) -> None:
                    help="checkpoint directories: read pickled .bin weights (loaded with weights_only=True)")
     p.add_argument("--overwrite", action="store_true",
                    help="checkpoint directories: replace a non-empty output directory")
+    p.add_argument("--check", choices=["layers", "full"], default="layers",
+                   help="checkpoint directories: compare the models layer by layer in bounded memory (default), "
+                        "or load both whole")

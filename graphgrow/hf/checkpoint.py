@@ -213,6 +213,13 @@ class Checkpoint:
             self._pickle_cache = (file, _load_pickle(file))
         return self._pickle_cache[1][name]
 
+    def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` (first axis) of the tensor ``name``, reading only their bytes where the file allows."""
+        if self.pickled:
+            return self.get(name)[start:stop]
+        with safe_open(os.path.join(self.path, self.shard_of(name)), framework="pt") as f:
+            return f.get_slice(name)[start:stop]
+
     def other_files(self) -> list:
         """Paths (relative to the directory) of the files the writer copies unchanged: all but config.json,
         the index and weights in any format; files in subfolders too, but not in hidden ones (.git, .cache)."""
@@ -291,6 +298,18 @@ def _move_into_place(tmp: str, out_dir: str) -> None:
     shutil.rmtree(old, ignore_errors=True)  # the new checkpoint is in place: a leftover is no reason to fail
 
 
+def _require_space(src: Checkpoint, out_dir: str, announced: dict, others: list) -> None:
+    """Refuse before writing anything when the output's disk cannot hold it (the planned tensor bytes, the
+    copied files, and 1 % for headers), rather than failing tens of gigabytes in."""
+    need = sum(math.prod(shape) * dtype.itemsize for specs in announced.values() for shape, dtype in specs.values())
+    need += sum(os.path.getsize(os.path.join(src.path, rel)) for rel in others)
+    need = int(need * 1.01) + (1 << 20)
+    free = shutil.disk_usage(os.path.dirname(out_dir)).free
+    if need > free:
+        raise InvalidArgumentError(f"the grown checkpoint needs about {need / 1e9:.2f} GB and "
+                                   f"{os.path.dirname(out_dir)} has {free / 1e9:.2f} GB free; nothing written")
+
+
 def rewrite_checkpoint(src: Checkpoint, out_dir, config: dict, plan, *, overwrite: bool = False,
                        progress=None, verify=None) -> str:
     """Write ``src`` transformed by ``plan`` as a new checkpoint directory ``out_dir`` (returned, absolute).
@@ -311,6 +330,7 @@ def rewrite_checkpoint(src: Checkpoint, out_dir, config: dict, plan, *, overwrit
     numbered = src.pickled and src.index is not None
     out_files = [f"model-{i + 1:05d}-of-{len(src.shards):05d}.safetensors" if numbered
                  else SAFE_WEIGHTS if src.pickled else file for i, (file, _) in enumerate(src.shards)]
+    _require_space(src, out_dir, announced, others)
     tmp = tempfile.mkdtemp(prefix=".graphgrow-", dir=os.path.dirname(out_dir))
     try:
         done, total, weight_map = 0, src.total_bytes, {}

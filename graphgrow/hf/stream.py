@@ -4,24 +4,28 @@ The model is built from config.json on the meta device (no weights, no memory) a
 stored shapes; the widening is planned on that model, its parameters entering the apply run as recipes
 (:mod:`graphgrow.core.recipe`); block expansion needs only the graph.  The weights then stream, tensor by
 tensor, from the input shards to the output shards (:func:`~.checkpoint.rewrite_checkpoint`), each through
-its recipe.  Before the output is moved into place both directories are loaded by transformers and run on
-the same token sequences (``check=False`` skips this for models too large to run here).
+its recipe.  Before the output is moved into place it is checked against the input on the same token
+sequences: by default layer by layer, in bounded memory (:mod:`.layer_check`), or with both models loaded
+whole (``check="full"``); ``check=False`` skips it.
 """
 
 from __future__ import annotations
 
+import math
 
 import numpy as np
 import torch
 
 from ..core.sites import GrowOptions
 from ..core.growth import check_factor
-from ..errors import InvalidArgumentError, UnsupportedModelError, VerificationError
+from ..errors import InvalidArgumentError, UnsupportedModelError, VerificationError, first_line
 from .capture import NamedInputs, tied_groups
 from .config_file import build_meta, read_config
 from .checkpoint import Checkpoint, rewrite_checkpoint
 from .layout import StoredLayout
+from . import layer_check
 from .deepen import LayerCopies, plan_copies, require_fits
+from .stacks import layer_stacks
 from .widen import plan_widening
 
 # max |grown - original| / max |original| accepted for the stored dtype: a weight divided by its copies or
@@ -151,64 +155,168 @@ class _DeepenStream:
         return {new: torch.zeros_like(tensor) if zero else tensor for new, zero in self.copies.targets(name)}
 
 
-def _checker(src: Checkpoint, check: bool, seed: int, report: dict):
-    """The check run on the written directory before it is moved into place: both models, loaded by
-    transformers in float32, on 3 batches of random tokens (or pixels); max relative error within the
-    stored dtype's :data:`TOLERANCE`."""
-    if not check:
+CHECKS = ("layers", "full", "none")
+
+
+def check_mode(check) -> str:
+    """``check`` as one of :data:`CHECKS` (True: "layers", the default; False: "none")."""
+    mode = {True: "layers", False: "none", None: "none"}.get(check, check) if not isinstance(check, str) else check
+    if mode not in CHECKS:
+        raise InvalidArgumentError(f"check must be one of {', '.join(CHECKS)} (or True/False), not {check!r}")
+    return mode
+
+
+def _tolerance(src: Checkpoint) -> tuple:
+    dtype = max((src.dtype(n) for n in src.names()), key=lambda d: TOLERANCE.get(d, 0))
+    return TOLERANCE.get(dtype, 1e-4), dtype
+
+
+def _available_memory() -> int:
+    """Bytes of memory available now (MemAvailable), or 0 where the system does not say."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _full_check_bytes(src: Checkpoint, out: Checkpoint) -> int:
+    """About what the whole-model check holds: both models in float32, and a quarter more for activations."""
+    elements = sum(math.prod(c.shape(n)) for c in (src, out) for n in c.names())
+    return int(elements * 4 * 1.25)
+
+
+def _chain_side(ckpt: Checkpoint, model=None) -> "layer_check.Side":
+    model = model if model is not None else meta_model(ckpt)
+    return layer_check.Side(ckpt, model.config, type(model), layer_stacks(model), model.graphgrow_layout)
+
+
+def _full_check(src: Checkpoint, out_dir: str, seed: int) -> float:
+    """Both models, loaded by transformers in float32, on 3 batches of random tokens (or pixels): the max
+    relative error of their first outputs."""
+    import transformers
+
+    cls = getattr(transformers, src.config["architectures"][0])  # (checked by meta_model)
+    bars = transformers.utils.logging.is_progress_bar_enabled()
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        ref = cls.from_pretrained(src.path, dtype=torch.float32).eval()
+        new = cls.from_pretrained(out_dir, dtype=torch.float32).eval()
+    finally:
+        if bars:
+            transformers.utils.logging.enable_progress_bar()
+    gen = torch.Generator().manual_seed(seed)
+    worst = 0.0
+    for _ in range(3):
+        if getattr(ref, "main_input_name", "input_ids") == "pixel_values":
+            x = torch.randn((2,) + tuple(meta_inputs(ref)[0].shape[1:]), generator=gen)
+        else:
+            x = torch.randint(0, ref.config.vocab_size, (2, 12), generator=gen)
+        kw = {"decoder_input_ids": x[:, :6]} if getattr(ref.config, "is_encoder_decoder", False) else {}
+        with torch.no_grad():
+            a, b = (m(x, **kw).to_tuple()[0] for m in (ref, new))
+        worst = max(worst, float((a - b).abs().max() / a.abs().max().clamp_min(1e-30)))
+    return worst
+
+
+def _checker(src: Checkpoint, model, check, seed: int, report: dict, progress=None):
+    """The check run on the written directory before it is moved into place (None: no check).
+
+    "layers" (the default) runs both models one layer at a time (:mod:`.layer_check`): bounded memory, every
+    vocabulary row of the head compared.  A family whose layers cannot be run one at a time falls back to
+    "full" where both models fit in the memory available, and is refused otherwise.  "full" loads both models
+    whole.  Either compares the outputs within the stored dtype's :data:`TOLERANCE`."""
+    mode = check_mode(check)
+    if mode == "none":
         return None
+    tolerance, dtype = _tolerance(src)
 
     def verify(out_dir):
-        import transformers
-
-        cls = getattr(transformers, src.config["architectures"][0])  # (checked by meta_model)
-        bars = transformers.utils.logging.is_progress_bar_enabled()
-        transformers.utils.logging.disable_progress_bar()
-        try:
-            ref = cls.from_pretrained(src.path, dtype=torch.float32).eval()
-            new = cls.from_pretrained(out_dir, dtype=torch.float32).eval()
-        finally:
-            if bars:
-                transformers.utils.logging.enable_progress_bar()
-        gen = torch.Generator().manual_seed(seed)
-        worst = 0.0
-        for _ in range(3):
-            if getattr(ref, "main_input_name", "input_ids") == "pixel_values":
-                x = torch.randn((2,) + tuple(meta_inputs(ref)[0].shape[1:]), generator=gen)
-            else:
-                x = torch.randint(0, ref.config.vocab_size, (2, 12), generator=gen)
-            kw = {"decoder_input_ids": x[:, :6]} if getattr(ref.config, "is_encoder_decoder", False) else {}
-            with torch.no_grad():
-                a, b = (m(x, **kw).to_tuple()[0] for m in (ref, new))
-            worst = max(worst, float((a - b).abs().max() / a.abs().max().clamp_min(1e-30)))
-        dtype = max((src.dtype(n) for n in src.names()), key=lambda d: TOLERANCE.get(d, 0))
-        report.update(max_rel=worst, tolerance=TOLERANCE.get(dtype, 1e-4), checked_dtype=str(dtype))
-        if not worst <= report["tolerance"]:
+        report.clear()
+        report.update(tolerance=tolerance, checked_dtype=str(dtype))
+        how = mode
+        if mode == "layers":
+            out = Checkpoint.open(out_dir)
+            try:
+                result = layer_check.check_chained(_chain_side(src, model), _chain_side(out), tolerance=tolerance,
+                                                   seed=seed, progress=progress)
+                report.update(check="layers", max_rel=result.max_rel, layers=result.layers,
+                              vocab_rows=result.rows_checked)
+            except layer_check.ChainUnavailable as exc:
+                need, have = _full_check_bytes(src, out), _available_memory()
+                if have and need > have:
+                    raise UnsupportedModelError(
+                        f"the layer-by-layer check does not apply ({first_line(exc)}) and the whole-model check "
+                        f"needs about {need / 2 ** 30:.1f} GiB, more than the {have / 2 ** 30:.1f} GiB available: "
+                        "pass --check full (check='full') to run it anyway, or --no-check") from None
+                how = "full"
+                report["note"] = f"layer-by-layer check not applicable ({first_line(exc)}): whole models compared"
+        if how == "full":
+            report.update(check="full", max_rel=_full_check(src, out_dir, seed))
+        worst = report["max_rel"]
+        if not worst <= tolerance:
+            where = "layer by layer" if how == "layers" else "whole models"
             raise VerificationError(f"the grown checkpoint is not equivalent: max relative error {worst:.2e} > "
-                                    f"{report['tolerance']:.0e} (stored as {dtype})")
+                                    f"{tolerance:.0e} (stored as {dtype}; checked {where})")
     return verify
 
 
 def widen_checkpoint(path, out_dir, factor=1.41, *, widths=None, only=None, exclude=None, divisor: int = 1,
-                     fill: bool = True, strict: bool = False, check: bool = True, seed: int = 0,
-                     allow_pickle: bool = False, overwrite: bool = False, progress=None) -> dict:
+                     fill: bool = True, strict: bool = False, check=True, seed: int = 0,
+                     allow_pickle: bool = False, overwrite: bool = False, progress=None, check_progress=None) -> dict:
     """Widen the checkpoint directory ``path`` into ``out_dir`` (same layout and dtype); returns a summary
-    dict (the GrowthReport, the new config, the check's figures)."""
+    dict (the GrowthReport, the new config, the check's figures).  ``check``: "layers" (True, the default),
+    "full" or "none" (False): see :func:`_checker`."""
     factor = check_factor(factor, widths)
+    check_mode(check)
     src = Checkpoint.open(path, allow_pickle=allow_pickle)
     model = meta_model(src)
-    w = plan_widening(model, meta_inputs(model), factor, widths=widths, only=only, exclude=exclude,
-                      divisor=divisor, options=GrowOptions(seed=seed), fill=fill, strict=strict)
+    args = dict(widths=widths, only=only, exclude=exclude, divisor=divisor, strict=strict, check=check, seed=seed,
+                overwrite=overwrite, progress=progress, check_progress=check_progress)
+    return _widen_streamed(src, model, out_dir, factor, fill=fill, keep_heads=None, **args)
+
+
+def _widen_streamed(src, model, out_dir, factor, *, fill, keep_heads, **args) -> dict:
+    """One widening written and checked; where the check fails, the fallbacks :func:`graphgrow.widen` takes on
+    a failed verification (heads kept, then normalized streams kept to whole factors), each written anew."""
+    seed, widths = args["seed"], args["widths"]
+    w = plan_widening(model, meta_inputs(model), factor, widths=widths, only=args["only"], exclude=args["exclude"],
+                      divisor=args["divisor"], options=GrowOptions(seed=seed), fill=fill, strict=args["strict"],
+                      keep_heads=keep_heads)
     shapes = {n: tuple(w.values[n].shape) if n in w.values else tuple(src.shape(n)) for n in src.names()}
     report = w.report(model, sum(int(np.prod(s)) for s in shapes.values()))
     figures: dict = {}
-    rewrite_checkpoint(src, out_dir, w.config.to_diff_dict(), _WidenStream(src, w.values, model.graphgrow_layout, model), overwrite=overwrite,
-                       progress=progress, verify=_checker(src, check, seed, figures))
+    try:
+        rewrite_checkpoint(src, out_dir, w.config.to_diff_dict(),
+                           _WidenStream(src, w.values, model.graphgrow_layout, model), overwrite=args["overwrite"],
+                           progress=args["progress"],
+                           verify=_checker(src, model, args["check"], seed, figures, args["check_progress"]))
+    except VerificationError as exc:
+        heads_grew = any(w.plan.new_size(sp) > sp.size for sp in w.an.produced
+                         if w.an.constraints.heads_of.get(sp.id))
+        if heads_grew and not keep_heads and not widths:  # (why: see graphgrow.hf.widen.widen_pretrained)
+            why = (f"{type(model).__name__} at the grown head count lays its fused heads out differently from "
+                   f"the captured graph ({first_line(exc)}): the heads keep their number")
+            try:
+                return _widen_streamed(src, model, out_dir, factor, fill=fill, keep_heads=why, **args)
+            except VerificationError:
+                if not w.plan.fills:
+                    raise
+        if not w.plan.fills:
+            raise
+        result = _widen_streamed(src, model, out_dir, factor, fill=False, keep_heads=keep_heads, **args)
+        result["report"].notes.append(f"fill + rescale did not verify ({first_line(exc)}); normalized streams "
+                                      "kept their width")
+        return result
     return {"report": report, "config": w.config, "check": figures or None}
 
 
-def deepen_checkpoint(path, out_dir, *, after, block: str = "copy", check: bool = True, seed: int = 0,
-                      allow_pickle: bool = False, overwrite: bool = False, progress=None) -> dict:
+def deepen_checkpoint(path, out_dir, *, after, block: str = "copy", check=True, seed: int = 0,
+                      allow_pickle: bool = False, overwrite: bool = False, progress=None,
+                      check_progress=None) -> dict:
     """Block expansion of the checkpoint directory ``path`` into ``out_dir``."""
     if block != "copy":
         raise InvalidArgumentError(f"--block {block} on a checkpoint directory: use --block copy")
@@ -224,11 +332,12 @@ def deepen_checkpoint(path, out_dir, *, after, block: str = "copy", check: bool 
         raise UnsupportedModelError(f"the copies need {sorted(plan.fresh)[0]!r}, which the copied layer does not hold "
                                     "(the family builds it only at the copy's position): deepen the loaded model "
                                     "with graphgrow.deepen, which starts it at the family's initial value")
-    if plan.left_out and not check:
+    if plan.left_out and check_mode(check) == "none":
         raise UnsupportedModelError(f"the copies leave out {sorted(plan.left_out)[0]!r} (not built at the copy's "
                                     "position): only the check can vouch for that; run without --no-check")
     figures: dict = {}
     rewrite_checkpoint(src, out_dir, config.to_diff_dict(), _DeepenStream(src, copies),
-                       overwrite=overwrite, progress=progress, verify=_checker(src, check, seed, figures))
+                       overwrite=overwrite, progress=progress,
+                       verify=_checker(src, model, check, seed, figures, check_progress))
     notes = plan.notes()
     return {"notes": notes, "config": config, "check": figures or None}

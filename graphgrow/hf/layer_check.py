@@ -1,0 +1,389 @@
+"""Checking a grown checkpoint directory against its original in bounded memory: the whole model is run, one
+layer at a time.
+
+Loading both models whole for an end-to-end comparison needs memory for both in float32 (23 GiB at 1.1 B
+parameters grown x2; a 7 B model cannot be checked on this machine).  Instead each model is run as a *chain
+of skeletons*: the family's own class built from the config with one layer per stack and a vocabulary cut
+to a few hundred token rows.  The skeleton holding layer i runs the family's forward (masks, rotary
+embeddings, position biases all computed by the family's code) with layer i's input replaced, through a
+forward hook, by the hidden state layer i-1 produced in the previous skeleton, and its output is carried to
+the next.  After the last layer the input of the head is captured and the full head is applied in row
+chunks read from the checkpoint, so every vocabulary row is compared.  The original and the grown model
+run the same token ids; their logits must agree within the stored dtype's tolerance, as in the
+whole-model check: this is that check, computed layer by layer.
+
+Which token rows: every id of the input is drawn from the kept rows (``VOCAB_ROWS`` of them, at random);
+the embedding is cut to those rows, which removes rows, not arithmetic.
+
+A family whose layers pass the next one more than the hidden state (a state carried across layers other
+than through ``hidden_states``) would be chained wrongly; so, before the check, the chain of layers 0 and 1
+of the original is compared with a skeleton holding both, run as the family runs them.  A family failing
+that, or one whose layers are not built alike (a per-layer shape no config field restates), is reported
+as :class:`ChainUnavailable`; the caller then falls back to the whole-model check.
+
+Memory: one skeleton at a time (one layer in float32, the cut embeddings and a chunk of head rows).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import UnsupportedModelError
+from .checkpoint import Checkpoint
+
+VOCAB_ROWS = 256  # token rows kept by a skeleton
+HEAD_CHUNK_ROWS = 4096  # head rows applied at a time in the full-vocabulary comparison
+BATCH, SEQ = 4, 16  # the token ids run through both models (one chained pass each)
+
+
+class ChainUnavailable(UnsupportedModelError):
+    """This family's layers cannot be run one at a time (the sentence says why)."""
+
+
+@dataclass
+class Side:
+    """One checkpoint to run: its tensors, transformers config, model class, stacks (encoder first) and stored
+    layout (:class:`~.layout.StoredLayout`, or None)."""
+
+    ckpt: Checkpoint
+    config: object
+    cls: type
+    stacks: list
+    layout: object = None
+
+
+@dataclass
+class ChainResult:
+    """What one chained run of a model produced."""
+
+    head_input: torch.Tensor | None  # the hidden state the head reads (None: the model has no vocabulary head)
+    output: torch.Tensor  # the skeleton's own first output (logits over the kept rows, or the hidden state)
+    head_names: tuple | None = None  # the head weight's key, and the key it is tied to (or None)
+
+
+@dataclass
+class LayerCheck:
+    """The figures of a layer-by-layer check."""
+
+    layers: int = 0
+    max_rel: float = 0.0
+    rows_checked: int = 0
+    notes: list = field(default_factory=list)
+
+
+def chain_stacks(stacks: list, name: str) -> list:
+    """The stacks in the order the model runs them, or ChainUnavailable (per-stage stacks, several stacks
+    that are not an encoder and a decoder)."""
+    if any(s.index is not None for s in stacks):
+        raise ChainUnavailable(f"{name}: its layers are grouped in stages")
+    if len(stacks) == 1:
+        return list(stacks)
+    enc = [s for s in stacks if "encoder" in s.path]
+    dec = [s for s in stacks if "decoder" in s.path]
+    if len(stacks) == 2 and len(enc) == 1 and len(dec) == 1:
+        return enc + dec
+    raise ChainUnavailable(f"{name}: it has {len(stacks)} layer stacks that are not one encoder and one decoder")
+
+
+def _vocab_fields(config) -> list:
+    size = getattr(config, "vocab_size", None)
+    return [k for k, v in config.to_dict().items() if k.endswith("vocab_size") and v == size and isinstance(v, int)]
+
+
+def skeleton_config(config, stacks: list, layers: dict, rows: int | None):
+    """``config`` with each stack holding the given layers (per-layer list fields cut to them) and, where
+    ``rows`` is given, a vocabulary of ``rows`` tokens."""
+    cfg = copy.deepcopy(config)
+    data = config.to_dict()
+    for s in stacks:
+        chosen = layers[s.path]
+        setattr(cfg, s.field, len(chosen))
+        if len(stacks) == 1:
+            for key, value in data.items():
+                if isinstance(value, list) and len(value) == s.n and key != "architectures" and key not in s.keep:
+                    setattr(cfg, key, [value[i] for i in chosen])
+            dense = getattr(config, "first_k_dense_replace", None)  # DeepSeek/GLM-MoE: the first k layers are dense
+            if isinstance(dense, int):
+                cfg.first_k_dense_replace = sum(1 for i in chosen if i < dense)
+    if rows is not None:
+        for key in _vocab_fields(config):
+            setattr(cfg, key, rows)
+        for key in ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id"):
+            value = getattr(cfg, key, None)
+            if isinstance(value, int) and value >= rows:
+                setattr(cfg, key, 0)  # (ids only name rows: a padding index must exist; it changes no arithmetic)
+    return cfg
+
+
+def _build(cls, cfg):
+    """The skeleton, its parameters allocated but not initialised (each one is loaded next; untouched pages
+    cost no memory); buffers (rotary frequencies, position ids) computed by the family's constructor."""
+    from transformers import initialization
+
+    with initialization.no_init_weights():
+        model = cls(cfg)
+    return model.float().eval()
+
+
+def _source_keys(key: str, stacks: list, layers: dict) -> tuple:
+    """The checkpoint keys that may hold skeleton parameter ``key``: its own layer's, then the stack's first
+    layer's (a parameter only the first layer builds, such as T5's relative position bias, is read there)."""
+    for s in stacks:
+        head = s.path + "."
+        if key.startswith(head):
+            idx, _, rest = key[len(head):].partition(".")
+            return f"{head}{layers[s.path][int(idx)]}.{rest}", f"{head}0.{rest}"
+    return key, key
+
+
+def _tied_source(model, key: str) -> str | None:
+    tied = getattr(model, "all_tied_weights_keys", None) or {}
+    return tied.get(key)
+
+
+def _read(side: Side, names: tuple):
+    for name in names:
+        if name in side.ckpt._meta:
+            return side.ckpt.get(name)
+        layout = side.layout
+        if layout is not None and name in layout.pieces:
+            return layout.assemble(name, tuple(layout.model.state_dict()[name].shape), side.ckpt.get)
+    return None
+
+
+def _cut_vocab(tensor, shape: tuple, vocab: int, rows, key: str):
+    if tuple(tensor.shape) == shape:
+        return tensor
+    if rows is not None and tensor.dim() == len(shape):
+        axes = [a for a, (have, want) in enumerate(zip(tensor.shape, shape)) if have != want]
+        if len(axes) == 1 and tensor.shape[axes[0]] == vocab and shape[axes[0]] == len(rows):
+            return tensor.index_select(axes[0], rows)
+    raise ChainUnavailable(f"the skeleton builds {key!r} as {list(shape)}, the checkpoint holds "
+                           f"{list(tensor.shape)}: this family's layers are not all built alike")
+
+
+def load_skeleton(side: Side, layers: dict, rows):
+    """The skeleton of ``side`` holding ``layers`` (stack path -> original indices), cut to the token
+    ``rows`` (a sorted LongTensor, or None for models without a vocabulary)."""
+    cfg = skeleton_config(side.config, side.stacks, layers, None if rows is None else len(rows))
+    model = _build(side.cls, cfg)
+    params = dict(model.named_parameters())
+    state = {}
+    for key, target in model.state_dict().items():
+        names = _source_keys(key, side.stacks, layers)
+        tensor = _read(side, names)
+        if tensor is None:
+            if key in params and _tied_source(model, key) is None:
+                raise ChainUnavailable(f"{side.cls.__name__}: the skeleton's {key!r} is not stored as {names[0]!r}")
+            continue  # a tied parameter, or a buffer the constructor computed
+        state[key] = _cut_vocab(tensor, tuple(target.shape), side.config.vocab_size if rows is not None else None,
+                                rows, key).float()
+    model.load_state_dict(state, strict=False, assign=True)
+    model.tie_weights()
+    return model
+
+
+def _head(model):
+    """The vocabulary head module of a skeleton, or None."""
+    try:
+        head = model.get_output_embeddings()
+    except (NotImplementedError, AttributeError):
+        return None
+    return head if isinstance(head, torch.nn.Linear) else None
+
+
+def _first(output):
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def _run_layer(model, layer_path: str, carried, call, capture_head: bool):
+    """``call(model)`` with the input of the skeleton's only layer at ``layer_path`` replaced by ``carried``;
+    returns (the layer's output hidden state, the head's input or None, the call's first output)."""
+    layer = model.get_submodule(layer_path)
+    seen: dict = {}
+
+    def replace_input(module, args, kwargs):
+        if carried is None:
+            return None
+        if args:
+            return (carried,) + tuple(args[1:]), kwargs
+        if "hidden_states" not in kwargs:
+            raise ChainUnavailable(f"{type(module).__name__} is called without a hidden_states argument")
+        return args, {**kwargs, "hidden_states": carried}
+
+    def keep_output(module, args, output):
+        seen["hidden"] = _first(output)
+
+    handles = [layer.register_forward_pre_hook(replace_input, with_kwargs=True),
+               layer.register_forward_hook(keep_output)]
+    head = _head(model) if capture_head else None
+    if head is not None:
+        handles.append(head.register_forward_pre_hook(lambda m, args: seen.__setitem__("head", args[0])))
+    try:
+        with torch.no_grad():
+            out = call(model)
+    finally:
+        for h in handles:
+            h.remove()
+    if "hidden" not in seen:
+        raise ChainUnavailable(f"{type(model).__name__}: layer {layer_path} did not run")
+    return seen["hidden"], seen.get("head"), _first(out.to_tuple() if hasattr(out, "to_tuple") else out)
+
+
+def run_chain(side: Side, inputs: dict, rows, only: dict | None = None, progress=None) -> ChainResult:
+    """``side``'s model on ``inputs``, one layer at a time (``only``: stack path -> the layers to chain, all of
+    them by default)."""
+    from transformers.modeling_outputs import BaseModelOutput
+
+    enc_out = None
+    result = None
+    total = sum(len(only[s.path]) if only else s.n for s in side.stacks)
+    done = 0
+    for k, stack in enumerate(side.stacks):
+        order = only[stack.path] if only else list(range(stack.n))
+        carried = None
+        is_encoder = len(side.stacks) == 2 and k == 0
+        for pos, i in enumerate(order):
+            layers = {s.path: [i] if s is stack else [0] for s in side.stacks}
+            model = load_skeleton(side, layers, rows)
+            last = pos == len(order) - 1
+            if is_encoder:
+                call = (lambda m: m.get_encoder()(**{n: v for n, v in inputs.items() if not n.startswith("decoder_")}))
+            elif enc_out is not None:
+                call = (lambda m, e=enc_out: m(**inputs, encoder_outputs=BaseModelOutput(last_hidden_state=e),
+                                                use_cache=False))
+            else:
+                call = (lambda m: m(**inputs, use_cache=False)) if _uses_cache(side.config) else (lambda m: m(**inputs))
+            carried, head_in, out = _run_layer(model, f"{stack.path}.0", carried, call,
+                                               capture_head=last and not is_encoder)
+            if last and is_encoder:
+                enc_out = out  # the encoder's final output (after its final norm)
+            elif last:
+                head = _head(model)
+                names = None
+                if head is not None and rows is not None and head.weight.shape[0] == len(rows):
+                    names = _head_names(side, model, head)
+                result = ChainResult(head_in if names else None, out, names)
+            del model
+            done += 1
+            if progress is not None:
+                progress(done, total, f"{stack.path}.{i}")
+    return result
+
+
+def _head_names(side: Side, model, head) -> tuple | None:
+    """(the head weight's stored key, the key it is tied to) in the full model's names (a module reachable under
+    two names, as GPT-NeoX's embed_out and lm_head, is read under the stored one)."""
+    keys = [n for n, p in model.named_parameters(remove_duplicate=False) if p is head.weight]
+    stored = [k for k in keys if _stored_name(side, k)]
+    key = (stored or keys or [None])[0]
+    return (key, _tied_source(model, key)) if key else None
+
+
+def _uses_cache(config) -> bool:
+    return getattr(config, "use_cache", None) is not None
+
+
+def _stored_name(side: Side, key: str | None) -> str | None:
+    """The stored tensor holding model parameter ``key`` whole (itself, or its one renamed piece), or None."""
+    if key is None or key in side.ckpt._meta:
+        return key
+    pieces = side.layout.pieces.get(key, ()) if side.layout is not None else ()
+    if len(pieces) != 1 or tuple(side.ckpt.shape(pieces[0])) != tuple(side.layout.model.state_dict()[key].shape):
+        return None
+    return pieces[0]
+
+
+def _head_rows(side: Side, names: tuple, start: int, stop: int):
+    """Rows ``start:stop`` of the stored head (``names``: its key, then the embedding it is tied to) and of its
+    bias."""
+    for name in names:
+        name = _stored_name(side, name)
+        if name is not None:
+            weight = side.ckpt.get_rows(name, start, stop).float()
+            bias_name = name.rsplit(".", 1)[0] + ".bias"
+            bias = side.ckpt.get_rows(bias_name, start, stop).float() if (
+                name == names[0] and bias_name in side.ckpt._meta) else None
+            return weight, bias
+    raise ChainUnavailable(f"the head {names[0]!r} is not stored")
+
+
+def compare_heads(old: Side, new: Side, a: ChainResult, b: ChainResult) -> tuple:
+    """max |logit difference| and max |logit| over every vocabulary row, the head applied in row chunks."""
+    worst_diff, worst_ref = 0.0, 0.0
+    vocab = old.config.vocab_size
+    for start in range(0, vocab, HEAD_CHUNK_ROWS):
+        stop = min(vocab, start + HEAD_CHUNK_ROWS)
+        wa, ba = _head_rows(old, a.head_names, start, stop)
+        wb, bb = _head_rows(new, b.head_names, start, stop)
+        la, lb = F.linear(a.head_input, wa, ba), F.linear(b.head_input, wb, bb)
+        worst_diff = max(worst_diff, float((la - lb).abs().max()))
+        worst_ref = max(worst_ref, float(la.abs().max()))
+    return worst_diff, worst_ref
+
+
+def draw_inputs(side: Side, rows, gen: torch.Generator) -> dict:
+    cfg = side.config
+    if rows is None:  # pixels
+        size = getattr(cfg, "image_size", 224)
+        size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
+        return {"pixel_values": torch.randn((BATCH, getattr(cfg, "num_channels", 3)) + size, generator=gen)}
+    ids = torch.randint(0, len(rows), (BATCH, SEQ), generator=gen)
+    kw = {"input_ids": ids}
+    if getattr(cfg, "is_encoder_decoder", False):
+        kw["decoder_input_ids"] = ids[:, : SEQ // 2]
+    return kw
+
+
+def _rel(a, b) -> float:
+    return float((a - b).abs().max() / a.abs().max().clamp_min(1e-30))
+
+
+def require_chainable(side: Side, inputs: dict, rows, tolerance: float = 1e-5) -> None:
+    """ChainUnavailable unless layers 0 and 1 of each stack, chained, compute what a skeleton holding both
+    computes (the family passes its layers nothing but the hidden state)."""
+    both = {s.path: [0, 1] if s.n >= 2 else [0] for s in side.stacks}
+    if all(len(v) == 1 for v in both.values()):
+        return
+    model = load_skeleton(side, both, rows)
+    with torch.no_grad():
+        kw = {"use_cache": False} if _uses_cache(side.config) else {}
+        whole = _first(model(**inputs, **kw).to_tuple())
+    del model
+    chained = run_chain(side, inputs, rows, only=both).output
+    if tuple(whole.shape) != tuple(chained.shape) or not _rel(whole, chained) <= tolerance:
+        raise ChainUnavailable(f"{side.cls.__name__}'s layers pass each other more than the hidden state (run one "
+                               f"at a time they differ from the family's forward)")
+
+
+def check_chained(old: Side, new: Side, *, tolerance: float, seed: int = 0, progress=None) -> LayerCheck:
+    """Runs ``old`` and ``new`` layer by layer on the same inputs; returns the figures (``max_rel`` over the
+    full vocabulary where the model has a head).  Raises ChainUnavailable where the family cannot be chained;
+    the caller compares max_rel with ``tolerance``."""
+    name = old.cls.__name__
+    old.stacks, new.stacks = chain_stacks(old.stacks, name), chain_stacks(new.stacks, name)
+    gen = torch.Generator().manual_seed(seed)
+    vocab = getattr(old.config, "vocab_size", None)
+    rows = None
+    if isinstance(vocab, int) and "input_ids" == getattr(old.cls, "main_input_name", "input_ids"):
+        rows = torch.randperm(vocab, generator=gen)[:VOCAB_ROWS].sort().values
+    inputs = draw_inputs(old, rows, gen)
+    require_chainable(old, inputs, rows)
+    a = run_chain(old, inputs, rows, progress=progress)
+    b = run_chain(new, inputs, rows, progress=progress)
+    result = LayerCheck(layers=sum(s.n for s in new.stacks))
+    if tuple(a.output.shape) != tuple(b.output.shape):
+        raise ChainUnavailable(f"{name}: the grown model's output is {list(b.output.shape)}, the original's "
+                               f"{list(a.output.shape)}")
+    result.max_rel = _rel(a.output, b.output)  # the family's own outputs on the kept rows (post-processing included)
+    if a.head_names is not None and b.head_names is not None:
+        diff, ref = compare_heads(old, new, a, b)
+        result.max_rel = max(result.max_rel, diff / max(ref, 1e-30))
+        result.rows_checked = vocab
+    elif rows is not None:
+        result.rows_checked = len(rows)
+    return result
