@@ -58,11 +58,33 @@ def _finish(args, out: str, result: dict, lines: list) -> int:
     return exit_codes.OK
 
 
+def directory_only(args) -> None:
+    """Options only a checkpoint directory takes, refused for a file."""
+    for flag, value in (("--workers", args.workers), ("--ray", args.ray)):
+        if value is not None:
+            raise InvalidArgumentError(f"{flag} applies to checkpoint directories, and {args.input} is not a directory")
+
+
+def _writers(args) -> dict:
+    """workers= and executor= for the stream functions, checked before any planning: a Ray cluster is connected
+    to now (an address that does not answer is refused before any work)."""
+    if args.workers is not None and args.workers < 1:
+        raise InvalidArgumentError(f"--workers must be at least 1, not {args.workers}")
+    if args.ray is None:
+        return {"workers": args.workers}
+    from ..hf.parallel import RayWriter
+
+    ray = RayWriter(args.ray, workers=args.workers)
+    ray.connect()
+    return {"executor": ray}
+
+
 def widen(args) -> int:
     if args.noise or args.init != "net2net":
         raise InvalidArgumentError("--noise and --init random-pad are not available for checkpoint directories")
     stream = _stream()
     out = _output(args, "wide")
+    writers = _writers(args)
     say, tick = _progress(args)
     widths = options.widths(args)
     factor = args.factor if args.factor is not None else (None if widths else 1.41)
@@ -71,7 +93,8 @@ def widen(args) -> int:
         result = stream.widen_checkpoint(args.input, out, factor, widths=widths or None, only=args.only,
                                          exclude=args.exclude, divisor=args.divisor, fill=not args.no_fill,
                                          strict=args.strict, check=not args.no_check, seed=args.seed,
-                                         allow_pickle=args.allow_pickle, overwrite=args.overwrite, progress=tick)
+                                         allow_pickle=args.allow_pickle, overwrite=args.overwrite, progress=tick,
+                                         **writers)
     except VerificationError as exc:
         return options.not_equivalent(args, exc)
     rep = result["report"]
@@ -81,11 +104,12 @@ def widen(args) -> int:
 def deepen(args) -> int:
     stream = _stream()
     out = _output(args, "deep")
+    writers = _writers(args)
     say, tick = _progress(args)
     try:
         result = stream.deepen_checkpoint(args.input, out, after=args.after, block=args.block or "copy",
                                           check=not args.no_check, seed=args.seed, allow_pickle=args.allow_pickle,
-                                          overwrite=args.overwrite, progress=tick)
+                                          overwrite=args.overwrite, progress=tick, **writers)
     except VerificationError as exc:
         return options.not_equivalent(args, exc)
     return _finish(args, out, result, [f"  {n}" for n in result["notes"]])
@@ -96,3 +120,10 @@ def add_options(p) -> None:
                    help="checkpoint directories: read pickled .bin weights (loaded with weights_only=True)")
     p.add_argument("--overwrite", action="store_true",
                    help="checkpoint directories: replace a non-empty output directory")
+    p.add_argument("--workers", type=int, metavar="N",
+                   help="checkpoint directories: processes writing the shards (default: the CPU count, capped by "
+                        "memory and by the size; 1: this process)")
+    p.add_argument("--ray", metavar="auto|ADDRESS",
+                   help="checkpoint directories: write the shards as tasks on a Ray cluster (auto: the running one); "
+                        "input and output must be on storage every node sees at the same path (pip install "
+                        "'graphgrow[ray]')")

@@ -119,6 +119,9 @@ class _WidenStream:
         v = self.values.get(name)
         return [(name, tuple(v.shape) if v is not None else self.src.shape(name), self.src.dtype(name))]
 
+    def unit(self, name):  # the pieces of one parameter are computed together: one writer task
+        return self.layout.owner.get(name, name) if self.layout else name
+
     def compute(self, name, tensor):
         key = self.layout.owner.get(name) if self.layout else None
         if key is not None:
@@ -191,9 +194,11 @@ def _checker(src: Checkpoint, check: bool, seed: int, report: dict):
 
 def widen_checkpoint(path, out_dir, factor=1.41, *, widths=None, only=None, exclude=None, divisor: int = 1,
                      fill: bool = True, strict: bool = False, check: bool = True, seed: int = 0,
-                     allow_pickle: bool = False, overwrite: bool = False, progress=None) -> dict:
+                     allow_pickle: bool = False, overwrite: bool = False, progress=None, workers=None,
+                     executor=None) -> dict:
     """Widen the checkpoint directory ``path`` into ``out_dir`` (same layout and dtype); returns a summary
-    dict (the GrowthReport, the new config, the check's figures)."""
+    dict (the GrowthReport, the new config, the check's figures).  ``workers``/``executor``: who writes the
+    shards (:func:`~.checkpoint.rewrite_checkpoint`)."""
     factor = check_factor(factor, widths)
     src = Checkpoint.open(path, allow_pickle=allow_pickle)
     model = meta_model(src)
@@ -203,13 +208,15 @@ def widen_checkpoint(path, out_dir, factor=1.41, *, widths=None, only=None, excl
     report = w.report(model, sum(int(np.prod(s)) for s in shapes.values()))
     figures: dict = {}
     rewrite_checkpoint(src, out_dir, w.config.to_diff_dict(), _WidenStream(src, w.values, model.graphgrow_layout, model), overwrite=overwrite,
-                       progress=progress, verify=_checker(src, check, seed, figures))
+                       progress=progress, workers=workers, executor=executor, verify=_checker(src, check, seed, figures))
     return {"report": report, "config": w.config, "check": figures or None}
 
 
 def deepen_checkpoint(path, out_dir, *, after, block: str = "copy", check: bool = True, seed: int = 0,
-                      allow_pickle: bool = False, overwrite: bool = False, progress=None) -> dict:
-    """Block expansion of the checkpoint directory ``path`` into ``out_dir``."""
+                      allow_pickle: bool = False, overwrite: bool = False, progress=None, workers=None,
+                      executor=None) -> dict:
+    """Block expansion of the checkpoint directory ``path`` into ``out_dir`` (``workers``/``executor``: as
+    :func:`widen_checkpoint`)."""
     if block != "copy":
         raise InvalidArgumentError(f"--block {block} on a checkpoint directory: use --block copy")
     src = Checkpoint.open(path, allow_pickle=allow_pickle)
@@ -229,6 +236,7 @@ def deepen_checkpoint(path, out_dir, *, after, block: str = "copy", check: bool 
                                     "position): only the check can vouch for that; run without --no-check")
     figures: dict = {}
     rewrite_checkpoint(src, out_dir, config.to_diff_dict(), _DeepenStream(src, copies),
-                       overwrite=overwrite, progress=progress, verify=_checker(src, check, seed, figures))
+                       overwrite=overwrite, progress=progress, workers=workers, executor=executor,
+                       verify=_checker(src, check, seed, figures))
     notes = plan.notes()
     return {"notes": notes, "config": config, "check": figures or None}
