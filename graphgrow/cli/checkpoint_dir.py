@@ -122,7 +122,7 @@ def add_options(p) -> None:
                    help="checkpoint directories: replace a non-empty output directory")
     p.add_argument("--workers", type=int, metavar="N",
                    help="checkpoint directories: processes writing the shards (default: the CPU count, capped by "
-                        "memory and by the size; 1: this process)")
+                        "memory and by the size; 1: this process; with --ray: tasks in flight at most)")
     p.add_argument("--ray", metavar="auto|ADDRESS",
                    help="checkpoint directories: write the shards as tasks on a Ray cluster (auto: the running one); "
                         "input and output must be on storage every node sees at the same path (pip install "

@@ -138,7 +138,9 @@ def default_workers(src, announced, unit_list: list) -> int:
     :data:`BYTES_PER_WORKER` written: a small checkpoint is written before a pool has started)."""
     largest = max((sum(math.prod(shape) for name in u for shape, _ in announced[name].values())
                    for u in unit_list), default=0)
-    by_memory = _available_memory() // (4 * 4 * largest + WORKER_OVERHEAD)
+    # a pickled weights file is loaded whole by each worker that reads it (memory-mapped where torch can)
+    loaded = max((sum(src.nbytes(n) for n in names) for _, names in src.shards), default=0) if src.pickled else 0
+    by_memory = _available_memory() // (4 * 4 * largest + loaded + WORKER_OVERHEAD)
     written = sum(math.prod(shape) * dtype.itemsize for specs in announced.values() for shape, dtype in specs.values())
     by_work = math.ceil(written / BYTES_PER_WORKER)
     return int(max(1, min(cpu_count(), by_memory, by_work, len(unit_list))))
@@ -313,9 +315,11 @@ class RayWriter:
                 ready, pending = ray.wait(pending, num_returns=1)
                 try:
                     result = ray.get(ready[0])
-                except ray.exceptions.RayTaskError as exc:
+                except ray.exceptions.RayTaskError as exc:  # the task's own error, without Ray's wrapping
                     cause = getattr(exc, "cause", None)
                     raise (cause if isinstance(cause, BaseException) else exc) from None
+                except ray.exceptions.RayError as exc:  # a worker or node lost, an object lost, ...
+                    raise GraphGrowError(f"a Ray task of the checkpoint writer failed: {first_line(exc)}") from None
                 yield result
         finally:
             for ref in pending:
