@@ -24,7 +24,7 @@ from ..errors import GraphGrowError, InvalidArgumentError, UnsupportedModelError
 
 TASKS_PER_WORKER = 4  # more tasks than workers: a worker that drew small tensors takes another task
 MIN_TASK_BYTES = 64 << 20  # below this, a task's scheduling costs more than its tensors
-BYTES_PER_WORKER = 1 << 30  # a worker process starts by importing torch (seconds): one per GiB written at most
+BYTES_PER_WORKER = 2 << 30  # a worker process starts by importing torch (2-15 s here): one per 2 GiB written at most
 WORKER_OVERHEAD = 1 << 30  # a worker's resident memory before its first tensor (python, torch: 0.65 GB here)
 
 
@@ -167,26 +167,38 @@ class SerialWriter:
             yield run_task(job, unit)
 
 
-_INSTALLED: dict = {}  # in a worker process: job key -> WriteJob
+_INSTALLED: dict = {}  # in a worker process: job key -> pickled WriteJob, then the WriteJob
 
 
-def _install(key: str, blob: bytes, threads: int = 0) -> WriteJob:
+def _install(key: str, blob: bytes, threads: int = 0) -> None:
     if key not in _INSTALLED:
         _INSTALLED.clear()  # (a Ray worker outlives a job: keep only the latest)
-        _INSTALLED[key] = pickle.loads(blob)
-        if threads:  # the pool's workers share the CPUs: torch's own threads would oversubscribe them
-            import torch
+        _INSTALLED[key] = blob
+    if threads:  # the pool's workers share the CPUs: torch's own threads would oversubscribe them
+        import torch
 
-            torch.set_num_threads(threads)
-    return _INSTALLED[key]
+        torch.set_num_threads(threads)
+
+
+def _job(key: str) -> WriteJob:
+    """The job, unpickled at its first task (an error there is the task's, not a broken pool's)."""
+    job = _INSTALLED[key]
+    if isinstance(job, (bytes, bytearray, memoryview)):
+        try:
+            job = _INSTALLED[key] = pickle.loads(job)
+        except Exception as exc:  # noqa: BLE001 - a module missing on the worker's path, ...
+            raise GraphGrowError(f"a worker process cannot read the growth plan ({first_line(exc)}): it needs the "
+                                 f"same graphgrow and the plan's modules importable") from None
+    return job
 
 
 def _run_installed(key: str, names: list) -> tuple:
-    return run_task(_INSTALLED[key], names)
+    return run_task(_job(key), names)
 
 
 def _run_blob(key: str, blob: bytes, names: list) -> tuple:
-    return run_task(_install(key, blob), names)
+    _install(key, blob)
+    return run_task(_job(key), names)
 
 
 def _drain(futures: list) -> None:
