@@ -34,6 +34,7 @@ from ..errors import (
     UnsupportedModelError,
     first_line,
 )
+from . import parallel
 
 CONFIG = "config.json"
 SAFE_WEIGHTS, SAFE_INDEX = "model.safetensors", "model.safetensors.index.json"
@@ -327,8 +328,6 @@ def rewrite_checkpoint(src: Checkpoint, out_dir, config: dict, plan, *, overwrit
     serial).  ``verify(folder)``, when given, is called on the complete output before it is moved into place;
     an exception there, or in any task, leaves nothing behind.  Atomic: written into a temporary folder beside
     ``out_dir``, renamed into place."""
-    from . import parallel
-
     chosen = parallel.writer(workers, executor)
     out_dir = _check_output_dir(src, out_dir, overwrite)
     others = src.other_files()
