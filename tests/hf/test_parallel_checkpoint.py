@@ -166,6 +166,19 @@ def test_unpicklable_plan_is_one_sentence(sharded, tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+def test_plan_a_worker_cannot_import_is_one_sentence(sharded, pool, tmp_path, monkeypatch):
+    import types
+
+    module = types.ModuleType("graphgrow_only_here")  # importable here, not in the workers
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    local = type("Local", (Broken,), {"__module__": module.__name__})
+    module.Local = local
+    src = Checkpoint.open(sharded)
+    with pytest.raises(GraphGrowError, match="a worker process cannot read the growth plan .*graphgrow_only_here"):
+        rewrite_checkpoint(src, tmp_path / "out", src.config, local(src, "never"), executor=pool)
+    assert os.listdir(tmp_path) == []
+
+
 @pytest.mark.parametrize("workers", [0, -1, 1.5, "2", True])
 def test_bad_workers_are_refused(sharded, tmp_path, workers):
     src = Checkpoint.open(sharded)
