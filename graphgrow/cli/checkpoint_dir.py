@@ -84,11 +84,33 @@ def _finish(args, out: str, result: dict, lines: list) -> int:
     return exit_codes.OK
 
 
+def directory_only(args) -> None:
+    """Options only a checkpoint directory takes, refused for a file."""
+    for flag, value in (("--workers", args.workers), ("--ray", args.ray)):
+        if value is not None:
+            raise InvalidArgumentError(f"{flag} applies to checkpoint directories, and {args.input} is not a directory")
+
+
+def _writers(args) -> dict:
+    """workers= and executor= for the stream functions, checked before any planning: a Ray cluster is connected
+    to now (an address that does not answer is refused before any work)."""
+    if args.workers is not None and args.workers < 1:
+        raise InvalidArgumentError(f"--workers must be at least 1, not {args.workers}")
+    if args.ray is None:
+        return {"workers": args.workers}
+    from ..hf.parallel import RayWriter
+
+    ray = RayWriter(args.ray, workers=args.workers)
+    ray.connect()
+    return {"executor": ray}
+
+
 def widen(args) -> int:
     if args.noise or args.init != "net2net":
         raise InvalidArgumentError("--noise and --init random-pad are not available for checkpoint directories")
     stream = _stream()
     out = _output(args, "wide")
+    writers = _writers(args)
     say, tick = _progress(args)
     widths = options.widths(args)
     factor = args.factor if args.factor is not None else (None if widths else 1.41)
@@ -98,7 +120,7 @@ def widen(args) -> int:
                                          exclude=args.exclude, divisor=args.divisor, fill=not args.no_fill,
                                          strict=args.strict, check=_check(args), seed=args.seed,
                                          allow_pickle=args.allow_pickle, overwrite=args.overwrite, progress=tick,
-                                         check_progress=_check_progress(args))
+                                         check_progress=_check_progress(args), **writers)
     except VerificationError as exc:
         return options.not_equivalent(args, exc)
     rep = result["report"]
@@ -108,11 +130,13 @@ def widen(args) -> int:
 def deepen(args) -> int:
     stream = _stream()
     out = _output(args, "deep")
+    writers = _writers(args)
     say, tick = _progress(args)
     try:
         result = stream.deepen_checkpoint(args.input, out, after=args.after, block=args.block or "copy",
                                           check=_check(args), seed=args.seed, allow_pickle=args.allow_pickle,
-                                          overwrite=args.overwrite, progress=tick, check_progress=_check_progress(args))
+                                          overwrite=args.overwrite, progress=tick, check_progress=_check_progress(args),
+                                          **writers)
     except VerificationError as exc:
         return options.not_equivalent(args, exc)
     return _finish(args, out, result, [f"  {n}" for n in result["notes"]])
@@ -126,3 +150,10 @@ def add_options(p) -> None:
     p.add_argument("--check", choices=["layers", "full"], default="layers",
                    help="checkpoint directories: compare the models layer by layer in bounded memory (default), "
                         "or load both whole")
+    p.add_argument("--workers", type=int, metavar="N",
+                   help="checkpoint directories: processes writing the shards (default: the CPU count, capped by "
+                        "memory and by the size; 1: this process; with --ray: tasks in flight at most)")
+    p.add_argument("--ray", metavar="auto|ADDRESS",
+                   help="checkpoint directories: write the shards as tasks on a Ray cluster (auto: the running one); "
+                        "input and output must be on storage every node sees at the same path (pip install "
+                        "'graphgrow[ray]')")

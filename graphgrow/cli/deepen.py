@@ -13,6 +13,7 @@ from . import checkpoint_dir, exit_codes, options
 def run(args) -> int:
     if checkpoint_dir.is_checkpoint_dir(args.input):
         return checkpoint_dir.deepen(args)
+    checkpoint_dir.directory_only(args)
     say = options.progress(args)
     out_path = options.output_paths(args, "deep")
     kernel = int(args.kernel) if re.fullmatch(r"\s*-?\d+\s*", args.kernel) else args.kernel

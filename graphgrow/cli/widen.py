@@ -10,6 +10,7 @@ from . import checkpoint_dir, exit_codes, options
 def run(args) -> int:
     if checkpoint_dir.is_checkpoint_dir(args.input):
         return checkpoint_dir.widen(args)
+    checkpoint_dir.directory_only(args)
     say = options.progress(args)
     out_path = options.output_paths(args, "wide")
     widths = options.widths(args)

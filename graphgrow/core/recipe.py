@@ -92,7 +92,9 @@ def recorded(shape_of, check=None):
             if isinstance(arr, Recipe):
                 if check is not None:
                     check(*args, **kwargs)
-                return arr.then(fn, args, kwargs, shape_of(arr.shape, *args, **kwargs))
+                # (``run``, not ``fn``: pickle finds functions by name, and the module's name is ``run``; recipes
+                # travel to the checkpoint writer's worker processes)
+                return arr.then(run, args, kwargs, shape_of(arr.shape, *args, **kwargs))
             return fn(arr, *args, **kwargs)
         return run
     return wrap

@@ -34,6 +34,7 @@ from ..errors import (
     UnsupportedModelError,
     first_line,
 )
+from . import parallel
 
 CONFIG = "config.json"
 SAFE_WEIGHTS, SAFE_INDEX = "model.safetensors", "model.safetensors.index.json"
@@ -176,6 +177,9 @@ class Checkpoint:
             raise ModelFileError(f"{file_path} is not a state dict of tensors")
         return {name: (tuple(t.shape), t.dtype) for name, t in state.items()}
 
+    def __getstate__(self):  # (sent to the writer's worker processes, which may run in another directory)
+        return {**self.__dict__, "path": os.path.abspath(self.path), "_pickle_cache": (None, None)}
+
     def names(self) -> list:
         return [name for _, names in self.shards for name in names]
 
@@ -298,68 +302,78 @@ def _move_into_place(tmp: str, out_dir: str) -> None:
     shutil.rmtree(old, ignore_errors=True)  # the new checkpoint is in place: a leftover is no reason to fail
 
 
-def _require_space(src: Checkpoint, out_dir: str, announced: dict, others: list) -> None:
-    """Refuse before writing anything when the output's disk cannot hold it (the planned tensor bytes, the
-    copied files, and 1 % for headers), rather than failing tens of gigabytes in."""
-    need = sum(math.prod(shape) * dtype.itemsize for specs in announced.values() for shape, dtype in specs.values())
-    need += sum(os.path.getsize(os.path.join(src.path, rel)) for rel in others)
-    need = int(need * 1.01) + (1 << 20)
-    free = shutil.disk_usage(os.path.dirname(out_dir)).free
+def _check_room(folder: str, sizes: list, src: Checkpoint, others: list) -> None:
+    """Refuse before writing when the output's disk cannot hold the planned files (the old output, when
+    replaced, stays until the new one is in place)."""
+    need = sum(sizes) + sum(os.path.getsize(os.path.join(src.path, rel)) for rel in others) + (1 << 20)
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return
     if need > free:
-        raise InvalidArgumentError(f"the grown checkpoint needs about {need / 1e9:.2f} GB and "
-                                   f"{os.path.dirname(out_dir)} has {free / 1e9:.2f} GB free; nothing written")
+        raise InvalidArgumentError(f"the disk of {folder} has {free / 2 ** 30:.2f} GiB free, and the grown "
+                                   f"checkpoint needs {need / 2 ** 30:.2f} GiB; nothing written")
 
 
 def rewrite_checkpoint(src: Checkpoint, out_dir, config: dict, plan, *, overwrite: bool = False,
-                       progress=None, verify=None) -> str:
+                       progress=None, verify=None, workers: int | None = None, executor=None) -> str:
     """Write ``src`` transformed by ``plan`` as a new checkpoint directory ``out_dir`` (returned, absolute).
 
     ``plan.outputs(name)`` -> [(new name, shape, dtype)] says what each source tensor becomes, without data;
-    ``plan.compute(name, tensor)`` -> {new name: tensor} computes it, once per source tensor, in storage order.
-    The layout is kept: one output file per source file, each new tensor in the file of the tensor it came
-    from (pickled sources are written as safetensors), and an index when the source had one.  Files are
-    streamed (header first, from the announced shapes, then each tensor's bytes at its offset), so memory
-    stays near the largest tensor and what the plan keeps.  ``config`` is written as config.json,
-    :meth:`Checkpoint.other_files` are copied.  ``progress(done_bytes, total_bytes, name)`` is called after
-    each source tensor.  ``verify(folder)``, when given, is called on the complete output before it is moved
-    into place; an exception there leaves nothing behind.  Atomic: written into a temporary folder beside
+    ``plan.compute(name, tensor)`` -> {new name: tensor} computes it, once per source tensor; source tensors
+    with the same ``plan.unit(name)`` (when the plan defines it) are computed one after the other, in storage
+    order, by one task.  The layout is kept: one output file per source file, each new tensor in the file of the
+    tensor it came from (pickled sources are written as safetensors), and an index when the source had one.
+    Each file is created at its full size, header first (from the announced shapes), and each tensor's bytes
+    written at its offset, so memory stays near the largest tensor and what the plan keeps.  ``config`` is
+    written as config.json, :meth:`Checkpoint.other_files` are copied.
+
+    ``workers``: processes writing the tensors (:mod:`.parallel`; 1: this process; None: the CPU count capped by
+    memory and by the bytes written); ``executor``: "ray", a :class:`.parallel.RayWriter` or a
+    ``concurrent.futures.Executor`` instead.  Then ``plan`` and ``src`` are pickled.  The bytes are the same.
+    ``progress(done_bytes, total_bytes, name)`` is called here as tasks finish (after each source tensor when
+    serial).  ``verify(folder)``, when given, is called on the complete output before it is moved into place;
+    an exception there, or in any task, leaves nothing behind.  Atomic: written into a temporary folder beside
     ``out_dir``, renamed into place."""
+    chosen = parallel.writer(workers, executor)
     out_dir = _check_output_dir(src, out_dir, overwrite)
     others = src.other_files()
     announced = _announced(src, plan)
     numbered = src.pickled and src.index is not None
     out_files = [f"model-{i + 1:05d}-of-{len(src.shards):05d}.safetensors" if numbered
                  else SAFE_WEIGHTS if src.pickled else file for i, (file, _) in enumerate(src.shards)]
-    _require_space(src, out_dir, announced, others)
+    files = []  # (out file, header, {new: offset}, size)
+    for (_, names), out_file in zip(src.shards, out_files):
+        tensors = [(new, *spec) for name in names for new, spec in announced[name].items()]
+        header, offsets = _header(tensors)
+        files.append((out_file, header, offsets,
+                      len(header) + sum(math.prod(shape) * dtype.itemsize for _, shape, dtype in tensors)))
+    _check_room(os.path.dirname(out_dir), [size for *_, size in files], src, others)
+    units = parallel.units(src, plan)
+    if chosen is None:
+        n = parallel.default_workers(src, announced, units)
+        chosen = parallel.SerialWriter() if n == 1 else parallel.PoolWriter(n)
     tmp = tempfile.mkdtemp(prefix=".graphgrow-", dir=os.path.dirname(out_dir))
     try:
-        done, total, weight_map = 0, src.total_bytes, {}
-        for (_, names), out_file in zip(src.shards, out_files):
-            tensors = [(new, *spec) for name in names for new, spec in announced[name].items()]
-            header, offsets = _header(tensors)
+        places, weight_map = {}, {}
+        for out_file, header, offsets, size in files:
             with open(os.path.join(tmp, out_file), "wb") as f:
                 f.write(header)
-                for name in names:
-                    results = plan.compute(name, src.get(name))
-                    if not isinstance(results, dict) or set(results) != set(announced[name]):
-                        got = sorted(results) if isinstance(results, dict) else type(results).__name__
-                        raise RuntimeError(f"plan.compute made {got} from tensor {name!r}, but plan.outputs "
-                                           f"announced {sorted(announced[name])}")
-                    for new, tensor in results.items():
-                        shape, dtype = announced[name][new]
-                        ok = isinstance(tensor, torch.Tensor)
-                        if not ok or tuple(tensor.shape) != shape or tensor.dtype != dtype:
-                            what = f"{tuple(tensor.shape)} {tensor.dtype}" if ok else type(tensor).__name__
-                            raise RuntimeError(f"plan.compute made tensor {new!r} (from {name!r}) as {what}, but "
-                                               f"plan.outputs announced {shape} {dtype}")
-                        f.seek(offsets[new])
-                        # the bytes through a numpy view: no copy (bf16 has no numpy dtype, uint8 does)
-                        f.write(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
-                        weight_map[new] = out_file
-                    del results
-                    done += src.nbytes(name)
-                    if progress is not None:
-                        progress(done, total, name)
+                f.truncate(size)  # the tensors' bytes are written at their offsets, in any order
+            places.update({new: (out_file, offset) for new, offset in offsets.items()})
+            weight_map.update({new: out_file for new in offsets})
+        job = parallel.WriteJob(src, plan, tmp, announced, places)
+        done, total = 0, src.total_bytes
+        for nbytes, name in chosen.run(job, units):
+            done += nbytes
+            if progress is not None:
+                progress(done, total, name)
+        for out_file, *_ in files:  # on disk before the check reads them back and before the rename
+            fd = os.open(os.path.join(tmp, out_file), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         if src.index is not None:
             sizes = {new: (math.prod(shape) * dtype.itemsize, math.prod(shape))
                      for specs in announced.values() for new, (shape, dtype) in specs.items()}

@@ -48,6 +48,9 @@ class StoredLayout:
                 self.pieces[key] = list(out)
                 self.owner.update({name: key for name in out})
 
+    def __getstate__(self):  # (sent to the checkpoint writer's workers: the meta model only where pieces need it)
+        return self.__dict__ if self.pieces else {**self.__dict__, "model": None}
+
     def stored_shapes(self, key: str, shape) -> dict:
         """Stored name -> shape of the pieces of model parameter ``key`` at ``shape``."""
         out = self._revert(self.model, {key: torch.empty(tuple(shape), device="meta")})

@@ -123,6 +123,9 @@ class _WidenStream:
         v = self.values.get(name)
         return [(name, tuple(v.shape) if v is not None else self.src.shape(name), self.src.dtype(name))]
 
+    def unit(self, name):  # the pieces of one parameter are computed together: one writer task
+        return self.layout.owner.get(name, name) if self.layout else name
+
     def compute(self, name, tensor):
         key = self.layout.owner.get(name) if self.layout else None
         if key is not None:
@@ -266,16 +269,19 @@ def _checker(src: Checkpoint, model, check, seed: int, report: dict, progress=No
 
 def widen_checkpoint(path, out_dir, factor=1.41, *, widths=None, only=None, exclude=None, divisor: int = 1,
                      fill: bool = True, strict: bool = False, check=True, seed: int = 0,
-                     allow_pickle: bool = False, overwrite: bool = False, progress=None, check_progress=None) -> dict:
+                     allow_pickle: bool = False, overwrite: bool = False, progress=None, check_progress=None,
+                     workers=None, executor=None) -> dict:
     """Widen the checkpoint directory ``path`` into ``out_dir`` (same layout and dtype); returns a summary
     dict (the GrowthReport, the new config, the check's figures).  ``check``: "layers" (True, the default),
-    "full" or "none" (False): see :func:`_checker`."""
+    "full" or "none" (False): see :func:`_checker`; ``workers``/``executor``: who writes the shards
+    (:func:`~.checkpoint.rewrite_checkpoint`)."""
     factor = check_factor(factor, widths)
     check_mode(check)
     src = Checkpoint.open(path, allow_pickle=allow_pickle)
     model = meta_model(src)
     args = dict(widths=widths, only=only, exclude=exclude, divisor=divisor, strict=strict, check=check, seed=seed,
-                overwrite=overwrite, progress=progress, check_progress=check_progress)
+                overwrite=overwrite, progress=progress, check_progress=check_progress, workers=workers,
+                executor=executor)
     return _widen_streamed(src, model, out_dir, factor, fill=fill, keep_heads=None, **args)
 
 
@@ -292,7 +298,7 @@ def _widen_streamed(src, model, out_dir, factor, *, fill, keep_heads, **args) ->
     try:
         rewrite_checkpoint(src, out_dir, w.config.to_diff_dict(),
                            _WidenStream(src, w.values, model.graphgrow_layout, model), overwrite=args["overwrite"],
-                           progress=args["progress"],
+                           progress=args["progress"], workers=args["workers"], executor=args["executor"],
                            verify=_checker(src, model, args["check"], seed, figures, args["check_progress"]))
     except VerificationError as exc:
         heads_grew = any(w.plan.new_size(sp) > sp.size for sp in w.an.produced
@@ -316,8 +322,9 @@ def _widen_streamed(src, model, out_dir, factor, *, fill, keep_heads, **args) ->
 
 def deepen_checkpoint(path, out_dir, *, after, block: str = "copy", check=True, seed: int = 0,
                       allow_pickle: bool = False, overwrite: bool = False, progress=None,
-                      check_progress=None) -> dict:
-    """Block expansion of the checkpoint directory ``path`` into ``out_dir``."""
+                      check_progress=None, workers=None, executor=None) -> dict:
+    """Block expansion of the checkpoint directory ``path`` into ``out_dir`` (``workers``/``executor``: as
+    :func:`widen_checkpoint`)."""
     if block != "copy":
         raise InvalidArgumentError(f"--block {block} on a checkpoint directory: use --block copy")
     src = Checkpoint.open(path, allow_pickle=allow_pickle)
@@ -337,7 +344,7 @@ def deepen_checkpoint(path, out_dir, *, after, block: str = "copy", check=True, 
                                     "position): only the check can vouch for that; run without --no-check")
     figures: dict = {}
     rewrite_checkpoint(src, out_dir, config.to_diff_dict(), _DeepenStream(src, copies),
-                       overwrite=overwrite, progress=progress,
+                       overwrite=overwrite, progress=progress, workers=workers, executor=executor,
                        verify=_checker(src, model, check, seed, figures, check_progress))
     notes = plan.notes()
     return {"notes": notes, "config": config, "check": figures or None}

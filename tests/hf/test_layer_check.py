@@ -148,5 +148,5 @@ def test_output_disk_without_room_is_refused_before_writing(llama, tmp_path, mon
     out = tmp_path / "wide"
     assert main(["widen", str(llama), "--factor", "2", "-o", str(out)]) == 2
     err = capsys.readouterr().err
-    assert "GB free; nothing written" in err and err.count("\n") == 1
+    assert "GiB free" in err and "nothing written" in err and err.count("\n") == 1
     assert os.listdir(tmp_path) == []
