@@ -204,6 +204,20 @@ def eps_fields(config, old_eps: float) -> list:
     return out
 
 
+def fixed_eps_modules(model_cls, config, field: str, old_eps: float) -> set:
+    """Module paths of ``model_cls(config)`` that keep epsilon ``old_eps`` when ``field`` changes: their norms take
+    it from the family's code, not from the config (JetMoE's layer RMSNorms use their default 1e-6 and only the
+    final norm reads rms_norm_eps). Probed on the meta device with ``field`` set to another value; a module
+    holding no float ``*eps*`` attribute says nothing (the check of the grown model decides for it)."""
+    probe = copy.deepcopy(config)
+    setattr(probe, field, old_eps * 3.0 + 1e-3)  # any value no code holds by default
+    with torch.device("meta"):
+        model = model_cls(probe)
+    return {path for path, mod in model.named_modules()
+            for k, v in vars(mod).items()
+            if "eps" in k and isinstance(v, float) and math.isclose(v, old_eps, rel_tol=1e-6)}
+
+
 def head_coupling(model_cls, config, known: dict) -> str | None:
     """The config rule ``head_dim = hidden_size / num_attention_heads`` when the family derives its heads' size
     from the stream (GPT-NeoX, GPT-J, BLOOM, ...: doubling ``num_attention_heads`` alone changes no parameter)
