@@ -440,6 +440,11 @@ def widen_pretrained(model, factor=1.41, *, example_inputs, widths=None, only=No
     return result
 
 
-def config_notes(old, new) -> list:
-    a, b = old.to_dict(), new.to_dict()
-    return [f"config {k}: {a[k]} -> {b[k]}" for k in sorted(b) if k in a and a[k] != b[k] and k != "transformers_version"]
+def config_notes(old, new, prefix: str = "") -> list:
+    a, b = (old if isinstance(old, dict) else old.to_dict()), (new if isinstance(new, dict) else new.to_dict())
+    out = []
+    for k in sorted(b):
+        if k in a and a[k] != b[k] and k != "transformers_version":
+            out += config_notes(a[k], b[k], f"{prefix}{k}.") if isinstance(a[k], dict) and isinstance(b[k], dict) \
+                else [f"config {prefix}{k}: {a[k]} -> {b[k]}"]  # (a nested config: DBRX's ffn_config, by field)
+    return out
