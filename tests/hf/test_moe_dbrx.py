@@ -106,7 +106,8 @@ def test_dbrx_x1_5_keeps_the_stream_for_its_fixed_layer_norm_epsilon():
     grown = widened(model, 1.5)
     assert shapes(grown) == shapes(build(ffn=192))
     reasons = {s.name: s.frozen_reasons for s in grown.graphgrow_report.spaces}
-    assert any("DbrxConfig cannot state it grown (no norm epsilon field" in r for r in reasons["transformer.wte.weight"])
+    stream = reasons["transformer.wte.weight"]
+    assert any("DbrxConfig cannot state it grown (no norm epsilon field" in r for r in stream), stream
     assert "config ffn_config.ffn_hidden_size: 128 -> 192" in grown.graphgrow_report.notes
 
 
