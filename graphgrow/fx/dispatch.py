@@ -187,6 +187,7 @@ class FxDispatchOps:
         """The stacked weight's new value: stored by the first expert that reads tokens, equal for the others
         (a parameter stored ``[E * a, b]`` takes its experts' blocks back in that layout)."""
         if ndim == 2:
+            self._grown_view(node.args[1].args[0], w.shape)
             w = w.reshape((w.shape[0] * w.shape[1], w.shape[2]))
         stored = self.__dict__.setdefault("_experts_stored", set())
         if target in stored:
@@ -195,6 +196,14 @@ class FxDispatchOps:
         stored.add(target)
         owner, _, attr = target.rpartition(".")
         self._update(owner).tensors[attr] = w
+
+    def _grown_view(self, view, shape) -> None:
+        """The view ``W.view(E, a, b)`` of a stored ``[E * a, b]`` parameter rewritten to the grown ``[E, a', b']``
+        (a graph the widening returns runs it; a transformers model views at its config's sizes)."""
+        literal = list(view.args[1] if len(view.args) == 2 and isinstance(view.args[1], (list, tuple))
+                       else view.args[1:])
+        literal[1:] = [int(shape[1]), int(shape[2])]
+        self.arg_updates[view] = ((view.args[0], literal), view.kwargs)
 
     # ------------------------------------------------------------ aten.index
     def _index(self, node, x, indices):
