@@ -42,23 +42,48 @@ def op_name(target) -> str:
 
 
 INDEX_ADD_OPS = {aten.index_add.default}
+_VIEWS = (torch.reshape, "reshape", "view")
+# experts applied one at a time to W[e]: F.linear reads W [E, out, in], x @ W[e] reads it [E, in, out]
+EXPERT_PRODUCTS = {F.linear: (2, 1), torch.matmul: (1, 2)}
 
 
 def is_dispatch(target) -> bool:
     return target in INDEX_OPS or target in TOPK_OPS or target in INDEX_ADD_OPS or op_name(target) in GROUPED_MM_NAMES
 
 
-def expert_slice(gm, param_names, w) -> tuple:
-    """``(parameter node, expert)`` when ``w`` is ``W[e]`` of a stacked ``[E, out, in]`` parameter (JetMoE's experts
-    apply ``F.linear(tokens_e, W[e])`` one expert at a time), else ``(None, None)``."""
-    if not (isinstance(w, fx.Node) and w.target is operator.getitem and isinstance(w.args[0], fx.Node)
-            and w.args[0].op == "get_attr" and w.args[0].target in param_names and len(w.users) == 1):
+def stacked_param(gm, param_names, base) -> tuple:
+    """``(parameter node, the [E, a, b] shape its experts are read in)`` when ``base`` is a stacked 3-d parameter,
+    or a view of a parameter stored ``[E * a, b]`` that splits its first axis (DBRX's ``w1.view(-1, ffn, d)``),
+    the view its only reader; else ``(None, None)``."""
+    if isinstance(base, fx.Node) and base.op == "get_attr" and base.target in param_names:
+        shape = tuple(operator.attrgetter(base.target)(gm).shape)
+        return (base, shape) if len(shape) == 3 else (None, None)
+    if not (isinstance(base, fx.Node) and base.target in _VIEWS and isinstance(base.args[0], fx.Node)
+            and base.args[0].op == "get_attr" and base.args[0].target in param_names and len(base.args[0].users) == 1):
         return None, None
+    stored = tuple(operator.attrgetter(base.args[0].target)(gm).shape)
+    literal = base.args[1] if len(base.args) == 2 and isinstance(base.args[1], (list, tuple)) else base.args[1:]
+    if len(stored) != 2 or not all(type(d) is int for d in literal):
+        return None, None
+    try:
+        shape = tuple(torch.empty(stored, device="meta").reshape(*literal).shape)
+    except RuntimeError:
+        return None, None
+    return (base.args[0], shape) if len(shape) == 3 and shape[2] == stored[1] else (None, None)
+
+
+def expert_slice(gm, param_names, w) -> tuple:
+    """``(parameter node, expert)`` when ``w`` is ``W[e]`` of a stacked ``[E, out, in]`` parameter or of a view of
+    one (:func:`stacked_param`) (JetMoE's experts apply ``F.linear(tokens_e, W[e])`` one expert at a time, DBRX's
+    ``x @ w2.view(-1, ffn, d)[e]``), else ``(None, None)``."""
+    if not (isinstance(w, fx.Node) and w.target is operator.getitem and len(w.users) == 1):
+        return None, None
+    p_node, _ = stacked_param(gm, param_names, w.args[0])
     idx = w.args[1]
     idx = idx[0] if isinstance(idx, tuple) and len(idx) == 1 else idx
-    if type(idx) is not int or operator.attrgetter(w.args[0].target)(gm).ndim != 3:
+    if p_node is None or type(idx) is not int:
         return None, None
-    return w.args[0], idx
+    return p_node, idx
 
 
 def feeds_topk(node: fx.Node, depth: int = 4) -> bool:
@@ -112,29 +137,34 @@ class FxDispatchOps:
 
     # ------------------------------------------------------------ experts applied one at a time
     def _expert_linear(self, node, args, kwargs):
-        """``F.linear(tokens_e, W[e])`` for every expert ``e`` of a stacked weight ``[E, out, in]``: one producer
-        whose weight is the stacked parameter (every slice gathered alike). Every expert writes the first expert's
-        output space (their rows meet in one concatenation: one plan, one copy order); the first expert that reads
-        tokens stores the new weight and the others check theirs equal to it."""
+        """``F.linear(tokens_e, W[e])`` (or ``tokens_e @ W[e]``) for every expert ``e`` of a stacked weight
+        ``[E, out, in]`` (``[E, in, out]``), or of a view of one stored ``[E * out, in]`` (DBRX): one producer whose
+        weight is the stacked parameter (every slice gathered alike). Every expert writes the first expert's
+        output space (their rows meet in one concatenation or sum: one plan, one copy order); the first expert
+        that reads tokens stores the new weight and the others check theirs equal to it."""
         p_node, _ = expert_slice(self.gm, self.param_names, node.args[1])
-        readers = [next(iter(u.users)) for u in p_node.users if expert_slice(self.gm, self.param_names, u)[0]]
-        experts = {expert_slice(self.gm, self.param_names, u)[1] for u in p_node.users}
+        base = node.args[1].args[0]
+        _, stacked = stacked_param(self.gm, self.param_names, base)
+        readers = [next(iter(u.users)) for u in base.users if expert_slice(self.gm, self.param_names, u)[0]]
+        experts = {expert_slice(self.gm, self.param_names, u)[1] for u in base.users}
         real = operator.attrgetter(p_node.target)(self.gm)
-        if len(readers) != len(p_node.users) or len(experts) != real.shape[0] \
-                or any(r.target is not F.linear or len(r.args) > 2 and r.args[2] is not None or r.kwargs
+        if len(readers) != len(base.users) or len(experts) != stacked[0] \
+                or any(r.target is not node.target or len(r.args) > 2 and r.args[2] is not None or r.kwargs
                        for r in readers):
-            raise NotUnderstood("a stacked expert weight read other than one F.linear per expert")
+            raise NotUnderstood("a stacked expert weight read other than one F.linear (or matmul) per expert")
+        w_in, w_out = EXPERT_PRODUCTS[node.target]
         x = args[0]
         if not isinstance(x, LabelTensor):
             raise NotUnderstood("its input is not a tensor of the graph")
         old_x = self._old(node.args[0]) if isinstance(self._old(node.args[0]), LabelTensor) else x
         weight = param_array(real)
+        weight = weight.reshape(stacked) if tuple(weight.shape) != stacked else weight
         first, shape = readers[0], self._shape(node)
         if node is first:  # the experts' one output space
-            out, w, _ = self.produce(node, p_node.target, x, old_x, weight, in_axis=-1, out_axis=-1, w_in=2, w_out=1,
-                                     shape=shape)
+            out, w, _ = self.produce(node, p_node.target, x, old_x, weight, in_axis=-1, out_axis=-1, w_in=w_in,
+                                     w_out=w_out, shape=shape)
             if not self.analysis and w is not None and int(np.prod(x.shape)):
-                self._store_experts(node, p_node.target, w)
+                self._store_experts(node, p_node.target, w, real.ndim)
             return out
         if first not in self.node_space:
             raise NotUnderstood("an earlier expert of its weight was not analysed")
@@ -145,15 +175,20 @@ class FxDispatchOps:
         mapping = self.plan.mapping(space)
         if int(np.prod(x.shape)):  # (an expert no token chose here shows nothing of its input's channels)
             match = self.match(node, old_x, x, -1, fills_ok=True)
-            if match is not None or len(mapping) != weight.shape[1]:
+            if match is not None or len(mapping) != weight.shape[w_out]:
                 self._store_experts(node, p_node.target, sites.produce_weights(
-                    weight, 2, 1, match, mapping, self.options, self.rng, self.plan.fill_kind.get(space.id)))
+                    weight, w_in, w_out, match, mapping, self.options, self.rng, self.plan.fill_kind.get(space.id)),
+                    real.ndim)
         out_shape = list(shape)
         out_shape[-1] = len(mapping)
         return LabelTensor.channels(out_shape, -1, self.plan.new_chan_ids(space), self.salt(node))
 
-    def _store_experts(self, node, target: str, w) -> None:
-        """The stacked weight's new value: stored by the first expert that reads tokens, equal for the others."""
+    def _store_experts(self, node, target: str, w, ndim: int = 3) -> None:
+        """The stacked weight's new value: stored by the first expert that reads tokens, equal for the others
+        (a parameter stored ``[E * a, b]`` takes its experts' blocks back in that layout)."""
+        if ndim == 2:
+            self._grown_view(node.args[1].args[0], w.shape)
+            w = w.reshape((w.shape[0] * w.shape[1], w.shape[2]))
         stored = self.__dict__.setdefault("_experts_stored", set())
         if target in stored:
             self._same_as_stored(node, {target: w})
@@ -161,6 +196,14 @@ class FxDispatchOps:
         stored.add(target)
         owner, _, attr = target.rpartition(".")
         self._update(owner).tensors[attr] = w
+
+    def _grown_view(self, view, shape) -> None:
+        """The view ``W.view(E, a, b)`` of a stored ``[E * a, b]`` parameter rewritten to the grown ``[E, a', b']``
+        (a graph the widening returns runs it; a transformers model views at its config's sizes)."""
+        literal = list(view.args[1] if len(view.args) == 2 and isinstance(view.args[1], (list, tuple))
+                       else view.args[1:])
+        literal[1:] = [int(shape[1]), int(shape[2])]
+        self.arg_updates[view] = ((view.args[0], literal), view.kwargs)
 
     # ------------------------------------------------------------ aten.index
     def _index(self, node, x, indices):

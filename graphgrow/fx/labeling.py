@@ -27,7 +27,7 @@ from ..core.labels import MAX_POSITIONS, LabelOverflow
 from ..core.relations import NotUnderstood, RelationRun
 from ..errors import GraphGrowError
 from . import ops
-from .dispatch import FxDispatchOps, expert_slice, is_dispatch
+from .dispatch import EXPERT_PRODUCTS, FxDispatchOps, expert_slice, is_dispatch
 from .functional import FxFunctionalOps
 from .moves import MoveReplay, as_labels, label_leaves
 from .ops import describe, qualified_name
@@ -287,7 +287,8 @@ class FxLabelRun(FxTransformerOps, FxFunctionalOps, FxDispatchOps, MoveReplay, R
             return self.pool(node, first, self._old(node.args[0]), self._shape(node))
         if target in ops.SOFTMAX_FUNCS:
             return self._softmax(node, first, args[1:], kwargs)
-        if target is F.linear and len(node.args) > 1 and expert_slice(self.gm, self.param_names, node.args[1])[0]:
+        if target in EXPERT_PRODUCTS and len(node.args) > 1 \
+                and expert_slice(self.gm, self.param_names, node.args[1])[0]:
             return self._expert_linear(node, args, kwargs)
         if target in FUNCTIONAL_PRODUCERS and self._weight_param(node, target) is not None:
             return self._functional_producer(node, target, args, kwargs)

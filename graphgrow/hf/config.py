@@ -56,11 +56,25 @@ def _list_items(config) -> list:
             for i in range(len(v))]
 
 
+def _sub_fields(config) -> list:
+    """(sub-config attribute, field) of each int field of a nested config (DBRX's ffn_config.ffn_hidden_size and
+    attn_config.kv_n_heads; its ffn_config.hidden_size, which DbrxConfig copies from d_model only when built)."""
+    return [(name, k) for name, sub in vars(config).items()
+            if callable(getattr(sub, "to_dict", None)) and hasattr(sub, "attribute_map") for k in _int_fields(sub)]
+
+
 def _get(config, field):
+    if isinstance(field, tuple) and isinstance(field[1], str):
+        return getattr(getattr(config, field[0]), field[1])
     return getattr(config, field[0])[field[1]] if isinstance(field, tuple) else getattr(config, field)
 
 
 def _set(config, field, value) -> None:
+    if isinstance(field, tuple) and isinstance(field[1], str):  # a nested config's field: a copy of it changed
+        sub = copy.deepcopy(getattr(config, field[0]))
+        setattr(sub, field[1], value)
+        setattr(config, field[0], sub)
+        return
     if isinstance(field, tuple):  # a list entry: a new list (the config's own is shared with its copies' origin)
         old = getattr(config, field[0])
         items = list(old)
@@ -135,7 +149,7 @@ def solve_config(model_cls, config, target: dict, known: dict):
         # routed and its shared experts; n_shared_experts, tried first, settles only the shared one and would
         # leave the routed experts unstatable)
         best = None
-        for field in _int_fields(new) + _list_items(new):
+        for field in _int_fields(new) + _list_items(new) + _sub_fields(new):
             if field in fixed:
                 continue
             value = _probe(model_cls, new, field, shapes, target)
@@ -202,6 +216,20 @@ def eps_fields(config, old_eps: float) -> list:
         if isinstance(v, float) and "eps" in k and math.isclose(v, old_eps, rel_tol=1e-6):
             out.append(k)
     return out
+
+
+def fixed_eps_modules(model_cls, config, field: str, old_eps: float) -> set:
+    """Module paths of ``model_cls(config)`` that keep epsilon ``old_eps`` when ``field`` changes: their norms take
+    it from the family's code, not from the config (JetMoE's layer RMSNorms use their default 1e-6 and only the
+    final norm reads rms_norm_eps). Probed on the meta device with ``field`` set to another value; a module
+    holding no float ``*eps*`` attribute says nothing (the check of the grown model decides for it)."""
+    probe = copy.deepcopy(config)
+    setattr(probe, field, old_eps * 3.0 + 1e-3)  # any value no code holds by default
+    with torch.device("meta"):
+        model = model_cls(probe)
+    return {path for path, mod in model.named_modules()
+            for k, v in vars(mod).items()
+            if "eps" in k and isinstance(v, float) and math.isclose(v, old_eps, rel_tol=1e-6)}
 
 
 def head_coupling(model_cls, config, known: dict) -> str | None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
+import torch.nn.functional as F
 
 
 def _dbrx_experts(self, hidden_states, top_k_index, top_k_weights):
@@ -24,7 +25,10 @@ def _dbrx_experts(self, hidden_states, top_k_index, top_k_weights):
     out = None  # the terms summed directly: no zeros buffer for the widening analysis to read
     for e in range(self.num_experts):
         weight = (top_k_weights * (top_k_index == e)).sum(-1, keepdim=True)
-        term = self.mlp(x, w1[e], v1[e], w2[e]) * weight
+        # DbrxExpertGLU.forward with x @ w1[e].T written F.linear(x, w1[e]): each expert's slice of the viewed
+        # parameter applied as a weight, as the analysis reads experts applied one at a time
+        inner = self.mlp.activation_fn(F.linear(x, w1[e])) * F.linear(x, v1[e])
+        term = torch.matmul(inner, w2[e]) * weight
         out = term if out is None else out + term
     return out.view(batch, -1, self.hidden_size)
 

@@ -31,7 +31,7 @@ from ..errors import UnsupportedModelError, VerificationError, first_line
 from ..fx.engine import FxAnalysis, count_params, plan_and_apply
 from ..fx.transformer import norm_eps, param_array, param_through_offset
 from .capture import ModelOutputs, as_inputs, capture, input_names, rebuilt, tied_groups
-from .config import ConfigMismatch, eps_fields, head_coupling, solve_config
+from .config import ConfigMismatch, eps_fields, fixed_eps_modules, head_coupling, solve_config
 
 
 def _key(owner: str, attr: str) -> str:
@@ -76,6 +76,30 @@ def _norm_eps(an: FxAnalysis, run) -> dict:
     return changes
 
 
+def _filled_norm_paths(run) -> dict:
+    """old epsilon -> module paths (relative to the model) of the norms fill + rescale changed, read from the
+    capture's ``nn_module_stack`` (the wrapper's ``model.`` prefix dropped); norms without one are left out."""
+    nodes = [(n, norm_eps(n.target, n.args, n.kwargs)[1]) for n in run.arg_updates
+             if n.target in (F.layer_norm, F.rms_norm)] + [(m, _written_out_rms(m)[0]) for m in run.mean_scales]
+    out: dict = {}
+    for node, eps in nodes:
+        stack = list((node.meta.get("nn_module_stack") or {}).values())
+        if isinstance(eps, float) and stack and stack[-1][0].startswith("model."):
+            out.setdefault(eps, set()).add(stack[-1][0][len("model."):])
+    return out
+
+
+def _require_config_eps(model, run, eps_changes: dict) -> None:
+    """Raise :class:`FixedEpsilon` where a filled norm keeps its epsilon when the config field holding it changes
+    (the family's code fixes it): the config cannot state the grown epsilon for it."""
+    paths = _filled_norm_paths(run)
+    for old in eps_changes:
+        for field in eps_fields(model.config, old):
+            fixed = sorted(paths.get(old, set()) & fixed_eps_modules(type(model), model.config, field, old))
+            if fixed:
+                raise FixedEpsilon(old, field, fixed)
+
+
 class FillNotStated(UnsupportedModelError):
     """A norm's fill + rescale cannot be written into the family's config or code (the widening is redone
     without fill + rescale)."""
@@ -92,6 +116,15 @@ class UnstatedEpsilon(FillNotStated):
         super().__init__(f"fill + rescale needs the filled stream's norms to take epsilon {eps:g} x d/d', but the "
                          "config has no field holding it")
         self.eps = eps
+
+
+class FixedEpsilon(FillNotStated):
+    """A filled norm does not read the config field holding its epsilon: the field cannot state its grown value."""
+
+    def __init__(self, eps: float, field: str, paths: list):
+        super().__init__(f"fill + rescale needs the filled stream's norms to take epsilon {eps:g} x d/d', but "
+                         f"{paths[0]} does not read {field} (the family's code fixes it at {eps:g})")
+        self.eps, self.field, self.paths = eps, field, paths
 
 
 def _written_out_rms(mean: fx.Node):
@@ -285,6 +318,7 @@ def plan_widening(model, inputs: tuple, factor, *, widths=None, only=None, exclu
             unstated = [old for old in eps_changes if not eps_fields(model.config, old)]
             if unstated:  # (Pegasus, BART: nn.LayerNorm's default eps, no config field: the rebuilt model keeps it)
                 raise UnstatedEpsilon(unstated[0])
+            _require_config_eps(model, run, eps_changes)
         except FillNotStated as exc:
             if not fill:
                 raise
@@ -295,6 +329,9 @@ def plan_widening(model, inputs: tuple, factor, *, widths=None, only=None, exclu
                             + (f"one {fields[0]} for the filled stream's norms and for norms that keep their width)"
                                if isinstance(exc, SharedEpsilon) else "no norm epsilon field: the family's code "
                                f"fixes it at {exc.eps:g})"))
+            elif isinstance(exc, FixedEpsilon):  # (JetMoE: the layer norms' eps is the code's, not rms_norm_eps)
+                fill_why = (f"no fill + rescale: {type(model.config).__name__} cannot state it grown ({exc.field} "
+                            f"is not read by {exc.paths[0]}, whose epsilon {exc.eps:g} the family's code fixes)")
             continue
         values = grown_values(model, run)
         shapes = {k: tuple(values[k].shape) if k in values else tuple(v.shape)
@@ -403,6 +440,11 @@ def widen_pretrained(model, factor=1.41, *, example_inputs, widths=None, only=No
     return result
 
 
-def config_notes(old, new) -> list:
-    a, b = old.to_dict(), new.to_dict()
-    return [f"config {k}: {a[k]} -> {b[k]}" for k in sorted(b) if k in a and a[k] != b[k] and k != "transformers_version"]
+def config_notes(old, new, prefix: str = "") -> list:
+    a, b = (old if isinstance(old, dict) else old.to_dict()), (new if isinstance(new, dict) else new.to_dict())
+    out = []
+    for k in sorted(b):
+        if k in a and a[k] != b[k] and k != "transformers_version":
+            out += config_notes(a[k], b[k], f"{prefix}{k}.") if isinstance(a[k], dict) and isinstance(b[k], dict) \
+                else [f"config {prefix}{k}: {a[k]} -> {b[k]}"]  # (a nested config: DBRX's ffn_config, by field)
+    return out

@@ -123,3 +123,29 @@ def test_jetmoe_attention_experts_grow_as_one_stacked_weight():
     assert tuple(moa.output_linear.weight.shape) == (4, 128, 64)
     assert tuple(grown.model.layers[0].mlp.input_linear.weight.shape) == (4, 512, 128)
     assert grown.config.num_key_value_heads == 4 and grown.config.kv_channels == 16
+
+
+def test_jetmoe_fixed_layer_norm_epsilon_keeps_the_stream_at_non_integer_factors():
+    """JetMoE's layer RMSNorms use their code's eps (1e-6) whatever rms_norm_eps says (only the final norm reads
+    it): fill + rescale, which needs eps x d/d' in the filled norms, cannot be stated, so at x1.5 the stream keeps
+    its width (class (b), naming rms_norm_eps) while the heads and the experts' ffn grow, exactly."""
+    from graphgrow.hf.config import fixed_eps_modules
+
+    model = build("jetmoe")
+    fixed = fixed_eps_modules(type(model), model.config, "rms_norm_eps", 1e-6)
+    assert fixed == {f"model.layers.{i}.{n}" for i in (0, 1) for n in ("input_layernorm", "post_attention_layernorm")}
+    grown = graphgrow.widen(model, 1.5, example_inputs=(ids(),))
+    for seed in (1, 2):
+        assert max_rel(logits(model, ids(seed)), logits(grown, ids(seed))) < 1e-5
+    cfg = grown.config
+    assert (cfg.hidden_size, cfg.intermediate_size, cfg.num_key_value_heads, cfg.kv_channels) == (64, 192, 3, 16)
+    assert cfg.rms_norm_eps == 1e-6
+    ideal = build("jetmoe")
+    ideal.config.intermediate_size, ideal.config.num_key_value_heads = 192, 3
+    ideal = type(model)(ideal.config)
+    assert shapes(grown) == shapes(ideal)
+    reasons = {s.name: s.frozen_reasons for s in grown.graphgrow_report.spaces}
+    stream = reasons["model.norm.weight"]
+    assert any("JetMoeConfig cannot state it grown (rms_norm_eps is not read by model.layers.0.input_layernorm" in r
+               for r in stream), stream
+    assert not any("did not verify" in n for n in grown.graphgrow_report.notes)
