@@ -506,12 +506,22 @@ class RelationRun(NormRelations, AttentionRelations, DispatchRelations, sites.La
         return labels, gathered, copies.pop()
 
     # ------------------------------------------------------------ moves
-    def reshape_ties(self, x: LabelTensor, out: LabelTensor) -> None:
-        """A reshape that splits a channel axis into blocks ties the blocks positionwise."""
+    def reshape_ties(self, x: LabelTensor, out: LabelTensor, grows=None) -> None:
+        """A reshape that splits a channel axis into blocks ties the blocks positionwise. ``grows`` (per output
+        axis, where the family says which axes follow its heads): outer block axes that keep their size are a
+        fixed block count (CodeGen's ``mp_num``), so every block grows inside alike, heads or not (as a grouped
+        conv's groups); the tie stays where heads are copied as units."""
         if self.analysis:
-            for a, b in split_axis_ties(x, out):
-                self.constraints.tie_split(a, b)
             va = out.vary
+            fixed = grows is not None and len(grows) == out.ndim and len(va) >= 2 and grows[va[-1]] \
+                and not any(grows[a] for a in va[:-1])
+            for a, b in split_axis_ties(x, out):
+                if fixed:
+                    self.constraints.tie(a, b)
+                else:
+                    self.constraints.tie_split(a, b)
+            if fixed:
+                return
             if len(va) >= 3 and len(x.vary) < len(va):
                 self.constraints.split_outer(out.chans, int(np.prod([out.shape[a] for a in va[1:]])))
 
