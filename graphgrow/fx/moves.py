@@ -202,15 +202,17 @@ class MoveReplay:
         return tuple(new_args), kwargs
 
     def family_dims(self, node, raw: list, old_out: LabelTensor, new_numel: int):
-        """New literal dims of a reshape whose growing axes the family named (:data:`FAMILY_AXES`): the others keep
-        their size (CodeGen's ``mp_num`` blocks), the one channel axis that grows takes the rest. None when the
-        reshape was not marked, or the mark does not decide it."""
+        """New literal dims of a reshape whose outer channel axes the family keeps (:data:`FAMILY_AXES`: CodeGen's
+        ``mp_num`` blocks) while its inner channel axis grows: that axis takes the rest. None when the reshape was
+        not marked so."""
         grows = node.meta.get(FAMILY_AXES)
         va = [a for a in old_out.vary] if old_out.elem is None else []
         if not grows or len(grows) != old_out.ndim or len(raw) != old_out.ndim or not va:
             return None
         growing = [a for a in va if grows[a]]
-        if len(growing) != 1 or all(grows[a] for a in va):
+        if growing != va[-1:] or len(va) < 2:
+            # (only a fixed outer block count needs this: where the family grows the outer axis, the heads of GPT-NeoX
+            # or BLOOM, the literals already follow the plan, which may also keep heads and grow head_dim: ALiBi)
             return None
         rest = int(np.prod([old_out.shape[a] for a in range(old_out.ndim) if a != growing[0]]))
         if new_numel % rest:
