@@ -63,6 +63,29 @@ class DispatchRelations:
         shift = len(index_shape) - n_axes
         return self.elementwise(node, LabelTensor.multi(shape, [c if c < first else c + shift for c in cax], part))
 
+    def gather_along(self, node, x: LabelTensor, old_x: LabelTensor, dim: int, index_shape) -> LabelTensor:
+        """``torch.gather(x, dim, index)`` along a position axis by an index that carries no channel and holds the
+        same values along x's channel axes (DeBERTa's relative positions, expanded over its (batch x heads) axis):
+        result element ``(.., i, ..)`` is x's element ``(.., index[..], ..)`` of the same channel, so the channels
+        pass through; on the channel axes the result takes x's (widened) size, on the others the index's."""
+        ref = x if self.analysis else old_x
+        dim %= ref.ndim
+        if dim in ref.vary:
+            raise NotUnderstood("it gathers along a channel axis")
+        shape = list(index_shape)
+        if len(shape) != ref.ndim or any(shape[a] != ref.shape[a] for a in ref.vary):
+            raise NotUnderstood("its index does not cover every channel of the tensor it gathers from")
+        for a in ref.vary:
+            shape[a] = x.shape[a]
+        if not self.analysis and x.shape[dim] != old_x.shape[dim]:
+            raise self.conflict(node, "the gathered position axis changed length")
+        if x.elem is not None:
+            return self.elementwise(node, LabelTensor.element(tuple(shape), x.elem[0], x.elem[1]))
+        f = x.factors() or _dense_factors(x)
+        if f is None:
+            raise NotUnderstood("its input's channels are not constant along the positions it gathers")
+        return self.elementwise(node, LabelTensor.multi(tuple(shape), f[0], f[1]))
+
     def broadcast_gate(self, node, gate: LabelTensor, old_gate: LabelTensor | None, x: LabelTensor) -> LabelTensor:
         """``x`` times a gate of one channel broadcast over x's channel axes (Qwen2-MoE's
         ``sigmoid(shared_expert_gate(h)) * shared_expert(h)``): every channel of a position is scaled by the

@@ -73,6 +73,9 @@ class GrowthConstraints:
         self.width_links: list = []  # (stream space id, unit space id, ratio): new stream width = ratio x unit width
         self.split_blocks: dict = {}  # space id -> block sizes a reshape split it into (its inner axis)
         self.outer_blocks: dict = {}  # space id -> larger blocks of a reshape over 3+ axes (inner axes together)
+        self.fixed_blocks: dict = {}  # space id -> a block count the family keeps (CodeGen's mp_num)
+        self.block_layouts: dict = {}  # space id -> (blocks, pieces): laid out (blocks, pieces, local), heads
+        # running over (blocks, local) in each piece (WidenPlan.mapping)
         self.head_firsts: dict = {}  # "query" / "key" -> first channel ids of the heads attentions read
         self._keyed_edges: dict = {}  # key -> ties that a later finding may drop (a head cut, scores <-> heads)
         self.inner_heads: dict = {}  # space id -> why its heads keep their number and grow head_dim (ALiBi)
@@ -340,6 +343,7 @@ class WidenPlan:
     fill_start: int = 1 << 62  # label ids from here on name filled channels (above every space's)
     normalized: set = field(default_factory=set)  # spaces read by a norm across channels (residual streams)
     layout: dict = field(default_factory=dict)  # space id -> channels copied together (default: its units)
+    block_layouts: dict = field(default_factory=dict)  # space id -> (blocks, pieces): see GrowthConstraints
     key_factor: np.ndarray | None = None  # per channel: what each copy of a key channel is multiplied by
 
     def row_factors(self, space, mapping) -> np.ndarray | None:
@@ -371,6 +375,10 @@ class WidenPlan:
         """g: new index -> old index (each old channel followed by its copies; in a space cut into units,
         each unit followed by its copies); -1 for the channels fill + rescale appends."""
         u = self.layout.get(space.id, self.units.get(space.id, 1))
+        if space.id in self.block_layouts:
+            g = self._block_mapping(space, u)
+            if g is not None:
+                return g
         if u == 1:
             g = np.repeat(np.arange(space.size, dtype=np.int64), self.replication_counts(space))
         else:
@@ -379,6 +387,31 @@ class WidenPlan:
             g = (starts[:, None] + np.arange(u)).ravel()
         n_fill = self.fills.get(space.id, 0)
         return np.concatenate([g, np.full(n_fill, -1, np.int64)]) if n_fill else g
+
+    def _block_mapping(self, space, u: int) -> np.ndarray | None:
+        """A space laid out ``(blocks M, pieces P, local L)`` whose pieces are read across the blocks (heads of
+        ``u`` channels over ``(M, L)``: CodeGen's ``[q | v | k]`` in each of its ``mp_num`` blocks). Each piece's
+        sequence, read in that order, takes every unit followed by its copies; the new sequence is cut back into
+        ``M`` blocks of ``L'``. None when the pieces' new sequences are not ``M`` equal blocks."""
+        m, n_p = self.block_layouts[space.id]
+        local = space.size // (m * n_p)
+        # logical index (piece, block, i) -> physical old index (block, piece, i)
+        logical = np.arange(space.size).reshape(m, n_p, local).transpose(1, 0, 2).ravel()
+        counts = self.replication_counts(space)[logical]
+        if u > 1:
+            if local % u:
+                return None
+            starts = np.repeat(np.arange(space.size // u, dtype=np.int64) * u, counts[::u])
+            g = (starts[:, None] + np.arange(u)).ravel()
+        else:
+            g = np.repeat(np.arange(space.size, dtype=np.int64), counts)
+        if len(g) % (m * n_p):
+            return None
+        new_local = len(g) // (m * n_p)
+        if not np.array_equal((g // (m * local)).reshape(n_p, -1), np.repeat(np.arange(n_p), m * new_local)
+                              .reshape(n_p, -1)):
+            return None  # (the pieces grew unequally)
+        return logical[g].reshape(n_p, m, new_local).transpose(1, 0, 2).ravel()
 
     def new_chan_ids(self, space) -> np.ndarray:
         """Labels of the widened space: each new channel carries its source's id; filled channels carry
@@ -474,7 +507,8 @@ def solve_plan(constraints: GrowthConstraints, targets: dict, seed: int = 0, fil
             for s2, m in mult(k):
                 width[s2] += m
     plan = WidenPlan(table, np.asarray(counts_cls, dtype=np.int64)[cls], cls, dict(constraints.unit_size), notes,
-                     normalized=set(constraints.uniform_sites), layout=layout)
+                     normalized=set(constraints.uniform_sites), layout=layout,
+                     block_layouts=dict(constraints.block_layouts))
     plan.key_factor = key_factors(constraints, plan)
     for pid, uid in per_head.items():
         plan.notes[pid] = (f"lies along the head_dim of {table.spaces[uid].name!r} (one value per head channel, "

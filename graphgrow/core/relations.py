@@ -506,12 +506,25 @@ class RelationRun(NormRelations, AttentionRelations, DispatchRelations, sites.La
         return labels, gathered, copies.pop()
 
     # ------------------------------------------------------------ moves
-    def reshape_ties(self, x: LabelTensor, out: LabelTensor) -> None:
-        """A reshape that splits a channel axis into blocks ties the blocks positionwise."""
+    def reshape_ties(self, x: LabelTensor, out: LabelTensor, grows=None) -> None:
+        """A reshape that splits a channel axis into blocks ties the blocks positionwise. ``grows`` (per output
+        axis, where the family says which axes follow its heads): outer block axes that keep their size are a
+        fixed block count (CodeGen's ``mp_num``), so every block grows inside alike, heads or not (as a grouped
+        conv's groups); the tie stays where heads are copied as units."""
         if self.analysis:
-            for a, b in split_axis_ties(x, out):
-                self.constraints.tie_split(a, b)
             va = out.vary
+            fixed = grows is not None and len(grows) == out.ndim and len(va) >= 2 and grows[va[-1]] \
+                and not any(grows[a] for a in va[:-1])
+            for a, b in split_axis_ties(x, out):
+                if fixed:  # (dropped where a split into equal pieces follows: see equal_piece_ties)
+                    self.constraints.tie(a, b, key=("blocks", int(self.table.space_ids_of(a[:1])[0])))
+                else:
+                    self.constraints.tie_split(a, b)
+            if fixed:
+                spaces = self.table.spaces_of(out.chans)
+                if len(spaces) == 1 and len(va) == 2 and out.shape[va[0]] > 1:
+                    self.constraints.fixed_blocks[spaces[0].id] = int(out.shape[va[0]])
+                return
             if len(va) >= 3 and len(x.vary) < len(va):
                 self.constraints.split_outer(out.chans, int(np.prod([out.shape[a] for a in va[1:]])))
 
@@ -520,6 +533,30 @@ class RelationRun(NormRelations, AttentionRelations, DispatchRelations, sites.La
         if self.analysis and len(pieces) > 1 and len({p.shape for p in pieces}) == 1:
             for p in pieces[1:]:
                 self.constraints.tie(channel_of(pieces[0].a), channel_of(p.a))
+            self._block_pieces(pieces)
+
+    def _block_pieces(self, pieces: list) -> None:
+        """Equal pieces cut from every block of a fixed block count (CodeGen's ``[q | v | k]`` in each of its
+        ``mp_num`` blocks): each piece is read across the blocks (q is every block's q part, then cut into heads),
+        so the space is laid out ``(blocks, pieces, local)`` with heads running over ``(blocks, local)``: the plan
+        copies heads in that order and cuts each piece's new sequence back into the blocks (``block_layouts``);
+        the blocks need not keep their heads, nor grow alike (their position-by-position ties are dropped)."""
+        c = self.constraints
+        if not c.fixed_blocks or any(p.elem is not None or len(p.vary) != 2 for p in pieces):
+            return
+        grids = [channel_of(p.a[tuple(slice(None) if a in p.vary else 0 for a in range(p.ndim))]) for p in pieces]
+        spaces = self.table.spaces_of(np.concatenate([g.ravel() for g in grids]))
+        if len(spaces) != 1 or spaces[0].id not in c.fixed_blocks:
+            return
+        sp, m = spaces[0], c.fixed_blocks[spaces[0].id]
+        n_p = len(pieces)
+        grids = [g.reshape(m, -1) - sp.base for g in grids]
+        local = grids[0].shape[1]
+        want = (np.arange(m)[:, None] * (n_p * local) + np.arange(local)[None, :])
+        if sp.size != m * n_p * local or any(not np.array_equal(g, want + k * local) for k, g in enumerate(grids)):
+            return
+        c.block_layouts[sp.id] = (m, n_p)
+        c.untie(("blocks", sp.id))
 
     def concat_positions(self, node, pieces: list, old_pieces: list, axis: int):
         """A concatenation along a position axis of pieces whose channels lie along one common other axis

@@ -160,6 +160,11 @@ def rescale_shape(raw: list, va: list, old_numel: int, new_numel: int, old_shape
     """
     lits = [ax for ax in va if ax < len(raw) and isinstance(raw[ax], (int, np.integer)) and raw[ax] not in (-1,)]
     adaptive = any(ax < len(raw) and (raw[ax] is None or raw[ax] == -1) for ax in va)
+    if adaptive and unit > 1 and old_shape is not None and va and old_shape[va[-1]] == unit and lits \
+            and [ax for ax in va if raw[ax] is None or raw[ax] == -1] == [va[-1]]:
+        # heads written as a literal and head_dim as -1 (DeBERTa's ``(heads, -1)``): heads grow as whole units,
+        # head_dim never changes, so the literal counting the heads follows the width, not the -1
+        adaptive = False
     if not lits or adaptive or old_numel == new_numel:
         return None
     ax = lits[-1]

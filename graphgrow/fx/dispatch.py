@@ -45,10 +45,12 @@ INDEX_ADD_OPS = {aten.index_add.default}
 _VIEWS = (torch.reshape, "reshape", "view")
 # experts applied one at a time to W[e]: F.linear reads W [E, out, in], x @ W[e] reads it [E, in, out]
 EXPERT_PRODUCTS = {F.linear: (2, 1), torch.matmul: (1, 2)}
+GATHER_OPS = {aten.gather.default, torch.gather}
 
 
 def is_dispatch(target) -> bool:
-    return target in INDEX_OPS or target in TOPK_OPS or target in INDEX_ADD_OPS or op_name(target) in GROUPED_MM_NAMES
+    return target in INDEX_OPS or target in TOPK_OPS or target in INDEX_ADD_OPS or target in GATHER_OPS \
+        or op_name(target) in GROUPED_MM_NAMES
 
 
 def stacked_param(gm, param_names, base) -> tuple:
@@ -104,7 +106,47 @@ class FxDispatchOps:
             return self._topk(node, args, kwargs)
         if target in INDEX_ADD_OPS:
             return self._index_add(node, args, kwargs)
+        if target in GATHER_OPS:
+            return self._gather(node, args, kwargs)
         return self._grouped_mm(node, args, kwargs)
+
+    # ------------------------------------------------------------ torch.gather along positions
+    def _gather(self, node, args, kwargs):
+        """``torch.gather(x, dim, index)``: along a position axis, by an index computed without channels that is an
+        ``expand`` of a tensor of size 1 on x's channel axes (every head reads the same positions), the channels
+        pass through (DeBERTa's relative-position scores, gathered over (batch x heads, queries, distances))."""
+        names = ("input", "dim", "index")
+        given = dict(zip(names, args), **kwargs)
+        x, dim, index = (given.get(k) for k in names)
+        if not isinstance(x, LabelTensor) or type(dim) is not int or set(given) - set(names) \
+                or not isinstance(index, (LabelTensor, torch.Tensor)):
+            raise NotUnderstood("a gather of a value that is not a tensor of the graph, or with sparse_grad")
+        if isinstance(index, LabelTensor) and index.vary:
+            raise NotUnderstood("its indices carry channels")
+        ref = x if self.analysis else self._old(node.args[0])
+        i_node = dict(zip(names, node.args), **node.kwargs)["index"]
+        if ref.vary and not self._broadcast_over(i_node, ref.vary, ref.ndim) \
+                and not self._same_along(index, ref.vary):
+            raise NotUnderstood("its indices may differ between channels (not an expand over the channel axes)")
+        return self.gather_along(node, x, ref, dim, tuple(self._shape(i_node)))
+
+    @staticmethod
+    def _same_along(index, axes) -> bool:
+        """Whether a constant index tensor (values known: computed from positions) is the same along ``axes``."""
+        if not isinstance(index, torch.Tensor) or index.is_meta:
+            return False
+        return all(bool((index == index.narrow(a, 0, 1)).all()) for a in axes)
+
+    def _broadcast_over(self, n, axes, ndim: int) -> bool:
+        """Whether ``n`` (through casts) is an ``expand`` of a tensor whose size is 1 (or absent) on ``axes``."""
+        for _ in range(4):
+            if isinstance(n, fx.Node) and n.op == "call_method" and n.target in ("to", "long", "int", "contiguous"):
+                n = n.args[0]
+        if not (isinstance(n, fx.Node) and n.target == "expand" and isinstance(n.args[0], fx.Node)):
+            return False
+        src = tuple(self._shape(n.args[0]))
+        lead = ndim - len(src)
+        return all(a < lead or src[a - lead] == 1 for a in axes)
 
     # ------------------------------------------------------------ index_add back to token order
     def _index_add(self, node, args, kwargs):

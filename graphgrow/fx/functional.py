@@ -14,7 +14,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from ..core import arithmetic as ar
-from ..core.label_tensor import LabelTensor
+from ..core.label_tensor import LabelTensor, label_channel_ids
 from ..core.recipe import same_values
 from ..core.relations import NotUnderstood
 from .transformer import FUNCTIONAL_PRODUCERS, param_array
@@ -79,7 +79,7 @@ class FxFunctionalOps:
             len({u.target for u in users}) == 1 and users[0].target is F.linear and \
             all(u.args[1] is w_node and u.args[2:] == users[0].args[2:] and not u.kwargs for u in users)
 
-    def _shared_reader(self, node, w_node, new: dict) -> bool:
+    def _shared_reader(self, node, w_node, new: dict, x=None) -> bool:
         """A further reader of a weight an earlier reader of the same kind applied (a table shared by an
         encoder and a decoder, a layer shared by all layers): one space, tied channel by channel to the first
         reader's, and one new value (checked equal; a table with the width factor the first reader's carries).
@@ -89,6 +89,14 @@ class FxFunctionalOps:
             return False
         if self.analysis:
             self.constraints.tie(self.node_space[first].chan_ids, self.node_space[node].chan_ids)
+            if node.target is F.linear and x is not None:
+                # one weight consumes both inputs: their columns take one mapping (DeBERTa's share_att_key applies
+                # query_proj to the stream and to the relative position table)
+                a, b = self.env.get(first.args[0]), x
+                a = label_channel_ids(a, a.ndim - 1) if isinstance(a, LabelTensor) and a.vary else None
+                b = label_channel_ids(b, b.ndim - 1) if isinstance(b, LabelTensor) and b.vary else None
+                if a is not None and b is not None and len(a) == len(b):
+                    self.constraints.tie(np.asarray(a), np.asarray(b))
             return True
         self._same_as_stored(node, new, {w_node.target: self.table_scales.get(w_node.target, 1.0)})
         return True
@@ -145,7 +153,7 @@ class FxFunctionalOps:
             if b_node is not None:
                 new[b_node.target] = ar.gather_fill(_np(operator.attrgetter(b_node.target)(self.gm)), 0, mapping,
                                                     self.fill_kind_of(node))
-        if (tied or shared) and self._shared_reader(node, w_node, new):
+        if (tied or shared) and self._shared_reader(node, w_node, new, x):
             return out
         for target_name, value in new.items():
             owner, _, attr = target_name.rpartition(".")

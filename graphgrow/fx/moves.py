@@ -19,6 +19,11 @@ from ..core.label_tensor import LabelTensor, concatenated, keeps_order, reshaped
 from ..core.relations import NotUnderstood
 from . import ops
 
+# node.meta key of a reshape the family was asked about (graphgrow.hf.family_axes): per output axis, whether the
+# family's own code makes it grow with the heads (a fixed block count keeps its size, the blocks grow inside)
+FAMILY_AXES = "graphgrow_family_axes"
+RESHAPES = ops.SPLITTING_MOVES
+
 
 def label_leaves(tree) -> list:
     return [x for x in tree_flatten(tree)[0] if isinstance(x, LabelTensor)]
@@ -106,7 +111,7 @@ class MoveReplay:
         outs = label_leaves(out)
         if self.analysis and isinstance(args[0], LabelTensor):
             if target in ops.SPLITTING_MOVES and len(outs) == 1:
-                self.reshape_ties(args[0], outs[0])
+                self.reshape_ties(args[0], outs[0], node.meta.get(FAMILY_AXES))
             elif target in ops.PIECE_MOVES:
                 self.equal_piece_ties(outs)
         return out
@@ -147,7 +152,9 @@ class MoveReplay:
             raw = list(node.args[1]) if nested else list(node.args[1:])
             vals = list(args[1]) if nested else list(args[1:])
             raw_dims = [None if isinstance(r, fx.Node) else r for r in raw]
-            dims = merged_dims(raw_dims, old_in.shape, new_in.shape)
+            dims = self.family_dims(node, raw_dims, self.old[node], int(np.prod(new_in.shape)))
+            if dims is None:
+                dims = merged_dims(raw_dims, old_in.shape, new_in.shape)
             if dims is None:
                 dims = split_dims(raw_dims, old_in.shape, new_in.shape)
             if dims is None:
@@ -193,6 +200,27 @@ class MoveReplay:
         graph_args = [orig if isinstance(orig, fx.Node) else v for orig, v in zip(node.args, new_args)]
         self.arg_updates[node] = (tuple(graph_args), node.kwargs)
         return tuple(new_args), kwargs
+
+    def family_dims(self, node, raw: list, old_out: LabelTensor, new_numel: int):
+        """New literal dims of a reshape whose outer channel axes the family keeps (:data:`FAMILY_AXES`: CodeGen's
+        ``mp_num`` blocks) while its inner channel axis grows: that axis takes the rest. None when the reshape was
+        not marked so."""
+        grows = node.meta.get(FAMILY_AXES)
+        va = [a for a in old_out.vary] if old_out.elem is None else []
+        if not grows or len(grows) != old_out.ndim or len(raw) != old_out.ndim or not va:
+            return None
+        growing = [a for a in va if grows[a]]
+        if growing != va[-1:] or len(va) < 2:
+            # (only a fixed outer block count needs this: where the family grows the outer axis, the heads of GPT-NeoX
+            # or BLOOM, the literals already follow the plan, which may also keep heads and grow head_dim: ALiBi)
+            return None
+        rest = int(np.prod([old_out.shape[a] for a in range(old_out.ndim) if a != growing[0]]))
+        if new_numel % rest:
+            raise self.conflict(node, "the family's fixed blocks do not divide the new width")
+        sizes = list(old_out.shape)
+        sizes[growing[0]] = new_numel // rest
+        out = [d if d is None or d == -1 else sizes[i] for i, d in enumerate(raw)]
+        return None if out == list(raw) else out
 
     def _getitem(self, node, x: LabelTensor, idx):
         if not self.analysis:

@@ -185,8 +185,10 @@ def _joining_ops(param):
     return joins, offset
 
 
-def _rows_read(param) -> bool:
-    """Every reader of a 2-d parameter selects rows: ``p[a:b]`` or ``p[indices]`` (axis 0 only)."""
+def _rows_read(param, depth: int = 0) -> bool:
+    """Every reader of a 2-d parameter selects rows: ``p[a:b]`` or ``p[indices]`` (axis 0 only), or reads whole
+    rows as the positions of an activation (through dropout or a leading ``unsqueeze(0)``) by a linear map or a
+    norm (DeBERTa's relative position embeddings, projected by every layer's pos_key_proj / pos_query_proj)."""
     for u in param.users:
         idx = u.args[1] if u.target is operator.getitem else None
         if isinstance(idx, tuple) and len(idx) == 1:
@@ -194,6 +196,11 @@ def _rows_read(param) -> bool:
         if isinstance(idx, slice) or isinstance(idx, fx.Node) and idx.op == "get_attr":  # (a buffer of indices)
             continue
         if u.target is torch.ops.aten.index.Tensor and len(u.args) == 2 and len(u.args[1]) == 1:
+            continue
+        if depth and u.target in (F.linear, F.layer_norm) and u.args[0] is param:
+            continue
+        passes = u.target is F.dropout or u.target is torch.unsqueeze and tuple(u.args[1:]) == (0,)
+        if depth < 4 and passes and u.args[0] is param and _rows_read(u, depth + 1):
             continue
         return False
     return bool(param.users)

@@ -31,6 +31,7 @@ from ..errors import UnsupportedModelError, VerificationError, first_line
 from ..fx.engine import FxAnalysis, count_params, plan_and_apply
 from ..fx.transformer import norm_eps, param_array, param_through_offset
 from .capture import ModelOutputs, as_inputs, capture, input_names, rebuilt, tied_groups
+from .family_axes import ambiguous_blocks, mark_family_axes
 from .config import ConfigMismatch, eps_fields, fixed_eps_modules, head_coupling, solve_config
 
 
@@ -294,11 +295,16 @@ def plan_widening(model, inputs: tuple, factor, *, widths=None, only=None, exclu
     """Capture, analyse, plan and apply (on real or weightless parameters), and solve the new config.
     Spaces the family's config cannot state at their planned width keep it (the nearest widening it states)."""
     gm = capture(model, inputs)
+    asked = False  # (the family asked which axes of its fused reshapes grow: graphgrow.hf.family_axes)
     kept: list = []
     kept_why: dict = {}  # kept space -> the rule or the parameter the config cannot state
     fill_note = fill_why = None
     for _ in range(6):
         an = FxAnalysis(gm, inputs)
+        if not asked and ambiguous_blocks(an.constraints):
+            asked = True
+            if mark_family_axes(gm, model, inputs):
+                an = FxAnalysis(gm, inputs)
         _name_multi_query(model.config, an)
         targets = widen_targets(an.produced, an.constraints, factor, widths, only, exclude, divisor,
                                 what="parameter")
