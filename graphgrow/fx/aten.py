@@ -67,7 +67,10 @@ def _type_as(x, other):
 
 def _unflatten(x, dim, sizes):
     # a reshape with every other dim as captured (the literals view writes too): one rewrite rule for both
-    shape = list(x.meta["val"].shape)
+    val = x.meta.get("val") if isinstance(x, fx.Node) else None
+    if not isinstance(val, torch.Tensor):
+        return torch.unflatten, (x, dim, sizes), {}  # (a move still, its literals left as they are)
+    shape = list(val.shape)
     d = dim % len(shape)
     return "reshape", (x, shape[:d] + list(sizes) + shape[d + 1:]), {}
 
