@@ -616,9 +616,12 @@ class RelationRun(NormRelations, AttentionRelations, DispatchRelations, sites.La
     def rescale_shape(self, node, raw: list, old_out: LabelTensor, old_numel: int, new_numel: int):
         spaces = self.table.spaces_of(old_out.chans) if old_out.elem is None else []
         units = {self.constraints.unit_size.get(sp.id, 1) for sp in spaces}
+        layout = getattr(self.plan, "layout", None) or {}
+        blocks = {layout.get(sp.id, self.constraints.unit_size.get(sp.id, 1)) for sp in spaces}
         try:
             return sites.rescale_shape(raw, old_out.vary, old_numel, new_numel, old_out.shape,
-                                       units.pop() if len(units) == 1 else 1)
+                                       units.pop() if len(units) == 1 else 1,
+                                       blocks.pop() if len(blocks) == 1 else 1)
         except Mismatch as exc:
             raise self.conflict(node, str(exc)) from None
 

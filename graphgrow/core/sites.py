@@ -150,13 +150,16 @@ def remap_bound(src: np.ndarray, b: int) -> int:
     return nb
 
 
-def rescale_shape(raw: list, va: list, old_numel: int, new_numel: int, old_shape=None, unit: int = 1):
+def rescale_shape(raw: list, va: list, old_numel: int, new_numel: int, old_shape=None, unit: int = 1,
+                  block: int = 1):
     """New literal reshape dims after widening, or None when nothing needs to change.
 
     ``raw``: the dims as written (ints, or None for dims computed in the graph),
     ``va``: output axes that carry channels.  Only a literal channel dim is
     rescaled, and only when no computed dim or -1 already follows the width; in a space cut into
-    units of ``unit`` channels (attention heads), the dim that counts the units.
+    units of ``unit`` channels (attention heads), the dim that counts the units. ``block``: the channels
+    the plan copies together (several units: Falcon's kv group); a literal counting those blocks grows
+    even where a -1 inside them would otherwise take the new channels (and cut the copied blocks apart).
     """
     lits = [ax for ax in va if ax < len(raw) and isinstance(raw[ax], (int, np.integer)) and raw[ax] not in (-1,)]
     adaptive = any(ax < len(raw) and (raw[ax] is None or raw[ax] == -1) for ax in va)
@@ -165,6 +168,11 @@ def rescale_shape(raw: list, va: list, old_numel: int, new_numel: int, old_shape
         # heads written as a literal and head_dim as -1 (DeBERTa's ``(heads, -1)``): heads grow as whole units,
         # head_dim never changes, so the literal counting the heads follows the width, not the -1
         adaptive = False
+    if old_shape is not None and block > unit and old_numel != new_numel:
+        # (Falcon on transformers 5.25: ``view(..., num_kv_heads, -1, head_dim)`` of a space copied group by group)
+        outer = [ax for ax in lits if int(np.prod([old_shape[a] for a in va if a > ax])) == block]
+        if outer and all(raw[a] is not None and raw[a] != -1 for a in va if a < outer[0]):
+            return _rescaled(raw, outer[0], old_numel, new_numel)
     if not lits or adaptive or old_numel == new_numel:
         return None
     ax = lits[-1]
@@ -178,6 +186,10 @@ def rescale_shape(raw: list, va: list, old_numel: int, new_numel: int, old_shape
             if any(r is None or r == -1 for r in raw):
                 return None
             raise Mismatch("no literal dim counts the heads")
+    return _rescaled(raw, ax, old_numel, new_numel)
+
+
+def _rescaled(raw: list, ax: int, old_numel: int, new_numel: int) -> list:
     num = int(raw[ax]) * new_numel
     if num % old_numel:
         raise Mismatch("a literal shape cannot be rescaled to the new width")

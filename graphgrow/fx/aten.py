@@ -65,6 +65,16 @@ def _type_as(x, other):
     return "to", (x, other.meta["val"].dtype), {}
 
 
+def _unflatten(x, dim, sizes):
+    # a reshape with every other dim as captured (the literals view writes too): one rewrite rule for both
+    val = x.meta.get("val") if isinstance(x, fx.Node) else None
+    if not isinstance(val, torch.Tensor):
+        return torch.unflatten, (x, dim, sizes), {}  # (a move still, its literals left as they are)
+    shape = list(val.shape)
+    d = dim % len(shape)
+    return "reshape", (x, shape[:d] + list(sizes) + shape[d + 1:]), {}
+
+
 def _identity(x):
     return x
 
@@ -203,6 +213,7 @@ def _table() -> dict:
     put(_overloads(aten.unsqueeze, "default"), _function(torch.unsqueeze))
     put(_overloads(aten.squeeze, "dim", "dims", "default"), _function(torch.squeeze))
     put(_overloads(aten.flatten, "using_ints"), _function(torch.flatten))
+    put(_overloads(aten.unflatten, "int"), _unflatten)  # (Falcon's [q | k | v] per head on transformers 5.25)
     put(_overloads(aten.cat, "default"), _function(torch.cat))
     put(_overloads(aten.stack, "default"), _function(torch.stack))
     put(_overloads(aten.baddbmm, "default"), _function(torch.baddbmm))

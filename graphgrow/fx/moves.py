@@ -276,6 +276,16 @@ class MoveReplay:
                     i = [first.get(v % old_in.shape[axis]) for v in i]
                     if None in i:
                         raise self.conflict(node, "an indexed channel is missing")
+                elif isinstance(i, torch.Tensor) and n_advanced == 1 and i.ndim == 1 and not i.is_floating_point():
+                    # a constant index tensor (Falcon-MQA's qkv[..., [-2]] on transformers 5.24) cannot be rewritten
+                    # in the graph: it passes where it still picks the same channels, counted from the end
+                    old_n, new_n = old_in.shape[axis], x.shape[axis]
+                    picked = src[i.numpy() % new_n] if len(src) == new_n else None
+                    if picked is None or not np.array_equal(picked, i.numpy() % old_n):
+                        raise self.conflict(node, "a constant index tensor no longer picks the same channels")
+                    out.append(i)
+                    axis += 1
+                    continue
                 else:
                     raise self.conflict(node, "strided slicing or advanced indexing of a widened axis")
                 changed = True

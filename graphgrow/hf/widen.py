@@ -194,7 +194,7 @@ def _known_fields(model, an, plan, shapes: dict, eps_changes: dict) -> dict:
     for field in head_fields(cfg):  # (an encoder-decoder's encoder/decoder head counts grow like the query heads)
         heads = getattr(cfg, field, None)
         if isinstance(heads, int):
-            known[field] = int(round(heads * ratios["key" if field == "num_key_value_heads" else "query"]))
+            known[field] = int(round(heads * ratios["key" if field in KEY_HEAD_FIELDS else "query"]))
     head_dims = {an.constraints.unit_size.get(sp.id) for sp in an.produced if an.constraints.heads_of.get(sp.id)}
     per_stage = isinstance(getattr(cfg, "num_attention_heads", None), (list, tuple))  # Swin: heads per stage
     if len(head_dims) == 1 and None not in head_dims and not per_stage:
@@ -251,11 +251,16 @@ def _name_multi_query(cfg, an) -> None:
                                 for r in sp.frozen_reasons]
 
 
+# the key/value head counts (stated at the key heads' ratio): Falcon's num_kv_heads shapes no parameter of its
+# per-head [q | k | v] layout (new_decoder_architecture=False), yet its forward reads it
+KEY_HEAD_FIELDS = ("num_key_value_heads", "num_kv_heads")
+
+
 def head_fields(cfg) -> list:
     """The config's head counts: shapes cannot tell them (q_proj is heads x head_dim either way), so every one
     is stated at the heads' ratio: num_attention_heads / num_key_value_heads, and an encoder-decoder's
     encoder_attention_heads, decoder_attention_heads, T5's num_heads..."""
-    fields = ["num_attention_heads", "num_key_value_heads"]
+    fields = ["num_attention_heads", *KEY_HEAD_FIELDS]
     for name, value in cfg.to_dict().items():
         if isinstance(value, int) and not isinstance(value, bool) and value > 0 and name not in fields \
                 and (name.endswith("attention_heads") or name in ("num_heads", "n_head", "n_heads")):

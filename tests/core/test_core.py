@@ -175,3 +175,20 @@ def test_scale_affine_keeps_an_offset_gain():
     w = np.array([0.5, -0.25, 0.0], np.float32)
     assert np.allclose(1 + ar.scale_affine(w, 0.5, 1.0), 0.5 * (1 + w))
     assert np.allclose(ar.scale_affine(w, 2.0), 2 * w)
+
+
+def test_reshape_literal_counting_copied_blocks_grows():
+    from graphgrow.core.sites import rescale_shape
+
+    # Falcon's kv groups on transformers 5.25: [B, L, 8, 16] -> view(B, L, 2, -1, 16), each group (2 queries, key,
+    # value: 4 x 16 channels) copied whole at x2. The -1 would take the new channels into every group and cut the
+    # copies apart: the literal group count follows the width instead
+    raw, va, old = [2, 12, 2, -1, 16], [2, 3, 4], (2, 12, 2, 4, 16)
+    assert rescale_shape(raw, va, 2 * 12 * 128, 2 * 12 * 256, old, unit=16, block=64) == [2, 12, 4, -1, 16]
+    # heads copied one by one (no block): the -1 follows the width, nothing to rewrite
+    assert rescale_shape(raw, va, 2 * 12 * 128, 2 * 12 * 256, old, unit=16) is None
+    # 5.24's view(B, L, -1, 4, 16): the -1 already counts the groups
+    assert rescale_shape([2, 12, -1, 4, 16], va, 2 * 12 * 128, 2 * 12 * 256, old, unit=16, block=64) is None
+    # the per-head [q | k | v] (heads, 3, head_dim), each head's block of 48 copied whole: the head count grows
+    assert rescale_shape([2, 12, 4, 3, 16], va, 2 * 12 * 192, 2 * 12 * 384, (2, 12, 4, 3, 16), unit=16,
+                         block=48) == [2, 12, 8, 3, 16]
