@@ -223,7 +223,9 @@ def _why_kept(name: str, exc: ConfigMismatch, an, plan, config) -> str | None:
     fields = []
     if exc.config is not None:
         old, new = config.to_dict(), exc.config.to_dict()
-        fields = [f"{f} {v}" for f, v in new.items() if v != old.get(f) and v == plan.new_size(sp)]
+        # (a field that sized this space and was set to its grown width)
+        fields = [f"{f} {v}" for f, v in new.items()
+                  if old.get(f) == sp.size and v == plan.new_size(sp) != sp.size]
     return ": ".join([", ".join(fields)] * bool(fields) + [shape_words(keys[0], *exc.bad[keys[0]])])
 
 
