@@ -340,8 +340,10 @@ class AttentionRelations:
         old_p = p
         if not self.analysis:
             space = self.node_space.get((self.node_key(node), "scores"))
+            # (the old scores as scores() labelled them: JetMoE's repeated key heads read fewer distinct heads)
             old_p = self.fixed_labels(node, "scores", s_shape, self.salt(node)) if space is None else \
-                LabelTensor.channels(s_shape, head, space.chan_ids, self.salt(node))
+                self.scores(node, name, old_q, old_k, old_q, old_k, q_axes=(head, nd - 1), k_axes=(head, nd - 1),
+                            out_shape=s_shape, out_axis=head if head is not None else nd - 2)
         if bias is not None:
             self.head_bias(node, p, old_p, head, bias, old_bias)
         return self.values(node, name, p, v, old_p, old_v, p_axis=head, v_axes=(head, nd - 1),

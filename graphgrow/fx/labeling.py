@@ -46,6 +46,19 @@ class ModuleUpdate:
 _param = param_array
 
 
+def one_device(args, kwargs) -> tuple:
+    """A graph captured on the meta device (a checkpoint directory's weightless model) names the meta device in its
+    literals (``zeros(..., device=meta)``): a tensor made from literals alone is made on the CPU, holding the values
+    it holds in memory (JetMoE's index_add into zeros); an op that also reads a meta tensor stays on the meta device."""
+    tensors = []
+    tree_map(lambda v: tensors.append(v) if isinstance(v, torch.Tensor) else None, (args, kwargs))
+    if any(t.is_meta for t in tensors):
+        to_meta = lambda v: v.to("meta") if isinstance(v, torch.Tensor) and not v.is_meta else v  # noqa: E731
+        return tree_map(to_meta, args), tree_map(to_meta, kwargs)
+    cpu = lambda v: torch.device("cpu") if isinstance(v, torch.device) and v.type == "meta" else v  # noqa: E731
+    return tree_map(cpu, args), tree_map(cpu, kwargs)
+
+
 class FxLabelRun(FxTransformerOps, FxFunctionalOps, FxDispatchOps, MoveReplay, RelationRun):
     scales_gainless_streams = True  # fill + rescale under norms without gain: fx/stream_scale.py
 
@@ -222,6 +235,7 @@ class FxLabelRun(FxTransformerOps, FxFunctionalOps, FxDispatchOps, MoveReplay, R
         target = node.target
         first = args[0] if args else None
         if not label_leaves((args, kwargs)):  # pure python / shape arithmetic
+            args, kwargs = one_device(args, kwargs)
             if node.op == "call_method":
                 return getattr(first, target)(*args[1:], **kwargs)
             return target(*args, **kwargs)

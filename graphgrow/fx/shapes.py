@@ -20,7 +20,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from torch.nn.utils.stateless import _reparametrize_module
 from torch.utils._pytree import tree_map
 
-from ..errors import InputMismatchError, first_line
+from ..errors import InputMismatchError, UnsupportedModelError, first_line
 
 
 class TensorMeta:
@@ -38,14 +38,66 @@ def _tensor_meta(v):
 
 
 class _Recorder(ShapeProp):
-    def __init__(self, gm):
+    def __init__(self, gm, off_meta: bool = False):
         super().__init__(gm)
         self.values: dict = {}
+        self.off_meta = off_meta  # a graph captured on the meta device, run for real: its literal devices too
 
     def run_node(self, n):
         out = super().run_node(n)
         self.values[n] = tree_map(_tensor_meta, out)
         return out
+
+    def call_function(self, target, args, kwargs):
+        return super().call_function(target, *self._cpu(args, kwargs))
+
+    def call_method(self, target, args, kwargs):
+        return super().call_method(target, *self._cpu(args, kwargs))
+
+    def _cpu(self, args, kwargs):
+        if not self.off_meta:
+            return args, kwargs
+        return tree_map(_cpu_device, args), tree_map(_cpu_device, kwargs)
+
+
+def _cpu_device(v):
+    if isinstance(v, torch.device) and v.type == "meta":
+        return torch.device("cpu")
+    # (a weightless example input is zeros: meta_inputs builds it so)
+    return torch.zeros_like(v, device="cpu") if isinstance(v, torch.Tensor) and v.is_meta else v
+
+
+def _stored_state(gm: fx.GraphModule) -> dict | None:
+    """Real values for the meta-device parameters and buffers of ``gm``, from each tensor's ``graphgrow_load``
+    (a weightless checkpoint model, :func:`graphgrow.hf.stream.meta_model`); {} when none is on the meta device,
+    None when one has no way to its value."""
+    state = {}
+    tensors = list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False))
+    need = sum(v.numel() * v.element_size() for _, v in tensors if v.is_meta)
+    have = available_memory()
+    if have and need > have // 2:
+        raise UnsupportedModelError(f"this model's graph needs data to be shaped (a size read from values, such as "
+                                    f"JetMoE's .tolist() of its routing), and its {need / 2 ** 30:.1f} GiB of weights "
+                                    f"do not fit in half of the {have / 2 ** 30:.1f} GiB available")
+    for k, v in tensors:
+        if v.is_meta:
+            load = getattr(v, "graphgrow_load", None)
+            if load is None:
+                return None
+            state[k] = load().to(v.dtype)
+    return state
+
+
+def available_memory() -> int:
+    """Bytes of memory available now (MemAvailable), or 0 where the system does not say."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
 
 class TrainingFlags:
@@ -83,9 +135,13 @@ def record_shapes(gm: fx.GraphModule, inputs: tuple) -> dict:
             return _on_meta(gm, inputs)
         except Exception:  # noqa: BLE001 - not runnable on meta tensors: run it for real
             pass
-        rec = _Recorder(gm)
+        # a weightless model whose graph needs data (JetMoE sizes its expert batches by .tolist() of the routing)
+        # runs once on its stored weights, loaded for this run only (memory: the model's weights)
+        state = _stored_state(gm)
+        rec = _Recorder(gm, off_meta=bool(state))
         try:
-            rec.propagate(*inputs)
+            with _reparametrize_module(gm, state or {}, tie_weights=True):
+                rec.propagate(*(tree_map(_cpu_device, inputs) if state else inputs))
         except Exception as exc:  # noqa: BLE001 - user input problem
             raise InputMismatchError(f"the example inputs do not fit the model: {first_line(exc)}") from None
         return rec.values

@@ -22,9 +22,11 @@ from ..errors import UnsupportedModelError
 class ConfigMismatch(UnsupportedModelError):
     """The family's config cannot give the grown shapes; ``keys`` lists the parameters that disagree."""
 
-    def __init__(self, message: str, keys: list):
+    def __init__(self, message: str, keys: list, bad: dict | None = None, config=None):
         super().__init__(message)
         self.keys = keys
+        self.bad = bad or {}  # key -> (shape the config gives or None: absent, shape the widening gives)
+        self.config = config  # the nearest config the solver found (its fields name what disagrees)
 
 # fields that never describe a width (probing them would only cost time)
 _NOT_WIDTHS = ("vocab_size", "max_position_embeddings", "num_hidden_layers", "n_positions", "type_vocab_size")
@@ -175,9 +177,12 @@ def solve_config(model_cls, config, target: dict, known: dict):
         raise ConfigMismatch(f"{type(config).__name__} rejects the grown sizes "
                              f"({', '.join(f'{k}={v}' for k, v in deferred.items())}) with the others", [])
     key, (got, want) = sorted(bad.items())[0]
-    raise ConfigMismatch(f"{type(config).__name__} cannot express the grown shapes: {key!r} would be "
-                         f"{list(got) if got else 'absent'} where the widening gives "
-                         f"{list(want) if want else 'none'}", sorted(bad))
+    raise ConfigMismatch(f"{type(config).__name__} cannot express the grown shapes: {shape_words(key, got, want)}",
+                         sorted(bad), bad, new)
+
+
+def shape_words(key: str, got, want) -> str:
+    return f"{key!r} would be {list(got) if got else 'absent'} where the widening gives {list(want) if want else 'none'}"
 
 
 def _known_that_build(model_cls, config, known: dict):
@@ -236,8 +241,9 @@ def head_coupling(model_cls, config, known: dict) -> str | None:
     """The config rule ``head_dim = hidden_size / num_attention_heads`` when the family derives its heads' size
     from the stream (GPT-NeoX, GPT-J, BLOOM, ...: doubling ``num_attention_heads`` alone changes no parameter)
     and the grown sizes in ``known`` break it (head_dim kept: heads are copied whole); else None."""
-    hidden, heads = known.get("hidden_size"), known.get("num_attention_heads")
     old_hidden, old_heads = getattr(config, "hidden_size", None), getattr(config, "num_attention_heads", None)
+    # (a stream that keeps its width, ELECTRA's: it reaches the output, still fixes the heads' size)
+    hidden, heads = known.get("hidden_size") or old_hidden, known.get("num_attention_heads")
     if not all(isinstance(v, int) and v > 0 for v in (hidden, heads, old_hidden, old_heads)):
         return None
     head_dim = known.get("head_dim") or old_hidden // old_heads
@@ -250,5 +256,5 @@ def head_coupling(model_cls, config, known: dict) -> str | None:
             return None  # (the family reads head_dim from its config: the stream and the heads are independent)
     except Exception:  # noqa: BLE001 - the family rejects the probe: no rule to name
         return None
-    return (f"{type(config).__name__} derives head_dim = hidden_size / num_attention_heads, and the grown "
-            f"hidden_size {hidden} is not {heads} heads x {head_dim}")
+    return (f"{type(config).__name__} derives head_dim = hidden_size / num_attention_heads, and the "
+            f"{'grown ' if hidden != old_hidden else ''}hidden_size {hidden} is not {heads} heads x {head_dim}")

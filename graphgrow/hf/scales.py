@@ -10,7 +10,7 @@ equal to a number stated in the config (Granite's ``embedding_multiplier``...) i
 the family keeps: it stays as it is.
 
 A table the family computes from its width and does not store (M2M100's, Speech2Text's sinusoidal positions:
-non-persistent buffers) cannot hold copied channels: where it meets the activations
+non-persistent buffers; MarianMTModel's, a parameter left out of save_pretrained) cannot hold copied channels: where it meets the activations
 (``node.meta[WIDTH_TABLE]``), the analysis keeps their width, naming the reason (class (d), "sinusoidal").
 """
 
@@ -159,10 +159,16 @@ def mark_width_scales(gm: fx.GraphModule, config) -> int:
 _ARITH = (operator.add, torch.add, operator.sub, torch.sub) + _MUL + _DIV
 
 
+def unsaved_keys(model) -> set:
+    """Parameters the family leaves out of save_pretrained and recomputes at load (MarianMTModel's sinusoidal
+    ``embed_positions.weight``: ``_keys_to_ignore_on_save``): stored nowhere, so no copied channel survives."""
+    return set(getattr(model, "_keys_to_ignore_on_save", None) or ())
+
+
 def mark_width_tables(gm: fx.GraphModule, model) -> int:
-    """Mark the ops where a float table of two or more axes that is not in the state_dict (recomputed from the
-    config) meets other activations; returns how many were marked."""
-    stored = set(model.state_dict(keep_vars=True))
+    """Mark the ops where a float table of two or more axes that is not in the state_dict, or not saved
+    (recomputed from the config), meets other activations; returns how many were marked."""
+    stored = set(model.state_dict(keep_vars=True)) - unsaved_keys(model)
     # only a table as wide as the stream is computed from the width: rotary tables (GPT-J's sin/cos buffer) are
     # as wide as rotary_dim / head_dim, which head copies keep
     width = getattr(model.config, "hidden_size", None)

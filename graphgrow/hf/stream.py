@@ -26,7 +26,9 @@ from .layout import StoredLayout
 from . import layer_check
 from .deepen import LayerCopies, plan_copies, require_fits
 from .stacks import layer_stacks
+from .scales import unsaved_keys
 from .widen import plan_widening
+from ..fx.shapes import available_memory as _available_memory
 
 # max |grown - original| / max |original| accepted for the stored dtype: a weight divided by its copies or
 # rescaled by sqrt(d/d') is rounded to the checkpoint's dtype, which the original weights were not
@@ -61,13 +63,51 @@ def meta_model(src: Checkpoint):
         if tuple(given) != tuple(src.shape(name)):
             raise InvalidArgumentError(f"{src.path}: config.json and the weights disagree: {name!r} is stored as "
                                        f"{list(src.shape(name))}, config.json gives {list(given)}")
-    stored = set(src.names()) | set(layout.pieces)
+    # (parameters the family never saves are recomputed by from_pretrained: MarianMTModel's sinusoidal positions)
+    stored = set(src.names()) | set(layout.pieces) | unsaved_keys(model)
     missing = [k for k in state if not stored & set(groups.get(k, [k])) and k in dict(model.named_parameters())]
     if missing:
         raise InvalidArgumentError(f"{src.path}: the weights lack {missing[0]!r} ({len(missing)} parameters missing)")
     for key, t in state.items():
         t.graphgrow_key = key  # recipes name the tensor they rewrite
+    _stored_values(model, src, layout, groups)
     return model
+
+
+def _stored_values(model, src: Checkpoint, layout: StoredLayout, groups: dict) -> None:
+    """Each meta tensor learns where its value is (``graphgrow_load``, read by fx.shapes only when the graph cannot
+    be shaped on the meta device: JetMoE sizes its expert batches by ``.tolist()`` of the routing): the stored
+    tensor (assembled from its pieces), or, for what the family computes (rotary tables, MarianMTModel's unsaved
+    sinusoidal positions), its own ``_init_weights`` on the CPU, as from_pretrained does."""
+    names = set(src.names())
+    for module_name, module in model.named_modules():
+        for holder in (module._parameters, module._buffers):
+            for attr, t in holder.items():
+                if t is None or not t.is_meta:
+                    continue
+                key = f"{module_name}.{attr}" if module_name else attr
+                stored = [k for k in groups.get(key, [key]) if k in names or k in layout.pieces]
+                if stored and stored[0] in layout.pieces:
+                    k = stored[0]
+                    t.graphgrow_load = lambda k=k, t=t: layout.assemble(k, tuple(t.shape), src.get)
+                elif stored:
+                    t.graphgrow_load = lambda k=stored[0]: src.get(k)
+                else:
+                    t.graphgrow_load = lambda m=module, h=holder, a=attr: _computed(model, m, h, a)
+
+
+def _computed(model, module, holder: dict, attr: str) -> torch.Tensor:
+    """The value the family's ``_init_weights`` gives ``module.<attr>``, computed on the CPU (the meta tensor put
+    back after)."""
+    meta = holder[attr]
+    cpu = torch.empty_like(meta, device="cpu")
+    holder[attr] = torch.nn.Parameter(cpu, requires_grad=False) if isinstance(meta, torch.nn.Parameter) else cpu
+    try:
+        with torch.no_grad():
+            model._init_weights(module)
+        return holder[attr].detach()
+    finally:
+        holder[attr] = meta
 
 
 def computed_buffers(model) -> None:
@@ -172,18 +212,6 @@ def check_mode(check) -> str:
 def _tolerance(src: Checkpoint) -> tuple:
     dtype = max((src.dtype(n) for n in src.names()), key=lambda d: TOLERANCE.get(d, 0))
     return TOLERANCE.get(dtype, 1e-4), dtype
-
-
-def _available_memory() -> int:
-    """Bytes of memory available now (MemAvailable), or 0 where the system does not say."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
 
 
 def _full_check_bytes(src: Checkpoint, out: Checkpoint) -> int:

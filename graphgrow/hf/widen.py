@@ -32,7 +32,7 @@ from ..fx.engine import FxAnalysis, count_params, plan_and_apply
 from ..fx.transformer import norm_eps, param_array, param_through_offset
 from .capture import ModelOutputs, as_inputs, capture, input_names, rebuilt, tied_groups
 from .family_axes import ambiguous_blocks, mark_family_axes
-from .config import ConfigMismatch, eps_fields, fixed_eps_modules, head_coupling, solve_config
+from .config import ConfigMismatch, eps_fields, fixed_eps_modules, head_coupling, shape_words, solve_config
 
 
 def _key(owner: str, attr: str) -> str:
@@ -240,6 +240,29 @@ def _unread_values(model, config, unread: list, values: dict) -> list:
         if grown else []
 
 
+def _touching(spaces, keys, grown: set) -> list:
+    """Names of the grown spaces that one of the parameters ``keys`` (or its module's) produces or consumes."""
+    owners = {k.rsplit(".", 1)[0] for k in keys}
+    return [sp.name for sp in spaces if sp.name in grown
+            and any(p in keys or p.rsplit(".", 1)[0] in owners for p in sp.producers + sp.consumers)]
+
+
+def _why_kept(name: str, exc: ConfigMismatch, an, plan, config) -> str | None:
+    """The disagreeing parameter that touches space ``name``, after the config fields the solver set to its grown
+    width (ELECTRA: "embedding_size 64: 'embeddings_project.weight' would be absent ...")."""
+    sp = next(s for s in an.produced if s.name == name)
+    keys = [k for k in exc.keys if _touching([sp], [k], {name})]
+    if not keys or keys[0] not in exc.bad:
+        return None
+    fields = []
+    if exc.config is not None:
+        old, new = config.to_dict(), exc.config.to_dict()
+        # (a field that sized this space and was set to its grown width)
+        fields = [f"{f} {v}" for f, v in new.items()
+                  if old.get(f) == sp.size and v == plan.new_size(sp) != sp.size]
+    return ": ".join([", ".join(fields)] * bool(fields) + [shape_words(keys[0], *exc.bad[keys[0]])])
+
+
 def _name_multi_query(cfg, an) -> None:
     """A single key/value head fused with the queries (GPT-BigCode, Falcon-7B) is the config's ``multi_query``:
     the family cannot state a second one, which the reason names (class (b))."""
@@ -366,15 +389,20 @@ def plan_widening(model, inputs: tuple, factor, *, widths=None, only=None, exclu
             rule = head_coupling(type(model), model.config, known)
             if rule and widths:
                 raise ConfigMismatch(f"the requested widths cannot be stated: {rule}", exc.keys) from None
-            # the heads first (the stream matters more), then the other spaces the config cannot state
-            candidates = ([k for k in exc.keys if k in heads], list(exc.keys), heads)
+            # the heads first (the stream matters more), then the other spaces the config cannot state, then
+            # the grown spaces a disagreeing parameter reads or writes (ELECTRA's embeddings_project vanishes when
+            # embedding_size grows to hidden_size: its key names the stream, the embedding space reads into it)
+            grown = {sp.name for sp in an.produced if plan.new_size(sp) != sp.size}
+            candidates = ([k for k in exc.keys if k in heads], [k for k in exc.keys if k in grown],
+                          _touching(an.produced, exc.keys, grown), heads)
             more = next(([k for k in keys if k in names and k not in kept] for keys in candidates
                          if [k for k in keys if k in names and k not in kept]), [])
             if not more or widths:
                 raise
             kept.extend(more)
             for name in more:
-                kept_why[name] = rule or first_line(exc).split(": ", 1)[-1]
+                kept_why[name] = ((rule if name in heads else None) or _why_kept(name, exc, an, plan, model.config)
+                                  or rule or first_line(exc).split(": ", 1)[-1])
     raise UnsupportedModelError(f"no widening of {type(model).__name__} its config can state was found")
 
 

@@ -142,3 +142,44 @@ def test_olmo_gainless_layer_norm_stream_fills_at_one_and_a_half():
     assert (c.hidden_size, c.intermediate_size, c.num_attention_heads, c.num_key_value_heads) == (96, 192, 6, 3)
     ideal = transformers.OlmoForCausalLM(c)
     assert sum(p.numel() for p in big.parameters()) == sum(p.numel() for p in ideal.parameters())
+
+
+def electra(cls="ElectraModel"):
+    torch.manual_seed(0)
+    cfg = transformers.ElectraConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                     num_attention_heads=4, max_position_embeddings=66, embedding_size=32,
+                                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, pad_token_id=0)
+    cfg._attn_implementation = "sdpa"
+    return getattr(transformers, cls)(cfg).eval()
+
+
+def test_electra_model_at_two_keeps_the_embedding_its_config_would_drop_the_projection_for():
+    # ElectraModel returns the stream (64 stays: a model output); embedding_size 32 -> 64 would equal hidden_size,
+    # and ElectraConfig then builds no embeddings_project: that space stays, named; the MLP grows
+    model = electra()
+    torch.manual_seed(0)
+    x = ids()
+    big = graphgrow.widen(model, 2, example_inputs=(x,))
+    y = ids(7)
+    with torch.no_grad():
+        assert max_rel(model(y).last_hidden_state, big(y).last_hidden_state) < 1e-5
+    c = big.config
+    assert (c.hidden_size, c.embedding_size, c.intermediate_size, c.num_attention_heads) == (64, 32, 256, 4)
+    assert sum(p.numel() for p in big.parameters()) == 108_416  # 75,392 + 2 layers x (2 x 64 x 128 + 128)
+    assert type(model)(c).load_state_dict(big.state_dict(), strict=True) is not None
+    why = {s.name: " ".join(s.frozen_reasons) for s in big.graphgrow_report.spaces if s.new_width == s.old_width}
+    assert "embedding_size 64: 'embeddings_project" in why["embeddings.word_embeddings.weight"]
+    assert "cannot state it grown" in why["embeddings.word_embeddings.weight"]
+    assert "hidden_size 64 is not 8 heads x 16" in why["encoder.layer.0.attention.self.query.weight"]
+
+
+def test_electra_mlm_at_two_grows_the_embedding_and_the_stream_apart():
+    # with a head the stream grows too: embedding_size 64 != hidden_size 128, embeddings_project kept
+    model = electra("ElectraForMaskedLM")
+    big = grown(model, 2)
+    c = big.config
+    assert (c.hidden_size, c.embedding_size, c.intermediate_size, c.num_attention_heads) == (128, 64, 256, 8)
+    ideal = transformers.ElectraForMaskedLM(c)
+    assert sum(p.numel() for p in big.parameters()) == sum(p.numel() for p in ideal.parameters()) == 294_464
+    kept = [s for s in big.graphgrow_report.spaces if s.new_width < 2 * s.old_width]
+    assert [(s.old_width, s.frozen_reasons) for s in kept] == [(VOCAB, ["reaches a model output"])]
