@@ -1,19 +1,23 @@
-"""Growing a Llama-shaped checkpoint of ~1 B parameters (bf16, random weights) in bounded memory.
+"""Growing a Llama-shaped checkpoint (bf16, random weights) in bounded memory: 1.1 B or 7 B parameters.
 
-    PYTHONPATH=. python benchmarks/hf_scale.py [FOLDER] [--factors 2,1.5] [--shard-gb 2]
+    PYTHONPATH=. python benchmarks/hf_scale.py [FOLDER] [--model 1b|7b] [--factors 2,1.5] [--workers 1]
 
-Makes FOLDER/src (default FOLDER: /tmp/graphgrow_hf_scale; kept between runs): TinyLlama-1.1B's shape
-(hidden 2048, MLP 5632, 22 layers, 32 heads, 4 kv heads, vocab 32000), random bf16 weights, sharded at
---shard-gb, built shard by shard from the shapes of a meta-device LlamaForCausalLM (never in memory).
-Then, each in a fresh subprocess, wall time and peak RSS (VmHWM):
+Makes FOLDER/src (default FOLDER: /tmp/graphgrow_hf_scale[_7b]; kept between runs): TinyLlama-1.1B's shape
+(hidden 2048, MLP 5632, 22 layers, 32 heads, 4 kv heads) or Llama-2-7B's (hidden 4096, MLP 11008, 32 layers,
+32 heads), vocab 32000, random bf16 weights, sharded as the hub shards them (2 GB / 10 GB), built shard by
+shard from the shapes of a meta-device LlamaForCausalLM (never in memory); the free disk space is checked
+first (7B x1.5: 13.5 GB in, 30 GB out, one output at a time). Then, each in a fresh subprocess, wall time and
+peak RSS (VmHWM of the main process; the largest worker's too):
 
-* plan-F:   the planning alone (meta-device model, torch.export, analysis, recipes, config): the fixed cost
-* widen-F:  graphgrow.hf.stream.widen_checkpoint(..., F, check=False): plan + stream every tensor
-* floor-F:  the floor for the same bytes: every input shard read with safetensors, and the output's tensors
-            (same names, shapes, dtype and shards as widen-F wrote) written with safetensors' save_file
-* identity: rewrite_checkpoint with the identity plan, against floor-1 (read + write of the input bytes)
-
-The page cache is warm (the checkpoint fits in memory), so times are CPU and copy bound.
+* plan-F:      the planning alone (meta-device model, torch.export, analysis, recipes, config): the fixed cost
+* widen-F:     the default command, graphgrow.hf.stream.widen_checkpoint(..., F): plan, stream every tensor
+               (default writer), flush, and the layer-by-layer check
+* widen-F-wN:  the same with workers=N (1: the serial writer)
+* stream-F:    (1b) check=False: plan and stream only
+* floor-F:     the floor for the same bytes: every input shard read with safetensors, and the output's tensors
+               (same names, shapes, dtype and shards as widen-F wrote) written with safetensors' save_file and
+               flushed to disk (fsync), as graphgrow flushes its output
+* identity:    (1b) rewrite_checkpoint with the identity plan, against floor-1
 """
 
 from __future__ import annotations
