@@ -89,11 +89,25 @@ def _stored_values(model, src: Checkpoint, layout: StoredLayout, groups: dict) -
                 stored = [k for k in groups.get(key, [key]) if k in names or k in layout.pieces]
                 if stored and stored[0] in layout.pieces:
                     k = stored[0]
-                    t.graphgrow_load = lambda k=k, t=t: layout.assemble(k, tuple(t.shape), src.get)
+                    t.graphgrow_load = _Load(lambda k=k, t=t: layout.assemble(k, tuple(t.shape), src.get))
                 elif stored:
-                    t.graphgrow_load = lambda k=stored[0]: src.get(k)
+                    t.graphgrow_load = _Load(lambda k=stored[0]: src.get(k))
                 else:
-                    t.graphgrow_load = lambda m=module, h=holder, a=attr: _computed(model, m, h, a)
+                    t.graphgrow_load = _Load(lambda m=module, h=holder, a=attr: _computed(model, m, h, a))
+
+
+class _Load:
+    """A meta tensor's way to its value, used while planning only: pickled (with a plan sent to the writer's
+    worker processes) as None."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __call__(self):
+        return self.fn()
+
+    def __reduce__(self):
+        return (type(None), ())
 
 
 def _computed(model, module, holder: dict, attr: str) -> torch.Tensor:

@@ -119,15 +119,15 @@ def test_bert_mlm_head_transform_is_tied_to_the_embedding_columns():
     assert big2.cls.predictions.transform.dense.weight.shape == (128, 128)
 
 
-def test_codegen_at_one_and_a_half_keeps_its_heads_not_its_fill():
-    """CodeGen's fused mp_num blocks fail the check at a grown head count; with fill + rescale in the plan the
-    heads (not the fill) are given up first, and the reason names them."""
+def test_codegen_at_one_and_a_half_grows_heads_and_fill():
+    """CodeGen's fused mp_num blocks are read across the 4 blocks (hf/family_axes.py): at x1.5 the heads grow
+    4 -> 6 (1.5 per block) and the stream fills to 96, with no fallback."""
     torch.manual_seed(0)
     cfg = transformers.CodeGenConfig(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_inner=128, n_positions=64,
                                      rotary_dim=8, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **TOK)
     model = transformers.CodeGenForCausalLM(cfg).eval()
     big = grown(model, 1.5)
-    assert big.config.n_inner == 192 and big.config.n_head == 4
+    assert (big.config.n_inner, big.config.n_head, big.config.n_embd) == (192, 6, 96)
     assert not any("fill + rescale did not verify" in n for n in big.graphgrow_report.notes)
 
 
