@@ -31,16 +31,22 @@ def _output(args, tag: str) -> str:
     return out
 
 
-def _progress(args):
-    say = options.progress(args)
+def _ticker(say, line):
+    """A progress callback ``(done, total, name)`` saying ``line(done, total, name)`` every tenth of the way."""
     state = {"next": 0.0}
 
     def tick(done, total, name):
         if total and done / total >= state["next"]:
-            say(f"{100 * done / total:3.0f}% of {total / 2 ** 30:.2f} GiB ({name})")
+            say(line(done, total, name))
             state["next"] = done / total + 0.1
 
-    return say, tick
+    return tick
+
+
+def _progress(args):
+    say = options.progress(args)
+    return say, _ticker(say, lambda done, total, name: f"{100 * done / total:3.0f}% of {total / 2 ** 30:.2f} GiB "
+                                                       f"({name})")
 
 
 def _check(args):
@@ -49,15 +55,8 @@ def _check(args):
 
 
 def _check_progress(args):
-    say = options.progress(args)
-    state = {"next": 0.0}
-
-    def tick(done, total, name):
-        if total and done / total >= state["next"]:
-            say(f"checking layer by layer: {done}/{total} layers ({name})")
-            state["next"] = done / total + 0.1
-
-    return tick
+    return _ticker(options.progress(args),
+                   lambda done, total, name: f"checking layer by layer: {done}/{total} layers ({name})")
 
 
 def _check_line(check) -> str:

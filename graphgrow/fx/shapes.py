@@ -20,6 +20,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from torch.nn.utils.stateless import _reparametrize_module
 from torch.utils._pytree import tree_map
 
+from ..core.memory import available_memory
 from ..errors import InputMismatchError, UnsupportedModelError, first_line
 
 
@@ -86,18 +87,6 @@ def _stored_state(gm: fx.GraphModule) -> dict | None:
                 return None
             state[k] = load().to(v.dtype)
     return state
-
-
-def available_memory() -> int:
-    """Bytes of memory available now (MemAvailable), or 0 where the system does not say."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
 
 
 class TrainingFlags:

@@ -180,6 +180,9 @@ class Checkpoint:
     def __getstate__(self):  # (sent to the writer's worker processes, which may run in another directory)
         return {**self.__dict__, "path": os.path.abspath(self.path), "_pickle_cache": (None, None)}
 
+    def __contains__(self, name: str) -> bool:
+        return name in self._meta
+
     def names(self) -> list:
         return [name for _, names in self.shards for name in names]
 

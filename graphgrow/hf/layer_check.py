@@ -147,7 +147,7 @@ def _tied_source(model, key: str) -> str | None:
 
 def _read(side: Side, names: tuple):
     for name in names:
-        if name in side.ckpt._meta:
+        if name in side.ckpt:
             return side.ckpt.get(name)
         layout = side.layout
         if layout is not None and name in layout.pieces:
@@ -290,7 +290,7 @@ def _uses_cache(config) -> bool:
 
 def _stored_name(side: Side, key: str | None) -> str | None:
     """The stored tensor holding model parameter ``key`` whole (itself, or its one renamed piece), or None."""
-    if key is None or key in side.ckpt._meta:
+    if key is None or key in side.ckpt:
         return key
     pieces = side.layout.pieces.get(key, ()) if side.layout is not None else ()
     if len(pieces) != 1 or tuple(side.ckpt.shape(pieces[0])) != tuple(side.layout.model.state_dict()[key].shape):
@@ -307,7 +307,7 @@ def _head_rows(side: Side, names: tuple, start: int, stop: int):
             weight = side.ckpt.get_rows(name, start, stop).float()
             bias_name = name.rsplit(".", 1)[0] + ".bias"
             bias = side.ckpt.get_rows(bias_name, start, stop).float() if (
-                name == names[0] and bias_name in side.ckpt._meta) else None
+                name == names[0] and bias_name in side.ckpt) else None
             return weight, bias
     raise ChainUnavailable(f"the head {names[0]!r} is not stored")
 

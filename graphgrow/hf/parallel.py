@@ -21,6 +21,7 @@ from concurrent.futures import BrokenExecutor, Executor, as_completed, wait
 from dataclasses import dataclass
 
 from ..errors import GraphGrowError, InvalidArgumentError, UnsupportedModelError, first_line
+from ..core.memory import available_memory
 
 TASKS_PER_WORKER = 4  # more tasks than workers: a worker that drew small tensors takes another task
 MIN_TASK_BYTES = 64 << 20  # below this, a task's scheduling costs more than its tensors
@@ -112,17 +113,7 @@ def tasks(job: WriteJob, unit_list: list, workers: int) -> list:
 
 
 def _available_memory() -> int:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return 1 << 62  # unknown: memory does not cap
+    return available_memory() or 1 << 62  # unknown: memory does not cap
 
 
 def cpu_count() -> int:

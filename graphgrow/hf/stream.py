@@ -28,7 +28,7 @@ from .deepen import LayerCopies, plan_copies, require_fits
 from .stacks import layer_stacks
 from .scales import unsaved_keys
 from .widen import plan_widening
-from ..fx.shapes import available_memory as _available_memory
+from ..core.memory import available_memory as _available_memory
 
 # max |grown - original| / max |original| accepted for the stored dtype: a weight divided by its copies or
 # rescaled by sqrt(d/d') is rounded to the checkpoint's dtype, which the original weights were not

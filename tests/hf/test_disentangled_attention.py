@@ -8,6 +8,8 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from hf_testing import logits_rel as _rel, n_params as _params  # noqa: E402
+
 VOCAB = 128
 
 
@@ -18,16 +20,6 @@ def _deberta(seed: int = 0, **extra):
                                        pos_att_type=["p2c", "c2p"], max_relative_positions=16, hidden_dropout_prob=0.0,
                                        attention_probs_dropout_prob=0.0, pad_token_id=0, **extra)
     return transformers.DebertaV2ForMaskedLM(cfg).eval()
-
-
-def _rel(a, b, x):
-    with torch.no_grad():
-        ya, yb = a(x).logits, b(x).logits
-    return float((ya - yb).abs().max() / ya.abs().max())
-
-
-def _params(m):
-    return sum(p.numel() for p in m.parameters())
 
 
 @pytest.mark.parametrize("extra", [{}, {"share_att_key": True}, {"position_buckets": 8}])

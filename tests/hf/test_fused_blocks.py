@@ -7,6 +7,8 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from hf_testing import logits_rel as _rel, n_params as _params  # noqa: E402
+
 VOCAB = 128
 
 
@@ -15,16 +17,6 @@ def _codegen(heads: int, seed: int = 0):
     cfg = transformers.CodeGenConfig(vocab_size=VOCAB, n_embd=16 * heads, n_layer=2, n_head=heads, rotary_dim=8,
                                      n_ctx=64, n_positions=64, n_inner=128, bos_token_id=0, eos_token_id=0)
     return transformers.CodeGenForCausalLM(cfg).eval()
-
-
-def _rel(a, b, x):
-    with torch.no_grad():
-        ya, yb = a(x).logits, b(x).logits
-    return float((ya - yb).abs().max() / ya.abs().max())
-
-
-def _params(m):
-    return sum(p.numel() for p in m.parameters())
 
 
 @pytest.mark.parametrize("heads,factor,new_heads", [(4, 2, 8), (8, 1.5, 12), (4, 1.5, 6), (8, 1.25, 10), (12, 1.5, 18)])

@@ -7,26 +7,16 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from hf_testing import logits, max_rel, token_ids  # noqa: E402
+
 import graphgrow  # noqa: E402
 
 VOCAB = 128
-TOK = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
 
 
 def ids(seed=0, length=10):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randint(3, VOCAB, (2, length), generator=g)
-    x[0, 0] = VOCAB - 1
-    return x
-
-
-def max_rel(a, b):
-    return float((a - b).abs().max() / a.abs().max())
-
-
-def logits(model, x):
-    with torch.no_grad():
-        return model(x).logits
+    return token_ids(VOCAB, seed, length)
+TOK = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
 
 
 def grown(model, factor):

@@ -9,9 +9,15 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from hf_testing import logits, max_rel, shapes, token_ids  # noqa: E402
+
 import graphgrow  # noqa: E402
 
 VOCAB = 96
+
+
+def ids(seed=0, length=10):
+    return token_ids(VOCAB, seed, length)
 BASE = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64,
             pad_token_id=0, bos_token_id=1, eos_token_id=2)
 MLA = dict(num_key_value_heads=4, intermediate_size=128, moe_intermediate_size=64, n_routed_experts=4,
@@ -42,25 +48,6 @@ def build(name, factor=1.0):
     config._attn_implementation = attn
     torch.manual_seed(0)
     return cls(config).float().eval()
-
-
-def ids(seed=0, length=10):
-    x = torch.randint(3, VOCAB, (2, length), generator=torch.Generator().manual_seed(seed))
-    x[0, 0] = VOCAB - 1
-    return x
-
-
-def max_rel(a, b):
-    return float((a - b).abs().max() / a.abs().max())
-
-
-def logits(model, x):
-    with torch.no_grad():
-        return model(x).logits
-
-
-def shapes(model):
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))

@@ -8,9 +8,15 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from hf_testing import logits, max_rel, shapes, token_ids  # noqa: E402
+
 import graphgrow  # noqa: E402
 
 VOCAB = 128
+
+
+def ids(seed=0, length=10):
+    return token_ids(VOCAB, seed, length)
 
 
 def build(d_model=64, heads=4, kv=2, ffn=128):
@@ -21,25 +27,6 @@ def build(d_model=64, heads=4, kv=2, ffn=128):
     config._attn_implementation = "sdpa"
     torch.manual_seed(0)
     return transformers.DbrxForCausalLM(config).float().eval()
-
-
-def ids(seed=0, length=10):
-    x = torch.randint(3, VOCAB, (2, length), generator=torch.Generator().manual_seed(seed))
-    x[0, 0] = VOCAB - 1
-    return x
-
-
-def max_rel(a, b):
-    return float((a - b).abs().max() / a.abs().max())
-
-
-def logits(model, x):
-    with torch.no_grad():
-        return model(x).logits
-
-
-def shapes(model):
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
 def widened(model, factor):
