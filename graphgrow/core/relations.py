@@ -365,7 +365,13 @@ class RelationRun(NormRelations, AttentionRelations, DispatchRelations, sites.La
             raise NotUnderstood("channels of a depthwise conv input are not on axis 1")
         new, match = {}, None
         if not self.analysis:
-            match = self.match(node, old_x, x, 1)
+            match = self.match(node, old_x, x, 1, fills_ok=True)
+            if match is not None and match.fills is not None:
+                # a filled channel holds its position's channel mean; a filter of its own cannot make the mean of
+                # the other channels' filtered outputs, which the norm after it needs
+                raise self.conflict(node, "channels added by fill + rescale reach a per-channel filter before the "
+                                          "stream's norm, which then misses their mean, as a post-norm stream does: "
+                                          "the stream keeps whole factors")
             if match is not None:
                 if not match.unique_old:
                     raise self.conflict(node, "depthwise filters on duplicated channels")

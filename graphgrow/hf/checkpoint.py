@@ -336,7 +336,9 @@ def rewrite_checkpoint(src: Checkpoint, out_dir, config: dict, plan, *, overwrit
     ``concurrent.futures.Executor`` instead.  Then ``plan`` and ``src`` are pickled.  The bytes are the same.
     ``progress(done_bytes, total_bytes, name)`` is called here as tasks finish (after each source tensor when
     serial).  ``verify(folder)``, when given, is called on the complete output before it is moved into place;
-    an exception there, or in any task, leaves nothing behind.  Atomic: written into a temporary folder beside
+    an exception there, or in any task, leaves nothing behind.  A ``verify`` that follows the writing has
+    ``order_key(new name)`` (the order tensors are written in), ``follow(folder)`` (called once config.json,
+    the index and every file's header are in place) and ``written(new names)`` (after each task).  Atomic: written into a temporary folder beside
     ``out_dir``, renamed into place."""
     chosen = parallel.writer(workers, executor)
     out_dir = _check_output_dir(src, out_dir, overwrite)
@@ -356,6 +358,9 @@ def rewrite_checkpoint(src: Checkpoint, out_dir, config: dict, plan, *, overwrit
     if chosen is None:
         n = parallel.default_workers(src, announced, units)
         chosen = parallel.SerialWriter() if n == 1 else parallel.PoolWriter(n)
+    order_key = getattr(verify, "order_key", None)
+    if order_key is not None:  # the order the check follows (bytes and offsets do not depend on it)
+        units.sort(key=lambda u: min((order_key(new) for n in u for new in announced[n]), default=(0,)))
     tmp = tempfile.mkdtemp(prefix=".graphgrow-", dir=os.path.dirname(out_dir))
     try:
         places, weight_map = {}, {}
@@ -365,18 +370,6 @@ def rewrite_checkpoint(src: Checkpoint, out_dir, config: dict, plan, *, overwrit
                 f.truncate(size)  # the tensors' bytes are written at their offsets, in any order
             places.update({new: (out_file, offset) for new, offset in offsets.items()})
             weight_map.update({new: out_file for new in offsets})
-        job = parallel.WriteJob(src, plan, tmp, announced, places)
-        done, total = 0, src.total_bytes
-        for nbytes, name in chosen.run(job, units):
-            done += nbytes
-            if progress is not None:
-                progress(done, total, name)
-        for out_file, *_ in files:  # on disk before the check reads them back and before the rename
-            fd = os.open(os.path.join(tmp, out_file), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
         if src.index is not None:
             sizes = {new: (math.prod(shape) * dtype.itemsize, math.prod(shape))
                      for specs in announced.values() for new, (shape, dtype) in specs.items()}
@@ -387,6 +380,24 @@ def rewrite_checkpoint(src: Checkpoint, out_dir, config: dict, plan, *, overwrit
                 f.write(json.dumps(index, indent=2, sort_keys=True) + "\n")
         with open(os.path.join(tmp, CONFIG), "w", encoding="utf-8") as f:
             f.write(json.dumps(config, indent=2, sort_keys=True) + "\n")  # as transformers writes it
+        follow = getattr(verify, "follow", None)
+        if follow is not None:  # the check reads each layer as soon as it is written (see layer_check)
+            follow(tmp)
+        job = parallel.WriteJob(src, plan, tmp, announced, places)
+        done, total, written = 0, src.total_bytes, set()
+        for nbytes, names in chosen.run(job, units):
+            done += nbytes
+            if progress is not None:
+                progress(done, total, names[-1])
+            if follow is not None:
+                written.update(new for name in names for new in announced[name])
+                verify.written(written)
+        for out_file, *_ in files:  # on disk before the rename
+            fd = os.open(os.path.join(tmp, out_file), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         for rel in others:
             os.makedirs(os.path.dirname(os.path.join(tmp, rel)), exist_ok=True)
             shutil.copy2(os.path.join(src.path, rel), os.path.join(tmp, rel))

@@ -42,7 +42,7 @@ class WriteJob:
 
 def run_task(job: WriteJob, names: list) -> tuple:
     """Compute the source tensors ``names`` (whole units) and write their new tensors' bytes in place;
-    returns (source bytes done, last name) for the progress callback."""
+    returns (source bytes done, the names) for the progress callback and the check following the writer."""
     import torch
 
     fds = {}
@@ -71,7 +71,7 @@ def run_task(job: WriteJob, names: list) -> tuple:
     finally:
         for fd in fds.values():
             os.close(fd)
-    return sum(job.src.nbytes(name) for name in names), names[-1]
+    return sum(job.src.nbytes(name) for name in names), list(names)
 
 
 def _pwrite_all(fd: int, data, offset: int) -> None:

@@ -267,31 +267,69 @@ def _full_check(src: Checkpoint, out_dir: str, seed: int) -> float:
     return worst
 
 
-def _checker(src: Checkpoint, model, check, seed: int, report: dict, progress=None):
-    """The check run on the written directory before it is moved into place (None: no check).
+class _Verify:
+    """The check run on the written directory before it is moved into place.
 
     "layers" (the default) runs both models one layer at a time (:mod:`.layer_check`): bounded memory, every
-    vocabulary row of the head compared.  A family whose layers cannot be run one at a time falls back to
-    "full" where both models fit in the memory available, and is refused otherwise.  "full" loads both models
-    whole.  Either compares the outputs within the stored dtype's :data:`TOLERANCE`."""
-    mode = check_mode(check)
-    if mode == "none":
-        return None
-    tolerance, dtype = _tolerance(src)
+    vocabulary row of the head compared; it follows the writer (:meth:`follow`, :meth:`written`), each layer
+    checked as soon as its tensors are written.  A family whose layers cannot be run one at a time falls back
+    to "full" where both models fit in the memory available, and is refused otherwise.  "full" loads both
+    models whole.  Either compares the outputs within the stored dtype's :data:`TOLERANCE`."""
 
-    def verify(out_dir):
-        report.clear()
-        report.update(tolerance=tolerance, checked_dtype=str(dtype))
-        how = mode
+    def __init__(self, src: Checkpoint, model, mode: str, seed: int, report: dict, progress=None):
+        self.src, self.model, self.mode, self.seed, self.report, self.progress = src, model, mode, seed, report, progress
+        self.tolerance, self.dtype = _tolerance(src)
+        self.chained = None  # the layer-by-layer check following the writer
+        self.unavailable = None  # why it cannot run (layer_check.ChainUnavailable)
+        self.stacks = None
         if mode == "layers":
-            out = Checkpoint.open(out_dir)
             try:
-                result = layer_check.check_chained(_chain_side(src, model), _chain_side(out), tolerance=tolerance,
-                                                   seed=seed, progress=progress)
+                self.stacks = layer_check.chain_stacks(layer_stacks(model), type(model).__name__)
+            except layer_check.ChainUnavailable as exc:
+                self.unavailable = exc
+
+    def order_key(self, name: str) -> tuple:
+        """Where the writer puts output tensor ``name`` in its order: shared tensors, then layer by layer in
+        the order the check runs them."""
+        at = layer_check.layer_of(name, self.stacks) if self.stacks else None
+        return (0,) if at is None else (1, *at)
+
+    def follow(self, out_dir: str) -> None:
+        """Start the layer-by-layer check on the directory being written (its config and headers in place)."""
+        if self.mode != "layers" or self.unavailable is not None:
+            return
+        try:
+            self.chained = layer_check.ChainedCheck(_chain_side(self.src, self.model),
+                                                    _chain_side(Checkpoint.open(out_dir)), tolerance=self.tolerance,
+                                                    seed=self.seed, progress=self.progress)
+        except layer_check.ChainUnavailable as exc:
+            self.unavailable = exc
+
+    def written(self, names: set) -> None:
+        if self.chained is None:
+            return
+        try:
+            self.chained.advance(names)
+        except layer_check.ChainUnavailable as exc:
+            self.chained, self.unavailable = None, exc
+
+    def __call__(self, out_dir: str) -> None:
+        report, tolerance = self.report, self.tolerance
+        report.clear()
+        report.update(tolerance=tolerance, checked_dtype=str(self.dtype))
+        how = self.mode
+        if self.mode == "layers":
+            if self.chained is None and self.unavailable is None:
+                self.follow(out_dir)  # (not followed: the check runs on the complete output)
+            try:
+                if self.unavailable is not None:
+                    raise self.unavailable
+                result = self.chained.finish()
                 report.update(check="layers", max_rel=result.max_rel, layers=result.layers,
                               vocab_rows=result.rows_checked)
             except layer_check.ChainUnavailable as exc:
-                need, have = _full_check_bytes(src, out), _available_memory()
+                out = Checkpoint.open(out_dir)
+                need, have = _full_check_bytes(self.src, out), _available_memory()
                 if have and need > have:
                     raise UnsupportedModelError(
                         f"the layer-by-layer check does not apply ({first_line(exc)}) and the whole-model check "
@@ -299,14 +337,21 @@ def _checker(src: Checkpoint, model, check, seed: int, report: dict, progress=No
                         "pass --check full (check='full') to run it anyway, or --no-check") from None
                 how = "full"
                 report["note"] = f"layer-by-layer check not applicable ({first_line(exc)}): whole models compared"
+            finally:
+                self.chained = None
         if how == "full":
-            report.update(check="full", max_rel=_full_check(src, out_dir, seed))
+            report.update(check="full", max_rel=_full_check(self.src, out_dir, self.seed))
         worst = report["max_rel"]
         if not worst <= tolerance:
             where = "layer by layer" if how == "layers" else "whole models"
             raise VerificationError(f"the grown checkpoint is not equivalent: max relative error {worst:.2e} > "
-                                    f"{tolerance:.0e} (stored as {dtype}; checked {where})")
-    return verify
+                                    f"{tolerance:.0e} (stored as {self.dtype}; checked {where})")
+
+
+def _checker(src: Checkpoint, model, check, seed: int, report: dict, progress=None):
+    """The check of the written directory (a :class:`_Verify`), or None for ``check`` "none"."""
+    mode = check_mode(check)
+    return None if mode == "none" else _Verify(src, model, mode, seed, report, progress)
 
 
 def widen_checkpoint(path, out_dir, factor=1.41, *, widths=None, only=None, exclude=None, divisor: int = 1,
