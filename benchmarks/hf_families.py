@@ -747,8 +747,14 @@ def grow_summary(rows: list) -> str:
                 gaps[c] = gaps.get(c, 0) + k
     x2 = [r for r in widen if float(r["op"].split("x")[1]) == 2 and r.get("kind") == "causal"]
     good = sorted(r["name"] for r in x2 if r["status"].startswith("exact") and (r.get("ideal") or 0) >= 0.97)
+    # the target applies where nothing but the config (b) or a router (f) keeps a space: (a) is the output vocabulary,
+    # and (c)/(d) (ALiBi slopes, sinusoidal tables) hold a model below it by construction
+    held = {r["name"] for r in x2 if set(r.get("classes") or {}) - {"a", "b", "f"}}
+    below = sorted(f"{r['name']} {r.get('frozen', '')}" for r in x2 if r["name"] not in good)
     text += (f"; widen: {len(principled)}/{len(by_family)} families have only principled frozen spaces (a-f) in "
-             f"every widening; {len(good)}/{len(x2)} decoder-only families reach >= 0.97 of ideal at x2")
+             f"every widening; {len(good)}/{len(x2)} decoder-only families reach >= 0.97 of ideal at x2 "
+             f"({len(set(good) - held)}/{len(x2) - len(held)} of those whose frozen spaces are only (b)/(f) besides "
+             f"the output's (a); below: {', '.join(below) or 'none'})")
     if gaps:
         top = ", ".join(f"{c} {n}" for c, n in sorted(gaps.items(), key=lambda kv: -kv[1])[:8])
         text += f"; gap spaces by op: {top}"

@@ -26,6 +26,48 @@ def _no_fills(axis, index):
         raise ValueError("a channel added by fill + rescale reached a site that cannot take it")
 
 
+MIN_RUN = 8  # positions in a row copied as one slice; shorter runs are gathered one by one
+
+
+def take(arr: np.ndarray, index, axis: int) -> np.ndarray:
+    """``np.take(arr, index, axis)`` for ``index`` >= 0; a -1 entry gives zeros (a channel the caller fills).
+
+    The index is cut into runs: consecutive positions (the original units, whole heads) are copied as one
+    slice, the scattered rest (a few random picks) gathered together, -1 runs left at zero.  numpy's gather
+    along an inner axis copies one item at a time, and assigning to scattered positions is as slow: both were
+    a large part of writing a grown 7 B checkpoint."""
+    index = np.asarray(index).view(np.ndarray).astype(np.int64, copy=False).reshape(-1)
+    axis %= arr.ndim
+    n = index.size
+    neg = index < 0
+    if n == 0 or not neg.any() and n < 2 * MIN_RUN:
+        return np.take(arr, index, axis=axis)
+    out = (np.zeros if neg.any() else np.empty)(_with(arr.shape, axis, n), arr.dtype)  # (zeros: calloc'd pages)
+    breaks = np.flatnonzero((neg[1:] != neg[:-1]) | (~neg[1:] & ~neg[:-1] & (np.diff(index) != 1))) + 1
+    starts, ends = np.concatenate(([0], breaks)), np.concatenate((breaks, [n]))
+    head = (slice(None),) * axis
+    gathered = None  # start of the current run of short runs: gathered as one
+    for a, b in zip(starts.tolist(), ends.tolist()):
+        copy = not neg[a] and b - a >= MIN_RUN
+        if gathered is not None and (copy or neg[a]):
+            out[head + (slice(gathered, a),)] = np.take(arr, index[gathered:a], axis=axis)
+            gathered = None
+        if copy:
+            src = int(index[a])
+            out[head + (slice(a, b),)] = arr[head + (slice(src, src + b - a),)]
+        elif not neg[a] and gathered is None:
+            gathered = a
+    if gathered is not None:
+        out[head + (slice(gathered, n),)] = np.take(arr, index[gathered:], axis=axis)
+    return out
+
+
+def _with(shape, axis: int, n: int) -> tuple:
+    shape = list(shape)
+    shape[axis] = n
+    return tuple(shape)
+
+
 class ScaledMapping(np.ndarray):
     """A producer's mapping (old row of every new row) whose new rows are also multiplied by ``factors`` (the
     copies of key channels inside heads kept in number: :func:`graphgrow.core.plan.key_factors`): every gather
@@ -53,7 +95,7 @@ def _scaled(out: np.ndarray, axis: int, index) -> np.ndarray:
 @recorded(along(0, lambda a, k: len(a[1])), check=_no_fills)
 def gather(arr: np.ndarray, axis: int, index: np.ndarray) -> np.ndarray:
     _no_fills(axis, index)
-    return _scaled(np.take(arr, np.asarray(index).view(np.ndarray), axis=axis), axis, index)
+    return _scaled(take(arr, index, axis), axis, index)
 
 
 @recorded(along(0, lambda a, k: len(a[1])))
@@ -64,7 +106,7 @@ def gather_fill(arr: np.ndarray, axis: int, mapping: np.ndarray, kind: str | Non
     fill = mapping < 0
     if not fill.any():
         return gather(arr, axis, scaled)
-    out = _scaled(np.take(arr, np.where(fill, 0, mapping), axis=axis), axis, scaled)
+    out = _scaled(take(arr, np.where(fill, -1, mapping), axis), axis, scaled)  # (filled below)
     moved = np.moveaxis(out, axis, 0)
     if value is not None:
         moved[fill] = value
@@ -110,15 +152,15 @@ def consume(
         sub = RowMatch(match.content[keep], match.old_of_content, match.copies, match.n_old)
         if sub.unique_old and noise == 0 and weight.dtype == np.float32:
             # the fast path below, written straight into the full-width result (one array of that size, not two)
-            src = np.zeros(match.n_new, np.int64)
+            src = np.full(match.n_new, -1, np.int64)  # (the filled columns are zeroed below)
             src[keep] = sub.source()
             divisor = np.ones(match.n_new, np.float32)
             divisor[keep] = sub.copies[sub.content]
-            out = np.take(weight, src, axis=axis)
-            np.divide(out, _expand(divisor, weight.ndim, axis), out=out)
+            out = take(weight, src, axis)
             idx = [slice(None)] * out.ndim
             idx[axis] = np.flatnonzero(match.fills)
             out[tuple(idx)] = 0
+            np.divide(out, _expand(divisor, weight.ndim, axis), out=out)
             return out
         part = consume(weight, axis, sub, noise=noise, noise_mode=noise_mode, rng=rng)
         shape = list(part.shape)
@@ -132,7 +174,7 @@ def consume(
         # float32 quotients directly: IEEE division is correctly rounded, and rounding the float64
         # quotient to float32 gives the same value (53 >= 2 * 24 + 2 bits: double rounding is innocuous)
         divisor = match.copies[match.content].astype(np.float32)
-        out = np.take(weight, match.source(), axis=axis)
+        out = take(weight, match.source(), axis)
         # in place: one fresh array instead of two (page faults dominate on large weights)
         return np.divide(out, _expand(divisor, weight.ndim, axis), out=out)
     w = weight.astype(np.float64)

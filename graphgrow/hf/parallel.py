@@ -23,7 +23,8 @@ from dataclasses import dataclass
 from ..errors import GraphGrowError, InvalidArgumentError, UnsupportedModelError, first_line
 from ..core.memory import available_memory
 
-TASKS_PER_WORKER = 4  # more tasks than workers: a worker that drew small tensors takes another task
+TASKS_PER_WORKER = 16  # more tasks than workers: a worker that drew small tensors takes another, and the check
+# following the writer (layer_check.ChainedCheck) hears of finished layers about one layer at a time
 MIN_TASK_BYTES = 64 << 20  # below this, a task's scheduling costs more than its tensors
 BYTES_PER_WORKER = 2 << 30  # a worker process starts by importing torch (2-15 s here): one per 2 GiB written at most
 WORKER_OVERHEAD = 1 << 30  # a worker's resident memory before its first tensor (python, torch: 0.65 GB here)
@@ -161,6 +162,26 @@ class SerialWriter:
 _INSTALLED: dict = {}  # in a worker process: job key -> pickled WriteJob, then the WriteJob
 
 
+def _keep_freed_memory() -> None:
+    """In a worker process (which does nothing but stream tensors): glibc's malloc keeps freed blocks for reuse
+    instead of returning every large one to the kernel.  Each tensor's float32 copies are the same few sizes
+    over and over; fresh pages for each cost a page fault per 4 KiB, which was as long as the arithmetic."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None)
+        libc.mallopt(-4, 0)  # M_MMAP_MAX: large blocks from the heap, not from mmap
+        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: keep up to 1 GiB of freed heap
+    except (OSError, AttributeError):  # not glibc: its allocator decides
+        pass
+
+
+def _start_worker(key: str, blob: bytes, threads: int) -> None:
+    """A pool worker's start (the pool's own processes: nobody else's memory settings are changed)."""
+    _keep_freed_memory()
+    _install(key, blob, threads)
+
+
 def _install(key: str, blob: bytes, threads: int = 0) -> None:
     if key not in _INSTALLED:
         _INSTALLED.clear()  # (a Ray worker outlives a job: keep only the latest)
@@ -222,7 +243,7 @@ class PoolWriter:
         key, blob, task_list = uuid.uuid4().hex, _pickled(job), tasks(job, unit_list, self.workers)
         n = max(1, min(self.workers, len(task_list)))
         threads = max(1, cpu_count() // n)
-        pool = ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn"), initializer=_install,
+        pool = ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker,
                                    initargs=(key, blob, threads))
         futures = [pool.submit(_run_installed, key, task) for task in task_list]
         try:

@@ -60,3 +60,35 @@ def test_offset_gain_rescaled_on_a_recipe():
     arr = np.array([0.5, -0.25, 2.0], np.float32)
     r = ar.scale_affine(Recipe("g", (3,)), 0.5, 1.0)
     assert np.allclose(r.apply(arr), ar.scale_affine(arr, 0.5, 1.0))
+
+
+def test_take_by_runs_equals_numpy_take_with_zero_fills():
+    """arithmetic.take copies runs of consecutive positions as slices and gathers the rest; on any index mixing
+    runs, scattered picks and -1 fills it equals np.take with the -1 positions zero, on every axis."""
+    from graphgrow.core.arithmetic import MIN_RUN, take
+
+    rng = np.random.default_rng(0)
+    arr = rng.standard_normal((60, 70, 3)).astype(np.float32)
+    fixed = [np.concatenate([np.arange(60), rng.integers(0, 60, 30)]),
+             np.concatenate([np.arange(60), -np.ones(30, np.int64)]),
+             np.concatenate([[-1, -1], np.arange(5, 5 + 2 * MIN_RUN), [3, 9, 2], [-1], np.arange(MIN_RUN)]),
+             np.repeat(np.arange(30), 2), np.zeros(0, np.int64), np.array([5]), -np.ones(4, np.int64)]
+    randoms = []
+    for _ in range(200):
+        parts = []
+        for _ in range(int(rng.integers(1, 6))):
+            kind = int(rng.integers(0, 3))
+            if kind == 0:
+                start = int(rng.integers(0, 40))
+                parts.append(np.arange(start, start + int(rng.integers(1, 20))))
+            elif kind == 1:
+                parts.append(rng.integers(0, 60, int(rng.integers(1, 10))))
+            else:
+                parts.append(-np.ones(int(rng.integers(1, 5)), np.int64))
+        randoms.append(np.concatenate(parts))
+    for index in fixed + randoms:
+        for axis in (0, 1):
+            want = np.take(arr, np.where(index < 0, 0, index), axis=axis)
+            np.moveaxis(want, axis, 0)[index < 0] = 0
+            got = take(arr, index, axis)
+            assert got.shape == want.shape and np.array_equal(got, want), (index.tolist(), axis)
