@@ -1,0 +1,317 @@
+"""Dense -> mixture-of-experts upcycling and expert-count growth of Hugging Face ``PreTrainedModel`` s, in memory.
+
+:func:`upcycle_pretrained` returns the dense family's MoE twin (:mod:`.moe_twins`) with every routed expert a
+copy of the dense MLP; :func:`grow_experts_pretrained` repeats every expert of an MoE model.  The config is
+solved first, the per-tensor plan (:mod:`.moe_plan`, pieces of :mod:`graphgrow.core.moe`) is applied to the
+model's tensors, the twin is built by transformers from that config, and the result is checked against the
+input on drawn token ids before it is returned.  What makes each construction exact is in docs/maths.md
+("Mixtures of experts"); the scale the routed experts need is measured by running the family's own router
+once, so a family's routing rule (renormalised or not, softmax before or after top-k, PhiMoE's
+sparsemixer) is never guessed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from ..core.moe import MoEReport, apply_piece, weight_sum_scale
+from ..errors import InvalidArgumentError, VerificationError, require_equivalent
+from .moe_plan import UpcycleRefused, expert_blocks, grow_pieces, layers_prefix, upcycle_pieces
+from .moe_twins import EXPERT_FIELDS, NOT_COPIED, TOP_K_FIELDS, config_fields, find_twin, first_field
+
+ROUTERS = ("zero", "random")
+SHARED = ("dense", "routed")
+RENORM_TOL = 1e-5  # chosen weights summing to 1 within float32 rounding: the family renormalises its top-k
+# (PhiMoE's sparsemixer routes to exactly two experts: a raised top-k is not stated by its config)
+FIXED_TOP_K = {"Phimoe": 2}
+
+
+class _Logits(nn.Module):
+    """``model(input_ids).logits`` without a cache: what the verification compares."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids):
+        return self.model(input_ids=ids, use_cache=False).logits
+
+
+def _positive_int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise InvalidArgumentError(f"{name} must be a positive integer, not {value!r}")
+    return int(value)
+
+
+def _token_ids(model, example_inputs, seed: int) -> torch.Tensor:
+    if example_inputs is not None:
+        if not isinstance(example_inputs, torch.Tensor) or example_inputs.dtype not in (torch.int64, torch.int32):
+            raise InvalidArgumentError("example_inputs must be a tensor of token ids")
+        return example_inputs
+    vocab = int(getattr(model.config, "vocab_size", 0) or 0)
+    if vocab < 2:
+        raise InvalidArgumentError("the model's config states no vocab_size: pass example_inputs (token ids)")
+    return torch.randint(0, vocab, (2, 12), generator=torch.Generator().manual_seed(seed))
+
+
+def _no_init():
+    try:
+        from transformers.initialization import no_init_weights
+
+        return no_init_weights()
+    except ImportError:  # pragma: no cover - older transformers
+        return contextlib.nullcontext()
+
+
+def _build(cls, config, model) -> nn.Module:
+    """``cls(config)`` at ``model``'s dtype, weights not initialised (every one is loaded after)."""
+    config._attn_implementation = getattr(model.config, "_attn_implementation", None) or "sdpa"
+    if next(model.parameters()).dtype == torch.float64:  # (grouped_mm, the default experts kernel, has no float64)
+        config._experts_implementation = "eager"
+    with _no_init():
+        new = cls(config)
+    return new.to(dtype=next(model.parameters()).dtype)
+
+
+def _numpy(t: torch.Tensor) -> np.ndarray:
+    t = t.detach().cpu()
+    return (t.float() if t.dtype in (torch.bfloat16, torch.float16) else t).numpy()
+
+
+def materialize(pieces, state: dict, like: dict) -> dict:
+    """The pieces applied to ``state`` (key -> tensor): a state_dict whose tensors have ``like``'s dtypes.
+    Copies are the source tensors themselves (bit-identical); the rest is rounded once from float64."""
+    out = {}
+    for p in pieces:
+        if p.op == "copy":
+            out[p.key] = state[p.sources[0]]
+        else:
+            arr = apply_piece(p, lambda k: _numpy(state[k]))
+            out[p.key] = torch.from_numpy(np.ascontiguousarray(arr)).to(like[p.key].dtype)
+    return out
+
+
+def _router_sums(model, path: str, rows: torch.Tensor | None, seed: int) -> torch.Tensor:
+    """The sum of the chosen weights per token that the family's own router gives with weight ``rows``
+    (zeros when None), on random hidden states, in eval mode, as float64."""
+    router = model.get_submodule(path)
+    weight = router.weight
+    hidden = weight.shape[1]
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(16, hidden, generator=g, dtype=torch.float64).to(weight.dtype)
+    saved, training = weight.detach().clone(), router.training
+    try:
+        with torch.no_grad():
+            weight.copy_(torch.zeros_like(weight) if rows is None else rows.to(weight.dtype))
+            router.eval()
+            out = router(h)
+    finally:
+        with torch.no_grad():
+            weight.copy_(saved)
+        router.train(training)
+    return out[1].detach().to(torch.float64).reshape(h.shape[0], -1).sum(-1)
+
+
+def _tied(model) -> bool:
+    try:
+        out, inp = model.get_output_embeddings(), model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        return False
+    return out is not None and inp is not None and out.weight is inp.weight
+
+
+def _finish(model, result, state) -> nn.Module:
+    result.load_state_dict(state, strict=True)
+    if _tied(model) and not _tied(result):
+        raise UpcycleRefused(f"{type(result).__name__} did not keep the tied input and output embeddings tied")
+    result.train(model.training)
+    if getattr(model, "generation_config", None) is not None:
+        result.generation_config = copy.deepcopy(model.generation_config)
+    return result
+
+
+def _verify(model, result, ids, report, what: str, verify: str, seed: int, exact: bool) -> None:
+    """Compare the logits on ``ids`` and 2 drawn batches; raise VerificationError when an exact construction
+    differs; an inexact one records its measured deviation."""
+    if verify == "none":
+        return
+    from ..verify import check
+
+    ref, cand, rtol = model, result, None
+    dtype = next(model.parameters()).dtype
+    if dtype in (torch.float16, torch.bfloat16):  # rounded weights: compared in float32 within that dtype's rounding
+        from .stream import TOLERANCE
+
+        ref, cand, rtol = copy.deepcopy(model).float(), copy.deepcopy(result).float(), TOLERANCE[dtype]
+        report.notes.append(f"checked in float32 within {dtype} rounding (rtol {rtol:g})")
+    kwargs = {"rtol": rtol} if rtol is not None else {}
+    rep = check(_Logits(ref), _Logits(cand), (ids,), backend="torch", batches=3, seed=seed, **kwargs)
+    report.check = rep
+    if exact:
+        require_equivalent(rep, what, report)
+    else:
+        report.deviation = float(rep.worst.max_rel) if rep.worst is not None else None
+
+
+def _sparse_layers(layers, n: int) -> list:
+    if layers is None:
+        return list(range(n))
+    try:
+        out = sorted({int(i) for i in layers})
+    except (TypeError, ValueError):
+        raise InvalidArgumentError(f"layers must be a list of layer indices, not {layers!r}") from None
+    if not out or out[0] < 0 or out[-1] >= n:
+        raise InvalidArgumentError(f"layers must be a non-empty list of indices in 0..{n - 1}, not {layers!r}")
+    return out
+
+
+def twin_config(model, twin, cls, experts: int, top_k: int, sparse: list, shared, overrides):
+    """The twin's config: the dense config's fields the twin states, plus its MoE sizes; refuses when the twin's
+    config cannot state the asked subset of sparse layers."""
+    cc = cls.config_class
+    known = config_fields(cc)
+    # every dense field is carried, declared by the twin's config class or not: the twin's code reads some it
+    # does not declare (Qwen3-MoE: getattr(config, "head_dim", hidden // heads))
+    kw = {k: v for k, v in model.config.to_dict().items() if k not in NOT_COPIED}
+    kw[first_field(known, EXPERT_FIELDS, "expert count", cc)] = experts
+    kw[first_field(known, TOP_K_FIELDS, "top-k", cc)] = top_k
+    inter = int(model.config.intermediate_size)
+    if "moe_intermediate_size" in known:
+        kw["moe_intermediate_size"] = inter
+    if twin.shared_size:
+        kw[twin.shared_size] = inter if shared else 0
+    n = int(model.config.num_hidden_layers)
+    if twin.layers_field == "mlp_only_layers":
+        kw["mlp_only_layers"], kw["decoder_sparse_step"] = [i for i in range(n) if i not in sparse], 1
+    elif twin.layers_field == "mlp_layer_types":
+        kw["mlp_layer_types"] = ["sparse" if i in sparse else "dense" for i in range(n)]
+    elif len(sparse) < n:
+        raise UpcycleRefused(f"{cc.__name__} cannot state it grown: no mlp_only_layers / decoder_sparse_step field, "
+                             "so every layer of the twin is sparse (pass layers=None)")
+    kw.update(overrides or {})
+    kw["architectures"] = [cls.__name__]
+    return cc(**kw)
+
+
+def upcycle_pretrained(model, experts: int = 8, top_k: int = 2, *, router: str = "zero", shared=None, layers=None,
+                       seed: int = 0, noise: float = 0.0, router_std: float | None = None, moe_config=None,
+                       example_inputs=None, verify: str = "torch"):
+    """:func:`graphgrow.upcycle` (see its docstring)."""
+    experts, top_k = _positive_int(experts, "experts"), _positive_int(top_k, "top_k")
+    if top_k > experts:
+        raise InvalidArgumentError(f"top_k ({top_k}) cannot exceed the number of experts ({experts})")
+    if router not in ROUTERS:
+        raise InvalidArgumentError(f"router must be one of {ROUTERS}, not {router!r}")
+    if shared is not None and shared not in SHARED:
+        raise InvalidArgumentError(f"shared must be None or one of {SHARED}, not {shared!r}")
+    if not isinstance(noise, (int, float)) or noise < 0:
+        raise InvalidArgumentError(f"noise must be a number >= 0, not {noise!r}")
+    if verify not in ("torch", "none"):
+        raise InvalidArgumentError(f"verify must be 'torch' or 'none', not {verify!r}")
+    twin, cls = find_twin(model, shared)
+    if twin.shared_required and shared is None:
+        shared = "dense"
+    if shared and not twin.shared:
+        raise UpcycleRefused(f"{cls.__name__} has no shared expert: pass shared=None")
+    ids = _token_ids(model, example_inputs, seed)
+    dense_state = model.state_dict()
+    sparse = _sparse_layers(layers, int(model.config.num_hidden_layers))
+    config = twin_config(model, twin, cls, experts, top_k, sparse, shared, moe_config)
+    result = _build(cls, config, model)
+    moe_state = result.state_dict()
+    prefix = layers_prefix(moe_state)
+    router_path = f"{prefix}.{sparse[0]}.{twin.block}.{twin.router}"
+    std = float(router_std if router_std is not None else getattr(model.config, "initializer_range", 0.02) or 0.02)
+    notes = []
+    if router == "zero":  # every token: the same chosen weights, summing to s (k/E, 1, ...): scale 1/s
+        sums = _router_sums(result, router_path, None, seed)
+        if float(sums.max() - sums.min()) > 1e-12 * float(sums.abs().max()):
+            raise UpcycleRefused(f"{cls.__name__}'s router gives a zero router's tokens different weight sums")
+        routed = weight_sum_scale(float(sums[0]))
+        notes.append(f"a zero router's chosen weights sum to {float(sums[0]):.9g}: routed down-projections x "
+                     f"{routed:.9g}")
+        std = 0.0
+    else:
+        rows = torch.from_numpy(np.random.default_rng(seed).normal(0.0, std, tuple(moe_state[router_path + ".weight"]
+                                                                                   .shape)))
+        sums = _router_sums(result, router_path, rows, seed)
+        renormalised = float((sums - 1).abs().max()) <= RENORM_TOL
+        routed = 1.0
+        if not renormalised and shared != "dense":
+            raise UpcycleRefused(f"{cls.__name__} does not renormalise its top-k weights (they sum to "
+                                 f"{float(sums.min()):.3g}..{float(sums.max()):.3g}), so random router rows are not "
+                                 "exact: use router='zero'" + (", shared='dense'" if twin.shared else "")
+                                 + " or a config that renormalises (moe_config={'norm_topk_prob': True})")
+    shared_scale = 0.0
+    if shared == "dense":  # the shared expert holds the MLP; a zero-logit sigmoid gate passes half of it
+        shared_scale, routed = (2.0 if "gate_logit" in twin.shared.values() else 1.0), 0.0
+    elif shared == "routed":
+        notes.append("the shared expert's down-projection is zero (the routed experts hold the dense MLP)")
+    pieces = upcycle_pieces({k: tuple(v.shape) for k, v in dense_state.items()},
+                            {k: tuple(v.shape) for k, v in moe_state.items()}, block=twin.block, router=twin.router,
+                            shared_roles=twin.shared, sparse=sparse, experts=experts, router_std=std, seed=seed,
+                            routed_scale=routed, shared_scale=shared_scale, noise=float(noise))
+    result = _finish(model, result, materialize(pieces, dense_state, moe_state))
+    exact = not noise
+    report = MoEReport(type(model).__name__, cls.__name__, 1, experts, 1, top_k, router, shared, sparse,
+                       params_before=_count(model), params_after=_count(result), function_preserving=exact,
+                       down_scale=routed, notes=notes)
+    if not exact:
+        report.notes.append(f"noise {noise:g} x std inside every routed expert: NOT function-preserving (the chosen "
+                            "experts differ per token); the measured deviation is in report.deviation")
+    _verify(model, result, ids, report, "upcycled", verify, seed, exact)
+    result.graphgrow_report = report
+    result.graphgrow_pieces = pieces
+    return result
+
+
+def grow_experts_pretrained(model, factor: int = 2, *, keep_top_k: bool = False, example_inputs=None, seed: int = 0,
+                            verify: str = "torch"):
+    """:func:`graphgrow.grow_experts` (see its docstring)."""
+    factor = _positive_int(factor, "factor")
+    if factor < 2:
+        raise InvalidArgumentError(f"factor must be an integer >= 2, not {factor!r}")
+    cfg = model.config
+    known = set(cfg.to_dict()) | set(getattr(type(cfg), "attribute_map", {}))
+    e_field = first_field(known, EXPERT_FIELDS, "expert count", type(cfg))
+    k_field = first_field(known, TOP_K_FIELDS, "top-k", type(cfg))
+    experts, top_k = int(getattr(cfg, e_field)), int(getattr(cfg, k_field))
+    prefix = type(model).__name__.removesuffix("ForCausalLM").removesuffix("Model")
+    if not keep_top_k and prefix in FIXED_TOP_K:
+        raise UpcycleRefused(f"{type(model).__name__} routes every token to exactly {FIXED_TOP_K[prefix]} experts: "
+                             "its top-k cannot be raised with the expert count (keep_top_k=True is inexact)")
+    state = model.state_dict()
+    shapes = {k: tuple(v.shape) for k, v in state.items()}
+    blocks = expert_blocks(shapes)
+    if any(n != experts for _, n in blocks.values()):
+        raise UpcycleRefused(f"the sparse blocks hold other expert counts than {e_field}={experts}")
+    pieces = grow_pieces(shapes, factor)
+    config = copy.deepcopy(cfg)
+    setattr(config, e_field, experts * factor)
+    new_k = top_k if keep_top_k else top_k * factor
+    setattr(config, k_field, new_k)
+    result = _build(type(model), config, model)
+    result = _finish(model, result, materialize(pieces, state, result.state_dict()))
+    exact = not keep_top_k
+    report = MoEReport(type(model).__name__, type(result).__name__, experts, experts * factor, top_k, new_k, "copied",
+                       None, [blk.rstrip(".") for blk in blocks], params_before=_count(model),
+                       params_after=_count(result), function_preserving=exact)
+    if keep_top_k:
+        report.notes.append(f"top-k kept at {top_k} (the same compute per token): NOT function-preserving, the "
+                            "measured deviation is in report.deviation")
+    _verify(model, result, _token_ids(model, example_inputs, seed), report, "expert-grown", verify, seed, exact)
+    result.graphgrow_report = report
+    result.graphgrow_pieces = pieces
+    return result
+
+
+def _count(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+__all__ = ["upcycle_pretrained", "grow_experts_pretrained", "materialize", "twin_config", "VerificationError"]
