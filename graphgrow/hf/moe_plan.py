@@ -58,6 +58,8 @@ def upcycle_pieces(dense_shapes: dict, moe_shapes: dict, *, block: str, router: 
                    sparse: list, experts: int, router_std: float, seed: int, routed_scale: float,
                    shared_scale: float, noise: float = 0.0) -> list:
     """Every tensor of the twin (``moe_shapes``, in its order) as a piece reading the dense model's tensors.
+    ``block``/``router``: the sparse block's attribute in a layer and the router's in the block;
+    ``shared_roles``: the shared expert's keys, relative to the layer, -> their role (moe_twins).
 
     ``routed_scale``: the routed experts' down-projection factor (0: zeros); ``shared_scale``: the shared
     expert's (0: zeros); ``router_std``: 0 for zero routers, else the std of the random rows."""
@@ -68,11 +70,12 @@ def upcycle_pieces(dense_shapes: dict, moe_shapes: dict, *, block: str, router: 
     for key, shape in moe_shapes.items():
         shape = tuple(int(d) for d in shape)
         layer = layer_of(key, prefix)
-        head = f"{prefix}.{layer}.{block}."
-        if layer in sparse and key.startswith(head):
-            rest, roles = key[len(head):], dense_roles(dense_shapes, prefix, layer)
+        head = f"{prefix}.{layer}."
+        rest = key[len(head):]
+        if layer in sparse and (rest.startswith(block + ".") or rest in shared_roles):
+            roles = dense_roles(dense_shapes, prefix, layer)
             used.update(k for ks in roles.values() for k in ks)
-            piece = _sparse_piece(key, shape, rest, roles, dense_shapes, router=router, shared_roles=shared_roles,
+            piece = _sparse_piece(key, shape, rest, roles, dense_shapes, block=block, router=router, shared_roles=shared_roles,
                                   experts=experts, router_std=router_std, seed=seed * 1_000_003 + layer,
                                   routed_scale=routed_scale, shared_scale=shared_scale, noise=noise)
         elif key in dense_shapes:
@@ -91,11 +94,12 @@ def upcycle_pieces(dense_shapes: dict, moe_shapes: dict, *, block: str, router: 
     return pieces
 
 
-def _sparse_piece(key, shape, rest, roles, dense_shapes, *, router, shared_roles, experts, router_std, seed,
+def _sparse_piece(key, shape, rest, roles, dense_shapes, *, block, router, shared_roles, experts, router_std, seed,
                   routed_scale, shared_scale, noise) -> Piece:
-    if rest == f"{router}.weight":
+    if rest == f"{block}.{router}.weight":
         return Piece(key, shape, "normal", std=router_std, seed=seed) if router_std > 0 else Piece(key, shape, "zeros")
-    if rest in (GATE_UP, DOWN):
+    if rest in (f"{block}.{GATE_UP}", f"{block}.{DOWN}"):
+        rest = rest[len(block) + 1:]
         sources = roles["gate_up" if rest == GATE_UP else "down"]
         want = (experts, *_rows(dense_shapes, sources))
         if want != shape:

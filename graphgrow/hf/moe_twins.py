@@ -20,9 +20,9 @@ SUFFIXES = ("ForCausalLM", "Model")
 # the routed experts' tensors inside a sparse block (every twin stores them fused, transformers >= 5)
 GATE_UP, DOWN = "experts.gate_up_proj", "experts.down_proj"
 # shared experts: role of each tensor (gate / up / gate_up rows of the dense MLP, its down projection, a
-# sigmoid gate's logit row)
-GATED_SHARED = {"shared_expert.gate_proj.weight": "gate", "shared_expert.up_proj.weight": "up",
-                "shared_expert.down_proj.weight": "down", "shared_expert_gate.weight": "gate_logit"}
+# sigmoid gate's logit row), relative to the decoder layer
+GATED_SHARED = {"mlp.shared_expert.gate_proj.weight": "gate", "mlp.shared_expert.up_proj.weight": "up",
+                "mlp.shared_expert.down_proj.weight": "down", "mlp.shared_expert_gate.weight": "gate_logit"}
 PLAIN_SHARED = {"shared_mlp.input_linear.weight": "gate_up", "shared_mlp.output_linear.weight": "down"}
 
 

@@ -127,6 +127,8 @@ def _tied(model) -> bool:
 
 def _finish(model, result, state) -> nn.Module:
     result.load_state_dict(state, strict=True)
+    if hasattr(result, "tie_weights"):  # (built under no_init_weights, which also skips the tying)
+        result.tie_weights()
     if _tied(model) and not _tied(result):
         raise UpcycleRefused(f"{type(result).__name__} did not keep the tied input and output embeddings tied")
     result.train(model.training)
@@ -233,8 +235,9 @@ def upcycle_pretrained(model, experts: int = 8, top_k: int = 2, *, router: str =
         if float(sums.max() - sums.min()) > 1e-12 * float(sums.abs().max()):
             raise UpcycleRefused(f"{cls.__name__}'s router gives a zero router's tokens different weight sums")
         routed = weight_sum_scale(float(sums[0]))
-        notes.append(f"a zero router's chosen weights sum to {float(sums[0]):.9g}: routed down-projections x "
-                     f"{routed:.9g}")
+        if shared != "dense":
+            notes.append(f"a zero router's chosen weights sum to {float(sums[0]):.9g}: routed down-projections x "
+                         f"{routed:.9g}")
         std = 0.0
     else:
         rows = torch.from_numpy(np.random.default_rng(seed).normal(0.0, std, tuple(moe_state[router_path + ".weight"]
@@ -250,6 +253,8 @@ def upcycle_pretrained(model, experts: int = 8, top_k: int = 2, *, router: str =
     shared_scale = 0.0
     if shared == "dense":  # the shared expert holds the MLP; a zero-logit sigmoid gate passes half of it
         shared_scale, routed = (2.0 if "gate_logit" in twin.shared.values() else 1.0), 0.0
+        notes.append(f"the shared expert holds the dense MLP (down-projection x {shared_scale:g}); the routed "
+                     "experts' down-projections are zero")
     elif shared == "routed":
         notes.append("the shared expert's down-projection is zero (the routed experts hold the dense MLP)")
     pieces = upcycle_pieces({k: tuple(v.shape) for k, v in dense_state.items()},
