@@ -71,7 +71,10 @@ def _no_init():
 def _build(cls, config, model) -> nn.Module:
     """``cls(config)`` at ``model``'s dtype, weights not initialised (every one is loaded after)."""
     config._attn_implementation = getattr(model.config, "_attn_implementation", None) or "sdpa"
-    if next(model.parameters()).dtype == torch.float64:  # (grouped_mm, the default experts kernel, has no float64)
+    dtype = next(model.parameters()).dtype
+    sizes = [getattr(config, f, 0) or 0 for f in ("hidden_size", "intermediate_size", "moe_intermediate_size")]
+    # grouped_mm, transformers' default experts kernel, has no float64 and needs rows of whole 16-byte blocks
+    if dtype == torch.float64 or any(int(n) * dtype.itemsize % 16 for n in sizes if isinstance(n, int)):
         config._experts_implementation = "eager"
     with _no_init():
         new = cls(config)
