@@ -301,3 +301,26 @@ def _refusal_messages(model):
             out.append(exc)
     assert len(out) == 4
     return out
+
+
+def test_cli_upcycle_and_grow_experts(tmp_path, capsys):
+    from graphgrow.cli import main
+
+    model = dense("llama", tie_word_embeddings=True)
+    src, out, grown = tmp_path / "dense", tmp_path / "moe", tmp_path / "moe8"
+    model.save_pretrained(src)
+    (src / "tokenizer_config.json").write_text("{}")
+    assert main(["upcycle", str(src), "--experts", "4", "--top-k", "2", "--router", "random", "-o", str(out)]) == 0
+    assert "LlamaForCausalLM -> MixtralForCausalLM" in capsys.readouterr().out
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    assert type(loaded).__name__ == "MixtralForCausalLM" and (out / "tokenizer_config.json").exists()
+    assert rel(model, loaded) <= 1e-5 and loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    # the output exists: refused (exit 2) before any work, as widen does
+    assert main(["upcycle", str(src), "--experts", "4", "--top-k", "2", "-o", str(out)]) == 2
+    assert "not empty" in capsys.readouterr().err
+    assert main(["grow-experts", str(out), "--factor", "2", "-o", str(grown)]) == 0
+    loaded8 = transformers.AutoModelForCausalLM.from_pretrained(grown).eval()
+    assert loaded8.config.num_local_experts == 8 and loaded8.config.num_experts_per_tok == 4
+    assert rel(model, loaded8) <= 1e-5
+    assert main(["upcycle", str(src), "--experts", "2", "--top-k", "3", "-o", str(tmp_path / "x")]) == 2
+    assert "cannot exceed" in capsys.readouterr().err
