@@ -32,14 +32,16 @@ FIXED_TOP_K = {"Phimoe": 2}
 
 
 class _Logits(nn.Module):
-    """``model(input_ids).logits`` without a cache: what the verification compares."""
+    """``model(input_ids).logits`` (a base model's last hidden state) without a cache: what the verification
+    compares."""
 
     def __init__(self, model):
         super().__init__()
         self.model = model
 
     def forward(self, ids):
-        return self.model(input_ids=ids, use_cache=False).logits
+        out = self.model(input_ids=ids, use_cache=False)
+        return out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
 
 
 def _positive_int(value, name: str) -> int:

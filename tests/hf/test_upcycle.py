@@ -324,3 +324,17 @@ def test_cli_upcycle_and_grow_experts(tmp_path, capsys):
     assert rel(model, loaded8) <= 1e-5
     assert main(["upcycle", str(src), "--experts", "2", "--top-k", "3", "-o", str(tmp_path / "x")]) == 2
     assert "cannot exceed" in capsys.readouterr().err
+
+
+def test_base_model_and_bfloat16():
+    base = _build("LlamaModel", {})
+    result = graphgrow.upcycle(base, experts=4, top_k=2)
+    x = token_ids(VOCAB, 3)
+    with torch.no_grad():
+        assert type(result).__name__ == "MixtralModel"
+        assert torch.equal(base(x).last_hidden_state, result(x).last_hidden_state)
+    model = dense("qwen3").to(torch.bfloat16)
+    result = graphgrow.upcycle(model, experts=4, top_k=2)  # E/k = 2: exact in bfloat16 too
+    assert result.dtype == torch.bfloat16 and result.graphgrow_report.check.passed
+    assert_non_mlp_identical(model, result)
+    assert torch.equal(logits(model, x), logits(result, x))
