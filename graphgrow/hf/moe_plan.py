@@ -98,6 +98,8 @@ def _sparse_piece(key, shape, rest, roles, dense_shapes, *, block, router, share
                   routed_scale, shared_scale, noise) -> Piece:
     if rest == f"{block}.{router}.weight":
         return Piece(key, shape, "normal", std=router_std, seed=seed) if router_std > 0 else Piece(key, shape, "zeros")
+    if rest.startswith(f"{block}.{router}.") and rest.endswith("bias"):  # (ERNIE's expert-score correction bias)
+        return Piece(key, shape, "zeros")
     if rest in (f"{block}.{GATE_UP}", f"{block}.{DOWN}"):
         rest = rest[len(block) + 1:]
         sources = roles["gate_up" if rest == GATE_UP else "down"]

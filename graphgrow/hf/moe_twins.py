@@ -24,6 +24,8 @@ GATE_UP, DOWN = "experts.gate_up_proj", "experts.down_proj"
 GATED_SHARED = {"mlp.shared_expert.gate_proj.weight": "gate", "mlp.shared_expert.up_proj.weight": "up",
                 "mlp.shared_expert.down_proj.weight": "down", "mlp.shared_expert_gate.weight": "gate_logit"}
 PLAIN_SHARED = {"shared_mlp.input_linear.weight": "gate_up", "shared_mlp.output_linear.weight": "down"}
+ERNIE_SHARED = {"mlp.shared_experts.gate_proj.weight": "gate", "mlp.shared_experts.up_proj.weight": "up",
+                "mlp.shared_experts.down_proj.weight": "down"}
 
 
 @dataclass(frozen=True)
@@ -34,8 +36,11 @@ class Twin:
     router: str = "gate"  # attribute of the sparse block holding the router (a (E, hidden) weight)
     shared: dict = field(default_factory=dict)  # the shared expert's tensors -> role (empty: none)
     shared_size: str | None = None  # config field of the shared expert's intermediate size
+    shared_count: str | None = None  # config field of the number of shared experts (1 or 0; ERNIE)
     shared_required: bool = False  # the family always builds its shared expert (Qwen2-MoE)
-    layers_field: str | None = None  # config field stating which layers are sparse
+    # config field stating which layers are sparse: mlp_only_layers, mlp_layer_types, or moe_layer_range (ERNIE's
+    # moe_layer_start_index / moe_layer_end_index / moe_layer_interval)
+    layers_field: str | None = None
 
 
 TWINS = [
@@ -51,6 +56,8 @@ TWINS = [
          shared_size="shared_intermediate_size"),
     Twin("Olmo2", "FlexOlmo"),
     Twin("Cohere2", "Cohere2Moe", layers_field="mlp_layer_types"),
+    Twin("Ernie4_5", "Ernie4_5_Moe", shared=ERNIE_SHARED, shared_count="moe_num_shared_experts",
+         layers_field="moe_layer_range"),
 ]
 
 # dense families with an MoE sibling whose layers are not the dense ones: upcycling would change the function

@@ -177,6 +177,16 @@ def _sparse_layers(layers, n: int) -> list:
     return out
 
 
+def _layer_range(sparse: list, cc) -> dict:
+    """ERNIE's rule, layer i sparse when start <= i <= end and (i + 1) % interval == 0, for ``sparse``."""
+    start, end = sparse[0], sparse[-1]
+    for interval in range(1, end + 2):
+        if [i for i in range(start, end + 1) if (i + 1) % interval == 0] == sparse:
+            return {"moe_layer_start_index": start, "moe_layer_end_index": end, "moe_layer_interval": interval}
+    raise UpcycleRefused(f"{cc.__name__} cannot state it grown: moe_layer_start_index / moe_layer_end_index / "
+                         f"moe_layer_interval state no layer set {sparse}")
+
+
 def twin_config(model, twin, cls, experts: int, top_k: int, sparse: list, shared, overrides):
     """The twin's config: the dense config's fields the twin states, plus its MoE sizes; refuses when the twin's
     config cannot state the asked subset of sparse layers."""
@@ -192,11 +202,15 @@ def twin_config(model, twin, cls, experts: int, top_k: int, sparse: list, shared
         kw["moe_intermediate_size"] = inter
     if twin.shared_size:
         kw[twin.shared_size] = inter if shared else 0
+    if twin.shared_count:
+        kw[twin.shared_count] = 1 if shared else 0
     n = int(model.config.num_hidden_layers)
     if twin.layers_field == "mlp_only_layers":
         kw["mlp_only_layers"], kw["decoder_sparse_step"] = [i for i in range(n) if i not in sparse], 1
     elif twin.layers_field == "mlp_layer_types":
         kw["mlp_layer_types"] = ["sparse" if i in sparse else "dense" for i in range(n)]
+    elif twin.layers_field == "moe_layer_range":
+        kw.update(_layer_range(sparse, cc))
     elif len(sparse) < n:
         raise UpcycleRefused(f"{cc.__name__} cannot state it grown: no mlp_only_layers / decoder_sparse_step field, "
                              "so every layer of the twin is sparse (pass layers=None)")

@@ -36,13 +36,14 @@ DENSE = {
                                            attention_multiplier=0.3)),
     "olmo2": ("Olmo2ForCausalLM", {}),
     "cohere2": ("Cohere2ForCausalLM", {}),
+    "ernie4_5": ("Ernie4_5ForCausalLM", {}),
     "qwen3_5": ("Qwen3_5ForCausalLM", dict(layer_types=["linear_attention", "full_attention"], head_dim=8,
                                            linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8,
                                            linear_value_head_dim=8)),
 }
 TWIN = {"llama": "MixtralForCausalLM", "mistral": "MixtralForCausalLM", "qwen2": "Qwen2MoeForCausalLM",
         "qwen3": "Qwen3MoeForCausalLM", "granite": "GraniteMoeForCausalLM", "olmo2": "FlexOlmoForCausalLM",
-        "cohere2": "Cohere2MoeForCausalLM", "qwen3_5": "Qwen3_5MoeForCausalLM"}
+        "cohere2": "Cohere2MoeForCausalLM", "qwen3_5": "Qwen3_5MoeForCausalLM", "ernie4_5": "Ernie4_5_MoeForCausalLM"}
 MOE = {
     "mixtral": ("MixtralForCausalLM", dict(num_local_experts=4, num_experts_per_tok=2)),
     "qwen3-moe": ("Qwen3MoeForCausalLM", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)),
@@ -147,7 +148,7 @@ def test_random_router_exact(name, extra, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
-@pytest.mark.parametrize("name", ["qwen2", "granite"])
+@pytest.mark.parametrize("name", ["qwen2", "granite", "ernie4_5"])
 @pytest.mark.parametrize("shared", ["dense", "routed"])
 def test_shared_expert_variants(name, shared, dtype):
     model = dense(name, dtype)
@@ -165,6 +166,9 @@ def test_shared_expert_variants(name, shared, dtype):
             assert float(down.abs().max()) == 0
             assert torch.allclose(sd["model.layers.0.mlp.experts.down_proj"][1],
                                   2 * src["model.layers.0.mlp.down_proj.weight"])
+    elif name == "ernie4_5":  # an ungated shared expert: the MLP as it is, or zero
+        down = sd["model.layers.0.mlp.shared_experts.down_proj.weight"]
+        assert torch.equal(down, src["model.layers.0.mlp.down_proj.weight"]) == (shared == "dense")
     else:
         assert type(result).__name__ == "GraniteMoeSharedForCausalLM"
         out = sd["model.layers.0.shared_mlp.output_linear.weight"]
@@ -183,6 +187,13 @@ def test_layers_subset(dtype):
     result = graphgrow.upcycle(model, experts=4, top_k=2, layers=[0])
     assert result.config.mlp_layer_types == ["sparse", "dense"]
     assert rel(model, result) <= TOL[dtype]
+    model = dense("ernie4_5", dtype, num_hidden_layers=4)
+    result = graphgrow.upcycle(model, experts=4, top_k=2, layers=[1, 3])  # ERNIE: start 1, end 3, every 2nd
+    cfg = result.config
+    assert (cfg.moe_layer_start_index, cfg.moe_layer_end_index, cfg.moe_layer_interval) == (1, 3, 2)
+    assert rel(model, result) <= TOL[dtype]
+    with pytest.raises(UnsupportedModelError, match="Ernie4_5_MoeConfig cannot state it grown"):
+        graphgrow.upcycle(model, experts=4, top_k=2, layers=[0, 3])
 
 
 def test_tied_embeddings_stay_tied():
