@@ -28,7 +28,7 @@ class Piece:
     the sources concatenated along axis 0 (gate rows then up rows), stacked ``copies`` times along a new
     leading axis, x scale, plus ``noise`` x (the block's std) Gaussian noise per expert when noise > 0
     (inexact); ``"zeros"``; ``"normal"`` N(0, std) rows drawn from ``seed``; ``"repeat"`` sources[0] with
-    every entry of axis 0 repeated ``copies`` times in place (expert e -> experts e*m .. e*m + m - 1)."""
+    every entry of axis ``axis`` repeated ``copies`` times in place (expert e -> experts e*m .. e*m + m - 1)."""
 
     key: str
     shape: tuple
@@ -39,6 +39,7 @@ class Piece:
     std: float = 0.0
     seed: int = 0
     noise: float = 0.0
+    axis: int = 0  # "repeat": the experts' axis
 
     def __post_init__(self):
         if self.op not in OPS:
@@ -46,7 +47,8 @@ class Piece:
 
     def to_dict(self) -> dict:
         return {"key": self.key, "shape": list(self.shape), "op": self.op, "sources": list(self.sources),
-                "scale": self.scale, "copies": self.copies, "std": self.std, "seed": self.seed, "noise": self.noise}
+                "scale": self.scale, "copies": self.copies, "std": self.std, "seed": self.seed, "noise": self.noise,
+                "axis": self.axis}
 
 
 def apply_piece(piece: Piece, read) -> np.ndarray:
@@ -63,7 +65,7 @@ def apply_piece(piece: Piece, read) -> np.ndarray:
         out = np.concatenate(src, axis=0)
         return out.astype(np.float64) * piece.scale if piece.scale != 1.0 else out
     if piece.op == "repeat":
-        return np.repeat(src[0], piece.copies, axis=0)
+        return np.repeat(src[0], piece.copies, axis=piece.axis)
     block = np.concatenate(src, axis=0)  # "experts": (rows, cols) -> (copies, rows, cols)
     out = np.broadcast_to(block, (piece.copies, *block.shape))
     if piece.scale != 1.0 or piece.noise > 0:

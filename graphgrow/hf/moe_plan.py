@@ -147,12 +147,23 @@ def grow_pieces(shapes: dict, factor: int) -> list:
     blocks = expert_blocks(shapes)
     if not blocks:
         raise UpcycleRefused("the model has no sparse block with experts.gate_up_proj: it is not a mixture of experts")
-    grown = {r for r, _ in blocks.values()} | {b + GATE_UP for b in blocks} | {b + DOWN for b in blocks}
+    grown = {r: 0 for r, _ in blocks.values()} | {b + GATE_UP: 0 for b in blocks} | {b + DOWN: 0 for b in blocks}
+    for router, n in blocks.values():  # the router's per-expert tensors (ERNIE's expert-score bias, (1, E))
+        module = router[:-len("weight")]
+        for key, shape in shapes.items():
+            if key.startswith(module) and key != router:
+                axes = [i for i, d in enumerate(shape) if int(d) == n]
+                if len(axes) != 1:
+                    raise UpcycleRefused(f"{key!r} of a router does not hold one entry per expert: it cannot be "
+                                         "repeated with the experts")
+                grown[key] = axes[0]
     pieces = []
     for key, shape in shapes.items():
         shape = tuple(int(d) for d in shape)
         if key in grown:
-            pieces.append(Piece(key, (shape[0] * factor, *shape[1:]), "repeat", (key,), copies=factor))
+            ax = grown[key]
+            new = (*shape[:ax], shape[ax] * factor, *shape[ax + 1:])
+            pieces.append(Piece(key, new, "repeat", (key,), copies=factor, axis=ax))
         else:
             pieces.append(Piece(key, shape, "copy", (key,)))
     return pieces

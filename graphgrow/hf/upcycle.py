@@ -131,7 +131,11 @@ def _tied(model) -> bool:
 
 
 def _finish(model, result, state) -> nn.Module:
-    result.load_state_dict(state, strict=True)
+    try:
+        result.load_state_dict(state, strict=True)
+    except RuntimeError as exc:  # (a tensor the plan did not size as the family's code does)
+        raise UpcycleRefused(f"{type(result).__name__} does not take the planned tensors: "
+                             f"{' '.join(str(exc).split())[:300]}") from None
     if hasattr(result, "tie_weights"):  # (built under no_init_weights, which also skips the tying)
         result.tie_weights()
     if _tied(model) and not _tied(result):

@@ -349,3 +349,15 @@ def test_base_model_and_bfloat16():
     assert result.dtype == torch.bfloat16 and result.graphgrow_report.check.passed
     assert_non_mlp_identical(model, result)
     assert torch.equal(logits(model, x), logits(result, x))
+
+
+@pytest.mark.parametrize("name,extra", [("ernie4_5", dict(shared="routed")), ("cohere2", {}), ("qwen2", {})])
+def test_upcycled_then_grown(name, extra):
+    # ERNIE's router holds a per-expert score bias (1, E): repeated with the experts
+    model = dense(name)
+    up = graphgrow.upcycle(model, experts=4, top_k=2, router="random", **extra)
+    grown = graphgrow.grow_experts(up, factor=2)
+    assert grown.graphgrow_report.experts == 8 and grown.config.num_experts_per_tok == 4
+    assert rel(model, grown) <= 1e-5
+    ops = {p.key: p for p in grown.graphgrow_pieces if p.op == "repeat"}
+    assert len(ops) >= 3 * model.config.num_hidden_layers
