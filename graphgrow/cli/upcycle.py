@@ -11,7 +11,13 @@ import os
 import shutil
 import tempfile
 
-from ..errors import GraphGrowError, InvalidArgumentError, ModelFileError, VerificationError, first_line
+from ..errors import (
+    GraphGrowError,
+    InvalidArgumentError,
+    ModelFileError,
+    VerificationError,
+    first_line,
+)
 from . import exit_codes, options
 
 WEIGHTS = (".safetensors", ".bin", ".index.json", ".pt", ".pth")

@@ -14,15 +14,29 @@ from __future__ import annotations
 
 import contextlib
 import copy
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.nn as nn
 
 from ..core.moe import MoEReport, apply_piece, weight_sum_scale
-from ..errors import InvalidArgumentError, VerificationError, require_equivalent
-from .moe_plan import UpcycleRefused, expert_blocks, grow_pieces, layers_prefix, upcycle_pieces
-from .moe_twins import EXPERT_FIELDS, NOT_COPIED, TOP_K_FIELDS, config_fields, find_twin, first_field
+from ..errors import InvalidArgumentError, require_equivalent
+from .moe_plan import (
+    UpcycleRefused,
+    expert_blocks,
+    grow_pieces,
+    layers_prefix,
+    upcycle_pieces,
+)
+from .moe_twins import (
+    EXPERT_FIELDS,
+    NOT_COPIED,
+    TOP_K_FIELDS,
+    config_fields,
+    find_twin,
+    first_field,
+)
 
 ROUTERS = ("zero", "random")
 SHARED = ("dense", "routed")
@@ -101,24 +115,15 @@ def materialize(pieces, state: dict, like: dict) -> dict:
     return out
 
 
-def _router_sums(model, path: str, rows: torch.Tensor | None, seed: int) -> torch.Tensor:
-    """The sum of the chosen weights per token that the family's own router gives with weight ``rows``
+def _router_sums(router: nn.Module, rows: torch.Tensor | None, seed: int) -> torch.Tensor:
+    """The sum of the chosen weights per token that the family's own ``router`` module gives with weight ``rows``
     (zeros when None), on random hidden states, in eval mode, as float64."""
-    router = model.get_submodule(path)
     weight = router.weight
-    hidden = weight.shape[1]
     g = torch.Generator().manual_seed(seed)
-    h = torch.randn(16, hidden, generator=g, dtype=torch.float64).to(weight.dtype)
-    saved, training = weight.detach().clone(), router.training
-    try:
-        with torch.no_grad():
-            weight.copy_(torch.zeros_like(weight) if rows is None else rows.to(weight.dtype))
-            router.eval()
-            out = router(h)
-    finally:
-        with torch.no_grad():
-            weight.copy_(saved)
-        router.train(training)
+    h = torch.randn(16, weight.shape[1], generator=g, dtype=torch.float64).to(weight.dtype)
+    with torch.no_grad():
+        weight.copy_(torch.zeros_like(weight) if rows is None else rows.to(weight.dtype))
+        out = router.eval()(h)
     return out[1].detach().to(torch.float64).reshape(h.shape[0], -1).sum(-1)
 
 
@@ -223,10 +228,25 @@ def twin_config(model, twin, cls, experts: int, top_k: int, sparse: list, shared
     return cc(**kw)
 
 
-def upcycle_pretrained(model, experts: int = 8, top_k: int = 2, *, router: str = "zero", shared=None, layers=None,
-                       seed: int = 0, noise: float = 0.0, router_std: float | None = None, moe_config=None,
-                       example_inputs=None, verify: str = "torch"):
-    """:func:`graphgrow.upcycle` (see its docstring)."""
+@dataclass
+class UpcyclePlan:
+    """An upcycling planned without weights: the twin's class and config, the sparse layers, the routed experts'
+    and the shared expert's scales, and one piece per tensor of the twin (in its state_dict order).  A streamed
+    writer reads each piece's sources from the checkpoint, applies it (:func:`graphgrow.core.moe.apply_piece`),
+    rounds to the twin's dtype and writes ``piece.key``."""
+
+    cls: type
+    config: object
+    sparse: list
+    pieces: list
+    routed_scale: float
+    shared: str | None
+    notes: list = field(default_factory=list)
+    experts: tuple = (1, 1)  # (before, after)
+    top_k: tuple = (1, 1)
+
+
+def _check_upcycle_args(experts, top_k, router, shared, noise) -> tuple:
     experts, top_k = _positive_int(experts, "experts"), _positive_int(top_k, "top_k")
     if top_k > experts:
         raise InvalidArgumentError(f"top_k ({top_k}) cannot exceed the number of experts ({experts})")
@@ -234,27 +254,43 @@ def upcycle_pretrained(model, experts: int = 8, top_k: int = 2, *, router: str =
         raise InvalidArgumentError(f"router must be one of {ROUTERS}, not {router!r}")
     if shared is not None and shared not in SHARED:
         raise InvalidArgumentError(f"shared must be None or one of {SHARED}, not {shared!r}")
-    if not isinstance(noise, (int, float)) or noise < 0:
+    if isinstance(noise, bool) or not isinstance(noise, (int, float)) or noise < 0:
         raise InvalidArgumentError(f"noise must be a number >= 0, not {noise!r}")
-    if verify not in ("torch", "none"):
-        raise InvalidArgumentError(f"verify must be 'torch' or 'none', not {verify!r}")
+    return experts, top_k
+
+
+def _cpu_router(meta_twin, path: str, dtype) -> nn.Module:
+    """A CPU copy of the twin's router module at ``dtype``, every tensor zero (the plan zeroes them too)."""
+    router = copy.deepcopy(meta_twin.get_submodule(path)).to_empty(device="cpu").to(dtype)
+    with torch.no_grad():
+        for t in list(router.parameters()) + list(router.buffers()):
+            t.zero_()
+    return router
+
+
+def plan_upcycle(model, experts: int = 8, top_k: int = 2, *, router: str = "zero", shared=None, layers=None,
+                 seed: int = 0, noise: float = 0.0, router_std: float | None = None, moe_config=None) -> UpcyclePlan:
+    """The per-tensor plan of :func:`graphgrow.upcycle` for ``model`` (real or on the meta device: only its
+    config, its state_dict's keys and shapes and its dtype are read).  The twin is built on the meta device for
+    its shapes; its router runs once on CPU (zero or random rows) to measure the chosen weights' sum."""
+    experts, top_k = _check_upcycle_args(experts, top_k, router, shared, noise)
     twin, cls = find_twin(model, shared)
     if twin.shared_required and shared is None:
         shared = "dense"
     if shared and not twin.shared:
         raise UpcycleRefused(f"{cls.__name__} has no shared expert: pass shared=None")
-    ids = _token_ids(model, example_inputs, seed)
-    dense_state = model.state_dict()
+    dtype = next(model.parameters()).dtype
     sparse = _sparse_layers(layers, int(model.config.num_hidden_layers))
     config = twin_config(model, twin, cls, experts, top_k, sparse, shared, moe_config)
-    result = _build(cls, config, model)
-    moe_state = result.state_dict()
-    prefix = layers_prefix(moe_state)
-    router_path = f"{prefix}.{sparse[0]}.{twin.block}.{twin.router}"
+    with torch.device("meta"):
+        meta_twin = cls(config)
+    moe_shapes = {k: tuple(v.shape) for k, v in meta_twin.state_dict().items()}
+    router_path = f"{layers_prefix(moe_shapes)}.{sparse[0]}.{twin.block}.{twin.router}"
+    gate = _cpu_router(meta_twin, router_path, dtype)
     std = float(router_std if router_std is not None else getattr(model.config, "initializer_range", 0.02) or 0.02)
     notes = []
     if router == "zero":  # every token: the same chosen weights, summing to s (k/E, 1, ...): scale 1/s
-        sums = _router_sums(result, router_path, None, seed)
+        sums = _router_sums(gate, None, seed)
         if float(sums.max() - sums.min()) > 1e-12 * float(sums.abs().max()):
             raise UpcycleRefused(f"{cls.__name__}'s router gives a zero router's tokens different weight sums")
         routed = weight_sum_scale(float(sums[0]))
@@ -263,12 +299,10 @@ def upcycle_pretrained(model, experts: int = 8, top_k: int = 2, *, router: str =
                          f"{routed:.9g}")
         std = 0.0
     else:
-        rows = torch.from_numpy(np.random.default_rng(seed).normal(0.0, std, tuple(moe_state[router_path + ".weight"]
-                                                                                   .shape)))
-        sums = _router_sums(result, router_path, rows, seed)
-        renormalised = float((sums - 1).abs().max()) <= RENORM_TOL
+        rows = torch.from_numpy(np.random.default_rng(seed).normal(0.0, std, tuple(gate.weight.shape)))
+        sums = _router_sums(gate, rows, seed)
         routed = 1.0
-        if not renormalised and shared != "dense":
+        if float((sums - 1).abs().max()) > RENORM_TOL and shared != "dense":
             raise UpcycleRefused(f"{cls.__name__} does not renormalise its top-k weights (they sum to "
                                  f"{float(sums.min()):.3g}..{float(sums.max()):.3g}), so random router rows are not "
                                  "exact: use router='zero'" + (", shared='dense'" if twin.shared else "")
@@ -280,27 +314,39 @@ def upcycle_pretrained(model, experts: int = 8, top_k: int = 2, *, router: str =
                      "experts' down-projections are zero")
     elif shared == "routed":
         notes.append("the shared expert's down-projection is zero (the routed experts hold the dense MLP)")
-    pieces = upcycle_pieces({k: tuple(v.shape) for k, v in dense_state.items()},
-                            {k: tuple(v.shape) for k, v in moe_state.items()}, block=twin.block, router=twin.router,
-                            shared_roles=twin.shared, sparse=sparse, experts=experts, router_std=std, seed=seed,
-                            routed_scale=routed, shared_scale=shared_scale, noise=float(noise))
-    result = _finish(model, result, materialize(pieces, dense_state, moe_state))
+    pieces = upcycle_pieces({k: tuple(v.shape) for k, v in model.state_dict().items()}, moe_shapes,
+                            block=twin.block, router=twin.router, shared_roles=twin.shared, sparse=sparse,
+                            experts=experts, router_std=std, seed=seed, routed_scale=routed,
+                            shared_scale=shared_scale, noise=float(noise))
+    return UpcyclePlan(cls, config, sparse, pieces, routed, shared, notes, (1, experts), (1, top_k))
+
+
+def upcycle_pretrained(model, experts: int = 8, top_k: int = 2, *, router: str = "zero", shared=None, layers=None,
+                       seed: int = 0, noise: float = 0.0, router_std: float | None = None, moe_config=None,
+                       example_inputs=None, verify: str = "torch"):
+    """:func:`graphgrow.upcycle` (see its docstring)."""
+    if verify not in ("torch", "none"):
+        raise InvalidArgumentError(f"verify must be 'torch' or 'none', not {verify!r}")
+    plan = plan_upcycle(model, experts, top_k, router=router, shared=shared, layers=layers, seed=seed, noise=noise,
+                        router_std=router_std, moe_config=moe_config)
+    ids = _token_ids(model, example_inputs, seed)
+    result = _build(plan.cls, plan.config, model)
+    result = _finish(model, result, materialize(plan.pieces, model.state_dict(), result.state_dict()))
     exact = not noise
-    report = MoEReport(type(model).__name__, cls.__name__, 1, experts, 1, top_k, router, shared, sparse,
-                       params_before=_count(model), params_after=_count(result), function_preserving=exact,
-                       down_scale=routed, notes=notes)
+    report = MoEReport(type(model).__name__, plan.cls.__name__, *plan.experts, *plan.top_k, router, plan.shared,
+                       plan.sparse, params_before=_count(model), params_after=_count(result),
+                       function_preserving=exact, down_scale=plan.routed_scale, notes=list(plan.notes))
     if not exact:
         report.notes.append(f"noise {noise:g} x std inside every routed expert: NOT function-preserving (the chosen "
                             "experts differ per token); the measured deviation is in report.deviation")
     _verify(model, result, ids, report, "upcycled", verify, seed, exact)
     result.graphgrow_report = report
-    result.graphgrow_pieces = pieces
+    result.graphgrow_pieces = plan.pieces
     return result
 
 
-def grow_experts_pretrained(model, factor: int = 2, *, keep_top_k: bool = False, example_inputs=None, seed: int = 0,
-                            verify: str = "torch"):
-    """:func:`graphgrow.grow_experts` (see its docstring)."""
+def plan_grow_experts(model, factor: int = 2, *, keep_top_k: bool = False) -> UpcyclePlan:
+    """The per-tensor plan of :func:`graphgrow.grow_experts` (``model`` real or on the meta device)."""
     factor = _positive_int(factor, "factor")
     if factor < 2:
         raise InvalidArgumentError(f"factor must be an integer >= 2, not {factor!r}")
@@ -313,28 +359,33 @@ def grow_experts_pretrained(model, factor: int = 2, *, keep_top_k: bool = False,
     if not keep_top_k and prefix in FIXED_TOP_K:
         raise UpcycleRefused(f"{type(model).__name__} routes every token to exactly {FIXED_TOP_K[prefix]} experts: "
                              "its top-k cannot be raised with the expert count (keep_top_k=True is inexact)")
-    state = model.state_dict()
-    shapes = {k: tuple(v.shape) for k, v in state.items()}
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     blocks = expert_blocks(shapes)
     if any(n != experts for _, n in blocks.values()):
         raise UpcycleRefused(f"the sparse blocks hold other expert counts than {e_field}={experts}")
-    pieces = grow_pieces(shapes, factor)
     config = copy.deepcopy(cfg)
-    setattr(config, e_field, experts * factor)
     new_k = top_k if keep_top_k else top_k * factor
+    setattr(config, e_field, experts * factor)
     setattr(config, k_field, new_k)
-    result = _build(type(model), config, model)
-    result = _finish(model, result, materialize(pieces, state, result.state_dict()))
+    return UpcyclePlan(type(model), config, [b.rstrip(".") for b in blocks], grow_pieces(shapes, factor), 1.0, None,
+                       [], (experts, experts * factor), (top_k, new_k))
+
+
+def grow_experts_pretrained(model, factor: int = 2, *, keep_top_k: bool = False, example_inputs=None, seed: int = 0,
+                            verify: str = "torch"):
+    """:func:`graphgrow.grow_experts` (see its docstring)."""
+    plan = plan_grow_experts(model, factor, keep_top_k=keep_top_k)
+    result = _build(plan.cls, plan.config, model)
+    result = _finish(model, result, materialize(plan.pieces, model.state_dict(), result.state_dict()))
     exact = not keep_top_k
-    report = MoEReport(type(model).__name__, type(result).__name__, experts, experts * factor, top_k, new_k, "copied",
-                       None, [blk.rstrip(".") for blk in blocks], params_before=_count(model),
-                       params_after=_count(result), function_preserving=exact)
+    report = MoEReport(type(model).__name__, type(result).__name__, *plan.experts, *plan.top_k, "copied", None,
+                       plan.sparse, params_before=_count(model), params_after=_count(result), function_preserving=exact)
     if keep_top_k:
-        report.notes.append(f"top-k kept at {top_k} (the same compute per token): NOT function-preserving, the "
-                            "measured deviation is in report.deviation")
+        report.notes.append(f"top-k kept at {plan.top_k[0]} (the same compute per token): NOT function-preserving, "
+                            "the measured deviation is in report.deviation")
     _verify(model, result, _token_ids(model, example_inputs, seed), report, "expert-grown", verify, seed, exact)
     result.graphgrow_report = report
-    result.graphgrow_pieces = pieces
+    result.graphgrow_pieces = plan.pieces
     return result
 
 
@@ -342,4 +393,4 @@ def _count(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-__all__ = ["upcycle_pretrained", "grow_experts_pretrained", "materialize", "twin_config", "VerificationError"]
+__all__ = ["UpcyclePlan", "grow_experts_pretrained", "materialize", "plan_grow_experts", "plan_upcycle", "twin_config", "upcycle_pretrained"]

@@ -20,6 +20,7 @@ transformers = pytest.importorskip("transformers")
 import graphgrow  # noqa: E402
 from graphgrow.core.moe import apply_piece  # noqa: E402
 from graphgrow.errors import InvalidArgumentError, UnsupportedModelError  # noqa: E402
+from graphgrow.hf.upcycle import plan_grow_experts, plan_upcycle  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
 from hf_testing import logits, max_rel, n_params, token_ids  # noqa: E402
@@ -225,6 +226,15 @@ def test_pieces_replay_bit_identical():
         value = torch.from_numpy(np.ascontiguousarray(apply_piece(piece, stored.__getitem__))).to(out[piece.key].dtype)
         assert torch.equal(value, out[piece.key]), piece.key
     assert {p.op for p in result.graphgrow_pieces} >= {"copy", "experts", "normal"}
+    # a streamed writer plans on the meta device (no weights): the same pieces
+    with torch.device("meta"):
+        weightless = type(model)(model.config)
+    plan = plan_upcycle(weightless, 4, 2, router="random", seed=5, moe_config={"norm_topk_prob": True})
+    assert plan.pieces == result.graphgrow_pieces and plan.cls is type(result)
+    grown = graphgrow.grow_experts(result, factor=2)
+    with torch.device("meta"):
+        weightless = type(result)(result.config)
+    assert plan_grow_experts(weightless, 2).pieces == grown.graphgrow_pieces
 
 
 def test_noise_is_labelled_inexact():
