@@ -55,6 +55,7 @@ def _rows(shapes: dict, keys: tuple) -> tuple:
 
 
 def upcycle_pieces(dense_shapes: dict, moe_shapes: dict, *, block: str, router: str, shared_roles: dict,
+                   router_weight: str = "weight",
                    sparse: list, experts: int, router_std: float, seed: int, routed_scale: float,
                    shared_scale: float, noise: float = 0.0) -> list:
     """Every tensor of the twin (``moe_shapes``, in its order) as a piece reading the dense model's tensors.
@@ -75,7 +76,8 @@ def upcycle_pieces(dense_shapes: dict, moe_shapes: dict, *, block: str, router: 
         if layer in sparse and (rest.startswith(block + ".") or rest in shared_roles):
             roles = dense_roles(dense_shapes, prefix, layer)
             used.update(k for ks in roles.values() for k in ks)
-            piece = _sparse_piece(key, shape, rest, roles, dense_shapes, block=block, router=router, shared_roles=shared_roles,
+            piece = _sparse_piece(key, shape, rest, roles, dense_shapes, block=block, router=router,
+                                  router_weight=router_weight, shared_roles=shared_roles,
                                   experts=experts, router_std=router_std, seed=seed * 1_000_003 + layer,
                                   routed_scale=routed_scale, shared_scale=shared_scale, noise=noise)
         elif key in dense_shapes:
@@ -94,9 +96,9 @@ def upcycle_pieces(dense_shapes: dict, moe_shapes: dict, *, block: str, router: 
     return pieces
 
 
-def _sparse_piece(key, shape, rest, roles, dense_shapes, *, block, router, shared_roles, experts, router_std, seed,
-                  routed_scale, shared_scale, noise) -> Piece:
-    if rest == f"{block}.{router}.weight":
+def _sparse_piece(key, shape, rest, roles, dense_shapes, *, block, router, router_weight, shared_roles, experts,
+                  router_std, seed, routed_scale, shared_scale, noise) -> Piece:
+    if rest == f"{block}.{router}.{router_weight}":
         return Piece(key, shape, "normal", std=router_std, seed=seed) if router_std > 0 else Piece(key, shape, "zeros")
     if rest.startswith(f"{block}.{router}.") and rest.endswith("bias"):  # (ERNIE's expert-score correction bias)
         return Piece(key, shape, "zeros")
@@ -133,7 +135,7 @@ def expert_blocks(shapes: dict) -> dict:
         if key.endswith("." + GATE_UP):
             blk = key[:-len(GATE_UP)]
             n = int(shape[0])
-            router = next((blk + r for r in ("gate.weight", "router.weight", "router.layer.weight")
+            router = next((blk + r for r in ("gate.weight", "router.weight", "gate.wg.weight")
                            if blk + r in shapes and int(shapes[blk + r][0]) == n), None)
             if router is None:
                 raise UpcycleRefused(f"the sparse block {blk.rstrip('.')!r} has no (experts, hidden) router weight")
@@ -149,7 +151,7 @@ def grow_pieces(shapes: dict, factor: int) -> list:
         raise UpcycleRefused("the model has no sparse block with experts.gate_up_proj: it is not a mixture of experts")
     grown = {r: 0 for r, _ in blocks.values()} | {b + GATE_UP: 0 for b in blocks} | {b + DOWN: 0 for b in blocks}
     for router, n in blocks.values():  # the router's per-expert tensors (ERNIE's expert-score bias, (1, E))
-        module = router[:-len("weight")]
+        module = router.rsplit(".", 2)[0] + "." if router.endswith(".wg.weight") else router[:-len("weight")]
         for key, shape in shapes.items():
             if key.startswith(module) and key != router:
                 axes = [i for i, d in enumerate(shape) if int(d) == n]

@@ -24,6 +24,8 @@ GATE_UP, DOWN = "experts.gate_up_proj", "experts.down_proj"
 GATED_SHARED = {"mlp.shared_expert.gate_proj.weight": "gate", "mlp.shared_expert.up_proj.weight": "up",
                 "mlp.shared_expert.down_proj.weight": "down", "mlp.shared_expert_gate.weight": "gate_logit"}
 PLAIN_SHARED = {"shared_mlp.input_linear.weight": "gate_up", "shared_mlp.output_linear.weight": "down"}
+HUNYUAN_SHARED = {"mlp.shared_mlp.gate_proj.weight": "gate", "mlp.shared_mlp.up_proj.weight": "up",
+                  "mlp.shared_mlp.down_proj.weight": "down"}
 ERNIE_SHARED = {"mlp.shared_experts.gate_proj.weight": "gate", "mlp.shared_experts.up_proj.weight": "up",
                 "mlp.shared_experts.down_proj.weight": "down"}
 
@@ -33,7 +35,8 @@ class Twin:
     dense: str  # class-name prefix of the dense family ("Llama")
     moe: str  # class-name prefix of its MoE twin ("Mixtral")
     block: str = "mlp"  # attribute of a decoder layer holding the sparse block
-    router: str = "gate"  # attribute of the sparse block holding the router (a (E, hidden) weight)
+    router: str = "gate"  # attribute of the sparse block holding the router module (called to measure its weights)
+    router_weight: str = "weight"  # the router's (E, hidden) weight inside that module
     shared: dict = field(default_factory=dict)  # the shared expert's tensors -> role (empty: none)
     shared_size: str | None = None  # config field of the shared expert's intermediate size
     shared_count: str | None = None  # config field of the number of shared experts (1 or 0; ERNIE)
@@ -56,6 +59,7 @@ TWINS = [
          shared_size="shared_intermediate_size"),
     Twin("Olmo2", "FlexOlmo"),
     Twin("Cohere2", "Cohere2Moe", layers_field="mlp_layer_types"),
+    Twin("HunYuanDenseV1", "HunYuanMoEV1", router_weight="wg.weight", shared=HUNYUAN_SHARED, shared_required=True),
     Twin("Ernie4_5", "Ernie4_5_Moe", shared=ERNIE_SHARED, shared_count="moe_num_shared_experts",
          layers_field="moe_layer_range"),
 ]
@@ -68,7 +72,7 @@ UNMATCHED = {
 }
 
 EXPERT_FIELDS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
-TOP_K_FIELDS = ("num_experts_per_tok", "moe_k", "top_k")
+TOP_K_FIELDS = ("num_experts_per_tok", "moe_k", "moe_topk", "top_k")
 NOT_COPIED = ("model_type", "architectures", "transformers_version", "_name_or_path", "auto_map")
 
 

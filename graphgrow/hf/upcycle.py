@@ -115,10 +115,10 @@ def materialize(pieces, state: dict, like: dict) -> dict:
     return out
 
 
-def _router_sums(router: nn.Module, rows: torch.Tensor | None, seed: int) -> torch.Tensor:
-    """The sum of the chosen weights per token that the family's own ``router`` module gives with weight ``rows``
-    (zeros when None), on random hidden states, in eval mode, as float64."""
-    weight = router.weight
+def _router_sums(router: nn.Module, rows: torch.Tensor | None, seed: int, name: str = "weight") -> torch.Tensor:
+    """The sum of the chosen weights per token that the family's own ``router`` module gives with its weight
+    ``name`` set to ``rows`` (zeros when None), on random hidden states, in eval mode, as float64."""
+    weight = router.get_parameter(name)
     g = torch.Generator().manual_seed(seed)
     h = torch.randn(16, weight.shape[1], generator=g, dtype=torch.float64).to(weight.dtype)
     with torch.no_grad():
@@ -290,7 +290,7 @@ def plan_upcycle(model, experts: int = 8, top_k: int = 2, *, router: str = "zero
     std = float(router_std if router_std is not None else getattr(model.config, "initializer_range", 0.02) or 0.02)
     notes = []
     if router == "zero":  # every token: the same chosen weights, summing to s (k/E, 1, ...): scale 1/s
-        sums = _router_sums(gate, None, seed)
+        sums = _router_sums(gate, None, seed, twin.router_weight)
         if float(sums.max() - sums.min()) > 1e-12 * float(sums.abs().max()):
             raise UpcycleRefused(f"{cls.__name__}'s router gives a zero router's tokens different weight sums")
         routed = weight_sum_scale(float(sums[0]))
@@ -299,8 +299,9 @@ def plan_upcycle(model, experts: int = 8, top_k: int = 2, *, router: str = "zero
                          f"{routed:.9g}")
         std = 0.0
     else:
-        rows = torch.from_numpy(np.random.default_rng(seed).normal(0.0, std, tuple(gate.weight.shape)))
-        sums = _router_sums(gate, rows, seed)
+        shape = tuple(gate.get_parameter(twin.router_weight).shape)
+        rows = torch.from_numpy(np.random.default_rng(seed).normal(0.0, std, shape))
+        sums = _router_sums(gate, rows, seed, twin.router_weight)
         routed = 1.0
         if float((sums - 1).abs().max()) > RENORM_TOL and shared != "dense":
             raise UpcycleRefused(f"{cls.__name__} does not renormalise its top-k weights (they sum to "
@@ -315,7 +316,8 @@ def plan_upcycle(model, experts: int = 8, top_k: int = 2, *, router: str = "zero
     elif shared == "routed":
         notes.append("the shared expert's down-projection is zero (the routed experts hold the dense MLP)")
     pieces = upcycle_pieces({k: tuple(v.shape) for k, v in model.state_dict().items()}, moe_shapes,
-                            block=twin.block, router=twin.router, shared_roles=twin.shared, sparse=sparse,
+                            block=twin.block, router=twin.router, router_weight=twin.router_weight,
+                            shared_roles=twin.shared, sparse=sparse,
                             experts=experts, router_std=std, seed=seed, routed_scale=routed,
                             shared_scale=shared_scale, noise=float(noise))
     return UpcyclePlan(cls, config, sparse, pieces, routed, shared, notes, (1, experts), (1, top_k))

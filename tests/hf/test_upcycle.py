@@ -38,13 +38,16 @@ DENSE = {
     "olmo2": ("Olmo2ForCausalLM", {}),
     "cohere2": ("Cohere2ForCausalLM", {}),
     "ernie4_5": ("Ernie4_5ForCausalLM", {}),
+    "hunyuan": ("HunYuanDenseV1ForCausalLM", dict(rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+                                                  head_dim=8)),
     "qwen3_5": ("Qwen3_5ForCausalLM", dict(layer_types=["linear_attention", "full_attention"], head_dim=8,
                                            linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8,
                                            linear_value_head_dim=8)),
 }
 TWIN = {"llama": "MixtralForCausalLM", "mistral": "MixtralForCausalLM", "qwen2": "Qwen2MoeForCausalLM",
         "qwen3": "Qwen3MoeForCausalLM", "granite": "GraniteMoeForCausalLM", "olmo2": "FlexOlmoForCausalLM",
-        "cohere2": "Cohere2MoeForCausalLM", "qwen3_5": "Qwen3_5MoeForCausalLM", "ernie4_5": "Ernie4_5_MoeForCausalLM"}
+        "cohere2": "Cohere2MoeForCausalLM", "qwen3_5": "Qwen3_5MoeForCausalLM", "ernie4_5": "Ernie4_5_MoeForCausalLM",
+        "hunyuan": "HunYuanMoEV1ForCausalLM"}
 MOE = {
     "mixtral": ("MixtralForCausalLM", dict(num_local_experts=4, num_experts_per_tok=2)),
     "qwen3-moe": ("Qwen3MoeForCausalLM", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)),
@@ -149,7 +152,7 @@ def test_random_router_exact(name, extra, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
-@pytest.mark.parametrize("name", ["qwen2", "granite", "ernie4_5"])
+@pytest.mark.parametrize("name", ["qwen2", "granite", "ernie4_5", "hunyuan"])
 @pytest.mark.parametrize("shared", ["dense", "routed"])
 def test_shared_expert_variants(name, shared, dtype):
     model = dense(name, dtype)
@@ -167,8 +170,8 @@ def test_shared_expert_variants(name, shared, dtype):
             assert float(down.abs().max()) == 0
             assert torch.allclose(sd["model.layers.0.mlp.experts.down_proj"][1],
                                   2 * src["model.layers.0.mlp.down_proj.weight"])
-    elif name == "ernie4_5":  # an ungated shared expert: the MLP as it is, or zero
-        down = sd["model.layers.0.mlp.shared_experts.down_proj.weight"]
+    elif name in ("ernie4_5", "hunyuan"):  # an ungated shared expert: the MLP as it is, or zero
+        down = sd["model.layers.0.mlp.shared_" + ("experts" if name == "ernie4_5" else "mlp") + ".down_proj.weight"]
         assert torch.equal(down, src["model.layers.0.mlp.down_proj.weight"]) == (shared == "dense")
     else:
         assert type(result).__name__ == "GraniteMoeSharedForCausalLM"
