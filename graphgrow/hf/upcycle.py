@@ -94,7 +94,8 @@ def _build(cls, config, model) -> nn.Module:
         config._experts_implementation = "eager"
     with _no_init():
         new = cls(config)
-    return new.to(dtype=next(model.parameters()).dtype)
+    param = next(model.parameters())
+    return new.to(dtype=param.dtype, device=param.device if param.device.type != "meta" else "cpu")
 
 
 def _numpy(t: torch.Tensor) -> np.ndarray:
@@ -139,8 +140,7 @@ def _finish(model, result, state) -> nn.Module:
     try:
         result.load_state_dict(state, strict=True)
     except RuntimeError as exc:  # (a tensor the plan did not size as the family's code does)
-        raise UpcycleRefused(f"{type(result).__name__} does not take the planned tensors: "
-                             f"{' '.join(str(exc).split())[:300]}") from None
+        raise UpcycleRefused(f"{type(result).__name__} does not take the planned tensors: {_one_line(exc)}") from None
     if hasattr(result, "tie_weights"):  # (built under no_init_weights, which also skips the tying)
         result.tie_weights()
     if _tied(model) and not _tied(result):
@@ -225,7 +225,10 @@ def twin_config(model, twin, cls, experts: int, top_k: int, sparse: list, shared
                              "so every layer of the twin is sparse (pass layers=None)")
     kw.update(overrides or {})
     kw["architectures"] = [cls.__name__]
-    return cc(**kw)
+    try:
+        return cc(**kw)
+    except Exception as exc:  # noqa: BLE001 - a field the twin's (strict) config validates and rejects
+        raise UpcycleRefused(f"{cc.__name__} rejects the twin's fields: {_one_line(exc)}") from None
 
 
 @dataclass
@@ -282,8 +285,11 @@ def plan_upcycle(model, experts: int = 8, top_k: int = 2, *, router: str = "zero
     dtype = next(model.parameters()).dtype
     sparse = _sparse_layers(layers, int(model.config.num_hidden_layers))
     config = twin_config(model, twin, cls, experts, top_k, sparse, shared, moe_config)
-    with torch.device("meta"):
-        meta_twin = cls(config)
+    try:
+        with torch.device("meta"):
+            meta_twin = cls(config)
+    except Exception as exc:  # noqa: BLE001 - the family's code rejecting its config is one sentence
+        raise UpcycleRefused(f"{cls.__name__} cannot be built from the twin's config: {_one_line(exc)}") from None
     moe_shapes = {k: tuple(v.shape) for k, v in meta_twin.state_dict().items()}
     router_path = f"{layers_prefix(moe_shapes)}.{sparse[0]}.{twin.block}.{twin.router}"
     gate = _cpu_router(meta_twin, router_path, dtype)
@@ -389,6 +395,12 @@ def grow_experts_pretrained(model, factor: int = 2, *, keep_top_k: bool = False,
     result.graphgrow_report = report
     result.graphgrow_pieces = plan.pieces
     return result
+
+
+def _one_line(exc: BaseException) -> str:
+    """A library's (possibly multi-line) message on one line, cut at 300 characters."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
 
 
 def _count(model) -> int:

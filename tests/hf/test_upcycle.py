@@ -311,6 +311,8 @@ def test_refusals():
         graphgrow.grow_experts(model, factor=2)
     with pytest.raises(InvalidArgumentError):
         graphgrow.upcycle(torch.nn.Linear(2, 2), experts=4, top_k=2)
+    with pytest.raises(UnsupportedModelError, match="Qwen3MoeConfig rejects the twin's fields"):
+        graphgrow.upcycle(dense("qwen3"), experts=4, top_k=2, moe_config={"norm_topk_prob": "yes"})
     for message in [str(e) for e in _refusal_messages(model)]:
         assert message.count(". ") == 0 and "\n" not in message  # one sentence
 
