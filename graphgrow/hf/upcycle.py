@@ -122,10 +122,14 @@ def _router_sums(router: nn.Module, rows: torch.Tensor | None, seed: int, name: 
     weight = router.get_parameter(name)
     g = torch.Generator().manual_seed(seed)
     h = torch.randn(16, weight.shape[1], generator=g, dtype=torch.float64).to(weight.dtype)
-    with torch.no_grad():
-        weight.copy_(torch.zeros_like(weight) if rows is None else rows.to(weight.dtype))
-        out = router.eval()(h)
-    return out[1].detach().to(torch.float64).reshape(h.shape[0], -1).sum(-1)
+    try:
+        with torch.no_grad():
+            weight.copy_(torch.zeros_like(weight) if rows is None else rows.to(weight.dtype))
+            out = router.eval()(h)
+        return out[1].detach().to(torch.float64).reshape(h.shape[0], -1).sum(-1)
+    except Exception as exc:  # noqa: BLE001 - a router graphgrow cannot call alone: refused in one sentence
+        raise UpcycleRefused(f"the twin's router {type(router).__name__} cannot be run alone to measure its weights: "
+                             f"{_one_line(exc)}") from None
 
 
 def _tied(model) -> bool:
@@ -214,8 +218,10 @@ def twin_config(model, twin, cls, experts: int, top_k: int, sparse: list, shared
     if twin.shared_count:
         kw[twin.shared_count] = 1 if shared else 0
     n = int(model.config.num_hidden_layers)
-    if twin.layers_field == "mlp_only_layers":
-        kw["mlp_only_layers"], kw["decoder_sparse_step"] = [i for i in range(n) if i not in sparse], 1
+    if twin.layers_field == "mlp_only_layers":  # every s-th layer: decoder_sparse_step s, as Qwen states it
+        step = next((s for s in range(1, n + 1) if [i for i in range(n) if (i + 1) % s == 0] == sparse), None)
+        kw["mlp_only_layers"] = [] if step else [i for i in range(n) if i not in sparse]
+        kw["decoder_sparse_step"] = step or 1
     elif twin.layers_field == "mlp_layer_types":
         kw["mlp_layer_types"] = ["sparse" if i in sparse else "dense" for i in range(n)]
     elif twin.layers_field == "moe_layer_range":

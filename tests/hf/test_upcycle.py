@@ -182,10 +182,14 @@ def test_shared_expert_variants(name, shared, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 def test_layers_subset(dtype):
     model = dense("qwen3", dtype, num_hidden_layers=3)
-    result = graphgrow.upcycle(model, experts=4, top_k=2, layers=[1])
-    assert result.config.mlp_only_layers == [0, 2] and result.graphgrow_report.sparse_layers == [1]
-    assert type(result.model.layers[0].mlp).__name__ == "Qwen3MoeMLP"
-    assert type(result.model.layers[1].mlp).__name__ == "Qwen3MoeSparseMoeBlock"
+    result = graphgrow.upcycle(model, experts=4, top_k=2, layers=[0])
+    assert result.config.mlp_only_layers == [1, 2] and result.graphgrow_report.sparse_layers == [0]
+    assert type(result.model.layers[1].mlp).__name__ == "Qwen3MoeMLP"
+    assert type(result.model.layers[0].mlp).__name__ == "Qwen3MoeSparseMoeBlock"
+    assert rel(model, result) <= TOL[dtype]
+    model = dense("qwen2", dtype, num_hidden_layers=4)
+    result = graphgrow.upcycle(model, experts=4, top_k=2, layers=[1, 3])  # every 2nd layer: decoder_sparse_step 2
+    assert (result.config.decoder_sparse_step, result.config.mlp_only_layers) == (2, [])
     assert rel(model, result) <= TOL[dtype]
     model = dense("cohere2", dtype)
     result = graphgrow.upcycle(model, experts=4, top_k=2, layers=[0])
