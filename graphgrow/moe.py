@@ -19,7 +19,7 @@ def upcycle(model, experts: int = 8, top_k: int = 2, *, router: str = "zero", sh
 
     Llama / Mistral -> Mixtral, Qwen2 -> Qwen2-MoE, Qwen3 -> Qwen3-MoE, Qwen3.5 -> Qwen3.5-MoE, Granite ->
     GraniteMoE (GraniteMoeShared with ``shared=``), OLMo-2 -> FlexOlmo, Cohere2 -> Cohere2-MoE, ERNIE 4.5 ->
-    ERNIE 4.5 MoE, HunYuan dense -> HunYuan MoE (``ForCausalLM`` or base ``Model`` classes).  Phi-3 (PhiMoE
+    ERNIE 4.5 MoE, HunYuan dense -> HunYuan MoE, LFM2 -> LFM2-MoE (``ForCausalLM`` or base ``Model`` classes).  Phi-3 (PhiMoE
     normalises with LayerNorm), OLMo (OLMoE has norm gains and q/k norms) and EXAONE 4 (EXAONE-MoE normalises
     before, not after) have an MoE sibling whose layers differ: refused.  Every routed expert is a copy of the dense MLP; every non-MLP tensor is the
     input's (bit-identical); the config states ``experts`` and ``top_k`` (and the experts' intermediate size,
@@ -39,9 +39,9 @@ def upcycle(model, experts: int = 8, top_k: int = 2, *, router: str = "zero", sh
     shared expert holds the dense MLP (its down-projection x 2 behind Qwen's zero-logit sigmoid gate, which
     passes 1/2) and the routed experts' down-projections are zero; ``"routed"`` the routed experts hold it
     and the shared expert's down-projection is zero.  ``layers``: the layer indices made sparse (default
-    all), stated by ``mlp_only_layers`` (Qwen2/3-MoE), ``mlp_layer_types`` (Cohere2-MoE) or ERNIE's
-    ``moe_layer_start_index`` / ``moe_layer_end_index`` / ``moe_layer_interval``; refused for a family (or a
-    subset) its config cannot state.  ``noise`` > 0 adds N(0, noise x std) inside every routed
+    all), stated by ``mlp_only_layers`` / ``decoder_sparse_step`` (Qwen2/3-MoE), ``mlp_layer_types``
+    (Cohere2-MoE), ERNIE's ``moe_layer_start_index`` / ``moe_layer_end_index`` / ``moe_layer_interval`` or
+    LFM2's ``num_dense_layers``; refused for a family (or a subset) its config cannot state.  ``noise`` > 0 adds N(0, noise x std) inside every routed
     expert: NOT exact (top-k < E picks different experts per token), labelled so, the measured deviation in
     ``report.deviation``.  ``moe_config``: further fields of the twin's config (applied last).
 

@@ -12,9 +12,8 @@ from ..core.moe import Piece
 from ..errors import UnsupportedModelError
 from .moe_twins import DOWN, GATE_UP
 
-DENSE_MLP = "mlp"  # every dense family in the twin table keeps its MLP under this attribute
-UNFUSED = {"gate_proj.weight", "up_proj.weight", "down_proj.weight"}
-FUSED = {"gate_up_proj.weight", "down_proj.weight"}
+DENSE_MLP = "mlp"  # where a dense family keeps its MLP (LFM2: feed_forward), and the names of its projections
+DENSE_NAMES = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
 
 
 class UpcycleRefused(UnsupportedModelError):
@@ -35,15 +34,16 @@ def layer_of(key: str, prefix: str):
     return int(m.group(1)) if m else None
 
 
-def dense_roles(shapes: dict, prefix: str, layer: int) -> dict:
+def dense_roles(shapes: dict, prefix: str, layer: int, mlp_attr: str = DENSE_MLP, names_of: dict = None) -> dict:
     """role -> source keys of layer ``layer``'s dense MLP: gate, up, gate_up (the rows gate then up), down."""
-    mlp = f"{prefix}.{layer}.{DENSE_MLP}."
+    n = names_of or DENSE_NAMES
+    mlp = f"{prefix}.{layer}.{mlp_attr}."
     names = {k[len(mlp):] for k in shapes if k.startswith(mlp)}
-    if names == UNFUSED:
-        gate, up, down = (mlp + n for n in ("gate_proj.weight", "up_proj.weight", "down_proj.weight"))
+    if names == {f"{n[r]}.weight" for r in ("gate", "up", "down")}:
+        gate, up, down = (f"{mlp}{n[r]}.weight" for r in ("gate", "up", "down"))
         return {"gate": (gate,), "up": (up,), "gate_up": (gate, up), "down": (down,)}
-    if names == FUSED:
-        return {"gate_up": (mlp + "gate_up_proj.weight",), "down": (mlp + "down_proj.weight",)}
+    if names == {"gate_up_proj.weight", f"{n['down']}.weight"}:
+        return {"gate_up": (mlp + "gate_up_proj.weight",), "down": (f"{mlp}{n['down']}.weight",)}
     raise UpcycleRefused(f"the MLP of layer {layer} holds {sorted(names) or 'nothing'}: only gate, up and down "
                          "projections without biases become experts")
 
@@ -55,7 +55,7 @@ def _rows(shapes: dict, keys: tuple) -> tuple:
 
 
 def upcycle_pieces(dense_shapes: dict, moe_shapes: dict, *, block: str, router: str, shared_roles: dict,
-                   router_weight: str = "weight",
+                   router_weight: str = "weight", dense_mlp: str = DENSE_MLP, dense_names: dict = None,
                    sparse: list, experts: int, router_std: float, seed: int, routed_scale: float,
                    shared_scale: float, noise: float = 0.0) -> list:
     """Every tensor of the twin (``moe_shapes``, in its order) as a piece reading the dense model's tensors.
@@ -74,7 +74,7 @@ def upcycle_pieces(dense_shapes: dict, moe_shapes: dict, *, block: str, router: 
         head = f"{prefix}.{layer}."
         rest = key[len(head):]
         if layer in sparse and (rest.startswith(block + ".") or rest in shared_roles):
-            roles = dense_roles(dense_shapes, prefix, layer)
+            roles = dense_roles(dense_shapes, prefix, layer, dense_mlp, dense_names)
             used.update(k for ks in roles.values() for k in ks)
             piece = _sparse_piece(key, shape, rest, roles, dense_shapes, block=block, router=router,
                                   router_weight=router_weight, shared_roles=shared_roles,
@@ -100,8 +100,8 @@ def _sparse_piece(key, shape, rest, roles, dense_shapes, *, block, router, route
                   router_std, seed, routed_scale, shared_scale, noise) -> Piece:
     if rest == f"{block}.{router}.{router_weight}":
         return Piece(key, shape, "normal", std=router_std, seed=seed) if router_std > 0 else Piece(key, shape, "zeros")
-    if rest.startswith(f"{block}.{router}.") and rest.endswith("bias"):  # (ERNIE's expert-score correction bias)
-        return Piece(key, shape, "zeros")
+    if rest.endswith("bias") and rest.startswith(f"{block}.") and experts in shape and len(shape) <= 2:
+        return Piece(key, shape, "zeros")  # (a per-expert selection bias: ERNIE's score correction, LFM2's)
     if rest in (f"{block}.{GATE_UP}", f"{block}.{DOWN}"):
         rest = rest[len(block) + 1:]
         sources = roles["gate_up" if rest == GATE_UP else "down"]
@@ -150,10 +150,11 @@ def grow_pieces(shapes: dict, factor: int) -> list:
     if not blocks:
         raise UpcycleRefused("the model has no sparse block with experts.gate_up_proj: it is not a mixture of experts")
     grown = {r: 0 for r, _ in blocks.values()} | {b + GATE_UP: 0 for b in blocks} | {b + DOWN: 0 for b in blocks}
-    for router, n in blocks.values():  # the router's per-expert tensors (ERNIE's expert-score bias, (1, E))
+    for blk, (router, n) in blocks.items():  # the router's per-expert tensors and the block's per-expert biases
         module = router.rsplit(".", 2)[0] + "." if router.endswith(".wg.weight") else router[:-len("weight")]
         for key, shape in shapes.items():
-            if key.startswith(module) and key != router:
+            if key != router and (key.startswith(module) or (key.startswith(blk) and key.endswith("bias")
+                                                              and "shared" not in key and len(shape) <= 2)):
                 axes = [i for i, d in enumerate(shape) if int(d) == n]
                 if len(axes) != 1:
                     raise UpcycleRefused(f"{key!r} of a router does not hold one entry per expert: it cannot be "

@@ -37,6 +37,8 @@ class Twin:
     block: str = "mlp"  # attribute of a decoder layer holding the sparse block
     router: str = "gate"  # attribute of the sparse block holding the router module (called to measure its weights)
     router_weight: str = "weight"  # the router's (E, hidden) weight inside that module
+    dense_mlp: str = "mlp"  # the dense family's MLP attribute and its projections' names (gate, up, down)
+    dense_names: dict = field(default_factory=lambda: {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"})
     shared: dict = field(default_factory=dict)  # the shared expert's tensors -> role (empty: none)
     shared_size: str | None = None  # config field of the shared expert's intermediate size
     shared_count: str | None = None  # config field of the number of shared experts (1 or 0; ERNIE)
@@ -59,6 +61,8 @@ TWINS = [
          shared_size="shared_intermediate_size"),
     Twin("Olmo2", "FlexOlmo"),
     Twin("Cohere2", "Cohere2Moe", layers_field="mlp_layer_types"),
+    Twin("Lfm2", "Lfm2Moe", block="feed_forward", dense_mlp="feed_forward",
+         dense_names={"gate": "w1", "up": "w3", "down": "w2"}, layers_field="num_dense_layers"),
     Twin("HunYuanDenseV1", "HunYuanMoEV1", router_weight="wg.weight", shared=HUNYUAN_SHARED, shared_required=True),
     Twin("Ernie4_5", "Ernie4_5_Moe", shared=ERNIE_SHARED, shared_count="moe_num_shared_experts",
          layers_field="moe_layer_range"),

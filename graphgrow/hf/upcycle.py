@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -24,6 +25,7 @@ from ..core.moe import MoEReport, apply_piece, weight_sum_scale
 from ..errors import InvalidArgumentError, require_equivalent
 from .moe_plan import (
     UpcycleRefused,
+    dense_roles,
     expert_blocks,
     grow_pieces,
     layers_prefix,
@@ -122,10 +124,13 @@ def _router_sums(router: nn.Module, rows: torch.Tensor | None, seed: int, name: 
     weight = router.get_parameter(name)
     g = torch.Generator().manual_seed(seed)
     h = torch.randn(16, weight.shape[1], generator=g, dtype=torch.float64).to(weight.dtype)
+    extra = {}
+    if "expert_bias" in inspect.signature(router.forward).parameters:  # (LFM2: the block passes its selection bias)
+        extra["expert_bias"] = torch.zeros(weight.shape[0], dtype=torch.float32)
     try:
         with torch.no_grad():
             weight.copy_(torch.zeros_like(weight) if rows is None else rows.to(weight.dtype))
-            out = router.eval()(h)
+            out = router.eval()(h, **extra)
         return out[1].detach().to(torch.float64).reshape(h.shape[0], -1).sum(-1)
     except Exception as exc:  # noqa: BLE001 - a router graphgrow cannot call alone: refused in one sentence
         raise UpcycleRefused(f"the twin's router {type(router).__name__} cannot be run alone to measure its weights: "
@@ -210,7 +215,11 @@ def twin_config(model, twin, cls, experts: int, top_k: int, sparse: list, shared
     kw = {k: v for k, v in model.config.to_dict().items() if k not in NOT_COPIED}
     kw[first_field(known, EXPERT_FIELDS, "expert count", cc)] = experts
     kw[first_field(known, TOP_K_FIELDS, "top-k", cc)] = top_k
-    inter = int(model.config.intermediate_size)
+    # the dense MLP's own width (LFM2 derives it from intermediate_size; its MoE twin reads the field as it is)
+    roles = dense_roles({k: tuple(v.shape) for k, v in model.state_dict().items()},
+                        layers_prefix(model.state_dict()), sparse[0], twin.dense_mlp, twin.dense_names)
+    inter = int(model.state_dict()[roles["down"][0]].shape[1])
+    kw["intermediate_size"] = inter
     if "moe_intermediate_size" in known:
         kw["moe_intermediate_size"] = inter
     if twin.shared_size:
@@ -224,6 +233,11 @@ def twin_config(model, twin, cls, experts: int, top_k: int, sparse: list, shared
         kw["decoder_sparse_step"] = step or 1
     elif twin.layers_field == "mlp_layer_types":
         kw["mlp_layer_types"] = ["sparse" if i in sparse else "dense" for i in range(n)]
+    elif twin.layers_field == "num_dense_layers":  # (LFM2: the first layers dense, the rest sparse)
+        if sparse != list(range(sparse[0], n)):
+            raise UpcycleRefused(f"{cc.__name__} cannot state it grown: num_dense_layers makes only the last layers "
+                                 f"sparse, not {sparse}")
+        kw["num_dense_layers"] = sparse[0]
     elif twin.layers_field == "moe_layer_range":
         kw.update(_layer_range(sparse, cc))
     elif len(sparse) < n:
@@ -329,6 +343,7 @@ def plan_upcycle(model, experts: int = 8, top_k: int = 2, *, router: str = "zero
         notes.append("the shared expert's down-projection is zero (the routed experts hold the dense MLP)")
     pieces = upcycle_pieces({k: tuple(v.shape) for k, v in model.state_dict().items()}, moe_shapes,
                             block=twin.block, router=twin.router, router_weight=twin.router_weight,
+                            dense_mlp=twin.dense_mlp, dense_names=twin.dense_names,
                             shared_roles=twin.shared, sparse=sparse,
                             experts=experts, router_std=std, seed=seed, routed_scale=routed,
                             shared_scale=shared_scale, noise=float(noise))

@@ -38,6 +38,7 @@ DENSE = {
     "olmo2": ("Olmo2ForCausalLM", {}),
     "cohere2": ("Cohere2ForCausalLM", {}),
     "ernie4_5": ("Ernie4_5ForCausalLM", {}),
+    "lfm2": ("Lfm2ForCausalLM", dict(layer_types=["conv", "full_attention"])),  # (MLP width 256, derived)
     "hunyuan": ("HunYuanDenseV1ForCausalLM", dict(rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
                                                   head_dim=8)),
     "qwen3_5": ("Qwen3_5ForCausalLM", dict(layer_types=["linear_attention", "full_attention"], head_dim=8,
@@ -47,7 +48,7 @@ DENSE = {
 TWIN = {"llama": "MixtralForCausalLM", "mistral": "MixtralForCausalLM", "qwen2": "Qwen2MoeForCausalLM",
         "qwen3": "Qwen3MoeForCausalLM", "granite": "GraniteMoeForCausalLM", "olmo2": "FlexOlmoForCausalLM",
         "cohere2": "Cohere2MoeForCausalLM", "qwen3_5": "Qwen3_5MoeForCausalLM", "ernie4_5": "Ernie4_5_MoeForCausalLM",
-        "hunyuan": "HunYuanMoEV1ForCausalLM"}
+        "hunyuan": "HunYuanMoEV1ForCausalLM", "lfm2": "Lfm2MoeForCausalLM"}
 MOE = {
     "mixtral": ("MixtralForCausalLM", dict(num_local_experts=4, num_experts_per_tok=2)),
     "qwen3-moe": ("Qwen3MoeForCausalLM", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)),
@@ -89,7 +90,7 @@ def rel(a, b, dtype=None, seed=1):
 def assert_non_mlp_identical(model, result):
     new = result.state_dict()
     for key, value in model.state_dict().items():
-        if ".mlp." not in key:
+        if ".mlp." not in key and ".feed_forward." not in key:
             assert torch.equal(new[key], value), key
 
 
@@ -106,9 +107,11 @@ def test_every_pair_zero_router_exact(name, dtype):
     cfg = result.config
     assert cfg.num_experts_per_tok == 2
     assert getattr(cfg, "num_local_experts", getattr(cfg, "num_experts", None)) == 4
-    experts = result.state_dict()["model.layers.1.mlp.experts.gate_up_proj"
-                                  if name != "granite" else "model.layers.1.block_sparse_moe.experts.gate_up_proj"]
-    assert tuple(experts.shape) == (4, 128, 32)
+    experts = next(v for k, v in result.state_dict().items() if k.startswith("model.layers.1.")
+                   and k.endswith("experts.gate_up_proj"))
+    width = next(v.shape[1] for k, v in model.state_dict().items() if k.startswith("model.layers.1.")
+                 and k.endswith(("down_proj.weight", "w2.weight")))
+    assert tuple(experts.shape) == (4, 2 * width, 32)
     assert rep.sparse_layers == [0, 1]
 
 
@@ -202,6 +205,11 @@ def test_layers_subset(dtype):
     assert rel(model, result) <= TOL[dtype]
     with pytest.raises(UnsupportedModelError, match="Ernie4_5_MoeConfig cannot state it grown"):
         graphgrow.upcycle(model, experts=4, top_k=2, layers=[0, 3])
+    model = dense("lfm2", dtype, num_hidden_layers=3, layer_types=["conv", "full_attention", "conv"])
+    result = graphgrow.upcycle(model, experts=4, top_k=2, layers=[1, 2])  # LFM2: the first num_dense_layers dense
+    assert result.config.num_dense_layers == 1 and rel(model, result) <= TOL[dtype]
+    with pytest.raises(UnsupportedModelError, match="Lfm2MoeConfig cannot state it grown"):
+        graphgrow.upcycle(model, experts=4, top_k=2, layers=[0, 2])
 
 
 def test_tied_embeddings_stay_tied():
