@@ -60,6 +60,7 @@ TWINS = [
     Twin("Granite", "GraniteMoeShared", block="block_sparse_moe", router="router", shared=PLAIN_SHARED,
          shared_size="shared_intermediate_size"),
     Twin("Olmo2", "FlexOlmo"),
+    Twin("Olmo3", "FlexOlmo"),  # (full-attention layers only: FlexOlmo has no sliding-window layers)
     Twin("Cohere2", "Cohere2Moe", layers_field="mlp_layer_types"),
     Twin("Lfm2", "Lfm2Moe", block="feed_forward", dense_mlp="feed_forward",
          dense_names={"gate": "w1", "up": "w3", "down": "w2"}, layers_field="num_dense_layers"),

@@ -210,6 +210,10 @@ def twin_config(model, twin, cls, experts: int, top_k: int, sparse: list, shared
     config cannot state the asked subset of sparse layers."""
     cc = cls.config_class
     known = config_fields(cc)
+    types = getattr(model.config, "layer_types", None)
+    if isinstance(types, (list, tuple)) and "layer_types" not in known and set(types) - {"full_attention"}:
+        raise UpcycleRefused(f"{cc.__name__} cannot state it grown: it has no layer_types field for the dense model's "
+                             f"{' / '.join(sorted(set(types)))} layers")
     # every dense field is carried, declared by the twin's config class or not: the twin's code reads some it
     # does not declare (Qwen3-MoE: getattr(config, "head_dim", hidden // heads))
     kw = {k: v for k, v in model.config.to_dict().items() if k not in NOT_COPIED}
@@ -428,4 +432,5 @@ def _count(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-__all__ = ["UpcyclePlan", "grow_experts_pretrained", "materialize", "plan_grow_experts", "plan_upcycle", "twin_config", "upcycle_pretrained"]
+__all__ = ["UpcyclePlan", "grow_experts_pretrained", "materialize", "plan_grow_experts", "plan_upcycle", "twin_config",
+           "upcycle_pretrained"]

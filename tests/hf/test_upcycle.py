@@ -37,6 +37,7 @@ DENSE = {
                                            attention_multiplier=0.3)),
     "olmo2": ("Olmo2ForCausalLM", {}),
     "cohere2": ("Cohere2ForCausalLM", {}),
+    "olmo3": ("Olmo3ForCausalLM", dict(layer_types=["full_attention", "full_attention"])),
     "ernie4_5": ("Ernie4_5ForCausalLM", {}),
     "lfm2": ("Lfm2ForCausalLM", dict(layer_types=["conv", "full_attention"])),  # (MLP width 256, derived)
     "hunyuan": ("HunYuanDenseV1ForCausalLM", dict(rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
@@ -47,6 +48,7 @@ DENSE = {
 }
 TWIN = {"llama": "MixtralForCausalLM", "mistral": "MixtralForCausalLM", "qwen2": "Qwen2MoeForCausalLM",
         "qwen3": "Qwen3MoeForCausalLM", "granite": "GraniteMoeForCausalLM", "olmo2": "FlexOlmoForCausalLM",
+        "olmo3": "FlexOlmoForCausalLM",
         "cohere2": "Cohere2MoeForCausalLM", "qwen3_5": "Qwen3_5MoeForCausalLM", "ernie4_5": "Ernie4_5_MoeForCausalLM",
         "hunyuan": "HunYuanMoEV1ForCausalLM", "lfm2": "Lfm2MoeForCausalLM"}
 MOE = {
@@ -315,6 +317,9 @@ def test_refusals():
         graphgrow.upcycle(model, experts=4, top_k=2, layers=[1])
     with pytest.raises(UnsupportedModelError, match="does not renormalise its top-k weights"):
         graphgrow.upcycle(dense("qwen3"), experts=4, top_k=2, router="random")
+    with pytest.raises(UnsupportedModelError, match="FlexOlmoConfig cannot state it grown: it has no layer_types"):
+        graphgrow.upcycle(dense("olmo3", layer_types=["sliding_attention", "full_attention"], sliding_window=4),
+                          experts=4, top_k=2)
     with pytest.raises(UnsupportedModelError, match="has no shared expert"):
         graphgrow.upcycle(model, experts=4, top_k=2, shared="dense")
     with pytest.raises(UnsupportedModelError, match="exactly 2 experts"):
