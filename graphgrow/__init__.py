@@ -12,6 +12,10 @@ def __getattr__(name):
         from . import api
 
         return getattr(api, name)
+    if name in ("upcycle", "grow_experts"):
+        from . import moe
+
+        return getattr(moe, name)
     if name == "check":
         from .verify import check
 
@@ -23,5 +27,5 @@ def __getattr__(name):
     raise AttributeError(f"module 'graphgrow' has no attribute {name!r}")
 
 
-__all__ = ["widen", "deepen", "analyze", "check", "CheckReport", "GraphGrowError", "InputMismatchError",
+__all__ = ["widen", "deepen", "analyze", "upcycle", "grow_experts", "check", "CheckReport", "GraphGrowError", "InputMismatchError",
            "InvalidArgumentError", "ModelFileError", "TraceError", "UnsupportedModelError", "VerificationError"]

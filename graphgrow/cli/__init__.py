@@ -11,9 +11,9 @@ import argparse
 import sys
 
 from ..errors import GraphGrowError
-from . import check, deepen, demo, exit_codes, inspect, widen, zoo
+from . import check, deepen, demo, exit_codes, inspect, upcycle, widen, zoo
 
-SUBCOMMANDS = (demo, zoo, widen, inspect, deepen, check)  # in the order of --help
+SUBCOMMANDS = (demo, zoo, widen, inspect, deepen, upcycle, check)  # in the order of --help
 
 
 def build_parser() -> argparse.ArgumentParser:
