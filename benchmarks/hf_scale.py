@@ -182,8 +182,11 @@ def _row(r, floor, largest="") -> None:
     size = f"{r['out_bytes'] / 1e9:.2f}" if "out_bytes" in r else ""
     check = r.get("check") or {}
     what = f"{check.get('check')} {check['max_rel']:.1e}" if check else ""
+    workers = r.get("workers") or ""
+    worker_peak = f"{r['worker_peak_mb']:.0f}" if workers and workers > 1 and r.get("worker_peak_mb") else ""
     print(f"| {r['mode']} | {r['seconds']:.1f} | {ratio} | {r['peak_rss_mb']:.0f} | "
-          f"{r['peak_rss_mb'] - r['baseline_rss_mb']:.0f} | {size} | {largest} | {what} |", flush=True)
+          f"{r['peak_rss_mb'] - r['baseline_rss_mb']:.0f} | {workers} | {worker_peak} | {size} | {largest} | {what} |",
+          flush=True)
 
 
 def main() -> None:
@@ -227,9 +230,9 @@ def main() -> None:
     print(f"`PYTHONPATH=. python benchmarks/hf_scale.py --model {args.model} --factors {factors} --workers "
           f"{args.workers}`; torch {torch.__version__}, transformers {transformers.__version__}, {os.cpu_count()} "
           f"CPUs, {time.strftime('%Y-%m-%d')}\n")
-    print("| run | wall s | ratio to floor | peak RSS MB | over baseline MB | output GB | largest output tensor MB "
-          "| check |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| run | wall s | ratio to floor | peak RSS MB | over baseline MB | writer processes | largest worker's peak "
+          "RSS MB | output GB | largest output tensor MB | check |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     rows = []
     layout = os.path.join(folder, "out-layout.json")
     for factor in factors.split(","):
@@ -279,7 +282,7 @@ def main() -> None:
             out_bytes = widen["out_bytes"] / ckpt.total_bytes * params * 2
             print(f"  projection {name} ({params / 1e9:.0f} B params, {layers} layers): {out_bytes / 1e9:.0f} GB "
                   f"written and checked, ~{(out_bytes * per_byte + layers * per_layer) / 3600:.1f} h on this machine "
-                  f"serially at the measured {per_byte * 1e9:.1f} s/GB and {per_layer:.2f} s/layer of planning")
+                  f"(the default writer: {widen.get('workers')} processes) at the measured {per_byte * 1e9:.1f} s/GB and {per_layer:.2f} s/layer of planning")
 
 
 if __name__ == "__main__":

@@ -271,7 +271,7 @@ def _announced(src: Checkpoint, plan) -> dict:
     return announced
 
 
-def _check_output_dir(src: Checkpoint, out_dir, overwrite: bool) -> str:
+def check_output_dir(src: Checkpoint, out_dir, overwrite: bool) -> str:
     out_dir = os.path.abspath(os.fspath(out_dir))
     parent = os.path.dirname(out_dir)
     if not os.path.isdir(parent):
@@ -289,7 +289,7 @@ def _check_output_dir(src: Checkpoint, out_dir, overwrite: bool) -> str:
     return out_dir
 
 
-def _move_into_place(tmp: str, out_dir: str) -> None:
+def move_into_place(tmp: str, out_dir: str) -> None:
     if os.path.isdir(out_dir) and not os.listdir(out_dir):
         os.rmdir(out_dir)
     if not os.path.lexists(out_dir):
@@ -341,7 +341,7 @@ def rewrite_checkpoint(src: Checkpoint, out_dir, config: dict, plan, *, overwrit
     the index and every file's header are in place) and ``written(new names)`` (after each task).  Atomic: written into a temporary folder beside
     ``out_dir``, renamed into place."""
     chosen = parallel.writer(workers, executor)
-    out_dir = _check_output_dir(src, out_dir, overwrite)
+    out_dir = check_output_dir(src, out_dir, overwrite)
     others = src.other_files()
     announced = _announced(src, plan)
     numbered = src.pickled and src.index is not None
@@ -406,7 +406,7 @@ def rewrite_checkpoint(src: Checkpoint, out_dir, config: dict, plan, *, overwrit
         os.chmod(tmp, 0o777 & ~mask)  # mkdtemp made it 0700; a new directory gets 0777 less the umask
         if verify is not None:  # the complete output, checked before anything is moved into place
             verify(tmp)
-        _move_into_place(tmp, out_dir)
+        move_into_place(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

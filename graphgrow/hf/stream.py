@@ -348,7 +348,7 @@ class _Verify:
                                     f"{tolerance:.0e} (stored as {self.dtype}; checked {where})")
 
 
-def _checker(src: Checkpoint, model, check, seed: int, report: dict, progress=None):
+def output_check(src: Checkpoint, model, check, seed: int, report: dict, progress=None):
     """The check of the written directory (a :class:`_Verify`), or None for ``check`` "none"."""
     mode = check_mode(check)
     return None if mode == "none" else _Verify(src, model, mode, seed, report, progress)
@@ -360,7 +360,7 @@ def widen_checkpoint(path, out_dir, factor=1.41, *, widths=None, only=None, excl
                      workers=None, executor=None) -> dict:
     """Widen the checkpoint directory ``path`` into ``out_dir`` (same layout and dtype); returns a summary
     dict (the GrowthReport, the new config, the check's figures).  ``check``: "layers" (True, the default),
-    "full" or "none" (False): see :func:`_checker`; ``workers``/``executor``: who writes the shards
+    "full" or "none" (False): see :func:`output_check`; ``workers``/``executor``: who writes the shards
     (:func:`~.checkpoint.rewrite_checkpoint`)."""
     factor = check_factor(factor, widths)
     check_mode(check)
@@ -386,7 +386,7 @@ def _widen_streamed(src, model, out_dir, factor, *, fill, keep_heads, **args) ->
         rewrite_checkpoint(src, out_dir, w.config.to_diff_dict(),
                            _WidenStream(src, w.values, model.graphgrow_layout, model), overwrite=args["overwrite"],
                            progress=args["progress"], workers=args["workers"], executor=args["executor"],
-                           verify=_checker(src, model, args["check"], seed, figures, args["check_progress"]))
+                           verify=output_check(src, model, args["check"], seed, figures, args["check_progress"]))
     except VerificationError as exc:
         heads_grew = any(w.plan.new_size(sp) > sp.size for sp in w.an.produced
                          if w.an.constraints.heads_of.get(sp.id))
@@ -432,6 +432,6 @@ def deepen_checkpoint(path, out_dir, *, after, block: str = "copy", check=True, 
     figures: dict = {}
     rewrite_checkpoint(src, out_dir, config.to_diff_dict(), _DeepenStream(src, copies),
                        overwrite=overwrite, progress=progress, workers=workers, executor=executor,
-                       verify=_checker(src, model, check, seed, figures, check_progress))
+                       verify=output_check(src, model, check, seed, figures, check_progress))
     notes = plan.notes()
     return {"notes": notes, "config": config, "check": figures or None}
