@@ -28,11 +28,12 @@ import numpy as np
 import torch
 
 from ..core.moe import MoEReport, apply_piece
-from ..errors import InvalidArgumentError
+from ..core.memory import available_memory
+from ..errors import InvalidArgumentError, UnsupportedModelError, VerificationError
 from .checkpoint import Checkpoint, rewrite_checkpoint
 from .layout import _revert
 from .moe_plan import layer_of, layers_prefix
-from .stream import check_mode, meta_model, output_check
+from .stream import TOLERANCE, check_mode, meta_model, output_check
 from .upcycle import plan_grow_experts, plan_upcycle
 
 _STACKED_OPS = ("experts", "repeat", "zeros")  # 3-D expert stacks a per-expert layout can take as views
@@ -230,6 +231,67 @@ class _MoEStream:
             return torch.from_numpy(np.ascontiguousarray(arr)).to(dtype)
 
 
+class _TwinFullCheck:
+    """check="full" for a twin: both models loaded whole by transformers in float32, each with the class its own
+    config.json names (stream's whole-model check loads the output with the input's class), compared on 3
+    batches of random tokens within the stored dtype's tolerance."""
+
+    def __init__(self, src: Checkpoint, seed: int, report: dict, note: str | None = None):
+        self.src, self.seed, self.report, self.note = src, seed, report, note
+
+    def __call__(self, out_dir: str) -> None:
+        import transformers
+
+        dtype = max((self.src.dtype(n) for n in self.src.names()), key=lambda d: TOLERANCE.get(d, 0))
+        tol = TOLERANCE.get(dtype, 1e-4)
+        models = []
+        for folder in (self.src.path, out_dir):
+            cls = getattr(transformers, Checkpoint.open(folder).config["architectures"][0])
+            models.append(cls.from_pretrained(folder, dtype=torch.float32).eval())
+        gen, worst = torch.Generator().manual_seed(self.seed), 0.0
+        for _ in range(3):
+            x = torch.randint(0, models[0].config.vocab_size, (2, 12), generator=gen)
+            with torch.no_grad():
+                a, b = (m(x).to_tuple()[0] for m in models)
+            worst = max(worst, float((a - b).abs().max() / a.abs().max().clamp_min(1e-30)))
+        self.report.clear()
+        self.report.update(tolerance=tol, checked_dtype=str(dtype), check="full", max_rel=worst)
+        if self.note:
+            self.report["note"] = self.note
+        if not worst <= tol:
+            raise VerificationError(f"the upcycled checkpoint is not equivalent: max relative error {worst:.2e} > "
+                                    f"{tol:.0e} (stored as {dtype}; checked whole models)")
+
+
+def _index_rules(config) -> list:
+    """Config fields that say which layers are sparse by index (not by a per-layer list): the layer-by-layer
+    check's one-layer skeletons (layer_check.skeleton_config) do not re-index them, so it cannot run these."""
+    rules = {"mlp_only_layers": lambda v: bool(v), "decoder_sparse_step": lambda v: v not in (None, 1),
+             "num_dense_layers": lambda v: bool(v), "moe_layer_start_index": lambda v: bool(v),
+             "moe_layer_interval": lambda v: v not in (None, 1)}
+    return [k for k, ok in rules.items() if ok(getattr(config, k, None))]
+
+
+def _checker(src, model, plan, check, seed, figures, check_progress):
+    """stream.output_check, but with whole models (:class:`_TwinFullCheck`) for check "full", and where the
+    layer-by-layer check cannot run the twin (:func:`_index_rules`): then when both fit in memory, else refused."""
+    mode = check_mode(check)
+    rules = _index_rules(plan.config)
+    if mode == "layers" and rules:
+        need = 2 * 4 * sum(math.prod(src.shape(n)) for n in src.names()) * (1 + max(plan.experts[1], 1))
+        have = available_memory()
+        if have and need > have:
+            raise UnsupportedModelError(f"the layer-by-layer check cannot run a twin whose sparse layers are set by "
+                                        f"{' / '.join(rules)}, and the whole-model check needs about "
+                                        f"{need / 2 ** 30:.1f} GiB, more than the {have / 2 ** 30:.1f} GiB available: "
+                                        "pass --check full (check='full') to run it anyway, or --no-check")
+        mode = "full"
+    if mode == "full":
+        return _TwinFullCheck(src, seed, figures, f"sparse layers set by {' / '.join(rules)}: whole models compared"
+                              if rules and check_mode(check) == "layers" else None)
+    return output_check(src, model, mode, seed, figures, check_progress)
+
+
 def _inexact_needs_no_check(check, what: str) -> None:
     if check_mode(check) != "none":
         raise InvalidArgumentError(f"{what} is not function-preserving, so the written checkpoint cannot pass the "
@@ -247,7 +309,7 @@ def _write(src, model, plan, out_dir, report, *, check, seed, overwrite, progres
     config["architectures"] = [plan.cls.__name__]
     figures: dict = {}
     rewrite_checkpoint(src, out_dir, config, stream, overwrite=overwrite, progress=progress, workers=workers,
-                       executor=executor, verify=output_check(src, model, check, seed, figures, check_progress))
+                       executor=executor, verify=_checker(src, model, plan, check, seed, figures, check_progress))
     return {"report": report, "config": plan.config, "check": figures or None}
 
 
