@@ -18,6 +18,10 @@ peak RSS (VmHWM of the main process; the largest worker's too):
                (same names, shapes, dtype and shards as widen-F wrote) written with safetensors' save_file and
                flushed to disk (fsync), as graphgrow flushes its output
 * identity:    (1b) rewrite_checkpoint with the identity plan, against floor-1
+* --upcycle E,K (only these rows): moeplan-ExK, the planning alone (meta model, graphgrow.hf.upcycle.plan_upcycle);
+               upcycle-ExK, the default command graphgrow.hf.upcycle_stream.upcycle_checkpoint(src, out, E, K)
+               (Llama -> Mixtral, zero routers, default writer, layer-by-layer check); floor-upcycle-ExK, the
+               flushed floor for the Mixtral checkpoint it wrote (same names, shapes, shards)
 """
 
 from __future__ import annotations
@@ -130,6 +134,28 @@ def measure(mode: str, src: str, out: str, ref: str) -> dict:
             fd = os.open(path, os.O_RDONLY)
             os.fsync(fd)  # flushed as graphgrow flushes its output
             os.close(fd)
+    elif kind == "moeplan":  # the upcycle's planning alone
+        from graphgrow.hf.upcycle import plan_upcycle
+
+        experts, top_k = (int(v) for v in factor.split("x"))
+        plan = plan_upcycle(meta_model(ckpt), experts, top_k)
+        extra["pieces"] = len(plan.pieces)
+    elif kind == "upcycle":
+        from graphgrow.hf import parallel
+        from graphgrow.hf.upcycle_stream import upcycle_checkpoint
+
+        experts, top_k = (int(v) for v in factor.split("x"))
+        chosen = []
+        default_workers = parallel.default_workers
+        parallel.default_workers = lambda *a: chosen.append(default_workers(*a)) or chosen[-1]
+        result = upcycle_checkpoint(src, out, experts, top_k, **({"workers": int(workers)} if workers else {}))
+        extra["workers"] = chosen[-1] if chosen else int(workers or 1)
+        out_ckpt = Checkpoint.open(out)
+        with open(ref, "w") as f:
+            json.dump(_layout(out_ckpt), f)
+        extra.update(out_bytes=out_ckpt.total_bytes, out_largest=out_ckpt.largest_tensor_bytes,
+                     out_params=out_ckpt.total_bytes // 2, summary=result["report"].summary(),
+                     notes=result["report"].notes, check=result["check"])
     elif kind == "plan":
         model = meta_model(ckpt)
         w = plan_widening(model, meta_inputs(model), float(factor), options=GrowOptions())
@@ -197,6 +223,8 @@ def main() -> None:
     parser.add_argument("--factors", default=None)
     parser.add_argument("--workers", type=int, default=1,
                         help="also run the default command with --workers N (default 1: the serial writer; 0: not)")
+    parser.add_argument("--upcycle", metavar="E,K", default=None,
+                        help="run only the upcycle rows: the checkpoint -> E experts, top-K (Mixtral), vs its floor")
     parser.add_argument("--measure", nargs=4, metavar=("MODE", "SRC", "OUT", "REF"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.measure:
@@ -233,6 +261,9 @@ def main() -> None:
     print("| run | wall s | ratio to floor | peak RSS MB | over baseline MB | writer processes | largest worker's peak "
           "RSS MB | output GB | largest output tensor MB | check |")
     print("|---|---|---|---|---|---|---|---|---|---|")
+    if args.upcycle:
+        _upcycle_rows(args, folder, src, ckpt)
+        return
     rows = []
     layout = os.path.join(folder, "out-layout.json")
     for factor in factors.split(","):
@@ -283,6 +314,39 @@ def main() -> None:
             print(f"  projection {name} ({params / 1e9:.0f} B params, {layers} layers): {out_bytes / 1e9:.0f} GB "
                   f"written and checked, ~{(out_bytes * per_byte + layers * per_layer) / 3600:.1f} h on this machine "
                   f"(the default writer: {widen.get('workers')} processes) at the measured {per_byte * 1e9:.1f} s/GB and {per_layer:.2f} s/layer of planning")
+
+
+def _upcycle_rows(args, folder: str, src: str, ckpt) -> None:
+    """The upcycle rows (issue 20): planning, the default command, its flushed floor; then the figures the
+    issue asks for (time against the floor, peak RSS against the largest output tensor)."""
+    experts, top_k = (int(v) for v in args.upcycle.split(","))
+    tag = f"{experts}x{top_k}"
+    cfg = PRESETS[args.model]
+    mlp = 3 * cfg["hidden_size"] * cfg["intermediate_size"] * cfg["num_hidden_layers"] * 2
+    _require_disk(folder, (ckpt.total_bytes + (experts - 1) * mlp) * 1.05)
+    layout = os.path.join(folder, f"out-upcycle-{tag}-layout.json")  # (not the widening rows' files)
+    out = os.path.join(folder, f"out-upcycle-{tag}")
+    plan = _run(f"moeplan-{tag}", src, out, layout)
+    up = _run(f"upcycle-{tag}", src, out, layout)
+    shutil.rmtree(out, ignore_errors=True)
+    floor = _run(f"floor-upcycle-{tag}", src, os.path.join(folder, "floor-upcycle"), layout)
+    shutil.rmtree(os.path.join(folder, "floor-upcycle"), ignore_errors=True)
+    _row(plan, None)
+    _row(up, floor, f"{up['out_largest'] / 1e6:.0f}")
+    _row({**floor, "out_bytes": up["out_bytes"]}, None)
+    print()
+    rss = up["peak_rss_mb"] - up["baseline_rss_mb"]
+    fixed = plan["peak_rss_mb"] - plan["baseline_rss_mb"]
+    worker = up.get("worker_peak_mb") or 0
+    print(f"upcycle {tag}: {up['summary']}")
+    for note in up["notes"]:
+        print(f"  {note}")
+    print(f"  default command (check {up['check']['check']}, max_rel {up['check']['max_rel']:.1e}): {up['seconds']:.0f}"
+          f" s = {up['seconds'] / floor['seconds']:.2f} x the flushed floor ({floor['seconds']:.0f} s); "
+          f"{up['out_bytes'] / 1e9:.2f} GB written ({up['out_params'] / 1e9:.2f} B params)")
+    print(f"  peak RSS over baseline {rss:.0f} MB = planning {fixed:.0f} MB + {(rss - fixed) * 1e6 / up['out_largest']:.1f}"
+          f" x the largest output tensor ({up['out_largest'] / 1e6:.0f} MB); writer processes {up.get('workers')}, "
+          f"the largest worker's peak RSS {worker:.0f} MB")
 
 
 if __name__ == "__main__":
