@@ -140,7 +140,7 @@ def measure(mode: str, src: str, out: str, ref: str) -> dict:
         experts, top_k = (int(v) for v in factor.split("x"))
         plan = plan_upcycle(meta_model(ckpt), experts, top_k)
         extra["pieces"] = len(plan.pieces)
-    elif kind == "upcycle":
+    elif kind in ("upcycle", "upcyclestream"):  # (upcyclestream: check="none", the writing alone)
         from graphgrow.hf import parallel
         from graphgrow.hf.upcycle_stream import upcycle_checkpoint
 
@@ -148,7 +148,8 @@ def measure(mode: str, src: str, out: str, ref: str) -> dict:
         chosen = []
         default_workers = parallel.default_workers
         parallel.default_workers = lambda *a: chosen.append(default_workers(*a)) or chosen[-1]
-        result = upcycle_checkpoint(src, out, experts, top_k, **({"workers": int(workers)} if workers else {}))
+        result = upcycle_checkpoint(src, out, experts, top_k, **({"workers": int(workers)} if workers else {}),
+                                    check="none" if kind == "upcyclestream" else "layers")
         extra["workers"] = chosen[-1] if chosen else int(workers or 1)
         out_ckpt = Checkpoint.open(out)
         with open(ref, "w") as f:
@@ -255,8 +256,8 @@ def main() -> None:
     print(f"# graphgrow on a checkpoint directory: {n_params / 1e9:.2f} B parameters (bf16, {NAMES[args.model]}), "
           f"{ckpt.total_bytes / 1e9:.2f} GB in {len(ckpt.shards)} shards, largest tensor "
           f"{ckpt.largest_tensor_bytes / 1e6:.0f} MB\n")
-    print(f"`PYTHONPATH=. python benchmarks/hf_scale.py --model {args.model} --factors {factors} --workers "
-          f"{args.workers}`; torch {torch.__version__}, transformers {transformers.__version__}, {os.cpu_count()} "
+    command = (f"--upcycle {args.upcycle}" if args.upcycle else f"--factors {factors} --workers {args.workers}")
+    print(f"`PYTHONPATH=. python benchmarks/hf_scale.py --model {args.model} {command}`; torch {torch.__version__}, transformers {transformers.__version__}, {os.cpu_count()} "
           f"CPUs, {time.strftime('%Y-%m-%d')}\n")
     print("| run | wall s | ratio to floor | peak RSS MB | over baseline MB | writer processes | largest worker's peak "
           "RSS MB | output GB | largest output tensor MB | check |")
@@ -329,10 +330,13 @@ def _upcycle_rows(args, folder: str, src: str, ckpt) -> None:
     plan = _run(f"moeplan-{tag}", src, out, layout)
     up = _run(f"upcycle-{tag}", src, out, layout)
     shutil.rmtree(out, ignore_errors=True)
+    alone = _run(f"upcyclestream-{tag}", src, out, layout)  # the writing alone, for the time and memory split
+    shutil.rmtree(out, ignore_errors=True)
     floor = _run(f"floor-upcycle-{tag}", src, os.path.join(folder, "floor-upcycle"), layout)
     shutil.rmtree(os.path.join(folder, "floor-upcycle"), ignore_errors=True)
     _row(plan, None)
     _row(up, floor, f"{up['out_largest'] / 1e6:.0f}")
+    _row(alone, floor, f"{alone['out_largest'] / 1e6:.0f}")
     _row({**floor, "out_bytes": up["out_bytes"]}, None)
     print()
     rss = up["peak_rss_mb"] - up["baseline_rss_mb"]
@@ -347,6 +351,9 @@ def _upcycle_rows(args, folder: str, src: str, ckpt) -> None:
     print(f"  peak RSS over baseline {rss:.0f} MB = planning {fixed:.0f} MB + {(rss - fixed) * 1e6 / up['out_largest']:.1f}"
           f" x the largest output tensor ({up['out_largest'] / 1e6:.0f} MB); writer processes {up.get('workers')}, "
           f"the largest worker's peak RSS {worker:.0f} MB")
+    print(f"  the writing alone (check none): {alone['seconds']:.0f} s = {alone['seconds'] / floor['seconds']:.2f} x the "
+          f"floor, peak RSS over baseline {alone['peak_rss_mb'] - alone['baseline_rss_mb']:.0f} MB, the largest "
+          f"worker's {alone.get('worker_peak_mb') or 0:.0f} MB")
 
 
 if __name__ == "__main__":

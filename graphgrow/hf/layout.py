@@ -24,6 +24,35 @@ def _revert():
     return revert_weight_conversion
 
 
+def row_ranges(model, key: str, shape) -> dict | None:
+    """When the stored layout cuts a stacked (E, A, B) parameter ``key`` into whole rows of one expert each:
+    {stored name: (expert, first row, rows)}; else None.  Read off the conversion run on a small (E, A, 1)
+    tensor of element indices (the full-size index tensor of a 7B expert stack would be gigabytes)."""
+    revert = _revert()
+    if revert is None or len(shape) != 3:
+        return None
+    n_exp, rows, cols = (int(d) for d in shape)
+    try:
+        out = revert(model, {key: torch.arange(n_exp * rows, dtype=torch.float64).reshape(n_exp, rows, 1)})
+        real = revert(model, {key: torch.empty((n_exp, rows, cols), device="meta")})
+    except Exception:  # noqa: BLE001 - a conversion that needs the real trailing size: the general path
+        return None
+    if set(out) != set(real):
+        return None
+    ranges, seen = {}, torch.zeros(n_exp * rows, dtype=torch.int64)
+    for name, idx in out.items():
+        flat = idx.reshape(-1).long()
+        a = flat.numel()
+        if a == 0 or tuple(idx.shape) != (a, 1) or tuple(real[name].shape) != (a, cols):
+            return None
+        e, r0 = divmod(int(flat[0]), rows)
+        if r0 + a > rows or not torch.equal(flat, torch.arange(int(flat[0]), int(flat[0]) + a)):
+            return None
+        seen[flat] += 1
+        ranges[name] = (e, r0, a)
+    return ranges if bool((seen == 1).all()) else None
+
+
 class StoredLayout:
     """Which stored tensors hold each model parameter whose stored layout differs (``pieces``), and the moves
     between the two layouts. ``model`` is built on the meta device; ``stored`` the checkpoint's tensor names."""
@@ -58,6 +87,18 @@ class StoredLayout:
 
     def assemble(self, key: str, shape, read) -> torch.Tensor:
         """The model parameter ``key`` (of ``shape``) from its stored pieces (``read(name)`` -> tensor)."""
+        ranges = row_ranges(self.model, key, shape) if len(shape) == 3 else None
+        if ranges is not None:  # per-expert row ranges: each piece copied into place (no index tensors)
+            out = None
+            for name, (e, r0, a) in ranges.items():
+                piece = read(name)
+                if out is None:
+                    out = torch.empty(tuple(int(d) for d in shape), dtype=piece.dtype)
+                if tuple(piece.shape) != (a, int(shape[2])):
+                    raise UnsupportedModelError(f"the stored tensor {name!r} does not have the shape transformers' "
+                                                f"conversion of {key!r} gives")
+                out[e, r0:r0 + a] = piece
+            return out
         n = 1
         for d in shape:
             n *= int(d)

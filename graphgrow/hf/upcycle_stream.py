@@ -31,7 +31,7 @@ from ..core.moe import MoEReport, apply_piece
 from ..core.memory import available_memory
 from ..errors import InvalidArgumentError, UnsupportedModelError, VerificationError
 from .checkpoint import Checkpoint, rewrite_checkpoint
-from .layout import _revert
+from .layout import _revert, row_ranges
 from .moe_plan import layer_of, layers_prefix
 from .stream import TOLERANCE, check_mode, meta_model, output_check
 from .upcycle import plan_grow_experts, plan_upcycle
@@ -51,33 +51,6 @@ def _stored_split(twin, key: str, shape: tuple) -> list:
         return [(key, tuple(shape))]
     out = revert(twin, {key: torch.empty(tuple(shape), device="meta")})
     return [(name, tuple(t.shape)) for name, t in out.items()]
-
-
-def _per_expert_views(twin, key: str, shape: tuple, split: list):
-    """When the stored layout cuts the stacked ``key`` (E, A, B) into per-expert row ranges: {stored name: (e, r0,
-    rows)}; else None.  Read off by running the conversion on a small (E, A, 1) tensor of element indices."""
-    revert = _revert()
-    if revert is None or len(shape) != 3:
-        return None
-    n_exp, rows, cols = shape
-    try:
-        out = revert(twin, {key: torch.arange(n_exp * rows, dtype=torch.float64).reshape(n_exp, rows, 1)})
-    except Exception:  # noqa: BLE001 - a conversion that needs the real trailing size: the general path
-        return None
-    real = dict(split)
-    if set(out) != set(real):
-        return None
-    views = {}
-    for name, idx in out.items():
-        flat = idx.reshape(-1).long()
-        a = flat.numel()
-        if tuple(idx.shape) != (a, 1) or real[name] != (a, cols) or a == 0:
-            return None
-        e, r0 = divmod(int(flat[0]), rows)
-        if r0 + a > rows or not torch.equal(flat, torch.arange(int(flat[0]), int(flat[0]) + a)):
-            return None
-        views[name] = (e, r0, a)
-    return views
 
 
 class _MoEStream:
@@ -128,7 +101,7 @@ class _MoEStream:
             self.split[p.key] = _stored_split(meta_twin, p.key, p.shape)
             if p.op in _STACKED_OPS and len(p.shape) == 3 and (p.op != "repeat" or p.axis == 0) and \
                     len(self.split[p.key]) > 1:
-                self.views[p.key] = _per_expert_views(meta_twin, p.key, p.shape, self.split[p.key])
+                self.views[p.key] = row_ranges(meta_twin, p.key, p.shape)
         self.announced: dict = {}  # source name -> twin keys announced under it
         for key, name in self.announce.items():
             self.announced.setdefault(name, []).append(key)
