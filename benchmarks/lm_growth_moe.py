@@ -288,6 +288,7 @@ def report(results: dict, out_dir: str) -> None:
                      f"{dev_txt} | "
                      f"{_cell(*_best(by_lr, lambda r: loss_at_step(r, g_steps)))} | "
                      f"{_cell(*_best(by_lr, lambda r: loss_at_flops(r, tokens, g_budget)))} |")
+    lines += _paired_table(results, steps, budget, g_steps, g_budget, tokens)
     path = os.path.join(out_dir, f"moe_{setting}.md")
     summary = ""
     if os.path.exists(path):  # a written summary survives --report-only
@@ -300,6 +301,35 @@ def report(results: dict, out_dir: str) -> None:
         f.write(text)
     print(text)
     _plot(results, budget, out_dir)
+
+
+def _paired(a: dict, b: dict, metric):
+    """Per-seed differences a - b (each arm at its best lr for ``metric``): the arms of a seed share the teacher
+    and the batches, so the paired difference is sharper than the spread of either arm over seeds."""
+    (la, va), (lb, vb) = _best(a, metric), _best(b, metric)
+    if la is None or lb is None:
+        return "—"
+    seeds_a, seeds_b = [r["seed"] for r in a[la]], [r["seed"] for r in b[lb]]
+    if seeds_a != seeds_b:
+        return "—"
+    d = np.array(va) - np.array(vb)
+    return f"{d.mean():+.4f} ± {d.std():.4f} ({', '.join(f'{x:+.4f}' for x in d)})"
+
+
+def _paired_table(results: dict, steps: int, budget: float, g_steps: int, g_budget: float, tokens: int) -> list:
+    one, two_, s = results["one"], results["two"], results["config"]
+    pairs = []
+    for e in s["experts"]:
+        pairs += [(one, up_name(e), DENSE, steps, budget), (one, up_name(e), scratch_name(e), steps, budget)]
+    pairs += [(two_, GROW["raised"], GROW["continued"], g_steps, g_budget),
+              (two_, GROW["kept"], GROW["continued"], g_steps, g_budget)]
+    lines = ["", "## Paired differences (A - B per seed, same teacher and batches; negative: A lower)", "",
+             "| A | B | at equal steps | at equal FLOPs incl. teacher |", "|---|---|---|---|"]
+    for table, a, b, st, fl in pairs:
+        at_step = _paired(table[a], table[b], lambda r, st=st: loss_at_step(r, st))
+        at_flops = _paired(table[a], table[b], lambda r, fl=fl: loss_at_flops(r, tokens, fl))
+        lines.append(f"| {a} | {b} | {at_step} (step {st}) | {at_flops} ({fl / 1e12:.4f}e12) |")
+    return lines
 
 
 def _plot(results: dict, budget: float, out_dir: str) -> None:
@@ -333,7 +363,7 @@ def _plot(results: dict, budget: float, out_dir: str) -> None:
     axes[0].set_xlabel("arm step")
     axes[1].set_xlabel("training FLOPs incl. teacher (x1e12, 6 x active params x tokens)")
     axes[2].set_xlabel("step after expert growth")
-    axes[0].set_title("1: upcycling, equal steps")
+    axes[0].set_title("1: upcycling, equal steps (lr: each arm's best at equal FLOPs)")
     axes[1].set_title("1: upcycling, equal FLOPs")
     axes[2].set_title("2: expert count 4 -> 8")
     top = max(r["curve"][0][1] for by_lr in results["one"].values() for runs in by_lr.values() for r in runs
