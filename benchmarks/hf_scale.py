@@ -180,7 +180,7 @@ def measure(mode: str, src: str, out: str, ref: str) -> dict:
         extra.update(out_bytes=out_ckpt.total_bytes, out_largest=out_ckpt.largest_tensor_bytes,
                      summary=result["report"].summary(), notes=result["report"].notes, check=result["check"])
     else:
-        rewrite_checkpoint(ckpt, out, ckpt.config, Identity())
+        rewrite_checkpoint(ckpt, out, ckpt.config, Identity(), workers=1)  # (the writer alone, in-process)
     import resource
 
     extra["worker_peak_mb"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # the largest worker

@@ -3,6 +3,7 @@
     PYTHONPATH=. python benchmarks/lm_growth.py --quick          # <= 20 min on 2 CPU cores
     PYTHONPATH=. python benchmarks/lm_growth.py                  # the full setting
     PYTHONPATH=. python benchmarks/lm_growth.py --device cuda    # sized for ~10 min on one GPU
+    PYTHONPATH=. python benchmarks/lm_growth.py --moe --quick --threads 1   # dense -> MoE upcycling (lm_growth_moe.py)
 
 Data: the Python standard library's own source files (the running interpreter's ``sysconfig`` stdlib, every
 machine has it), byte-level (vocabulary 256), split by file (one file in 10, chosen by a CRC of its name, is
@@ -90,16 +91,17 @@ def _loss(model, x: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
 
 
-def train(model, steps: int, lr: float, data, val, s: dict, seed: int, device, start: int = 0) -> list:
+def train(model, steps: int, lr: float, data, val, s: dict, seed: int, device, start: int = 0, loss_fn=None) -> list:
     """AdamW (warmup 20 steps, then constant); [(step, validation loss)] every eval_every steps, step 0 first.
-    Batches are indexed from ``start`` (students continue the teacher's stream of batches)."""
+    Batches are indexed from ``start`` (students continue the teacher's stream of batches).  ``loss_fn``: the
+    training loss (default: cross-entropy; the MoE arms add the router's load-balancing term)."""
     model.to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     curve = [(0, val_loss(model, val, s, device))]
     for step in range(1, steps + 1):
         for g in opt.param_groups:
             g["lr"] = lr * min(1.0, step / 20)
-        loss = _loss(model, batch(data, start + step, seed, s["batch"], s["seq"], device))
+        loss = (loss_fn or _loss)(model, batch(data, start + step, seed, s["batch"], s["seq"], device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -266,14 +268,23 @@ def main() -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda (cuda: the GPU setting)")
     p.add_argument("--out", default=os.path.join(HERE, "results", "lm_growth"))
     p.add_argument("--report-only", action="store_true", help="rewrite the table and plot from the saved curves")
+    p.add_argument("--moe", action="store_true", help="the mixture-of-experts experiment instead (lm_growth_moe.py): "
+                   "the teacher upcycled to 4 and 8 experts, and expert-count growth 4 -> 8")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: every core; 1 is faster on "
+                   "a loaded machine)")
     args = p.parse_args()
     setting = "cuda" if args.device.startswith("cuda") else "quick" if args.quick else "full"
+    if args.moe:
+        import lm_growth_moe
+
+        lm_growth_moe.main(setting, args)
+        return
     if args.report_only:
         with open(os.path.join(args.out, f"{setting}_curves.json")) as f:
             results = json.load(f)
         report(results, args.out, results.get("seconds", 0.0))
         return
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    torch.set_num_threads(args.threads or max(1, os.cpu_count() or 1))
     run(setting, args.device, args.out)
 
 

@@ -33,24 +33,25 @@ def take(arr: np.ndarray, index, axis: int) -> np.ndarray:
     """``np.take(arr, index, axis)`` for ``index`` >= 0; a -1 entry gives zeros (a channel the caller fills).
 
     The index is cut into runs: consecutive positions (the original units, whole heads) are copied as one
-    slice, the scattered rest (a few random picks) gathered together, -1 runs left at zero.  numpy's gather
-    along an inner axis copies one item at a time, and assigning to scattered positions is as slow: both were
-    a large part of writing a grown 7 B checkpoint."""
+    slice, the scattered rest (a few random picks) gathered, -1 runs left at zero.  numpy's gather along an
+    inner axis copies one item at a time, and assigning to scattered positions is as slow: both were a large
+    part of writing a grown 7 B checkpoint.  Memory: the result, and a gathered part at most
+    :data:`GATHER_CHUNK` elements at a time."""
     index = np.asarray(index).view(np.ndarray).astype(np.int64, copy=False).reshape(-1)
     axis %= arr.ndim
     n = index.size
     neg = index < 0
-    if n == 0 or not neg.any() and n < 2 * MIN_RUN:
-        return np.take(arr, index, axis=axis)
-    out = (np.zeros if neg.any() else np.empty)(_with(arr.shape, axis, n), arr.dtype)  # (zeros: calloc'd pages)
     breaks = np.flatnonzero((neg[1:] != neg[:-1]) | (~neg[1:] & ~neg[:-1] & (np.diff(index) != 1))) + 1
     starts, ends = np.concatenate(([0], breaks)), np.concatenate((breaks, [n]))
+    if not neg.any() and not (ends - starts >= MIN_RUN).any():
+        return np.take(arr, index, axis=axis)  # (scattered everywhere: numpy's gather, no second array)
+    out = (np.zeros if neg.any() else np.empty)(_with(arr.shape, axis, n), arr.dtype)  # (zeros: calloc'd pages)
     head = (slice(None),) * axis
     gathered = None  # start of the current run of short runs: gathered as one
     for a, b in zip(starts.tolist(), ends.tolist()):
         copy = not neg[a] and b - a >= MIN_RUN
         if gathered is not None and (copy or neg[a]):
-            out[head + (slice(gathered, a),)] = np.take(arr, index[gathered:a], axis=axis)
+            _gather_into(out, arr, index, gathered, a, axis)
             gathered = None
         if copy:
             src = int(index[a])
@@ -58,8 +59,28 @@ def take(arr: np.ndarray, index, axis: int) -> np.ndarray:
         elif not neg[a] and gathered is None:
             gathered = a
     if gathered is not None:
-        out[head + (slice(gathered, n),)] = np.take(arr, index[gathered:], axis=axis)
+        _gather_into(out, arr, index, gathered, n, axis)
     return out
+
+
+GATHER_CHUNK = 1 << 22  # elements gathered at a time into a temporary (16 MiB of float32)
+
+
+def _gather_into(out: np.ndarray, arr: np.ndarray, index: np.ndarray, a: int, b: int, axis: int) -> None:
+    """``out[..., a:b, ...] = take(arr, index[a:b], axis)``, in slabs of the first axis (rows of a matrix) so
+    that the temporary stays small; along the first axis, straight into ``out``."""
+    idx = index[a:b]
+    if idx.max() >= arr.shape[axis]:
+        raise IndexError(f"index {int(idx.max())} is out of bounds for axis {axis} with size {arr.shape[axis]}")
+    if axis == 0:
+        np.take(arr, idx, axis=0, out=out[a:b], mode="clip")  # (a contiguous slab: no temporary)
+        return
+    per_row = max(1, out[0].size // out.shape[axis] * (b - a))
+    step = max(1, GATHER_CHUNK // per_row)
+    head = (slice(None),) * (axis - 1)
+    for r in range(0, arr.shape[0], step):
+        rows = slice(r, min(r + step, arr.shape[0]))
+        out[(rows,) + head + (slice(a, b),)] = np.take(arr[rows], idx, axis=axis)
 
 
 def _with(shape, axis: int, n: int) -> tuple:

@@ -12,6 +12,7 @@ does, and the returned dict holds what the label run reads.
 from __future__ import annotations
 
 import contextlib
+import re
 import io
 
 import torch
@@ -132,5 +133,15 @@ def record_shapes(gm: fx.GraphModule, inputs: tuple) -> dict:
             with _reparametrize_module(gm, state or {}, tie_weights=True):
                 rec.propagate(*(tree_map(_cpu_device, inputs) if state else inputs))
         except Exception as exc:  # noqa: BLE001 - user input problem
-            raise InputMismatchError(f"the example inputs do not fit the model: {first_line(exc)}") from None
+            raise InputMismatchError(f"the example inputs do not fit the model: {_failure(exc)}") from None
         return rec.values
+
+
+def _failure(exc: BaseException) -> str:
+    """The failing op and its error, from ShapeProp's wrapper (whose own message dumps the node's metadata)."""
+    cause = exc.__cause__
+    if cause is None:
+        return first_line(exc)
+    node = re.search(r"node=%(\S+) : .*?target=([\w.]+)", str(exc))
+    where = f"{node.group(2)} at node {node.group(1)!r}: " if node else ""
+    return where + first_line(cause)

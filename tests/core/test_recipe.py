@@ -62,13 +62,16 @@ def test_offset_gain_rescaled_on_a_recipe():
     assert np.allclose(r.apply(arr), ar.scale_affine(arr, 0.5, 1.0))
 
 
-def test_take_by_runs_equals_numpy_take_with_zero_fills():
+@pytest.mark.parametrize("chunk", [1 << 22, 7])
+def test_take_by_runs_equals_numpy_take_with_zero_fills(monkeypatch, chunk):
     """arithmetic.take copies runs of consecutive positions as slices and gathers the rest; on any index mixing
     runs, scattered picks and -1 fills it equals np.take with the -1 positions zero, on every axis."""
+    from graphgrow.core import arithmetic
     from graphgrow.core.arithmetic import MIN_RUN, take
 
+    monkeypatch.setattr(arithmetic, "GATHER_CHUNK", chunk)  # (7: the gathered part in slabs of a row or two)
     rng = np.random.default_rng(0)
-    arr = rng.standard_normal((60, 70, 3)).astype(np.float32)
+    arr = rng.standard_normal((60, 64, 62)).astype(np.float32)
     fixed = [np.concatenate([np.arange(60), rng.integers(0, 60, 30)]),
              np.concatenate([np.arange(60), -np.ones(30, np.int64)]),
              np.concatenate([[-1, -1], np.arange(5, 5 + 2 * MIN_RUN), [3, 9, 2], [-1], np.arange(MIN_RUN)]),
@@ -87,8 +90,10 @@ def test_take_by_runs_equals_numpy_take_with_zero_fills():
                 parts.append(-np.ones(int(rng.integers(1, 5)), np.int64))
         randoms.append(np.concatenate(parts))
     for index in fixed + randoms:
-        for axis in (0, 1):
+        for axis in (0, 1, 2):
             want = np.take(arr, np.where(index < 0, 0, index), axis=axis)
             np.moveaxis(want, axis, 0)[index < 0] = 0
             got = take(arr, index, axis)
             assert got.shape == want.shape and np.array_equal(got, want), (index.tolist(), axis)
+    with pytest.raises(IndexError):
+        take(arr, np.concatenate([np.arange(MIN_RUN), [60, 3]]), 0)

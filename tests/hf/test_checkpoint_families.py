@@ -101,3 +101,20 @@ def test_marian_sinusoidal_positions_keep_the_stream_and_survive_save_load(tmp_p
     x = {"input_ids": torch.randint(3, VOCAB, (2, 9)), "decoder_input_ids": torch.randint(3, VOCAB, (2, 5))}
     assert torch.equal(_main(big, x), _main(again, x))
     assert float((_main(model, x) - _main(again, x)).abs().max() / _main(model, x).abs().max()) < 1e-5
+
+
+def test_phimoe_directory_is_refused_in_one_short_sentence(tmp_path, capsys):
+    """PhiMoE's graph can be shaped neither on the meta device nor on the CPU (aten.histc of int32 routing counts
+    has no CPU kernel): the CLI says which op and why in one line, exit 2, nothing written (the refusal used to
+    dump the node's metadata)."""
+    from graphgrow.cli import main
+
+    torch.manual_seed(0)
+    model = transformers.PhimoeForCausalLM(transformers.PhimoeConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=64, **TOK))
+    model.save_pretrained(tmp_path / "src")
+    assert main(["widen", str(tmp_path / "src"), "--factor", "2", "-o", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err[-1]) < 300 and "histc" in err[-1], err[-1]
+    assert not (tmp_path / "out").exists()
