@@ -245,11 +245,13 @@ def _full_check(src: Checkpoint, out_dir: str, seed: int) -> float:
     import transformers
 
     cls = getattr(transformers, src.config["architectures"][0])  # (checked by meta_model)
+    # the output's own class (an upcycled twin is another class), as its config.json names it
+    new_cls = getattr(transformers, (Checkpoint.open(out_dir).config.get("architectures") or [None])[0] or "", cls)
     bars = transformers.utils.logging.is_progress_bar_enabled()
     transformers.utils.logging.disable_progress_bar()
     try:
         ref = cls.from_pretrained(src.path, dtype=torch.float32).eval()
-        new = cls.from_pretrained(out_dir, dtype=torch.float32).eval()
+        new = new_cls.from_pretrained(out_dir, dtype=torch.float32).eval()
     finally:
         if bars:
             transformers.utils.logging.enable_progress_bar()
