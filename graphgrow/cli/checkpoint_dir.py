@@ -24,7 +24,7 @@ def _stream():
     return stream
 
 
-def _output(args, tag: str) -> str:
+def output_dir(args, tag: str) -> str:
     out = args.output or f"{os.path.normpath(args.input)}-{tag}"
     if args.report:
         options.check_report_path(args.report, args.input)
@@ -43,18 +43,18 @@ def _ticker(say, line):
     return tick
 
 
-def _progress(args):
+def progress_ticker(args):
     say = options.progress(args)
     return say, _ticker(say, lambda done, total, name: f"{100 * done / total:3.0f}% of {total / 2 ** 30:.2f} GiB "
                                                        f"({name})")
 
 
-def _check(args):
+def check_option(args):
     """The check asked for: --no-check wins; --check layers (the default) or full."""
     return "none" if args.no_check else args.check
 
 
-def _check_progress(args):
+def check_ticker(args):
     return _ticker(options.progress(args),
                    lambda done, total, name: f"checking layer by layer: {done}/{total} layers ({name})")
 
@@ -69,7 +69,7 @@ def _check_line(check) -> str:
     return line + (f"\n  {check['note']}" if check.get("note") else "")
 
 
-def _finish(args, out: str, result: dict, lines: list) -> int:
+def finish(args, out: str, result: dict, lines: list) -> int:
     check = result.get("check")
     if args.report:
         rep = result.get("report")
@@ -90,7 +90,7 @@ def directory_only(args) -> None:
             raise InvalidArgumentError(f"{flag} applies to checkpoint directories, and {args.input} is not a directory")
 
 
-def _writers(args) -> dict:
+def writer_options(args) -> dict:
     """workers= and executor= for the stream functions, checked before any planning: a Ray cluster is connected
     to now (an address that does not answer is refused before any work)."""
     if args.workers is not None and args.workers < 1:
@@ -108,37 +108,37 @@ def widen(args) -> int:
     if args.noise or args.init != "net2net":
         raise InvalidArgumentError("--noise and --init random-pad are not available for checkpoint directories")
     stream = _stream()
-    out = _output(args, "wide")
-    writers = _writers(args)
-    say, tick = _progress(args)
+    out = output_dir(args, "wide")
+    writers = writer_options(args)
+    say, tick = progress_ticker(args)
     widths = options.widths(args)
     factor = args.factor if args.factor is not None else (None if widths else 1.41)
     say(f"planning on {args.input} (weightless) ...")
     try:
         result = stream.widen_checkpoint(args.input, out, factor, widths=widths or None, only=args.only,
                                          exclude=args.exclude, divisor=args.divisor, fill=not args.no_fill,
-                                         strict=args.strict, check=_check(args), seed=args.seed,
+                                         strict=args.strict, check=check_option(args), seed=args.seed,
                                          allow_pickle=args.allow_pickle, overwrite=args.overwrite, progress=tick,
-                                         check_progress=_check_progress(args), **writers)
+                                         check_progress=check_ticker(args), **writers)
     except VerificationError as exc:
         return options.not_equivalent(args, exc)
     rep = result["report"]
-    return _finish(args, out, result, [rep.summary()] + [f"  {n}" for n in rep.notes])
+    return finish(args, out, result, [rep.summary()] + [f"  {n}" for n in rep.notes])
 
 
 def deepen(args) -> int:
     stream = _stream()
-    out = _output(args, "deep")
-    writers = _writers(args)
-    say, tick = _progress(args)
+    out = output_dir(args, "deep")
+    writers = writer_options(args)
+    say, tick = progress_ticker(args)
     try:
         result = stream.deepen_checkpoint(args.input, out, after=args.after, block=args.block or "copy",
-                                          check=_check(args), seed=args.seed, allow_pickle=args.allow_pickle,
-                                          overwrite=args.overwrite, progress=tick, check_progress=_check_progress(args),
+                                          check=check_option(args), seed=args.seed, allow_pickle=args.allow_pickle,
+                                          overwrite=args.overwrite, progress=tick, check_progress=check_ticker(args),
                                           **writers)
     except VerificationError as exc:
         return options.not_equivalent(args, exc)
-    return _finish(args, out, result, [f"  {n}" for n in result["notes"]])
+    return finish(args, out, result, [f"  {n}" for n in result["notes"]])
 
 
 def add_options(p) -> None:

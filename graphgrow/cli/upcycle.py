@@ -33,19 +33,19 @@ def _run(args, tag: str, grow) -> int:
     if not checkpoint_dir.is_checkpoint_dir(args.input):
         raise InvalidArgumentError(f"{args.input} is not a checkpoint directory")
     stream = _stream()
-    out = checkpoint_dir._output(args, tag)
-    writers = checkpoint_dir._writers(args)
-    say, tick = checkpoint_dir._progress(args)
+    out = checkpoint_dir.output_dir(args, tag)
+    writers = checkpoint_dir.writer_options(args)
+    say, tick = checkpoint_dir.progress_ticker(args)
     say(f"planning on {args.input} (weightless) ...")
-    common = dict(check=checkpoint_dir._check(args), seed=args.seed, allow_pickle=args.allow_pickle,
-                  overwrite=args.overwrite, progress=tick, check_progress=checkpoint_dir._check_progress(args),
+    common = dict(check=checkpoint_dir.check_option(args), seed=args.seed, allow_pickle=args.allow_pickle,
+                  overwrite=args.overwrite, progress=tick, check_progress=checkpoint_dir.check_ticker(args),
                   **writers)
     try:
         result = grow(stream, out, common)
     except VerificationError as exc:
         return options.not_equivalent(args, exc)
     rep = result["report"]
-    return checkpoint_dir._finish(args, out, result, [rep.summary()] + [f"  {n}" for n in rep.notes])
+    return checkpoint_dir.finish(args, out, result, [rep.summary()] + [f"  {n}" for n in rep.notes])
 
 
 def run_upcycle(args) -> int:

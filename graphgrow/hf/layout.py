@@ -16,7 +16,7 @@ import torch
 from ..errors import UnsupportedModelError
 
 
-def _revert():
+def revert_conversion():
     try:
         from transformers.core_model_loading import revert_weight_conversion
     except ImportError:  # an older transformers: stored keys are the model's keys
@@ -28,7 +28,7 @@ def row_ranges(model, key: str, shape) -> dict | None:
     """When the stored layout cuts a stacked (E, A, B) parameter ``key`` into whole rows of one expert each:
     {stored name: (expert, first row, rows)}; else None.  Read off the conversion run on a small (E, A, 1)
     tensor of element indices (the full-size index tensor of a 7B expert stack would be gigabytes)."""
-    revert = _revert()
+    revert = revert_conversion()
     if revert is None or len(shape) != 3:
         return None
     n_exp, rows, cols = (int(d) for d in shape)
@@ -61,7 +61,7 @@ class StoredLayout:
         self.model = model
         self.pieces: dict = {}  # model key -> its stored names
         self.owner: dict = {}  # stored name -> model key
-        revert = _revert()
+        revert = revert_conversion()
         if revert is None:
             return
         self._revert = revert

@@ -31,7 +31,7 @@ from ..core.moe import MoEReport, apply_piece
 from ..core.memory import available_memory
 from ..errors import InvalidArgumentError, UnsupportedModelError, VerificationError
 from .checkpoint import Checkpoint, rewrite_checkpoint
-from .layout import _revert, row_ranges
+from .layout import revert_conversion, row_ranges
 from .moe_plan import layer_of, layers_prefix
 from .stream import TOLERANCE, check_mode, meta_model, output_check
 from .upcycle import plan_grow_experts, plan_upcycle
@@ -46,7 +46,7 @@ def _numpy(t: torch.Tensor) -> np.ndarray:
 def _stored_split(twin, key: str, shape: tuple) -> list:
     """[(stored name, shape)] of twin parameter ``key`` in the family's stored layout (transformers' conversion
     run on a meta tensor)."""
-    revert = _revert()
+    revert = revert_conversion()
     if revert is None:
         return [(key, tuple(shape))]
     out = revert(twin, {key: torch.empty(tuple(shape), device="meta")})
@@ -171,7 +171,7 @@ class _MoEStream:
         value = self._value(p, dtype, read)
         if len(split) == 1 and split[0][0] == key:
             return {key: value}
-        return dict(_revert()(self.twin(), {key: value}))
+        return dict(revert_conversion()(self.twin(), {key: value}))
 
     def _expert_block(self, p, dtype, read):
         if p.op == "zeros":
