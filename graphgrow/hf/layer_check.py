@@ -110,11 +110,14 @@ def skeleton_config(config, stacks: list, layers: dict, rows: int | None):
         setattr(cfg, s.field, len(chosen))
         if len(stacks) == 1:
             for key, value in data.items():
-                if isinstance(value, list) and len(value) == s.n and key != "architectures" and key not in s.keep:
+                if isinstance(value, list) and len(value) == s.n and key not in ("architectures", "mlp_only_layers") \
+                        and key not in s.keep:
                     setattr(cfg, key, [value[i] for i in chosen])
-            dense = getattr(config, "first_k_dense_replace", None)  # DeepSeek/GLM-MoE: the first k layers are dense
-            if isinstance(dense, int):
-                cfg.first_k_dense_replace = sum(1 for i in chosen if i < dense)
+            for key in ("first_k_dense_replace", "num_dense_layers"):  # DeepSeek/GLM-MoE, LFM2-MoE: first k dense
+                dense = data.get(key)
+                if isinstance(dense, int) and not isinstance(dense, bool):
+                    setattr(cfg, key, sum(1 for i in chosen if i < dense))
+            _sparse_by_rule(cfg, data, chosen)
     if rows is not None:
         for key in _vocab_fields(config):
             setattr(cfg, key, rows)
@@ -123,6 +126,18 @@ def skeleton_config(config, stacks: list, layers: dict, rows: int | None):
             if isinstance(value, int) and value >= rows:
                 setattr(cfg, key, 0)  # (ids only name rows: a padding index must exist; it changes no arithmetic)
     return cfg
+
+
+def _sparse_by_rule(cfg, data: dict, chosen: list) -> None:
+    """Qwen2/3-MoE's sparse layers are set by index (``mlp_only_layers``, every ``decoder_sparse_step``-th layer): the
+    skeleton's layers keep the kind the chosen ones have (an upcycled ``layers=`` subset is sparse where it was)."""
+    step, only = data.get("decoder_sparse_step"), data.get("mlp_only_layers")
+    if not isinstance(step, int) or isinstance(step, bool) or not isinstance(only, list):
+        return
+    experts = data.get("num_experts") or data.get("num_local_experts") or 0
+    sparse = [i not in only and experts > 0 and step > 0 and (i + 1) % step == 0 for i in chosen]
+    cfg.decoder_sparse_step = 1
+    cfg.mlp_only_layers = [k for k, is_sparse in enumerate(sparse) if not is_sparse]
 
 
 def _build(cls, cfg):

@@ -237,11 +237,10 @@ class _TwinFullCheck:
 
 
 def _index_rules(config) -> list:
-    """Config fields that say which layers are sparse by index (not by a per-layer list): the layer-by-layer
-    check's one-layer skeletons (layer_check.skeleton_config) do not re-index them, so it cannot run these."""
-    rules = {"mlp_only_layers": lambda v: bool(v), "decoder_sparse_step": lambda v: v not in (None, 1),
-             "num_dense_layers": lambda v: bool(v), "moe_layer_start_index": lambda v: bool(v),
-             "moe_layer_interval": lambda v: v not in (None, 1)}
+    """Config fields that say which layers are sparse by index (not by a per-layer list) that the layer-by-layer
+    check's one-layer skeletons (layer_check.skeleton_config) do not re-index, so it cannot run these (it does
+    re-index mlp_only_layers / decoder_sparse_step and num_dense_layers)."""
+    rules = {"moe_layer_start_index": lambda v: bool(v), "moe_layer_interval": lambda v: v not in (None, 1)}
     return [k for k, ok in rules.items() if ok(getattr(config, k, None))]
 
 

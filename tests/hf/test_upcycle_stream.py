@@ -128,7 +128,10 @@ def test_two_workers_write_the_same_bytes_and_full_check(tmp_path):
 def test_layers_subset_and_tied_embeddings(tmp_path):
     src = _saved(tmp_path / "src", "Qwen3ForCausalLM", dict(head_dim=16, num_hidden_layers=4, tie_word_embeddings=True),
                  torch.float32)
-    upcycle_checkpoint(src, tmp_path / "out", 4, 2, layers=[1, 3])
+    res = upcycle_checkpoint(src, tmp_path / "out", 4, 2, layers=[1, 3])
+    # the one-layer skeletons keep each layer's kind (sparse by decoder_sparse_step / mlp_only_layers): the layer
+    # check runs and agrees (it reported 5.9e-2 before skeleton_config re-indexed those rules)
+    assert res["check"]["check"] == "layers" and res["check"]["max_rel"] <= 1e-5, res["check"]
     out = _load(tmp_path / "out")
     assert out.config.decoder_sparse_step == 2 and out.lm_head.weight is out.model.embed_tokens.weight
     rel = _against_in_memory(tmp_path, src, tmp_path / "out", lambda m: graphgrow.upcycle(m, 4, 2, layers=[1, 3]),
