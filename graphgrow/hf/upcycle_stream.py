@@ -29,11 +29,11 @@ import torch
 
 from ..core.moe import MoEReport, apply_piece
 from ..core.memory import available_memory
-from ..errors import InvalidArgumentError, UnsupportedModelError, VerificationError
+from ..errors import InvalidArgumentError, UnsupportedModelError
 from .checkpoint import Checkpoint, rewrite_checkpoint
 from .layout import revert_conversion, row_ranges
 from .moe_plan import layer_of, layers_prefix
-from .stream import TOLERANCE, check_mode, meta_model, output_check
+from .stream import check_mode, meta_model, output_check
 from .upcycle import plan_grow_experts, plan_upcycle
 
 _STACKED_OPS = ("experts", "repeat", "zeros")  # 3-D expert stacks a per-expert layout can take as views
@@ -204,38 +204,6 @@ class _MoEStream:
             return torch.from_numpy(np.ascontiguousarray(arr)).to(dtype)
 
 
-class _TwinFullCheck:
-    """check="full" for a twin: both models loaded whole by transformers in float32, each with the class its own
-    config.json names (stream's whole-model check loads the output with the input's class), compared on 3
-    batches of random tokens within the stored dtype's tolerance."""
-
-    def __init__(self, src: Checkpoint, seed: int, report: dict, note: str | None = None):
-        self.src, self.seed, self.report, self.note = src, seed, report, note
-
-    def __call__(self, out_dir: str) -> None:
-        import transformers
-
-        dtype = max((self.src.dtype(n) for n in self.src.names()), key=lambda d: TOLERANCE.get(d, 0))
-        tol = TOLERANCE.get(dtype, 1e-4)
-        models = []
-        for folder in (self.src.path, out_dir):
-            cls = getattr(transformers, Checkpoint.open(folder).config["architectures"][0])
-            models.append(cls.from_pretrained(folder, dtype=torch.float32).eval())
-        gen, worst = torch.Generator().manual_seed(self.seed), 0.0
-        for _ in range(3):
-            x = torch.randint(0, models[0].config.vocab_size, (2, 12), generator=gen)
-            with torch.no_grad():
-                a, b = (m(x).to_tuple()[0] for m in models)
-            worst = max(worst, float((a - b).abs().max() / a.abs().max().clamp_min(1e-30)))
-        self.report.clear()
-        self.report.update(tolerance=tol, checked_dtype=str(dtype), check="full", max_rel=worst)
-        if self.note:
-            self.report["note"] = self.note
-        if not worst <= tol:
-            raise VerificationError(f"the upcycled checkpoint is not equivalent: max relative error {worst:.2e} > "
-                                    f"{tol:.0e} (stored as {dtype}; checked whole models)")
-
-
 def _index_rules(config) -> list:
     """Config fields that say which layers are sparse by index (not by a per-layer list) that the layer-by-layer
     check's one-layer skeletons (layer_check.skeleton_config) do not re-index, so it cannot run these (it does
@@ -245,8 +213,8 @@ def _index_rules(config) -> list:
 
 
 def _checker(src, model, plan, check, seed, figures, check_progress):
-    """stream.output_check, but with whole models (:class:`_TwinFullCheck`) for check "full", and where the
-    layer-by-layer check cannot run the twin (:func:`_index_rules`): then when both fit in memory, else refused."""
+    """stream.output_check, with whole models where the layer-by-layer check cannot run the twin
+    (:func:`_index_rules`): then when both fit in memory, else refused."""
     mode = check_mode(check)
     rules = _index_rules(plan.config)
     if mode == "layers" and rules:
@@ -257,10 +225,12 @@ def _checker(src, model, plan, check, seed, figures, check_progress):
                                         f"{' / '.join(rules)}, and the whole-model check needs about "
                                         f"{need / 2 ** 30:.1f} GiB, more than the {have / 2 ** 30:.1f} GiB available: "
                                         "pass --check full (check='full') to run it anyway, or --no-check")
-        mode = "full"
-    if mode == "full":
-        return _TwinFullCheck(src, seed, figures, f"sparse layers set by {' / '.join(rules)}: whole models compared"
-                              if rules and check_mode(check) == "layers" else None)
+        verify = output_check(src, model, "full", seed, figures, check_progress)
+
+        def with_note(out_dir: str) -> None:
+            verify(out_dir)
+            figures["note"] = f"sparse layers set by {' / '.join(rules)}: whole models compared"
+        return with_note
     return output_check(src, model, mode, seed, figures, check_progress)
 
 

@@ -2,6 +2,12 @@
 
 import torch
 
+# the tiny dense decoder the upcycling tests (in memory and streamed) start from
+DENSE_VOCAB = 96
+DENSE_BASE = dict(vocab_size=DENSE_VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0,
+                  bos_token_id=1, eos_token_id=2)
+
 
 def token_ids(vocab: int, seed: int = 0, length: int = 10):
     """Two rows of token ids past the special ids 0-2, the last vocabulary row among them."""

@@ -19,11 +19,9 @@ from graphgrow.hf import upcycle_stream  # noqa: E402
 from graphgrow.hf.upcycle_stream import grow_experts_checkpoint, upcycle_checkpoint  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
-from hf_testing import logits, max_rel, token_ids  # noqa: E402
+from hf_testing import DENSE_BASE, DENSE_VOCAB, logits, max_rel, token_ids  # noqa: E402
 
-VOCAB = 96
-BASE = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+VOCAB, BASE = DENSE_VOCAB, DENSE_BASE
 GRANITE = dict(embedding_multiplier=2.0, residual_multiplier=0.5, logits_scaling=2.0, attention_multiplier=0.3)
 # (dense class, its config fields, upcycle options)
 CASES = {
