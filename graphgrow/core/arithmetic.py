@@ -75,7 +75,7 @@ def _gather_into(out: np.ndarray, arr: np.ndarray, index: np.ndarray, a: int, b:
     if axis == 0:
         np.take(arr, idx, axis=0, out=out[a:b], mode="clip")  # (a contiguous slab: no temporary)
         return
-    per_row = max(1, out[0].size // out.shape[axis] * (b - a))
+    per_row = max(1, int(np.prod(out.shape[1:])) // out.shape[axis] * (b - a))  # (elements of one gathered row)
     step = max(1, GATHER_CHUNK // per_row)
     head = (slice(None),) * (axis - 1)
     for r in range(0, arr.shape[0], step):

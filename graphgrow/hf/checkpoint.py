@@ -338,8 +338,8 @@ def rewrite_checkpoint(src: Checkpoint, out_dir, config: dict, plan, *, overwrit
     serial).  ``verify(folder)``, when given, is called on the complete output before it is moved into place;
     an exception there, or in any task, leaves nothing behind.  A ``verify`` that follows the writing has
     ``order_key(new name)`` (the order tensors are written in), ``follow(folder)`` (called once config.json,
-    the index and every file's header are in place) and ``written(new names)`` (after each task).  Atomic: written into a temporary folder beside
-    ``out_dir``, renamed into place."""
+    the index and every file's header are in place) and ``written(new names)`` (after each task).  Atomic:
+    written into a temporary folder beside ``out_dir``, renamed into place."""
     chosen = parallel.writer(workers, executor)
     out_dir = check_output_dir(src, out_dir, overwrite)
     others = src.other_files()

@@ -309,14 +309,12 @@ class _Chain:
         return f"{stack.path}.{i}"
 
 
-def run_chain(side: Side, inputs: dict, rows, only: dict | None = None, progress=None) -> ChainResult:
+def run_chain(side: Side, inputs: dict, rows, only: dict | None = None) -> ChainResult:
     """``side``'s model on ``inputs``, one layer at a time (``only``: stack path -> the layers to chain, all of
     them by default)."""
     chain = _Chain(side, inputs, rows, only)
     while not chain.done:
-        name = chain.step()
-        if progress is not None:
-            progress(chain.pos, len(chain.order), name)
+        chain.step()
     return chain.result
 
 
@@ -478,8 +476,3 @@ class ChainedCheck:
         elif self.rows is not None:
             result.rows_checked = len(self.rows)
         return result
-
-
-def check_chained(old: Side, new: Side, *, tolerance: float, seed: int = 0, progress=None) -> LayerCheck:
-    """Runs ``old`` and ``new`` layer by layer on the same inputs (both complete): :class:`ChainedCheck`."""
-    return ChainedCheck(old, new, tolerance=tolerance, seed=seed, progress=progress).finish()

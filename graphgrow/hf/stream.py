@@ -279,7 +279,8 @@ class _Verify:
     models whole.  Either compares the outputs within the stored dtype's :data:`TOLERANCE`."""
 
     def __init__(self, src: Checkpoint, model, mode: str, seed: int, report: dict, progress=None):
-        self.src, self.model, self.mode, self.seed, self.report, self.progress = src, model, mode, seed, report, progress
+        self.src, self.model, self.mode, self.seed = src, model, mode, seed
+        self.report, self.progress = report, progress
         self.tolerance, self.dtype = _tolerance(src)
         self.chained = None  # the layer-by-layer check following the writer
         self.unavailable = None  # why it cannot run (layer_check.ChainUnavailable)
