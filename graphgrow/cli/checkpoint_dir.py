@@ -15,13 +15,15 @@ def is_checkpoint_dir(path: str) -> bool:
     return os.path.isdir(path)
 
 
-def _stream():
+def hf_module(name: str = "stream"):
+    """``graphgrow.hf.<name>``, or one sentence naming the extra to install."""
+    import importlib
+
     try:
-        from ..hf import stream
+        return importlib.import_module(f"graphgrow.hf.{name}")
     except ImportError as exc:
         raise GraphGrowError(f"growing a checkpoint directory needs torch, transformers and safetensors "
                              f"(pip install 'graphgrow[hf]'): {exc}") from None
-    return stream
 
 
 def output_dir(args, tag: str) -> str:
@@ -107,7 +109,7 @@ def writer_options(args) -> dict:
 def widen(args) -> int:
     if args.noise or args.init != "net2net":
         raise InvalidArgumentError("--noise and --init random-pad are not available for checkpoint directories")
-    stream = _stream()
+    stream = hf_module()
     out = output_dir(args, "wide")
     writers = writer_options(args)
     say, tick = progress_ticker(args)
@@ -127,7 +129,7 @@ def widen(args) -> int:
 
 
 def deepen(args) -> int:
-    stream = _stream()
+    stream = hf_module()
     out = output_dir(args, "deep")
     writers = writer_options(args)
     say, tick = progress_ticker(args)

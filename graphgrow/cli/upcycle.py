@@ -7,17 +7,8 @@ written; a failed check exit 1, nothing in place."""
 
 from __future__ import annotations
 
-from ..errors import GraphGrowError, InvalidArgumentError, VerificationError
+from ..errors import InvalidArgumentError, VerificationError
 from . import checkpoint_dir, options
-
-
-def _stream():
-    try:
-        from ..hf import upcycle_stream
-    except ImportError as exc:
-        raise GraphGrowError(f"upcycling a checkpoint directory needs torch, transformers and safetensors "
-                             f"(pip install 'graphgrow[hf]'): {exc}") from None
-    return upcycle_stream
 
 
 def _layers(text):
@@ -32,7 +23,7 @@ def _layers(text):
 def _run(args, tag: str, grow) -> int:
     if not checkpoint_dir.is_checkpoint_dir(args.input):
         raise InvalidArgumentError(f"{args.input} is not a checkpoint directory")
-    stream = _stream()
+    stream = checkpoint_dir.hf_module("upcycle_stream")
     out = checkpoint_dir.output_dir(args, tag)
     writers = checkpoint_dir.writer_options(args)
     say, tick = checkpoint_dir.progress_ticker(args)
