@@ -249,3 +249,34 @@ def test_refusals(lm):
     names = [n for n, _ in model.named_parameters()]
     with pytest.raises(OptimizerStateError, match="'square_avg' of 'embed.weight' has shape \\[3\\]"):
         grow_optimizer_state(sd, [names], [names], growth_map(model, student), "copy")
+
+
+def test_entries_without_a_teacher_entry_start_fresh(lm, cnn):
+    """Filled channels (fill + rescale) get zero state with the parameter's step; an identity block's parameters
+    get no state (the optimizer starts them at step 0)."""
+    import copy
+
+    model, ids = lm
+    model = copy.deepcopy(model)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    _train(model, opt, _lm_loss(ids), steps=2)
+    student = graphgrow.widen(model, 1.5, example_inputs=(ids,))
+    for mode in ("copy", "dual"):
+        grown = grow_optimizer(opt, model, student, mode)
+        gmap = growth_map(model, student)
+        p = dict(student.named_parameters())["embed.weight"]
+        m = gmap.maps["embed.weight"]
+        avg = grown.state[p]["exp_avg"].numpy().reshape(-1)
+        assert (~m.mapped).sum() > 0 and not avg[~m.mapped].any() and avg[m.mapped].any()
+        assert float(grown.state[p]["step"]) == 2.0
+    cnn_model, x, y = cnn
+    cnn_model = copy.deepcopy(cnn_model)
+    opt = torch.optim.SGD(cnn_model.parameters(), lr=1e-3, momentum=0.9)
+    _train(cnn_model, opt, _cnn_loss(x, y), steps=2)
+    deep = graphgrow.deepen(cnn_model, after="block", block="conv-bn", example_inputs=(x,))
+    grown = grow_optimizer(opt, cnn_model, deep, "dual")
+    new = [n for n in dict(deep.named_parameters()) if n not in dict(cnn_model.named_parameters())]
+    params = dict(deep.named_parameters())
+    assert new and all(params[n] not in grown.state for n in new)
+    assert all(params[n] in grown.state for n in dict(cnn_model.named_parameters()))
+    assert sum(len(g["params"]) for g in grown.param_groups) == len(params)
