@@ -27,8 +27,8 @@ written: it reads back what the writer has just read and written, from the page 
 (a 7 B model grown x1.5 is 43 GB to read back, 2 minutes at this disk's speed).
 
 Arithmetic: float32, or float64 for a checkpoint holding float64 tensors (its tolerance, 1e-9, is below float32's
-rounding).  Memory: one skeleton at a time (one layer in float32, the cut embeddings and a chunk of head rows).  A sparse
-layer's stacked experts ([E, A, B]: E x the dense MLP, 1.1 GB in float32 for 8 experts of a 1.1 B model's MLP)
+rounding).  Memory: one skeleton at a time (one layer in float32, the cut embeddings and a chunk of head rows).
+A sparse layer's stacked experts ([E, A, B]: E x the dense MLP, 1.1 GB in float32 for 8 experts of a 1.1 B model's MLP)
 are not loaded as a stack: the skeleton runs the family's eager experts loop, which reads the stack one expert at
 a time (``gate_up_proj[e]``), and each such read loads that expert from the checkpoint (:class:`_PerExpert`); the
 layer then holds one expert in float32.  A family whose experts code uses the stack otherwise is run with the
@@ -256,8 +256,8 @@ class _NeedsWhole(Exception):
 
 class _PerExpert:
     """A stacked expert parameter [E, A, B] of a skeleton that holds one expert at a time: ``stack[e]`` loads
-    expert ``slot(e)`` from the checkpoint, in the check's dtype (the last one kept for the next read); any other use raises
-    :class:`_NeedsWhole`, and the layer is run again with the stack loaded whole."""
+    expert ``slot(e)`` from the checkpoint, in the check's dtype (the last one kept for the next read); any other
+    use raises :class:`_NeedsWhole`, and the layer is run again with the stack loaded whole."""
 
     def __init__(self, shape: tuple, read, dtype=torch.float32):
         self.shape, self.dtype, self.device, self.ndim = torch.Size(shape), dtype, torch.device("cpu"), 3

@@ -1,7 +1,9 @@
 """Streamed upcycling and expert-count growth of checkpoint directories (graphgrow.hf.upcycle_stream, the
 ``graphgrow upcycle DIR`` / ``grow-experts DIR`` commands): the written twin equals the in-memory result saved
-with save_pretrained, bit for bit, in float32 and bfloat16, sharded and single-file; its logits; 2 writer
-processes write the same bytes; the check catches a corrupted tensor; refusals exit 2 with nothing written."""
+with save_pretrained, bit for bit, in float32, bfloat16 and float64, sharded and single-file, for 11 family pairs
+and random tiny Llama configs; its logits; 2 writer processes and a local Ray cluster write the same bytes; the
+layer-by-layer check runs every routed expert and catches one corrupted expert; refusals exit 2 with nothing
+written."""
 
 import filecmp
 import json
@@ -209,8 +211,8 @@ def test_float64_streamed_equals_in_memory(tmp_path):
     check = result["check"]
     assert check["checked_dtype"] == "torch.float64" and check["max_rel"] <= 1e-10, check
     dense = _load(src)
-    streamed = transformers.Qwen3MoeForCausalLM.from_pretrained(tmp_path / "out", dtype="auto",
-                                                                experts_implementation="eager")  # (no float64 grouped_mm)
+    streamed = transformers.Qwen3MoeForCausalLM.from_pretrained(  # (grouped_mm has no float64)
+        tmp_path / "out", dtype="auto", experts_implementation="eager")
     assert next(streamed.parameters()).dtype == torch.float64
     mem = graphgrow.upcycle(dense, 6, 2)
     assert _same_state(mem, streamed) == []  # bit for bit
@@ -233,7 +235,8 @@ def test_ernie_layer_subset_is_checked_layer_by_layer(tmp_path):
     out = _load(tmp_path / "out")
     cfg = out.config
     assert (cfg.moe_layer_start_index, cfg.moe_layer_end_index, cfg.moe_layer_interval) == (1, 3, 2)
-    assert [type(layer.mlp).__name__ for layer in out.model.layers] == ["Ernie4_5_MoeMLP", "Ernie4_5_MoeSparseMoeBlock"] * 2
+    kinds = [type(layer.mlp).__name__ for layer in out.model.layers]
+    assert kinds == ["Ernie4_5_MoeMLP", "Ernie4_5_MoeSparseMoeBlock"] * 2
     rel = _against_in_memory(tmp_path, src, tmp_path / "out", lambda m: graphgrow.upcycle(m, 4, 2, layers=[1, 3]),
                              "Ernie4_5_MoeForCausalLM")
     assert rel <= 1e-5
@@ -342,3 +345,39 @@ def test_ray_local_cluster_writes_the_serial_bytes(tmp_path, capsys):
         assert digests == _digests(tmp_path / "serial") and len(digests) > 3
     finally:
         ray.shutdown()
+
+
+def _draw_llama(rng) -> tuple:
+    """A tiny dense Llama config and upcycle options drawn from ``rng``."""
+    heads = int(rng.choice([1, 2, 4]))
+    kv = int(rng.choice([d for d in (1, 2, 4) if heads % d == 0]))
+    head_dim = int(rng.choice([4, 8, 16]))
+    experts = int(rng.integers(2, 9))
+    cfg = dict(vocab_size=int(rng.integers(40, 120)), hidden_size=heads * head_dim, num_attention_heads=heads,
+               num_key_value_heads=kv, head_dim=head_dim, intermediate_size=int(rng.integers(4, 80)),
+               num_hidden_layers=int(rng.integers(1, 4)), max_position_embeddings=32, pad_token_id=0,
+               bos_token_id=1, eos_token_id=2, tie_word_embeddings=bool(rng.integers(0, 2)))
+    opts = dict(experts=experts, top_k=int(rng.integers(1, experts + 1)), router=str(rng.choice(["zero", "random"])),
+                seed=int(rng.integers(0, 1000)))
+    return cfg, opts
+
+
+@pytest.mark.parametrize("draw", range(6))
+def test_random_llama_configs_upcycle_exactly(tmp_path, draw):
+    """Property: any tiny dense Llama (hidden, MLP width, heads, kv heads, layers, tied or not) upcycled to any E
+    experts and top-k, zero or random routers, is exact in memory and streamed, and both give the same tensors."""
+    import numpy as np
+
+    cfg, opts = _draw_llama(np.random.default_rng(1000 + draw))
+    torch.manual_seed(draw)
+    dense = transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg)).eval()
+    dense.save_pretrained(tmp_path / "src")
+    mem = graphgrow.upcycle(dense, **opts)
+    x = token_ids(cfg["vocab_size"], seed=draw)
+    assert max_rel(logits(dense, x), logits(mem, x)) <= 1e-5, (cfg, opts)
+    res = upcycle_checkpoint(tmp_path / "src", tmp_path / "out", opts["experts"], opts["top_k"], router=opts["router"],
+                             seed=opts["seed"])
+    check = res["check"]
+    assert check["max_rel"] <= 1e-5 and check["experts_run"] == check["experts_total"], (cfg, opts, check)
+    streamed = transformers.MixtralForCausalLM.from_pretrained(tmp_path / "out", experts_implementation="eager")
+    assert _same_state(mem, streamed) == [], (cfg, opts)
