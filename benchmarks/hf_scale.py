@@ -345,7 +345,10 @@ def _upcycle_rows(args, folder: str, src: str, ckpt) -> None:
     print(f"upcycle {tag}: {up['summary']}")
     for note in up["notes"]:
         print(f"  {note}")
-    print(f"  default command (check {up['check']['check']}, max_rel {up['check']['max_rel']:.1e}): {up['seconds']:.0f}"
+    ran = (f", routed experts run {up['check']['experts_run']}/{up['check']['experts_total']}"
+           if up["check"].get("experts_total") else "")
+    print(f"  default command (check {up['check']['check']}, max_rel {up['check']['max_rel']:.1e}{ran}): "
+          f"{up['seconds']:.0f}"
           f" s = {up['seconds'] / floor['seconds']:.2f} x the flushed floor ({floor['seconds']:.0f} s); "
           f"{up['out_bytes'] / 1e9:.2f} GB written ({up['out_params'] / 1e9:.2f} B params)")
     print(f"  peak RSS over baseline {rss:.0f} MB = planning {fixed:.0f} MB + {(rss - fixed) * 1e6 / up['out_largest']:.1f}"

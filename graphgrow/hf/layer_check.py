@@ -26,7 +26,20 @@ the layers in the order the chain runs them, and the check runs each layer as so
 written: it reads back what the writer has just read and written, from the page cache rather than from disk
 (a 7 B model grown x1.5 is 43 GB to read back, 2 minutes at this disk's speed).
 
-Memory: one skeleton at a time (one layer in float32, the cut embeddings and a chunk of head rows).
+Arithmetic: float32, or float64 for a checkpoint holding float64 tensors (its tolerance, 1e-9, is below float32's
+rounding).  Memory: one skeleton at a time (one layer in float32, the cut embeddings and a chunk of head rows).
+A sparse layer's stacked experts ([E, A, B]: E x the dense MLP, 1.1 GB in float32 for 8 experts of a 1.1 B model's MLP)
+are not loaded as a stack: the skeleton runs the family's eager experts loop, which reads the stack one expert at
+a time (``gate_up_proj[e]``), and each such read loads that expert from the checkpoint (:class:`_PerExpert`); the
+layer then holds one expert in float32.  A family whose experts code uses the stack otherwise is run with the
+stack loaded whole.
+
+Experts the routing leaves idle: a zero router ties every expert, so the family picks the same k for every token
+and the other experts never run; a corrupted one would pass.  Where the writer states that the experts are copies
+(``copies``: every group of that many consecutive experts holds one expert's tensors, as upcycling and expert
+growth write them), the check runs each sparse layer again with its expert slots rotated within their groups
+(slot j reads expert j + r of its group) until every expert has run, and each rotated output must equal the
+layer's own output: a copy that differs from the expert the routing picked shows there.
 """
 
 from __future__ import annotations
@@ -39,6 +52,8 @@ import torch.nn.functional as F
 
 from ..errors import UnsupportedModelError
 from .checkpoint import Checkpoint
+from .layout import row_ranges
+from .moe_twins import EXPERT_FIELDS
 
 VOCAB_ROWS = 256  # token rows kept by a skeleton
 HEAD_CHUNK_ROWS = 4096  # head rows applied at a time in the full-vocabulary comparison
@@ -78,6 +93,9 @@ class LayerCheck:
     layers: int = 0
     max_rel: float = 0.0
     rows_checked: int = 0
+    experts_run: int = 0  # routed experts of the grown model run (by the routing or a rotation), over all layers
+    experts_total: int = 0
+    rotated_max_rel: float = 0.0  # the largest difference a rotation of copied experts made to a layer's output
     notes: list = field(default_factory=list)
 
 
@@ -105,6 +123,8 @@ def skeleton_config(config, stacks: list, layers: dict, rows: int | None):
     ``rows`` is given, a vocabulary of ``rows`` tokens."""
     cfg = copy.deepcopy(config)
     data = config.to_dict()
+    if _expert_count(data):  # the eager loop reads the stacked experts one at a time (see _PerExpert)
+        cfg._experts_implementation = "eager"
     for s in stacks:
         chosen = layers[s.path]
         setattr(cfg, s.field, len(chosen))
@@ -118,6 +138,7 @@ def skeleton_config(config, stacks: list, layers: dict, rows: int | None):
                 if isinstance(dense, int) and not isinstance(dense, bool):
                     setattr(cfg, key, sum(1 for i in chosen if i < dense))
             _sparse_by_rule(cfg, data, chosen)
+            _sparse_by_range(cfg, data, chosen)
     if rows is not None:
         for key in _vocab_fields(config):
             setattr(cfg, key, rows)
@@ -140,6 +161,48 @@ def _sparse_by_rule(cfg, data: dict, chosen: list) -> None:
     cfg.mlp_only_layers = [k for k, is_sparse in enumerate(sparse) if not is_sparse]
 
 
+def _sparse_by_range(cfg, data: dict, chosen: list) -> None:
+    """ERNIE 4.5 MoE's sparse layers: layer i when ``moe_layer_start_index <= i <= moe_layer_end_index`` and
+    ``(i + 1) % moe_layer_interval == 0``.  The skeleton's layers get a start, end and interval giving each the kind
+    the chosen layer has; ChainUnavailable where no such triple exists (the skeletons hold one or two layers: one
+    always does)."""
+    keys = ("moe_layer_start_index", "moe_layer_end_index", "moe_layer_interval")
+    start, end, interval = (data.get(k) for k in keys)
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (start, end, interval)):
+        return
+    end = data.get("num_hidden_layers", 0) - 1 if end == -1 else end  # (as the config's __post_init__ reads -1)
+
+    def sparse(i, a, b, step):
+        return step > 0 and (i + 1) % step == 0 and a <= i <= b
+
+    want = [sparse(i, start, end, interval) for i in chosen]
+    n = len(chosen)
+    for step in range(1, n + 2):
+        for a in range(n + 1):
+            for b in range(a - 1, n):  # (b < a: no sparse layer; never -1, which the config reads as "the last")
+                if b >= 0 and [sparse(k, a, b, step) for k in range(n)] == want:
+                    cfg.moe_layer_start_index, cfg.moe_layer_end_index, cfg.moe_layer_interval = a, b, step
+                    return
+    raise ChainUnavailable(f"{type(cfg).__name__}: moe_layer_start_index / moe_layer_end_index / moe_layer_interval "
+                           f"cannot give {n} layers the kinds of layers {chosen}")
+
+
+def _expert_count(data: dict) -> int:
+    return next((v for k in EXPERT_FIELDS if isinstance(v := data.get(k), int) and not isinstance(v, bool) and v > 1),
+                0)
+
+
+def compute_dtype(config) -> torch.dtype:
+    """The dtype the check runs a model in: float64 where the checkpoint stores float64 (``graphgrow_float64``,
+    set by :func:`load_skeleton`), else float32."""
+    return torch.float64 if getattr(config, "graphgrow_float64", False) else torch.float32
+
+
+def _side_dtype(side: Side) -> torch.dtype:
+    names = side.ckpt.names()
+    return torch.float64 if any(side.ckpt.dtype(n) == torch.float64 for n in names) else torch.float32
+
+
 def _build(cls, cfg):
     """The skeleton, its parameters allocated but not initialised (each one is loaded next; untouched pages
     cost no memory); buffers (rotary frequencies, position ids) computed by the family's constructor."""
@@ -147,7 +210,7 @@ def _build(cls, cfg):
 
     with initialization.no_init_weights():
         model = cls(cfg)
-    return model.float().eval()
+    return model.to(compute_dtype(cfg)).eval()
 
 
 def _source_keys(key: str, stacks: list, layers: dict) -> tuple:
@@ -187,23 +250,132 @@ def _cut_vocab(tensor, shape: tuple, vocab: int, rows, key: str):
                            f"{list(tensor.shape)}: this family's layers are not all built alike")
 
 
-def load_skeleton(side: Side, layers: dict, rows):
+class _NeedsWhole(Exception):
+    """The family's experts code used a stacked expert parameter other than one expert at a time."""
+
+
+class _PerExpert:
+    """A stacked expert parameter [E, A, B] of a skeleton that holds one expert at a time: ``stack[e]`` loads
+    expert ``slot(e)`` from the checkpoint, in the check's dtype (the last one kept for the next read); any other
+    use raises :class:`_NeedsWhole`, and the layer is run again with the stack loaded whole."""
+
+    def __init__(self, shape: tuple, read, dtype=torch.float32):
+        self.shape, self.dtype, self.device, self.ndim = torch.Size(shape), dtype, torch.device("cpu"), 3
+        self.read, self.slot, self.used = read, None, set()
+        self.kept = (None, None)
+
+    def size(self, dim=None):
+        return self.shape if dim is None else self.shape[dim]
+
+    def dim(self) -> int:
+        return 3
+
+    def __getitem__(self, index):
+        if isinstance(index, torch.Tensor) and index.dim() == 0 and not index.is_floating_point():
+            index = int(index)
+        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < self.shape[0]:
+            raise _NeedsWhole(f"indexed by {type(index).__name__}")
+        self.used.add(index)
+        expert = self.slot(index) if self.slot is not None else index
+        if self.kept[0] != expert:
+            self.kept = (None, None)  # (the previous expert freed before the next is read)
+            self.kept = (expert, self.read(expert).to(self.dtype))
+        return self.kept[1]
+
+    def __getattr__(self, name):
+        raise _NeedsWhole(f"its .{name} was read")
+
+
+def _expert_reader(side: Side, names: tuple, shape: tuple):
+    """read(e) -> expert e of the stacked parameter stored under one of ``names`` (at ``shape``), reading that
+    expert's bytes only; None where the stored layout does not keep each expert's rows whole."""
+    for name in names:
+        if name in side.ckpt:
+            if tuple(side.ckpt.shape(name)) != shape:
+                return None
+            return lambda e, n=name: side.ckpt.get_rows(n, e, e + 1)[0]
+        layout = side.layout
+        if layout is not None and name in layout.pieces:
+            stored = _renamed(layout, name, shape)
+            if stored is not None:  # (GraniteMoE: the stack stored whole under another name)
+                return lambda e, n=stored: side.ckpt.get_rows(n, e, e + 1)[0]
+            ranges = row_ranges(layout.model, name, shape)
+            if ranges is None:
+                return None
+            parts: dict = {}
+            for stored, (e, r0, a) in ranges.items():
+                parts.setdefault(e, []).append((stored, r0, a))
+
+            def read(e, parts=parts):
+                out = None
+                for stored, r0, a in parts[e]:
+                    piece = side.ckpt.get(stored)
+                    if out is None:
+                        out = torch.empty(shape[1:], dtype=piece.dtype)
+                    out[r0:r0 + a] = piece
+                return out
+            return read
+    return None
+
+
+def _renamed(layout, key: str, shape: tuple) -> str | None:
+    """The stored name of stacked parameter ``key`` where the stored layout only renames it (every element in
+    place), else None; read off the conversion run on a small (E, A, 1) tensor of element indices."""
+    from .layout import revert_conversion
+
+    if len(layout.pieces[key]) != 1:
+        return None
+    n_exp, rows = int(shape[0]), int(shape[1])
+    index = torch.arange(n_exp * rows, dtype=torch.float64).reshape(n_exp, rows, 1)
+    try:
+        out = revert_conversion()(layout.model, {key: index})
+    except Exception:  # noqa: BLE001 - a conversion that needs the real trailing size: not a plain rename
+        return None
+    (name, moved), = out.items()
+    return name if tuple(moved.shape) == (n_exp, rows, 1) and torch.equal(moved, index) else None
+
+
+def _per_expert(module, key: str, stack: _PerExpert) -> None:
+    owner, _, attr = key.rpartition(".")
+    sub = module.get_submodule(owner)
+    del sub._parameters[attr]
+    setattr(sub, attr, stack)
+
+
+def per_expert_stacks(model) -> list:
+    """The skeleton's stacked expert parameters held one expert at a time (:class:`_PerExpert`)."""
+    return [v for m in model.modules() for v in vars(m).values() if isinstance(v, _PerExpert)]
+
+
+def load_skeleton(side: Side, layers: dict, rows, per_expert: bool = True):
     """The skeleton of ``side`` holding ``layers`` (stack path -> original indices), cut to the token
-    ``rows`` (a sorted LongTensor, or None for models without a vocabulary)."""
+    ``rows`` (a sorted LongTensor, or None for models without a vocabulary).  ``per_expert``: its stacked expert
+    parameters are read one expert at a time as the family's experts loop asks (:class:`_PerExpert`) where the
+    stored layout allows."""
     cfg = skeleton_config(side.config, side.stacks, layers, None if rows is None else len(rows))
+    dtype = _side_dtype(side)
+    cfg.graphgrow_float64 = dtype == torch.float64
     model = _build(side.cls, cfg)
     params = dict(model.named_parameters())
-    state = {}
+    experts = _expert_count(side.config.to_dict()) if per_expert else 0
+    state, stacks = {}, {}
     for key, target in model.state_dict().items():
         names = _source_keys(key, side.stacks, layers)
+        if experts and key in params and target.dim() == 3 and target.shape[0] == experts:
+            read = _expert_reader(side, names, tuple(target.shape))
+            if read is not None:
+                stacks[key] = _PerExpert(tuple(target.shape), read, dtype)
+                continue
         tensor = _read(side, names)
         if tensor is None:
             if key in params and _tied_source(model, key) is None:
                 raise ChainUnavailable(f"{side.cls.__name__}: the skeleton's {key!r} is not stored as {names[0]!r}")
             continue  # a tied parameter, or a buffer the constructor computed
         state[key] = _cut_vocab(tensor, tuple(target.shape), side.config.vocab_size if rows is not None else None,
-                                rows, key).float()
+                                rows, key).to(dtype)
     model.load_state_dict(state, strict=False, assign=True)
+    for key, stack in stacks.items():
+        _per_expert(model, key, stack)
     model.tie_weights()
     return model
 
@@ -259,12 +431,14 @@ class _Chain:
     """One model run layer by layer (``only``: stack path -> the layers to chain, all of them by default):
     :meth:`step` runs the next layer's skeleton and carries its hidden state on."""
 
-    def __init__(self, side: Side, inputs: dict, rows, only: dict | None = None):
-        self.side, self.inputs, self.rows = side, inputs, rows
+    def __init__(self, side: Side, inputs: dict, rows, only: dict | None = None, copies: int | None = None):
+        self.side, self.inputs, self.rows, self.copies = side, inputs, rows, copies
         self.order = [(k, stack, i) for k, stack in enumerate(side.stacks)
                       for i in (only[stack.path] if only else range(stack.n))]
         self.pos = 0
         self.carried = self.enc_out = self.result = None
+        self.experts_run = self.experts_total = 0
+        self.rotated = 0.0  # the largest rel difference a rotation of copied experts made to a layer's output
 
     @property
     def done(self) -> bool:
@@ -286,7 +460,6 @@ class _Chain:
         last = self.pos == len(self.order) - 1 or self.order[self.pos + 1][0] != k
         is_encoder = len(side.stacks) == 2 and k == 0
         layers = {s.path: [i] if s is stack else [0] for s in side.stacks}
-        model = load_skeleton(side, layers, self.rows)
         if is_encoder:
             call = (lambda m: m.get_encoder()(**{n: v for n, v in inputs.items() if not n.startswith("decoder_")}))
         elif self.enc_out is not None:
@@ -294,8 +467,19 @@ class _Chain:
                                                  use_cache=False))
         else:
             call = (lambda m: m(**inputs, use_cache=False)) if _uses_cache(side.config) else (lambda m: m(**inputs))
-        self.carried, head_in, out = _run_layer(model, f"{stack.path}.0", self.carried, call,
-                                                capture_head=last and not is_encoder)
+        path, carried = f"{stack.path}.0", self.carried
+        model, whole = None, False
+        try:
+            model = load_skeleton(side, layers, self.rows)
+            hidden, head_in, out = _run_layer(model, path, carried, call, capture_head=last and not is_encoder)
+        except _NeedsWhole:
+            whole = True  # (the skeleton is rebuilt outside the handler: its traceback holds the first one)
+        if whole:
+            model = None
+            model = load_skeleton(side, layers, self.rows, per_expert=False)
+            hidden, head_in, out = _run_layer(model, path, carried, call, capture_head=last and not is_encoder)
+        self._rotate_experts(model, path, carried, call, hidden)
+        self.carried = hidden
         if last and is_encoder:
             self.enc_out = out  # the encoder's final output (after its final norm)
         elif last:
@@ -307,6 +491,37 @@ class _Chain:
         del model
         self.pos += 1
         return f"{stack.path}.{i}"
+
+    def _rotate_experts(self, model, path: str, carried, call, hidden) -> None:
+        """Run the layer again with its copied experts' slots rotated until every expert has run (see the module's
+        docstring); each rotated output is compared with ``hidden``, the layer's own."""
+        stacks = per_expert_stacks(model)
+        if not stacks:
+            return
+        n = stacks[0].shape[0]
+        used = set().union(*(s.used for s in stacks))
+        group = self.copies if self.copies and self.copies > 1 and n % self.copies == 0 else 1
+        self.experts_total += n
+
+        def rotation(r):
+            return lambda j: j // group * group + (j % group + r) % group
+
+        covered = set(used)
+        try:
+            while group > 1 and len(covered) < n:
+                r = max(range(1, group), key=lambda r: len({rotation(r)(j) for j in used} - covered))
+                gain = {rotation(r)(j) for j in used} - covered
+                if not gain:
+                    break  # (a group the routing never picked: its copies cannot be told from the others here)
+                for s in stacks:
+                    s.slot = rotation(r)
+                rotated = _run_layer(model, path, carried, call, capture_head=False)[0]
+                self.rotated = max(self.rotated, _rel(hidden, rotated))
+                covered |= gain
+        finally:
+            for s in stacks:
+                s.slot = None
+        self.experts_run += len(covered)
 
 
 def run_chain(side: Side, inputs: dict, rows, only: dict | None = None) -> ChainResult:
@@ -347,9 +562,10 @@ def _head_rows(side: Side, names: tuple, start: int, stop: int):
     for name in names:
         name = _stored_name(side, name)
         if name is not None:
-            weight = side.ckpt.get_rows(name, start, stop).float()
+            dtype = _side_dtype(side)
+            weight = side.ckpt.get_rows(name, start, stop).to(dtype)
             bias_name = name.rsplit(".", 1)[0] + ".bias"
-            bias = side.ckpt.get_rows(bias_name, start, stop).float() if (
+            bias = side.ckpt.get_rows(bias_name, start, stop).to(dtype) if (
                 name == names[0] and bias_name in side.ckpt) else None
             return weight, bias
     raise ChainUnavailable(f"the head {names[0]!r} is not stored")
@@ -422,7 +638,8 @@ class ChainedCheck:
     (``max_rel`` over the full vocabulary where the model has a head).  ChainUnavailable where the family
     cannot be chained; the caller compares max_rel with ``tolerance``."""
 
-    def __init__(self, old: Side, new: Side, *, tolerance: float, seed: int = 0, progress=None):
+    def __init__(self, old: Side, new: Side, *, tolerance: float, seed: int = 0, progress=None,
+                 copies: int | None = None):
         name = old.cls.__name__
         old.stacks, new.stacks = chain_stacks(old.stacks, name), chain_stacks(new.stacks, name)
         self.old, self.new, self.tolerance, self.progress = old, new, tolerance, progress
@@ -434,7 +651,7 @@ class ChainedCheck:
         self.rows = rows
         inputs = draw_inputs(old, rows, gen)
         require_chainable(old, inputs, rows)
-        self.a, self.b = _Chain(old, inputs, rows), _Chain(new, inputs, rows)
+        self.a, self.b = _Chain(old, inputs, rows), _Chain(new, inputs, rows, copies=copies)
         self.total = len(self.a.order) + len(self.b.order)
         self.layer = {n: layer_of(n, new.stacks) for n in new.ckpt.names()}
 
@@ -468,6 +685,9 @@ class ChainedCheck:
             raise ChainUnavailable(f"{name}: the grown model's output is {list(b.output.shape)}, the original's "
                                    f"{list(a.output.shape)}")
         result.max_rel = _rel(a.output, b.output)  # the family's own outputs on the kept rows (post-processing too)
+        result.experts_run, result.experts_total = self.b.experts_run, self.b.experts_total
+        result.rotated_max_rel = self.b.rotated
+        result.max_rel = max(result.max_rel, self.b.rotated)
         vocab = getattr(self.old.config, "vocab_size", None)
         if a.head_names is not None and b.head_names is not None:
             diff, ref = compare_heads(self.old, self.new, a, b)

@@ -278,8 +278,8 @@ class _Verify:
     to "full" where both models fit in the memory available, and is refused otherwise.  "full" loads both
     models whole.  Either compares the outputs within the stored dtype's :data:`TOLERANCE`."""
 
-    def __init__(self, src: Checkpoint, model, mode: str, seed: int, report: dict, progress=None):
-        self.src, self.model, self.mode, self.seed = src, model, mode, seed
+    def __init__(self, src: Checkpoint, model, mode: str, seed: int, report: dict, progress=None, copies=None):
+        self.src, self.model, self.mode, self.seed, self.copies = src, model, mode, seed, copies
         self.report, self.progress = report, progress
         self.tolerance, self.dtype = _tolerance(src)
         self.chained = None  # the layer-by-layer check following the writer
@@ -304,7 +304,7 @@ class _Verify:
         try:
             self.chained = layer_check.ChainedCheck(_chain_side(self.src, self.model),
                                                     _chain_side(Checkpoint.open(out_dir)), tolerance=self.tolerance,
-                                                    seed=self.seed, progress=self.progress)
+                                                    seed=self.seed, progress=self.progress, copies=self.copies)
         except layer_check.ChainUnavailable as exc:
             self.unavailable = exc
 
@@ -330,6 +330,9 @@ class _Verify:
                 result = self.chained.finish()
                 report.update(check="layers", max_rel=result.max_rel, layers=result.layers,
                               vocab_rows=result.rows_checked)
+                if result.experts_total:
+                    report.update(experts_run=result.experts_run, experts_total=result.experts_total,
+                                  rotated_max_rel=result.rotated_max_rel)
             except layer_check.ChainUnavailable as exc:
                 out = Checkpoint.open(out_dir)
                 need, have = _full_check_bytes(self.src, out), _available_memory()
@@ -351,10 +354,12 @@ class _Verify:
                                     f"{tolerance:.0e} (stored as {self.dtype}; checked {where})")
 
 
-def output_check(src: Checkpoint, model, check, seed: int, report: dict, progress=None):
-    """The check of the written directory (a :class:`_Verify`), or None for ``check`` "none"."""
+def output_check(src: Checkpoint, model, check, seed: int, report: dict, progress=None, copies=None):
+    """The check of the written directory (a :class:`_Verify`), or None for ``check`` "none".  ``copies``: the
+    written model's routed experts are copies in groups of that many (upcycling, expert growth), which the
+    layer-by-layer check then runs all (:class:`~.layer_check.ChainedCheck`)."""
     mode = check_mode(check)
-    return None if mode == "none" else _Verify(src, model, mode, seed, report, progress)
+    return None if mode == "none" else _Verify(src, model, mode, seed, report, progress, copies)
 
 
 def widen_checkpoint(path, out_dir, factor=1.41, *, widths=None, only=None, exclude=None, divisor: int = 1,

@@ -295,18 +295,33 @@ def _cpu_router(meta_twin, path: str, dtype) -> nn.Module:
     return router
 
 
+def router_dtype(dtype) -> torch.dtype:
+    """The dtype the twin's router is measured at for weights stored at ``dtype``: float64 for float64, else float32.
+
+    Whether a family renormalises its top-k (and so whether random router rows are exact) is a property of its
+    arithmetic, measured where rounding cannot hide it: float32, as the checks compute.  A bfloat16/float16 model's
+    own forward rounds the chosen weights to its dtype (their sum misses 1 by up to k x 2^-9 in bfloat16), an error
+    of the dtype's rounding, as every one of its products has, which the checks' tolerance for that dtype covers
+    (stream.TOLERANCE); measured at bfloat16 the sums (0.998) would refuse random rows for every family.  The
+    in-memory and streamed plans measure at this same dtype, so they give the same scales and bytes."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def plan_upcycle(model, experts: int = 8, top_k: int = 2, *, router: str = "zero", shared=None, layers=None,
-                 seed: int = 0, noise: float = 0.0, router_std: float | None = None, moe_config=None) -> UpcyclePlan:
+                 seed: int = 0, noise: float = 0.0, router_std: float | None = None, moe_config=None,
+                 dtype=None) -> UpcyclePlan:
     """The per-tensor plan of :func:`graphgrow.upcycle` for ``model`` (real or on the meta device: only its
-    config, its state_dict's keys and shapes and its dtype are read).  The twin is built on the meta device for
-    its shapes; its router runs once on CPU (zero or random rows) to measure the chosen weights' sum."""
+    config, its state_dict's keys and shapes and its dtype are read; ``dtype``: the weights' dtype where the
+    model's parameters do not hold it, as on the meta device).  The twin is built on the meta device for its
+    shapes; its router runs once on CPU (zero or random rows, at :func:`router_dtype`) to measure the chosen
+    weights' sum."""
     experts, top_k = _check_upcycle_args(experts, top_k, router, shared, noise)
     twin, cls = find_twin(model, shared)
     if twin.shared_required and shared is None:
         shared = "dense"
     if shared and not twin.shared:
         raise UpcycleRefused(f"{cls.__name__} has no shared expert: pass shared=None")
-    dtype = next(model.parameters()).dtype
+    dtype = dtype or next(model.parameters()).dtype
     sparse = _sparse_layers(layers, int(model.config.num_hidden_layers))
     config = twin_config(model, twin, cls, experts, top_k, sparse, shared, moe_config)
     try:
@@ -316,7 +331,7 @@ def plan_upcycle(model, experts: int = 8, top_k: int = 2, *, router: str = "zero
         raise UpcycleRefused(f"{cls.__name__} cannot be built from the twin's config: {_one_line(exc)}") from None
     moe_shapes = {k: tuple(v.shape) for k, v in meta_twin.state_dict().items()}
     router_path = f"{layers_prefix(moe_shapes)}.{sparse[0]}.{twin.block}.{twin.router}"
-    gate = _cpu_router(meta_twin, router_path, dtype)
+    gate = _cpu_router(meta_twin, router_path, router_dtype(dtype))
     std = float(router_std if router_std is not None else getattr(model.config, "initializer_range", 0.02) or 0.02)
     notes = []
     if router == "zero":  # every token: the same chosen weights, summing to s (k/E, 1, ...): scale 1/s
@@ -432,5 +447,5 @@ def _count(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-__all__ = ["UpcyclePlan", "grow_experts_pretrained", "materialize", "plan_grow_experts", "plan_upcycle", "twin_config",
-           "upcycle_pretrained"]
+__all__ = ["UpcyclePlan", "grow_experts_pretrained", "materialize", "plan_grow_experts", "plan_upcycle", "router_dtype",
+           "twin_config", "upcycle_pretrained"]

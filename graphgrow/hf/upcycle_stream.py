@@ -28,8 +28,7 @@ import numpy as np
 import torch
 
 from ..core.moe import MoEReport, apply_piece
-from ..core.memory import available_memory
-from ..errors import InvalidArgumentError, UnsupportedModelError
+from ..errors import InvalidArgumentError
 from .checkpoint import Checkpoint, rewrite_checkpoint
 from .layout import revert_conversion, row_ranges
 from .moe_plan import layer_of, layers_prefix
@@ -204,34 +203,10 @@ class _MoEStream:
             return torch.from_numpy(np.ascontiguousarray(arr)).to(dtype)
 
 
-def _index_rules(config) -> list:
-    """Config fields that say which layers are sparse by index (not by a per-layer list) that the layer-by-layer
-    check's one-layer skeletons (layer_check.skeleton_config) do not re-index, so it cannot run these (it does
-    re-index mlp_only_layers / decoder_sparse_step and num_dense_layers)."""
-    rules = {"moe_layer_start_index": lambda v: bool(v), "moe_layer_interval": lambda v: v not in (None, 1)}
-    return [k for k, ok in rules.items() if ok(getattr(config, k, None))]
-
-
 def _checker(src, model, plan, check, seed, figures, check_progress):
-    """stream.output_check, with whole models where the layer-by-layer check cannot run the twin
-    (:func:`_index_rules`): then when both fit in memory, else refused."""
-    mode = check_mode(check)
-    rules = _index_rules(plan.config)
-    if mode == "layers" and rules:
-        need = 2 * 4 * sum(math.prod(src.shape(n)) for n in src.names()) * (1 + max(plan.experts[1], 1))
-        have = available_memory()
-        if have and need > have:
-            raise UnsupportedModelError(f"the layer-by-layer check cannot run a twin whose sparse layers are set by "
-                                        f"{' / '.join(rules)}, and the whole-model check needs about "
-                                        f"{need / 2 ** 30:.1f} GiB, more than the {have / 2 ** 30:.1f} GiB available: "
-                                        "pass --check full (check='full') to run it anyway, or --no-check")
-        verify = output_check(src, model, "full", seed, figures, check_progress)
-
-        def with_note(out_dir: str) -> None:
-            verify(out_dir)
-            figures["note"] = f"sparse layers set by {' / '.join(rules)}: whole models compared"
-        return with_note
-    return output_check(src, model, mode, seed, figures, check_progress)
+    """stream.output_check, told that the routed experts are copies (see layer_check: each is then run)."""
+    copies = plan.experts[1] // max(plan.experts[0], 1)  # (upcycled: all E experts copies; grown: m of each)
+    return output_check(src, model, check_mode(check), seed, figures, check_progress, copies=copies)
 
 
 def _inexact_needs_no_check(check, what: str) -> None:
@@ -267,8 +242,10 @@ def upcycle_checkpoint(path, out_dir, experts: int = 8, top_k: int = 2, *, route
         _inexact_needs_no_check(check, "noise inside the experts")
     src = Checkpoint.open(path, allow_pickle=allow_pickle)
     model = meta_model(src)
+    stored = {src.dtype(n) for n in src.names()}  # (the meta model's parameters are float32)
     plan = plan_upcycle(model, experts, top_k, router=router, shared=shared, layers=layers, seed=seed, noise=noise,
-                        router_std=router_std, moe_config=moe_config)
+                        router_std=router_std, moe_config=moe_config,
+                        dtype=torch.float64 if torch.float64 in stored else torch.float32)
     report = MoEReport(type(model).__name__, plan.cls.__name__, *plan.experts, *plan.top_k, router, plan.shared,
                        plan.sparse, function_preserving=not noise, down_scale=plan.routed_scale,
                        notes=list(plan.notes))

@@ -7,6 +7,30 @@ DENSE_VOCAB = 96
 DENSE_BASE = dict(vocab_size=DENSE_VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0,
                   bos_token_id=1, eos_token_id=2)
+# the dense families with an MoE twin, as the upcycling tests build them: class name, config fields over DENSE_BASE
+DENSE_FAMILIES = {
+    "llama": ("LlamaForCausalLM", {}),
+    "mistral": ("MistralForCausalLM", dict(sliding_window=8)),
+    "qwen2": ("Qwen2ForCausalLM", {}),
+    "qwen3": ("Qwen3ForCausalLM", dict(head_dim=16)),
+    "granite": ("GraniteForCausalLM", dict(embedding_multiplier=2.0, residual_multiplier=0.5, logits_scaling=2.0,
+                                           attention_multiplier=0.3)),
+    "olmo2": ("Olmo2ForCausalLM", {}),
+    "cohere2": ("Cohere2ForCausalLM", {}),
+    "olmo3": ("Olmo3ForCausalLM", dict(layer_types=["full_attention", "full_attention"])),
+    "ernie4_5": ("Ernie4_5ForCausalLM", {}),
+    "lfm2": ("Lfm2ForCausalLM", dict(layer_types=["conv", "full_attention"])),  # (MLP width 256, derived)
+    "hunyuan": ("HunYuanDenseV1ForCausalLM", dict(rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+                                                  head_dim=8)),
+    "qwen3_5": ("Qwen3_5ForCausalLM", dict(layer_types=["linear_attention", "full_attention"], head_dim=8,
+                                           linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8,
+                                           linear_value_head_dim=8)),
+}
+DENSE_TWINS = {"llama": "MixtralForCausalLM", "mistral": "MixtralForCausalLM", "qwen2": "Qwen2MoeForCausalLM",
+               "qwen3": "Qwen3MoeForCausalLM", "granite": "GraniteMoeForCausalLM", "olmo2": "FlexOlmoForCausalLM",
+               "olmo3": "FlexOlmoForCausalLM", "cohere2": "Cohere2MoeForCausalLM", "qwen3_5": "Qwen3_5MoeForCausalLM",
+               "ernie4_5": "Ernie4_5_MoeForCausalLM", "hunyuan": "HunYuanMoEV1ForCausalLM",
+               "lfm2": "Lfm2MoeForCausalLM"}
 
 
 def token_ids(vocab: int, seed: int = 0, length: int = 10):

@@ -150,3 +150,23 @@ def test_output_disk_without_room_is_refused_before_writing(llama, tmp_path, mon
     err = capsys.readouterr().err
     assert "GiB free" in err and "nothing written" in err and err.count("\n") == 1
     assert os.listdir(tmp_path) == []
+
+
+def test_ernie_sparse_range_is_reindexed_per_skeleton():
+    """ERNIE 4.5 MoE: layer i is sparse when start <= i <= end and (i + 1) % interval == 0; a skeleton holding one
+    or two of the layers restates the triple so that each keeps its kind."""
+    cfg = transformers.Ernie4_5_MoeConfig(num_hidden_layers=6, moe_layer_start_index=1, moe_layer_end_index=4,
+                                          moe_layer_interval=2, moe_num_experts=4, hidden_size=16,
+                                          num_attention_heads=2, num_key_value_heads=1, vocab_size=32)
+
+    def kinds(c, n):
+        return [(i + 1) % c.moe_layer_interval == 0 and c.moe_layer_start_index <= i <= c.moe_layer_end_index
+                for i in range(n)]
+
+    stack = type("S", (), dict(path="model.layers", field="num_hidden_layers", n=6, keep=(), index=None))()
+    full = kinds(cfg, 6)
+    assert full == [False, True, False, True, False, False]
+    for chosen in ([0], [1], [3], [5], [0, 1], [1, 3], [3, 4], [4, 5], [1, 2]):
+        sk = layer_check.skeleton_config(cfg, [stack], {"model.layers": chosen}, None)
+        assert sk.num_hidden_layers == len(chosen)
+        assert kinds(sk, len(chosen)) == [full[i] for i in chosen], chosen

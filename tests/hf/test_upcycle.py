@@ -23,32 +23,11 @@ from graphgrow.errors import InvalidArgumentError, UnsupportedModelError  # noqa
 from graphgrow.hf.upcycle import plan_grow_experts, plan_upcycle  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
-from hf_testing import DENSE_BASE, DENSE_VOCAB, logits, max_rel, n_params, token_ids  # noqa: E402
+from hf_testing import (DENSE_BASE, DENSE_FAMILIES, DENSE_TWINS, DENSE_VOCAB, logits, max_rel,  # noqa: E402
+                        n_params, token_ids)
 
 VOCAB, BASE = DENSE_VOCAB, DENSE_BASE
-DENSE = {
-    "llama": ("LlamaForCausalLM", {}),
-    "mistral": ("MistralForCausalLM", dict(sliding_window=8)),
-    "qwen2": ("Qwen2ForCausalLM", {}),
-    "qwen3": ("Qwen3ForCausalLM", dict(head_dim=16)),
-    "granite": ("GraniteForCausalLM", dict(embedding_multiplier=2.0, residual_multiplier=0.5, logits_scaling=2.0,
-                                           attention_multiplier=0.3)),
-    "olmo2": ("Olmo2ForCausalLM", {}),
-    "cohere2": ("Cohere2ForCausalLM", {}),
-    "olmo3": ("Olmo3ForCausalLM", dict(layer_types=["full_attention", "full_attention"])),
-    "ernie4_5": ("Ernie4_5ForCausalLM", {}),
-    "lfm2": ("Lfm2ForCausalLM", dict(layer_types=["conv", "full_attention"])),  # (MLP width 256, derived)
-    "hunyuan": ("HunYuanDenseV1ForCausalLM", dict(rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-                                                  head_dim=8)),
-    "qwen3_5": ("Qwen3_5ForCausalLM", dict(layer_types=["linear_attention", "full_attention"], head_dim=8,
-                                           linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8,
-                                           linear_value_head_dim=8)),
-}
-TWIN = {"llama": "MixtralForCausalLM", "mistral": "MixtralForCausalLM", "qwen2": "Qwen2MoeForCausalLM",
-        "qwen3": "Qwen3MoeForCausalLM", "granite": "GraniteMoeForCausalLM", "olmo2": "FlexOlmoForCausalLM",
-        "olmo3": "FlexOlmoForCausalLM",
-        "cohere2": "Cohere2MoeForCausalLM", "qwen3_5": "Qwen3_5MoeForCausalLM", "ernie4_5": "Ernie4_5_MoeForCausalLM",
-        "hunyuan": "HunYuanMoEV1ForCausalLM", "lfm2": "Lfm2MoeForCausalLM"}
+DENSE, TWIN = DENSE_FAMILIES, DENSE_TWINS
 MOE = {
     "mixtral": ("MixtralForCausalLM", dict(num_local_experts=4, num_experts_per_tok=2)),
     "qwen3-moe": ("Qwen3MoeForCausalLM", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)),
