@@ -3,9 +3,10 @@ config and weights, optimizer.pt, scheduler.pt, rng_state*.pth, training_args.bi
 ``Trainer(model=<the grown model>, ...).train(resume_from_checkpoint=OUT)`` continues from it.
 
 The model is loaded whole with ``from_pretrained`` and grown in memory (:func:`graphgrow.widen` /
-:func:`graphgrow.deepen`, verified as they verify), so a checkpoint must fit in memory about three times over
-(the model, its grown copy, Adam's two moments of the grown model); the bounded-memory writer of
-:mod:`.stream` serves plain model directories, which carry no optimizer state.
+:func:`graphgrow.deepen`, verified as they verify): the sizes supported are those that fit in memory several
+times over (the model and its grown copy, a float64 copy of each while :func:`graphgrow.optim.growth_map` replays
+the growth on probes, the optimizer state of both).  The bounded-memory writer of :mod:`.stream` serves plain
+model directories, which carry no optimizer state.
 
 optimizer.pt holds parameters by index only.  The Trainer numbers them by its own grouping
 (``Trainer.create_optimizer``: the parameters ``Trainer.get_decay_parameter_names`` names, then the others, in
@@ -45,7 +46,7 @@ _FOREIGN_STATE = re.compile(r"global_step\d+|.*fsdp.*|optimizer\.bin|optimizer_\
                             r"optimizer\.pt_.*|adapter_model\..*|adapter_config\.json")
 
 
-class OptimizerStateError(ModelFileError):
+class OptimizerFileError(ModelFileError):
     """optimizer.pt cannot be read safely, or its state does not fit the model's parameters."""
 
 
@@ -69,14 +70,14 @@ def load_optimizer_state(path: str) -> dict:
     except pickle.UnpicklingError as exc:
         found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
         what = f"it pickles {found.group(1)}" if found else first_line(exc)
-        raise OptimizerStateError(f"{path} holds objects torch.load(weights_only=True) refuses to unpickle ({what}); "
+        raise OptimizerFileError(f"{path} holds objects torch.load(weights_only=True) refuses to unpickle ({what}); "
                                   "graphgrow never runs pickled code, so nothing was written") from None
     except Exception as exc:  # noqa: BLE001 - torch raises several types for a damaged file
-        raise OptimizerStateError(f"{path} is not a loadable optimizer state: {first_line(exc)}") from None
+        raise OptimizerFileError(f"{path} is not a loadable optimizer state: {first_line(exc)}") from None
     groups = state.get("param_groups") if isinstance(state, dict) else None
     if (not isinstance(state.get("state") if isinstance(state, dict) else None, dict) or not isinstance(groups, list)
             or not all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in groups)):
-        raise OptimizerStateError(f"{path} is not a torch optimizer state_dict (a dict with 'state' and "
+        raise OptimizerFileError(f"{path} is not a torch optimizer state_dict (a dict with 'state' and "
                                   "'param_groups', each group listing its 'params')")
     return state
 
@@ -105,7 +106,7 @@ def name_indices(state: dict, groups: list, shapes: dict, where: str) -> dict:
     against its parameter; refused in one sentence where the optimizer was grouped otherwise."""
     sizes, expected = _group_sizes(state), [len(g) for g in groups]
     if sizes != expected:
-        raise OptimizerStateError(f"{where}'s parameter groups hold {sizes} parameters and the Trainer's grouping of "
+        raise OptimizerFileError(f"{where}'s parameter groups hold {sizes} parameters and the Trainer's grouping of "
                                   f"the model (weight decay, then none) gives {expected}: the optimizer was not built "
                                   "by Trainer.create_optimizer over these parameters (a custom optimizer or frozen "
                                   "parameters), so its indices cannot be matched to names")
@@ -113,16 +114,16 @@ def name_indices(state: dict, groups: list, shapes: dict, where: str) -> dict:
     for group, group_names in zip(state["param_groups"], groups):
         for index, name in zip(group["params"], group_names):
             if index in names:
-                raise OptimizerStateError(f"{where} lists parameter index {index} in two groups")
+                raise OptimizerFileError(f"{where} lists parameter index {index} in two groups")
             names[index] = name
     for index, entry in state["state"].items():
         if index not in names:
-            raise OptimizerStateError(f"{where} holds state for parameter index {index}, which no group lists")
+            raise OptimizerFileError(f"{where} holds state for parameter index {index}, which no group lists")
         if not isinstance(entry, dict):
-            raise OptimizerStateError(f"{where}: the state of parameter index {index} is not a dict")
+            raise OptimizerFileError(f"{where}: the state of parameter index {index} is not a dict")
         for key, value in entry.items():
             if isinstance(value, torch.Tensor) and value.dim() > 0 and tuple(value.shape) != shapes[names[index]]:
-                raise OptimizerStateError(f"{where}: state {key!r} of parameter index {index} ({names[index]}) has "
+                raise OptimizerFileError(f"{where}: state {key!r} of parameter index {index} ({names[index]}) has "
                                           f"shape {list(value.shape)}, the parameter {list(shapes[names[index]])}: "
                                           "the indices do not match the Trainer's grouping of this model, or the "
                                           "optimizer keeps state not shaped like its parameters")
@@ -133,14 +134,27 @@ def _shapes(model) -> dict:
     return {n: tuple(p.shape) for n, p in model.named_parameters()}
 
 
+def _reset(state: dict, student_groups: list) -> dict:
+    """No state (a fresh optimizer, step 0) over the student's groups, their hyperparameters kept: the resumed
+    Trainer still loads scheduler.pt (it loads it only beside an optimizer.pt), so the learning rate goes on."""
+    groups, at = [], 0
+    for group, names in zip(state["param_groups"], student_groups):
+        groups.append({**group, "params": list(range(at, at + len(names)))})
+        at += len(names)
+    return {"state": {}, "param_groups": groups}
+
+
 def grow_state(state: dict, teacher, student, mode: str, where: str) -> dict:
     """The student's optimizer state_dict: the teacher's indices named by the Trainer's grouping, mapped by
     :func:`graphgrow.optim.grow_optimizer_state` along the recorded growth, checked against the student."""
-    from ..optim import grow_optimizer_state, growth_map
-
     teacher_groups, student_groups = trainer_groups(teacher), trainer_groups(student)
     name_indices(state, teacher_groups, _shapes(teacher), where)
-    grown = grow_optimizer_state(state, teacher_groups, student_groups, growth_map(teacher, student), mode=mode)
+    if mode == "reset":  # (no map needed: growth_map replays the growth four times over)
+        grown = _reset(state, student_groups)
+    else:
+        from ..optim import grow_optimizer_state, growth_map
+
+        grown = grow_optimizer_state(state, teacher_groups, student_groups, growth_map(teacher, student), mode=mode)
     # the resumed Trainer will number the student by the same rule: what it loads must fit it exactly
     name_indices(grown, student_groups, _shapes(student), f"the grown {OPTIMIZER}")
     return grown
@@ -247,11 +261,12 @@ def grow_trainer_checkpoint(path, out_dir, grow, *, optimizer_state: str = "dual
     if os.path.isfile(opt_path):
         state = load_optimizer_state(opt_path)
     elif optimizer_state != "reset":
-        raise OptimizerStateError(f"{path} holds no {OPTIMIZER}, so there is no optimizer state to grow; pass "
+        raise OptimizerFileError(f"{path} holds no {OPTIMIZER}, so there is no optimizer state to grow; pass "
                                   "--optimizer-state reset (optimizer_state='reset') to grow the model alone and let "
                                   "the resumed Trainer start a fresh optimizer")
     else:
-        notes.append(f"no {OPTIMIZER}: none written, the resumed Trainer starts a fresh optimizer")
+        notes.append(f"no {OPTIMIZER}: none written, so the resumed Trainer starts a fresh optimizer and learning-rate "
+                     "schedule (it loads scheduler.pt only beside an optimizer.pt)")
     say(f"loading {path} ...")
     teacher = _load_model(src)
     if state is not None:  # (checked before the growth: a state that does not fit is refused at once)

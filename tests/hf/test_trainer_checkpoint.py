@@ -3,6 +3,7 @@ resumed by a Trainer: the first loss after resuming is the loss the teacher comp
 goes on, and what the Trainer loaded is the grown optimizer state; bad inputs are one line, exit 2, nothing
 written."""
 
+import copy
 import math
 import os
 import shutil
@@ -49,7 +50,7 @@ class Recording(transformers.Trainer):
     def _load_optimizer_and_scheduler(self, checkpoint):
         super()._load_optimizer_and_scheduler(checkpoint)
         if checkpoint is not None:
-            self.loaded = self.optimizer.state_dict()
+            self.loaded = copy.deepcopy(self.optimizer.state_dict())  # (training updates it in place)
 
 
 def arguments(out):
@@ -107,6 +108,10 @@ def check_resumed(run, out, tmp_path, mode):
     assert len(trainer.losses) == STEPS - SAVED and all(math.isfinite(x) for x in trainer.losses)
     teacher_next = run["losses"][SAVED]  # step SAVED + 1 of the teacher's run: its weights at checkpoint-SAVED
     assert rel(teacher_next, trainer.losses[0]) <= 1e-5, (teacher_next, trainer.losses[0])
+    print(f"\n{out.name} ({mode}): eval loss {figures['before']:.7f} -> {figures['after']:.7f} (rel "
+          f"{rel(figures['before'], figures['after']):.1e}); resumed step {SAVED + 1}: teacher {teacher_next:.7f}, "
+          f"grown {trainer.losses[0]:.7f} (rel {rel(teacher_next, trainer.losses[0]):.1e}); then "
+          f"{', '.join(f'{x:.4f}' for x in trainer.losses[1:])}")
     written = torch.load(out / "optimizer.pt", weights_only=True)
     loaded = states_by_name(trainer.loaded, model)
     shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
@@ -116,8 +121,6 @@ def check_resumed(run, out, tmp_path, mode):
             assert torch.equal(loaded[name][key].cpu(), value), (name, key)
             if value.dim():
                 assert tuple(value.shape) == shapes[name]
-    if mode != "reset":
-        assert len(loaded) == len(shapes)
     return figures, loaded
 
 
@@ -134,15 +137,15 @@ def same_files(src, out):
             assert (src / name).read_bytes() == (out / name).read_bytes(), name
 
 
-@pytest.mark.parametrize("mode", ["dual", "copy", "reset"])
+# (copy mode replays the growth as dual does: slow on 2 shared cores, so outside the default run)
+@pytest.mark.parametrize("mode", ["dual", pytest.param("copy", marks=pytest.mark.slow), "reset"])
 def test_widened_checkpoint_resumes(run, tmp_path, mode):
     pytest.importorskip("graphgrow.optim")  # (until the optimizer-state core lands on this branch)
     out = tmp_path / "wide"
     assert main(["widen", str(run["ckpt"]), "--factor", "2", "-o", str(out), "--optimizer-state", mode]) == 0
     assert transformers.AutoConfig.from_pretrained(out).hidden_size == 2 * DENSE_BASE["hidden_size"]
     same_files(run["ckpt"], out)
-    figures, loaded = check_resumed(run, out, tmp_path, mode)
-    print(f"widen x2 ({mode}): loss before {figures['before']:.7f} after {figures['after']:.7f}")
+    _, loaded = check_resumed(run, out, tmp_path, mode)
     if mode == "reset":
         return
     # the final norm's gains are replicated (each channel twice); its consumer, lm_head, divides its columns, so
@@ -156,7 +159,7 @@ def test_widened_checkpoint_resumes(run, tmp_path, mode):
     assert float(student["step"]) == float(teacher["step"]) == SAVED
 
 
-@pytest.mark.parametrize("mode", ["dual", "copy"])
+@pytest.mark.parametrize("mode", ["dual", pytest.param("copy", marks=pytest.mark.slow)])
 def test_deepened_checkpoint_resumes(run, tmp_path, mode):
     pytest.importorskip("graphgrow.optim")  # (until the optimizer-state core lands on this branch)
     out = tmp_path / "deep"
@@ -165,6 +168,13 @@ def test_deepened_checkpoint_resumes(run, tmp_path, mode):
     assert transformers.AutoConfig.from_pretrained(out).num_hidden_layers == DENSE_BASE["num_hidden_layers"] + 1
     same_files(run["ckpt"], out)
     _, loaded = check_resumed(run, out, tmp_path, mode)
+    # the copy (model.layers.1) starts fresh where no teacher entry stands behind it: its zeroed projections; under
+    # dual the whole copy, whose gradient is 0 at the growth point (behind them); every other parameter has state
+    copied = [n for n, _ in transformers.LlamaForCausalLM.from_pretrained(out).named_parameters()
+              if n.startswith("model.layers.1.")]
+    fresh = copied if mode == "dual" else [n for n in copied if n.endswith(("o_proj.weight", "down_proj.weight"))]
+    assert len(fresh) == {"dual": 9, "copy": 2}[mode]
+    assert set(loaded) == set(dict(transformers.LlamaForCausalLM.from_pretrained(out).named_parameters())) - set(fresh)
     # the layers around the copy are unchanged, and so are their gradients: their state is the teacher's
     teacher = teacher_state(run)
     for old, new in (("model.embed_tokens.weight",) * 2, ("model.layers.0.mlp.up_proj.weight",) * 2,
@@ -183,7 +193,7 @@ def refused(argv, out, capsys, words):
 
 
 @pytest.fixture
-def copy(run, tmp_path):
+def spare(run, tmp_path):
     path = tmp_path / "checkpoint-3"
     shutil.copytree(run["ckpt"], path)
     return path
@@ -193,36 +203,36 @@ class Unsafe:
     """An object a weights_only load refuses to build."""
 
 
-def test_pickled_optimizer_is_refused(copy, tmp_path, capsys):
-    state = torch.load(copy / "optimizer.pt", weights_only=True)
+def test_pickled_optimizer_is_refused(spare, tmp_path, capsys):
+    state = torch.load(spare / "optimizer.pt", weights_only=True)
     state["extra"] = Unsafe()
-    torch.save(state, copy / "optimizer.pt")
-    refused(["widen", str(copy), "--factor", "2", "-o", str(tmp_path / "out")], tmp_path / "out", capsys,
+    torch.save(state, spare / "optimizer.pt")
+    refused(["widen", str(spare), "--factor", "2", "-o", str(tmp_path / "out")], tmp_path / "out", capsys,
             ["weights_only=True", "Unsafe", "nothing was written"])
 
 
-def test_mismatched_state_shape_is_refused(copy, tmp_path, capsys):
-    state = torch.load(copy / "optimizer.pt", weights_only=True)
+def test_mismatched_state_shape_is_refused(spare, tmp_path, capsys):
+    state = torch.load(spare / "optimizer.pt", weights_only=True)
     state["state"][1]["exp_avg"] = torch.zeros(5, 5)
-    torch.save(state, copy / "optimizer.pt")
-    refused(["widen", str(copy), "--factor", "2", "-o", str(tmp_path / "out")], tmp_path / "out", capsys,
+    torch.save(state, spare / "optimizer.pt")
+    refused(["widen", str(spare), "--factor", "2", "-o", str(tmp_path / "out")], tmp_path / "out", capsys,
             ["'exp_avg' of parameter index 1 (model.layers.0.self_attn.q_proj.weight)", "[5, 5]"])
 
 
-def test_other_grouping_is_refused(copy, tmp_path, capsys):
-    state = torch.load(copy / "optimizer.pt", weights_only=True)
+def test_other_grouping_is_refused(spare, tmp_path, capsys):
+    state = torch.load(spare / "optimizer.pt", weights_only=True)
     state["param_groups"] = [{**state["param_groups"][0], "params": [p for g in state["param_groups"]
                                                                       for p in g["params"]]}]
-    torch.save(state, copy / "optimizer.pt")
-    refused(["deepen", str(copy), "--after", "model.layers.0", "-o", str(tmp_path / "out")], tmp_path / "out",
+    torch.save(state, spare / "optimizer.pt")
+    refused(["deepen", str(spare), "--after", "model.layers.0", "-o", str(tmp_path / "out")], tmp_path / "out",
             capsys, ["Trainer's grouping", "cannot be matched"])
 
 
-def test_no_optimizer_state(copy, tmp_path, capsys):
-    os.remove(copy / "optimizer.pt")
+def test_no_optimizer_state(spare, tmp_path, capsys):
+    os.remove(spare / "optimizer.pt")
     out = tmp_path / "out"
-    refused(["widen", str(copy), "--factor", "2", "-o", str(out)], out, capsys,
+    refused(["widen", str(spare), "--factor", "2", "-o", str(out)], out, capsys,
             ["no optimizer.pt", "--optimizer-state reset"])
     # asked for explicitly: the model grows alone and the resumed Trainer starts a fresh optimizer
-    assert main(["widen", str(copy), "--factor", "2", "-o", str(out), "--optimizer-state", "reset"]) == 0
+    assert main(["widen", str(spare), "--factor", "2", "-o", str(out), "--optimizer-state", "reset"]) == 0
     assert not (out / "optimizer.pt").exists() and (out / "scheduler.pt").exists()
