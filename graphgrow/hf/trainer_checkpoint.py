@@ -33,10 +33,10 @@ import tempfile
 import torch
 
 from ..errors import GraphGrowError, InvalidArgumentError, ModelFileError, UnsupportedModelError, first_line
+from ..optim import MODES, grow_optimizer_state, growth_map
 from .checkpoint import Checkpoint, _allowed_roots, _check_inside, check_output_dir, move_into_place
 
 TRAINER_STATE, OPTIMIZER = "trainer_state.json", "optimizer.pt"
-MODES = ("reset", "copy", "dual")  # (graphgrow.optim.MODES, spelled here so the CLI need not import torch)
 
 # model weights in any format (the grown model is written anew; a stale copy beside it would load as the model)
 _MODEL_WEIGHTS = re.compile(r"(model|pytorch_model|tf_model|flax_model)(-\d+-of-\d+)?\.(safetensors|bin|h5|msgpack)"
@@ -152,8 +152,6 @@ def grow_state(state: dict, teacher, student, mode: str, where: str) -> dict:
     if mode == "reset":  # (no map needed: growth_map replays the growth four times over)
         grown = _reset(state, student_groups)
     else:
-        from ..optim import grow_optimizer_state, growth_map
-
         grown = grow_optimizer_state(state, teacher_groups, student_groups, growth_map(teacher, student), mode=mode)
     # the resumed Trainer will number the student by the same rule: what it loads must fit it exactly
     name_indices(grown, student_groups, _shapes(student), f"the grown {OPTIMIZER}")

@@ -14,7 +14,8 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")  # (the Trainer needs it)
 
-from graphgrow.cli import main  # noqa: E402
+from graphgrow import optim  # noqa: E402
+from graphgrow.cli import main, trainer_dir  # noqa: E402
 from graphgrow.hf.trainer_checkpoint import trainer_groups  # noqa: E402
 
 from hf_testing import DENSE_BASE, DENSE_VOCAB  # noqa: E402
@@ -140,7 +141,6 @@ def same_files(src, out):
 # (copy mode replays the growth as dual does: slow on 2 shared cores, so outside the default run)
 @pytest.mark.parametrize("mode", ["dual", pytest.param("copy", marks=pytest.mark.slow), "reset"])
 def test_widened_checkpoint_resumes(run, tmp_path, mode):
-    pytest.importorskip("graphgrow.optim")  # (until the optimizer-state core lands on this branch)
     out = tmp_path / "wide"
     assert main(["widen", str(run["ckpt"]), "--factor", "2", "-o", str(out), "--optimizer-state", mode]) == 0
     assert transformers.AutoConfig.from_pretrained(out).hidden_size == 2 * DENSE_BASE["hidden_size"]
@@ -161,7 +161,6 @@ def test_widened_checkpoint_resumes(run, tmp_path, mode):
 
 @pytest.mark.parametrize("mode", ["dual", pytest.param("copy", marks=pytest.mark.slow)])
 def test_deepened_checkpoint_resumes(run, tmp_path, mode):
-    pytest.importorskip("graphgrow.optim")  # (until the optimizer-state core lands on this branch)
     out = tmp_path / "deep"
     assert main(["deepen", str(run["ckpt"]), "--after", "model.layers.0", "-o", str(out),
                  "--optimizer-state", mode]) == 0
@@ -182,6 +181,10 @@ def test_deepened_checkpoint_resumes(run, tmp_path, mode):
                      ("lm_head.weight",) * 2):
         for key in ("exp_avg", "exp_avg_sq"):
             assert torch.equal(loaded[new][key].cpu(), teacher[old][key]), (new, key)
+
+
+def test_cli_modes_are_the_optimizer_modes():
+    assert trainer_dir.OPTIMIZER_MODES == optim.MODES
 
 
 def refused(argv, out, capsys, words):
