@@ -8,7 +8,7 @@ import json
 import os
 
 from ..errors import GraphGrowError, InvalidArgumentError, VerificationError
-from . import exit_codes, options
+from . import exit_codes, options, trainer_dir
 
 
 def is_checkpoint_dir(path: str) -> bool:
@@ -87,7 +87,8 @@ def finish(args, out: str, result: dict, lines: list) -> int:
 
 def directory_only(args) -> None:
     """Options only a checkpoint directory takes, refused for a file."""
-    for flag, value in (("--workers", args.workers), ("--ray", args.ray)):
+    for flag, value in (("--workers", args.workers), ("--ray", args.ray),
+                        ("--optimizer-state", args.optimizer_state)):
         if value is not None:
             raise InvalidArgumentError(f"{flag} applies to checkpoint directories, and {args.input} is not a directory")
 
@@ -107,6 +108,9 @@ def writer_options(args) -> dict:
 
 
 def widen(args) -> int:
+    if trainer_dir.is_trainer_checkpoint(args.input):
+        return trainer_dir.widen(args)
+    trainer_dir.refuse_option(args)
     if args.noise or args.init != "net2net":
         raise InvalidArgumentError("--noise and --init random-pad are not available for checkpoint directories")
     stream = hf_module()
@@ -129,6 +133,9 @@ def widen(args) -> int:
 
 
 def deepen(args) -> int:
+    if trainer_dir.is_trainer_checkpoint(args.input):
+        return trainer_dir.deepen(args)
+    trainer_dir.refuse_option(args)
     stream = hf_module()
     out = output_dir(args, "deep")
     writers = writer_options(args)
@@ -144,6 +151,7 @@ def deepen(args) -> int:
 
 
 def add_options(p) -> None:
+    trainer_dir.add_options(p)
     p.add_argument("--allow-pickle", action="store_true",
                    help="checkpoint directories: read pickled .bin weights (loaded with weights_only=True)")
     p.add_argument("--overwrite", action="store_true",

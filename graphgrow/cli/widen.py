@@ -43,7 +43,9 @@ def run(args) -> int:
 def add_parser(sub) -> None:
     w = sub.add_parser("widen", help="widen an ONNX model (Net2WiderNet), verify it in onnxruntime, write it")
     w.add_argument("input", metavar="IN.onnx|DIR",
-                   help="an ONNX file, or a Hugging Face checkpoint directory (config.json + safetensors)")
+                   help="an ONNX file, or a Hugging Face checkpoint directory (config.json + safetensors), or a "
+                        "Trainer checkpoint directory (trainer_state.json + optimizer.pt: grown with its optimizer "
+                        "state, see --optimizer-state)")
     w.add_argument("--factor", type=float, default=None, help="new width = round(old x factor) (default 1.41)")
     w.add_argument("-o", "--output", metavar="OUT",
                    help="output path (default IN.wide.onnx; for a directory DIR-wide)")

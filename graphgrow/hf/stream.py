@@ -35,9 +35,9 @@ from ..core.memory import available_memory as _available_memory
 TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-9, torch.float16: 5e-3, torch.bfloat16: 3e-2}
 
 
-def meta_model(src: Checkpoint):
-    """The checkpoint's model class built from its config.json on the meta device, checked to hold exactly
-    the stored tensors' names and shapes. Only classes transformers itself defines are used (never remote code)."""
+def model_class(src: Checkpoint):
+    """(the class config.json's architectures names, the transformers config): only classes transformers itself
+    defines (never remote code)."""
     import transformers
 
     config = read_config(src.path, src.config)
@@ -48,6 +48,14 @@ def meta_model(src: Checkpoint):
     if cls is None or not isinstance(cls, type) or not issubclass(cls, transformers.PreTrainedModel):
         raise UnsupportedModelError(f"config.json names architecture {arch!r}, which transformers "
                                     f"{transformers.__version__} does not define (custom code is never run)")
+    return cls, config
+
+
+def meta_model(src: Checkpoint):
+    """The checkpoint's model class built from its config.json on the meta device, checked to hold exactly
+    the stored tensors' names and shapes. Only classes transformers itself defines are used (never remote code)."""
+    cls, config = model_class(src)
+    arch = cls.__name__
     model = build_meta(cls, config, src.path, src.config).eval()
     computed_buffers(model)
     state = model.state_dict(keep_vars=True)
