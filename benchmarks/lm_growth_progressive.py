@@ -440,7 +440,7 @@ def _plot(results: dict, out_dir: str) -> None:
         return
     s = results["config"]
     seeds = results["seeds"]
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5), sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
     colors = {}
     for ax, target in zip(axes, ("wide", "deep")):
         names = [SCRATCH[target], SMALL] + [n for n, r in seeds[0].items() if r.get("target") == target
@@ -462,7 +462,8 @@ def _plot(results: dict, out_dir: str) -> None:
         ax.set_xlabel("total training FLOPs (x1e12)")
         ax.set_ylim(goal - 0.15, goal + 0.6)
         ax.legend(fontsize=6)
-    axes[0].set_ylabel("validation loss (bytes, nats)")
+    for ax in axes:
+        ax.set_ylabel("validation loss (bytes, nats)")
     fig.tight_layout()
     fig.savefig(os.path.join(out_dir, f"progressive_{results['setting']}.png"), dpi=120)
 

@@ -92,3 +92,24 @@ def test_stack_refusals():
         graphgrow.deepen(model, after=None, block="stack", times=1, example_inputs=(x,))
     with pytest.raises(InvalidArgumentError, match="block='stack'"):
         graphgrow.deepen(model, after=None, block="nope", example_inputs=(x,))
+
+
+def test_cli_stacks_a_checkpoint_directory(tmp_path, capsys):
+    pytest.importorskip("safetensors")
+    from graphgrow.cli import main
+
+    model, x = llama(), token_ids(VOCAB)
+    src, out = tmp_path / "src", tmp_path / "out"
+    model.save_pretrained(src, max_shard_size="100KB")
+    assert main(["deepen", str(src), "--block", "stack", "--times", "3", "-o", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "NOT function-preserving" in printed and "86,336 -> 234,304" in printed
+    grown = transformers.LlamaForCausalLM.from_pretrained(out).eval()
+    in_memory = graphgrow.deepen(model, after=None, block="stack", times=3, example_inputs=(x,))
+    assert grown.config.num_hidden_layers == 6
+    assert all(torch.equal(v, in_memory.state_dict()[k]) for k, v in grown.state_dict().items())
+    assert logits_rel(model, grown, x) > 1e-3
+    assert main(["deepen", str(src), "--block", "copy", "--times", "2", "-o", str(tmp_path / "x")]) == 2
+    assert main(["deepen", str(src), "-o", str(tmp_path / "y")]) == 2  # --after is required for block copy
+    assert "--after is required" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
