@@ -88,6 +88,7 @@ class GrowthReport:
             "params_before": self.params_before,
             "params_after": self.params_after,
             "function_preserving": self.function_preserving,
+            "deviation": self.deviation,
             "opaque_leaves": list(self.opaque_leaves),
             "frozen_reasons": self.frozen_reasons(),
             "check": self.check.to_dict() if self.check is not None and hasattr(self.check, "to_dict") else None,

@@ -3,6 +3,7 @@ times, every repeat bit-identical to its source layer, the config stating g*L la
 labelled NOT function-preserving with the measured deviation of the logits (> 0, the same figure as computed
 here), save/load and generate; partial stacks and bad factors refused in one sentence."""
 
+import json
 import os
 import sys
 
@@ -104,6 +105,8 @@ def test_cli_stacks_a_checkpoint_directory(tmp_path, capsys):
     assert main(["deepen", str(src), "--block", "stack", "--times", "3", "-o", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "NOT function-preserving" in printed and "86,336 -> 234,304" in printed
+    assert main(["deepen", str(src), "--block", "stack", "-o", str(tmp_path / "two"), "--report", str(tmp_path / "r.json")]) == 0
+    assert json.loads((tmp_path / "r.json").read_text())["deviation"] > 1e-3
     grown = transformers.LlamaForCausalLM.from_pretrained(out).eval()
     in_memory = graphgrow.deepen(model, after=None, block="stack", times=3, example_inputs=(x,))
     assert grown.config.num_hidden_layers == 6
