@@ -51,10 +51,12 @@ PROGRESSIVE_SETTINGS = {
     # small: 38k parameters (wide target 119k, deep 60k); measured ~15 / 20 / 25 ms a step with --threads 1
     "quick": dict(hidden=32, layers=2, heads=4, kv=2, ffn=80, seq=64, batch=16, budget=2000, grow_at=1000,
                   eval_every=100, eval_batches=8, seeds=3, lr=3e-3, warmup=50, min_lr=0.1),
-    # small 0.12M (wide 0.40M, deep 0.20M): ~2.5 h on 2 quiet cores (about 8x the quick run's FLOPs per step x 3x steps)
-    "full": dict(hidden=64, layers=2, heads=4, kv=2, ffn=160, seq=128, batch=32, budget=6000, grow_at=3000,
-                 eval_every=250, eval_batches=32, seeds=3, lr=2e-3, warmup=100, min_lr=0.1),
-    # small 3.2M (wide 12M, deep 6M) on 256 x 64 tokens a step: ~25 min on one H100-class GPU (estimated)
+    # small 0.12M (wide 0.41M, deep 0.21M), 16 x 128 tokens a step: 15x the quick run's training FLOPs (1.2e14 a
+    # seed); estimated 3-5 h on 2 quiet cores (not run)
+    "full": dict(hidden=64, layers=2, heads=4, kv=2, ffn=160, seq=128, batch=16, budget=4000, grow_at=2000,
+                 eval_every=200, eval_batches=32, seeds=3, lr=2e-3, warmup=100, min_lr=0.1),
+    # small 3.2M (wide 12M, deep 6M), 64 x 256 tokens a step: 5.4e16 FLOPs a seed, 64,000 steps a seed; tiny
+    # models are launch-bound on a GPU (~15 ms a step): estimated ~1 h for 3 seeds on one GPU (not run)
     "cuda": dict(hidden=256, layers=4, heads=8, kv=4, ffn=688, seq=256, batch=64, budget=8000, grow_at=4000,
                  eval_every=400, eval_batches=32, seeds=3, lr=1e-3, warmup=200, min_lr=0.1),
 }
