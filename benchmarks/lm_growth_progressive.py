@@ -12,7 +12,8 @@ Data, batches, validation windows and the Llama family are lm_growth.py's. A sma
 capacity limit growth must lift) and, at step ``grow_at``, its weights and AdamW state are taken by every
 schedule: grown once, then trained on the same batches to step ``budget``. Two targets, each also trained from
 scratch for ``budget`` steps: *wide* (hidden x2, heads x2, MLP x2: ~3x the parameters) and *deep* (layers x2).
-Growth operators: width x2 by replication with exact zero-sum noise (function-preserving) and the random-pad
+Growth operators: width x2 by replication with exact zero-sum noise (function-preserving; noise 0.01 and 1 x
+each weight's standard deviation: the copies' consumer columns apart, their producer rows equal) and the random-pad
 baseline (new units random, not preserving) to the wide target; depth x2 by block copy (each layer followed by
 its copy with zeroed output projections, preserving) and G_stack (the stack repeated, not preserving) to the
 deep target. Optimizer modes (graphgrow.grow_optimizer): ``reset`` (a fresh AdamW, re-warmed up like any fresh
@@ -69,6 +70,10 @@ def _grow_widen(teacher, x, seed):
     return graphgrow.widen(teacher, 2, example_inputs=(x,), noise=0.01, noise_mode="exact", seed=seed)
 
 
+def _grow_widen_noisy(teacher, x, seed):  # the copies' consumer columns apart by as much as the weights themselves
+    return graphgrow.widen(teacher, 2, example_inputs=(x,), noise=1.0, noise_mode="exact", seed=seed)
+
+
 def _grow_pad(teacher, x, seed):
     return graphgrow.widen(teacher, 2, example_inputs=(x,), init="random-pad", seed=seed, verify="none")
 
@@ -83,7 +88,8 @@ def _grow_stack(teacher, x, seed):
 
 # operator -> (target, grow(teacher, example ids, seed), optimizer modes tried)
 OPERATORS = {
-    "width x2 (replicate + exact noise)": ("wide", _grow_widen, MODES),
+    "width x2 (replicate + exact noise 0.01)": ("wide", _grow_widen, MODES),
+    "width x2 (replicate + exact noise 1)": ("wide", _grow_widen_noisy, ("reset", "dual")),
     "width x2 random pad": ("wide", _grow_pad, MODES[:2]),
     "depth x2 (block copy)": ("deep", _grow_copy, MODES),
     "depth x2 G_stack": ("deep", _grow_stack, MODES[:2]),
