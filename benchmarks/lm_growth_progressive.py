@@ -36,6 +36,7 @@ matplotlib, progressive_<setting>.png.
 from __future__ import annotations
 
 import copy
+import glob
 import json
 import math
 import os
@@ -51,15 +52,15 @@ import graphgrow
 PROGRESSIVE_SETTINGS = {
     # small: 38k parameters (wide target 119k, deep 60k); measured ~15 / 20 / 25 ms a step with --threads 1
     "quick": dict(hidden=32, layers=2, heads=4, kv=2, ffn=80, seq=64, batch=16, budget=2000, grow_at=1000,
-                  eval_every=100, eval_batches=8, seeds=3, lr=3e-3, warmup=50, min_lr=0.1),
+                  early_grow_at=500, eval_every=100, eval_batches=8, seeds=3, lr=3e-3, warmup=50, min_lr=0.1),
     # small 0.12M (wide 0.41M, deep 0.21M), 16 x 128 tokens a step: 15x the quick run's training FLOPs (1.2e14 a
     # seed); estimated 3-5 h on 2 quiet cores (not run)
     "full": dict(hidden=64, layers=2, heads=4, kv=2, ffn=160, seq=128, batch=16, budget=4000, grow_at=2000,
-                 eval_every=200, eval_batches=32, seeds=3, lr=2e-3, warmup=100, min_lr=0.1),
+                 early_grow_at=1000, eval_every=200, eval_batches=32, seeds=3, lr=2e-3, warmup=100, min_lr=0.1),
     # small 3.2M (wide 12M, deep 6M), 64 x 256 tokens a step: 5.4e16 FLOPs a seed, 64,000 steps a seed; tiny
     # models are launch-bound on a GPU (~15 ms a step): estimated ~1 h for 3 seeds on one GPU (not run)
     "cuda": dict(hidden=256, layers=4, heads=8, kv=4, ffn=688, seq=256, batch=64, budget=8000, grow_at=4000,
-                 eval_every=400, eval_batches=32, seeds=3, lr=1e-3, warmup=200, min_lr=0.1),
+                 early_grow_at=2000, eval_every=400, eval_batches=32, seeds=3, lr=1e-3, warmup=200, min_lr=0.1),
 }
 MODES = ("reset", "copy", "dual")
 SCRATCH = {"wide": "wide target from scratch", "deep": "deep target from scratch"}
@@ -94,6 +95,8 @@ OPERATORS = {
     "depth x2 (block copy)": ("deep", _grow_copy, MODES),
     "depth x2 G_stack": ("deep", _grow_stack, MODES[:2]),
 }
+# grown earlier too (at early_grow_at), optimizer reset: does the growth point matter more than the operator?
+EARLY = ("width x2 (replicate + exact noise 1)", "width x2 random pad", "depth x2 (block copy)", "depth x2 G_stack")
 # no "dual" for the operators that change the function: the dual map is the gradient's at a growth point where the
 # grown model computes the small one's function, which random pad and G_stack do not
 
@@ -164,55 +167,73 @@ def run_seed(seed: int, s: dict, data, val, device, log, done: dict, save, snap_
         save(runs)
         log(f"seed {seed}: {SMALL} ({base.n_params(small):,} params): val {curve[-1][1]:.3f}")
     small_flops = runs[SMALL]["flops_per_step"]
-    snap = torch.load(snap_path, map_location="cpu", weights_only=True)
+    snaps = {s["grow_at"]: torch.load(snap_path, map_location="cpu", weights_only=True)}
 
-    def snapshot():
+    def snapshot(at):
+        if at not in snaps:  # the small model's run again up to ``at`` (the same seed, batches, threads: the same)
+            path = snap_path.replace(".pt", f"_at{at}.pt")
+            if not os.path.exists(path):
+                torch.manual_seed(seed)
+                small = transformers.LlamaForCausalLM(cfg).to(device)
+                opt = adamw(small, s)
+                again = []
+                train_span(small, opt, 1, at, data, val, s, seed, device, again)
+                first = dict(runs[SMALL]["curve"])
+                if any(abs(first[st] - loss) > 1e-6 for st, loss in again):
+                    log(f"seed {seed}: WARNING: the small model's run again to step {at} differs from the first")
+                torch.save({"model": {k: v.detach().cpu().clone() for k, v in small.state_dict().items()},
+                            "opt": copy.deepcopy(opt.state_dict())}, path)
+            snaps[at] = torch.load(path, map_location="cpu", weights_only=True)
         teacher = transformers.LlamaForCausalLM(cfg)
-        teacher.load_state_dict(snap["model"])
+        teacher.load_state_dict(snaps[at]["model"])
         t_opt = adamw(teacher, s)
-        t_opt.load_state_dict(copy.deepcopy(snap["opt"]))
+        t_opt.load_state_dict(copy.deepcopy(snaps[at]["opt"]))
         return teacher.eval(), t_opt
 
     x = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(seed))
     x[0, 0] = 255  # graphgrow draws its check inputs up to the example's maximum
     configs = {}
-    for name, (target, grow, modes) in OPERATORS.items():
-        for mode in modes:
-            key = f"{name} | {mode}"
-            if "curve" in runs.get(key, {}):
-                continue
-            teacher, t_opt = snapshot()
-            started = time.time()
-            student = grow(teacher, x, seed)
-            report = student.graphgrow_report
-            configs.setdefault(target, student.config)
-            try:
-                new_opt = adamw(student, s) if mode == "reset" else \
-                    graphgrow.grow_optimizer(t_opt, teacher, student, mode=mode)
-            except (graphgrow.GraphGrowError, AttributeError) as exc:
-                runs[key] = dict(skipped=str(exc).splitlines()[0], target=target)
-                log(f"seed {seed}: {key}: skipped ({str(exc).splitlines()[0]})")
-                continue
-            grow_s = time.time() - started
-            student.to(device)
-            new_opt.load_state_dict(new_opt.state_dict())  # state tensors onto the parameters' device
-            curve = [(s["grow_at"], base.val_loss(student, val, s, device))]
-            train_span(student, new_opt, s["grow_at"] + 1, s["budget"], data, val, s, seed, device, curve,
-                       rewarm_from=s["grow_at"] if mode == "reset" else None)
-            runs[key] = dict(
-                curve=curve, params=base.n_params(student), flops_per_step=step_flops(student.config, student, s),
-                small_flops_per_step=small_flops, target=target, operator=name, mode=mode,
-                deviation=report.deviation if not report.function_preserving else 0.0,
-                function_preserving=report.function_preserving, grow_seconds=grow_s)
-            save(runs)
-            log(f"seed {seed}: {key}: val at growth {curve[0][1]:.3f}, final {curve[-1][1]:.3f}")
+    early = s.get("early_grow_at")
+    schedules = [(f"{name}, grown at {early}", target, grow, early, "reset")
+                 for name, (target, grow, _) in OPERATORS.items() if name in EARLY and early]
+    schedules += [(name, target, grow, s["grow_at"], mode) for name, (target, grow, modes) in OPERATORS.items()
+                  for mode in modes]
+    for label, target, grow, at, mode in schedules:
+        key = f"{label} | {mode}"
+        if "curve" in runs.get(key, {}):
+            continue
+        teacher, t_opt = snapshot(at)
+        started = time.time()
+        student = grow(teacher, x, seed)
+        report = student.graphgrow_report
+        configs.setdefault(target, student.config)
+        try:
+            new_opt = adamw(student, s) if mode == "reset" else \
+                graphgrow.grow_optimizer(t_opt, teacher, student, mode=mode)
+        except (graphgrow.GraphGrowError, AttributeError) as exc:
+            runs[key] = dict(skipped=str(exc).splitlines()[0], target=target)
+            log(f"seed {seed}: {key}: skipped ({str(exc).splitlines()[0]})")
+            continue
+        grow_s = time.time() - started
+        student.to(device)
+        new_opt.load_state_dict(new_opt.state_dict())  # state tensors onto the parameters' device
+        curve = [(at, base.val_loss(student, val, s, device))]
+        train_span(student, new_opt, at + 1, s["budget"], data, val, s, seed, device, curve,
+                   rewarm_from=at if mode == "reset" else None)
+        runs[key] = dict(
+            curve=curve, params=base.n_params(student), flops_per_step=step_flops(student.config, student, s),
+            small_flops_per_step=small_flops, target=target, operator=label, mode=mode, grow_at=at,
+            deviation=report.deviation if not report.function_preserving else 0.0,
+            function_preserving=report.function_preserving, grow_seconds=grow_s)
+        save(runs)
+        log(f"seed {seed}: {key}: val at growth {curve[0][1]:.3f}, final {curve[-1][1]:.3f}")
 
     for target in ("wide", "deep"):
         if SCRATCH[target] in runs:
             continue
         if target not in configs:  # every schedule to it came from an earlier invocation: its shape, grown again
             op = next(n for n, (t, _, _) in OPERATORS.items() if t == target)
-            configs[target] = OPERATORS[op][1](snapshot()[0], x, seed).config
+            configs[target] = OPERATORS[op][1](snapshot(s["grow_at"])[0], x, seed).config
         tcfg = configs[target]
         torch.manual_seed(1000 + seed)
         model = transformers.LlamaForCausalLM(copy.deepcopy(tcfg)).to(device)
@@ -229,8 +250,9 @@ def flops_curve(run: dict, s: dict) -> list:
     """[(total FLOPs spent, validation loss)]: a grown run carries the small model's grow_at steps."""
     if "small_flops_per_step" not in run:
         return [(step * run["flops_per_step"], loss) for step, loss in run["curve"]]
-    pre = s["grow_at"] * run["small_flops_per_step"]
-    return [(pre + (step - s["grow_at"]) * run["flops_per_step"], loss) for step, loss in run["curve"]]
+    at = run.get("grow_at", s["grow_at"])
+    return [(at * run["small_flops_per_step"] + (step - at) * run["flops_per_step"], loss)
+            for step, loss in run["curve"]]
 
 
 def flops_to(points: list, target: float):
@@ -320,8 +342,8 @@ def summarize(results: dict) -> dict:
                    total=[flops_curve(r, s)[-1][0] for r in runs], mode=runs[0].get("mode"),
                    operator=runs[0].get("operator"))
         if "small_flops_per_step" in runs[0]:
-            row["before"] = [seed[SMALL]["curve"][[st for st, _ in seed[SMALL]["curve"]].index(s["grow_at"])][1]
-                             for seed in seeds]
+            at = runs[0].get("grow_at", s["grow_at"])
+            row["before"] = [dict(seed[SMALL]["curve"])[at] for seed in seeds]
             row["after"] = [r["curve"][0][1] for r in runs]
             row["deviation"] = runs[0]["deviation"]
         for target in ("wide", "deep"):
@@ -343,7 +365,8 @@ def _target_table(results: dict, rows: dict, target: str) -> list:
              f"total FLOPs (x1e12) | from-scratch loss at the same FLOPs | FLOPs to the from-scratch final loss "
              f"(x1e12, per seed) | as a fraction of from scratch (mean ± sd) |",
              "|---|---|---|---|---|---|---|---|---|"]
-    order = [SCRATCH[target], SMALL] + [n for n, r in rows.items() if r.get("target") == target and n != SCRATCH[target]]
+    grown = [n for n, r in rows.items() if r.get("target") == target and n != SCRATCH[target]]
+    order = [SCRATCH[target], SMALL] + sorted(grown, key=lambda n: ", grown at " in n)  # the earlier growth last
     for name in order:
         r = rows[name]
         label, mode = (name.split(" | ") + [""])[:2] if " | " in name else (name, "—")
@@ -409,7 +432,8 @@ def report(results: dict, out_dir: str) -> None:
              f"{transformers.__version__}", "",
              f"Small model: Llama hidden {s['hidden']}, {s['layers']} layers, {s['heads']} heads ({s['kv']} kv), MLP "
              f"{s['ffn']}, {small['params']:,} params. Budget {s['budget']} steps of {s['batch']} x {s['seq']} bytes "
-             f"for every run; schedules grow the small model once at step {s['grow_at']} and train the grown model "
+             f"for every run; schedules grow the small model once at step {s['grow_at']} (\"grown at "
+             f"{s.get('early_grow_at')}\": earlier, optimizer reset) and train the grown model "
              f"to step {s['budget']}. AdamW (weight decay 0.01), peak lr {s['lr']}, warmup {s['warmup']} steps, "
              f"cosine to {s['min_lr']} x peak over the budget (a reset optimizer warms up again). FLOPs: 6 x N + "
              f"6 x layers x seq x hidden per token (N without the input embedding), the small model's steps "
@@ -466,7 +490,8 @@ def _plot(results: dict, out_dir: str) -> None:
             ax.fill_between(f, m - sd, m + sd, color=color, alpha=0.12)
         goal = np.mean([seed[SCRATCH[target]]["curve"][-1][1] for seed in seeds])
         ax.axhline(goal, color="black", lw=0.6, ls="-.")
-        ax.set_title(f"{target} target (grown at step {s['grow_at']} of {s['budget']})")
+        ax.set_title(f"{target} target (grown at step {s['grow_at']}"
+                     + (f" or {s['early_grow_at']}" if s.get("early_grow_at") else "") + f" of {s['budget']})")
         ax.set_xlabel("total training FLOPs (x1e12)")
         ax.set_ylim(goal - 0.15, goal + 0.6)
         ax.legend(fontsize=6)
@@ -494,8 +519,8 @@ def merge_seeds(out_dir: str, setting: str):
         json.dump(out, f)
     for k, p in enumerate(paths):
         os.remove(p)
-        if os.path.exists(_seed_file(out_dir, setting, k, "pt")):
-            os.remove(_seed_file(out_dir, setting, k, "pt"))
+        for snap in glob.glob(_seed_file(out_dir, setting, k, "pt").replace(".pt", "*.pt")):
+            os.remove(snap)
     return out
 
 
