@@ -13,7 +13,21 @@ from ..errors import InvalidArgumentError, UnsupportedModelError
 from .checkpoint import Checkpoint, rewrite_checkpoint
 from .deepen import StackCopies, stacked_layers
 from .stacks import layer_stacks, stacked_config
-from .stream import _DeepenStream, check_mode, meta_model
+from .stream import check_mode, meta_model
+
+
+class StackStream:
+    """What :func:`~.checkpoint.rewrite_checkpoint` writes for G_stack: each source tensor under every key it is
+    copied to (the same values: nothing is zeroed in a repeat)."""
+
+    def __init__(self, src: Checkpoint, copies: StackCopies):
+        self.src, self.copies = src, copies
+
+    def outputs(self, name):
+        return [(new, self.src.shape(name), self.src.dtype(name)) for new, _ in self.copies.targets(name)]
+
+    def compute(self, name, tensor):
+        return {new: tensor for new, _ in self.copies.targets(name)}
 
 
 def stack_checkpoint(path, out_dir, *, after=None, times: int = 2, check="layers", seed: int = 0,
@@ -37,7 +51,7 @@ def stack_checkpoint(path, out_dir, *, after=None, times: int = 2, check="layers
     if wrong:
         raise UnsupportedModelError(f"{type(model).__name__} cannot repeat its layer stack: for {wrong[0]!r} the "
                                     f"repeated config builds {list(built[wrong[0]]) if wrong[0] in built else 'none'}")
-    written = rewrite_checkpoint(src, out_dir, config.to_diff_dict(), _DeepenStream(src, copies),
+    written = rewrite_checkpoint(src, out_dir, config.to_diff_dict(), StackStream(src, copies),
                                  overwrite=overwrite, progress=progress, workers=workers, executor=executor)
     params = sum(v.numel() for v in model.parameters())
     report = GrowthReport([], params_before=params, params_after=params + (times - 1) * sum(
