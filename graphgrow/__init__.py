@@ -16,6 +16,10 @@ def __getattr__(name):
         from . import moe
 
         return getattr(moe, name)
+    if name == "grow_optimizer":
+        from .optim import grow_optimizer
+
+        return grow_optimizer
     if name == "check":
         from .verify import check
 
@@ -27,5 +31,5 @@ def __getattr__(name):
     raise AttributeError(f"module 'graphgrow' has no attribute {name!r}")
 
 
-__all__ = ["widen", "deepen", "analyze", "upcycle", "grow_experts", "check", "CheckReport", "GraphGrowError", "InputMismatchError",
+__all__ = ["widen", "deepen", "analyze", "upcycle", "grow_experts", "grow_optimizer", "check", "CheckReport", "GraphGrowError", "InputMismatchError",
            "InvalidArgumentError", "ModelFileError", "TraceError", "UnsupportedModelError", "VerificationError"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from .core.report import GrowthReport
+from .core.report import GrowthReport, record_growth
 from .errors import InvalidArgumentError, VerificationError, first_line
 from .core.growth import (check_factor, check_options, kept_head_notes, require_head_widths, require_reachable,
                           space_reports, widen_targets)
@@ -90,7 +90,9 @@ def widen(model: nn.Module, factor: float | None = 1.41, *, example_inputs, widt
                                                  "normalized streams kept their width")
             return result
     result.graphgrow_report = report
-    return result
+    return record_growth(result, widen, factor=factor, example_inputs=example_inputs, widths=widths, only=only,
+                         exclude=exclude, divisor=divisor, init=init, noise=noise, noise_mode=noise_mode, seed=seed,
+                         fill=fill, strict=strict)
 
 
 def _double_copy(model: nn.Module) -> nn.Module:
@@ -132,9 +134,11 @@ def deepen(model: nn.Module, *, after, block: str = "conv-bn-relu", kernel=3, ca
     if is_pretrained(model):  # block expansion, stated by the config's num_hidden_layers
         from .hf.deepen import deepen_pretrained
 
-        return deepen_pretrained(model, after=after, block=block if block != "conv-bn-relu" else "copy",
-                                 example_inputs=example_inputs, seed=seed, verify=verify, atol=atol, rtol=rtol,
-                                 times=times)
+        result = deepen_pretrained(model, after=after, block=block if block != "conv-bn-relu" else "copy",
+                                   example_inputs=example_inputs, seed=seed, verify=verify, atol=atol, rtol=rtol,
+                                   times=times)
+        return record_growth(result, deepen, after=after, block=block, example_inputs=example_inputs, seed=seed,
+                             times=times)
     if block == "copy":  # block expansion on a plain model: a copy of each chosen residual block, adding 0
         from .fx.block_copy import copy_blocks
 
@@ -160,4 +164,5 @@ def deepen(model: nn.Module, *, after, block: str = "conv-bn-relu", kernel=3, ca
 
         verify_growth(model, result, inputs, report, "deepened", verify, atol, rtol, seed, deepen64)
     result.graphgrow_report = report
-    return result
+    return record_growth(result, deepen, after=after, block=block, kernel=kernel, calibrate=calibrate,
+                         example_inputs=example_inputs, seed=seed)

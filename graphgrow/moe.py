@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from .core.report import record_growth
 from .errors import InvalidArgumentError
 from .hf.capture import is_pretrained
 
@@ -55,9 +56,12 @@ def upcycle(model, experts: int = 8, top_k: int = 2, *, router: str = "zero", sh
     _require_pretrained(model, "upcycle")
     from .hf.upcycle import upcycle_pretrained
 
-    return upcycle_pretrained(model, experts, top_k, router=router, shared=shared, layers=layers, seed=seed,
-                              noise=noise, router_std=router_std, moe_config=moe_config,
-                              example_inputs=example_inputs, verify=verify)
+    result = upcycle_pretrained(model, experts, top_k, router=router, shared=shared, layers=layers, seed=seed,
+                                noise=noise, router_std=router_std, moe_config=moe_config,
+                                example_inputs=example_inputs, verify=verify)
+    return record_growth(result, upcycle, experts=experts, top_k=top_k, router=router, shared=shared, layers=layers,
+                         seed=seed, noise=noise, router_std=router_std, moe_config=moe_config,
+                         example_inputs=example_inputs)
 
 
 def grow_experts(model, factor: int = 2, *, keep_top_k: bool = False, example_inputs=None, seed: int = 0,
@@ -74,5 +78,7 @@ def grow_experts(model, factor: int = 2, *, keep_top_k: bool = False, example_in
     _require_pretrained(model, "grow_experts")
     from .hf.upcycle import grow_experts_pretrained
 
-    return grow_experts_pretrained(model, factor, keep_top_k=keep_top_k, example_inputs=example_inputs, seed=seed,
-                                   verify=verify)
+    result = grow_experts_pretrained(model, factor, keep_top_k=keep_top_k, example_inputs=example_inputs,
+                                     seed=seed, verify=verify)
+    return record_growth(result, grow_experts, factor=factor, keep_top_k=keep_top_k, example_inputs=example_inputs,
+                         seed=seed)

@@ -150,6 +150,12 @@ class AttentionRelations:
                     sp = self.table.spaces_of(ids[:, 0])[0]
                     self.constraints.heads_of.setdefault(sp.id, count)
                     self.constraints.head_groups[sp.id] = max(1, q_rows // kv_rows)
+                if q_rows > kv_rows and q_rows % kv_rows == 0:
+                    # a key head's query group is laid out whole in the copies ([q0 q1 | q2 q3 | q2 q3], not
+                    # [q0 q1 q2 q2 q3 q3]): every copy of a key head then serves the same query heads, so the
+                    # copies see equal gradients (the dual map of optimizer state, graphgrow.optim)
+                    sp = self.table.spaces_of(cq[:, 0])[0]
+                    self.constraints.outer_blocks.setdefault(sp.id, set()).add(q_rows // kv_rows * cq.shape[1])
             return LabelTensor.channels(shape, out_axis, heads, salt)
         if same_labels(old_q, q) and same_labels(old_k, k):
             return LabelTensor.channels(shape, out_axis, heads, salt)

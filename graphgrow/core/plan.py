@@ -128,6 +128,18 @@ class GrowthConstraints:
         for sp in self.table.spaces_of(np.asarray(chans, np.int64).ravel()):
             self.outer_blocks.setdefault(sp.id, set()).add(int(block))
 
+    def _per_head_blocks(self, sid: int, u: int, b: int, out: dict) -> None:
+        """Bare parameters holding one value per head of a space laid out in blocks of heads (GPT-OSS's attention
+        sinks, a per-head bias table's rows) are laid out in the same blocks, so every copy keeps its head."""
+        if not self.param_spaces:
+            return
+        cls = self.classes()
+        heads = cls[self.table.spaces[sid].chan_ids[::u]]
+        for pid in self.param_spaces:
+            sp = self.table.spaces[pid]
+            if pid not in out and sp.size == len(heads) and np.array_equal(cls[sp.chan_ids], heads):
+                out[pid] = b // u
+
     def mark_heads(self, first_chans, role: str) -> None:
         """The first channel of each query (``role="query"``) or key head an attention reads, to count the
         heads of the widened model (:meth:`WidenPlan.head_count`)."""
@@ -193,6 +205,7 @@ class GrowthConstraints:
                 self.tie(chans[:, :1], chans)
                 self._laid_out.add(sid)
             out[sid] = b
+            self._per_head_blocks(sid, u, b, out)
         self.head_dim_params()
         for pid, uid in self._param_layout.items():
             out.setdefault(pid, out[uid])

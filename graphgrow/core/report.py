@@ -95,3 +95,14 @@ class GrowthReport:
             "rounds": self.rounds,
             "notes": list(self.notes),
         }
+
+
+def record_growth(result, fn, **kwargs):
+    """Attach to a grown model the call that made it (``result.graphgrow_growth``, a ``functools.partial``
+    taking the teacher): :func:`graphgrow.optim.growth_map` replays it on probe copies of the teacher to learn
+    which teacher entry each grown entry copies.  A growth that retried with other options (heads kept, fill
+    kept) records the call that succeeded."""
+    import functools
+
+    result.graphgrow_growth = functools.partial(fn, **kwargs)
+    return result

@@ -40,7 +40,9 @@ _CATS = {torch.cat, torch.concat, _aten.cat.default}
 _INDEX_ADD = {_aten.index_add.default, _aten.index_add_.default, torch.index_add, "index_add", "index_add_"}
 # linear maps: op -> (input position, weight position, bias position or None)
 _LINEAR = {F.linear: (0, 1, 2), torch.addmm: (1, 2, 0), torch.matmul: (0, 1, None), operator.matmul: (0, 1, None),
-           torch.mm: (0, 1, None), torch.bmm: (0, 1, None)}
+           torch.mm: (0, 1, None), torch.bmm: (0, 1, None),
+           # (a convolution is linear in its weight and bias: a residual CNN block ending in a conv)
+           F.conv1d: (0, 1, 2), F.conv2d: (0, 1, 2), F.conv3d: (0, 1, 2)}
 _NORMS = {F.layer_norm, F.group_norm}
 
 

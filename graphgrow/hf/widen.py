@@ -25,7 +25,7 @@ from ..core import arithmetic as ar
 from ..core.arithmetic import scale_affine
 from ..core.growth import check_factor, check_options, kept_head_notes, require_head_widths, require_reachable, \
     space_reports, widen_targets
-from ..core.report import GrowthReport
+from ..core.report import GrowthReport, record_growth
 from ..core.sites import GrowOptions
 from ..errors import UnsupportedModelError, VerificationError, first_line
 from ..fx.engine import FxAnalysis, count_params, plan_and_apply
@@ -476,7 +476,9 @@ def widen_pretrained(model, factor=1.41, *, example_inputs, widths=None, only=No
                                                  "streams kept their width")
             return result
     result.graphgrow_report = report
-    return result
+    return record_growth(result, widen_pretrained, factor=factor, example_inputs=example_inputs, widths=widths, only=only,
+                         exclude=exclude, divisor=divisor, init=init, noise=noise, noise_mode=noise_mode, seed=seed,
+                         fill=fill, strict=strict, _keep_heads=_keep_heads)
 
 
 def config_notes(old, new, prefix: str = "") -> list:
