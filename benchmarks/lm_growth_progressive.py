@@ -88,17 +88,19 @@ def _grow_stack(teacher, x, seed):
 
 
 # operator -> (target, grow(teacher, example ids, seed), optimizer modes tried)
-OPERATORS = {
-    "width x2 (replicate + exact noise 0.01)": ("wide", _grow_widen, MODES),
-    "width x2 (replicate + exact noise 1)": ("wide", _grow_widen_noisy, ("reset", "dual")),
-    "width x2 random pad": ("wide", _grow_pad, MODES[:2]),
-    "depth x2 (block copy)": ("deep", _grow_copy, MODES),
-    "depth x2 G_stack": ("deep", _grow_stack, MODES[:2]),
-}
-# grown earlier too (at early_grow_at), optimizer reset: does the growth point matter more than the operator?
-EARLY = ("width x2 (replicate + exact noise 1)", "width x2 random pad", "depth x2 (block copy)", "depth x2 G_stack")
-# no "dual" for the operators that change the function: the dual map is the gradient's at a growth point where the
-# grown model computes the small one's function, which random pad and G_stack do not
+W1, W001, PAD = ("width x2 (replicate + exact noise 1)", "width x2 (replicate + exact noise 0.01)",
+                 "width x2 random pad")
+COPY, STACK = "depth x2 (block copy)", "depth x2 G_stack"
+OPERATORS = {W1: ("wide", _grow_widen_noisy), W001: ("wide", _grow_widen), PAD: ("wide", _grow_pad),
+             COPY: ("deep", _grow_copy), STACK: ("deep", _grow_stack)}
+# (operator, growth step: "main" = grow_at or "early" = early_grow_at, optimizer mode), in the order they run (the
+# most telling first: a run cut short by its time has them).  No "dual" for random pad and G_stack: the dual map is
+# the gradient's at a growth point where the grown model computes the small one's function, which they do not.
+SCHEDULES = [(W1, "main", "reset"), (W1, "main", "copy"), (W1, "main", "dual"),
+             (COPY, "main", "reset"), (COPY, "main", "copy"), (COPY, "main", "dual"),
+             (W1, "early", "reset"), (COPY, "early", "reset"), (STACK, "early", "reset"),
+             (PAD, "main", "reset"), (STACK, "main", "reset"), (STACK, "main", "copy"),
+             (W001, "main", "reset"), (W001, "main", "dual"), (PAD, "early", "reset"), (PAD, "main", "copy")]
 
 
 def small_config(s: dict) -> transformers.LlamaConfig:
@@ -193,11 +195,12 @@ def run_seed(seed: int, s: dict, data, val, device, log, done: dict, save, snap_
     x = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(seed))
     x[0, 0] = 255  # graphgrow draws its check inputs up to the example's maximum
     configs = {}
-    early = s.get("early_grow_at")
-    schedules = [(f"{name}, grown at {early}", target, grow, early, "reset")
-                 for name, (target, grow, _) in OPERATORS.items() if name in EARLY and early]
-    schedules += [(name, target, grow, s["grow_at"], mode) for name, (target, grow, modes) in OPERATORS.items()
-                  for mode in modes]
+    schedules = []
+    for name, when, mode in SCHEDULES:
+        at = s["grow_at"] if when == "main" else s.get("early_grow_at")
+        if at:
+            target, grow = OPERATORS[name]
+            schedules.append((name if when == "main" else f"{name}, grown at {at}", target, grow, at, mode))
     for label, target, grow, at, mode in schedules:
         key = f"{label} | {mode}"
         if "curve" in runs.get(key, {}):
@@ -232,7 +235,7 @@ def run_seed(seed: int, s: dict, data, val, device, log, done: dict, save, snap_
         if SCRATCH[target] in runs:
             continue
         if target not in configs:  # every schedule to it came from an earlier invocation: its shape, grown again
-            op = next(n for n, (t, _, _) in OPERATORS.items() if t == target)
+            op = next(n for n, (t, _) in OPERATORS.items() if t == target)
             configs[target] = OPERATORS[op][1](snapshot(s["grow_at"])[0], x, seed).config
         tcfg = configs[target]
         torch.manual_seed(1000 + seed)
