@@ -116,3 +116,27 @@ def test_cli_stacks_a_checkpoint_directory(tmp_path, capsys):
     assert main(["deepen", str(src), "-o", str(tmp_path / "y")]) == 2  # --after is required for block copy
     assert "--after is required" in capsys.readouterr().err
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_optimizer_state_follows_the_stack():
+    """grow_optimizer replays the recorded G_stack (times included): under "copy" every repeat's Adam moments
+    are its source layer's, the step count kept."""
+    model, x = llama(), token_ids(VOCAB)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    for _ in range(2):
+        loss = model(x, labels=x).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    grown = graphgrow.deepen(model, after=None, block="stack", times=3, example_inputs=(x,))
+    new = graphgrow.grow_optimizer(opt, model, grown, mode="copy")
+    old_state = {n: opt.state[p] for n, p in model.named_parameters()}
+    params = dict(grown.named_parameters())
+    for name, p in params.items():
+        src = name
+        if name.startswith("model.layers."):
+            i, rest = name[len("model.layers."):].split(".", 1)
+            src = f"model.layers.{int(i) % 2}.{rest}"
+        for k in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(new.state[p][k], old_state[src][k]), (name, k)
+        assert float(new.state[p]["step"]) == 2
