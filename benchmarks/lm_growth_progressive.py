@@ -336,21 +336,24 @@ def summarize(results: dict) -> dict:
     s = results["config"]
     seeds = results["seeds"]
     out = {}
-    for name in seeds[0]:
-        runs = [r[name] for r in seeds if name in r]
+    names = list(dict.fromkeys(n for seed in seeds for n in seed))  # every run of any seed (one cut short lacks some)
+    for name in names:
+        runs = [r[name] for r in seeds if name in r and "curve" in r[name]] or \
+            [r[name] for r in seeds if name in r]
         if "skipped" in runs[0]:
             out[name] = dict(skipped=runs[0]["skipped"], target=runs[0]["target"])
             continue
         row = dict(target=runs[0]["target"], params=runs[0]["params"], finals=[r["curve"][-1][1] for r in runs],
+                   seeds=len(runs),
                    total=[flops_curve(r, s)[-1][0] for r in runs], mode=runs[0].get("mode"),
                    operator=runs[0].get("operator"))
         if "small_flops_per_step" in runs[0]:
             at = runs[0].get("grow_at", s["grow_at"])
-            row["before"] = [dict(seed[SMALL]["curve"])[at] for seed in seeds]
+            row["before"] = [dict(seed[SMALL]["curve"])[at] for seed in seeds if "curve" in seed.get(name, {})]
             row["after"] = [r["curve"][0][1] for r in runs]
             row["deviation"] = runs[0]["deviation"]
         for target in ("wide", "deep"):
-            scratch = [seed.get(SCRATCH[target]) for seed in seeds]
+            scratch = [seed.get(SCRATCH[target]) for seed in seeds if "curve" in seed.get(name, {})]
             if all(scratch) and (row["target"] in (None, target)):
                 goal = [sc["curve"][-1][1] for sc in scratch]
                 reach = [flops_to(flops_curve(r, s), g) for r, g in zip(runs, goal)]
@@ -366,7 +369,7 @@ def summarize(results: dict) -> dict:
 def _target_table(results: dict, rows: dict, target: str) -> list:
     lines = [f"| run | optimizer | params | val loss before -> right after growth | final val loss (mean ± sd) | "
              f"total FLOPs (x1e12) | from-scratch loss at the same FLOPs | FLOPs to the from-scratch final loss "
-             f"(x1e12, per seed) | as a fraction of from scratch (mean ± sd) |",
+             f"(x1e12, per seed) | as a fraction of the from-scratch budget (mean ± sd) |",
              "|---|---|---|---|---|---|---|---|---|"]
     grown = [n for n, r in rows.items() if r.get("target") == target and n != SCRATCH[target]]
     order = [SCRATCH[target], SMALL] + sorted(grown, key=lambda n: ", grown at " in n)  # the earlier growth last
@@ -377,6 +380,8 @@ def _target_table(results: dict, rows: dict, target: str) -> list:
             lines.append(f"| {label} | {mode} | — | skipped: {r['skipped']} | — | — | — | — | — |")
             continue
         jump = (f"{np.mean(r['before']):.3f} -> {np.mean(r['after']):.3f}" if "before" in r else "—")
+        if r["seeds"] < len(results["seeds"]):
+            label += f" ({r['seeds']} of {len(results['seeds'])} seeds: the run was cut short)"
         to = r["to"][target]
         reach = ", ".join("not reached" if f is None else f"{f / 1e12:.3f}" for f in to["reach"])
         ratios = [x for x in to["ratio"] if x is not None]
@@ -478,10 +483,11 @@ def _plot(results: dict, out_dir: str) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(13, 5))
     colors = {}
     for ax, target in zip(axes, ("wide", "deep")):
-        names = [SCRATCH[target], SMALL] + [n for n, r in seeds[0].items() if r.get("target") == target
-                                            and n != SCRATCH[target] and "skipped" not in r]
+        every = {n: r for seed in seeds for n, r in seed.items() if "curve" in r}
+        names = [SCRATCH[target], SMALL] + [n for n, r in every.items() if r.get("target") == target
+                                            and n != SCRATCH[target]]
         for name in names:
-            curves = [flops_curve(seed[name], s) for seed in seeds]
+            curves = [flops_curve(seed[name], s) for seed in seeds if "curve" in seed.get(name, {})]
             f = np.array([p[0] for p in curves[0]]) / 1e12
             losses = np.array([[p[1] for p in c] for c in curves])
             m, sd = losses.mean(0), losses.std(0)
