@@ -1,6 +1,9 @@
 """Does progressive growth save compute? (``lm_growth.py --progressive``; issue 21 part 4)
 
-    PYTHONPATH=. python benchmarks/lm_growth.py --progressive --quick --threads 1   # ~20 min on 2 quiet CPU cores
+    PYTHONPATH=. python benchmarks/lm_growth.py --progressive --quick --threads 1   # ~30 min on a quiet CPU core
+    for k in 0 1 2; do PYTHONPATH=. python benchmarks/lm_growth.py --progressive --quick --threads 1 \
+        --only-seed $k & done; wait                                             # seeds side by side: ~15-20 min
+    PYTHONPATH=. python benchmarks/lm_growth.py --progressive --quick --report-only  # merge the seeds, table, plot
     PYTHONPATH=. python benchmarks/lm_growth.py --progressive                       # the full CPU setting
     PYTHONPATH=. python benchmarks/lm_growth.py --progressive --device cuda         # sized for one GPU
 
@@ -50,7 +53,8 @@ import transformers
 import graphgrow
 
 PROGRESSIVE_SETTINGS = {
-    # small: 38k parameters (wide target 119k, deep 60k); measured ~15 / 20 / 25 ms a step with --threads 1
+    # small: 38k parameters (wide target 119k, deep 60k); measured ~15 / 20 / 25 ms a step with --threads 1 on a
+    # quiet core: 26,500 training steps a seed (16 schedules) + growth and evaluation, ~10 min a seed
     "quick": dict(hidden=32, layers=2, heads=4, kv=2, ffn=80, seq=64, batch=16, budget=2000, grow_at=1000,
                   early_grow_at=500, eval_every=100, eval_batches=8, seeds=3, lr=3e-3, warmup=50, min_lr=0.1),
     # small 0.12M (wide 0.41M, deep 0.21M), 16 x 128 tokens a step: 15x the quick run's training FLOPs (1.2e14 a
