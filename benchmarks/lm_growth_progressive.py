@@ -54,7 +54,7 @@ import graphgrow
 
 PROGRESSIVE_SETTINGS = {
     # small: 38k parameters (wide target 119k, deep 60k); measured ~15 / 20 / 25 ms a step with --threads 1 on a
-    # quiet core: 26,500 training steps a seed (16 schedules) + growth and evaluation, ~10 min a seed
+    # quiet core: 24,500 training steps a seed (16 schedules) + growth and evaluation, ~10 min a seed
     "quick": dict(hidden=32, layers=2, heads=4, kv=2, ffn=80, seq=64, batch=16, budget=2000, grow_at=1000,
                   early_grow_at=500, eval_every=100, eval_batches=8, seeds=3, lr=3e-3, warmup=50, min_lr=0.1),
     # small 0.12M (wide 0.41M, deep 0.21M), 16 x 128 tokens a step: 15x the quick run's training FLOPs (1.2e14 a
