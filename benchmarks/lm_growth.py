@@ -4,6 +4,8 @@
     PYTHONPATH=. python benchmarks/lm_growth.py                  # the full setting
     PYTHONPATH=. python benchmarks/lm_growth.py --device cuda    # sized for ~10 min on one GPU
     PYTHONPATH=. python benchmarks/lm_growth.py --moe --quick --threads 1   # dense -> MoE upcycling (lm_growth_moe.py)
+    PYTHONPATH=. python benchmarks/lm_growth.py --progressive --quick --threads 1   # grow while training: FLOPs to
+                                                                  # the from-scratch loss (lm_growth_progressive.py)
 
 Data: the Python standard library's own source files (the running interpreter's ``sysconfig`` stdlib, every
 machine has it), byte-level (vocabulary 256), split by file (one file in 10, chosen by a CRC of its name, is
@@ -270,6 +272,11 @@ def main() -> None:
     p.add_argument("--report-only", action="store_true", help="rewrite the table and plot from the saved curves")
     p.add_argument("--moe", action="store_true", help="the mixture-of-experts experiment instead (lm_growth_moe.py): "
                    "the teacher upcycled to 4 and 8 experts, and expert-count growth 4 -> 8")
+    p.add_argument("--progressive", action="store_true", help="the progressive-growth experiment instead "
+                   "(lm_growth_progressive.py): a small model trained, grown once (width x2, random pad, block copy, "
+                   "G_stack; optimizer state reset/copy/dual) and trained on, against the target from scratch, by FLOPs")
+    p.add_argument("--only-seed", type=int, default=None, help="--progressive: run this seed alone (seeds side by "
+                   "side in separate processes; --report-only then merges them)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: every core; 1 is faster on "
                    "a loaded machine)")
     args = p.parse_args()
@@ -278,6 +285,11 @@ def main() -> None:
         import lm_growth_moe
 
         lm_growth_moe.main(setting, args)
+        return
+    if args.progressive:
+        import lm_growth_progressive
+
+        lm_growth_progressive.main(setting, args)
         return
     if args.report_only:
         with open(os.path.join(args.out, f"{setting}_curves.json")) as f:

@@ -108,7 +108,8 @@ def _double_inputs(inputs: tuple) -> tuple:
 
 
 def deepen(model: nn.Module, *, after, block: str = "conv-bn-relu", kernel=3, calibrate=None, example_inputs,
-           seed: int = 0, verify: str = "torch", atol: float | None = None, rtol: float | None = None) -> nn.Module:
+           seed: int = 0, verify: str = "torch", atol: float | None = None, rtol: float | None = None,
+           times: int = 2) -> nn.Module:
     """Net2DeeperNet: a deeper copy of ``model`` computing the same function (in eval mode).
 
     ``after`` picks where blocks go: a regular expression that must match a whole node name, module path
@@ -121,6 +122,10 @@ def deepen(model: nn.Module, *, after, block: str = "conv-bn-relu", kernel=3, ca
     and after calibration is reported.  The result is a ``torch.fx.GraphModule`` (state_dict keys of the
     original parameters kept) with the report as ``result.graphgrow_report``; it is verified like
     :func:`widen` (``verify="torch"``, ``"onnxruntime"`` or ``"none"``).
+
+    On a transformers model ``block="stack"`` is G_stack: the whole layer stack repeated ``times`` times
+    (``after=None``, or a pattern matching every layer of the stacks to repeat); NOT function-preserving, the
+    measured deviation in ``result.graphgrow_report.deviation``.
     """
     from .fx.deepen import calibrate_blocks, deepen_module, train_mode_deviation
 
@@ -130,8 +135,10 @@ def deepen(model: nn.Module, *, after, block: str = "conv-bn-relu", kernel=3, ca
         from .hf.deepen import deepen_pretrained
 
         result = deepen_pretrained(model, after=after, block=block if block != "conv-bn-relu" else "copy",
-                                   example_inputs=example_inputs, seed=seed, verify=verify, atol=atol, rtol=rtol)
-        return record_growth(result, deepen, after=after, block=block, example_inputs=example_inputs, seed=seed)
+                                   example_inputs=example_inputs, seed=seed, verify=verify, atol=atol, rtol=rtol,
+                                   times=times)
+        return record_growth(result, deepen, after=after, block=block, example_inputs=example_inputs, seed=seed,
+                             times=times)
     if block == "copy":  # block expansion on a plain model: a copy of each chosen residual block, adding 0
         from .fx.block_copy import copy_blocks
 

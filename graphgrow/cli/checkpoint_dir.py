@@ -140,6 +140,14 @@ def deepen(args) -> int:
     out = output_dir(args, "deep")
     writers = writer_options(args)
     say, tick = progress_ticker(args)
+    if args.block == "stack":  # G_stack: not function-preserving, its deviation measured instead of a check
+        result = hf_module("stack_stream").stack_checkpoint(
+            args.input, out, after=args.after, times=2 if args.times is None else args.times, check=check_option(args), seed=args.seed,
+            allow_pickle=args.allow_pickle, overwrite=args.overwrite, progress=tick, **writers)
+        print(result["report"].summary())
+        return finish(args, out, result, [f"  {n}" for n in result["notes"]])
+    if args.times is not None:
+        raise InvalidArgumentError("--times applies to --block stack (how many times the layer stack is repeated)")
     try:
         result = stream.deepen_checkpoint(args.input, out, after=args.after, block=args.block or "copy",
                                           check=check_option(args), seed=args.seed, allow_pickle=args.allow_pickle,

@@ -6,14 +6,20 @@ import re
 
 from .. import onnx as gonnx
 from ..core.deepen import BLOCKS
-from ..errors import VerificationError
+from ..errors import InvalidArgumentError, VerificationError
 from . import checkpoint_dir, exit_codes, options
 
 
 def run(args) -> int:
+    if args.after is None and args.block != "stack":
+        raise InvalidArgumentError("--after is required (where the blocks go); only --block stack repeats the whole "
+                                   "layer stack without it")
     if checkpoint_dir.is_checkpoint_dir(args.input):
         return checkpoint_dir.deepen(args)
     checkpoint_dir.directory_only(args)
+    if args.block == "stack" or args.times is not None:
+        raise InvalidArgumentError(f"--block stack and --times apply to checkpoint directories, and {args.input} is "
+                                   "not a directory")
     say = options.progress(args)
     out_path = options.output_paths(args, "deep")
     kernel = int(args.kernel) if re.fullmatch(r"\s*-?\d+\s*", args.kernel) else args.kernel
@@ -46,12 +52,17 @@ def run(args) -> int:
 def add_parser(sub) -> None:
     d = sub.add_parser("deepen", help="deepen an ONNX model (Net2DeeperNet), verify it in onnxruntime, write it")
     d.add_argument("input", metavar="IN.onnx|DIR")
-    d.add_argument("--after", required=True, metavar="REGEX",
-                   help="node or value names (the whole name must match) whose output gets a block")
-    d.add_argument("--block", choices=list(BLOCKS) + ["copy"], default=None,
+    d.add_argument("--after", default=None, metavar="REGEX",
+                   help="node or value names (the whole name must match) whose output gets a block (required, "
+                        "except with --block stack, where it may name whole stacks to repeat)")
+    d.add_argument("--block", choices=list(BLOCKS) + ["copy", "stack"], default=None,
                    help="conv-bn-relu (default for ONNX files; only after provably non-negative values), conv-bn, "
                         "linear, residual; copy: block expansion, --after names module scopes such as layers.3 "
-                        "(the default for checkpoint directories)")
+                        "(the default for checkpoint directories); stack: G_stack on a checkpoint directory, the "
+                        "whole layer stack repeated --times times (NOT function-preserving: the deviation is "
+                        "reported)")
+    d.add_argument("--times", type=int, default=None, metavar="G",
+                   help="--block stack: how many times the layer stack is repeated (default 2)")
     d.add_argument("--kernel", default="3", help="odd kernel size or a factorized chain like 1x3+3x1 (default 3)")
     d.add_argument("-o", "--output", metavar="OUT.onnx", help="output path (default IN.deep.onnx)")
     checkpoint_dir.add_options(d)

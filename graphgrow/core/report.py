@@ -41,6 +41,8 @@ class GrowthReport:
     check: object = None
     rounds: int = 0
     notes: list = field(default_factory=list)
+    not_preserving: str = "init=random-pad"  # what makes a non-preserving growth so (the summary names it)
+    deviation: float | None = None  # a non-preserving growth's measured max_rel of the outputs, where measured
 
     @property
     def widened(self) -> list:
@@ -66,7 +68,8 @@ class GrowthReport:
         if self.check is not None:
             line += f"; {self.check.summary()}"
         if not self.function_preserving:
-            line += " (init=random-pad: NOT function-preserving)"
+            line += f" ({self.not_preserving}: NOT function-preserving"
+            line += ")" if self.deviation is None else f", outputs differ by max_rel {self.deviation:.3g})"
         return line
 
     def table(self) -> str:
@@ -85,6 +88,7 @@ class GrowthReport:
             "params_before": self.params_before,
             "params_after": self.params_after,
             "function_preserving": self.function_preserving,
+            "deviation": self.deviation,
             "opaque_leaves": list(self.opaque_leaves),
             "frozen_reasons": self.frozen_reasons(),
             "check": self.check.to_dict() if self.check is not None and hasattr(self.check, "to_dict") else None,

@@ -2,6 +2,11 @@
 with the projections that write into the residual stream zeroed, so the copy adds 0 to the stream and the
 model computes the same function (LLaMA Pro's construction, exact for pre-norm blocks).
 
+``block="stack"`` is the other depth operator the literature compares: G_stack (Du et al., NeurIPS 2024), the
+whole stack of layers repeated ``times`` times (layers 0..L-1, 0..L-1, ...), every copy holding its layer's
+weights unchanged.  The second pass applies the layers again to a stream that already holds their output, so it
+is NOT function-preserving: labelled so, its measured deviation reported, nothing refused for it.
+
 Which projections write into the stream is read from the captured graph, not from the family's module
 names, by the residual-branch walk of :mod:`graphgrow.core.branches` (the fx reading of each node:
 :mod:`graphgrow.fx.branches`).  A block whose output is normalized after the add (post-norm: BERT,
@@ -23,7 +28,7 @@ from ..fx.branches import branch_outputs
 from ..fx.engine import count_params
 from ..verify import verify_growth
 from .capture import ModelOutputs, as_inputs, capture, input_names, rebuilt
-from .stacks import Stack, deepened_config, layer_stacks, signature  # noqa: F401 - Stack re-exported for callers
+from .stacks import Stack, deepened_config, layer_stacks, signature, stacked_config  # noqa: F401 - Stack re-exported
 
 
 def chosen_layers(stacks: list, after) -> dict:
@@ -66,6 +71,15 @@ class LayerCopies:
     def state(self, state: dict) -> dict:
         return {new: (torch.zeros_like(t) if zero else t.clone() if new != key else t)
                 for key, t in state.items() for new, zero in self.targets(key)}
+
+
+class StackCopies(LayerCopies):
+    """Where each key goes when whole stacks are repeated ``times`` times (G_stack): layer i of a stack of n layers
+    is also layer i + n, i + 2n, ...; nothing zeroed."""
+
+    def __init__(self, stacks: list, times: int):  # noqa: D107 - the parent's bookkeeping, no insertion
+        self.zeroed, self.left_out = {}, frozenset()
+        self.index = {s.path + ".": {i: [i + r * s.n for r in range(times)] for i in range(s.n)} for s in stacks}
 
 
 @dataclass
@@ -199,11 +213,16 @@ def require_fits(model: nn.Module, plan: CopyPlan, shapes: dict) -> None:
 
 
 def deepen_pretrained(model, *, after, block: str = "copy", example_inputs, seed: int = 0, verify: str = "torch",
-                      atol=None, rtol=None):
-    """:func:`graphgrow.deepen` for a ``transformers.PreTrainedModel``: block expansion (``block="copy"``)."""
+                      atol=None, rtol=None, times: int = 2):
+    """:func:`graphgrow.deepen` for a ``transformers.PreTrainedModel``: block expansion (``block="copy"``), or
+    G_stack (``block="stack"``: the layer stack repeated ``times`` times, not function-preserving)."""
+    if block == "stack":
+        return stack_pretrained(model, after=after, times=times, example_inputs=example_inputs, seed=seed,
+                                verify=verify)
     if block != "copy":
         raise InvalidArgumentError(f"block={block!r} on a transformers model: use block='copy' (a copy of the layer "
-                                   "with its output projections zeroed, stated by num_hidden_layers)")
+                                   "with its output projections zeroed, stated by num_hidden_layers) or block='stack' "
+                                   "(G_stack: the whole layer stack repeated, not function-preserving)")
     inputs = as_inputs(example_inputs)
     plan = plan_copies(model, after, lambda: capture(model, inputs))
     state = plan.copies.state(model.state_dict())
@@ -216,5 +235,80 @@ def deepen_pretrained(model, *, after, block: str = "copy", example_inputs, seed
         names = input_names(inputs)
         verify_growth(ModelOutputs(model, names), ModelOutputs(result, names), inputs, report, "deepened", verify, atol,
                       rtol, seed)
+    result.graphgrow_report = report
+    return result
+
+
+def stacked_layers(stacks: list, after) -> list:
+    """The stacks G_stack repeats: every stack (``after=None``), or those whose every layer ``after`` matches; a
+    stack ``after`` matches in part is refused (G_stack repeats whole stacks, never single layers)."""
+    if after is None:
+        return list(stacks)
+    chosen = chosen_layers(stacks, after)
+    for s in stacks:
+        if 0 < len(chosen[s.path]) < s.n:
+            raise InvalidArgumentError(f"block='stack' repeats whole stacks of layers (G_stack), but after={after!r} "
+                                       f"matches {len(chosen[s.path])} of the {s.n} layers of {s.path}: pass "
+                                       f"after=None or a pattern matching all of them ({s.path}\\.\\d+)")
+    return [s for s in stacks if chosen[s.path]]
+
+
+def stack_moved(model: nn.Module, deeper: nn.Module, stacks: list, times: int) -> str:
+    """How the repeated config builds a layer's repeat differently from the layer ("" where it does not)."""
+    for s in stacks:
+        for i in range(s.n):
+            old = signature(model.get_submodule(f"{s.path}.{i}"))
+            for r in range(1, times):
+                new = signature(deeper.get_submodule(f"{s.path}.{i + r * s.n}"))
+
+                def differs(a, b):  # a per-layer list each layer keeps whole grew with the stack
+                    return a != b and not (isinstance(a, tuple) and isinstance(b, tuple)
+                                           and (len(a), len(b)) == (s.n, s.n * times))
+
+                diff = next((k for k in sorted(set(old) | set(new), key=str) if differs(old.get(k), new.get(k))), None)
+                if diff is not None:
+                    what = ".".join(x for x in diff if x)
+                    return (f"the repeated config builds {s.path}.{i + r * s.n} differently from {s.path}.{i} "
+                            f"({what} {old.get(diff, 'absent')} -> {new.get(diff, 'absent')})")
+    return ""
+
+
+def stack_pretrained(model, *, after=None, times: int = 2, example_inputs, seed: int = 0, verify: str = "torch"):
+    """G_stack: each chosen stack of layers repeated ``times`` times, every repeat holding its layer's weights
+    (bit-identical).  Not function-preserving: ``report.function_preserving`` is False and ``report.deviation``
+    the measured max_rel of the outputs against ``model`` on ``example_inputs`` (``verify="none"``: not measured)."""
+    if isinstance(times, bool) or not isinstance(times, int) or times < 2:
+        raise InvalidArgumentError(f"times must be an integer >= 2 (how many times the layer stack is repeated), not "
+                                   f"{times!r}")
+    stacks = stacked_layers(layer_stacks(model), after)
+    config = stacked_config(model.config, stacks, times)
+    copies = StackCopies(stacks, times)
+    state = copies.state(model.state_dict())
+    with torch.device("meta"):
+        deeper = type(model)(copy.deepcopy(config))
+    built = {k: tuple(v.shape) for k, v in deeper.state_dict().items()}
+    wrong = sorted(set(built) ^ set(state)) or sorted(k for k in built if built[k] != tuple(state[k].shape))
+    moved = stack_moved(model, deeper, stacks, times)
+    if moved or wrong:
+        why = moved or (f"for {wrong[0]!r} the repeated config "
+                        + ("does not build it" if wrong[0] not in built else f"builds {list(built[wrong[0]])}, the "
+                           f"repeat {'holds no such tensor' if wrong[0] not in state else list(state[wrong[0]].shape)}"))
+        raise UnsupportedModelError(f"{type(model).__name__} cannot repeat its layer stack: {why}")
+    result = rebuilt(model, config, state)
+    report = GrowthReport([], params_before=count_params(model), params_after=count_params(result),
+                          function_preserving=False, not_preserving="block=stack (G_stack)")
+    report.notes.extend(f"config {s.label}: {s.n} -> {s.n * times}; {s.path} repeated {times} times (layer i is "
+                        f"also layer i + {s.n}" + (", ..." if times > 2 else "") + ")" for s in stacks)
+    report.notes.append("NOT function-preserving: each repeat applies its layer again to a stream that already "
+                        "holds that layer's output")
+    if verify != "none":
+        from ..verify import check
+
+        names = input_names(as_inputs(example_inputs))
+        rep = check(ModelOutputs(model, names), ModelOutputs(result, names), as_inputs(example_inputs),
+                    backend=verify, batches=1, seed=seed, float64=False)
+        report.deviation = float(rep.worst.max_rel) if rep.worst is not None else None
+        report.notes.append(f"outputs differ from the original's by max_rel {report.deviation:.3g} on the example "
+                            "inputs")
     result.graphgrow_report = report
     return result

@@ -204,3 +204,32 @@ def deepened_config(config, stacks: list, chosen: dict):
                 setattr(new, key, grown)
         _position_rules(config, new, s, chosen[s.path])
     return new
+
+
+def stacked_config(config, stacks: list, times: int):
+    """The config of the layer stacks repeated ``times`` times (G_stack): each depth field multiplied; for one
+    stack stated by an int field, every per-layer list (layer_types, ...) repeated with the layers and
+    ``mlp_only_layers`` renumbered into each repeat.  UnsupportedModelError where a position rule cannot state
+    the repeat (``first_k_dense_replace``: a dense prefix repeated is no longer a prefix)."""
+    new = copy.deepcopy(config)
+    for s in stacks:
+        if s.index is None:
+            setattr(new, s.field, s.n * times)
+        else:
+            entries = list(getattr(new, s.field))
+            entries[s.index] = s.n * times
+            setattr(new, s.field, entries)
+    if len(stacks) == 1 and stacks[0].index is None:
+        (s,) = stacks
+        for key, value in config.to_dict().items():
+            if isinstance(value, list) and len(value) == s.n and key != "architectures" and key not in s.keep:
+                setattr(new, key, list(value) * times)
+        k = getattr(config, "first_k_dense_replace", None)
+        if isinstance(k, int) and not isinstance(k, bool) and 0 < k < s.n:
+            raise UnsupportedModelError(f"{type(config).__name__} builds its first {k} layers dense "
+                                        "(first_k_dense_replace): the repeated stack would need dense layers after "
+                                        "sparse ones, which the config cannot state")
+        only = getattr(config, "mlp_only_layers", None)
+        if isinstance(only, (list, tuple)) and all(isinstance(i, int) for i in only):
+            new.mlp_only_layers = sorted(i + r * s.n for i in only for r in range(times))
+    return new
