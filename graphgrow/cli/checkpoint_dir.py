@@ -109,7 +109,7 @@ def writer_options(args) -> dict:
 
 def widen(args) -> int:
     if trainer_dir.is_trainer_checkpoint(args.input):
-        return trainer_dir.widen(args)
+        return trainer_dir.widen(args, hf_module("trainer_checkpoint"), output_dir(args, "wide"))
     trainer_dir.refuse_option(args)
     if args.noise or args.init != "net2net":
         raise InvalidArgumentError("--noise and --init random-pad are not available for checkpoint directories")
@@ -134,7 +134,7 @@ def widen(args) -> int:
 
 def deepen(args) -> int:
     if trainer_dir.is_trainer_checkpoint(args.input):
-        return trainer_dir.deepen(args)
+        return trainer_dir.deepen(args, hf_module("trainer_checkpoint"), output_dir(args, "deep"))
     trainer_dir.refuse_option(args)
     stream = hf_module()
     out = output_dir(args, "deep")

@@ -8,7 +8,7 @@ import json
 import os
 
 from ..errors import InvalidArgumentError, VerificationError
-from . import checkpoint_dir, exit_codes, options
+from . import exit_codes, options
 
 OPTIMIZER_MODES = ("reset", "copy", "dual")  # graphgrow.optim.MODES (this module must not import torch)
 
@@ -50,12 +50,11 @@ def _finish(args, out: str, result: dict, widened: bool) -> int:
     return exit_codes.OK
 
 
-def widen(args) -> int:
+def widen(args, trainer, out: str) -> int:
+    """``trainer``: graphgrow.hf.trainer_checkpoint (imported by the caller); ``out``: the output folder."""
     if args.noise or args.init != "net2net":
         raise InvalidArgumentError("--noise and --init random-pad are not available for checkpoint directories")
     _refuse_streaming_options(args)
-    trainer = checkpoint_dir.hf_module("trainer_checkpoint")
-    out = checkpoint_dir.output_dir(args, "wide")
     widths = options.widths(args)
     factor = args.factor if args.factor is not None else (None if widths else 1.41)
     try:
@@ -67,10 +66,8 @@ def widen(args) -> int:
     return _finish(args, out, result, True)
 
 
-def deepen(args) -> int:
+def deepen(args, trainer, out: str) -> int:
     _refuse_streaming_options(args)
-    trainer = checkpoint_dir.hf_module("trainer_checkpoint")
-    out = checkpoint_dir.output_dir(args, "deep")
     try:
         result = trainer.deepen_trainer_checkpoint(args.input, out, after=args.after, block=args.block or "copy",
                                                    **_common(args))

@@ -64,7 +64,7 @@ def _read_json(path: str, what: str):
         raise ModelFileError(f"{path} is not valid JSON: {first_line(exc)}") from None
 
 
-def _allowed_roots(folder: str) -> list:
+def allowed_roots(folder: str) -> list:
     """Where the checkpoint's files may lie once symlinks are resolved: the folder, and for a snapshot of
     the Hugging Face cache (``.../snapshots/<revision>``, whose files link to ``../../blobs``) that blobs folder."""
     roots = [os.path.realpath(folder)]
@@ -78,7 +78,7 @@ def _inside(path: str, root: str) -> bool:
     return os.path.commonpath([path, root]) == root
 
 
-def _check_inside(folder: str, name: str, roots: list) -> str:
+def check_inside(folder: str, name: str, roots: list) -> str:
     """The path of the file ``name`` of the checkpoint ``folder``, refused when it lies outside the folder
     (an index, or a symlink, must not make graphgrow read, and copy into its output, any other file)."""
     target = os.path.realpath(os.path.join(folder, name))
@@ -111,8 +111,8 @@ class Checkpoint:
         if not os.path.isdir(path):
             raise InvalidArgumentError(f"{path} is not a directory; a Hugging Face checkpoint is a directory "
                                        f"with {CONFIG} and weights")
-        roots = _allowed_roots(path)
-        config = _read_json(_check_inside(path, CONFIG, roots), CONFIG)
+        roots = allowed_roots(path)
+        config = _read_json(check_inside(path, CONFIG, roots), CONFIG)
         if not isinstance(config, dict):
             raise ModelFileError(f"{os.path.join(path, CONFIG)} is not a JSON object")
         # transformers' order of preference
@@ -129,7 +129,7 @@ class Checkpoint:
                                        f"torch.load(weights_only=True)")
         listed = {}
         if index:
-            index_path = _check_inside(path, index, roots)
+            index_path = check_inside(path, index, roots)
             data = _read_json(index_path, index)
             weight_map = data.get("weight_map") if isinstance(data, dict) else None
             if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
@@ -139,7 +139,7 @@ class Checkpoint:
         files = sorted(listed) if index else [single]
         shards, meta = [], {}
         for file in files:
-            file_path = _check_inside(path, file, roots)
+            file_path = check_inside(path, file, roots)
             if not os.path.isfile(file_path):
                 raise ModelFileError(f"{path}: the weights file {file} is missing")
             tensors = cls._read_pickle_meta(file_path) if pickled else cls._read_safetensors_meta(file_path)
@@ -230,13 +230,13 @@ class Checkpoint:
     def other_files(self) -> list:
         """Paths (relative to the directory) of the files the writer copies unchanged: all but config.json,
         the index and weights in any format; files in subfolders too, but not in hidden ones (.git, .cache)."""
-        roots, found = _allowed_roots(self.path), []
+        roots, found = allowed_roots(self.path), []
         for folder, dirs, files in os.walk(self.path):
             dirs[:] = sorted(d for d in dirs if not d.startswith("."))
             for file in sorted(files):
                 rel = os.path.relpath(os.path.join(folder, file), self.path)
                 if rel != CONFIG and not _WEIGHT_FILE.fullmatch(file):
-                    _check_inside(self.path, rel, roots)
+                    check_inside(self.path, rel, roots)
                     found.append(rel)
         return found
 

@@ -34,7 +34,7 @@ import torch
 
 from ..errors import GraphGrowError, InvalidArgumentError, ModelFileError, UnsupportedModelError, first_line
 from ..optim import MODES, grow_optimizer_state, growth_map
-from .checkpoint import Checkpoint, _allowed_roots, _check_inside, check_output_dir, move_into_place
+from .checkpoint import Checkpoint, allowed_roots, check_inside, check_output_dir, move_into_place
 
 TRAINER_STATE, OPTIMIZER = "trainer_state.json", "optimizer.pt"
 
@@ -207,14 +207,14 @@ def _load_model(src: Checkpoint):
 
 def _copied_files(src: Checkpoint, written: set) -> list:
     """Paths (relative) copied unchanged: all but the model's weights, optimizer.pt and what save_pretrained wrote."""
-    roots, found = _allowed_roots(src.path), []
+    roots, found = allowed_roots(src.path), []
     for folder, dirs, files in os.walk(src.path):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for file in sorted(files):
             rel = os.path.relpath(os.path.join(folder, file), src.path)
             if rel in written or rel == OPTIMIZER or _MODEL_WEIGHTS.fullmatch(rel):
                 continue
-            _check_inside(src.path, rel, roots)
+            check_inside(src.path, rel, roots)
             found.append(rel)
     return found
 
@@ -289,12 +289,12 @@ def widen_trainer_checkpoint(path, out_dir, factor=1.41, *, widths=None, only=No
                              fill: bool = True, strict: bool = False, check: bool = True, **kwargs) -> dict:
     """:func:`graphgrow.widen` (the same options) of the Trainer checkpoint ``path``; ``kwargs``: those of
     :func:`grow_trainer_checkpoint`."""
-    from ..api import widen
+    from .widen import widen_pretrained
 
     seed = kwargs.get("seed", 0)
 
-    def grow(model, inputs):
-        return widen(model, factor, example_inputs=inputs, widths=widths, only=only, exclude=exclude,
+    def grow(model, inputs):  # (widen_pretrained records its call on the result, for optim.growth_map)
+        return widen_pretrained(model, factor, example_inputs=inputs, widths=widths, only=only, exclude=exclude,
                      divisor=divisor, fill=fill, strict=strict, seed=seed, verify="torch" if check else "none")
 
     return grow_trainer_checkpoint(path, out_dir, grow, **kwargs)
@@ -303,12 +303,14 @@ def widen_trainer_checkpoint(path, out_dir, factor=1.41, *, widths=None, only=No
 def deepen_trainer_checkpoint(path, out_dir, *, after, block: str = "copy", check: bool = True, **kwargs) -> dict:
     """:func:`graphgrow.deepen` (block expansion) of the Trainer checkpoint ``path``; ``kwargs``: those of
     :func:`grow_trainer_checkpoint`."""
-    from ..api import deepen
+    from ..core.report import record_growth
+    from .deepen import deepen_pretrained
 
     seed = kwargs.get("seed", 0)
 
     def grow(model, inputs):
-        return deepen(model, after=after, block=block, example_inputs=inputs, seed=seed,
-                      verify="torch" if check else "none")
+        result = deepen_pretrained(model, after=after, block=block, example_inputs=inputs, seed=seed,
+                                   verify="torch" if check else "none")
+        return record_growth(result, deepen_pretrained, after=after, block=block, example_inputs=inputs, seed=seed)
 
     return grow_trainer_checkpoint(path, out_dir, grow, **kwargs)
