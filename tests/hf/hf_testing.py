@@ -60,3 +60,23 @@ def shapes(model) -> dict:
 
 def n_params(model) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def start_ray(*paths: str):
+    """``ray.init`` of a 2-CPU local cluster whose workers find ``paths`` on their PYTHONPATH (they import
+    graphgrow, or a test module's plans, by name); the caller's PYTHONPATH restored."""
+    import os
+
+    import pytest
+
+    ray = pytest.importorskip("ray")
+    old = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (*paths, old) if p)
+    try:
+        ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    finally:
+        if old is None:
+            del os.environ["PYTHONPATH"]
+        else:
+            os.environ["PYTHONPATH"] = old
+    return ray

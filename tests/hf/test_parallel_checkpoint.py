@@ -286,17 +286,10 @@ def test_ray_address_that_does_not_answer_is_refused(sharded, tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    ray = pytest.importorskip("ray")
     # Ray's workers import this module's plans by name: its folder on their path
-    old = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (os.path.dirname(__file__), old) if p)
-    try:
-        ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
-    finally:
-        if old is None:
-            del os.environ["PYTHONPATH"]
-        else:
-            os.environ["PYTHONPATH"] = old
+    from tests.hf.hf_testing import start_ray
+
+    ray = start_ray(os.path.dirname(__file__))
     yield ray
     ray.shutdown()
 

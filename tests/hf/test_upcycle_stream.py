@@ -22,7 +22,8 @@ from graphgrow.hf import upcycle_stream  # noqa: E402
 from graphgrow.hf.upcycle_stream import grow_experts_checkpoint, upcycle_checkpoint  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
-from hf_testing import DENSE_BASE, DENSE_FAMILIES, DENSE_TWINS, DENSE_VOCAB, logits, max_rel, token_ids  # noqa: E402
+from hf_testing import (DENSE_BASE, DENSE_FAMILIES, DENSE_TWINS, DENSE_VOCAB, logits, max_rel, start_ray,  # noqa: E402
+                        token_ids)
 
 VOCAB, BASE = DENSE_VOCAB, DENSE_BASE
 GRANITE = dict(embedding_multiplier=2.0, residual_multiplier=0.5, logits_scaling=2.0, attention_multiplier=0.3)
@@ -324,17 +325,7 @@ def _digests(folder) -> dict:
 
 
 def test_ray_local_cluster_writes_the_serial_bytes(tmp_path, capsys):
-    ray = pytest.importorskip("ray")
-    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    old = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (repo, old) if p)  # (the workers import graphgrow)
-    try:
-        ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
-    finally:
-        if old is None:
-            del os.environ["PYTHONPATH"]
-        else:
-            os.environ["PYTHONPATH"] = old
+    ray = start_ray(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     try:
         src = _saved(tmp_path / "src", "Qwen2ForCausalLM", {}, torch.bfloat16, "20KB")
         args = ["upcycle", str(src), "--experts", "4", "--top-k", "2"]
