@@ -223,13 +223,14 @@ def _unused_copies(gmap: GrowthMap, teacher: nn.Module, student: nn.Module, inpu
     return unused
 
 
-def grow_optimizer_state(state_dict: dict, teacher_groups: list, student_groups: list, gmap: GrowthMap,
+def grow_optimizer_state(state_dict: dict, teacher_groups: list, student_groups: list, gmap: GrowthMap | None,
                          mode: str = "dual") -> dict:
     """A torch optimizer ``state_dict`` of the teacher rewritten for the grown model.
 
     ``teacher_groups`` / ``student_groups``: each param group's parameter names in index order (the order the
     optimizer was given them; the student's as the optimizer that loads the result will be built).  Group
-    hyperparameters are kept group by group."""
+    hyperparameters are kept group by group. ``gmap`` may be None under ``"reset"`` (no state to map:
+    replaying the growth is not needed)."""
     if mode not in MODES:
         raise InvalidArgumentError(f"optimizer state mode must be one of {MODES}, not {mode!r}")
     groups = state_dict.get("param_groups") if isinstance(state_dict, dict) else None
@@ -246,7 +247,10 @@ def grow_optimizer_state(state_dict: dict, teacher_groups: list, student_groups:
                                       f"parameters, the model's grouping gives {len(tnames)}")
         names.update(zip(group["params"], tnames))
     state = {names[i]: s for i, s in state_dict["state"].items() if i in names}
-    _require_shapes(state, gmap)
+    if gmap is None and mode != "reset":
+        raise InvalidArgumentError(f"mode {mode!r} needs the growth map (graphgrow.optim.growth_map)")
+    if gmap is not None:
+        _require_shapes(state, gmap)
     new_groups, at = [], 0
     for group, snames in zip(groups, student_groups):
         new_groups.append({**group, "params": list(range(at, at + len(snames)))})

@@ -134,25 +134,15 @@ def _shapes(model) -> dict:
     return {n: tuple(p.shape) for n, p in model.named_parameters()}
 
 
-def _reset(state: dict, student_groups: list) -> dict:
-    """No state (a fresh optimizer, step 0) over the student's groups, their hyperparameters kept: the resumed
-    Trainer still loads scheduler.pt (it loads it only beside an optimizer.pt), so the learning rate goes on."""
-    groups, at = [], 0
-    for group, names in zip(state["param_groups"], student_groups):
-        groups.append({**group, "params": list(range(at, at + len(names)))})
-        at += len(names)
-    return {"state": {}, "param_groups": groups}
-
-
 def grow_state(state: dict, teacher, student, mode: str, where: str) -> dict:
     """The student's optimizer state_dict: the teacher's indices named by the Trainer's grouping, mapped by
     :func:`graphgrow.optim.grow_optimizer_state` along the recorded growth, checked against the student."""
     teacher_groups, student_groups = trainer_groups(teacher), trainer_groups(student)
     name_indices(state, teacher_groups, _shapes(teacher), where)
-    if mode == "reset":  # (no map needed: growth_map replays the growth four times over)
-        grown = _reset(state, student_groups)
-    else:
-        grown = grow_optimizer_state(state, teacher_groups, student_groups, growth_map(teacher, student), mode=mode)
+    # reset: no state over the student's groups, their hyperparameters kept (the resumed Trainer still loads
+    # scheduler.pt, which it loads only beside an optimizer.pt), and no map (growth_map replays the growth 4 times)
+    gmap = growth_map(teacher, student) if mode != "reset" else None
+    grown = grow_optimizer_state(state, teacher_groups, student_groups, gmap, mode=mode)
     # the resumed Trainer will number the student by the same rule: what it loads must fit it exactly
     name_indices(grown, student_groups, _shapes(student), f"the grown {OPTIMIZER}")
     return grown
