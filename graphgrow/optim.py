@@ -60,8 +60,7 @@ class GrowthMap:
         bounds = np.array(list(self.offsets.values()) + [at])
         self._names = list(self.teacher_shapes)
         self._bounds = bounds
-        live = {k: m for k, m in self.maps.items() if k not in self.unused}
-        self.gram = state_map.gram(live, self.size)
+        self.gram = None  # (set by growth_map once the unused copies are known)
 
     def teacher_of(self, entries: np.ndarray) -> np.ndarray:
         """The teacher parameter index (into ``teacher_shapes``) of global entries."""
