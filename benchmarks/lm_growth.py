@@ -4,7 +4,7 @@
     PYTHONPATH=. python benchmarks/lm_growth.py                  # the full setting
     PYTHONPATH=. python benchmarks/lm_growth.py --device cuda    # sized for ~10 min on one GPU
     PYTHONPATH=. python benchmarks/lm_growth.py --moe --quick --threads 1   # dense -> MoE upcycling (lm_growth_moe.py)
-    PYTHONPATH=. python benchmarks/lm_growth.py --progressive --quick --threads 1   # grow while training: FLOPs to
+    PYTHONPATH=. python benchmarks/lm_growth.py --progressive --quick   # grow while training: FLOPs to
                                                                   # the from-scratch loss (lm_growth_progressive.py)
 
 Data: the Python standard library's own source files (the running interpreter's ``sysconfig`` stdlib, every
@@ -277,6 +277,8 @@ def main() -> None:
                    "G_stack; optimizer state reset/copy/dual) and trained on, against the target from scratch, by FLOPs")
     p.add_argument("--only-seed", type=int, default=None, help="--progressive: run this seed alone (seeds side by "
                    "side in separate processes; --report-only then merges them)")
+    p.add_argument("--jobs", type=int, default=0, help="--progressive: worker processes the runs are shared out to "
+                   "(default: one a CPU core on cpu, 1 on cuda; each worker then uses 1 torch thread)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: every core; 1 is faster on "
                    "a loaded machine)")
     args = p.parse_args()

@@ -1,9 +1,7 @@
 """Does progressive growth save compute? (``lm_growth.py --progressive``; issue 21 part 4)
 
-    PYTHONPATH=. python benchmarks/lm_growth.py --progressive --quick --threads 1   # ~30 min on a quiet CPU core
-    for k in 0 1 2; do PYTHONPATH=. python benchmarks/lm_growth.py --progressive --quick --threads 1 \
-        --only-seed $k & done; wait                                             # seeds side by side: ~15-20 min
-    PYTHONPATH=. python benchmarks/lm_growth.py --progressive --quick --report-only  # merge the seeds, table, plot
+    PYTHONPATH=. python benchmarks/lm_growth.py --progressive --quick         # one worker process a CPU core
+    PYTHONPATH=. python benchmarks/lm_growth.py --progressive --quick --report-only  # the table and plot again
     PYTHONPATH=. python benchmarks/lm_growth.py --progressive                       # the full CPU setting
     PYTHONPATH=. python benchmarks/lm_growth.py --progressive --device cuda         # sized for one GPU
 
@@ -38,10 +36,13 @@ matplotlib, progressive_<setting>.png.
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import copy
 import glob
 import json
 import math
+import multiprocessing
 import os
 import time
 
@@ -150,107 +151,119 @@ def adamw(model, s: dict):
     return torch.optim.AdamW(model.parameters(), lr=s["lr"], weight_decay=0.01)
 
 
-def run_seed(seed: int, s: dict, data, val, device, log, done: dict, save, snap_path: str) -> dict:
-    """Every run of one seed: the small model alone (its weights and AdamW state at grow_at kept, on disk too),
-    both targets from scratch, and every operator x mode schedule.  ``done``: runs an interrupted invocation
-    finished (kept, not run again; the small model's state at grow_at read back from ``snap_path``); ``save(runs)``
-    after every run."""
-    runs = dict(done)
-    cfg = small_config(s)
-    if SMALL not in runs or not os.path.exists(snap_path):
-        torch.manual_seed(seed)
-        small = transformers.LlamaForCausalLM(cfg).to(device)
-        opt = adamw(small, s)
+# --- the runs, as independent tasks (each in a worker process; see run()) ------------------------------------
 
-        def keep(model, o):
-            torch.save({"model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
-                        "opt": copy.deepcopy(o.state_dict())}, snap_path)
+_WORKER = {}  # per worker process: the corpus, read once
 
-        curve = [(0, base.val_loss(small, val, s, device))]
-        train_span(small, opt, 1, s["budget"], data, val, s, seed, device, curve, at={s["grow_at"]: keep})
-        runs[SMALL] = dict(curve=curve, params=base.n_params(small), flops_per_step=step_flops(cfg, small, s),
-                           target=None)
-        save(runs)
-        log(f"seed {seed}: {SMALL} ({base.n_params(small):,} params): val {curve[-1][1]:.3f}")
-    small_flops = runs[SMALL]["flops_per_step"]
-    snaps = {s["grow_at"]: torch.load(snap_path, map_location="cpu", weights_only=True)}
 
-    def snapshot(at):
-        if at not in snaps:  # the small model's run again up to ``at`` (the same seed, batches, threads: the same)
-            path = snap_path.replace(".pt", f"_at{at}.pt")
-            if not os.path.exists(path):
-                torch.manual_seed(seed)
-                small = transformers.LlamaForCausalLM(cfg).to(device)
-                opt = adamw(small, s)
-                again = []
-                train_span(small, opt, 1, at, data, val, s, seed, device, again)
-                first = dict(runs[SMALL]["curve"])
-                if any(abs(first[st] - loss) > 1e-6 for st, loss in again):
-                    log(f"seed {seed}: WARNING: the small model's run again to step {at} differs from the first")
-                torch.save({"model": {k: v.detach().cpu().clone() for k, v in small.state_dict().items()},
-                            "opt": copy.deepcopy(opt.state_dict())}, path)
-            snaps[at] = torch.load(path, map_location="cpu", weights_only=True)
-        teacher = transformers.LlamaForCausalLM(cfg)
-        teacher.load_state_dict(snaps[at]["model"])
-        t_opt = adamw(teacher, s)
-        t_opt.load_state_dict(copy.deepcopy(snaps[at]["opt"]))
-        return teacher.eval(), t_opt
+def _init_worker(threads: int) -> None:
+    torch.set_num_threads(max(1, threads))
+    _WORKER["corpus"] = base.corpus()
 
+
+def _data():
+    if "corpus" not in _WORKER:
+        _WORKER["corpus"] = base.corpus()
+    return _WORKER["corpus"][:2]
+
+
+def _snap_path(snap_prefix: str, at: int) -> str:
+    return f"{snap_prefix}_at{at}.pt"
+
+
+def _example_ids(seed: int) -> torch.Tensor:
     x = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(seed))
     x[0, 0] = 255  # graphgrow draws its check inputs up to the example's maximum
-    configs = {}
-    schedules = []
+    return x
+
+
+def small_task(seed: int, s: dict, device, snap_prefix: str) -> dict:
+    """The small model alone for the whole budget; its weights and AdamW state at every growth step kept on
+    disk (``snap_prefix``_at<step>.pt) for the schedules."""
+    data, val = _data()
+    cfg = small_config(s)
+    torch.manual_seed(seed)
+    small = transformers.LlamaForCausalLM(cfg).to(device)
+    opt = adamw(small, s)
+
+    def keep(model, o, step):
+        path = _snap_path(snap_prefix, step)
+        torch.save({"model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+                    "opt": copy.deepcopy(o.state_dict())}, path + ".tmp")
+        os.replace(path + ".tmp", path)
+
+    grow_steps = {s["grow_at"]} | ({s["early_grow_at"]} if s.get("early_grow_at") else set())
+    curve = [(0, base.val_loss(small, val, s, device))]
+    train_span(small, opt, 1, s["budget"], data, val, s, seed, device, curve,
+               at={st: (lambda m, o, st=st: keep(m, o, st)) for st in grow_steps})
+    return dict(curve=curve, params=base.n_params(small), flops_per_step=step_flops(cfg, small, s), target=None)
+
+
+def target_config(target: str, s: dict, seed: int):
+    """The target's config: what the first operator to it makes of the small model (its shape does not depend
+    on the weights, so a freshly initialised small model gives it)."""
+    op = next(n for n, (t, _) in OPERATORS.items() if t == target)
+    torch.manual_seed(seed)
+    return OPERATORS[op][1](transformers.LlamaForCausalLM(small_config(s)).eval(), _example_ids(seed), seed).config
+
+
+def scratch_task(seed: int, s: dict, device, target: str) -> dict:
+    """The target trained from scratch for the whole budget."""
+    data, val = _data()
+    tcfg = target_config(target, s, seed)
+    torch.manual_seed(1000 + seed)
+    model = transformers.LlamaForCausalLM(copy.deepcopy(tcfg)).to(device)
+    curve = [(0, base.val_loss(model, val, s, device))]
+    train_span(model, adamw(model, s), 1, s["budget"], data, val, s, seed, device, curve)
+    return dict(curve=curve, params=base.n_params(model), flops_per_step=step_flops(tcfg, model, s), target=target)
+
+
+def schedule_task(seed: int, s: dict, device, snap_prefix: str, label: str, op: str, at: int, mode: str,
+                  small_flops: float) -> dict:
+    """The small model's snapshot at step ``at`` grown by ``op``, its optimizer by ``mode``, trained to the end
+    of the budget; a mode the growth cannot map comes back as ``skipped`` with graphgrow's sentence."""
+    data, val = _data()
+    target, grow = OPERATORS[op]
+    snap = torch.load(_snap_path(snap_prefix, at), map_location="cpu", weights_only=True)
+    teacher = transformers.LlamaForCausalLM(small_config(s))
+    teacher.load_state_dict(snap["model"])
+    teacher.eval()
+    t_opt = adamw(teacher, s)
+    t_opt.load_state_dict(snap["opt"])
+    started = time.time()
+    student = grow(teacher, _example_ids(seed), seed)
+    report = student.graphgrow_report
+    try:
+        new_opt = adamw(student, s) if mode == "reset" else \
+            graphgrow.grow_optimizer(t_opt, teacher, student, mode=mode)
+    except (graphgrow.GraphGrowError, AttributeError) as exc:
+        return dict(skipped=str(exc).splitlines()[0], target=target)
+    grow_s = time.time() - started
+    student.to(device)
+    new_opt.load_state_dict(new_opt.state_dict())  # state tensors onto the parameters' device
+    curve = [(at, base.val_loss(student, val, s, device))]
+    train_span(student, new_opt, at + 1, s["budget"], data, val, s, seed, device, curve,
+               rewarm_from=at if mode == "reset" else None)
+    return dict(curve=curve, params=base.n_params(student), flops_per_step=step_flops(student.config, student, s),
+                small_flops_per_step=small_flops, target=target, operator=label, mode=mode, grow_at=at,
+                deviation=report.deviation if not report.function_preserving else 0.0,
+                function_preserving=report.function_preserving, grow_seconds=grow_s)
+
+
+def schedules(s: dict) -> list:
+    """[(run key, label, operator, growth step, mode)] in SCHEDULES' order."""
+    out = []
     for name, when, mode in SCHEDULES:
         at = s["grow_at"] if when == "main" else s.get("early_grow_at")
         if at:
-            target, grow = OPERATORS[name]
-            schedules.append((name if when == "main" else f"{name}, grown at {at}", target, grow, at, mode))
-    for label, target, grow, at, mode in schedules:
-        key = f"{label} | {mode}"
-        if "curve" in runs.get(key, {}):
-            continue
-        teacher, t_opt = snapshot(at)
-        started = time.time()
-        student = grow(teacher, x, seed)
-        report = student.graphgrow_report
-        configs.setdefault(target, student.config)
-        try:
-            new_opt = adamw(student, s) if mode == "reset" else \
-                graphgrow.grow_optimizer(t_opt, teacher, student, mode=mode)
-        except (graphgrow.GraphGrowError, AttributeError) as exc:
-            runs[key] = dict(skipped=str(exc).splitlines()[0], target=target)
-            log(f"seed {seed}: {key}: skipped ({str(exc).splitlines()[0]})")
-            continue
-        grow_s = time.time() - started
-        student.to(device)
-        new_opt.load_state_dict(new_opt.state_dict())  # state tensors onto the parameters' device
-        curve = [(at, base.val_loss(student, val, s, device))]
-        train_span(student, new_opt, at + 1, s["budget"], data, val, s, seed, device, curve,
-                   rewarm_from=at if mode == "reset" else None)
-        runs[key] = dict(
-            curve=curve, params=base.n_params(student), flops_per_step=step_flops(student.config, student, s),
-            small_flops_per_step=small_flops, target=target, operator=label, mode=mode, grow_at=at,
-            deviation=report.deviation if not report.function_preserving else 0.0,
-            function_preserving=report.function_preserving, grow_seconds=grow_s)
-        save(runs)
-        log(f"seed {seed}: {key}: val at growth {curve[0][1]:.3f}, final {curve[-1][1]:.3f}")
+            label = name if when == "main" else f"{name}, grown at {at}"
+            out.append((f"{label} | {mode}", label, name, at, mode))
+    return out
 
-    for target in ("wide", "deep"):
-        if SCRATCH[target] in runs:
-            continue
-        if target not in configs:  # every schedule to it came from an earlier invocation: its shape, grown again
-            op = next(n for n, (t, _) in OPERATORS.items() if t == target)
-            configs[target] = OPERATORS[op][1](snapshot(s["grow_at"])[0], x, seed).config
-        tcfg = configs[target]
-        torch.manual_seed(1000 + seed)
-        model = transformers.LlamaForCausalLM(copy.deepcopy(tcfg)).to(device)
-        curve = [(0, base.val_loss(model, val, s, device))]
-        train_span(model, adamw(model, s), 1, s["budget"], data, val, s, seed, device, curve)
-        runs[SCRATCH[target]] = dict(curve=curve, params=base.n_params(model),
-                                     flops_per_step=step_flops(tcfg, model, s), target=target)
-        save(runs)
-        log(f"seed {seed}: {SCRATCH[target]} ({base.n_params(model):,} params): val {curve[-1][1]:.3f}")
-    return runs
+
+def _timed(fn, *args):
+    started = time.time()
+    return fn(*args), time.time() - started
 
 
 def flops_curve(run: dict, s: dict) -> list:
@@ -298,35 +311,119 @@ def _earlier(path: str, s: dict) -> tuple:
     return {k: v for k, v in old["runs"].items() if "curve" in v}, old.get("seconds", 0.0)
 
 
-def run(setting: str, device: str, out_dir: str, threads: int, only_seed: int | None = None) -> None:
-    """Every seed in turn, or with ``only_seed`` that seed alone (seeds can run side by side in separate
-    processes; --report-only merges them).  Each seed's runs go to progressive_<setting>_seed<k>.json as they
-    finish: an interrupted invocation resumes where it stopped (its finished runs kept, seconds added up)."""
+class _InProcess:
+    """A one-worker stand-in for ProcessPoolExecutor (``--jobs 1``): tasks run in this process, in the order
+    submitted, one each time ``wait_one`` is called."""
+
+    def __init__(self):
+        self.queue = collections.deque()
+
+    def submit(self, fn, *args):
+        fut = concurrent.futures.Future()
+        self.queue.append((fut, fn, args))
+        return fut
+
+    def wait_one(self):
+        fut, fn, args = self.queue.popleft()
+        try:
+            fut.set_result(fn(*args))
+        except BaseException as exc:  # noqa: BLE001 -- handed to the caller through the future, as a pool does
+            fut.set_exception(exc)
+        return [fut]
+
+    def shutdown(self, wait=True, cancel_futures=False):
+        self.queue.clear()
+
+
+def run(setting: str, device: str, out_dir: str, threads: int, only_seed: int | None = None,
+        jobs: int = 1) -> None:
+    """Every run of every seed (or of ``only_seed``) as tasks on ``jobs`` worker processes: each seed's small
+    model and both from-scratch targets first, each seed's schedules as soon as its small model has its
+    snapshots.  Each seed's finished runs go to progressive_<setting>_seed<k>.json as they finish: an interrupted
+    invocation resumes where it stopped.  When every seed is complete the seeds are merged and reported."""
     s = PROGRESSIVE_SETTINGS[setting]
-    data, val, desc = base.corpus()
+    _, _, desc = base.corpus()
     started = time.time()
 
     def log(msg):
         print(f"[{time.time() - started:6.0f}s] {msg}", flush=True)
 
-    log(f"progressive growth ({setting}): {desc}")
+    log(f"progressive growth ({setting}): {desc}; {jobs} worker process{'es' if jobs > 1 else ''}")
     header = {"setting": setting, "config": s, "corpus": desc, "device": device, "threads": threads}
     os.makedirs(out_dir, exist_ok=True)
-    for seed in range(s["seeds"]) if only_seed is None else [only_seed]:
+    seeds = list(range(s["seeds"])) if only_seed is None else [only_seed]
+    runs, before = {}, {}
+    for seed in seeds:
+        runs[seed], before[seed] = _earlier(_seed_file(out_dir, setting, seed), s)
+        if runs[seed]:
+            log(f"seed {seed}: {len(runs[seed])} runs kept from an earlier invocation ({before[seed]:.0f} s)")
+    busy = {seed: 0.0 for seed in seeds}  # seconds this invocation's tasks of each seed took
+
+    def save(seed):
         path = _seed_file(out_dir, setting, seed)
-        done, before = _earlier(path, s)
-        if done:
-            log(f"seed {seed}: {len(done)} runs kept from an earlier invocation ({before:.0f} s)")
-        t0 = time.time()
+        with open(path + ".tmp", "w") as f:
+            json.dump(dict(header, seed=seed, runs=runs[seed], seconds=before[seed] + busy[seed]), f)
+        os.replace(path + ".tmp", path)
 
-        def save(runs, path=path, before=before, t0=t0, seed=seed):
-            with open(path + ".tmp", "w") as f:
-                json.dump(dict(header, seed=seed, runs=runs, seconds=before + time.time() - t0), f)
-            os.replace(path + ".tmp", path)
+    def snap_prefix(seed):
+        return _seed_file(out_dir, setting, seed, "pt")[:-len(".pt")]
 
-        run_seed(seed, s, data, val, device, log, done, save, _seed_file(out_dir, setting, seed, "pt"))
+    def snapshots_there(seed):
+        steps = {s["grow_at"]} | ({s["early_grow_at"]} if s.get("early_grow_at") else set())
+        return all(os.path.exists(_snap_path(snap_prefix(seed), st)) for st in steps)
+
+    pool = _InProcess() if jobs <= 1 else concurrent.futures.ProcessPoolExecutor(
+        max_workers=jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
+        initargs=(threads or 1,))
+    pending = {}
+
+    def submit(seed, key, fn, *args):
+        pending[pool.submit(_timed, fn, *args)] = (seed, key)
+
+    def submit_schedules(seed):
+        small_flops = runs[seed][SMALL]["flops_per_step"]
+        for key, label, op, at, mode in schedules(s):
+            if key not in runs[seed]:
+                submit(seed, key, schedule_task, seed, s, device, snap_prefix(seed), label, op, at, mode,
+                       small_flops)
+
+    todo = sum(1 for seed in seeds for key in [SMALL, *SCRATCH.values()] + [k[0] for k in schedules(s)]
+               if key not in runs[seed])
+    finished = 0
+    try:
+        for seed in seeds:
+            if SMALL not in runs[seed] or not snapshots_there(seed):
+                runs[seed].pop(SMALL, None)
+                submit(seed, SMALL, small_task, seed, s, device, snap_prefix(seed))
+            for target in ("wide", "deep"):
+                if SCRATCH[target] not in runs[seed]:
+                    submit(seed, SCRATCH[target], scratch_task, seed, s, device, target)
+        for seed in seeds:
+            if SMALL in runs[seed]:
+                submit_schedules(seed)
+        while pending:
+            done = pool.wait_one() if isinstance(pool, _InProcess) else \
+                concurrent.futures.wait(list(pending), return_when=concurrent.futures.FIRST_COMPLETED)[0]
+            for fut in done:
+                seed, key = pending.pop(fut)
+                result, seconds = fut.result()
+                runs[seed][key] = result
+                busy[seed] += seconds
+                save(seed)
+                finished += 1
+                what = f"skipped ({result['skipped']})" if "skipped" in result else \
+                    f"val {result['curve'][0][1]:.3f} -> {result['curve'][-1][1]:.3f}"
+                log(f"[{finished}/{todo}] seed {seed}: {key}: {what} ({seconds:.0f} s)")
+                if key == SMALL:
+                    submit_schedules(seed)
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
     if only_seed is None:
-        report(merge_seeds(out_dir, setting), out_dir)
+        results = merge_seeds(out_dir, setting)
+        results.update(wall_seconds=time.time() - started, jobs=jobs)
+        with open(os.path.join(out_dir, f"progressive_{setting}_curves.json"), "w") as f:
+            json.dump(results, f)
+        report(results, out_dir)
 
 
 def _ms(values: list, fmt: str = "{:.3f}") -> str:
@@ -425,6 +522,16 @@ def _findings(rows: dict, target: str) -> list:
     return out
 
 
+def _wall(results: dict) -> str:
+    """How long the invocation took: its wall time and worker processes where recorded (the parallel runner),
+    else the seeds' sum of run times (earlier invocations ran the seeds one after another)."""
+    busy = results.get("seconds", 0) / 60
+    if "wall_seconds" not in results:
+        return f"{busy:.1f} min of wall time (the seeds' sum)"
+    return (f"{results['wall_seconds'] / 60:.1f} min of wall time with {results['jobs']} worker processes "
+            f"({busy:.1f} min the runs' sum)")
+
+
 def report(results: dict, out_dir: str) -> None:
     s = results["config"]
     rows = summarize(results)
@@ -438,10 +545,11 @@ def report(results: dict, out_dir: str) -> None:
     cmd = "PYTHONPATH=. python benchmarks/lm_growth.py --progressive" + (
         " --quick" if results["setting"] == "quick" else " --device cuda" if results["setting"] == "cuda" else "")
     threads = results.get("threads") or "all"
+    if results.get("jobs", 1) > 1:
+        cmd += f" --jobs {results['jobs']}"
     lines = [f"# lm_growth --progressive: {results['setting']}", "",
              f"`{cmd} --threads {threads}` on {results['device']}; {results['corpus']}; {len(results['seeds'])} "
-             f"seeds; {results.get('seconds', 0) / 60:.1f} min of wall time (the seeds' sum); torch {torch.__version__}, transformers "
-             f"{transformers.__version__}", "",
+             f"seeds; {_wall(results)}; torch {torch.__version__}, transformers {transformers.__version__}", "",
              f"Small model: Llama hidden {s['hidden']}, {s['layers']} layers, {s['heads']} heads ({s['kv']} kv), MLP "
              f"{s['ffn']}, {small['params']:,} params. Budget {s['budget']} steps of {s['batch']} x {s['seq']} bytes "
              f"for every run; schedules grow the small model once at step {s['grow_at']} (\"grown at "
@@ -545,5 +653,7 @@ def main(setting: str, args) -> None:
                 results = json.load(f)
         report(results, args.out)
         return
-    torch.set_num_threads(args.threads or max(1, os.cpu_count() or 1))
-    run(setting, args.device, args.out, args.threads, args.only_seed)
+    jobs = args.jobs or (1 if args.device.startswith("cuda") else max(1, os.cpu_count() or 1))
+    threads = args.threads or (1 if jobs > 1 else max(1, os.cpu_count() or 1))
+    torch.set_num_threads(threads)
+    run(setting, args.device, args.out, threads, args.only_seed, jobs)
