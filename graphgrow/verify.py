@@ -249,6 +249,16 @@ def _float_dtypes(model: nn.Module) -> set:
     return {t.dtype for t in list(model.parameters()) + list(model.buffers()) if t.is_floating_point()}
 
 
+def _eager_experts(model: nn.Module) -> nn.Module:
+    """``model`` (a float64 copy) with transformers' experts run by the eager loop: its default kernel
+    (grouped_mm) takes no float64.  A config is shared by the modules of one model: each is set once."""
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if getattr(config, "_experts_implementation", None) not in (None, "eager"):
+            config._experts_implementation = "eager"
+    return model
+
+
 def _recheck64(report: CheckReport, reference: nn.Module, candidate: nn.Module, candidate64, all_args: list,
                rtol64: float) -> None:
     """Re-run both models in float64 (eagerly, on CPU-or-wherever copies) on the same batches and attach the
@@ -261,12 +271,12 @@ def _recheck64(report: CheckReport, reference: nn.Module, candidate: nn.Module, 
         report.recheck_note = "the models already compute in float64" if dtypes else "the models hold no floats"
         return
     try:
-        ref64 = copy.deepcopy(reference).double()
+        ref64 = _eager_experts(copy.deepcopy(reference).double())
         if callable(candidate64) and not isinstance(candidate64, nn.Module):
             candidate64 = candidate64()
         cast = candidate64 is None
         if cast:  # both models as they are, cast: float32 weight rounding stays in the figure
-            cand64 = copy.deepcopy(candidate).double()
+            cand64 = _eager_experts(copy.deepcopy(candidate).double())
         else:
             cand64 = candidate64
         args64 = [_double_args(a) for a in all_args]

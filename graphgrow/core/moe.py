@@ -28,7 +28,8 @@ class Piece:
     the sources concatenated along axis 0 (gate rows then up rows), stacked ``copies`` times along a new
     leading axis, x scale, plus ``noise`` x (the block's std) Gaussian noise per expert when noise > 0
     (inexact); ``"zeros"``; ``"normal"`` N(0, std) rows drawn from ``seed``; ``"repeat"`` sources[0] with
-    every entry of axis ``axis`` repeated ``copies`` times in place (expert e -> experts e*m .. e*m + m - 1)."""
+    every entry of axis ``axis`` repeated ``copies`` times in place (expert e -> experts e*m .. e*m + m - 1),
+    x scale."""
 
     key: str
     shape: tuple
@@ -65,7 +66,8 @@ def apply_piece(piece: Piece, read) -> np.ndarray:
         out = np.concatenate(src, axis=0)
         return out.astype(np.float64) * piece.scale if piece.scale != 1.0 else out
     if piece.op == "repeat":
-        return np.repeat(src[0], piece.copies, axis=piece.axis)
+        out = np.repeat(src[0], piece.copies, axis=piece.axis)
+        return out.astype(np.float64) * piece.scale if piece.scale != 1.0 else out
     block = np.concatenate(src, axis=0)  # "experts": (rows, cols) -> (copies, rows, cols)
     out = np.broadcast_to(block, (piece.copies, *block.shape))
     if piece.scale != 1.0 or piece.noise > 0:

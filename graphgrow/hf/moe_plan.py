@@ -143,13 +143,16 @@ def expert_blocks(shapes: dict) -> dict:
     return out
 
 
-def grow_pieces(shapes: dict, factor: int) -> list:
+def grow_pieces(shapes: dict, factor: int, *, selection_scale: float = 1.0, output_scale: float = 1.0) -> list:
     """Expert-count growth: every expert and its router row repeated ``factor`` times in place (expert e ->
-    e*m .. e*m + m - 1); everything else copied."""
+    e*m .. e*m + m - 1); everything else copied.  ``selection_scale`` multiplies the router's other per-expert
+    tensors and the block's per-expert biases (a selection bias added to probabilities the copies share: ERNIE),
+    ``output_scale`` the routed experts' down-projections (a family that weights every chosen copy as the
+    original); both measured on the family's block (:mod:`graphgrow.hf.grow_rule`)."""
     blocks = expert_blocks(shapes)
     if not blocks:
         raise UpcycleRefused("the model has no sparse block with experts.gate_up_proj: it is not a mixture of experts")
-    grown = {r: 0 for r, _ in blocks.values()} | {b + GATE_UP: 0 for b in blocks} | {b + DOWN: 0 for b in blocks}
+    grown = {r: (0, 1.0) for r, _ in blocks.values()} | {b + GATE_UP: (0, 1.0) for b in blocks}
     for blk, (router, n) in blocks.items():  # the router's per-expert tensors and the block's per-expert biases
         module = router.rsplit(".", 2)[0] + "." if router.endswith(".wg.weight") else router[:-len("weight")]
         for key, shape in shapes.items():
@@ -159,14 +162,16 @@ def grow_pieces(shapes: dict, factor: int) -> list:
                 if len(axes) != 1:
                     raise UpcycleRefused(f"{key!r} of a router does not hold one entry per expert: it cannot be "
                                          "repeated with the experts")
-                grown[key] = axes[0]
+                down = key.startswith(blk + "experts.") and "down" in key  # (an expert's down-projection bias)
+                grown[key] = (axes[0], output_scale if down else selection_scale)
+        grown[blk + DOWN] = (0, output_scale)
     pieces = []
     for key, shape in shapes.items():
         shape = tuple(int(d) for d in shape)
         if key in grown:
-            ax = grown[key]
+            ax, scale = grown[key]
             new = (*shape[:ax], shape[ax] * factor, *shape[ax + 1:])
-            pieces.append(Piece(key, new, "repeat", (key,), copies=factor, axis=ax))
+            pieces.append(Piece(key, new, "repeat", (key,), copies=factor, axis=ax, scale=scale))
         else:
             pieces.append(Piece(key, shape, "copy", (key,)))
     return pieces

@@ -23,6 +23,7 @@ import torch.nn as nn
 
 from ..core.moe import MoEReport, apply_piece, weight_sum_scale
 from ..errors import InvalidArgumentError, require_equivalent
+from .grow_rule import GrowRule, measure_grow_rule
 from .moe_plan import (
     UpcycleRefused,
     dense_roles,
@@ -415,8 +416,17 @@ def plan_grow_experts(model, factor: int = 2, *, keep_top_k: bool = False) -> Up
     new_k = top_k if keep_top_k else top_k * factor
     setattr(config, e_field, experts * factor)
     setattr(config, k_field, new_k)
-    return UpcyclePlan(type(model), config, [b.rstrip(".") for b in blocks], grow_pieces(shapes, factor), 1.0, None,
-                       [], (experts, experts * factor), (top_k, new_k))
+    # how the family's routing treats copies (measured with top-k raised: the exact construction; a kept top-k,
+    # inexact anyway, takes the same scales, or none where the family cannot raise its top-k at all)
+    try:
+        rule = measure_grow_rule(model, next(iter(blocks)).rstrip("."), factor, e_field, k_field)
+    except UpcycleRefused:
+        if not keep_top_k:
+            raise
+        rule = GrowRule()
+    pieces = grow_pieces(shapes, factor, selection_scale=rule.selection, output_scale=rule.output)
+    return UpcyclePlan(type(model), config, [b.rstrip(".") for b in blocks], pieces, rule.output, None,
+                       rule.notes(factor), (experts, experts * factor), (top_k, new_k))
 
 
 def grow_experts_pretrained(model, factor: int = 2, *, keep_top_k: bool = False, example_inputs=None, seed: int = 0,
@@ -427,7 +437,8 @@ def grow_experts_pretrained(model, factor: int = 2, *, keep_top_k: bool = False,
     result = _finish(model, result, materialize(plan.pieces, model.state_dict(), result.state_dict()))
     exact = not keep_top_k
     report = MoEReport(type(model).__name__, type(result).__name__, *plan.experts, *plan.top_k, "copied", None,
-                       plan.sparse, params_before=_count(model), params_after=_count(result), function_preserving=exact)
+                       plan.sparse, params_before=_count(model), params_after=_count(result), function_preserving=exact,
+                       down_scale=plan.routed_scale, notes=list(plan.notes))
     if keep_top_k:
         report.notes.append(f"top-k kept at {plan.top_k[0]} (the same compute per token): NOT function-preserving, "
                             "the measured deviation is in report.deviation")

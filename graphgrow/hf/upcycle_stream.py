@@ -176,8 +176,10 @@ class _MoEStream:
         if p.op == "zeros":
             block = torch.zeros(p.shape[1:], dtype=dtype)
             return lambda e: block
-        if p.op == "repeat":  # expert e of the grown stack is expert e // m of the source
+        if p.op == "repeat":  # expert e of the grown stack is expert e // m of the source (x scale, rounded once)
             stack = self._source(p.sources[0], read)
+            if p.scale != 1.0:
+                stack = self._round(_numpy(stack).astype(np.float64) * p.scale, dtype)
             return lambda e: stack[e // p.copies]
         if p.noise > 0:  # noise differs per expert: the stack is materialised
             stack = self._value(p, dtype, read)
@@ -268,7 +270,8 @@ def grow_experts_checkpoint(path, out_dir, factor: int = 2, *, keep_top_k: bool 
     model = meta_model(src)
     plan = plan_grow_experts(model, factor, keep_top_k=keep_top_k)
     report = MoEReport(type(model).__name__, plan.cls.__name__, *plan.experts, *plan.top_k, "copied", None,
-                       plan.sparse, function_preserving=not keep_top_k)
+                       plan.sparse, function_preserving=not keep_top_k, down_scale=plan.routed_scale,
+                       notes=list(plan.notes))
     if keep_top_k:
         report.notes.append(f"top-k kept at {plan.top_k[0]}: NOT function-preserving; written unverified")
     return _write(src, model, plan, out_dir, report, check=check, seed=seed, overwrite=overwrite, progress=progress,

@@ -1,0 +1,151 @@
+"""Expert-count growth on routers that treat copies differently (graphgrow/hf/grow_rule.py): the rule measured on
+the family's own block, the grown model exact with trained-like routers (selection biases and routers apart),
+in memory and streamed, and group-limited routing handled or refused."""
+
+import os
+import sys
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+import graphgrow  # noqa: E402
+from graphgrow.hf.grow_rule import GrowRule, measure_grow_rule  # noqa: E402
+from graphgrow.hf.moe_plan import UpcycleRefused  # noqa: E402
+from graphgrow.hf.upcycle_stream import grow_experts_checkpoint  # noqa: E402
+from graphgrow.verify import check  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(__file__))
+from hf_testing import logits, max_rel, token_ids  # noqa: E402
+
+BASE = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+DEEPSEEK = dict(num_key_value_heads=4, moe_intermediate_size=32, first_k_dense_replace=0, q_lora_rank=None,
+                kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, head_dim=8)
+MODELS = {
+    # softmax probabilities + a selection bias (ERNIE's score correction): the copies' biases / m
+    "ernie": ("Ernie4_5_MoeForCausalLM", dict(moe_num_experts=4, moe_k=2, moe_intermediate_size=32)),
+    # sigmoid scores, top-1, not renormalised (Llama 4): the routed output / m
+    "llama4": ("Llama4ForCausalLM", dict(num_local_experts=4, num_experts_per_tok=1, intermediate_size_mlp=64,
+                                         head_dim=8)),
+    # sigmoid + selection bias, not renormalised (dots.llm1's default)
+    "dots1": ("Dots1ForCausalLM", dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                       first_k_dense_replace=0, n_group=1, topk_group=1, n_shared_experts=1)),
+    # sigmoid + selection bias, renormalised, one group (DeepSeek-V3's routing without group limits)
+    "deepseek-v3": ("DeepseekV3ForCausalLM", dict(DEEPSEEK, n_routed_experts=4, num_experts_per_tok=2, n_group=1,
+                                                  topk_group=1)),
+    "mixtral": ("MixtralForCausalLM", dict(num_local_experts=4, num_experts_per_tok=2)),
+}
+RULES = {"ernie": GrowRule(selection=0.5), "llama4": GrowRule(output=0.5), "dots1": GrowRule(output=0.5),
+         "deepseek-v3": GrowRule(), "mixtral": GrowRule()}
+FIELDS = {"ernie": ("moe_num_experts", "moe_k"), "llama4": ("num_local_experts", "num_experts_per_tok"),
+          "dots1": ("n_routed_experts", "num_experts_per_tok"), "deepseek-v3": ("n_routed_experts", "num_experts_per_tok"),
+          "mixtral": ("num_local_experts", "num_experts_per_tok")}
+
+
+def build(name, **extra):
+    cls_name, kwargs = MODELS[name]
+    cls = getattr(transformers, cls_name)
+    cfg = cls.config_class(**{**BASE, **kwargs, **extra})
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    return cls(cfg).eval()
+
+
+def trained_like(model):
+    """Routers, selection biases and experts apart, as training leaves them (a fresh model's biases are zero,
+    where every rule is exact)."""
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+            if t.is_floating_point() and (".mlp." in name or ".feed_forward." in name):
+                std = 0.02 if name.endswith("bias") else 0.1 * float(t.float().std().clamp_min(1e-2))
+                t.add_(std * torch.randn(t.shape, generator=g).to(t.dtype))
+    return model
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_rule_measured_on_the_family_block(name):
+    model = build(name)
+    block = next(k for k, m in model.named_modules() if hasattr(m, "experts") and k.rsplit(".", 1)[-1] in
+                 ("mlp", "feed_forward"))
+    assert measure_grow_rule(model, block, 2, *FIELDS[name]) == RULES[name]
+
+
+@pytest.mark.parametrize("name", ["ernie", "llama4", "dots1", "deepseek-v3"])
+def test_grown_exact_with_trained_routers(name):
+    model = trained_like(build(name))
+    grown = graphgrow.grow_experts(model, factor=2)
+    rep = grown.graphgrow_report
+    assert rep.function_preserving and rep.experts == 8
+    x = token_ids(96, 1)
+    assert max_rel(logits(model, x), logits(grown, x)) <= 1e-5
+    rule = RULES[name]
+    assert rep.down_scale == rule.output
+    assert any("selection biases x 1/2" in n for n in rep.notes) == (rule.selection != 1.0)
+    assert any("down-projections x 1/2" in n for n in rep.notes) == (rule.output != 1.0)
+
+
+def test_ernie_bias_halved_and_copies_together():
+    model = trained_like(build("ernie"))
+    grown = graphgrow.grow_experts(model, factor=2)
+    key = "model.layers.1.mlp.gate.moe_statics.e_score_correction_bias"
+    old, new = model.state_dict()[key], grown.state_dict()[key]
+    assert new.shape == (1, 8) and float(old.abs().max()) > 1e-3
+    assert torch.equal(new, torch.repeat_interleave(old, 2, dim=1) * 0.5)
+    # the same without the rule: the choice changes, the model differs (what the rule is for)
+    keep = model.state_dict()[key].clone()
+    assert float(max_rel(logits(model, token_ids(96, 1)), logits(grown, token_ids(96, 1)))) <= 1e-5
+    with torch.no_grad():
+        grown.get_parameter(key).copy_(torch.repeat_interleave(keep, 2, dim=1))
+    assert max_rel(logits(model, token_ids(96, 1)), logits(grown, token_ids(96, 1))) > 1e-4
+
+
+def test_group_limited_routing_refused():
+    model = build("deepseek-v3", n_routed_experts=8, n_group=2, topk_group=1)
+    with pytest.raises(UpcycleRefused, match="group-limited routing"):
+        graphgrow.grow_experts(trained_like(model), factor=2)
+
+
+@pytest.mark.parametrize("name", ["ernie", "dots1"])
+def test_streamed_equals_in_memory(name, tmp_path):
+    model = trained_like(build(name))
+    grown = graphgrow.grow_experts(model, factor=2)
+    grown.save_pretrained(tmp_path / "mem")
+    model.save_pretrained(tmp_path / "src")
+    result = grow_experts_checkpoint(tmp_path / "src", tmp_path / "dir", 2)
+    assert result["report"].down_scale == RULES[name].output
+    from safetensors.torch import load_file
+
+    def tensors(d):
+        out = {}
+        for f in sorted(os.listdir(d)):
+            if f.endswith(".safetensors"):
+                out.update(load_file(os.path.join(d, f)))
+        return out
+
+    a, b = tensors(tmp_path / "mem"), tensors(tmp_path / "dir")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_float64_recheck_runs_on_grouped_mm_experts():
+    model = build("mixtral")
+    assert model.config._experts_implementation not in (None, "eager")  # transformers' default kernel
+    other = build("mixtral")
+    with torch.no_grad():
+        other.model.layers[0].mlp.experts.down_proj.mul_(1.01)
+    rep = check(_Logits(model), _Logits(other), (token_ids(96, 0),), backend="torch")
+    assert not rep.passed and rep.recheck_note == "" and rep.float64 is not None
+    assert float(rep.float64.worst.max_rel) > 1e-4
+    assert np.isfinite(float(rep.float64.worst.max_rel))
+
+
+class _Logits(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids):
+        return self.model(input_ids=ids).logits
