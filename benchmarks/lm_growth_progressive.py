@@ -549,7 +549,12 @@ def report(results: dict, out_dir: str) -> None:
         cmd += f" --jobs {results['jobs']}"
     lines = [f"# lm_growth --progressive: {results['setting']}", "",
              f"`{cmd} --threads {threads}` on {results['device']}; {results['corpus']}; {len(results['seeds'])} "
-             f"seeds; {_wall(results)}; torch {torch.__version__}, transformers {transformers.__version__}", "",
+             f"seeds; {_wall(results)}; torch {torch.__version__}, transformers {transformers.__version__}", ""]
+    notes = os.path.join(out_dir, f"progressive_{results['setting']}_notes.md")
+    if os.path.exists(notes):  # (the run's conditions and the summary, written by hand after reading the tables)
+        with open(notes) as f:
+            lines += [f.read().rstrip(), ""]
+    lines += [
              f"Small model: Llama hidden {s['hidden']}, {s['layers']} layers, {s['heads']} heads ({s['kv']} kv), MLP "
              f"{s['ffn']}, {small['params']:,} params. Budget {s['budget']} steps of {s['batch']} x {s['seq']} bytes "
              f"for every run; schedules grow the small model once at step {s['grow_at']} (\"grown at "

@@ -29,7 +29,7 @@ class Piece:
     leading axis, x scale, plus ``noise`` x (the block's std) Gaussian noise per expert when noise > 0
     (inexact); ``"zeros"``; ``"normal"`` N(0, std) rows drawn from ``seed``; ``"repeat"`` sources[0] with
     every entry of axis ``axis`` repeated ``copies`` times in place (expert e -> experts e*m .. e*m + m - 1),
-    x scale."""
+    x scale (``groups`` > 1: each group's experts repeated as a block, see :func:`source_expert`)."""
 
     key: str
     shape: tuple
@@ -41,6 +41,7 @@ class Piece:
     seed: int = 0
     noise: float = 0.0
     axis: int = 0  # "repeat": the experts' axis
+    groups: int = 1  # "repeat" of experts routed in groups: each group's experts repeated as a block (see source_expert)
 
     def __post_init__(self):
         if self.op not in OPS:
@@ -49,7 +50,7 @@ class Piece:
     def to_dict(self) -> dict:
         return {"key": self.key, "shape": list(self.shape), "op": self.op, "sources": list(self.sources),
                 "scale": self.scale, "copies": self.copies, "std": self.std, "seed": self.seed, "noise": self.noise,
-                "axis": self.axis}
+                "axis": self.axis, "groups": self.groups}
 
 
 def apply_piece(piece: Piece, read) -> np.ndarray:
@@ -66,7 +67,9 @@ def apply_piece(piece: Piece, read) -> np.ndarray:
         out = np.concatenate(src, axis=0)
         return out.astype(np.float64) * piece.scale if piece.scale != 1.0 else out
     if piece.op == "repeat":
-        out = np.repeat(src[0], piece.copies, axis=piece.axis)
+        n = src[0].shape[piece.axis]
+        index = [source_expert(e, n, piece.copies, piece.groups) for e in range(n * piece.copies)]
+        out = np.take(src[0], index, axis=piece.axis)
         return out.astype(np.float64) * piece.scale if piece.scale != 1.0 else out
     block = np.concatenate(src, axis=0)  # "experts": (rows, cols) -> (copies, rows, cols)
     out = np.broadcast_to(block, (piece.copies, *block.shape))
@@ -79,6 +82,26 @@ def apply_piece(piece: Piece, read) -> np.ndarray:
     if tuple(out.shape) != tuple(piece.shape):
         raise ValueError(f"{piece.key}: built shape {tuple(out.shape)}, planned {tuple(piece.shape)}")
     return out
+
+
+def source_expert(e: int, n: int, copies: int, groups: int = 1) -> int:
+    """The source expert of expert ``e`` of a stack of ``n`` experts grown ``copies`` times.  Ungrouped: in place,
+    expert i -> i*m .. i*m + m - 1.  Routed in ``groups`` (group-limited routing scores each group): group g's
+    experts, as a block, once per copy, so the grown stack holds ``groups`` x m groups, each a copy of one
+    source group (its score, its choice within)."""
+    if groups <= 1:
+        return e // copies
+    per = n // groups
+    return e // (copies * per) * per + e % per
+
+
+def copy_sets(n: int, copies: int, groups: int = 1) -> list:
+    """The experts of the grown stack (``n`` source experts x ``copies``) that copy one source expert, per source
+    expert: [[grown indices]]."""
+    sets: dict = {}
+    for e in range(n * copies):
+        sets.setdefault(source_expert(e, n, copies, groups), []).append(e)
+    return [sets[i] for i in range(n)]
 
 
 def weight_sum_scale(weight_sum: float) -> float:

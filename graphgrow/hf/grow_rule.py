@@ -10,15 +10,18 @@ is a property of the family's routing arithmetic, which differs:
   copies' probabilities are 1/m of the original's, so the bias must be too, or the choice changes;
 * independent per-expert scores (a sigmoid: DeepSeek-V3, Llama 4, dots.llm1) not renormalised over the chosen
   ones: every chosen copy gets the original's full weight, so the routed output must be scaled by 1/m;
-* group-limited routing (DeepSeek-V3 and GLM-4-MoE with ``topk_group < n_group``) scores a group by its best
-  experts' sum, which copies of one expert change: no scale restores it, refused.
+* group-limited routing (DeepSeek-V3, GLM-4-MoE, dots.llm1 with ``n_group`` > 1) scores a group by the sum of
+  its best two experts, which in-place copies of one expert change; repeated group by group instead (each
+  source group's experts as a block, once per copy; ``n_group`` and ``topk_group`` x m), every copy of a group
+  scores and chooses as the group did (graphgrow.core.moe.source_expert) -- the layout the caller passes here.
 
 Rather than keep a table of which family does which, the rule is measured: the family's sparse block is built
 alone from the model's config with its widths cut to a few units (routing depends on the expert count and the
 scores, not on the widths), its every tensor drawn at random in float64, and grown with each candidate pair
 (selection-bias scale, routed-output scale) in {1, 1/m}^2; the first whose block computes the original block's
-output on random hidden states is the rule.  The in-memory and streamed paths plan with the same rule, so
-they write the same bytes; the grown model is still checked as a whole.
+output on random hidden states is the rule, and a routing no candidate reproduces is refused.  The in-memory
+and streamed paths plan with the same rule, so they write the same bytes; the grown model is still checked as
+a whole.
 """
 
 from __future__ import annotations
@@ -86,17 +89,17 @@ def _first_tensor(out) -> torch.Tensor:
     return out if isinstance(out, torch.Tensor) else next(t for t in out if isinstance(t, torch.Tensor))
 
 
-def measure_grow_rule(model, block_path: str, factor: int, expert_field: str, top_k_field: str) -> GrowRule:
-    """The :class:`GrowRule` under which ``factor`` copies of every expert (top-k x factor) compute what the
-    block at ``block_path`` of ``model`` (real or on the meta device) computes; UpcycleRefused where none does."""
+def measure_grow_rule(model, block_path: str, factor: int, grown_fields: dict, groups: int = 1) -> GrowRule:
+    """The :class:`GrowRule` under which ``factor`` copies of every expert compute what the block at
+    ``block_path`` of ``model`` (real or on the meta device) computes, the grown block's config fields
+    ``grown_fields`` (expert count, top-k, groups: the exact construction's) and its experts laid out in
+    ``groups``; UpcycleRefused where none does."""
     block_cls = type(model.get_submodule(block_path))
     cfg = model.config
-    experts, top_k = int(getattr(cfg, expert_field)), int(getattr(cfg, top_k_field))
     layer = next((int(p) for p in block_path.split(".") if p.isdigit()), 0)
     torch.manual_seed(0)  # (the blocks' own initialisation; every tensor is drawn below anyway)
     small = _build_block(block_cls, small_config(cfg, {}), layer)
-    grown = _build_block(block_cls, small_config(cfg, {expert_field: experts * factor,
-                                                       top_k_field: top_k * factor}), layer)
+    grown = _build_block(block_cls, small_config(cfg, grown_fields), layer)
     rng = np.random.default_rng(0)
     state = {}
     with torch.no_grad():
@@ -113,7 +116,7 @@ def measure_grow_rule(model, block_path: str, factor: int, expert_field: str, to
         want = _first_tensor(small(hidden)).to(torch.float64)
     inv = 1.0 / factor
     for rule in (GrowRule(), GrowRule(selection=inv), GrowRule(output=inv), GrowRule(selection=inv, output=inv)):
-        pieces = grow_pieces(shapes, factor, selection_scale=rule.selection, output_scale=rule.output)
+        pieces = grow_pieces(shapes, factor, selection_scale=rule.selection, output_scale=rule.output, groups=groups)
         values = {p.key[len(PREFIX):]: torch.from_numpy(np.ascontiguousarray(
             apply_piece(p, lambda k: state[k].numpy()))).to(torch.float64) for p in pieces}
         try:

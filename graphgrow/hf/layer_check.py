@@ -36,10 +36,10 @@ stack loaded whole.
 
 Experts the routing leaves idle: a zero router ties every expert, so the family picks the same k for every token
 and the other experts never run; a corrupted one would pass.  Where the writer states that the experts are copies
-(``copies``: every group of that many consecutive experts holds one expert's tensors, as upcycling and expert
-growth write them), the check runs each sparse layer again with its expert slots rotated within their groups
-(slot j reads expert j + r of its group) until every expert has run, and each rotated output must equal the
-layer's own output: a copy that differs from the expert the routing picked shows there.
+(``copies``: the sets of experts that each hold one expert's tensors, as upcycling and expert growth write them:
+:func:`graphgrow.core.moe.copy_sets`), the check runs each sparse layer again with its expert slots rotated within
+their sets (slot j reads the copy r places on in its set) until every expert has run, and each rotated output must
+equal the layer's own output: a copy that differs from the expert the routing picked shows there.
 """
 
 from __future__ import annotations
@@ -431,7 +431,7 @@ class _Chain:
     """One model run layer by layer (``only``: stack path -> the layers to chain, all of them by default):
     :meth:`step` runs the next layer's skeleton and carries its hidden state on."""
 
-    def __init__(self, side: Side, inputs: dict, rows, only: dict | None = None, copies: int | None = None):
+    def __init__(self, side: Side, inputs: dict, rows, only: dict | None = None, copies: list | None = None):
         self.side, self.inputs, self.rows, self.copies = side, inputs, rows, copies
         self.order = [(k, stack, i) for k, stack in enumerate(side.stacks)
                       for i in (only[stack.path] if only else range(stack.n))]
@@ -500,11 +500,13 @@ class _Chain:
             return
         n = stacks[0].shape[0]
         used = set().union(*(s.used for s in stacks))
-        group = self.copies if self.copies and self.copies > 1 and n % self.copies == 0 else 1
+        sets = self.copies if self.copies and sum(len(s) for s in self.copies) == n else [[j] for j in range(n)]
+        where = {j: (s, i) for s in sets for i, j in enumerate(s)}
+        group = max(len(s) for s in sets)
         self.experts_total += n
 
         def rotation(r):
-            return lambda j: j // group * group + (j % group + r) % group
+            return lambda j: where[j][0][(where[j][1] + r) % len(where[j][0])]
 
         covered = set(used)
         try:
@@ -639,7 +641,7 @@ class ChainedCheck:
     cannot be chained; the caller compares max_rel with ``tolerance``."""
 
     def __init__(self, old: Side, new: Side, *, tolerance: float, seed: int = 0, progress=None,
-                 copies: int | None = None):
+                 copies: list | None = None):
         name = old.cls.__name__
         old.stacks, new.stacks = chain_stacks(old.stacks, name), chain_stacks(new.stacks, name)
         self.old, self.new, self.tolerance, self.progress = old, new, tolerance, progress

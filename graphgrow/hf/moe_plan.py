@@ -143,12 +143,14 @@ def expert_blocks(shapes: dict) -> dict:
     return out
 
 
-def grow_pieces(shapes: dict, factor: int, *, selection_scale: float = 1.0, output_scale: float = 1.0) -> list:
+def grow_pieces(shapes: dict, factor: int, *, selection_scale: float = 1.0, output_scale: float = 1.0,
+                groups: int = 1) -> list:
     """Expert-count growth: every expert and its router row repeated ``factor`` times in place (expert e ->
     e*m .. e*m + m - 1); everything else copied.  ``selection_scale`` multiplies the router's other per-expert
     tensors and the block's per-expert biases (a selection bias added to probabilities the copies share: ERNIE),
     ``output_scale`` the routed experts' down-projections (a family that weights every chosen copy as the
-    original); both measured on the family's block (:mod:`graphgrow.hf.grow_rule`)."""
+    original); both measured on the family's block (:mod:`graphgrow.hf.grow_rule`).  ``groups`` > 1 (group-limited
+    routing): each group's experts repeated as a block (:func:`graphgrow.core.moe.source_expert`)."""
     blocks = expert_blocks(shapes)
     if not blocks:
         raise UpcycleRefused("the model has no sparse block with experts.gate_up_proj: it is not a mixture of experts")
@@ -171,7 +173,7 @@ def grow_pieces(shapes: dict, factor: int, *, selection_scale: float = 1.0, outp
         if key in grown:
             ax, scale = grown[key]
             new = (*shape[:ax], shape[ax] * factor, *shape[ax + 1:])
-            pieces.append(Piece(key, new, "repeat", (key,), copies=factor, axis=ax, scale=scale))
+            pieces.append(Piece(key, new, "repeat", (key,), copies=factor, axis=ax, scale=scale, groups=groups))
         else:
             pieces.append(Piece(key, shape, "copy", (key,)))
     return pieces

@@ -364,8 +364,8 @@ class _Verify:
 
 def output_check(src: Checkpoint, model, check, seed: int, report: dict, progress=None, copies=None):
     """The check of the written directory (a :class:`_Verify`), or None for ``check`` "none".  ``copies``: the
-    written model's routed experts are copies in groups of that many (upcycling, expert growth), which the
-    layer-by-layer check then runs all (:class:`~.layer_check.ChainedCheck`)."""
+    sets of the written model's routed experts that are copies of one (upcycling, expert growth:
+    :func:`graphgrow.core.moe.copy_sets`), which the layer-by-layer check then runs all (:class:`~.layer_check.ChainedCheck`)."""
     mode = check_mode(check)
     return None if mode == "none" else _Verify(src, model, mode, seed, report, progress, copies)
 

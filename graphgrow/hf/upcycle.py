@@ -43,6 +43,7 @@ from .moe_twins import (
 
 ROUTERS = ("zero", "random")
 SHARED = ("dense", "routed")
+GROUP_FIELDS = ("n_group", "topk_group")  # group-limited routing (DeepSeek-V3, GLM-4-MoE, dots.llm1)
 RENORM_TOL = 1e-5  # chosen weights summing to 1 within float32 rounding: the family renormalises its top-k
 # (PhiMoE's sparsemixer routes to exactly two experts: a raised top-k is not stated by its config)
 FIXED_TOP_K = {"Phimoe": 2}
@@ -272,6 +273,7 @@ class UpcyclePlan:
     notes: list = field(default_factory=list)
     experts: tuple = (1, 1)  # (before, after)
     top_k: tuple = (1, 1)
+    groups: int = 1  # expert growth under group-limited routing: the source's expert groups (each repeated as a block)
 
 
 def _check_upcycle_args(experts, top_k, router, shared, noise) -> tuple:
@@ -412,21 +414,34 @@ def plan_grow_experts(model, factor: int = 2, *, keep_top_k: bool = False) -> Up
     blocks = expert_blocks(shapes)
     if any(n != experts for _, n in blocks.values()):
         raise UpcycleRefused(f"the sparse blocks hold other expert counts than {e_field}={experts}")
+    # group-limited routing (n_group groups, topk_group chosen): every group repeated as a block, the group
+    # counts x factor, so that each copy of a group scores and chooses as the group did
+    grouped = {f: int(getattr(cfg, f)) for f in GROUP_FIELDS if isinstance(getattr(cfg, f, None), int)}
+    groups = grouped.get(GROUP_FIELDS[0], 1) if len(grouped) == len(GROUP_FIELDS) else 1
+    fields = {e_field: experts * factor, k_field: top_k * factor}
+    if groups > 1:
+        if experts % groups:
+            raise UpcycleRefused(f"{experts} experts do not split into {groups} groups")
+        fields.update({f: v * factor for f, v in grouped.items()})
     config = copy.deepcopy(cfg)
+    for name, value in fields.items():
+        setattr(config, name, value)
     new_k = top_k if keep_top_k else top_k * factor
-    setattr(config, e_field, experts * factor)
     setattr(config, k_field, new_k)
     # how the family's routing treats copies (measured with top-k raised: the exact construction; a kept top-k,
     # inexact anyway, takes the same scales, or none where the family cannot raise its top-k at all)
     try:
-        rule = measure_grow_rule(model, next(iter(blocks)).rstrip("."), factor, e_field, k_field)
+        rule = measure_grow_rule(model, next(iter(blocks)).rstrip("."), factor, fields, groups)
     except UpcycleRefused:
         if not keep_top_k:
             raise
         rule = GrowRule()
-    pieces = grow_pieces(shapes, factor, selection_scale=rule.selection, output_scale=rule.output)
+    pieces = grow_pieces(shapes, factor, selection_scale=rule.selection, output_scale=rule.output, groups=groups)
+    notes = rule.notes(factor) + ([f"experts routed in {groups} groups: each group repeated as a block, "
+                                   + ", ".join(f"{f} {v // factor} -> {v}" for f, v in fields.items()
+                                               if f in GROUP_FIELDS)] if groups > 1 else [])
     return UpcyclePlan(type(model), config, [b.rstrip(".") for b in blocks], pieces, rule.output, None,
-                       rule.notes(factor), (experts, experts * factor), (top_k, new_k))
+                       notes, (experts, experts * factor), (top_k, new_k), groups)
 
 
 def grow_experts_pretrained(model, factor: int = 2, *, keep_top_k: bool = False, example_inputs=None, seed: int = 0,

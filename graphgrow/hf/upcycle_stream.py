@@ -27,7 +27,7 @@ import warnings
 import numpy as np
 import torch
 
-from ..core.moe import MoEReport, apply_piece
+from ..core.moe import MoEReport, apply_piece, copy_sets, source_expert
 from ..errors import InvalidArgumentError
 from .checkpoint import Checkpoint, rewrite_checkpoint
 from .layout import revert_conversion, row_ranges
@@ -176,11 +176,12 @@ class _MoEStream:
         if p.op == "zeros":
             block = torch.zeros(p.shape[1:], dtype=dtype)
             return lambda e: block
-        if p.op == "repeat":  # expert e of the grown stack is expert e // m of the source (x scale, rounded once)
+        if p.op == "repeat":  # expert e of the grown stack is a source expert (x scale, rounded once)
             stack = self._source(p.sources[0], read)
             if p.scale != 1.0:
                 stack = self._round(_numpy(stack).astype(np.float64) * p.scale, dtype)
-            return lambda e: stack[e // p.copies]
+            n = stack.shape[0]
+            return lambda e: stack[source_expert(e, n, p.copies, p.groups)]
         if p.noise > 0:  # noise differs per expert: the stack is materialised
             stack = self._value(p, dtype, read)
             return lambda e: stack[e]
@@ -207,7 +208,8 @@ class _MoEStream:
 
 def _checker(src, model, plan, check, seed, figures, check_progress):
     """stream.output_check, told that the routed experts are copies (see layer_check: each is then run)."""
-    copies = plan.experts[1] // max(plan.experts[0], 1)  # (upcycled: all E experts copies; grown: m of each)
+    m = plan.experts[1] // max(plan.experts[0], 1)  # (upcycled: all E experts copies; grown: m of each)
+    copies = copy_sets(plan.experts[0], m, plan.groups)
     return output_check(src, model, check_mode(check), seed, figures, check_progress, copies=copies)
 
 

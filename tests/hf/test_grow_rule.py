@@ -1,6 +1,6 @@
 """Expert-count growth on routers that treat copies differently (graphgrow/hf/grow_rule.py): the rule measured on
 the family's own block, the grown model exact with trained-like routers (selection biases and routers apart),
-in memory and streamed, and group-limited routing handled or refused."""
+in memory and streamed, and group-limited routing grown group by group."""
 
 import os
 import sys
@@ -71,7 +71,9 @@ def test_rule_measured_on_the_family_block(name):
     model = build(name)
     block = next(k for k, m in model.named_modules() if hasattr(m, "experts") and k.rsplit(".", 1)[-1] in
                  ("mlp", "feed_forward"))
-    assert measure_grow_rule(model, block, 2, *FIELDS[name]) == RULES[name]
+    e_field, k_field = FIELDS[name]
+    fields = {e_field: 2 * getattr(model.config, e_field), k_field: 2 * getattr(model.config, k_field)}
+    assert measure_grow_rule(model, block, 2, fields) == RULES[name]
 
 
 @pytest.mark.parametrize("name", ["ernie", "llama4", "dots1", "deepseek-v3"])
@@ -103,10 +105,49 @@ def test_ernie_bias_halved_and_copies_together():
     assert max_rel(logits(model, token_ids(96, 1)), logits(grown, token_ids(96, 1))) > 1e-4
 
 
-def test_group_limited_routing_refused():
-    model = build("deepseek-v3", n_routed_experts=8, n_group=2, topk_group=1)
+@pytest.mark.parametrize("norm", [True, False])
+def test_group_limited_routing_grown_by_groups(norm):
+    """DeepSeek-V3 with 8 experts in 2 groups, 1 chosen: in-place copies change the groups' scores (the rule
+    refuses that layout); each group repeated as a block, n_group and topk_group x 2, is exact."""
+    model = trained_like(build("deepseek-v3", n_routed_experts=8, n_group=2, topk_group=1, norm_topk_prob=norm))
+    block = "model.layers.0.mlp"
+    fields = {"n_routed_experts": 16, "num_experts_per_tok": 4}
     with pytest.raises(UpcycleRefused, match="group-limited routing"):
-        graphgrow.grow_experts(trained_like(model), factor=2)
+        measure_grow_rule(model, block, 2, dict(fields, n_group=2, topk_group=1))
+    assert measure_grow_rule(model, block, 2, dict(fields, n_group=4, topk_group=2), groups=2) == \
+        GrowRule(output=1.0 if norm else 0.5)
+    grown = graphgrow.grow_experts(model, factor=2)
+    cfg, rep = grown.config, grown.graphgrow_report
+    assert (cfg.n_routed_experts, cfg.num_experts_per_tok, cfg.n_group, cfg.topk_group) == (16, 4, 4, 2)
+    assert any("2 groups" in n for n in rep.notes)
+    x = token_ids(96, 1)
+    assert max_rel(logits(model, x), logits(grown, x)) <= 1e-5
+    # group g's experts, once per copy: grown expert 4..7 copies source 0..3, 8..11 copies 4..7
+    key = "model.layers.1.mlp.gate.weight"
+    old, new = model.state_dict()[key], grown.state_dict()[key]
+    assert torch.equal(new[4:8], old[0:4]) and torch.equal(new[8:12], old[4:8])
+
+
+def test_group_limited_streamed_and_checked(tmp_path):
+    model = trained_like(build("deepseek-v3", n_routed_experts=8, n_group=2, topk_group=1))
+    model.save_pretrained(tmp_path / "src")
+    graphgrow.grow_experts(model, factor=2).save_pretrained(tmp_path / "mem")
+    result = grow_experts_checkpoint(tmp_path / "src", tmp_path / "dir", 2)  # (checked layer by layer)
+    # (rotations within the copy sets run the copies of every expert some token picks; a group no token picks
+    # stays idle with its copies)
+    assert result["check"]["max_rel"] <= 1e-5 and result["check"]["experts_run"] >= 0.75 * result["check"]["experts_total"]
+    a, b = _tensors(tmp_path / "mem"), _tensors(tmp_path / "dir")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _tensors(folder):
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(os.listdir(folder)):
+        if f.endswith(".safetensors"):
+            out.update(load_file(os.path.join(folder, f)))
+    return out
 
 
 @pytest.mark.parametrize("name", ["ernie", "dots1"])
@@ -117,16 +158,7 @@ def test_streamed_equals_in_memory(name, tmp_path):
     model.save_pretrained(tmp_path / "src")
     result = grow_experts_checkpoint(tmp_path / "src", tmp_path / "dir", 2)
     assert result["report"].down_scale == RULES[name].output
-    from safetensors.torch import load_file
-
-    def tensors(d):
-        out = {}
-        for f in sorted(os.listdir(d)):
-            if f.endswith(".safetensors"):
-                out.update(load_file(os.path.join(d, f)))
-        return out
-
-    a, b = tensors(tmp_path / "mem"), tensors(tmp_path / "dir")
+    a, b = _tensors(tmp_path / "mem"), _tensors(tmp_path / "dir")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
