@@ -54,12 +54,12 @@ import transformers
 import graphgrow
 
 PROGRESSIVE_SETTINGS = {
-    # small: 38k parameters (wide target 119k, deep 60k); measured ~15 / 20 / 25 ms a step with --threads 1 on a
-    # quiet core: 24,500 training steps a seed (16 schedules) + growth and evaluation, ~10 min a seed
+    # small: 38k parameters (wide target 119k, deep 60k): 57 runs, 36.7 min of runs in all, 18.4 min of wall time
+    # with --jobs 2 on this machine's 2 cores (measured 2026-12-04)
     "quick": dict(hidden=32, layers=2, heads=4, kv=2, ffn=80, seq=64, batch=16, budget=2000, grow_at=1000,
                   early_grow_at=500, eval_every=100, eval_batches=8, seeds=3, lr=3e-3, warmup=50, min_lr=0.1),
     # small 0.12M (wide 0.41M, deep 0.21M), 16 x 128 tokens a step: 15x the quick run's training FLOPs (1.2e14 a
-    # seed); estimated 3-5 h on 2 quiet cores (not run)
+    # seed); ~4.5 h with --jobs 2 on 2 cores, scaled from the quick run (not run)
     "full": dict(hidden=64, layers=2, heads=4, kv=2, ffn=160, seq=128, batch=16, budget=4000, grow_at=2000,
                  early_grow_at=1000, eval_every=200, eval_batches=32, seeds=3, lr=2e-3, warmup=100, min_lr=0.1),
     # small 3.2M (wide 12M, deep 6M), 64 x 256 tokens a step: 5.4e16 FLOPs a seed, 64,000 steps a seed; tiny

@@ -150,7 +150,7 @@ def _tensors(folder):
     return out
 
 
-@pytest.mark.parametrize("name", ["ernie", "dots1"])
+@pytest.mark.parametrize("name", ["ernie", "dots1", "llama4"])  # (llama4: the layer check loads its bmm stack whole)
 def test_streamed_equals_in_memory(name, tmp_path):
     model = trained_like(build(name))
     grown = graphgrow.grow_experts(model, factor=2)
