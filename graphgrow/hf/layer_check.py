@@ -26,8 +26,8 @@ the layers in the order the chain runs them, and the check runs each layer as so
 written: it reads back what the writer has just read and written, from the page cache rather than from disk
 (a 7 B model grown x1.5 is 43 GB to read back, 2 minutes at this disk's speed).
 
-Arithmetic: float32, or float64 for a checkpoint holding float64 tensors (its tolerance, 1e-9, is below float32's
-rounding).  Memory: one skeleton at a time (one layer in float32, the cut embeddings and a chunk of head rows).
+Arithmetic: float32, or float64 for a checkpoint holding float64 tensors (its weights' rounding is float64's; its
+tolerance, 1e-6, covers the float32 arithmetic the families' own code does inside a float64 model).  Memory: one skeleton at a time (one layer in float32, the cut embeddings and a chunk of head rows).
 A sparse layer's stacked experts ([E, A, B]: E x the dense MLP, 1.1 GB in float32 for 8 experts of a 1.1 B model's MLP)
 are not loaded as a stack: the skeleton runs the family's eager experts loop, which reads the stack one expert at
 a time (``gate_up_proj[e]``), and each such read loads that expert from the checkpoint (:class:`_PerExpert`); the

@@ -31,8 +31,11 @@ from .widen import plan_widening
 from ..core.memory import available_memory as _available_memory
 
 # max |grown - original| / max |original| accepted for the stored dtype: a weight divided by its copies or
-# rescaled by sqrt(d/d') is rounded to the checkpoint's dtype, which the original weights were not
-TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-9, torch.float16: 5e-3, torch.bfloat16: 3e-2}
+# rescaled by sqrt(d/d') is rounded to the checkpoint's dtype, which the original weights were not.  float64:
+# transformers computes norms (Llama's RMSNorm), router softmaxes and some attention in float32 even in a float64
+# model, so a correct growth that changes a width moves the outputs by float32 rounding (measured 7e-8..2e-7);
+# 1e-6 still sits two orders of magnitude below the smallest error a wrong mapping makes (maths.md section 7)
+TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-6, torch.float16: 5e-3, torch.bfloat16: 3e-2}
 
 
 def model_class(src: Checkpoint):

@@ -74,6 +74,33 @@ def test_corrupted_layer_is_caught(llama, tmp_path, monkeypatch, capsys, target,
     assert not out.exists() and os.listdir(tmp_path) == []  # nothing in place, no temporary left
 
 
+def test_float64_checkpoint_widens_and_a_small_error_is_still_caught(tmp_path, monkeypatch, capsys):
+    """A float64 Llama's RMSNorm computes in float32 (transformers' code), so a correct widening moves its outputs
+    by float32 rounding (~1e-7): inside the float64 tolerance (1e-6); a weight off by 1e-3 of its scale is not."""
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    src = tmp_path / "src"
+    transformers.LlamaForCausalLM(cfg).double().save_pretrained(src)
+    for factor in (2, 1.5):
+        check = stream.widen_checkpoint(src, tmp_path / f"wide{factor}", factor)["check"]
+        assert check["checked_dtype"] == "torch.float64" and check["max_rel"] <= 1e-6, check
+    compute = stream._WidenStream.compute
+
+    def nudged(self, name, tensor):
+        out = compute(self, name, tensor)
+        key = "model.layers.1.mlp.down_proj.weight"
+        if key in out:
+            t = out[key].clone()
+            t.view(-1)[3] += 1e-3 * float(t.abs().max())
+            out[key] = t
+        return out
+
+    monkeypatch.setattr(stream._WidenStream, "compute", nudged)
+    assert main(["widen", str(src), "--factor", "2", "-o", str(tmp_path / "bad")]) == 1
+    assert "not equivalent" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
 def test_corrupted_head_row_outside_the_kept_rows_is_caught(llama, tmp_path, monkeypatch):
     gen = torch.Generator().manual_seed(0)
     kept = set(torch.randperm(VOCAB, generator=gen)[:layer_check.VOCAB_ROWS].tolist())  # (the check's draw, seed 0)

@@ -220,10 +220,9 @@ def test_float64_streamed_equals_in_memory(tmp_path):
     x = token_ids(VOCAB)
     assert max_rel(logits(dense, x), logits(streamed, x)) <= 1e-10
     # random router rows: Qwen3-MoE computes its router's softmax in float32 even in float64, so the renormalised
-    # weights carry float32 rounding (~1e-7), over the float64 tolerance (1e-9): refused, nothing in place
-    with pytest.raises(VerificationError, match="float64"):
-        upcycle_checkpoint(src, tmp_path / "random", 6, 2, router="random", moe_config={"norm_topk_prob": True})
-    assert not (tmp_path / "random").exists()
+    # weights carry float32 rounding (~1e-7), inside the float64 tolerance (1e-6), as in memory
+    random = upcycle_checkpoint(src, tmp_path / "random", 6, 2, router="random", moe_config={"norm_topk_prob": True})
+    assert random["check"]["max_rel"] <= 1e-6, random["check"]
 
 
 def test_ernie_layer_subset_is_checked_layer_by_layer(tmp_path):
