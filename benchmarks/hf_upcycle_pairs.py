@@ -38,71 +38,19 @@ import time
 
 import torch
 import transformers
-from safetensors.torch import load_file
 
 import graphgrow
 from graphgrow.errors import GraphGrowError
 from graphgrow.hf.upcycle_stream import grow_experts_checkpoint, upcycle_checkpoint
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-VOCAB = 96
-BASE = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-FAMILIES = {  # dense class, config fields over BASE
-    "llama": ("LlamaForCausalLM", {}),
-    "mistral": ("MistralForCausalLM", dict(sliding_window=8)),
-    "qwen2": ("Qwen2ForCausalLM", {}),
-    "qwen3": ("Qwen3ForCausalLM", dict(head_dim=16)),
-    "granite": ("GraniteForCausalLM", dict(embedding_multiplier=2.0, residual_multiplier=0.5, logits_scaling=2.0,
-                                           attention_multiplier=0.3)),
-    "olmo2": ("Olmo2ForCausalLM", {}),
-    "olmo3": ("Olmo3ForCausalLM", dict(layer_types=["full_attention", "full_attention"])),
-    "cohere2": ("Cohere2ForCausalLM", {}),
-    "ernie4_5": ("Ernie4_5ForCausalLM", {}),
-    "lfm2": ("Lfm2ForCausalLM", dict(layer_types=["conv", "full_attention"])),
-    "hunyuan": ("HunYuanDenseV1ForCausalLM", dict(rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-                                                  head_dim=8)),
-    "qwen3_5": ("Qwen3_5ForCausalLM", dict(layer_types=["linear_attention", "full_attention"], head_dim=8,
-                                           linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8,
-                                           linear_value_head_dim=8)),
-}
+sys.path.insert(0, os.path.join(HERE, os.pardir, "tests", "hf"))
+from hf_testing import DENSE_BASE as BASE  # noqa: E402  (the tiny configs the tests build, shared)
+from hf_testing import DENSE_FAMILIES as FAMILIES  # noqa: E402
+from hf_testing import DENSE_VOCAB as VOCAB  # noqa: E402
+from hf_testing import MOE_FAMILIES, saved_tensors  # noqa: E402
+
 TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
-_MLA = dict(num_key_value_heads=4, moe_intermediate_size=32, first_k_dense_replace=0, q_lora_rank=None,
-            kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, head_dim=8)
-_LINEAR = dict(head_dim=8, layer_types=["linear_attention", "full_attention"], linear_num_key_heads=2,
-               linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=8)
-MOE_FAMILIES = {  # the second table: expert-count growth of MoE models (class, config fields over BASE)
-    "mixtral": ("MixtralForCausalLM", dict(num_local_experts=4, num_experts_per_tok=2)),
-    "qwen2-moe": ("Qwen2MoeForCausalLM", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
-                                              shared_expert_intermediate_size=64)),
-    "qwen3-moe": ("Qwen3MoeForCausalLM", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)),
-    "olmoe": ("OlmoeForCausalLM", dict(num_experts=4, num_experts_per_tok=2)),
-    "granitemoe": ("GraniteMoeForCausalLM", dict(num_local_experts=4, num_experts_per_tok=2)),
-    "phimoe": ("PhimoeForCausalLM", dict(num_local_experts=4, num_experts_per_tok=2)),
-    "flexolmo": ("FlexOlmoForCausalLM", dict(num_experts=4, num_experts_per_tok=2)),
-    "cohere2-moe": ("Cohere2MoeForCausalLM", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)),
-    "ernie4_5-moe": ("Ernie4_5_MoeForCausalLM", dict(moe_num_experts=4, moe_k=2, moe_intermediate_size=32)),
-    "hunyuan-moe": ("HunYuanMoEV1ForCausalLM", dict(num_experts=4, moe_topk=2, head_dim=8)),
-    "lfm2-moe": ("Lfm2MoeForCausalLM", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
-                                            num_dense_layers=0, layer_types=["conv", "full_attention"])),
-    "qwen3-next": ("Qwen3NextForCausalLM", dict(_LINEAR, num_experts=4, num_experts_per_tok=2,
-                                                moe_intermediate_size=32, shared_expert_intermediate_size=32)),
-    "qwen3_5-moe": ("Qwen3_5MoeForCausalLM", dict(_LINEAR, num_experts=4, num_experts_per_tok=2,
-                                                  moe_intermediate_size=32, shared_expert_intermediate_size=32)),
-    "minimax": ("MiniMaxForCausalLM", dict(num_local_experts=4, num_experts_per_tok=2,
-                                           layer_types=["full_attention", "full_attention"])),
-    "llama4": ("Llama4ForCausalLM", dict(num_local_experts=4, num_experts_per_tok=1, intermediate_size_mlp=64,
-                                         head_dim=8)),
-    "dots1": ("Dots1ForCausalLM", dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
-                                       first_k_dense_replace=0, n_group=1, topk_group=1, n_shared_experts=1)),
-    "deepseek-v3": ("DeepseekV3ForCausalLM", dict(_MLA, n_routed_experts=4, num_experts_per_tok=2, n_group=1,
-                                                  topk_group=1)),
-    "deepseek-v3 (2 groups)": ("DeepseekV3ForCausalLM", dict(_MLA, n_routed_experts=8, num_experts_per_tok=2,
-                                                             n_group=2, topk_group=1)),
-    "glm4-moe (2 groups)": ("Glm4MoeForCausalLM", dict(n_routed_experts=8, num_experts_per_tok=2, n_group=2,
-                                                       topk_group=1, moe_intermediate_size=32,
-                                                       first_k_dense_replace=0, head_dim=8)),
-}
 
 
 def build(name: str, dtype=torch.float32, seed: int = 0):
@@ -223,14 +171,7 @@ def measure_growth(name: str) -> dict:
 
 
 def _same_tensors(a: str, b: str) -> bool:
-    def tensors(d):
-        out = {}
-        for f in sorted(os.listdir(d)):
-            if f.endswith(".safetensors"):
-                out.update(load_file(os.path.join(d, f)))
-        return out
-
-    ta, tb = tensors(a), tensors(b)
+    ta, tb = saved_tensors(a), saved_tensors(b)
     return ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
 
 

@@ -1,4 +1,7 @@
-"""Helpers the Hugging Face family tests share: token ids, logits, their relative difference, shapes and sizes."""
+"""Helpers the Hugging Face family tests share: token ids, logits, their relative difference, shapes and sizes,
+the tensors of a saved directory."""
+
+import os
 
 import torch
 
@@ -31,6 +34,45 @@ DENSE_TWINS = {"llama": "MixtralForCausalLM", "mistral": "MixtralForCausalLM", "
                "olmo3": "FlexOlmoForCausalLM", "cohere2": "Cohere2MoeForCausalLM", "qwen3_5": "Qwen3_5MoeForCausalLM",
                "ernie4_5": "Ernie4_5_MoeForCausalLM", "hunyuan": "HunYuanMoEV1ForCausalLM",
                "lfm2": "Lfm2MoeForCausalLM"}
+
+# MoE models of 17 families whose expert count grows (tests/hf/test_grow_rule.py, benchmarks/hf_upcycle_pairs.py):
+# class name, config fields over DENSE_BASE
+_MLA = dict(num_key_value_heads=4, moe_intermediate_size=32, first_k_dense_replace=0, q_lora_rank=None,
+            kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, head_dim=8)
+_LINEAR = dict(head_dim=8, layer_types=["linear_attention", "full_attention"], linear_num_key_heads=2,
+               linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=8)
+MOE_FAMILIES = {
+    "mixtral": ("MixtralForCausalLM", dict(num_local_experts=4, num_experts_per_tok=2)),
+    "qwen2-moe": ("Qwen2MoeForCausalLM", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                              shared_expert_intermediate_size=64)),
+    "qwen3-moe": ("Qwen3MoeForCausalLM", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)),
+    "olmoe": ("OlmoeForCausalLM", dict(num_experts=4, num_experts_per_tok=2)),
+    "granitemoe": ("GraniteMoeForCausalLM", dict(num_local_experts=4, num_experts_per_tok=2)),
+    "phimoe": ("PhimoeForCausalLM", dict(num_local_experts=4, num_experts_per_tok=2)),
+    "flexolmo": ("FlexOlmoForCausalLM", dict(num_experts=4, num_experts_per_tok=2)),
+    "cohere2-moe": ("Cohere2MoeForCausalLM", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)),
+    "ernie4_5-moe": ("Ernie4_5_MoeForCausalLM", dict(moe_num_experts=4, moe_k=2, moe_intermediate_size=32)),
+    "hunyuan-moe": ("HunYuanMoEV1ForCausalLM", dict(num_experts=4, moe_topk=2, head_dim=8)),
+    "lfm2-moe": ("Lfm2MoeForCausalLM", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                            num_dense_layers=0, layer_types=["conv", "full_attention"])),
+    "qwen3-next": ("Qwen3NextForCausalLM", dict(_LINEAR, num_experts=4, num_experts_per_tok=2,
+                                                moe_intermediate_size=32, shared_expert_intermediate_size=32)),
+    "qwen3_5-moe": ("Qwen3_5MoeForCausalLM", dict(_LINEAR, num_experts=4, num_experts_per_tok=2,
+                                                  moe_intermediate_size=32, shared_expert_intermediate_size=32)),
+    "minimax": ("MiniMaxForCausalLM", dict(num_local_experts=4, num_experts_per_tok=2,
+                                           layer_types=["full_attention", "full_attention"])),
+    "llama4": ("Llama4ForCausalLM", dict(num_local_experts=4, num_experts_per_tok=1, intermediate_size_mlp=64,
+                                         head_dim=8)),
+    "dots1": ("Dots1ForCausalLM", dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                       first_k_dense_replace=0, n_group=1, topk_group=1, n_shared_experts=1)),
+    "deepseek-v3": ("DeepseekV3ForCausalLM", dict(_MLA, n_routed_experts=4, num_experts_per_tok=2, n_group=1,
+                                                  topk_group=1)),
+    "deepseek-v3 (2 groups)": ("DeepseekV3ForCausalLM", dict(_MLA, n_routed_experts=8, num_experts_per_tok=2,
+                                                             n_group=2, topk_group=1)),
+    "glm4-moe (2 groups)": ("Glm4MoeForCausalLM", dict(n_routed_experts=8, num_experts_per_tok=2, n_group=2,
+                                                       topk_group=1, moe_intermediate_size=32,
+                                                       first_k_dense_replace=0, head_dim=8)),
+}
 
 
 def token_ids(vocab: int, seed: int = 0, length: int = 10):
@@ -80,3 +122,14 @@ def start_ray(*paths: str):
         else:
             os.environ["PYTHONPATH"] = old
     return ray
+
+
+def saved_tensors(folder) -> dict:
+    """Every tensor of the safetensors shards in ``folder`` (a save_pretrained directory), by name."""
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(os.listdir(folder)):
+        if f.endswith(".safetensors"):
+            out.update(load_file(os.path.join(folder, f)))
+    return out

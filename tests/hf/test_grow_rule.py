@@ -18,26 +18,12 @@ from graphgrow.hf.upcycle_stream import grow_experts_checkpoint  # noqa: E402
 from graphgrow.verify import check  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
-from hf_testing import logits, max_rel, token_ids  # noqa: E402
+from hf_testing import DENSE_BASE, MOE_FAMILIES, logits, max_rel, saved_tensors, token_ids  # noqa: E402
 
-BASE = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-DEEPSEEK = dict(num_key_value_heads=4, moe_intermediate_size=32, first_k_dense_replace=0, q_lora_rank=None,
-                kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, head_dim=8)
-MODELS = {
-    # softmax probabilities + a selection bias (ERNIE's score correction): the copies' biases / m
-    "ernie": ("Ernie4_5_MoeForCausalLM", dict(moe_num_experts=4, moe_k=2, moe_intermediate_size=32)),
-    # sigmoid scores, top-1, not renormalised (Llama 4): the routed output / m
-    "llama4": ("Llama4ForCausalLM", dict(num_local_experts=4, num_experts_per_tok=1, intermediate_size_mlp=64,
-                                         head_dim=8)),
-    # sigmoid + selection bias, not renormalised (dots.llm1's default)
-    "dots1": ("Dots1ForCausalLM", dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
-                                       first_k_dense_replace=0, n_group=1, topk_group=1, n_shared_experts=1)),
-    # sigmoid + selection bias, renormalised, one group (DeepSeek-V3's routing without group limits)
-    "deepseek-v3": ("DeepseekV3ForCausalLM", dict(DEEPSEEK, n_routed_experts=4, num_experts_per_tok=2, n_group=1,
-                                                  topk_group=1)),
-    "mixtral": ("MixtralForCausalLM", dict(num_local_experts=4, num_experts_per_tok=2)),
-}
+# the families whose routers treat copies differently, as hf_testing builds them (the benchmark's too)
+MODELS = {name: MOE_FAMILIES[key] for name, key in (("ernie", "ernie4_5-moe"), ("llama4", "llama4"),
+                                                      ("dots1", "dots1"), ("deepseek-v3", "deepseek-v3"),
+                                                      ("mixtral", "mixtral"))}
 RULES = {"ernie": GrowRule(selection=0.5), "llama4": GrowRule(output=0.5), "dots1": GrowRule(output=0.5),
          "deepseek-v3": GrowRule(), "mixtral": GrowRule()}
 FIELDS = {"ernie": ("moe_num_experts", "moe_k"), "llama4": ("num_local_experts", "num_experts_per_tok"),
@@ -48,7 +34,7 @@ FIELDS = {"ernie": ("moe_num_experts", "moe_k"), "llama4": ("num_local_experts",
 def build(name, **extra):
     cls_name, kwargs = MODELS[name]
     cls = getattr(transformers, cls_name)
-    cfg = cls.config_class(**{**BASE, **kwargs, **extra})
+    cfg = cls.config_class(**{**DENSE_BASE, **kwargs, **extra})
     cfg._attn_implementation = "sdpa"
     torch.manual_seed(0)
     return cls(cfg).eval()
@@ -136,18 +122,8 @@ def test_group_limited_streamed_and_checked(tmp_path):
     # (rotations within the copy sets run the copies of every expert some token picks; a group no token picks
     # stays idle with its copies)
     assert result["check"]["max_rel"] <= 1e-5 and result["check"]["experts_run"] >= 0.75 * result["check"]["experts_total"]
-    a, b = _tensors(tmp_path / "mem"), _tensors(tmp_path / "dir")
+    a, b = saved_tensors(tmp_path / "mem"), saved_tensors(tmp_path / "dir")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
-def _tensors(folder):
-    from safetensors.torch import load_file
-
-    out = {}
-    for f in sorted(os.listdir(folder)):
-        if f.endswith(".safetensors"):
-            out.update(load_file(os.path.join(folder, f)))
-    return out
 
 
 @pytest.mark.parametrize("name", ["ernie", "dots1", "llama4"])  # (llama4: the layer check loads its bmm stack whole)
@@ -158,7 +134,7 @@ def test_streamed_equals_in_memory(name, tmp_path):
     model.save_pretrained(tmp_path / "src")
     result = grow_experts_checkpoint(tmp_path / "src", tmp_path / "dir", 2)
     assert result["report"].down_scale == RULES[name].output
-    a, b = _tensors(tmp_path / "mem"), _tensors(tmp_path / "dir")
+    a, b = saved_tensors(tmp_path / "mem"), saved_tensors(tmp_path / "dir")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
