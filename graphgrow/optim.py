@@ -188,9 +188,9 @@ def _outputs(model: nn.Module, inputs):
 
 def _grads(model: nn.Module, inputs, seed: int = 0) -> dict:
     """Gradients of a fixed random projection of the outputs, in eval mode, on a copy (the user's models and
-    their .grad untouched)."""
+    their .grad untouched); frozen parameters (requires_grad False: ERNIE's score correction) have none."""
     work = copy.deepcopy(model).eval()
-    params = dict(work.named_parameters())
+    params = {k: p for k, p in work.named_parameters() if p.requires_grad}
     outs = _outputs(work, inputs)
     gen = torch.Generator().manual_seed(seed)
     loss = sum((o * torch.randn(o.shape, generator=gen, dtype=torch.float64).to(o)).sum() for o in outs)
