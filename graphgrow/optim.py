@@ -6,13 +6,15 @@ Every growth function (:func:`graphgrow.widen`, :func:`graphgrow.deepen`, :func:
 :func:`growth_map` replays it on four float64 probe copies of the teacher and reads, for every grown parameter
 entry, the teacher entry it copies and its coefficient (:mod:`graphgrow.core.state_map`, docs/maths.md §10);
 one backward pass of both models on the growth's example inputs finds the copies the function does not use
-at the growth point (a block copy behind its zeroed projection).  The state tensors then follow:
+at the growth point (a block copy behind its zeroed projection) and the parameters whose gradient does not
+follow the dual map (copies serving different consumers: multi-query key/value heads).  The state tensors then
+follow:
 
 * ``"reset"``: no state (a fresh optimizer, step 0), what training from the grown model did before;
 * ``"copy"``: the weights' map (``state' = coef * state[source]``);
 * ``"dual"``: the gradient's map at the growth point (first moments ``coef / G``, second moments its square;
-  unused copies start fresh), so Adam's moments describe the grown model's gradients as they described the
-  teacher's.
+  unused copies and parameters the dual map misses start fresh, named in ``optimizer.graphgrow_fresh``), so
+  Adam's moments describe the grown model's gradients as they described the teacher's.
 
 Scalars (``step``) are kept; entries with no single teacher entry (filled channels, zeroed projections,
 identity blocks, random pads) start at zero, and a parameter with none at all gets no state.
@@ -49,6 +51,9 @@ class GrowthMap:
     teacher_shapes: dict  # teacher parameter name -> shape, in named_parameters order
     maps: dict  # student parameter name -> core.state_map.EntryMap
     unused: set = field(default_factory=set)  # student parameters with a source but zero gradient at the growth
+    # student parameters whose measured gradient does not follow the dual map (copies with different consumers:
+    # key/value heads split across query groups) -> why; under "dual" they start fresh like the unused ones
+    not_dual: dict = field(default_factory=dict)
     offsets: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -80,7 +85,7 @@ class GrowthMap:
         out = {}
         for name, m in self.maps.items():
             pred = np.full(m.coef.shape, np.nan)
-            if name not in self.unused:
+            if name not in self.unused and name not in self.not_dual:
                 pred[m.mapped] = state_map.factors(m, "dual", self.gram) * flat[m.sources()]
             out[name] = pred.reshape(m.shape)
         return out
@@ -148,8 +153,18 @@ def growth_map(teacher: nn.Module, student: nn.Module) -> GrowthMap:
                                      values["permuted"][k], perm) for k in actual}
     gmap = GrowthMap(shapes, maps)
     _require_reproduces(gmap, params, actual, values["zero"], growth.keywords)
-    gmap.unused = _unused_copies(gmap, teacher, student, growth.keywords.get("example_inputs"))
+    inputs = growth.keywords.get("example_inputs")
+    inputs = inputs if inputs is not None else _example_ids(teacher)
+    if inputs is None:  # (no input to measure the gradients on: every copy counted, the dual map unchecked)
+        gmap.gram = state_map.gram(maps, gmap.size)
+        return gmap
+    g_teacher, g_student = _grads(teacher, inputs), _grads(student, inputs)
+    gmap.unused = _unused_copies(gmap, g_teacher, g_student)
     gmap.gram = state_map.gram({k: m for k, m in maps.items() if k not in gmap.unused}, gmap.size)
+    gmap.not_dual = _not_dual(gmap, g_teacher, g_student)
+    if gmap.not_dual:
+        gmap.gram = state_map.gram({k: m for k, m in maps.items() if k not in gmap.unused and k not in gmap.not_dual},
+                                   gmap.size)
     return gmap
 
 
@@ -205,14 +220,10 @@ def _example_ids(model: nn.Module):
     return torch.randint(0, int(vocab), (2, 12), generator=torch.Generator().manual_seed(0))
 
 
-def _unused_copies(gmap: GrowthMap, teacher: nn.Module, student: nn.Module, inputs) -> set:
+def _unused_copies(gmap: GrowthMap, g_teacher: dict, g_student: dict) -> set:
     """Student parameters that copy teacher entries whose gradient is nonzero but have none themselves at the
     growth point (a copied block behind its zeroed output projection; an expert no token reaches): the dual map
     gives them fresh state and counts only the used copies."""
-    inputs = inputs if inputs is not None else _example_ids(teacher)
-    if inputs is None:
-        return set()
-    g_teacher, g_student = _grads(teacher, inputs), _grads(student, inputs)
     flat = gmap.flatten(g_teacher)
     unused = set()
     for name, m in gmap.maps.items():
@@ -220,6 +231,30 @@ def _unused_copies(gmap: GrowthMap, teacher: nn.Module, student: nn.Module, inpu
         if m.mapped.any() and (g is None or not bool(g.any())) and np.abs(flat[m.sources()]).max() > 0:
             unused.add(name)
     return unused
+
+
+DUAL_TOL = 1e-4  # relative: float32 gradients differ by rounding (1e-6); a map that does not hold, by 0.1 to 1
+
+
+def _not_dual(gmap: GrowthMap, g_teacher: dict, g_student: dict) -> dict:
+    """The student parameters whose gradient at the growth point is not what the dual map predicts from the
+    teacher's (measured on one batch) -> the measured relative error.  The dual map assumes that the copies of
+    a unit share its consumers (each receives 1/k of its gradient); copies that serve different consumers, as
+    key/value heads whose query groups are split between the copies, do not, and get fresh state."""
+    predicted = gmap.dual_gradient(g_teacher)
+    scale = max((float(g.abs().max()) for g in g_student.values() if g is not None), default=0.0)
+    out = {}
+    for name, pred in predicted.items():
+        g = g_student.get(name)
+        ok = ~np.isnan(pred)
+        if g is None or not ok.any():
+            continue
+        got = g.detach().double().cpu().numpy()
+        floor = max(float(np.abs(got).max()), 1e-6 * scale)  # (a gradient that is zero but for rounding: not judged)
+        err = float(np.abs(got[ok] - pred[ok]).max()) / max(floor, 1e-300)
+        if err > DUAL_TOL:
+            out[name] = err
+    return out
 
 
 def grow_optimizer_state(state_dict: dict, teacher_groups: list, student_groups: list, gmap: GrowthMap | None,
@@ -299,8 +334,8 @@ def _unfactored(s: dict):
 def _grown_state(name: str, state: dict, flats: dict, gmap: GrowthMap, mode: str) -> dict:
     m = gmap.maps[name]
     source = gmap.main_source(name)
-    if source is None or source not in state or (mode == "dual" and name in gmap.unused):
-        return {}  # no teacher entry behind it (or an unused copy): the optimizer starts it fresh
+    if source is None or source not in state or (mode == "dual" and (name in gmap.unused or name in gmap.not_dual)):
+        return {}  # no teacher entry behind it (an unused copy, a gradient the dual map misses): started fresh
     out = {}
     for key, value in state[source].items():
         if not torch.is_tensor(value) or value.dim() == 0:
@@ -355,6 +390,11 @@ def grow_optimizer(optimizer: torch.optim.Optimizer, teacher: nn.Module, student
     if gmap is not None:
         grown.load_state_dict(grow_optimizer_state(optimizer.state_dict(), teacher_groups, student_groups, gmap,
                                                    mode))
+    # which parameters started fresh under "dual", and why (the map the gradient obeys could not be used)
+    grown.graphgrow_fresh = ({**{n: "a copy with no gradient at the growth point" for n in sorted(gmap.unused)},
+                              **{n: f"its gradient does not follow the dual map (measured rel error {e:.2g})"
+                                 for n, e in sorted(gmap.not_dual.items())}}
+                             if gmap is not None and mode == "dual" else {})
     return grown
 
 

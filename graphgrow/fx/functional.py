@@ -40,10 +40,13 @@ class FxFunctionalOps:
 
     def _round_trip_param(self, n):
         """The parameter ``n`` is when ``n`` is squeezes and unsqueezes of one parameter, read only there, that
-        give back its own shape (LFM2's depthwise ``weight.squeeze(1)`` ... ``.unsqueeze(1)``), else ``n``."""
+        give back its own shape (LFM2's depthwise ``weight.squeeze(1)`` ... ``.unsqueeze(1)``), or a dtype cast of
+        it (a router computing in float32 inside a float64 model: DeepSeek's ``weight.type(torch.float32)``),
+        else ``n``."""
         p = n
-        while isinstance(p, fx.Node) and p.target in (torch.squeeze, torch.unsqueeze, "squeeze", "unsqueeze") \
-                and len(p.users) == 1:
+        while isinstance(p, fx.Node) and len(p.users) == 1 and (
+                p.target in (torch.squeeze, torch.unsqueeze, "squeeze", "unsqueeze")
+                or (p.target == "to" and len(p.args) == 2 and isinstance(p.args[1], torch.dtype) and not p.kwargs)):
             p = p.args[0]
         if p is n or not (isinstance(p, fx.Node) and p.op == "get_attr" and p.target in self.param_names
                           and self.attr_uses.get(p.target) == 1):

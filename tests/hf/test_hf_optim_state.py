@@ -113,3 +113,55 @@ def test_upcycled_experts_take_the_mlp_state(llama):
     if by_name[gate_up] in dual.state:
         total = dual.state[by_name[gate_up]]["exp_avg"][:, :dense_gate.shape[0]].sum(0)
         assert torch.allclose(total, dense_gate, rtol=1e-9, atol=1e-12)
+
+
+def test_copies_with_other_consumers_start_fresh_under_dual(monkeypatch):
+    """Multi-query attention widened x2: the key/value head is copied and each copy serves half of the query
+    heads, so a copy's gradient is its own query group's, not half of the original's: the dual map does not hold
+    there (measured, not assumed), those parameters start fresh under "dual" and are named; the rest is dual."""
+    from transformers.models.llama import modeling_llama
+
+    monkeypatch.setattr(modeling_llama.LlamaRMSNorm, "forward", _float64_rms_norm)
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=1, tie_word_embeddings=False)
+    model = transformers.LlamaForCausalLM(cfg).double().eval()
+    ids = torch.randint(0, 96, (2, 10))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    _loss(ids)(model).backward()
+    opt.step()
+    student = graphgrow.widen(model, 2, example_inputs=ids)
+    worst, none, gmap = dual_error(model, student, _loss(ids))
+    kv = {f"model.layers.{i}.self_attn.{p}_proj.weight" for i in range(2) for p in "kv"}
+    assert set(gmap.not_dual) == kv and min(gmap.not_dual.values()) > 0.1
+    assert worst <= 1e-10 and set(none) == kv  # (every other parameter: the dual map, to float64 rounding)
+    grown = grow_optimizer(opt, model, student, "dual")
+    by_name = dict(student.named_parameters())
+    assert set(grown.graphgrow_fresh) == kv and all("dual map" in why for why in grown.graphgrow_fresh.values())
+    assert all(by_name[n] not in grown.state for n in kv)
+    assert by_name["model.layers.0.self_attn.q_proj.weight"] in grown.state
+    copied = grow_optimizer(opt, model, student, "copy")  # (copy makes no claim about gradients: all mapped)
+    assert copied.graphgrow_fresh == {} and all(by_name[n] in copied.state for n in kv)
+
+
+def test_router_cast_to_float32_replays_in_float64():
+    """DeepSeek-V3's router casts its weight to float32 (``weight.type(torch.float32)``), a no-op in a float32
+    model but a node in the float64 probes growth_map replays the widening on: the channel analysis reads through
+    the cast, so the replay makes the same plan, and the dual map holds (float32 rounding)."""
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    from hf_testing import DENSE_BASE, MOE_FAMILIES
+
+    cls_name, kwargs = MOE_FAMILIES["deepseek-v3"]
+    cls = getattr(transformers, cls_name)
+    cfg = cls.config_class(**{**DENSE_BASE, **kwargs})
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    model = cls(cfg).eval()
+    ids = torch.randint(3, 96, (2, 10))
+    student = graphgrow.widen(model, 2, example_inputs=ids)
+    worst, none, gmap = dual_error(model, student, _loss(ids))
+    assert worst <= 1e-4 and not gmap.not_dual
+    assert student.config.hidden_size == 64
