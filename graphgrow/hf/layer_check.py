@@ -27,7 +27,8 @@ written: it reads back what the writer has just read and written, from the page 
 (a 7 B model grown x1.5 is 43 GB to read back, 2 minutes at this disk's speed).
 
 Arithmetic: float32, or float64 for a checkpoint holding float64 tensors (its weights' rounding is float64's; its
-tolerance, 1e-6, covers the float32 arithmetic the families' own code does inside a float64 model).  Memory: one skeleton at a time (one layer in float32, the cut embeddings and a chunk of head rows).
+tolerance, 1e-6, covers the float32 arithmetic the families' own code does inside a float64 model).  Memory: one
+skeleton at a time (one layer in float32, the cut embeddings and a chunk of head rows).
 A sparse layer's stacked experts ([E, A, B]: E x the dense MLP, 1.1 GB in float32 for 8 experts of a 1.1 B model's MLP)
 are not loaded as a stack: the skeleton runs the family's eager experts loop, which reads the stack one expert at
 a time (``gate_up_proj[e]``), and each such read loads that expert from the checkpoint (:class:`_PerExpert`); the
@@ -472,16 +473,8 @@ class _Chain:
         else:
             call = (lambda m: m(**inputs, use_cache=False)) if _uses_cache(side.config) else (lambda m: m(**inputs))
         path, carried = f"{stack.path}.0", self.carried
-        model, whole = None, False
-        try:
-            model = load_skeleton(side, layers, self.rows)
-            hidden, head_in, out = _run_layer(model, path, carried, call, capture_head=last and not is_encoder)
-        except _NeedsWhole:
-            whole = True  # (the skeleton is rebuilt outside the handler: its traceback holds the first one)
-        if whole:
-            model = None
-            model = load_skeleton(side, layers, self.rows, per_expert=False)
-            hidden, head_in, out = _run_layer(model, path, carried, call, capture_head=last and not is_encoder)
+        model, (hidden, head_in, out) = _run_skeleton(
+            side, layers, self.rows, lambda m: _run_layer(m, path, carried, call, capture_head=last and not is_encoder))
         self._rotate_experts(model, path, carried, call, hidden)
         self.carried = hidden
         if last and is_encoder:
@@ -528,6 +521,20 @@ class _Chain:
             for s in stacks:
                 s.slot = None
         self.experts_run += len(covered)
+
+
+def _run_skeleton(side: Side, layers: dict, rows, run) -> tuple:
+    """(the skeleton holding ``layers``, ``run(skeleton)``): its stacked experts read one at a time, or, where the
+    family's experts code uses a stack otherwise (:class:`_NeedsWhole`), loaded whole and run again."""
+    model = None
+    try:
+        model = load_skeleton(side, layers, rows)
+        return model, run(model)
+    except _NeedsWhole:
+        pass  # (the skeleton is rebuilt outside the handler: its traceback holds the first one)
+    model = None  # (the first skeleton freed before the second is loaded)
+    model = load_skeleton(side, layers, rows, per_expert=False)
+    return model, run(model)
 
 
 def run_chain(side: Side, inputs: dict, rows, only: dict | None = None) -> ChainResult:
@@ -615,18 +622,12 @@ def require_chainable(side: Side, inputs: dict, rows, tolerance: float = 1e-5) -
     if all(len(v) == 1 for v in both.values()):
         return
     kw = {"use_cache": False} if _uses_cache(side.config) else {}
-    whole = None
-    try:
-        model = load_skeleton(side, both, rows)
+
+    def run(model):
         with torch.no_grad():
-            whole = _first(model(**inputs, **kw).to_tuple())
-    except _NeedsWhole:  # (experts code that takes the stack whole: loaded whole, as _Chain.step does)
-        pass
-    if whole is None:
-        model = None
-        model = load_skeleton(side, both, rows, per_expert=False)
-        with torch.no_grad():
-            whole = _first(model(**inputs, **kw).to_tuple())
+            return _first(model(**inputs, **kw).to_tuple())
+
+    model, whole = _run_skeleton(side, both, rows, run)
     del model
     chained = run_chain(side, inputs, rows, only=both).output
     if tuple(whole.shape) != tuple(chained.shape) or not _rel(whole, chained) <= tolerance:
