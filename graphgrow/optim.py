@@ -65,7 +65,12 @@ class GrowthMap:
         bounds = np.array(list(self.offsets.values()) + [at])
         self._names = list(self.teacher_shapes)
         self._bounds = bounds
-        self.gram = None  # (set by growth_map once the unused copies are known)
+        self.gram = None  # (set by growth_map once the unused copies are known: update_gram)
+
+    def update_gram(self) -> None:
+        """The dual map's denominators G over the copies it counts (neither unused nor missing the dual map)."""
+        self.gram = state_map.gram({k: m for k, m in self.maps.items() if k not in self.unused
+                                    and k not in self.not_dual}, self.size)
 
     def teacher_of(self, entries: np.ndarray) -> np.ndarray:
         """The teacher parameter index (into ``teacher_shapes``) of global entries."""
@@ -155,16 +160,15 @@ def growth_map(teacher: nn.Module, student: nn.Module) -> GrowthMap:
     _require_reproduces(gmap, params, actual, values["zero"], growth.keywords)
     inputs = growth.keywords.get("example_inputs")
     inputs = inputs if inputs is not None else _example_ids(teacher)
-    if inputs is None:  # (no input to measure the gradients on: every copy counted, the dual map unchecked)
-        gmap.gram = state_map.gram(maps, gmap.size)
+    if inputs is None:  # (no input to measure gradients on: every copy counted, the dual map unchecked)
+        gmap.update_gram()
         return gmap
     g_teacher, g_student = _grads(teacher, inputs), _grads(student, inputs)
     gmap.unused = _unused_copies(gmap, g_teacher, g_student)
-    gmap.gram = state_map.gram({k: m for k, m in maps.items() if k not in gmap.unused}, gmap.size)
-    gmap.not_dual = _not_dual(gmap, g_teacher, g_student)
+    gmap.update_gram()
+    gmap.not_dual = _not_dual(gmap, g_teacher, g_student)  # (measured with the unused copies left out)
     if gmap.not_dual:
-        gmap.gram = state_map.gram({k: m for k, m in maps.items() if k not in gmap.unused and k not in gmap.not_dual},
-                                   gmap.size)
+        gmap.update_gram()
     return gmap
 
 

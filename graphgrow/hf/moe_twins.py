@@ -78,6 +78,7 @@ UNMATCHED = {
 
 EXPERT_FIELDS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
 TOP_K_FIELDS = ("num_experts_per_tok", "moe_k", "moe_topk", "top_k")
+GROUP_FIELDS = ("n_group", "topk_group")  # group-limited routing (DeepSeek-V3, GLM-4-MoE, dots.llm1)
 NOT_COPIED = ("model_type", "architectures", "transformers_version", "_name_or_path", "auto_map")
 
 

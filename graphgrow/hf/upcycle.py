@@ -34,6 +34,7 @@ from .moe_plan import (
 )
 from .moe_twins import (
     EXPERT_FIELDS,
+    GROUP_FIELDS,
     NOT_COPIED,
     TOP_K_FIELDS,
     config_fields,
@@ -43,7 +44,6 @@ from .moe_twins import (
 
 ROUTERS = ("zero", "random")
 SHARED = ("dense", "routed")
-GROUP_FIELDS = ("n_group", "topk_group")  # group-limited routing (DeepSeek-V3, GLM-4-MoE, dots.llm1)
 RENORM_TOL = 1e-5  # chosen weights summing to 1 within float32 rounding: the family renormalises its top-k
 # (PhiMoE's sparsemixer routes to exactly two experts: a raised top-k is not stated by its config)
 FIXED_TOP_K = {"Phimoe": 2}
@@ -423,11 +423,10 @@ def plan_grow_experts(model, factor: int = 2, *, keep_top_k: bool = False) -> Up
         if experts % groups:
             raise UpcycleRefused(f"{experts} experts do not split into {groups} groups")
         fields.update({f: v * factor for f, v in grouped.items()})
-    config = copy.deepcopy(cfg)
-    for name, value in fields.items():
-        setattr(config, name, value)
     new_k = top_k if keep_top_k else top_k * factor
-    setattr(config, k_field, new_k)
+    config = copy.deepcopy(cfg)
+    for name, value in {**fields, k_field: new_k}.items():
+        setattr(config, name, value)
     # how the family's routing treats copies (measured with top-k raised: the exact construction; a kept top-k,
     # inexact anyway, takes the same scales, or none where the family cannot raise its top-k at all)
     try:
