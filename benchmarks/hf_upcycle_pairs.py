@@ -48,7 +48,7 @@ sys.path.insert(0, os.path.join(HERE, os.pardir, "tests", "hf"))
 from hf_testing import DENSE_BASE as BASE  # noqa: E402  (the tiny configs the tests build, shared)
 from hf_testing import DENSE_FAMILIES as FAMILIES  # noqa: E402
 from hf_testing import DENSE_VOCAB as VOCAB  # noqa: E402
-from hf_testing import MOE_FAMILIES, saved_tensors  # noqa: E402
+from hf_testing import MOE_FAMILIES, saved_tensors, trained_like  # noqa: E402
 
 TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
 
@@ -119,25 +119,13 @@ def measure(name: str) -> dict:
         dense.save_pretrained(os.path.join(tmp, "dense"))
         upcycle_checkpoint(os.path.join(tmp, "dense"), os.path.join(tmp, "dir"), 4, 2, check="layers")
         row["streamed_equal"] = _same_tensors(os.path.join(tmp, "mem"), os.path.join(tmp, "dir"))
-    trained = trained_like(moe)
+    trained = trained_like(copy.deepcopy(moe))
     grown = graphgrow.grow_experts(trained, factor=2)
     row["grow_raised"] = max_rel(trained, grown)
     kept = graphgrow.grow_experts(trained, factor=2, keep_top_k=True)
     row["grow_kept_dev"] = kept.graphgrow_report.deviation
     row["seconds"] = time.time() - started
     return row
-
-
-def trained_like(moe):
-    """The upcycled twin with its experts and routers apart, as training leaves them (every tensor of the sparse
-    blocks + N(0, 0.1 x its std)): growing copies of identical experts would hide what keeping top-k changes."""
-    out = copy.deepcopy(moe)
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for name, p in out.named_parameters():
-            if any(f".{block}." in name for block in ("mlp", "block_sparse_moe", "feed_forward")):
-                p.add_(0.1 * p.float().std().clamp_min(1e-3) * torch.randn(p.shape, generator=g).to(p.dtype))
-    return out
 
 
 def measure_growth(name: str) -> dict:
@@ -247,7 +235,7 @@ def main() -> int:
             print(name, g, flush=True)
         lines += ["", "## Expert-count growth x2 across MoE families", "",
                   "Each model's sparse blocks moved apart as training leaves them (routers, selection biases and "
-                  "experts + N(0, 0.1 x std)), then `graphgrow.grow_experts(model, factor=2)`: the rule measured on "
+                  "experts + N(0, 0.1 x std), selection biases + N(0, 0.02): hf_testing.trained_like), then `graphgrow.grow_experts(model, factor=2)`: the rule measured on "
                   "the family's own block (hf/grow_rule.py; docs/maths.md §9), max rel of the logits (3 batches), "
                   "`grow_experts_checkpoint` on the saved model (checked layer by layer) against the in-memory "
                   "bytes, and the deviation with top-k kept.", "",

@@ -133,3 +133,16 @@ def saved_tensors(folder) -> dict:
         if f.endswith(".safetensors"):
             out.update(load_file(os.path.join(folder, f)))
     return out
+
+
+def trained_like(model):
+    """``model`` (in place) with the tensors of its sparse blocks apart, as training leaves them: routers,
+    experts and selection biases (parameters and buffers; a fresh model's biases are zero, where every routing
+    rule is exact, and its upcycled experts are copies, which would hide what keeping top-k changes)."""
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+            if t.is_floating_point() and any(f".{b}." in name for b in ("mlp", "feed_forward", "block_sparse_moe")):
+                std = 0.02 if name.endswith("bias") else 0.1 * float(t.float().std().clamp_min(1e-2))
+                t.add_(std * torch.randn(t.shape, generator=g).to(t.dtype))
+    return model

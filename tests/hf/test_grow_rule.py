@@ -19,7 +19,8 @@ from graphgrow.optim import growth_map  # noqa: E402
 from graphgrow.verify import check  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
-from hf_testing import DENSE_BASE, MOE_FAMILIES, logits, max_rel, saved_tensors, token_ids  # noqa: E402
+from hf_testing import (DENSE_BASE, MOE_FAMILIES, logits, max_rel, saved_tensors, token_ids,  # noqa: E402
+                        trained_like)
 
 # the families whose routers treat copies differently, as hf_testing builds them (the benchmark's too)
 MODELS = {name: MOE_FAMILIES[key] for name, key in (("ernie", "ernie4_5-moe"), ("llama4", "llama4"),
@@ -39,18 +40,6 @@ def build(name, **extra):
     cfg._attn_implementation = "sdpa"
     torch.manual_seed(0)
     return cls(cfg).eval()
-
-
-def trained_like(model):
-    """Routers, selection biases and experts apart, as training leaves them (a fresh model's biases are zero,
-    where every rule is exact)."""
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-            if t.is_floating_point() and (".mlp." in name or ".feed_forward." in name):
-                std = 0.02 if name.endswith("bias") else 0.1 * float(t.float().std().clamp_min(1e-2))
-                t.add_(std * torch.randn(t.shape, generator=g).to(t.dtype))
-    return model
 
 
 @pytest.mark.parametrize("name", list(MODELS))
