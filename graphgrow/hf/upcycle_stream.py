@@ -178,10 +178,12 @@ class _MoEStream:
             return lambda e: block
         if p.op == "repeat":  # expert e of the grown stack is a source expert (x scale, rounded once)
             stack = self._source(p.sources[0], read)
-            if p.scale != 1.0:
-                stack = self._round(_numpy(stack).astype(np.float64) * p.scale, dtype)
             n = stack.shape[0]
-            return lambda e: stack[source_expert(e, n, p.copies, p.groups)]
+            if p.scale == 1.0:
+                return lambda e: stack[source_expert(e, n, p.copies, p.groups)]
+            # (scaled one expert at a time: a float64 copy of the whole stack would be 4x a bf16 stack)
+            return lambda e: self._round(_numpy(stack[source_expert(e, n, p.copies, p.groups)]).astype(np.float64)
+                                         * p.scale, dtype)
         if p.noise > 0:  # noise differs per expert: the stack is materialised
             stack = self._value(p, dtype, read)
             return lambda e: stack[e]
